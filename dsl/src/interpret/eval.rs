@@ -1,0 +1,476 @@
+//! Evaluates one traced function (a program of the kernel, or an index map) on tensors.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Ix2, Slice, Zip};
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::interpret::tensor::{round_f32, wrap_i32, Data, Tensor};
+use crate::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, UnaryOp, ValueId};
+
+/// A ref's memory during interpretation, with an initialization mask in checked mode.
+#[derive(Clone, Debug)]
+pub(crate) struct RefBuf {
+    pub data: Tensor,
+    /// `Some` for scratch and output blocks in checked mode: which elements have been written.
+    pub init: Option<ArrayD<bool>>,
+}
+
+/// What errors need to name: the kernel, the program and the refs.
+pub(crate) struct Ctx<'a> {
+    pub kernel: &'a str,
+    pub grid: &'a [usize],
+    pub grid_index: &'a [usize],
+    pub ref_names: &'a [String],
+}
+
+impl Ctx<'_> {
+    fn runtime(&self, loc: Loc, message: impl Into<String>) -> Error {
+        Error::Runtime { kernel: self.kernel.to_string(), grid_index: self.grid_index.to_vec(), loc, message: message.into() }
+    }
+}
+
+/// The interpreter for one function; reusable across programs to keep its value table.
+pub(crate) struct Eval<'f> {
+    func: &'f Func,
+    vals: Vec<Option<Rc<Tensor>>>,
+    ref_slot: HashMap<ValueId, usize>,
+}
+
+/// One axis of a resolved access: `len` elements from `start`, dropped if `point`.
+#[derive(Clone, Copy, Debug)]
+struct Sel {
+    start: usize,
+    len: usize,
+    point: bool,
+}
+
+fn slice_view<'a, E>(a: &'a ArrayD<E>, sel: &[Sel]) -> ArrayViewD<'a, E> {
+    let mut v = a.view();
+    for (axis, s) in sel.iter().enumerate() {
+        v.slice_axis_inplace(Axis(axis), Slice::from(s.start..s.start + s.len));
+    }
+    for axis in (0..sel.len()).rev() {
+        if sel[axis].point {
+            v = v.index_axis_move(Axis(axis), 0);
+        }
+    }
+    v
+}
+
+fn slice_view_mut<'a, E>(a: &'a mut ArrayD<E>, sel: &[Sel]) -> ArrayViewMutD<'a, E> {
+    let mut v = a.view_mut();
+    for (axis, s) in sel.iter().enumerate() {
+        v.slice_axis_inplace(Axis(axis), Slice::from(s.start..s.start + s.len));
+    }
+    for axis in (0..sel.len()).rev() {
+        if sel[axis].point {
+            v = v.index_axis_move(Axis(axis), 0);
+        }
+    }
+    v
+}
+
+fn nan_max(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) }
+}
+
+fn nan_min(a: f32, b: f32) -> f32 {
+    if a.is_nan() || b.is_nan() { f32::NAN } else { a.min(b) }
+}
+
+fn zip_f(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32 + Sync) -> ArrayD<f32> {
+    Zip::from(a).and(b).map_collect(|&x, &y| f(x, y))
+}
+
+fn zip_i(a: &ArrayD<i32>, b: &ArrayD<i32>, f: impl Fn(i32, i32) -> i32) -> ArrayD<i32> {
+    Zip::from(a).and(b).map_collect(|&x, &y| f(x, y))
+}
+
+fn dot_i32(a: ndarray::ArrayView2<i32>, b: ndarray::ArrayView2<i32>) -> ndarray::Array2<i32> {
+    let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
+    ndarray::Array2::from_shape_fn((m, n), |(i, j)| (0..k).fold(0i32, |acc, p| acc.wrapping_add(a[(i, p)].wrapping_mul(b[(p, j)]))))
+}
+
+impl<'f> Eval<'f> {
+    pub fn new(func: &'f Func) -> Self {
+        let ref_slot = func.args.iter().filter(|a| matches!(func.ty(**a), Type::Ref(_))).enumerate().map(|(i, &a)| (a, i)).collect();
+        Eval { func, vals: vec![None; func.values.len()], ref_slot }
+    }
+
+    fn get(&self, v: ValueId) -> &Rc<Tensor> {
+        // The verifier guarantees every use is dominated by its definition.
+        self.vals[v.index()].as_ref().expect("verified IR defines values before use")
+    }
+
+    fn set(&mut self, v: ValueId, t: Tensor) {
+        self.vals[v.index()] = Some(Rc::new(t));
+    }
+
+    fn result_dtype(&self, op: &Op) -> DType {
+        self.func.value_type(op.results[0]).map_or(DType::F32, |t| t.dtype)
+    }
+
+    fn result_shape(&self, op: &Op) -> Vec<usize> {
+        self.func.value_type(op.results[0]).map_or_else(Vec::new, |t| t.shape.clone())
+    }
+
+    /// Runs the function with `args` bound to the non-ref arguments, in order; returns its results.
+    pub fn run(&mut self, ctx: &Ctx, refs: &mut [RefBuf], args: Vec<Tensor>, checked: bool) -> Result<Vec<Rc<Tensor>>> {
+        let value_args: Vec<ValueId> = self.func.args.iter().copied().filter(|a| !self.ref_slot.contains_key(a)).collect();
+        for (id, t) in value_args.into_iter().zip(args) {
+            self.set(id, t);
+        }
+        let func = self.func;
+        self.region(ctx, &func.body, refs, checked)?;
+        Ok(func.results.iter().map(|&r| self.get(r).clone()).collect())
+    }
+
+    fn region(&mut self, ctx: &Ctx, region: &'f Region, refs: &mut [RefBuf], checked: bool) -> Result<Vec<Rc<Tensor>>> {
+        for op in &region.ops {
+            if let OpKind::Yield { values } = &op.kind {
+                return Ok(values.iter().map(|&v| self.get(v).clone()).collect());
+            }
+            self.op(ctx, op, refs, checked)?;
+        }
+        Ok(Vec::new())
+    }
+
+    fn resolve(&self, ctx: &Ctx, slot: usize, index: &[Index], shape: &[usize], loc: Loc) -> Result<Vec<Sel>> {
+        let mut sel = Vec::with_capacity(index.len());
+        for (axis, (ix, &dim)) in index.iter().zip(shape).enumerate() {
+            let offset = |o: &Offset| -> i64 {
+                match o {
+                    Offset::Static(s) => *s as i64,
+                    Offset::Dynamic(v) => self.get(*v).scalar_i64().unwrap_or(i64::MIN),
+                }
+            };
+            let (start, len, point) = match ix {
+                Index::Full => (0, dim, false),
+                Index::Slice { start, len } => (offset(start), *len, false),
+                Index::Point(o) => (offset(o), 1, true),
+            };
+            if start < 0 || start as usize + len > dim {
+                return Err(Error::OutOfBounds {
+                    kernel: ctx.kernel.to_string(),
+                    operand: ctx.ref_names.get(slot).cloned().unwrap_or_default(),
+                    grid_index: ctx.grid_index.to_vec(),
+                    loc,
+                    detail: format!("axis {axis}: elements {start}..{} of extent {dim} (ref shape {shape:?})", start + len as i64),
+                });
+            }
+            sel.push(Sel { start: start as usize, len, point });
+        }
+        Ok(sel)
+    }
+
+    fn slot(&self, r: ValueId) -> usize {
+        self.ref_slot[&r]
+    }
+
+    fn op(&mut self, ctx: &Ctx, op: &'f Op, refs: &mut [RefBuf], checked: bool) -> Result<()> {
+        let loc = op.loc;
+        let t = match &op.kind {
+            OpKind::Constant(lit) => {
+                let dtype = self.result_dtype(op);
+                match lit {
+                    Literal::Float(x) => Tensor::float(dtype, ArrayD::from_elem(vec![], *x as f32)),
+                    Literal::Int(x) => Tensor::int(dtype, ArrayD::from_elem(vec![], *x as i32)),
+                    Literal::Bool(x) => Tensor::boolean(ArrayD::from_elem(vec![], *x)),
+                }
+            }
+            OpKind::ProgramId { axis } => Tensor::int(DType::I32, ArrayD::from_elem(vec![], ctx.grid_index[*axis] as i32)),
+            OpKind::NumPrograms { axis } => Tensor::int(DType::I32, ArrayD::from_elem(vec![], ctx.grid[*axis] as i32)),
+            OpKind::Load { src, index } => {
+                let slot = self.slot(*src);
+                let buf = &refs[slot];
+                let sel = self.resolve(ctx, slot, index, buf.data.shape(), loc)?;
+                if let Some(init) = &buf.init {
+                    if slice_view(init, &sel).iter().any(|&i| !i) {
+                        let region: Vec<String> = sel.iter().map(|s| if s.point { s.start.to_string() } else { format!("{}..{}", s.start, s.start + s.len) }).collect();
+                        return Err(Error::UninitializedRead {
+                            kernel: ctx.kernel.to_string(),
+                            operand: ctx.ref_names.get(slot).cloned().unwrap_or_default(),
+                            grid_index: ctx.grid_index.to_vec(),
+                            loc,
+                            region: format!("[{}]", region.join(", ")),
+                        });
+                    }
+                }
+                let dtype = buf.data.dtype;
+                match &buf.data.data {
+                    Data::F(a) => Tensor { dtype, data: Data::F(slice_view(a, &sel).to_owned()) },
+                    Data::I(a) => Tensor { dtype, data: Data::I(slice_view(a, &sel).to_owned()) },
+                    Data::B(a) => Tensor { dtype, data: Data::B(slice_view(a, &sel).to_owned()) },
+                }
+            }
+            OpKind::Store { dst, index, value } => {
+                let slot = self.slot(*dst);
+                let sel = self.resolve(ctx, slot, index, refs[slot].data.shape(), loc)?;
+                let v = self.get(*value).clone();
+                let buf = &mut refs[slot];
+                match (&mut buf.data.data, &v.data) {
+                    (Data::F(a), Data::F(x)) => slice_view_mut(a, &sel).assign(x),
+                    (Data::I(a), Data::I(x)) => slice_view_mut(a, &sel).assign(x),
+                    (Data::B(a), Data::B(x)) => slice_view_mut(a, &sel).assign(x),
+                    _ => return Err(ctx.runtime(loc, "store of a value whose storage class differs from the ref's")),
+                }
+                if let Some(init) = &mut buf.init {
+                    slice_view_mut(init, &sel).fill(true);
+                }
+                return Ok(());
+            }
+            OpKind::Unary { op: u, x } => self.unary(ctx, *u, self.get(*x), loc)?,
+            OpKind::Binary { op: b, lhs, rhs } => self.binary(ctx, *b, self.get(*lhs), self.get(*rhs), loc)?,
+            OpKind::Compare { op: c, lhs, rhs } => compare(*c, self.get(*lhs), self.get(*rhs)),
+            OpKind::Select { cond, on_true, on_false } => {
+                let (c, a, b) = (self.get(*cond), self.get(*on_true), self.get(*on_false));
+                let Data::B(c) = &c.data else { return Err(ctx.runtime(loc, "select condition is not bool")) };
+                let data = match (&a.data, &b.data) {
+                    (Data::F(x), Data::F(y)) => Data::F(Zip::from(c).and(x).and(y).map_collect(|&c, &x, &y| if c { x } else { y })),
+                    (Data::I(x), Data::I(y)) => Data::I(Zip::from(c).and(x).and(y).map_collect(|&c, &x, &y| if c { x } else { y })),
+                    (Data::B(x), Data::B(y)) => Data::B(Zip::from(c).and(x).and(y).map_collect(|&c, &x, &y| if c { x } else { y })),
+                    _ => return Err(ctx.runtime(loc, "select branches differ in storage class")),
+                };
+                Tensor { dtype: a.dtype, data }
+            }
+            OpKind::Cast { x } => cast(self.get(*x), self.result_dtype(op)),
+            OpKind::Broadcast { x } => {
+                let shape = self.result_shape(op);
+                let x = self.get(*x);
+                let err = || ctx.runtime(loc, format!("cannot broadcast {:?} to {shape:?}", x.shape()));
+                let data = match &x.data {
+                    Data::F(a) => Data::F(a.broadcast(shape.clone()).ok_or_else(err)?.to_owned()),
+                    Data::I(a) => Data::I(a.broadcast(shape.clone()).ok_or_else(err)?.to_owned()),
+                    Data::B(a) => Data::B(a.broadcast(shape.clone()).ok_or_else(err)?.to_owned()),
+                };
+                Tensor { dtype: x.dtype, data }
+            }
+            OpKind::Reshape { x } => {
+                let shape = self.result_shape(op);
+                let x = self.get(*x);
+                let err = |_| ctx.runtime(loc, format!("cannot reshape {:?} to {shape:?}", x.shape()));
+                let data = match &x.data {
+                    Data::F(a) => Data::F(a.as_standard_layout().into_owned().into_shape_with_order(shape.clone()).map_err(err)?),
+                    Data::I(a) => Data::I(a.as_standard_layout().into_owned().into_shape_with_order(shape.clone()).map_err(err)?),
+                    Data::B(a) => Data::B(a.as_standard_layout().into_owned().into_shape_with_order(shape.clone()).map_err(err)?),
+                };
+                Tensor { dtype: x.dtype, data }
+            }
+            OpKind::Reduce { op: r, x, axis } => reduce(*r, self.get(*x), *axis),
+            OpKind::Dot { lhs, rhs, transpose_lhs, transpose_rhs } => {
+                let (a, b) = (self.get(*lhs), self.get(*rhs));
+                let err = |_| ctx.runtime(loc, "dot operands are not 2-D");
+                match (&a.data, &b.data) {
+                    (Data::F(x), Data::F(y)) => {
+                        let x = x.view().into_dimensionality::<Ix2>().map_err(err)?;
+                        let y = y.view().into_dimensionality::<Ix2>().map_err(err)?;
+                        let x = if *transpose_lhs { x.reversed_axes() } else { x };
+                        let y = if *transpose_rhs { y.reversed_axes() } else { y };
+                        Tensor::float(DType::F32, x.dot(&y).into_dyn())
+                    }
+                    (Data::I(x), Data::I(y)) => {
+                        let x = x.view().into_dimensionality::<Ix2>().map_err(err)?;
+                        let y = y.view().into_dimensionality::<Ix2>().map_err(err)?;
+                        let x = if *transpose_lhs { x.reversed_axes() } else { x };
+                        let y = if *transpose_rhs { y.reversed_axes() } else { y };
+                        Tensor::int(DType::I32, dot_i32(x, y).into_dyn())
+                    }
+                    _ => return Err(ctx.runtime(loc, "dot of bool tiles")),
+                }
+            }
+            OpKind::Iota { dim } => {
+                let (dtype, shape, dim) = (self.result_dtype(op), self.result_shape(op), *dim);
+                if dtype.is_float() {
+                    Tensor::float(dtype, ArrayD::from_shape_fn(shape, |ix| ix[dim] as f32))
+                } else {
+                    Tensor::int(dtype, ArrayD::from_shape_fn(shape, |ix| ix[dim] as i32))
+                }
+            }
+            OpKind::If { cond, then_region, else_region } => {
+                let c = self.get(*cond).scalar_bool().ok_or_else(|| ctx.runtime(loc, "`if` condition is not a bool scalar"))?;
+                let yields = self.region(ctx, if c { then_region } else { else_region }, refs, checked)?;
+                for (&r, y) in op.results.iter().zip(yields) {
+                    self.vals[r.index()] = Some(y);
+                }
+                return Ok(());
+            }
+            OpKind::For { lo, hi, inits, body } => {
+                let bounds = (self.get(*lo).scalar_i64(), self.get(*hi).scalar_i64());
+                let (Some(lo), Some(hi)) = bounds else { return Err(ctx.runtime(loc, "loop bounds are not i32 scalars")) };
+                let mut carried: Vec<Rc<Tensor>> = inits.iter().map(|&i| self.get(i).clone()).collect();
+                for iv in lo..hi {
+                    self.set(body.args[0], Tensor::int(DType::I32, ArrayD::from_elem(vec![], iv as i32)));
+                    for (&a, c) in body.args[1..].iter().zip(carried.drain(..)) {
+                        self.vals[a.index()] = Some(c);
+                    }
+                    carried = self.region(ctx, body, refs, checked)?;
+                }
+                for (&r, c) in op.results.iter().zip(carried) {
+                    self.vals[r.index()] = Some(c);
+                }
+                return Ok(());
+            }
+            OpKind::Yield { .. } => return Ok(()),
+        };
+        self.set(op.results[0], t);
+        Ok(())
+    }
+
+    fn unary(&self, ctx: &Ctx, op: UnaryOp, x: &Tensor, loc: Loc) -> Result<Tensor> {
+        use UnaryOp::*;
+        Ok(match &x.data {
+            Data::F(a) => {
+                let f: fn(f32) -> f32 = match op {
+                    Neg => |v| -v,
+                    Exp => f32::exp,
+                    Exp2 => f32::exp2,
+                    Log => f32::ln,
+                    Sqrt => f32::sqrt,
+                    Rsqrt => |v| 1.0 / v.sqrt(),
+                    Tanh => f32::tanh,
+                    Logistic => |v| 1.0 / (1.0 + (-v).exp()),
+                    Abs => f32::abs,
+                    Sin => f32::sin,
+                    Cos => f32::cos,
+                    Floor => f32::floor,
+                    Ceil => f32::ceil,
+                    Not => return Err(ctx.runtime(loc, "`not` of a float")),
+                };
+                Tensor::float(x.dtype, a.mapv(f))
+            }
+            Data::I(a) => {
+                let f: fn(i32) -> i32 = match op {
+                    Neg => i32::wrapping_neg,
+                    Abs => i32::wrapping_abs,
+                    Not => |v| !v,
+                    _ => return Err(ctx.runtime(loc, format!("`{}` of an integer", op.name()))),
+                };
+                Tensor::int(x.dtype, a.mapv(f))
+            }
+            Data::B(a) => match op {
+                Not => Tensor::boolean(a.mapv(|v| !v)),
+                _ => return Err(ctx.runtime(loc, format!("`{}` of a bool", op.name()))),
+            },
+        })
+    }
+
+    fn binary(&self, ctx: &Ctx, op: BinaryOp, a: &Tensor, b: &Tensor, loc: Loc) -> Result<Tensor> {
+        use BinaryOp::*;
+        Ok(match (&a.data, &b.data) {
+            (Data::F(x), Data::F(y)) => {
+                let r = match op {
+                    Add => zip_f(x, y, |p, q| p + q),
+                    Sub => zip_f(x, y, |p, q| p - q),
+                    Mul => zip_f(x, y, |p, q| p * q),
+                    Div => zip_f(x, y, |p, q| p / q),
+                    Rem => zip_f(x, y, |p, q| p % q),
+                    Max => zip_f(x, y, nan_max),
+                    Min => zip_f(x, y, nan_min),
+                    Pow => zip_f(x, y, f32::powf),
+                    And | Or | Xor => return Err(ctx.runtime(loc, format!("`{}` of floats", op.name()))),
+                };
+                Tensor::float(a.dtype, r)
+            }
+            (Data::I(x), Data::I(y)) => {
+                if matches!(op, Div | Rem) && y.iter().any(|&v| v == 0) {
+                    return Err(ctx.runtime(loc, format!("integer `{}` by zero", op.name())));
+                }
+                let r = match op {
+                    Add => zip_i(x, y, i32::wrapping_add),
+                    Sub => zip_i(x, y, i32::wrapping_sub),
+                    Mul => zip_i(x, y, i32::wrapping_mul),
+                    Div => zip_i(x, y, i32::wrapping_div),
+                    Rem => zip_i(x, y, i32::wrapping_rem),
+                    Max => zip_i(x, y, i32::max),
+                    Min => zip_i(x, y, i32::min),
+                    And => zip_i(x, y, |p, q| p & q),
+                    Or => zip_i(x, y, |p, q| p | q),
+                    Xor => zip_i(x, y, |p, q| p ^ q),
+                    Pow => zip_i(x, y, |p, q| p.wrapping_pow(q.max(0) as u32)),
+                };
+                Tensor::int(a.dtype, r)
+            }
+            (Data::B(x), Data::B(y)) => {
+                let f: fn(bool, bool) -> bool = match op {
+                    And => |p, q| p & q,
+                    Or => |p, q| p | q,
+                    Xor => |p, q| p ^ q,
+                    Max => |p, q| p | q,
+                    Min => |p, q| p & q,
+                    _ => return Err(ctx.runtime(loc, format!("`{}` of bools", op.name()))),
+                };
+                Tensor::boolean(Zip::from(x).and(y).map_collect(|&p, &q| f(p, q)))
+            }
+            _ => return Err(ctx.runtime(loc, format!("`{}` of mismatched storage", op.name()))),
+        })
+    }
+}
+
+fn compare(op: CmpOp, a: &Tensor, b: &Tensor) -> Tensor {
+    fn cmp<E: PartialOrd + Copy>(op: CmpOp, x: &ArrayD<E>, y: &ArrayD<E>) -> ArrayD<bool> {
+        Zip::from(x).and(y).map_collect(|p, q| match op {
+            CmpOp::Eq => p == q,
+            CmpOp::Ne => p != q,
+            CmpOp::Lt => p < q,
+            CmpOp::Le => p <= q,
+            CmpOp::Gt => p > q,
+            CmpOp::Ge => p >= q,
+        })
+    }
+    let out = match (&a.data, &b.data) {
+        (Data::F(x), Data::F(y)) => cmp(op, x, y),
+        (Data::I(x), Data::I(y)) => cmp(op, x, y),
+        (Data::B(x), Data::B(y)) => cmp(op, x, y),
+        // The verifier rules out mixed storage; compare false rather than panic.
+        _ => ArrayD::from_elem(a.shape(), false),
+    };
+    Tensor::boolean(out)
+}
+
+fn cast(x: &Tensor, to: DType) -> Tensor {
+    match (&x.data, to) {
+        (Data::F(a), d) if d.is_float() => Tensor::float(d, a.mapv(|v| round_f32(d, v))),
+        (Data::F(a), d) if d.is_int() => {
+            Tensor::int(d, a.mapv(|v| if d == DType::I8 { v as i8 as i32 } else { v as i32 }))
+        }
+        (Data::F(a), _) => Tensor::boolean(a.mapv(|v| v != 0.0)),
+        (Data::I(a), d) if d.is_float() => Tensor::float(d, a.mapv(|v| v as f32)),
+        (Data::I(a), d) if d.is_int() => Tensor::int(d, a.mapv(|v| wrap_i32(d, v))),
+        (Data::I(a), _) => Tensor::boolean(a.mapv(|v| v != 0)),
+        (Data::B(a), d) if d.is_float() => Tensor::float(d, a.mapv(|v| v as i32 as f32)),
+        (Data::B(a), d) if d.is_int() => Tensor::int(d, a.mapv(|v| v as i32)),
+        (Data::B(a), _) => Tensor::boolean(a.clone()),
+    }
+}
+
+fn reduce(op: ReduceOp, x: &Tensor, axis: usize) -> Tensor {
+    let ax = Axis(axis);
+    match &x.data {
+        Data::F(a) => {
+            let r = match op {
+                ReduceOp::Sum => a.fold_axis(ax, 0.0f32, |&acc, &v| acc + v),
+                ReduceOp::Max => a.fold_axis(ax, f32::NEG_INFINITY, |&acc, &v| nan_max(acc, v)),
+                ReduceOp::Min => a.fold_axis(ax, f32::INFINITY, |&acc, &v| nan_min(acc, v)),
+            };
+            Tensor::float(x.dtype, r)
+        }
+        Data::I(a) => {
+            let r = match op {
+                ReduceOp::Sum => a.fold_axis(ax, 0i32, |&acc, &v| acc.wrapping_add(v)),
+                ReduceOp::Max => a.fold_axis(ax, i32::MIN, |&acc, &v| acc.max(v)),
+                ReduceOp::Min => a.fold_axis(ax, i32::MAX, |&acc, &v| acc.min(v)),
+            };
+            Tensor::int(x.dtype, r)
+        }
+        Data::B(a) => {
+            let r = match op {
+                ReduceOp::Sum | ReduceOp::Max => a.fold_axis(ax, false, |&acc, &v| acc | v),
+                ReduceOp::Min => a.fold_axis(ax, true, |&acc, &v| acc & v),
+            };
+            Tensor::boolean(r)
+        }
+    }
+}

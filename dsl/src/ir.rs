@@ -1,0 +1,399 @@
+//! The kernel IR: SSA values with static shapes, ops that may own regions, and functions.
+//!
+//! A kernel body and every index map are each one [`Func`]. Values live in the function's
+//! arena and are referred to by [`ValueId`]; every op records the Rust source location of
+//! the expression that produced it, so errors anywhere downstream can point at user code.
+
+use std::fmt;
+
+use crate::dtype::DType;
+
+/// A Rust source location (from `#[track_caller]`), attached to every op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Loc {
+    pub file: &'static str,
+    pub line: u32,
+    pub column: u32,
+}
+
+impl Loc {
+    #[track_caller]
+    pub fn caller() -> Loc {
+        let l = std::panic::Location::caller();
+        Loc { file: l.file(), line: l.line(), column: l.column() }
+    }
+}
+
+impl fmt::Display for Loc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}", self.file, self.line, self.column)
+    }
+}
+
+/// The type of a traced value: a dtype and a static shape (rank 0 is a scalar).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ValueType {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl ValueType {
+    pub fn new(dtype: DType, shape: impl Into<Vec<usize>>) -> Self {
+        ValueType { dtype, shape: shape.into() }
+    }
+
+    pub fn scalar(dtype: DType) -> Self {
+        ValueType { dtype, shape: Vec::new() }
+    }
+
+    pub fn is_scalar(&self) -> bool {
+        self.shape.is_empty()
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+impl fmt::Display for ValueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for d in &self.shape {
+            write!(f, "{d}x")?;
+        }
+        write!(f, "{}", self.dtype)
+    }
+}
+
+/// Where a ref lives on the TPU core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MemorySpace {
+    /// Vector memory: blocks of operands and vector scratch.
+    Vmem,
+    /// Scalar memory: scalar prefetch tables and scalar scratch.
+    Smem,
+}
+
+impl fmt::Display for MemorySpace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MemorySpace::Vmem => "vmem",
+            MemorySpace::Smem => "smem",
+        })
+    }
+}
+
+/// The type of a ref: a buffer in VMEM or SMEM that the kernel loads from and stores to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RefType {
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub space: MemorySpace,
+}
+
+impl fmt::Display for RefType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ref<")?;
+        for d in &self.shape {
+            write!(f, "{d}x")?;
+        }
+        write!(f, "{}, {}>", self.dtype, self.space)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Type {
+    Value(ValueType),
+    Ref(RefType),
+}
+
+impl fmt::Display for Type {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Type::Value(v) => v.fmt(f),
+            Type::Ref(r) => r.fmt(f),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub u32);
+
+impl ValueId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+impl fmt::Display for ValueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "%{}", self.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValueInfo {
+    pub ty: Type,
+    pub loc: Loc,
+}
+
+/// A constant, splatted over the result's shape.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Literal {
+    Float(f64),
+    Int(i64),
+    Bool(bool),
+}
+
+impl fmt::Display for Literal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Literal::Float(x) => write!(f, "{x:?}"),
+            Literal::Int(x) => write!(f, "{x}"),
+            Literal::Bool(x) => write!(f, "{x}"),
+        }
+    }
+}
+
+/// A position along one axis of a ref: known at trace time, or an i32 scalar value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Offset {
+    Static(usize),
+    Dynamic(ValueId),
+}
+
+impl fmt::Display for Offset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Offset::Static(s) => write!(f, "{s}"),
+            Offset::Dynamic(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// How a load or store addresses one axis of a ref.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Index {
+    /// The whole axis.
+    Full,
+    /// `len` elements from `start` (Pallas' `pl.ds`).
+    Slice { start: Offset, len: usize },
+    /// One element; the axis is dropped from the loaded tile.
+    Point(Offset),
+}
+
+impl fmt::Display for Index {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Index::Full => write!(f, ":"),
+            Index::Slice { start, len } => write!(f, "{start}+:{len}"),
+            Index::Point(o) => write!(f, "{o}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Exp2,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Tanh,
+    Logistic,
+    Abs,
+    Sin,
+    Cos,
+    Floor,
+    Ceil,
+    /// Logical not for bool, bitwise not for integers.
+    Not,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+    Max,
+    Min,
+    Pow,
+    And,
+    Or,
+    Xor,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+    Min,
+}
+
+macro_rules! lower_names {
+    ($($t:ty { $($v:ident => $s:literal),* $(,)? })*) => {$(
+        impl $t {
+            pub fn name(self) -> &'static str {
+                match self { $(Self::$v => $s),* }
+            }
+        }
+    )*};
+}
+lower_names! {
+    UnaryOp { Neg => "neg", Exp => "exp", Exp2 => "exp2", Log => "log", Sqrt => "sqrt",
+              Rsqrt => "rsqrt", Tanh => "tanh", Logistic => "logistic", Abs => "abs",
+              Sin => "sin", Cos => "cos", Floor => "floor", Ceil => "ceil", Not => "not" }
+    BinaryOp { Add => "add", Sub => "sub", Mul => "mul", Div => "div", Rem => "rem",
+               Max => "max", Min => "min", Pow => "pow", And => "and", Or => "or", Xor => "xor" }
+    CmpOp { Eq => "eq", Ne => "ne", Lt => "lt", Le => "le", Gt => "gt", Ge => "ge" }
+    ReduceOp { Sum => "sum", Max => "max", Min => "min" }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum OpKind {
+    Constant(Literal),
+    ProgramId { axis: usize },
+    NumPrograms { axis: usize },
+    Load { src: ValueId, index: Vec<Index> },
+    Store { dst: ValueId, index: Vec<Index>, value: ValueId },
+    Unary { op: UnaryOp, x: ValueId },
+    /// Both operands have the result's shape; the tracer inserts broadcasts.
+    Binary { op: BinaryOp, lhs: ValueId, rhs: ValueId },
+    Compare { op: CmpOp, lhs: ValueId, rhs: ValueId },
+    Select { cond: ValueId, on_true: ValueId, on_false: ValueId },
+    /// Converts to the result's dtype.
+    Cast { x: ValueId },
+    /// Numpy-style broadcast to the result's shape (also scalar to vector).
+    Broadcast { x: ValueId },
+    Reshape { x: ValueId },
+    /// Reduces `axis` away.
+    Reduce { op: ReduceOp, x: ValueId, axis: usize },
+    /// A 2-D matrix product accumulated in the result's dtype.
+    Dot { lhs: ValueId, rhs: ValueId, transpose_lhs: bool, transpose_rhs: bool },
+    Iota { dim: usize },
+    If { cond: ValueId, then_region: Region, else_region: Region },
+    /// `for iv in lo..hi` with carried values; the body's args are `[iv, carried...]`.
+    For { lo: ValueId, hi: ValueId, inits: Vec<ValueId>, body: Region },
+    /// Ends an `If` or `For` region with the values it passes on.
+    Yield { values: Vec<ValueId> },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Op {
+    pub kind: OpKind,
+    pub results: Vec<ValueId>,
+    pub loc: Loc,
+}
+
+impl Op {
+    /// The values this op reads (not counting values used inside its regions).
+    pub fn operands(&self) -> Vec<ValueId> {
+        use OpKind::*;
+        let mut out = Vec::new();
+        let index_values = |index: &[Index], out: &mut Vec<ValueId>| {
+            for ix in index {
+                match ix {
+                    Index::Slice { start: Offset::Dynamic(v), .. } | Index::Point(Offset::Dynamic(v)) => out.push(*v),
+                    _ => {}
+                }
+            }
+        };
+        match &self.kind {
+            Constant(_) | ProgramId { .. } | NumPrograms { .. } | Iota { .. } => {}
+            Load { src, index } => {
+                out.push(*src);
+                index_values(index, &mut out);
+            }
+            Store { dst, index, value } => {
+                out.push(*dst);
+                index_values(index, &mut out);
+                out.push(*value);
+            }
+            Unary { x, .. } | Cast { x } | Broadcast { x } | Reshape { x } | Reduce { x, .. } => out.push(*x),
+            Binary { lhs, rhs, .. } | Compare { lhs, rhs, .. } | Dot { lhs, rhs, .. } => out.extend([*lhs, *rhs]),
+            Select { cond, on_true, on_false } => out.extend([*cond, *on_true, *on_false]),
+            If { cond, .. } => out.push(*cond),
+            For { lo, hi, inits, .. } => {
+                out.extend([*lo, *hi]);
+                out.extend(inits);
+            }
+            Yield { values } => out.extend(values),
+        }
+        out
+    }
+
+    pub fn regions(&self) -> Vec<&Region> {
+        match &self.kind {
+            OpKind::If { then_region, else_region, .. } => vec![then_region, else_region],
+            OpKind::For { body, .. } => vec![body],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A list of ops with block arguments; regions of `If`/`For` end with a `Yield`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Region {
+    pub args: Vec<ValueId>,
+    pub ops: Vec<Op>,
+}
+
+/// A traced function: a kernel body or an index map.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Func {
+    pub name: String,
+    pub values: Vec<ValueInfo>,
+    pub args: Vec<ValueId>,
+    pub body: Region,
+    pub results: Vec<ValueId>,
+}
+
+impl Func {
+    pub fn ty(&self, v: ValueId) -> &Type {
+        &self.values[v.index()].ty
+    }
+
+    /// The value type of `v`; refs have none (the verifier guarantees they are never used as values).
+    pub fn value_type(&self, v: ValueId) -> Option<&ValueType> {
+        match self.ty(v) {
+            Type::Value(t) => Some(t),
+            Type::Ref(_) => None,
+        }
+    }
+
+    pub fn ref_type(&self, v: ValueId) -> Option<&RefType> {
+        match self.ty(v) {
+            Type::Ref(r) => Some(r),
+            Type::Value(_) => None,
+        }
+    }
+
+    pub fn loc(&self, v: ValueId) -> Loc {
+        self.values[v.index()].loc
+    }
+
+    /// Visits every op, depth first, in program order.
+    pub fn walk<'a>(&'a self, f: &mut impl FnMut(&'a Op)) {
+        fn go<'a>(r: &'a Region, f: &mut impl FnMut(&'a Op)) {
+            for op in &r.ops {
+                f(op);
+                for sub in op.regions() {
+                    go(sub, f);
+                }
+            }
+        }
+        go(&self.body, f);
+    }
+}

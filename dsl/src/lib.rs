@@ -1,0 +1,38 @@
+//! The torchtpu kernel language.
+//!
+//! Kernels are Rust functions under [`tpu_kernel`]; calling them on typed handles
+//! ([`Ref`], [`Tile`], [`Scalar`]...) records IR ([`ir`]). A [`PallasCall`] gives a kernel
+//! its grid and block specs; [`PallasCall::trace`] produces a [`TracedCall`] for the code
+//! generators, and [`PallasCall::interpret`] runs it on the CPU.
+
+pub mod call;
+pub mod dtype;
+pub mod error;
+pub mod host;
+pub mod interpret;
+pub mod ir;
+pub mod kernel;
+mod printer;
+pub mod trace;
+pub mod verify;
+
+pub use call::{BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem};
+pub use dtype::{DType, DotOperand, Element, Float, Int, Numeric};
+pub use error::{Error, Result};
+pub use half::{bf16, f16};
+pub use host::{HostArray, HostElement};
+pub use interpret::InterpretOptions;
+pub use kernel::{KernelDef, ParamKind, ParamSig};
+pub use torchtpu_macros::tpu_kernel;
+pub use trace::refs::{ds, full, zeros, Fill, IntoIndex, Ix, Prefetch, Ref, Scratch, Storable};
+pub use trace::values::{dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, program_id, select, Scalar, Tile};
+
+/// Everything a kernel author needs: `use torchtpu_dsl::prelude::*;`.
+pub mod prelude {
+    pub use crate::call::Semantics::{Arbitrary, Parallel};
+    pub use crate::{
+        bf16, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, program_id, select, tpu_kernel,
+        zeros, BlockSpec, DType, Element, Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile,
+        Vmem,
+    };
+}

@@ -1,0 +1,202 @@
+//! Shape-checked op construction on the builder: broadcasting, arithmetic, reductions, dot.
+
+use crate::dtype::DType;
+use crate::ir::{BinaryOp, CmpOp, Literal, Loc, OpKind, ReduceOp, UnaryOp, ValueId, ValueType};
+use crate::trace::builder::Builder;
+
+/// Numpy broadcasting of two shapes, or `None` when they are incompatible.
+pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    let mut out = vec![0; rank];
+    for i in 0..rank {
+        let da = if i < rank - a.len() { 1 } else { a[i - (rank - a.len())] };
+        let db = if i < rank - b.len() { 1 } else { b[i - (rank - b.len())] };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return None,
+        };
+    }
+    Some(out)
+}
+
+fn shape_str(s: &[usize]) -> String {
+    format!("{s:?}")
+}
+
+impl Builder {
+    pub(crate) fn broadcast_to(&mut self, x: ValueId, shape: &[usize], loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        if t.shape == shape {
+            return x;
+        }
+        match broadcast_shapes(&t.shape, shape) {
+            Some(s) if s == shape => self.push(OpKind::Broadcast { x }, ValueType::new(t.dtype, shape), loc),
+            _ => self.fail(
+                loc,
+                format!("cannot broadcast a value of shape {} to shape {}", shape_str(&t.shape), shape_str(shape)),
+                ValueType::new(t.dtype, shape),
+            ),
+        }
+    }
+
+    /// Broadcasts `vals` to one shape; reports `what` on mismatch.
+    fn broadcast_all(&mut self, vals: &[ValueId], what: &str, loc: Loc) -> Option<(Vec<ValueId>, Vec<usize>)> {
+        let mut shape: Vec<usize> = Vec::new();
+        for &v in vals {
+            let s = self.vty(v).shape;
+            match broadcast_shapes(&shape, &s) {
+                Some(b) => shape = b,
+                None => {
+                    let shapes: Vec<String> = vals.iter().map(|&v| shape_str(&self.vty(v).shape)).collect();
+                    self.fail_silent(loc, format!("{what}: shapes {} do not broadcast together", shapes.join(" and ")));
+                    return None;
+                }
+            }
+        }
+        let out = vals.iter().map(|&v| self.broadcast_to(v, &shape, loc)).collect();
+        Some((out, shape))
+    }
+
+    pub(crate) fn binary(&mut self, op: BinaryOp, lhs: ValueId, rhs: ValueId, loc: Loc) -> ValueId {
+        let (ta, tb) = (self.vty(lhs), self.vty(rhs));
+        if ta.dtype != tb.dtype {
+            let msg = format!("`{}` of {} and {}: dtypes differ; cast one side first", op.name(), ta.dtype, tb.dtype);
+            return self.fail(loc, msg, ta);
+        }
+        match self.broadcast_all(&[lhs, rhs], op.name(), loc) {
+            Some((v, shape)) => self.push(OpKind::Binary { op, lhs: v[0], rhs: v[1] }, ValueType::new(ta.dtype, shape), loc),
+            None => self.new_value(crate::ir::Type::Value(ta), loc),
+        }
+    }
+
+    pub(crate) fn compare(&mut self, op: CmpOp, lhs: ValueId, rhs: ValueId, loc: Loc) -> ValueId {
+        let (ta, tb) = (self.vty(lhs), self.vty(rhs));
+        if ta.dtype != tb.dtype {
+            let msg = format!("comparison `{}` of {} and {}: dtypes differ; cast one side first", op.name(), ta.dtype, tb.dtype);
+            return self.fail(loc, msg, ValueType::new(DType::Bool, ta.shape));
+        }
+        match self.broadcast_all(&[lhs, rhs], op.name(), loc) {
+            Some((v, shape)) => {
+                self.push(OpKind::Compare { op, lhs: v[0], rhs: v[1] }, ValueType::new(DType::Bool, shape), loc)
+            }
+            None => self.new_value(crate::ir::Type::Value(ValueType::new(DType::Bool, ta.shape)), loc),
+        }
+    }
+
+    pub(crate) fn select(&mut self, cond: ValueId, on_true: ValueId, on_false: ValueId, loc: Loc) -> ValueId {
+        let (tc, ta, tb) = (self.vty(cond), self.vty(on_true), self.vty(on_false));
+        if tc.dtype != DType::Bool {
+            return self.fail(loc, format!("select: the condition must be bool, not {}", tc.dtype), ta);
+        }
+        if ta.dtype != tb.dtype {
+            return self.fail(loc, format!("select: branches have dtypes {} and {}", ta.dtype, tb.dtype), ta);
+        }
+        match self.broadcast_all(&[cond, on_true, on_false], "select", loc) {
+            Some((v, shape)) => self.push(
+                OpKind::Select { cond: v[0], on_true: v[1], on_false: v[2] },
+                ValueType::new(ta.dtype, shape),
+                loc,
+            ),
+            None => self.new_value(crate::ir::Type::Value(ta), loc),
+        }
+    }
+
+    pub(crate) fn unary(&mut self, op: UnaryOp, x: ValueId, loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        let ok = match op {
+            UnaryOp::Neg | UnaryOp::Abs => t.dtype != DType::Bool,
+            UnaryOp::Not => t.dtype == DType::Bool || t.dtype.is_int(),
+            _ => t.dtype.is_float(),
+        };
+        if !ok {
+            return self.fail(loc, format!("`{}` is not defined for {}", op.name(), t.dtype), t);
+        }
+        self.push(OpKind::Unary { op, x }, t, loc)
+    }
+
+    pub(crate) fn cast(&mut self, x: ValueId, dtype: DType, loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        if t.dtype == dtype {
+            return x;
+        }
+        self.push(OpKind::Cast { x }, ValueType::new(dtype, t.shape), loc)
+    }
+
+    pub(crate) fn reshape(&mut self, x: ValueId, shape: &[usize], loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        let n: usize = shape.iter().product();
+        if n != t.num_elements() {
+            let msg = format!("cannot reshape {} ({} elements) to {:?}", shape_str(&t.shape), t.num_elements(), shape);
+            return self.fail(loc, msg, ValueType::new(t.dtype, shape));
+        }
+        if t.shape == shape {
+            return x;
+        }
+        self.push(OpKind::Reshape { x }, ValueType::new(t.dtype, shape), loc)
+    }
+
+    pub(crate) fn reduce(&mut self, op: ReduceOp, x: ValueId, axis: usize, loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        if axis >= t.shape.len() {
+            let msg = format!("reduction over axis {axis} of a rank-{} value of shape {}", t.shape.len(), shape_str(&t.shape));
+            return self.fail(loc, msg, ValueType::scalar(t.dtype));
+        }
+        let mut shape = t.shape.clone();
+        shape.remove(axis);
+        self.push(OpKind::Reduce { op, x, axis }, ValueType::new(t.dtype, shape), loc)
+    }
+
+    pub(crate) fn dot(&mut self, lhs: ValueId, rhs: ValueId, transpose_lhs: bool, transpose_rhs: bool, loc: Loc) -> ValueId {
+        let (ta, tb) = (self.vty(lhs), self.vty(rhs));
+        let acc = ta.dtype.dot_accumulator().unwrap_or(DType::F32);
+        let fallback = ValueType::new(acc, vec![1, 1]);
+        if ta.shape.len() != 2 || tb.shape.len() != 2 {
+            let msg = format!("dot takes 2-D tiles, got shapes {} and {}", shape_str(&ta.shape), shape_str(&tb.shape));
+            return self.fail(loc, msg, fallback);
+        }
+        if ta.dtype != tb.dtype {
+            return self.fail(loc, format!("dot of {} and {}: operand dtypes differ", ta.dtype, tb.dtype), fallback);
+        }
+        let (m, ka) = if transpose_lhs { (ta.shape[1], ta.shape[0]) } else { (ta.shape[0], ta.shape[1]) };
+        let (kb, n) = if transpose_rhs { (tb.shape[1], tb.shape[0]) } else { (tb.shape[0], tb.shape[1]) };
+        if ka != kb {
+            let msg = format!(
+                "dot: contracting dims differ: lhs {}{} has {ka}, rhs {}{} has {kb}",
+                shape_str(&ta.shape),
+                if transpose_lhs { " (transposed)" } else { "" },
+                shape_str(&tb.shape),
+                if transpose_rhs { " (transposed)" } else { "" },
+            );
+            return self.fail(loc, msg, ValueType::new(acc, vec![m, n]));
+        }
+        self.push(OpKind::Dot { lhs, rhs, transpose_lhs, transpose_rhs }, ValueType::new(acc, vec![m, n]), loc)
+    }
+
+    pub(crate) fn iota(&mut self, dtype: DType, shape: &[usize], dim: usize, loc: Loc) -> ValueId {
+        if dim >= shape.len() {
+            let msg = format!("iota along dim {dim} of a rank-{} shape {}", shape.len(), shape_str(shape));
+            return self.fail(loc, msg, ValueType::new(dtype, shape));
+        }
+        self.push(OpKind::Iota { dim }, ValueType::new(dtype, shape), loc)
+    }
+
+    pub(crate) fn splat(&mut self, lit: Literal, dtype: DType, shape: &[usize], loc: Loc) -> ValueId {
+        let c = self.constant(lit, dtype, loc);
+        self.broadcast_to(c, shape, loc)
+    }
+
+    pub(crate) fn program_id(&mut self, axis: usize, num: bool, loc: Loc) -> ValueId {
+        let t = ValueType::scalar(DType::I32);
+        let what = if num { "num_programs" } else { "program_id" };
+        if !self.in_kernel() {
+            return self.fail(loc, format!("{what} is only available in a kernel body; index maps get the grid indices as arguments"), t);
+        }
+        if axis >= self.grid_rank() {
+            return self.fail(loc, format!("{what}({axis}) on a grid of rank {}", self.grid_rank()), t);
+        }
+        let kind = if num { OpKind::NumPrograms { axis } } else { OpKind::ProgramId { axis } };
+        self.push(kind, t, loc)
+    }
+}

@@ -1,0 +1,401 @@
+//! Typed handles to traced values: `Scalar<T>` (rank 0) and `Tile<T>` (a vector in VMEM),
+//! with arithmetic, math and reductions.
+
+use std::marker::PhantomData;
+use std::ops::{Add, BitAnd, BitOr, BitXor, Div, Mul, Neg, Not, Rem, Sub};
+
+use crate::dtype::{DType, DotOperand, Element, Float, Int, Numeric};
+use crate::ir::{BinaryOp, Literal, Loc, ReduceOp, UnaryOp, ValueId};
+use crate::trace::builder;
+
+/// A traced value of rank 0: a program id, a loop index, a scalar loaded from SMEM.
+pub struct Scalar<T> {
+    pub(crate) id: ValueId,
+    _t: PhantomData<fn() -> T>,
+}
+
+/// A traced vector value: what loading a VMEM block gives.
+pub struct Tile<T> {
+    pub(crate) id: ValueId,
+    _t: PhantomData<fn() -> T>,
+}
+
+macro_rules! handle_impls {
+    ($($ty:ident),*) => {$(
+        impl<T> Clone for $ty<T> {
+            fn clone(&self) -> Self { *self }
+        }
+        impl<T> Copy for $ty<T> {}
+        impl<T> std::fmt::Debug for $ty<T> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}({})", stringify!($ty), self.id)
+            }
+        }
+        impl<T> $ty<T> {
+            pub(crate) fn from_id(id: ValueId) -> Self { $ty { id, _t: PhantomData } }
+            /// The IR value this handle stands for.
+            pub fn value_id(&self) -> ValueId { self.id }
+        }
+    )*};
+}
+handle_impls!(Scalar, Tile);
+
+/// Values that a literal or traced operand converts to in a binary operation.
+#[doc(hidden)]
+pub trait Operand {
+    fn operand_id(self, dtype: DType, loc: Loc) -> ValueId;
+}
+
+impl<T> Operand for Tile<T> {
+    fn operand_id(self, _: DType, _: Loc) -> ValueId {
+        self.id
+    }
+}
+impl<T> Operand for Scalar<T> {
+    fn operand_id(self, _: DType, _: Loc) -> ValueId {
+        self.id
+    }
+}
+impl Operand for f32 {
+    fn operand_id(self, dtype: DType, loc: Loc) -> ValueId {
+        builder::with(|b| b.constant(Literal::Float(self as f64), dtype, loc))
+    }
+}
+impl Operand for i32 {
+    fn operand_id(self, dtype: DType, loc: Loc) -> ValueId {
+        builder::with(|b| b.constant(Literal::Int(self as i64), dtype, loc))
+    }
+}
+impl Operand for bool {
+    fn operand_id(self, dtype: DType, loc: Loc) -> ValueId {
+        builder::with(|b| b.constant(Literal::Bool(self), dtype, loc))
+    }
+}
+
+/// The combinations of operands an elementwise binary op accepts, and what it yields:
+/// tile with tile, scalar or literal gives a tile; scalar with scalar or literal a scalar.
+#[doc(hidden)]
+pub trait Elementwise<Rhs> {
+    type Output;
+    type Elem: Element;
+    fn lhs_id(self, loc: Loc) -> ValueId;
+    fn rhs_id(rhs: Rhs, loc: Loc) -> ValueId;
+    fn wrap(id: ValueId) -> Self::Output;
+}
+
+macro_rules! elementwise {
+    ($([$($g:tt)*] $lhs:ty, $rhs:ty => $out:ident<$e:ty>;)*) => {$(
+        impl<$($g)*> Elementwise<$rhs> for $lhs {
+            type Output = $out<$e>;
+            type Elem = $e;
+            fn lhs_id(self, loc: Loc) -> ValueId { Operand::operand_id(self, <$e as Element>::DTYPE, loc) }
+            fn rhs_id(rhs: $rhs, loc: Loc) -> ValueId { Operand::operand_id(rhs, <$e as Element>::DTYPE, loc) }
+            fn wrap(id: ValueId) -> $out<$e> { $out::from_id(id) }
+        }
+    )*};
+}
+elementwise! {
+    [T: Element] Tile<T>, Tile<T> => Tile<T>;
+    [T: Element] Tile<T>, Scalar<T> => Tile<T>;
+    [T: Element] Scalar<T>, Tile<T> => Tile<T>;
+    [T: Element] Scalar<T>, Scalar<T> => Scalar<T>;
+    [T: Float] Tile<T>, f32 => Tile<T>;
+    [T: Float] Scalar<T>, f32 => Scalar<T>;
+    [T: Float] f32, Tile<T> => Tile<T>;
+    [T: Float] f32, Scalar<T> => Scalar<T>;
+    [] Tile<i32>, i32 => Tile<i32>;
+    [] Scalar<i32>, i32 => Scalar<i32>;
+    [] i32, Tile<i32> => Tile<i32>;
+    [] i32, Scalar<i32> => Scalar<i32>;
+    [] Tile<bool>, bool => Tile<bool>;
+    [] Scalar<bool>, bool => Scalar<bool>;
+}
+
+#[track_caller]
+fn binary<A: Elementwise<B>, B>(a: A, b: B, op: BinaryOp) -> A::Output {
+    let loc = Loc::caller();
+    let (l, r) = (a.lhs_id(loc), A::rhs_id(b, loc));
+    A::wrap(builder::with(|bd| bd.binary(op, l, r, loc)))
+}
+
+/// Marks element types that bitwise/logical operators apply to.
+#[doc(hidden)]
+pub trait Logical: Element {}
+impl Logical for bool {}
+impl<T: Int> Logical for T {}
+
+macro_rules! operator {
+    ($tr:ident, $m:ident, $op:expr, $bound:ident) => {
+        impl<T: $bound, R> $tr<R> for Tile<T>
+        where
+            Tile<T>: Elementwise<R>,
+        {
+            type Output = <Tile<T> as Elementwise<R>>::Output;
+            #[track_caller]
+            fn $m(self, rhs: R) -> Self::Output {
+                binary(self, rhs, $op)
+            }
+        }
+        impl<T: $bound, R> $tr<R> for Scalar<T>
+        where
+            Scalar<T>: Elementwise<R>,
+        {
+            type Output = <Scalar<T> as Elementwise<R>>::Output;
+            #[track_caller]
+            fn $m(self, rhs: R) -> Self::Output {
+                binary(self, rhs, $op)
+            }
+        }
+    };
+}
+operator!(Add, add, BinaryOp::Add, Numeric);
+operator!(Sub, sub, BinaryOp::Sub, Numeric);
+operator!(Mul, mul, BinaryOp::Mul, Numeric);
+operator!(Div, div, BinaryOp::Div, Numeric);
+operator!(Rem, rem, BinaryOp::Rem, Numeric);
+operator!(BitAnd, bitand, BinaryOp::And, Logical);
+operator!(BitOr, bitor, BinaryOp::Or, Logical);
+operator!(BitXor, bitxor, BinaryOp::Xor, Logical);
+
+macro_rules! literal_lhs_operator {
+    ($lit:ty, [$($g:tt)*] $elem:ty, $tr:ident $m:ident $op:expr) => {
+        impl<$($g)*> $tr<Tile<$elem>> for $lit {
+            type Output = Tile<$elem>;
+            #[track_caller]
+            fn $m(self, rhs: Tile<$elem>) -> Tile<$elem> { binary(self, rhs, $op) }
+        }
+        impl<$($g)*> $tr<Scalar<$elem>> for $lit {
+            type Output = Scalar<$elem>;
+            #[track_caller]
+            fn $m(self, rhs: Scalar<$elem>) -> Scalar<$elem> { binary(self, rhs, $op) }
+        }
+    };
+}
+literal_lhs_operator!(f32, [T: Float] T, Add add BinaryOp::Add);
+literal_lhs_operator!(f32, [T: Float] T, Sub sub BinaryOp::Sub);
+literal_lhs_operator!(f32, [T: Float] T, Mul mul BinaryOp::Mul);
+literal_lhs_operator!(f32, [T: Float] T, Div div BinaryOp::Div);
+literal_lhs_operator!(i32, [] i32, Add add BinaryOp::Add);
+literal_lhs_operator!(i32, [] i32, Sub sub BinaryOp::Sub);
+literal_lhs_operator!(i32, [] i32, Mul mul BinaryOp::Mul);
+literal_lhs_operator!(i32, [] i32, Div div BinaryOp::Div);
+literal_lhs_operator!(i32, [] i32, Rem rem BinaryOp::Rem);
+
+macro_rules! unary_operators {
+    ($($ty:ident),*) => {$(
+        impl<T: Numeric> Neg for $ty<T> {
+            type Output = $ty<T>;
+            #[track_caller]
+            fn neg(self) -> $ty<T> { self.unary(UnaryOp::Neg) }
+        }
+        impl<T: Logical> Not for $ty<T> {
+            type Output = $ty<T>;
+            #[track_caller]
+            fn not(self) -> $ty<T> { self.unary(UnaryOp::Not) }
+        }
+        impl<T: Element> $ty<T> {
+            #[track_caller]
+            fn unary(self, op: UnaryOp) -> $ty<T> {
+                let loc = Loc::caller();
+                $ty::from_id(builder::with(|b| b.unary(op, self.id, loc)))
+            }
+
+            /// Converts to element type `U` (rounding, truncating toward zero for float to int).
+            #[track_caller]
+            pub fn cast<U: Element>(self) -> $ty<U> {
+                let loc = Loc::caller();
+                $ty::from_id(builder::with(|b| b.cast(self.id, U::DTYPE, loc)))
+            }
+        }
+        impl<T: Float> $ty<T> {
+            #[track_caller] pub fn exp(self) -> Self { self.unary(UnaryOp::Exp) }
+            #[track_caller] pub fn exp2(self) -> Self { self.unary(UnaryOp::Exp2) }
+            #[track_caller] pub fn log(self) -> Self { self.unary(UnaryOp::Log) }
+            #[track_caller] pub fn sqrt(self) -> Self { self.unary(UnaryOp::Sqrt) }
+            #[track_caller] pub fn rsqrt(self) -> Self { self.unary(UnaryOp::Rsqrt) }
+            #[track_caller] pub fn tanh(self) -> Self { self.unary(UnaryOp::Tanh) }
+            #[track_caller] pub fn sigmoid(self) -> Self { self.unary(UnaryOp::Logistic) }
+            #[track_caller] pub fn sin(self) -> Self { self.unary(UnaryOp::Sin) }
+            #[track_caller] pub fn cos(self) -> Self { self.unary(UnaryOp::Cos) }
+            #[track_caller] pub fn floor(self) -> Self { self.unary(UnaryOp::Floor) }
+            #[track_caller] pub fn ceil(self) -> Self { self.unary(UnaryOp::Ceil) }
+        }
+        impl<T: Numeric> $ty<T> {
+            #[track_caller] pub fn abs(self) -> Self { self.unary(UnaryOp::Abs) }
+        }
+    )*};
+}
+unary_operators!(Scalar, Tile);
+
+/// Elementwise maximum (NaN-propagating), with broadcasting.
+#[track_caller]
+pub fn maximum<A: Elementwise<B>, B>(a: A, b: B) -> A::Output
+where
+    A::Elem: Numeric,
+{
+    binary(a, b, BinaryOp::Max)
+}
+
+/// Elementwise minimum (NaN-propagating), with broadcasting.
+#[track_caller]
+pub fn minimum<A: Elementwise<B>, B>(a: A, b: B) -> A::Output
+where
+    A::Elem: Numeric,
+{
+    binary(a, b, BinaryOp::Min)
+}
+
+/// Elementwise `a` to the power `b`.
+#[track_caller]
+pub fn pow<A: Elementwise<B>, B>(a: A, b: B) -> A::Output
+where
+    A::Elem: Float,
+{
+    binary(a, b, BinaryOp::Pow)
+}
+
+impl<T: Element> Scalar<T> {
+    /// A traced constant.
+    #[track_caller]
+    pub fn constant(value: impl Operand) -> Scalar<T> {
+        let loc = Loc::caller();
+        Scalar::from_id(value.operand_id(T::DTYPE, loc))
+    }
+
+    /// This scalar broadcast over a tile of `shape`.
+    #[track_caller]
+    pub fn broadcast_to(self, shape: impl AsRef<[usize]>) -> Tile<T> {
+        let loc = Loc::caller();
+        Tile::from_id(builder::with(|b| b.broadcast_to(self.id, shape.as_ref(), loc)))
+    }
+}
+
+impl<T: Element> Tile<T> {
+    /// The tile's static shape.
+    pub fn shape(&self) -> Vec<usize> {
+        builder::with(|b| b.vty(self.id).shape)
+    }
+
+    /// A tile of `shape` filled with `value`.
+    #[track_caller]
+    pub fn full(shape: impl AsRef<[usize]>, value: impl Operand) -> Tile<T> {
+        let loc = Loc::caller();
+        let c = value.operand_id(T::DTYPE, loc);
+        Tile::from_id(builder::with(|b| b.broadcast_to(c, shape.as_ref(), loc)))
+    }
+
+    #[track_caller]
+    pub fn reshape(self, shape: impl AsRef<[usize]>) -> Tile<T> {
+        let loc = Loc::caller();
+        Tile::from_id(builder::with(|b| b.reshape(self.id, shape.as_ref(), loc)))
+    }
+
+    /// Numpy-style broadcast to `shape`.
+    #[track_caller]
+    pub fn broadcast_to(self, shape: impl AsRef<[usize]>) -> Tile<T> {
+        let loc = Loc::caller();
+        Tile::from_id(builder::with(|b| b.broadcast_to(self.id, shape.as_ref(), loc)))
+    }
+
+    /// Inserts an axis of length 1 at `axis` (numpy's `x[:, None]` for `axis = 1`).
+    #[track_caller]
+    pub fn expand_dims(self, axis: usize) -> Tile<T> {
+        let loc = Loc::caller();
+        builder::with(|b| {
+            let mut shape = b.vty(self.id).shape;
+            if axis > shape.len() {
+                let msg = format!("expand_dims({axis}) on a tile of rank {}", shape.len());
+                return Tile::from_id(b.fail(loc, msg, crate::ir::ValueType::new(T::DTYPE, shape)));
+            }
+            shape.insert(axis, 1);
+            Tile::from_id(b.reshape(self.id, &shape, loc))
+        })
+    }
+}
+
+macro_rules! reductions {
+    ($($name:ident, $keep:ident, $op:expr, $doc:literal;)*) => {
+        impl<T: Numeric> Tile<T> {$(
+            #[doc = $doc]
+            #[track_caller]
+            pub fn $name(self, axis: usize) -> Tile<T> {
+                let loc = Loc::caller();
+                Tile::from_id(builder::with(|b| b.reduce($op, self.id, axis, loc)))
+            }
+
+            #[doc = $doc]
+            /// The reduced axis is kept with length 1.
+            #[track_caller]
+            pub fn $keep(self, axis: usize) -> Tile<T> {
+                let loc = Loc::caller();
+                Tile::from_id(builder::with(|b| {
+                    let mut shape = b.vty(self.id).shape;
+                    let r = b.reduce($op, self.id, axis, loc);
+                    if axis < shape.len() {
+                        shape[axis] = 1;
+                        b.reshape(r, &shape, loc)
+                    } else {
+                        r
+                    }
+                }))
+            }
+        )*}
+    };
+}
+reductions! {
+    sum, sum_keepdims, ReduceOp::Sum, "Sum over `axis`, which is removed.";
+    max, max_keepdims, ReduceOp::Max, "Maximum over `axis` (NaN-propagating), which is removed.";
+    min, min_keepdims, ReduceOp::Min, "Minimum over `axis` (NaN-propagating), which is removed.";
+}
+
+/// Picks `on_true` where `cond` holds, else `on_false`, broadcasting all three.
+#[track_caller]
+pub fn select<C: Operand, A: Elementwise<B>, B>(cond: C, on_true: A, on_false: B) -> A::Output {
+    let loc = Loc::caller();
+    let c = cond.operand_id(DType::Bool, loc);
+    let (t, f) = (on_true.lhs_id(loc), A::rhs_id(on_false, loc));
+    A::wrap(builder::with(|b| b.select(c, t, f, loc)))
+}
+
+fn dot_impl<T: DotOperand>(a: Tile<T>, b: Tile<T>, ta: bool, tb: bool, loc: Loc) -> Tile<T::Acc> {
+    Tile::from_id(builder::with(|bd| bd.dot(a.id, b.id, ta, tb, loc)))
+}
+
+/// `a · b` for 2-D tiles, accumulated in f32 (floats) or i32 (integers), on the MXU.
+#[track_caller]
+pub fn dot<T: DotOperand>(a: Tile<T>, b: Tile<T>) -> Tile<T::Acc> {
+    dot_impl(a, b, false, false, Loc::caller())
+}
+
+/// `a · bᵀ` (as in `q · kᵀ`), accumulated like [`dot`].
+#[track_caller]
+pub fn dot_nt<T: DotOperand>(a: Tile<T>, b: Tile<T>) -> Tile<T::Acc> {
+    dot_impl(a, b, false, true, Loc::caller())
+}
+
+/// `aᵀ · b` (as in `pᵀ · dO`), accumulated like [`dot`].
+#[track_caller]
+pub fn dot_tn<T: DotOperand>(a: Tile<T>, b: Tile<T>) -> Tile<T::Acc> {
+    dot_impl(a, b, true, false, Loc::caller())
+}
+
+/// A tile of `shape` whose elements count up from 0 along `dim`.
+#[track_caller]
+pub fn iota<T: Numeric>(shape: impl AsRef<[usize]>, dim: usize) -> Tile<T> {
+    let loc = Loc::caller();
+    Tile::from_id(builder::with(|b| b.iota(T::DTYPE, shape.as_ref(), dim, loc)))
+}
+
+/// The index of the running program along grid axis `axis`.
+#[track_caller]
+pub fn program_id(axis: usize) -> Scalar<i32> {
+    let loc = Loc::caller();
+    Scalar::from_id(builder::with(|b| b.program_id(axis, false, loc)))
+}
+
+/// The grid's extent along `axis`.
+#[track_caller]
+pub fn num_programs(axis: usize) -> Scalar<i32> {
+    let loc = Loc::caller();
+    Scalar::from_id(builder::with(|b| b.program_id(axis, true, loc)))
+}
