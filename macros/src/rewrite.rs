@@ -13,6 +13,18 @@ pub struct Rewriter {
     pub counter: usize,
 }
 
+/// `ts` with every token placed at `span`, so `#[track_caller]` locations in the emitted
+/// calls point at the user's expression rather than at the `#[tpu_kernel]` attribute.
+fn respan(ts: &TokenStream, span: Span) -> TokenStream {
+    ts.clone()
+        .into_iter()
+        .map(|mut t| {
+            t.set_span(span);
+            t
+        })
+        .collect()
+}
+
 impl Rewriter {
     fn fresh(&mut self, base: &str) -> Ident {
         self.counter += 1;
@@ -85,10 +97,10 @@ impl VisitMut for Rewriter {
 
     fn visit_expr_mut(&mut self, e: &mut Expr) {
         visit_mut::visit_expr_mut(self, e);
-        let dsl = self.dsl.clone();
         let new = match e {
             Expr::Binary(b) => {
                 let (l, r, span) = (&b.left, &b.right, b.span());
+                let dsl = respan(&self.dsl, span);
                 let cmp = |f: &str| {
                     let f = Ident::new(f, span);
                     quote_spanned!(span=> #dsl::trace::control::#f(&(#l), &(#r)))
@@ -123,8 +135,8 @@ impl VisitMut for Rewriter {
 
 impl Rewriter {
     fn expand_if(&mut self, i: &ExprIf) -> TokenStream {
-        let dsl = &self.dsl.clone();
         let span = i.if_token.span();
+        let dsl = &respan(&self.dsl, span);
         let cond = &i.cond;
         let then_block = &i.then_branch;
         let else_expr = match &i.else_branch {
@@ -171,8 +183,8 @@ impl Rewriter {
     fn expand_for(&mut self, f: &ExprForLoop) -> Option<TokenStream> {
         let Expr::Range(range) = &*f.expr else { return None };
         let (Some(lo), Some(hi), RangeLimits::HalfOpen(_)) = (&range.start, &range.end, &range.limits) else { return None };
-        let dsl = &self.dsl.clone();
         let span = f.for_token.span();
+        let dsl = &respan(&self.dsl, span);
         let (pat, body, label) = (&f.pat, &f.body, &f.label);
         let vars = carried(&|c| {
             c.visit_pat(&f.pat);

@@ -17,6 +17,11 @@ pub struct Param {
     pub role: ParamRole,
 }
 
+/// A type as the user wrote it (token streams print as `& Vec < f32 >`).
+fn spelled(ty: &Type) -> String {
+    ty.to_token_stream().to_string().replace("& ", "&").replace(" < ", "<").replace(" >", ">").replace(" ,", ",")
+}
+
 const EXPECTED: &str = "a kernel parameter is `&Ref<T>` (input block), `&mut Ref<T>` (output block), `&mut Scratch<T>` (scratch), `&Prefetch<T>` (scalar prefetch), or a compile-time value taken by value";
 
 /// `Wrapper<T>` → ("Wrapper", T).
@@ -47,7 +52,7 @@ pub fn classify(sig: &Signature) -> syn::Result<Vec<Param>> {
             Type::Reference(r) => {
                 let mutable = r.mutability.is_some();
                 let Some((wrapper, elem)) = ref_wrapper(&r.elem) else {
-                    return Err(syn::Error::new(pt.ty.span(), format!("unsupported kernel parameter type `{}`: {EXPECTED}", pt.ty.to_token_stream())));
+                    return Err(syn::Error::new(pt.ty.span(), format!("unsupported kernel parameter type `{}`: {EXPECTED}", spelled(&pt.ty))));
                 };
                 let kind = match (wrapper.to_string().as_str(), mutable) {
                     ("Ref", false) => "Input",
@@ -61,13 +66,13 @@ pub fn classify(sig: &Signature) -> syn::Result<Vec<Param>> {
                         return Err(syn::Error::new(pt.ty.span(), "scalar-prefetch tables are read-only: declare it `&Prefetch<T>`"))
                     }
                     _ => {
-                        return Err(syn::Error::new(pt.ty.span(), format!("unsupported kernel parameter type `{}`: {EXPECTED}", pt.ty.to_token_stream())))
+                        return Err(syn::Error::new(pt.ty.span(), format!("unsupported kernel parameter type `{}`: {EXPECTED}", spelled(&pt.ty))))
                     }
                 };
                 ParamRole::Ref { kind, wrapper, elem, mutable }
             }
             Type::ImplTrait(_) | Type::TraitObject(_) | Type::Ptr(_) => {
-                return Err(syn::Error::new(pt.ty.span(), format!("unsupported kernel parameter type `{}`: {EXPECTED}", pt.ty.to_token_stream())));
+                return Err(syn::Error::new(pt.ty.span(), format!("unsupported kernel parameter type `{}`: {EXPECTED}", spelled(&pt.ty))));
             }
             other => ParamRole::Comptime { ty: other.clone() },
         };

@@ -53,6 +53,13 @@ pub fn relative_error(out: &HostArray, reference: &ArrayD<f64>) -> f64 {
     err / scale
 }
 
+/// The acceptance example called `name`: a full name from [`acceptance_set`], or a kernel
+/// family (`matmul`, `flash_attention`...) for its first configuration in `dtype`.
+pub fn find(name: &str, dtype: DType) -> Option<Box<dyn Example>> {
+    let family = format!("{name}/{dtype}/");
+    acceptance_set().into_iter().find(|e| e.name() == name || e.name().starts_with(&family))
+}
+
 /// A small, fast set covering every kernel, both float dtypes and ragged shapes.
 pub fn acceptance_set() -> Vec<Box<dyn Example>> {
     let mut v: Vec<Box<dyn Example>> = Vec::new();

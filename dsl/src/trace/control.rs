@@ -558,6 +558,34 @@ traced_logic! {
     Scalar<bool>, Tile<bool> => Tile;
 }
 
+// A Rust `bool` on the left is known at trace time, so it short-circuits the traced side.
+macro_rules! static_lhs_logic {
+    ($($out:ident),*) => {$(
+        impl TraceLogic<$out<bool>> for bool {
+            type Output = $out<bool>;
+            fn trace_and(self, rhs: impl FnOnce() -> $out<bool>, loc: Loc) -> $out<bool> {
+                if self { rhs() } else { constant_like(rhs, false, loc) }
+            }
+            fn trace_or(self, rhs: impl FnOnce() -> $out<bool>, loc: Loc) -> $out<bool> {
+                if self { constant_like(rhs, true, loc) } else { rhs() }
+            }
+        }
+    )*};
+}
+static_lhs_logic!(Scalar, Tile);
+
+/// `value` shaped like what `rhs` would produce; `rhs` is still traced (and then unused)
+/// because its shape is only known by tracing it.
+fn constant_like<V: Carry + Copy>(rhs: impl FnOnce() -> V, value: bool, loc: Loc) -> V {
+    let r = rhs();
+    let ids = ids_of(&r);
+    let c = builder::with(|b| {
+        let shape = b.vty(ids[0]).shape;
+        b.splat(crate::ir::Literal::Bool(value), DType::Bool, &shape, loc)
+    });
+    r.rebuild(&mut [c].iter())
+}
+
 #[doc(hidden)]
 #[track_caller]
 pub fn and<A: TraceLogic<B>, B>(a: A, b: impl FnOnce() -> B) -> A::Output {

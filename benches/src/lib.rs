@@ -1,0 +1,1 @@
+//! Criterion benchmarks for torchtpu; see `benches/` (run with `cargo bench -p torchtpu-benches`).

@@ -1,0 +1,258 @@
+//! The interpreter's and the tracer's error reports: each names the kernel, the operand,
+//! the grid index and the Rust line where the user can fix it.
+
+use ndarray::{Array1, Array2};
+use torchtpu_dsl::prelude::*;
+use torchtpu_dsl::Error;
+
+/// The line of this file that contains `marker` (kept next to the offending expression).
+fn line_of(marker: &str) -> u32 {
+    let src = include_str!("checks.rs");
+    let idx = src.lines().position(|l| l.contains(marker) && !l.contains("line_of(")).expect("marker present");
+    idx as u32 + 1
+}
+
+fn ones(r: usize, c: usize) -> HostArray {
+    HostArray::from(Array2::<f32>::ones((r, c)))
+}
+
+#[tpu_kernel]
+fn copy(x: &Ref<f32>, y: &mut Ref<f32>) {
+    y.store(x.load());
+}
+
+#[test]
+fn parallel_programs_writing_one_block_is_a_race() {
+    let racy = |sem| {
+        PallasCall::new(copy::kernel())
+            .grid([4])
+            .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+            .out_specs([BlockSpec::new([8, 128], |[_]| (0, 0))])
+            .out_shapes([[8, 128]])
+            .dimension_semantics([sem])
+    };
+    let err = racy(Parallel).interpret(&[ones(32, 128)]).expect_err("a race");
+    match err {
+        Error::Race { kernel, operand, block, first, second } => {
+            assert_eq!(kernel, "copy");
+            assert_eq!(operand, "y");
+            assert_eq!(block, vec![0, 0]);
+            assert_ne!(first, second);
+        }
+        other => panic!("expected a race, got {other}"),
+    }
+    // The same writes along a sequential axis are a legal revisit of one block.
+    assert!(racy(Arbitrary).interpret(&[ones(32, 128)]).is_ok());
+}
+
+#[tpu_kernel]
+fn shifted_window(x: &Ref<f32>, y: &mut Ref<f32>) {
+    let start = program_id(0) * 4 + 4;
+    y.store(x.load_at((ds(start, 8), ..))); // <- out of bounds
+}
+
+#[test]
+fn dynamic_slice_out_of_bounds_is_reported_with_its_line() {
+    let call = PallasCall::new(shifted_window::kernel())
+        .grid([2])
+        .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_shapes([[16, 128]])
+        .dimension_semantics([Parallel]);
+    for result in [call.interpret(&[ones(16, 128)]), call.interpret_checked(&[ones(16, 128)])] {
+        match result.expect_err("out of bounds") {
+            Error::OutOfBounds { kernel, operand, loc, detail, .. } => {
+                assert_eq!(kernel, "shifted_window");
+                assert_eq!(operand, "x");
+                assert_eq!(loc.line, line_of("// <- out of bounds"));
+                assert!(detail.contains("4..12"), "{detail}");
+            }
+            other => panic!("expected out of bounds, got {other}"),
+        }
+    }
+}
+
+#[tpu_kernel]
+fn accumulate_without_init(x: &Ref<f32>, y: &mut Ref<f32>, acc: &mut Scratch<f32>, init_rows: usize) {
+    if init_rows > 0 {
+        acc.store_at((0..init_rows, ..), zeros());
+    }
+    acc.store(acc.load() + x.load()); // <- reads scratch
+    y.store(acc.load());
+}
+
+fn accumulate_call(init_rows: usize) -> PallasCall {
+    PallasCall::new(accumulate_without_init::kernel(init_rows))
+        .grid([2])
+        .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_shapes([[16, 128]])
+        .scratch([Vmem::new([8, 128])])
+        .dimension_semantics([Parallel])
+}
+
+#[test]
+fn reading_uninitialized_scratch_is_reported_in_checked_mode() {
+    for init_rows in [0, 4] {
+        match accumulate_call(init_rows).interpret_checked(&[ones(16, 128)]).expect_err("uninitialized") {
+            Error::UninitializedRead { kernel, operand, loc, region, .. } => {
+                assert_eq!(kernel, "accumulate_without_init");
+                assert_eq!(operand, "acc");
+                assert_eq!(loc.line, line_of("// <- reads scratch"));
+                assert_eq!(region, "[0..8, 0..128]");
+            }
+            other => panic!("expected an uninitialized read, got {other}"),
+        }
+    }
+    // Fully initialized, the same kernel is fine.
+    let out = accumulate_call(8).interpret_checked(&[ones(16, 128)]).expect("initialized");
+    assert!(out[0].to_f64().iter().all(|&v| v == 1.0));
+}
+
+#[test]
+fn index_map_past_the_array_is_rejected() {
+    let call = PallasCall::new(copy::kernel())
+        .grid([2])
+        .in_specs([BlockSpec::new([8, 128], |[i]| (i + 1, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_shapes([[16, 128]]);
+    match call.interpret(&[ones(16, 128)]).expect_err("past the array") {
+        Error::BlockOutOfRange { operand, grid_index, block, .. } => {
+            assert_eq!(operand, "x");
+            assert_eq!(grid_index, vec![1]);
+            assert_eq!(block, vec![2, 0]);
+        }
+        other => panic!("expected a block out of range, got {other}"),
+    }
+}
+
+#[tpu_kernel]
+fn mismatched_add(x: &Ref<f32>, y: &mut Ref<f32>) {
+    let a = x.load();
+    let b = x.load_at((0..4, ..));
+    y.store(a + b); // <- shape mismatch
+}
+
+#[test]
+fn shape_errors_point_at_the_kernel_line() {
+    let call = PallasCall::new(mismatched_add::kernel())
+        .grid([1])
+        .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_shapes([[8, 128]]);
+    match call.interpret(&[ones(8, 128)]).expect_err("shape mismatch") {
+        Error::Trace { kernel, loc, message } => {
+            assert_eq!(kernel, "mismatched_add");
+            assert!(loc.file.ends_with("checks.rs"), "{}", loc.file);
+            assert_eq!(loc.line, line_of("// <- shape mismatch"));
+            assert!(message.contains("[8, 128] and [4, 128]"), "{message}");
+        }
+        other => panic!("expected a trace error, got {other}"),
+    }
+}
+
+#[tpu_kernel]
+fn leaks_a_branch_value(x: &Ref<f32>, y: &mut Ref<f32>) {
+    let mut saved = Vec::new();
+    if program_id(0) == 0 {
+        saved.push(x.load());
+    }
+    y.store(saved[0]);
+}
+
+#[test]
+fn values_escaping_a_traced_branch_are_rejected_by_the_verifier() {
+    let call = PallasCall::new(leaks_a_branch_value::kernel())
+        .grid([1])
+        .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_shapes([[8, 128]]);
+    match call.trace(&[ones(8, 128).value_type()]).expect_err("escaping value") {
+        Error::Verify { message, .. } => assert!(message.contains("not defined"), "{message}"),
+        other => panic!("expected a verifier error, got {other}"),
+    }
+}
+
+#[tpu_kernel]
+fn breaks_out(x: &Ref<f32>, y: &mut Ref<f32>) {
+    let mut t = x.load();
+    for _ in 0..program_id(0) {
+        t = t * 2.0;
+        break;
+    }
+    y.store(t);
+}
+
+#[test]
+fn break_in_a_traced_loop_is_an_error() {
+    let call = PallasCall::new(breaks_out::kernel())
+        .grid([1])
+        .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_shapes([[8, 128]]);
+    let err = call.trace(&[ones(8, 128).value_type()]).expect_err("break");
+    assert!(err.to_string().contains("`break` and `continue` are not supported"), "{err}");
+}
+
+#[test]
+fn calls_that_do_not_fit_the_kernel_are_rejected() {
+    let base = || {
+        PallasCall::new(copy::kernel())
+            .grid([2])
+            .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+            .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+            .out_shapes([[16, 128]])
+    };
+    let x = ones(16, 128);
+    let cases: Vec<(PallasCall, Vec<HostArray>, &str)> = vec![
+        (base(), vec![HostArray::from(Array2::<i32>::zeros((16, 128)))], "must be f32, got i32"),
+        (base(), vec![x.clone(), x.clone()], "expected 1 arrays"),
+        (base().in_specs([BlockSpec::new([8], |[i]| (i,))]), vec![x.clone()], "has rank 1"),
+        (base().in_specs([BlockSpec::new([8, 128], |[i, j]| (i, j))]), vec![x.clone()], "takes 2 grid indices, but the grid has rank 1"),
+        (base().in_specs([BlockSpec::new([8, 128], |[i]| (i,))]), vec![x.clone()], "returns 1 block indices for a block of rank 2"),
+        (base().grid([2, 0]), vec![x.clone()], "extent 0"),
+        (base().dimension_semantics([Parallel, Parallel]), vec![x.clone()], "2 dimension semantics for a grid of rank 1"),
+        (base().scratch([Vmem::new([8, 128])]), vec![x.clone()], "1 scratch given, but the kernel signature has 0"),
+        (base().input_output_aliases([(0, 3)]), vec![x.clone()], "does not exist"),
+    ];
+    for (call, inputs, expected) in cases {
+        let err = call.interpret(&inputs).expect_err(expected);
+        assert!(err.to_string().contains(expected), "expected `{expected}` in: {err}");
+    }
+}
+
+#[test]
+fn aliased_output_starts_as_its_input() {
+    #[tpu_kernel]
+    fn bump_first_row(x: &Ref<f32>, y: &mut Ref<f32>) {
+        y.store(x.load() + 1.0);
+    }
+    // Only the first block is written; the rest keeps the aliased input's values.
+    let call = PallasCall::new(bump_first_row::kernel())
+        .grid([1])
+        .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_shapes([[16, 128]])
+        .input_output_aliases([(0, 0)]);
+    let x = Array2::from_shape_fn((16, 128), |(i, j)| (i * 128 + j) as f32);
+    let out = call.interpret(&[HostArray::from(&x)]).expect("runs").remove(0).into_array::<f32>().expect("f32");
+    for ((i, j), &v) in x.indexed_iter() {
+        let want = if i < 8 { v + 1.0 } else { v };
+        assert_eq!(out[[i, j]], want);
+    }
+}
+
+#[test]
+fn integer_division_by_zero_is_an_error_not_a_panic() {
+    #[tpu_kernel]
+    fn divide(x: &Ref<i32>, y: &mut Ref<i32>) {
+        y.store(x.load() / (program_id(0) * 0));
+    }
+    let call = PallasCall::new(divide::kernel())
+        .grid([1])
+        .in_specs([BlockSpec::new([8], |[i]| (i,))])
+        .out_specs([BlockSpec::new([8], |[i]| (i,))])
+        .out_shapes([[8]]);
+    let err = call.interpret(&[HostArray::from(Array1::<i32>::ones(8))]).expect_err("division by zero");
+    assert!(err.to_string().contains("by zero"), "{err}");
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs everything torchtpu needs to build and test, from pinned versions.
+# Downloads are cached under ~/.cache (and cargo's own ~/.cargo), never inside the repo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+cargo fetch --locked
