@@ -242,9 +242,9 @@ impl<'f> Eval<'f> {
                 let x = self.get(*x);
                 let err = || ctx.runtime(loc, format!("cannot broadcast {:?} to {shape:?}", x.shape()));
                 let data = match &x.data {
-                    Data::F(a) => Data::F(a.broadcast(shape.clone()).ok_or_else(err)?.to_owned()),
-                    Data::I(a) => Data::I(a.broadcast(shape.clone()).ok_or_else(err)?.to_owned()),
-                    Data::B(a) => Data::B(a.broadcast(shape.clone()).ok_or_else(err)?.to_owned()),
+                    Data::F(a) => Data::F(broadcast(a, &shape).ok_or_else(err)?),
+                    Data::I(a) => Data::I(broadcast(a, &shape).ok_or_else(err)?),
+                    Data::B(a) => Data::B(broadcast(a, &shape).ok_or_else(err)?),
                 };
                 Tensor { dtype: x.dtype, data }
             }
@@ -284,9 +284,9 @@ impl<'f> Eval<'f> {
             OpKind::Iota { dim } => {
                 let (dtype, shape, dim) = (self.result_dtype(op), self.result_shape(op), *dim);
                 if dtype.is_float() {
-                    Tensor::float(dtype, ArrayD::from_shape_fn(shape, |ix| ix[dim] as f32))
+                    Tensor::float(dtype, iota(&shape, dim, |i| i as f32))
                 } else {
-                    Tensor::int(dtype, ArrayD::from_shape_fn(shape, |ix| ix[dim] as i32))
+                    Tensor::int(dtype, iota(&shape, dim, |i| i as i32))
                 }
             }
             OpKind::If { cond, then_region, else_region } => {
@@ -407,6 +407,31 @@ impl<'f> Eval<'f> {
             _ => return Err(ctx.runtime(loc, format!("`{}` of mismatched storage", op.name()))),
         })
     }
+}
+
+/// `a` broadcast to `shape`, materialized (a generic element-by-element copy of a broadcast
+/// view is several times slower than filling or assigning).
+fn broadcast<E: Copy + Default>(a: &ArrayD<E>, shape: &[usize]) -> Option<ArrayD<E>> {
+    if a.len() == 1 {
+        return a.first().map(|&v| ArrayD::from_elem(shape, v));
+    }
+    let view = a.broadcast(shape)?;
+    let mut out = ArrayD::from_elem(shape, E::default());
+    out.assign(&view);
+    Some(out)
+}
+
+/// Counts up along `dim`: each run of `inner` elements holds one index.
+fn iota<E: Copy>(shape: &[usize], dim: usize, cast: impl Fn(usize) -> E) -> ArrayD<E> {
+    let inner: usize = shape[dim + 1..].iter().product();
+    let outer: usize = shape[..dim].iter().product();
+    let mut data = Vec::with_capacity(outer * shape[dim] * inner);
+    for _ in 0..outer {
+        for i in 0..shape[dim] {
+            data.extend(std::iter::repeat_n(cast(i), inner));
+        }
+    }
+    ArrayD::from_shape_vec(shape, data).expect("iota fills exactly the shape's elements")
 }
 
 fn compare(op: CmpOp, a: &Tensor, b: &Tensor) -> Tensor {
