@@ -9,3 +9,10 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 cargo fetch --locked
+
+# Python side: a venv of our own, so the pinned versions never fight the system's.
+VENV="${TORCHTPU_VENV:-$HOME/.cache/torchtpu/venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$HOME/.cache/pip" -r requirements.txt

@@ -1,1 +1,12 @@
-//! stub
+//! PJRT from Rust: our own C API declarations, plugin discovery and loading, and deviceless
+//! TPU compilation through libtpu.
+
+pub mod error;
+pub mod ffi;
+pub mod locate;
+pub mod plugin;
+pub mod tpu;
+
+pub use error::{Error, Result};
+pub use plugin::Plugin;
+pub use tpu::{Chip, CompileError, CompiledModule, SourceLocation, TpuCompiler};

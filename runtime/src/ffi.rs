@@ -1,0 +1,144 @@
+//! Raw PJRT C API declarations: only what we call, laid out as in `xla/pjrt/c/pjrt_c_api.h`.
+//!
+//! Every argument struct begins with `struct_size` and `extension_start`; a plugin rejects
+//! a `struct_size` smaller than its own and accepts a larger one, so these structs must be
+//! at least as new as the plugins. The API table is append-only within major version 0:
+//! a function's slot is its position below, checked against the table's `struct_size`.
+
+use std::ffi::{c_char, c_void};
+
+/// `PJRT_Api` header: `struct_size`, `extension_start`, `PJRT_Api_Version`; function
+/// pointers follow at this offset.
+pub const API_FUNCTIONS_OFFSET: usize = 40;
+/// Offset of `pjrt_api_version.major_version` (then `minor_version`) in `PJRT_Api`.
+pub const API_VERSION_OFFSET: usize = 32;
+
+/// The function slots of `PJRT_Api`, in header order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Slot {
+    ErrorDestroy = 0,
+    ErrorMessage = 1,
+    ErrorGetCode = 2,
+    PluginInitialize = 3,
+    PluginAttributes = 4,
+    EventDestroy = 5,
+    EventIsReady = 6,
+    EventError = 7,
+    EventAwait = 8,
+    EventOnReady = 9,
+    ClientCreate = 10,
+    ClientDestroy = 11,
+    ClientPlatformName = 12,
+    ClientProcessIndex = 13,
+    ClientPlatformVersion = 14,
+    ClientDevices = 15,
+    ClientAddressableDevices = 16,
+    ClientLookupDevice = 17,
+    ClientLookupAddressableDevice = 18,
+    ClientAddressableMemories = 19,
+    ClientCompile = 20,
+    ClientDefaultDeviceAssignment = 21,
+    ClientBufferFromHostBuffer = 22,
+    ExecutableDestroy = 40,
+    ExecutableName = 41,
+    ExecutableNumReplicas = 42,
+    ExecutableNumPartitions = 43,
+    ExecutableNumOutputs = 44,
+    ExecutableSizeOfGeneratedCodeInBytes = 45,
+    ExecutableGetCostAnalysis = 46,
+    TopologyDescriptionCreate = 82,
+    TopologyDescriptionDestroy = 83,
+    TopologyDescriptionPlatformName = 84,
+    TopologyDescriptionPlatformVersion = 85,
+    Compile = 89,
+}
+
+pub type PjrtFn = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
+
+macro_rules! args {
+    ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
+        $(#[$doc])*
+        #[repr(C)]
+        pub struct $name {
+            pub struct_size: usize,
+            pub extension_start: *mut c_void,
+            $(pub $field: $ty),*
+        }
+        impl $name {
+            /// Zeroed, with `struct_size` set: the form every PJRT call expects.
+            pub fn new() -> Self {
+                // SAFETY: all fields are integers or raw pointers, for which zero is valid.
+                let mut a: Self = unsafe { std::mem::zeroed() };
+                a.struct_size = std::mem::size_of::<Self>();
+                a
+            }
+        }
+    };
+}
+
+args!(ErrorDestroyArgs { error: *mut c_void });
+args!(ErrorMessageArgs { error: *mut c_void, message: *const c_char, message_size: usize });
+args!(ErrorGetCodeArgs { error: *mut c_void, code: i32 });
+args!(PluginInitializeArgs {});
+args!(TopologyCreateArgs {
+    topology_name: *const c_char,
+    topology_name_size: usize,
+    create_options: *const NamedValue,
+    num_options: usize,
+    topology: *mut c_void,
+});
+args!(TopologyDestroyArgs { topology: *mut c_void });
+args!(TopologyStringArgs { topology: *mut c_void, value: *const c_char, value_size: usize });
+args!(
+    /// `PJRT_Program`: the code to compile and its format (`"mlir"` for StableHLO text).
+    Program { code: *const c_char, code_size: usize, format: *const c_char, format_size: usize }
+);
+args!(CompileArgs {
+    topology: *mut c_void,
+    program: *const Program,
+    compile_options: *const c_char,
+    compile_options_size: usize,
+    client: *mut c_void,
+    executable: *mut c_void,
+});
+args!(ExecutableDestroyArgs { executable: *mut c_void });
+args!(ExecutableCodeSizeArgs { executable: *mut c_void, size_in_bytes: i64 });
+args!(ExecutableCostAnalysisArgs { executable: *mut c_void, num_properties: usize, properties: *const NamedValue });
+
+/// `PJRT_NamedValue_Type`.
+pub const NAMED_VALUE_STRING: i32 = 0;
+pub const NAMED_VALUE_INT64: i32 = 1;
+pub const NAMED_VALUE_INT64_LIST: i32 = 2;
+pub const NAMED_VALUE_FLOAT: i32 = 3;
+pub const NAMED_VALUE_BOOL: i32 = 4;
+
+/// `PJRT_NamedValue`: a name and a tagged value (the union is 8 bytes wide).
+#[repr(C)]
+pub struct NamedValue {
+    pub struct_size: usize,
+    pub extension_start: *mut c_void,
+    pub name: *const c_char,
+    pub name_size: usize,
+    pub value_type: i32,
+    pub value: u64,
+    pub value_size: usize,
+}
+
+/// A real `CompileOptionsProto`: `executable_build_options { num_replicas: 1, num_partitions: 1 }`.
+/// Empty options abort some plugins.
+pub const COMPILE_OPTIONS: &[u8] = &[0x1a, 0x04, 0x20, 0x01, 0x28, 0x01];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_layouts_match_the_header() {
+        assert_eq!(std::mem::size_of::<ErrorMessageArgs>(), 40);
+        assert_eq!(std::mem::size_of::<TopologyCreateArgs>(), 56);
+        assert_eq!(std::mem::size_of::<Program>(), 48);
+        assert_eq!(std::mem::size_of::<CompileArgs>(), 64);
+        assert_eq!(std::mem::size_of::<NamedValue>(), 56);
+    }
+}
