@@ -27,7 +27,7 @@ fn interpret_checks_against_the_reference() {
 fn ir_prints_the_kernel_and_its_index_maps() {
     let (code, out, _) = torchtpu(&["ir", "gather"]);
     assert_eq!(code, 0);
-    assert!(out.contains("func @index_map_table") && out.contains("func @gather_rows"), "{out}");
+    assert!(out.contains("func @index_map_table") && out.contains("func @gather_pages"), "{out}");
 }
 
 #[test]

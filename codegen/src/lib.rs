@@ -1,1 +1,32 @@
-//! stub
+//! Lowering torchtpu kernels: IR → Mosaic (readable and version-stable forms), wrapped in a
+//! StableHLO `tpu_custom_call` for the TPU compiler; and a cost estimate from the IR.
+
+pub mod cost;
+pub mod error;
+mod mlir;
+pub mod mosaic;
+pub mod stablehlo;
+
+pub use cost::CostEstimate;
+pub use error::{Error, Result};
+pub use mosaic::Form;
+
+/// What `lower` produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// The Mosaic kernel module, readable.
+    Mosaic,
+    /// The Mosaic kernel module in the serialized `stable_mosaic` form.
+    MosaicStable,
+    /// A StableHLO module calling the (stable) kernel through `tpu_custom_call`: what we ship.
+    TpuStableHlo,
+}
+
+/// Lowers a traced call to `target`, as text.
+pub fn lower(call: &torchtpu_dsl::TracedCall, target: Target) -> Result<String> {
+    match target {
+        Target::Mosaic => mosaic::module(call, Form::Pretty),
+        Target::MosaicStable => mosaic::module(call, Form::Stable),
+        Target::TpuStableHlo => stablehlo::tpu_custom_call(call, Form::Stable),
+    }
+}

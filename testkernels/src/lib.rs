@@ -72,7 +72,7 @@ pub fn acceptance_set() -> Vec<Box<dyn Example>> {
         v.push(Box::new(flash::Flash { batch: 1, heads: 2, seq: 256, head_dim: 64, block_q: 64, block_k: 64, dtype }));
         v.push(Box::new(flash::Flash { batch: 2, heads: 1, seq: 200, head_dim: 32, block_q: 64, block_k: 32, dtype }));
         v.push(Box::new(row_stats::RowStats { rows: 40, chunks: 3, block_rows: 16, dtype }));
-        v.push(Box::new(gather::Gather { vocab: 50, dim: 128, indices: 17, dtype }));
+        v.push(Box::new(gather::Gather { pages: 50, dim: 128, indices: 17, dtype }));
     }
     v
 }

@@ -135,6 +135,24 @@ impl TracedCall {
         Ok(outputs.into_iter().map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()).into_host()).collect())
     }
 
+    /// Checks, for every grid point, that each index map keeps its block inside the array
+    /// (a TPU compiler does not: a block past the end reads or writes out of bounds).
+    /// Index maps that read scalar-prefetch tables depend on data and are checked when the
+    /// call runs instead.
+    pub fn check_grid_bounds(&self) -> Result<()> {
+        let reads_prefetch = |op: &BlockOperand| {
+            let mut loads = false;
+            op.index_map.walk(&mut |o| loads |= matches!(o.kind, crate::ir::OpKind::Load { .. }));
+            loads
+        };
+        let static_maps = TracedCall {
+            inputs: self.inputs.iter().filter(|o| !reads_prefetch(o)).cloned().collect(),
+            outputs: self.outputs.iter().filter(|o| !reads_prefetch(o)).cloned().collect(),
+            ..self.clone()
+        };
+        static_maps.block_table(&grid_points(&self.grid), &[]).map(|_| ())
+    }
+
     fn block_table(&self, points: &[Vec<usize>], prefetch: &[Tensor]) -> Result<BlockTable> {
         let operands: Vec<&BlockOperand> = self.inputs.iter().chain(&self.outputs).collect();
         let names: Vec<String> = self.prefetch.iter().map(|p| p.name.clone()).collect();

@@ -1,0 +1,16 @@
+//! Codegen errors: IR the target cannot express, and calls that would fault on a TPU.
+
+use torchtpu_dsl::ir::Loc;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    /// The kernel uses something this target cannot express; `loc` is the Rust expression.
+    #[error("{loc}: in kernel `{kernel}`: cannot lower to {target}: {message}")]
+    Unsupported { kernel: String, target: &'static str, loc: Loc, message: String },
+
+    /// The call itself is invalid (for example an index map that steps past an array).
+    #[error(transparent)]
+    Dsl(#[from] torchtpu_dsl::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,762 @@
+//! IR → Mosaic: the kernel `func.func` with Pallas' attributes and one `transform_N`
+//! function per operand, written either as readable MLIR or in the version-stable
+//! serialized form (`stable_mosaic.*` generic ops) that anything we ship uses.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, ReduceOp, Region, RefType, Type, UnaryOp, ValueId, ValueType};
+use torchtpu_dsl::{DType, Semantics, TracedCall};
+
+use crate::error::{Error, Result};
+use crate::mlir::{float_literal, loc, memref_type, symbol, value_type};
+
+/// The Mosaic serialization version we write (JAX's forward-compatible one).
+pub const STABLE_VERSION: u32 = 11;
+
+/// Which text form to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Form {
+    /// Custom assembly syntax, for people; parsed by libtpu with its current dialect.
+    Pretty,
+    /// Generic `stable_mosaic.*` ops with `stable_mosaic.version`: stable across libtpu versions.
+    Stable,
+}
+
+/// The Mosaic module for a traced call.
+pub fn module(call: &TracedCall, form: Form) -> Result<String> {
+    call.check_grid_bounds()?;
+    let mut out = String::new();
+    match form {
+        Form::Pretty => out.push_str("module {\n"),
+        Form::Stable => writeln!(out, "module attributes {{stable_mosaic.version = {STABLE_VERSION} : i64}} {{").expect("write to String"),
+    }
+    out.push_str(&kernel_func(call, form)?);
+    for (i, op) in call.inputs.iter().chain(&call.outputs).enumerate() {
+        out.push_str(&transform_func(call, &op.index_map, i, form)?);
+    }
+    out.push_str("}\n");
+    Ok(out)
+}
+
+/// The kernel's symbol name in the module.
+pub fn kernel_symbol(call: &TracedCall) -> String {
+    symbol(&call.name)
+}
+
+/// A name and MLIR type per SSA value, and the text being written.
+struct Emitter<'a> {
+    call: &'a TracedCall,
+    func: &'a Func,
+    form: Form,
+    out: String,
+    depth: usize,
+    next: usize,
+    names: HashMap<ValueId, String>,
+    /// For refs that are operand blocks: which memref dims the kernel's view squeezes away.
+    squeezed: HashMap<ValueId, Vec<bool>>,
+    /// Memref type of each ref argument (full block shape, squeezed dims as 1).
+    refs: HashMap<ValueId, RefType>,
+    /// Program ids of the kernel (its leading i32 arguments).
+    grid_args: Vec<String>,
+}
+
+fn semantics(s: Semantics) -> &'static str {
+    match s {
+        Semantics::Parallel => "#tpu.dimension_semantics<parallel>",
+        Semantics::Arbitrary => "#tpu.dimension_semantics<arbitrary>",
+    }
+}
+
+fn i64_array(v: impl IntoIterator<Item = usize>) -> String {
+    let items: Vec<String> = v.into_iter().map(|x| x.to_string()).collect();
+    if items.is_empty() { "array<i64>".into() } else { format!("array<i64: {}>", items.join(", ")) }
+}
+
+fn kernel_func(call: &TracedCall, form: Form) -> Result<String> {
+    let body = &call.body;
+    let mut e = Emitter::new(call, body, form);
+    let mut params: Vec<(String, String)> = Vec::new();
+    for i in 0..call.grid.len() {
+        let n = format!("%arg{i}");
+        e.grid_args.push(n.clone());
+        params.push((n, "i32".into()));
+    }
+    let n_pf = call.prefetch.len();
+    let operands: Vec<_> = call.inputs.iter().chain(&call.outputs).collect();
+    for (slot, &arg) in body.args.iter().enumerate() {
+        let Some(kernel_view) = body.ref_type(arg) else { continue };
+        let (memref, squeezed) = if slot >= n_pf && slot < n_pf + operands.len() {
+            let op = operands[slot - n_pf];
+            let full = RefType { dtype: kernel_view.dtype, shape: op.block_dims(), space: MemorySpace::Vmem };
+            (full, op.block_shape.iter().map(Option::is_none).collect())
+        } else {
+            (kernel_view.clone(), vec![false; kernel_view.shape.len()])
+        };
+        let name = format!("%arg{}", params.len());
+        params.push((name.clone(), memref_type(&memref)));
+        e.names.insert(arg, name);
+        e.squeezed.insert(arg, squeezed);
+        e.refs.insert(arg, memref);
+    }
+    let windows: Vec<String> = operands
+        .iter()
+        .enumerate()
+        .map(|(i, op)| format!("{{transform_indices = @transform_{i}, window_bounds = {}}}", i64_array(op.block_dims())))
+        .collect();
+    let attrs = [
+        format!("dimension_semantics = [{}]", call.semantics.iter().map(|&s| semantics(s)).collect::<Vec<_>>().join(", ")),
+        format!("iteration_bounds = {}", i64_array(call.grid.iter().copied())),
+        format!("scalar_prefetch = {n_pf} : i64"),
+        format!("scratch_operands = {} : i64", call.scratch.len()),
+        "tpu.core_type = #tpu.core_type<tc>".to_string(),
+        format!("window_params = [{}]", windows.join(", ")),
+    ];
+    e.depth = 2;
+    e.region_ops(&body.body)?;
+    let name = kernel_symbol(call);
+    let fn_loc = call.kernel.loc();
+    Ok(e.func_text(&name, &params, &[], &attrs, &[], fn_loc))
+}
+
+fn transform_func(call: &TracedCall, map: &Func, index: usize, form: Form) -> Result<String> {
+    let mut e = Emitter::new(call, map, form);
+    let mut params = Vec::new();
+    for (i, &arg) in map.args.iter().enumerate() {
+        let name = format!("%arg{i}");
+        let ty = match map.ty(arg) {
+            Type::Value(v) => value_type(v),
+            Type::Ref(r) => {
+                e.refs.insert(arg, r.clone());
+                e.squeezed.insert(arg, vec![false; r.shape.len()]);
+                memref_type(r)
+            }
+        };
+        e.names.insert(arg, name.clone());
+        params.push((name, ty));
+    }
+    e.depth = 2;
+    e.region_ops(&map.body)?;
+    let results: Vec<String> = map.results.iter().map(|r| e.name(*r)).collect();
+    let result_types = vec!["i32".to_string(); results.len()];
+    let fn_loc = map.values.first().map_or(call.kernel.loc(), |v| v.loc);
+    Ok(e.func_text(&format!("transform_{index}"), &params, &result_types, &[], &results, fn_loc))
+}
+
+impl<'a> Emitter<'a> {
+    fn new(call: &'a TracedCall, func: &'a Func, form: Form) -> Self {
+        Emitter { call, func, form, out: String::new(), depth: 0, next: 0, names: HashMap::new(), squeezed: HashMap::new(), refs: HashMap::new(), grid_args: Vec::new() }
+    }
+
+    fn unsupported(&self, loc: Loc, message: impl Into<String>) -> Error {
+        Error::Unsupported { kernel: self.call.kernel.name().to_string(), target: "Mosaic", loc, message: message.into() }
+    }
+
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%{}", self.next - 1)
+    }
+
+    fn name(&self, v: ValueId) -> String {
+        self.names.get(&v).cloned().unwrap_or_else(|| format!("%undefined{}", v.0))
+    }
+
+    fn vt(&self, v: ValueId) -> ValueType {
+        match self.func.ty(v) {
+            Type::Value(t) => t.clone(),
+            Type::Ref(r) => ValueType::new(r.dtype, r.shape.clone()),
+        }
+    }
+
+    fn ty(&self, v: ValueId) -> String {
+        value_type(&self.vt(v))
+    }
+
+    fn line(&mut self, text: &str, l: Loc) {
+        let pad = "  ".repeat(self.depth);
+        let _ = writeln!(self.out, "{pad}{text}{}", loc(l));
+    }
+
+    /// One single-result (or no-result) op. `pretty` is the custom syntax after `%r = `;
+    /// `generic` is `(name, attrs)` for the stable form.
+    fn op(&mut self, result: Option<&str>, pretty: String, name: &str, operands: &[(String, String)], attrs: &[String], result_ty: Option<&str>, l: Loc) {
+        let lhs = result.map(|r| format!("{r} = ")).unwrap_or_default();
+        let text = match self.form {
+            Form::Pretty => format!("{lhs}{pretty}"),
+            Form::Stable => {
+                let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
+                let types: Vec<&str> = operands.iter().map(|(_, t)| t.as_str()).collect();
+                let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{}}}", attrs.join(", ")) };
+                let results = result_ty.map_or("()".to_string(), |t| t.to_string());
+                format!("{lhs}\"stable_mosaic.{name}\"({}){attrs} : ({}) -> {results}", names.join(", "), types.join(", "))
+            }
+        };
+        self.line(&text, l);
+    }
+
+    /// Emits `arith.constant` and returns its name.
+    fn constant(&mut self, value: &str, ty: &str, l: Loc) -> String {
+        let r = self.fresh();
+        let pretty = if ty == "i1" { format!("arith.constant {value}") } else { format!("arith.constant {value} : {ty}") };
+        let attr = if ty == "i1" { format!("value = {value}") } else { format!("value = {value} : {ty}") };
+        self.op(Some(&r), pretty, "arith.constant", &[], &[attr], Some(ty), l);
+        r
+    }
+
+    fn literal(&self, lit: Literal, dtype: DType) -> String {
+        match lit {
+            Literal::Float(x) => float_literal(x, dtype),
+            Literal::Int(i) if dtype.is_float() => float_literal(i as f64, dtype),
+            Literal::Int(i) => i.to_string(),
+            Literal::Bool(b) => b.to_string(),
+        }
+    }
+
+    /// A splat constant of `t` (scalar or `dense<...>` vector).
+    fn splat(&mut self, lit: Literal, t: &ValueType, l: Loc) -> String {
+        let v = self.literal(lit, t.dtype);
+        let ty = value_type(t);
+        if t.shape.is_empty() { self.constant(&v, &ty, l) } else { self.constant(&format!("dense<{v}>"), &ty, l) }
+    }
+
+    fn index_const(&mut self, i: usize, l: Loc) -> String {
+        self.constant(&i.to_string(), "index", l)
+    }
+
+    fn to_index(&mut self, v: ValueId, l: Loc) -> String {
+        let r = self.fresh();
+        let src = self.name(v);
+        self.op(Some(&r), format!("arith.index_cast {src} : i32 to index"), "arith.index_cast", &[(src, "i32".into())], &[], Some("index"), l);
+        r
+    }
+
+    fn shape_cast(&mut self, x: &str, from: &ValueType, to: &ValueType, l: Loc) -> String {
+        if from.shape == to.shape {
+            return x.to_string();
+        }
+        let (ft, tt) = (value_type(from), value_type(to));
+        let r = self.fresh();
+        if from.shape.is_empty() {
+            self.op(Some(&r), format!("vector.broadcast {x} : {ft} to {tt}"), "vector.broadcast", &[(x.into(), ft)], &[], Some(&tt), l);
+        } else {
+            self.op(Some(&r), format!("vector.shape_cast {x} : {ft} to {tt}"), "vector.shape_cast", &[(x.into(), ft)], &[], Some(&tt), l);
+        }
+        r
+    }
+
+    /// Offsets (as `index` values) and the shape a load/store addresses in the full memref.
+    fn access(&mut self, r: ValueId, index: &[Index], l: Loc) -> (Vec<String>, Vec<usize>) {
+        let squeezed = self.squeezed.get(&r).cloned().unwrap_or_default();
+        let memref = self.refs.get(&r).cloned().expect("refs are function arguments");
+        let mut ix = index.iter();
+        let (mut offsets, mut shape) = (Vec::new(), Vec::new());
+        for (d, &sq) in memref.shape.iter().zip(&squeezed) {
+            let item = if sq { Index::Point(Offset::Static(0)) } else { ix.next().copied().unwrap_or(Index::Full) };
+            let (start, len) = match item {
+                Index::Full => (Offset::Static(0), *d),
+                Index::Slice { start, len } => (start, len),
+                Index::Point(o) => (o, 1),
+            };
+            offsets.push(match start {
+                Offset::Static(s) => self.index_const(s, l),
+                Offset::Dynamic(v) => self.to_index(v, l),
+            });
+            shape.push(len);
+        }
+        (offsets, shape)
+    }
+
+    fn region_ops(&mut self, region: &'a Region) -> Result<Vec<String>> {
+        for op in &region.ops {
+            if let OpKind::Yield { values } = &op.kind {
+                return Ok(values.iter().map(|v| self.name(*v)).collect());
+            }
+            self.emit(op)?;
+        }
+        Ok(Vec::new())
+    }
+
+    fn set(&mut self, v: ValueId, name: String) {
+        self.names.insert(v, name);
+    }
+
+    fn emit(&mut self, op: &'a Op) -> Result<()> {
+        let l = op.loc;
+        match &op.kind {
+            OpKind::Constant(lit) => {
+                let t = self.vt(op.results[0]);
+                let c = self.splat(*lit, &t, l);
+                self.set(op.results[0], c);
+            }
+            OpKind::ProgramId { axis } => {
+                let Some(g) = self.grid_args.get(*axis).cloned() else { return Err(self.unsupported(l, "program_id outside a kernel")) };
+                self.set(op.results[0], g);
+            }
+            OpKind::NumPrograms { axis } => {
+                let c = self.constant(&self.call.grid[*axis].to_string(), "i32", l);
+                self.set(op.results[0], c);
+            }
+            OpKind::Load { src, index } => {
+                let out = self.vt(op.results[0]);
+                let memref = self.refs[src].clone();
+                let mty = memref_type(&memref);
+                let (offsets, shape) = self.access(*src, index, l);
+                let r = self.fresh();
+                let mut operands = vec![(self.name(*src), mty.clone())];
+                operands.extend(offsets.iter().map(|o| (o.clone(), "index".to_string())));
+                if memref.space == MemorySpace::Smem {
+                    let ty = value_type(&out);
+                    self.op(Some(&r), format!("memref.load {}[{}] : {mty}", self.name(*src), offsets.join(", ")), "memref.load", &operands, &["nontemporal = false".into()], Some(&ty), l);
+                    self.set(op.results[0], r);
+                } else {
+                    if out.shape.is_empty() {
+                        return Err(self.unsupported(l, "a scalar read from VMEM; load a slice and reduce it, or keep the table in SMEM (scalar prefetch or Smem scratch)"));
+                    }
+                    let loaded = ValueType::new(out.dtype, shape);
+                    let vty = value_type(&loaded);
+                    self.op(Some(&r), format!("vector.load {}[{}] : {mty}, {vty}", self.name(*src), offsets.join(", ")), "vector.load", &operands, &[], Some(&vty), l);
+                    let c = self.shape_cast(&r, &loaded, &out, l);
+                    self.set(op.results[0], c);
+                }
+            }
+            OpKind::Store { dst, index, value } => {
+                let memref = self.refs[dst].clone();
+                let mty = memref_type(&memref);
+                let vt = self.vt(*value);
+                let (offsets, shape) = self.access(*dst, index, l);
+                let v = self.name(*value);
+                if memref.space == MemorySpace::Smem {
+                    let mut operands = vec![(v.clone(), value_type(&vt)), (self.name(*dst), mty.clone())];
+                    operands.extend(offsets.iter().map(|o| (o.clone(), "index".to_string())));
+                    self.op(None, format!("memref.store {v}, {}[{}] : {mty}", self.name(*dst), offsets.join(", ")), "memref.store", &operands, &["nontemporal = false".into()], None, l);
+                } else {
+                    let stored = ValueType::new(vt.dtype, shape);
+                    let v = self.shape_cast(&v, &vt, &stored, l);
+                    let vty = value_type(&stored);
+                    let mut operands = vec![(v.clone(), vty.clone()), (self.name(*dst), mty.clone())];
+                    operands.extend(offsets.iter().map(|o| (o.clone(), "index".to_string())));
+                    self.op(None, format!("vector.store {v}, {}[{}] : {mty}, {vty}", self.name(*dst), offsets.join(", ")), "vector.store", &operands, &["nontemporal = false".into()], None, l);
+                }
+            }
+            OpKind::Unary { op: u, x } => {
+                let r = self.unary(*u, *x, l)?;
+                self.set(op.results[0], r);
+            }
+            OpKind::Binary { op: b, lhs, rhs } => {
+                let r = self.binary(*b, *lhs, *rhs, l)?;
+                self.set(op.results[0], r);
+            }
+            OpKind::Compare { op: c, lhs, rhs } => {
+                let r = self.compare(*c, *lhs, *rhs, l);
+                self.set(op.results[0], r);
+            }
+            OpKind::Select { cond, on_true, on_false } => {
+                let (c, a, b) = (self.name(*cond), self.name(*on_true), self.name(*on_false));
+                let (ct, ty) = (self.ty(*cond), self.ty(*on_true));
+                let r = self.fresh();
+                let pretty_ty = if self.vt(*cond).shape.is_empty() { ty.clone() } else { format!("{ct}, {ty}") };
+                self.op(Some(&r), format!("arith.select {c}, {a}, {b} : {pretty_ty}"), "arith.select", &[(c, ct), (a, ty.clone()), (b, ty.clone())], &[], Some(&ty), l);
+                self.set(op.results[0], r);
+            }
+            OpKind::Cast { x } => {
+                let r = self.cast(*x, self.vt(op.results[0]), l)?;
+                self.set(op.results[0], r);
+            }
+            OpKind::Broadcast { x } => {
+                let (from, to) = (self.vt(*x), self.vt(op.results[0]));
+                let (ft, tt) = (value_type(&from), value_type(&to));
+                let src = self.name(*x);
+                let r = self.fresh();
+                self.op(Some(&r), format!("vector.broadcast {src} : {ft} to {tt}"), "vector.broadcast", &[(src, ft)], &[], Some(&tt), l);
+                self.set(op.results[0], r);
+            }
+            OpKind::Reshape { x } => {
+                let (from, to) = (self.vt(*x), self.vt(op.results[0]));
+                if to.shape.is_empty() {
+                    return Err(self.unsupported(l, "reshaping a tile to a scalar; reduce it instead"));
+                }
+                let src = self.name(*x);
+                let r = self.shape_cast(&src, &from, &to, l);
+                self.set(op.results[0], r);
+            }
+            OpKind::Reduce { op: red, x, axis } => {
+                let (xt, rt) = (self.vt(*x), self.vt(op.results[0]));
+                let kind = match (red, xt.dtype.is_float()) {
+                    (ReduceOp::Sum, _) => "add",
+                    (ReduceOp::Max, true) => "maximumf",
+                    (ReduceOp::Min, true) => "minimumf",
+                    (ReduceOp::Max, false) => "maxsi",
+                    (ReduceOp::Min, false) => "minsi",
+                };
+                let identity = match (red, xt.dtype.is_float()) {
+                    (ReduceOp::Sum, true) => Literal::Float(0.0),
+                    (ReduceOp::Sum, false) => Literal::Int(0),
+                    (ReduceOp::Max, true) => Literal::Float(f64::NEG_INFINITY),
+                    (ReduceOp::Min, true) => Literal::Float(f64::INFINITY),
+                    (ReduceOp::Max, false) => Literal::Int(i32::MIN as i64),
+                    (ReduceOp::Min, false) => Literal::Int(i32::MAX as i64),
+                };
+                let acc = self.splat(identity, &rt, l);
+                let (src, xty, rty) = (self.name(*x), value_type(&xt), value_type(&rt));
+                let r = self.fresh();
+                self.op(
+                    Some(&r),
+                    format!("vector.multi_reduction <{kind}>, {src}, {acc} [{axis}] : {xty} to {rty}"),
+                    "vector.multi_reduction",
+                    &[(src, xty.clone()), (acc, rty.clone())],
+                    &[format!("kind = #vector.kind<{kind}>"), format!("reduction_dims = array<i64: {axis}>")],
+                    Some(&rty),
+                    l,
+                );
+                self.set(op.results[0], r);
+            }
+            OpKind::Dot { lhs, rhs, transpose_lhs, transpose_rhs } => {
+                let rt = self.vt(op.results[0]);
+                let zero = if rt.dtype.is_float() { Literal::Float(0.0) } else { Literal::Int(0) };
+                let acc = self.splat(zero, &rt, l);
+                let (a, b) = (self.name(*lhs), self.name(*rhs));
+                let (at, bt, rty) = (self.ty(*lhs), self.ty(*rhs), value_type(&rt));
+                let (lc, ln) = if *transpose_lhs { (0, 1) } else { (1, 0) };
+                let (rc, rn) = if *transpose_rhs { (1, 0) } else { (0, 1) };
+                let dims = format!("#tpu.dot_dimension_numbers<[{lc}], [{rc}], [{ln}], [{rn}], [0, {ln}, 1, {rn}], [], []>");
+                let pretty_attrs = format!("{{dimension_numbers = {dims}, transpose_lhs_hint = false}}");
+                let r = self.fresh();
+                self.op(
+                    Some(&r),
+                    format!("tpu.matmul {a}, {b}, {acc} {pretty_attrs} : {at}, {bt}, {rty} -> {rty}"),
+                    "tpu.matmul",
+                    &[(a, at.clone()), (b, bt.clone()), (acc, rty.clone())],
+                    &[format!("dimension_numbers = {dims}"), "transpose_lhs = false".into(), "transpose_rhs = false".into()],
+                    Some(&rty),
+                    l,
+                );
+                self.set(op.results[0], r);
+            }
+            OpKind::Iota { dim } => {
+                let rt = self.vt(op.results[0]);
+                let it = ValueType::new(DType::I32, rt.shape.clone());
+                let ity = value_type(&it);
+                let r = self.fresh();
+                self.op(Some(&r), format!("tpu.iota {{dimensions = array<i32: {dim}>}} : {ity}"), "tpu.iota", &[], &[format!("dimensions = array<i32: {dim}>")], Some(&ity), l);
+                let r = if rt.dtype == DType::I32 { r } else { self.convert("arith.sitofp", &r, &it, &rt, l) };
+                self.set(op.results[0], r);
+            }
+            OpKind::If { cond, then_region, else_region } => self.emit_if(op, *cond, then_region, else_region)?,
+            OpKind::For { lo, hi, inits, body } => self.emit_for(op, *lo, *hi, inits, body)?,
+            OpKind::Yield { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn convert(&mut self, name: &str, x: &str, from: &ValueType, to: &ValueType, l: Loc) -> String {
+        let (ft, tt) = (value_type(from), value_type(to));
+        let r = self.fresh();
+        self.op(Some(&r), format!("{name} {x} : {ft} to {tt}"), name, &[(x.into(), ft)], &[], Some(&tt), l);
+        r
+    }
+
+    fn simple(&mut self, name: &str, operands: &[String], ty: &str, attrs: &[String], l: Loc) -> String {
+        let r = self.fresh();
+        let ops: Vec<(String, String)> = operands.iter().map(|o| (o.clone(), ty.to_string())).collect();
+        self.op(Some(&r), format!("{name} {} : {ty}", operands.join(", ")), name, &ops, attrs, Some(ty), l);
+        r
+    }
+
+    fn fastmath() -> Vec<String> {
+        vec!["fastmath = #arith.fastmath<none>".into()]
+    }
+
+    fn overflow() -> Vec<String> {
+        vec!["overflowFlags = #arith.overflow<none>".into()]
+    }
+
+    fn unary(&mut self, u: UnaryOp, x: ValueId, l: Loc) -> Result<String> {
+        let t = self.vt(x);
+        let ty = value_type(&t);
+        let src = self.name(x);
+        let float = t.dtype.is_float();
+        let math = |name: &str| (name.to_string(), Self::fastmath());
+        let (name, attrs) = match (u, float) {
+            (UnaryOp::Neg, true) => math("arith.negf"),
+            (UnaryOp::Exp, true) => math("math.exp"),
+            (UnaryOp::Exp2, true) => math("math.exp2"),
+            (UnaryOp::Log, true) => math("math.log"),
+            (UnaryOp::Sqrt, true) => math("math.sqrt"),
+            (UnaryOp::Rsqrt, true) => math("math.rsqrt"),
+            (UnaryOp::Tanh, true) => math("math.tanh"),
+            (UnaryOp::Abs, true) => math("math.absf"),
+            (UnaryOp::Sin, true) => math("math.sin"),
+            (UnaryOp::Cos, true) => math("math.cos"),
+            (UnaryOp::Floor, true) => math("math.floor"),
+            (UnaryOp::Ceil, true) => math("math.ceil"),
+            (UnaryOp::Abs, false) => ("math.absi".to_string(), Vec::new()),
+            (UnaryOp::Logistic, true) => {
+                // 1 / (1 + exp(-x)): Mosaic has no logistic op.
+                let neg = self.simple("arith.negf", &[src], &ty, &Self::fastmath(), l);
+                let e = self.simple("math.exp", &[neg], &ty, &Self::fastmath(), l);
+                let one = self.splat(Literal::Float(1.0), &t, l);
+                let d = self.simple("arith.addf", &[one.clone(), e], &ty, &Self::fastmath(), l);
+                return Ok(self.simple("arith.divf", &[one, d], &ty, &Self::fastmath(), l));
+            }
+            (UnaryOp::Neg, false) => {
+                let zero = self.splat(Literal::Int(0), &t, l);
+                return Ok(self.simple("arith.subi", &[zero, src], &ty, &Self::overflow(), l));
+            }
+            (UnaryOp::Not, false) => {
+                let ones = if t.dtype == DType::Bool { Literal::Bool(true) } else { Literal::Int(-1) };
+                let c = self.splat(ones, &t, l);
+                return Ok(self.simple("arith.xori", &[src, c], &ty, &[], l));
+            }
+            _ => return Err(self.unsupported(l, format!("`{}` of {}", u.name(), t.dtype))),
+        };
+        Ok(self.simple(&name, &[src], &ty, &attrs, l))
+    }
+
+    fn binary(&mut self, b: BinaryOp, lhs: ValueId, rhs: ValueId, l: Loc) -> Result<String> {
+        let t = self.vt(lhs);
+        let ty = value_type(&t);
+        let (a, c) = (self.name(lhs), self.name(rhs));
+        let float = t.dtype.is_float();
+        let (name, attrs) = match (b, float) {
+            (BinaryOp::Add, true) => ("arith.addf", Self::fastmath()),
+            (BinaryOp::Sub, true) => ("arith.subf", Self::fastmath()),
+            (BinaryOp::Mul, true) => ("arith.mulf", Self::fastmath()),
+            (BinaryOp::Div, true) => ("arith.divf", Self::fastmath()),
+            (BinaryOp::Rem, true) => ("arith.remf", Self::fastmath()),
+            (BinaryOp::Max, true) => ("arith.maximumf", Self::fastmath()),
+            (BinaryOp::Min, true) => ("arith.minimumf", Self::fastmath()),
+            (BinaryOp::Pow, true) => ("math.powf", Self::fastmath()),
+            (BinaryOp::Add, false) => ("arith.addi", Self::overflow()),
+            (BinaryOp::Sub, false) => ("arith.subi", Self::overflow()),
+            (BinaryOp::Mul, false) => ("arith.muli", Self::overflow()),
+            (BinaryOp::Div, false) => ("arith.divsi", Vec::new()),
+            (BinaryOp::Rem, false) => ("arith.remsi", Vec::new()),
+            (BinaryOp::Max, false) if t.dtype == DType::Bool => ("arith.ori", Vec::new()),
+            (BinaryOp::Min, false) if t.dtype == DType::Bool => ("arith.andi", Vec::new()),
+            (BinaryOp::Max, false) => ("arith.maxsi", Vec::new()),
+            (BinaryOp::Min, false) => ("arith.minsi", Vec::new()),
+            (BinaryOp::And, false) => ("arith.andi", Vec::new()),
+            (BinaryOp::Or, false) => ("arith.ori", Vec::new()),
+            (BinaryOp::Xor, false) => ("arith.xori", Vec::new()),
+            _ => return Err(self.unsupported(l, format!("`{}` of {}", b.name(), t.dtype))),
+        };
+        Ok(self.simple(name, &[a, c], &ty, &attrs, l))
+    }
+
+    fn compare(&mut self, c: CmpOp, lhs: ValueId, rhs: ValueId, l: Loc) -> String {
+        let t = self.vt(lhs);
+        let ty = value_type(&t);
+        let out = value_type(&ValueType::new(DType::Bool, t.shape.clone()));
+        let (a, b) = (self.name(lhs), self.name(rhs));
+        let (name, pred, code) = if t.dtype.is_float() {
+            let (p, n) = match c {
+                CmpOp::Eq => ("oeq", 1),
+                CmpOp::Gt => ("ogt", 2),
+                CmpOp::Ge => ("oge", 3),
+                CmpOp::Lt => ("olt", 4),
+                CmpOp::Le => ("ole", 5),
+                CmpOp::Ne => ("une", 13),
+            };
+            ("arith.cmpf", p, n)
+        } else {
+            let unsigned = t.dtype == DType::Bool;
+            let (p, n) = match (c, unsigned) {
+                (CmpOp::Eq, _) => ("eq", 0),
+                (CmpOp::Ne, _) => ("ne", 1),
+                (CmpOp::Lt, false) => ("slt", 2),
+                (CmpOp::Le, false) => ("sle", 3),
+                (CmpOp::Gt, false) => ("sgt", 4),
+                (CmpOp::Ge, false) => ("sge", 5),
+                (CmpOp::Lt, true) => ("ult", 6),
+                (CmpOp::Le, true) => ("ule", 7),
+                (CmpOp::Gt, true) => ("ugt", 8),
+                (CmpOp::Ge, true) => ("uge", 9),
+            };
+            ("arith.cmpi", p, n)
+        };
+        let mut attrs = if name == "arith.cmpf" { Self::fastmath() } else { Vec::new() };
+        attrs.push(format!("predicate = {code} : i64"));
+        let r = self.fresh();
+        self.op(Some(&r), format!("{name} {pred}, {a}, {b} : {ty}"), name, &[(a, ty.clone()), (b, ty.clone())], &attrs, Some(&out), l);
+        r
+    }
+
+    fn cast(&mut self, x: ValueId, to: ValueType, l: Loc) -> Result<String> {
+        let from = self.vt(x);
+        let src = self.name(x);
+        let (f, t) = (from.dtype, to.dtype);
+        let name = match () {
+            _ if f.is_float() && t.is_float() => if f.size_bytes() < t.size_bytes() { "arith.extf" } else { "arith.truncf" },
+            _ if f.is_int() && t.is_float() => "arith.sitofp",
+            _ if f.is_float() && t.is_int() => "arith.fptosi",
+            _ if f.is_int() && t.is_int() => if f.size_bytes() < t.size_bytes() { "arith.extsi" } else { "arith.trunci" },
+            _ if f == DType::Bool && t.is_int() => "arith.extui",
+            _ if f == DType::Bool && t.is_float() => "arith.uitofp",
+            _ if t == DType::Bool => {
+                let zero = if f.is_float() { Literal::Float(0.0) } else { Literal::Int(0) };
+                let z = self.splat(zero, &from, l);
+                let ty = value_type(&from);
+                let out = value_type(&to);
+                let (name, pred, code, attrs) =
+                    if f.is_float() { ("arith.cmpf", "une", 13, Self::fastmath()) } else { ("arith.cmpi", "ne", 1, Vec::new()) };
+                let mut attrs = attrs;
+                attrs.push(format!("predicate = {code} : i64"));
+                let r = self.fresh();
+                self.op(Some(&r), format!("{name} {pred}, {src}, {z} : {ty}"), name, &[(src, ty.clone()), (z, ty)], &attrs, Some(&out), l);
+                return Ok(r);
+            }
+            _ => return Err(self.unsupported(l, format!("cast from {f} to {t}"))),
+        };
+        Ok(self.convert(name, &src, &from, &to, l))
+    }
+
+    /// Result names: `%r` for one result, `%r#i` for several.
+    fn results_of(&mut self, op: &Op) -> (String, Vec<String>) {
+        let r = self.fresh();
+        let names = match op.results.len() {
+            0 => Vec::new(),
+            1 => vec![r.clone()],
+            n => (0..n).map(|i| format!("{r}#{i}")).collect(),
+        };
+        let lhs = match op.results.len() {
+            0 => String::new(),
+            1 => format!("{r} = "),
+            n => format!("{r}:{n} = "),
+        };
+        (lhs, names)
+    }
+
+    fn yield_line(&mut self, values: &[String], types: &[String], l: Loc) {
+        let text = match self.form {
+            Form::Pretty if values.is_empty() => "scf.yield".to_string(),
+            Form::Pretty => format!("scf.yield {} : {}", values.join(", "), types.join(", ")),
+            Form::Stable => format!("\"stable_mosaic.scf.yield\"({}) : ({}) -> ()", values.join(", "), types.join(", ")),
+        };
+        self.line(&text, l);
+    }
+
+    fn emit_if(&mut self, op: &'a Op, cond: ValueId, then_region: &'a Region, else_region: &'a Region) -> Result<()> {
+        let l = op.loc;
+        let types: Vec<String> = op.results.iter().map(|&r| self.ty(r)).collect();
+        let c = self.name(cond);
+        let (lhs, names) = self.results_of(op);
+        let pad = "  ".repeat(self.depth);
+        let result_types = if types.is_empty() { String::new() } else { format!(" -> ({})", types.join(", ")) };
+        match self.form {
+            Form::Pretty => {
+                let _ = writeln!(self.out, "{pad}{lhs}scf.if {c}{result_types} {{");
+            }
+            Form::Stable => {
+                let _ = writeln!(self.out, "{pad}{lhs}\"stable_mosaic.scf.if\"({c}) ({{");
+            }
+        }
+        self.depth += 1;
+        let y = self.region_ops(then_region)?;
+        self.yield_line(&y, &types, l);
+        self.depth -= 1;
+        let _ = writeln!(self.out, "{pad}}}{} {{", if self.form == Form::Pretty { " else" } else { "," });
+        self.depth += 1;
+        let y = self.region_ops(else_region)?;
+        self.yield_line(&y, &types, l);
+        self.depth -= 1;
+        match self.form {
+            Form::Pretty => {
+                let _ = writeln!(self.out, "{pad}}}{}", loc(l));
+            }
+            Form::Stable => {
+                let rt = if types.len() == 1 { types[0].clone() } else { format!("({})", types.join(", ")) };
+                let _ = writeln!(self.out, "{pad}}}) : (i1) -> {rt}{}", loc(l));
+            }
+        }
+        for (r, n) in op.results.iter().zip(names) {
+            self.set(*r, n);
+        }
+        Ok(())
+    }
+
+    fn emit_for(&mut self, op: &'a Op, lo: ValueId, hi: ValueId, inits: &[ValueId], body: &'a Region) -> Result<()> {
+        let l = op.loc;
+        let types: Vec<String> = inits.iter().map(|&i| self.ty(i)).collect();
+        let step = self.constant("1", "i32", l);
+        let (lo, hi) = (self.name(lo), self.name(hi));
+        let init_names: Vec<String> = inits.iter().map(|&i| self.name(i)).collect();
+        let (lhs, names) = self.results_of(op);
+        let iv = self.fresh();
+        let args: Vec<String> = (0..inits.len()).map(|_| self.fresh()).collect();
+        self.set(body.args[0], iv.clone());
+        for (a, n) in body.args[1..].iter().zip(&args) {
+            self.set(*a, n.clone());
+        }
+        let pad = "  ".repeat(self.depth);
+        match self.form {
+            Form::Pretty => {
+                let iter = if inits.is_empty() {
+                    String::new()
+                } else {
+                    let pairs: Vec<String> = args.iter().zip(&init_names).map(|(a, i)| format!("{a} = {i}")).collect();
+                    format!(" iter_args({}) -> ({})", pairs.join(", "), types.join(", "))
+                };
+                let _ = writeln!(self.out, "{pad}{lhs}scf.for {iv} = {lo} to {hi} step {step}{iter} : i32 {{");
+            }
+            Form::Stable => {
+                let _ = writeln!(self.out, "{pad}{lhs}\"stable_mosaic.scf.for\"({lo}, {hi}, {step}{}) ({{", init_names.iter().map(|i| format!(", {i}")).collect::<String>());
+                let block_args: Vec<String> = std::iter::once(format!("{iv}: i32")).chain(args.iter().zip(&types).map(|(a, t)| format!("{a}: {t}"))).collect();
+                let _ = writeln!(self.out, "{pad}^bb0({}):", block_args.join(", "));
+            }
+        }
+        self.depth += 1;
+        let y = self.region_ops(body)?;
+        self.yield_line(&y, &types, l);
+        self.depth -= 1;
+        match self.form {
+            Form::Pretty => {
+                let _ = writeln!(self.out, "{pad}}}{}", loc(l));
+            }
+            Form::Stable => {
+                let operand_types: Vec<String> = ["i32".to_string(), "i32".into(), "i32".into()].into_iter().chain(types.iter().cloned()).collect();
+                let rt = if types.len() == 1 { types[0].clone() } else { format!("({})", types.join(", ")) };
+                let _ = writeln!(self.out, "{pad}}}) : ({}) -> {rt}{}", operand_types.join(", "), loc(l));
+            }
+        }
+        for (r, n) in op.results.iter().zip(names) {
+            self.set(*r, n);
+        }
+        Ok(())
+    }
+
+    /// The whole function: signature, attributes, the emitted body and the return.
+    fn func_text(&self, name: &str, params: &[(String, String)], result_types: &[String], attrs: &[String], results: &[String], l: Loc) -> String {
+        let mut s = String::new();
+        let body = &self.out;
+        match self.form {
+            Form::Pretty => {
+                let ps: Vec<String> = params.iter().map(|(n, t)| format!("{n}: {t}")).collect();
+                let rt = if result_types.is_empty() { String::new() } else { format!(" -> ({})", result_types.join(", ")) };
+                let at = if attrs.is_empty() { String::new() } else { format!(" attributes {{{}}}", attrs.join(", ")) };
+                let _ = writeln!(s, "  func.func @{name}({}){rt}{at} {{", ps.join(", "));
+                s.push_str(body);
+                if results.is_empty() {
+                    let _ = writeln!(s, "    return{}", loc(l));
+                } else {
+                    let _ = writeln!(s, "    return {} : {}{}", results.join(", "), result_types.join(", "), loc(l));
+                }
+                let _ = writeln!(s, "  }}{}", loc(l));
+            }
+            Form::Stable => {
+                let ps: Vec<String> = params.iter().map(|(n, t)| format!("{n}: {t}")).collect();
+                let _ = writeln!(s, "  \"stable_mosaic.func.func\"() ({{");
+                let _ = writeln!(s, "  ^bb0({}):", ps.join(", "));
+                s.push_str(body);
+                let _ = writeln!(s, "    \"stable_mosaic.func.return\"({}) : ({}) -> (){}", results.join(", "), result_types.join(", "), loc(l));
+                let param_types: Vec<&str> = params.iter().map(|(_, t)| t.as_str()).collect();
+                let fty = format!("function_type = ({}) -> ({})", param_types.join(", "), result_types.join(", "));
+                let mut all: Vec<String> = attrs.to_vec();
+                all.push(fty);
+                all.push(format!("sym_name = \"{name}\""));
+                all.sort();
+                let _ = writeln!(s, "  }}) {{{}}} : () -> (){}", all.join(", "), loc(l));
+            }
+        }
+        s
+    }
+}
