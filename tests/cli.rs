@@ -36,3 +36,37 @@ fn unknown_kernel_is_a_clear_error() {
     assert_eq!(code, 2);
     assert!(err.contains("no kernel `nope`") && err.contains("torchtpu list"), "{err}");
 }
+
+#[test]
+fn lower_prints_each_target() {
+    let (code, out, err) = torchtpu(&["lower", "matmul", "--target", "mosaic"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("func.func @matmul(") && out.contains("tpu.matmul") && out.contains("window_params"), "{out}");
+    let (code, out, _) = torchtpu(&["lower", "matmul", "--target", "mosaic-stable"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("stable_mosaic.version = 11") && out.contains("\"stable_mosaic.tpu.matmul\""), "{out}");
+    let (code, out, _) = torchtpu(&["lower", "flash_attention", "--target", "tpu-stablehlo", "--dtype", "bf16"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("stablehlo.custom_call @tpu_custom_call") && out.contains("func.func public @main"), "{out}");
+}
+
+#[test]
+fn check_compiles_with_libtpu_and_reports_per_chip() {
+    let (code, out, err) = torchtpu(&["check", "softmax", "--chips", "v5e,tpu7x", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON per line")).collect();
+    assert_eq!(lines.len(), 2);
+    for (line, chip) in lines.iter().zip(["v5e", "tpu7x"]) {
+        assert_eq!(line["chip"], chip);
+        assert_eq!(line["ok"], true);
+        assert!(line["error"].is_null());
+        assert!(line["kernel"].as_str().is_some_and(|k| k.starts_with("softmax/f32/")));
+    }
+}
+
+#[test]
+fn check_rejects_an_unknown_chip() {
+    let (code, _, err) = torchtpu(&["check", "softmax", "--chips", "v9"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown TPU chip `v9`"), "{err}");
+}

@@ -6,7 +6,7 @@ use rand::SeedableRng;
 use torchtpu_codegen::{stablehlo, Form};
 use torchtpu_dsl::{HostArray, TracedCall};
 use torchtpu_runtime::{Chip, TpuCompiler};
-use torchtpu_testkernels::{acceptance_set, Example};
+use torchtpu_testkernels::{acceptance_set, block_shape_variants, Example};
 
 fn compiler() -> &'static TpuCompiler {
     TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required for these tests (run scripts/setup.sh): {e}"))
@@ -31,6 +31,21 @@ fn acceptance_kernels_compile_for_every_chip_in_both_forms() {
                     Ok(out) => assert!(out.code_size_bytes > 0),
                     Err(e) => failures.push(format!("{} [{form:?}]: {e}", example.name())),
                 }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n\n"));
+}
+
+#[test]
+fn tiled_kernels_compile_at_several_block_shapes() {
+    let c = compiler();
+    let mut failures = Vec::new();
+    for example in block_shape_variants() {
+        let module = stablehlo::tpu_custom_call(&traced(example.as_ref()), Form::Stable).unwrap_or_else(|e| panic!("{}: {e}", example.name()));
+        for chip in Chip::ALL {
+            if let Err(e) = c.compile(chip, &module) {
+                failures.push(format!("{}: {e}", example.name()));
             }
         }
     }

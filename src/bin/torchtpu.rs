@@ -1,4 +1,4 @@
-//! The `torchtpu` command line: inspect and run the acceptance kernels.
+//! The `torchtpu` command line: inspect, run, lower and compile-check the built-in kernels.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -6,7 +6,9 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use torchtpu::dsl::{DType, HostArray, InterpretOptions};
+use torchtpu::dsl::{DType, HostArray, InterpretOptions, TracedCall};
+use torchtpu_codegen::{lower, Target};
+use torchtpu_runtime::{Chip, TpuCompiler};
 use torchtpu_testkernels::{acceptance_set, find, relative_error, tolerance, Example};
 
 #[derive(Parser)]
@@ -31,6 +33,26 @@ impl From<Dtype> for DType {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum LowerTarget {
+    /// The Mosaic kernel module, readable.
+    Mosaic,
+    /// The Mosaic module in the version-stable serialized form.
+    MosaicStable,
+    /// The StableHLO module with the kernel in a `tpu_custom_call`: what runs on a TPU.
+    TpuStablehlo,
+}
+
+impl From<LowerTarget> for Target {
+    fn from(t: LowerTarget) -> Target {
+        match t {
+            LowerTarget::Mosaic => Target::Mosaic,
+            LowerTarget::MosaicStable => Target::MosaicStable,
+            LowerTarget::TpuStablehlo => Target::TpuStableHlo,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List the built-in kernels (name/dtype/shape/blocks).
@@ -41,6 +63,31 @@ enum Command {
         kernel: String,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Dtype,
+    },
+    /// Print a kernel lowered for the TPU.
+    Lower {
+        /// A full name from `list`, or a kernel family such as `matmul`.
+        kernel: String,
+        #[arg(long, value_enum, default_value = "mosaic")]
+        target: LowerTarget,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+    },
+    /// Compile kernels with the real TPU compiler (libtpu, no TPU needed), one line per kernel and chip.
+    Check {
+        /// A full name from `list`, or a kernel family; omit with --all.
+        kernel: Option<String>,
+        /// Every built-in kernel, in every dtype.
+        #[arg(long, conflicts_with = "kernel")]
+        all: bool,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Comma-separated chips: v4, v5e, v5p, v6e, tpu7x.
+        #[arg(long, value_delimiter = ',', default_value = "v4,v5e,v5p,v6e,tpu7x")]
+        chips: Vec<String>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a kernel on the CPU interpreter with random inputs and check it against its f64 reference.
     Interpret {
@@ -61,6 +108,40 @@ fn lookup(kernel: &str, dtype: Dtype) -> Result<Box<dyn Example>, String> {
     find(kernel, dtype.into()).ok_or_else(|| format!("no kernel `{kernel}` in {}; see `torchtpu list`", DType::from(dtype)))
 }
 
+fn trace(example: &dyn Example) -> Result<TracedCall, String> {
+    let mut rng = StdRng::seed_from_u64(0);
+    let types: Vec<_> = example.random_inputs(&mut rng).iter().map(HostArray::value_type).collect();
+    example.call().trace(&types).map_err(|e| e.to_string())
+}
+
+/// Compiles each kernel for each chip and prints a line (or JSON object) per pair; true if all compiled.
+fn check(examples: Vec<Box<dyn Example>>, chips: &[String], json: bool) -> Result<bool, String> {
+    let chips: Vec<Chip> = chips.iter().map(|c| c.parse::<Chip>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    let compiler = TpuCompiler::shared().map_err(|e| e.to_string())?;
+    let mut all_ok = true;
+    for example in examples {
+        let module = trace(example.as_ref()).and_then(|t| lower(&t, Target::TpuStableHlo).map_err(|e| e.to_string()));
+        for &chip in &chips {
+            let result = module.clone().and_then(|m| compiler.compile(chip, &m).map_err(|e| e.to_string()));
+            all_ok &= result.is_ok();
+            let name = example.name();
+            if json {
+                let line = match &result {
+                    Ok(c) => serde_json::json!({"kernel": name, "chip": chip.name(), "ok": true, "error": null, "code_size_bytes": c.code_size_bytes}),
+                    Err(e) => serde_json::json!({"kernel": name, "chip": chip.name(), "ok": false, "error": e}),
+                };
+                println!("{line}");
+            } else {
+                match &result {
+                    Ok(c) => println!("ok    {chip:<6} {name}  ({} bytes of code)", c.code_size_bytes),
+                    Err(e) => println!("FAIL  {chip:<6} {name}: {e}"),
+                }
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
 fn run(cli: Cli) -> Result<bool, String> {
     match cli.command {
         Command::List => {
@@ -71,15 +152,26 @@ fn run(cli: Cli) -> Result<bool, String> {
         }
         Command::Ir { kernel, dtype } => {
             let example = lookup(&kernel, dtype)?;
-            let mut rng = StdRng::seed_from_u64(0);
-            let types: Vec<_> = example.random_inputs(&mut rng).iter().map(HostArray::value_type).collect();
-            let traced = example.call().trace(&types).map_err(|e| e.to_string())?;
+            let traced = trace(example.as_ref())?;
             println!("// {}: grid {:?}, semantics {:?}", example.name(), traced.grid, traced.semantics);
             for op in traced.inputs.iter().chain(&traced.outputs) {
                 print!("{}", op.index_map);
             }
             print!("{}", traced.body);
             Ok(true)
+        }
+        Command::Lower { kernel, target, dtype } => {
+            let example = lookup(&kernel, dtype)?;
+            print!("{}", lower(&trace(example.as_ref())?, target.into()).map_err(|e| e.to_string())?);
+            Ok(true)
+        }
+        Command::Check { kernel, all, dtype, chips, json } => {
+            let examples = match (kernel, all) {
+                (_, true) => acceptance_set(),
+                (Some(k), false) => vec![lookup(&k, dtype)?],
+                (None, false) => return Err("name a kernel, or pass --all".into()),
+            };
+            check(examples, &chips, json)
         }
         Command::Interpret { kernel, dtype, checked, seed } => {
             let example = lookup(&kernel, dtype)?;
@@ -100,6 +192,10 @@ fn run(cli: Cli) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so `torchtpu lower ... | head` would panic on a closed pipe;
+    // a command-line tool should just stop, as `cat` does.
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match run(Cli::parse()) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

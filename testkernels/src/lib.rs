@@ -53,6 +53,23 @@ pub fn relative_error(out: &HostArray, reference: &ArrayD<f64>) -> f64 {
     err / scale
 }
 
+/// The tiled kernels at more block shapes, for compile checks across chips.
+pub fn block_shape_variants() -> Vec<Box<dyn Example>> {
+    let mut v: Vec<Box<dyn Example>> = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        for block in [(128, 128, 128), (256, 512, 256), (512, 256, 512)] {
+            v.push(Box::new(matmul::Matmul { m: 1024, n: 1024, k: 1024, block, dtype }));
+        }
+        for (block_q, block_k) in [(128, 128), (256, 128), (128, 512)] {
+            v.push(Box::new(flash::Flash { batch: 1, heads: 2, seq: 1024, head_dim: 128, block_q, block_k, dtype }));
+        }
+        for block_rows in [8, 64, 256] {
+            v.push(Box::new(softmax::Softmax { rows: 512, cols: 512, block_rows, dtype }));
+        }
+    }
+    v
+}
+
 /// The acceptance example called `name`: a full name from [`acceptance_set`], or a kernel
 /// family (`matmul`, `flash_attention`...) for its first configuration in `dtype`.
 pub fn find(name: &str, dtype: DType) -> Option<Box<dyn Example>> {

@@ -1,4 +1,4 @@
-"""JAX Pallas' interpret mode on the interpreter bench's problems, for a side-by-side number.
+"""JAX Pallas on the interpreter and lowering benches' problems, for side-by-side numbers.
 
 Not part of the test suite: it needs `jax[cpu]` (0.10.2 was measured), e.g. in a venv under
 ~/.cache. Run: python benches/peers/jax_pallas_interpret.py
@@ -24,7 +24,7 @@ def matmul_kernel(x_ref, y_ref, z_ref, acc_ref):
         z_ref[...] = acc_ref[...].astype(z_ref.dtype)
 
 
-def matmul(x, y, b=128):
+def matmul(x, y, b=128, interpret=True):
     from jax.experimental.pallas import tpu as pltpu
 
     m, k = x.shape
@@ -36,7 +36,7 @@ def matmul(x, y, b=128):
         out_specs=pl.BlockSpec((b, b), lambda i, j, kk: (i, j)),
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
         scratch_shapes=[pltpu.VMEM((b, b), jnp.float32)],
-        interpret=True,
+        interpret=interpret,
     )(x, y)
 
 
@@ -68,7 +68,7 @@ def flash_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, sm_scale,
         o_ref[...] = (acc_ref[...] / l_ref[:, 0:1]).astype(o_ref.dtype)
 
 
-def flash(q, k, v, bq=128, bk=128):
+def flash(q, k, v, bq=128, bk=128, interpret=True):
     from jax.experimental.pallas import tpu as pltpu
 
     b, h, s, d = q.shape
@@ -82,7 +82,7 @@ def flash(q, k, v, bq=128, bk=128):
         out_specs=spec_q,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, 128), jnp.float32), pltpu.VMEM((bq, 128), jnp.float32), pltpu.VMEM((bq, d), jnp.float32)],
-        interpret=True,
+        interpret=interpret,
     )(q, k, v)
 
 
@@ -107,6 +107,23 @@ def main():
     q, k, v = (jnp.asarray(rng.standard_normal((1, 4, 1024, 128), dtype=np.float32)) for _ in range(3))
     fl = jax.jit(flash)
     print(f"jax {jax.__version__} pallas interpret, causal flash 1x4x1024x128 f32 b128: {median_ms(fl, q, k, v, reps=5):.2f} ms")
+
+    # Lowering to TPU (trace + Mosaic + StableHLO), the lowering bench's problems.
+    def lower_ms(f, *args, reps=10):
+        times = []
+        for _ in range(reps):
+            jax.clear_caches()  # else jit returns the cached lowering after the first call
+            t = time.perf_counter()
+            jax.jit(f).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+            times.append((time.perf_counter() - t) * 1e3)
+        return float(np.median(times))
+
+    xb = jnp.zeros((1024, 1024), jnp.bfloat16)
+    mm_tpu = functools.partial(matmul, b=256, interpret=False)
+    print(f"jax {jax.__version__} pallas lower to TPU, matmul bf16 1024 b256: {lower_ms(mm_tpu, xb, xb):.2f} ms")
+    qf = jnp.zeros((1, 2, 512, 128), jnp.float32)
+    fl_tpu = functools.partial(flash, interpret=False)
+    print(f"jax {jax.__version__} pallas lower to TPU, causal flash 1x2x512x128 f32 b128: {lower_ms(fl_tpu, qf, qf, qf):.2f} ms")
 
 
 if __name__ == "__main__":
