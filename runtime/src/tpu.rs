@@ -127,6 +127,13 @@ pub struct CompiledModule {
     pub cost_analysis: Vec<(String, f64)>,
 }
 
+impl CompiledModule {
+    /// One entry of the compiler's cost analysis, by name.
+    pub fn cost(&self, name: &str) -> Option<f64> {
+        self.cost_analysis.iter().find(|(n, _)| n == name).map(|&(_, v)| v)
+    }
+}
+
 struct Topology(*mut c_void);
 // SAFETY: a topology description is immutable after creation and used only through PJRT calls.
 unsafe impl Send for Topology {}

@@ -20,6 +20,9 @@ fn plain_stablehlo_compiles_for_every_chip() {
     for chip in Chip::ALL {
         let out = c.compile(chip, ADD).unwrap_or_else(|e| panic!("{e}"));
         assert!(out.code_size_bytes > 0, "{chip}: {out:?}");
+        // 8×128 additions; the compiler's own count.
+        assert_eq!(out.cost("flops"), Some(1024.0), "{chip}: {:?}", out.cost_analysis);
+        assert!(out.cost("optimal_seconds").is_some_and(|s| s > 0.0), "{chip}: {:?}", out.cost_analysis);
         assert!(!c.platform_version(chip).expect("version").is_empty());
     }
 }
