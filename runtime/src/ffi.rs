@@ -40,6 +40,11 @@ pub enum Slot {
     ClientCompile = 20,
     ClientDefaultDeviceAssignment = 21,
     ClientBufferFromHostBuffer = 22,
+    LoadedExecutableDestroy = 50,
+    LoadedExecutableGetExecutable = 51,
+    LoadedExecutableExecute = 55,
+    BufferDestroy = 58,
+    BufferToHostBuffer = 70,
     ExecutableDestroy = 40,
     ExecutableName = 41,
     ExecutableNumReplicas = 42,
@@ -56,6 +61,10 @@ pub enum Slot {
 
 pub type PjrtFn = unsafe extern "C" fn(*mut c_void) -> *mut c_void;
 
+/// Zeroed space after the fields we know: newer plugins append fields to argument structs
+/// and read them when `struct_size` covers them; zero is every such field's "unset".
+const RESERVED_WORDS: usize = 8;
+
 macro_rules! args {
     ($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* $(,)? }) => {
         $(#[$doc])*
@@ -63,7 +72,8 @@ macro_rules! args {
         pub struct $name {
             pub struct_size: usize,
             pub extension_start: *mut c_void,
-            $(pub $field: $ty),*
+            $(pub $field: $ty,)*
+            _reserved: [usize; RESERVED_WORDS],
         }
         impl $name {
             /// Zeroed, with `struct_size` set: the form every PJRT call expects.
@@ -103,6 +113,74 @@ args!(CompileArgs {
     executable: *mut c_void,
 });
 args!(ExecutableDestroyArgs { executable: *mut c_void });
+args!(ClientCreateArgs {
+    create_options: *const NamedValue,
+    num_options: usize,
+    kv_get_callback: *mut c_void,
+    kv_get_user_arg: *mut c_void,
+    kv_put_callback: *mut c_void,
+    kv_put_user_arg: *mut c_void,
+    client: *mut c_void,
+});
+args!(ClientDestroyArgs { client: *mut c_void });
+args!(ClientStringArgs { client: *mut c_void, value: *const c_char, value_size: usize });
+args!(ClientDevicesArgs { client: *mut c_void, devices: *const *mut c_void, num_devices: usize });
+args!(ClientCompileArgs {
+    client: *mut c_void,
+    program: *const Program,
+    compile_options: *const c_char,
+    compile_options_size: usize,
+    executable: *mut c_void,
+});
+args!(BufferFromHostArgs {
+    client: *mut c_void,
+    data: *const c_void,
+    element_type: i32,
+    dims: *const i64,
+    num_dims: usize,
+    byte_strides: *const i64,
+    num_byte_strides: usize,
+    host_buffer_semantics: i32,
+    device: *mut c_void,
+    memory: *mut c_void,
+    device_layout: *mut c_void,
+    done_with_host_buffer: *mut c_void,
+    buffer: *mut c_void,
+});
+args!(BufferDestroyArgs { buffer: *mut c_void });
+args!(BufferToHostArgs { src: *mut c_void, host_layout: *mut c_void, dst: *mut c_void, dst_size: usize, event: *mut c_void });
+args!(EventArgs { event: *mut c_void });
+args!(LoadedExecutableDestroyArgs { executable: *mut c_void });
+args!(LoadedExecutableGetExecutableArgs { loaded_executable: *mut c_void, executable: *mut c_void });
+args!(ExecutableNumOutputsArgs { executable: *mut c_void, num_outputs: usize });
+args!(ExecuteOptions {
+    send_callbacks: *mut c_void,
+    recv_callbacks: *mut c_void,
+    num_send_ops: usize,
+    num_recv_ops: usize,
+    launch_id: i32,
+});
+args!(ExecuteArgs {
+    executable: *mut c_void,
+    options: *const ExecuteOptions,
+    argument_lists: *const *const *mut c_void,
+    num_devices: usize,
+    num_args: usize,
+    output_lists: *const *mut *mut c_void,
+    device_complete_events: *mut *mut c_void,
+    execute_device: *mut c_void,
+});
+
+/// `PJRT_Buffer_Type` values for the element types we move.
+pub const BUFFER_PRED: i32 = 1;
+pub const BUFFER_S8: i32 = 2;
+pub const BUFFER_S32: i32 = 4;
+pub const BUFFER_F16: i32 = 10;
+pub const BUFFER_F32: i32 = 11;
+pub const BUFFER_BF16: i32 = 13;
+
+/// `PJRT_HostBufferSemantics_kImmutableOnlyDuringCall`: the plugin copies during the call.
+pub const HOST_BUFFER_IMMUTABLE_ONLY_DURING_CALL: i32 = 0;
 args!(ExecutableCodeSizeArgs { executable: *mut c_void, size_in_bytes: i64 });
 args!(ExecutableCostAnalysisArgs { executable: *mut c_void, num_properties: usize, properties: *const NamedValue });
 
@@ -133,12 +211,23 @@ pub const COMPILE_OPTIONS: &[u8] = &[0x1a, 0x04, 0x20, 0x01, 0x28, 0x01];
 mod tests {
     use super::*;
 
+    use std::mem::offset_of;
+
     #[test]
-    fn struct_layouts_match_the_header() {
-        assert_eq!(std::mem::size_of::<ErrorMessageArgs>(), 40);
-        assert_eq!(std::mem::size_of::<TopologyCreateArgs>(), 56);
-        assert_eq!(std::mem::size_of::<Program>(), 48);
-        assert_eq!(std::mem::size_of::<CompileArgs>(), 64);
+    fn field_offsets_match_the_header() {
+        assert_eq!(offset_of!(ErrorMessageArgs, message_size), 32);
+        assert_eq!(offset_of!(TopologyCreateArgs, topology), 48);
+        assert_eq!(offset_of!(Program, format_size), 40);
+        assert_eq!(offset_of!(CompileArgs, executable), 56);
         assert_eq!(std::mem::size_of::<NamedValue>(), 56);
+        assert_eq!(offset_of!(ClientCreateArgs, client), 64);
+        assert_eq!(offset_of!(ClientCompileArgs, executable), 48);
+        assert_eq!(offset_of!(BufferFromHostArgs, element_type), 32);
+        assert_eq!(offset_of!(BufferFromHostArgs, dims), 40);
+        assert_eq!(offset_of!(BufferFromHostArgs, host_buffer_semantics), 72);
+        assert_eq!(offset_of!(BufferFromHostArgs, buffer), 112);
+        assert_eq!(offset_of!(BufferToHostArgs, event), 48);
+        assert_eq!(offset_of!(ExecuteOptions, launch_id), 48);
+        assert_eq!(offset_of!(ExecuteArgs, execute_device), 72);
     }
 }

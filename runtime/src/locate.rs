@@ -36,3 +36,28 @@ pub fn libtpu() -> Result<PathBuf> {
         ),
     })
 }
+
+/// The PJRT CPU plugin: `$TORCHTPU_PJRT_CPU`, else the pinned `fastatomstruct-xla-cpu` package.
+pub fn cpu_plugin() -> Result<PathBuf> {
+    plugin_from("cpu", "TORCHTPU_PJRT_CPU", "fastatomstruct_xla_cpu/libpjrt_cpu.so")
+}
+
+/// The PJRT CUDA plugin: `$TORCHTPU_PJRT_CUDA`, else `jax-cuda13-pjrt`'s, where installed.
+pub fn cuda_plugin() -> Result<PathBuf> {
+    plugin_from("cuda", "TORCHTPU_PJRT_CUDA", "jax_plugins/xla_cuda13/xla_cuda_plugin.so")
+}
+
+fn plugin_from(kind: &str, var: &str, relative: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(var) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::PluginNotFound { kind: kind.into(), hint: format!("{var}={} is not a file", p.display()) })
+        };
+    }
+    in_site_packages(relative).ok_or_else(|| Error::PluginNotFound {
+        kind: kind.into(),
+        hint: format!("no {relative} in the setup venv; run `bash scripts/setup.sh`, or set {var} to the plugin's .so"),
+    })
+}

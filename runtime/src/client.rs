@@ -1,0 +1,316 @@
+//! A PJRT client on one device, with buffers and compiled executables: safe, `Send + Sync`.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::ffi::{self, Slot};
+use crate::plugin::Plugin;
+
+/// An element type a buffer can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ElementType {
+    F32,
+    BF16,
+    F16,
+    I32,
+    I8,
+    Pred,
+}
+
+impl ElementType {
+    fn pjrt(self) -> i32 {
+        match self {
+            ElementType::F32 => ffi::BUFFER_F32,
+            ElementType::BF16 => ffi::BUFFER_BF16,
+            ElementType::F16 => ffi::BUFFER_F16,
+            ElementType::I32 => ffi::BUFFER_S32,
+            ElementType::I8 => ffi::BUFFER_S8,
+            ElementType::Pred => ffi::BUFFER_PRED,
+        }
+    }
+
+    pub fn size_bytes(self) -> usize {
+        match self {
+            ElementType::F32 | ElementType::I32 => 4,
+            ElementType::BF16 | ElementType::F16 => 2,
+            ElementType::I8 | ElementType::Pred => 1,
+        }
+    }
+}
+
+struct ClientInner {
+    plugin: Plugin,
+    raw: *mut c_void,
+    device: *mut c_void,
+    platform: String,
+    executables: Mutex<HashMap<u64, Arc<ExecutableInner>>>,
+}
+
+// SAFETY: PJRT clients are thread-safe; the raw pointers are only passed back to the plugin.
+unsafe impl Send for ClientInner {}
+unsafe impl Sync for ClientInner {}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        self.executables.get_mut().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut args = ffi::ClientDestroyArgs::new();
+        args.client = self.raw;
+        // A client that fails to shut down leaks; nothing else can be done in drop.
+        let _ = self.plugin.call(Slot::ClientDestroy, "Client_Destroy", &mut args);
+    }
+}
+
+/// A PJRT client, bound to the plugin's first addressable device.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("platform", &self.inner.platform).field("plugin", &self.inner.plugin).finish()
+    }
+}
+
+/// FNV-1a: a stable hash of module text for the executable cache.
+fn module_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl Client {
+    pub fn new(plugin: &Plugin) -> Result<Client> {
+        let mut create = ffi::ClientCreateArgs::new();
+        plugin.call(Slot::ClientCreate, "Client_Create", &mut create)?;
+        let raw = create.client;
+        let mut name = ffi::ClientStringArgs::new();
+        name.client = raw;
+        plugin.call(Slot::ClientPlatformName, "Client_PlatformName", &mut name)?;
+        let platform = Plugin::string(name.value, name.value_size);
+        let mut devices = ffi::ClientDevicesArgs::new();
+        devices.client = raw;
+        plugin.call(Slot::ClientAddressableDevices, "Client_AddressableDevices", &mut devices)?;
+        // Owned from here on: an early return destroys the client.
+        let mut inner = ClientInner { plugin: plugin.clone(), raw, device: std::ptr::null_mut(), platform, executables: Mutex::new(HashMap::new()) };
+        if devices.num_devices == 0 || devices.devices.is_null() {
+            return Err(Error::PluginBroken { path: plugin.path().into(), message: "the client has no addressable device".into() });
+        }
+        // SAFETY: the plugin returned `num_devices` device pointers owned by the client.
+        inner.device = unsafe { *devices.devices };
+        Ok(Client { inner: Arc::new(inner) })
+    }
+
+    /// The platform name the plugin reports (`cpu`, `cuda`, `tpu`...).
+    pub fn platform(&self) -> &str {
+        &self.inner.platform
+    }
+
+    pub fn plugin(&self) -> &Plugin {
+        &self.inner.plugin
+    }
+
+    /// How many distinct modules this client has compiled (and keeps).
+    pub fn cached_executables(&self) -> usize {
+        self.inner.executables.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Compiles StableHLO text; compiled once per distinct module (cached by its hash).
+    pub fn compile(&self, stablehlo: &str) -> Result<Executable> {
+        let key = module_hash(stablehlo);
+        if let Some(e) = self.inner.executables.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(Executable { client: self.clone(), inner: e.clone() });
+        }
+        let format = "mlir";
+        let mut program = ffi::Program::new();
+        program.code = stablehlo.as_ptr() as *const _;
+        program.code_size = stablehlo.len();
+        program.format = format.as_ptr() as *const _;
+        program.format_size = format.len();
+        let mut args = ffi::ClientCompileArgs::new();
+        args.client = self.inner.raw;
+        args.program = &program;
+        args.compile_options = ffi::COMPILE_OPTIONS.as_ptr() as *const _;
+        args.compile_options_size = ffi::COMPILE_OPTIONS.len();
+        self.inner.plugin.call(Slot::ClientCompile, "Client_Compile", &mut args)?;
+        let loaded = args.executable;
+        // Owned from here on: an early return destroys the executable.
+        let mut inner = ExecutableInner { plugin: self.inner.plugin.clone(), raw: loaded, num_outputs: 0 };
+        let mut get = ffi::LoadedExecutableGetExecutableArgs::new();
+        get.loaded_executable = loaded;
+        self.inner.plugin.call(Slot::LoadedExecutableGetExecutable, "LoadedExecutable_GetExecutable", &mut get)?;
+        let mut n = ffi::ExecutableNumOutputsArgs::new();
+        n.executable = get.executable;
+        let counted = self.inner.plugin.call(Slot::ExecutableNumOutputs, "Executable_NumOutputs", &mut n);
+        let mut destroy = ffi::ExecutableDestroyArgs::new();
+        destroy.executable = get.executable;
+        let _ = self.inner.plugin.call(Slot::ExecutableDestroy, "Executable_Destroy", &mut destroy);
+        counted?;
+        inner.num_outputs = n.num_outputs;
+        let inner = Arc::new(inner);
+        self.inner.executables.lock().unwrap_or_else(|p| p.into_inner()).insert(key, inner.clone());
+        Ok(Executable { client: self.clone(), inner })
+    }
+
+    /// Copies `data` (dense, row-major, `dims`) to the device.
+    pub fn buffer(&self, data: &[u8], element_type: ElementType, dims: &[usize]) -> Result<Buffer> {
+        let n: usize = dims.iter().product();
+        if data.len() != n * element_type.size_bytes() {
+            return Err(Error::Invalid(format!(
+                "{} bytes do not make a {element_type:?} array of shape {dims:?} ({} bytes)",
+                data.len(),
+                n * element_type.size_bytes()
+            )));
+        }
+        let dims64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
+        let mut args = ffi::BufferFromHostArgs::new();
+        args.client = self.inner.raw;
+        args.data = data.as_ptr() as *const c_void;
+        args.element_type = element_type.pjrt();
+        args.dims = dims64.as_ptr();
+        args.num_dims = dims64.len();
+        args.host_buffer_semantics = ffi::HOST_BUFFER_IMMUTABLE_ONLY_DURING_CALL;
+        args.device = self.inner.device;
+        self.inner.plugin.call(Slot::ClientBufferFromHostBuffer, "Client_BufferFromHostBuffer", &mut args)?;
+        let buffer = Buffer { client: self.clone(), raw: args.buffer, element_type, dims: dims.to_vec() };
+        if !args.done_with_host_buffer.is_null() {
+            self.await_event(args.done_with_host_buffer)?;
+        }
+        Ok(buffer)
+    }
+
+    /// Waits for `event` and destroys it.
+    fn await_event(&self, event: *mut c_void) -> Result<()> {
+        let mut wait = ffi::EventArgs::new();
+        wait.event = event;
+        let waited = self.inner.plugin.call(Slot::EventAwait, "Event_Await", &mut wait);
+        let mut destroy = ffi::EventArgs::new();
+        destroy.event = event;
+        let _ = self.inner.plugin.call(Slot::EventDestroy, "Event_Destroy", &mut destroy);
+        waited
+    }
+}
+
+struct ExecutableInner {
+    plugin: Plugin,
+    raw: *mut c_void,
+    num_outputs: usize,
+}
+
+// SAFETY: loaded executables may be executed concurrently from several threads.
+unsafe impl Send for ExecutableInner {}
+unsafe impl Sync for ExecutableInner {}
+
+impl Drop for ExecutableInner {
+    fn drop(&mut self) {
+        let mut args = ffi::LoadedExecutableDestroyArgs::new();
+        args.executable = self.raw;
+        let _ = self.plugin.call(Slot::LoadedExecutableDestroy, "LoadedExecutable_Destroy", &mut args);
+    }
+}
+
+impl std::fmt::Debug for Executable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executable").field("num_outputs", &self.inner.num_outputs).finish()
+    }
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer").field("element_type", &self.element_type).field("dims", &self.dims).finish()
+    }
+}
+
+/// A compiled module, ready to run on its client's device.
+#[derive(Clone)]
+pub struct Executable {
+    client: Client,
+    inner: Arc<ExecutableInner>,
+}
+
+impl Executable {
+    pub fn num_outputs(&self) -> usize {
+        self.inner.num_outputs
+    }
+
+    /// Runs on `args` and waits for completion; returns the outputs.
+    pub fn execute(&self, args: &[&Buffer]) -> Result<Vec<Buffer>> {
+        if let Some(b) = args.iter().find(|b| !Arc::ptr_eq(&b.client.inner, &self.client.inner)) {
+            return Err(Error::Invalid(format!("an argument buffer ({:?} {:?}) belongs to another client", b.element_type, b.dims)));
+        }
+        let raw_args: Vec<*mut c_void> = args.iter().map(|b| b.raw).collect();
+        let arg_lists = [raw_args.as_ptr()];
+        let mut outputs: Vec<*mut c_void> = vec![std::ptr::null_mut(); self.inner.num_outputs];
+        let output_lists = [outputs.as_mut_ptr()];
+        let mut done: [*mut c_void; 1] = [std::ptr::null_mut()];
+        let options = ffi::ExecuteOptions::new();
+        let mut exec = ffi::ExecuteArgs::new();
+        exec.executable = self.inner.raw;
+        exec.options = &options;
+        exec.argument_lists = arg_lists.as_ptr() as *const *const *mut c_void;
+        exec.num_devices = 1;
+        exec.num_args = raw_args.len();
+        exec.output_lists = output_lists.as_ptr();
+        exec.device_complete_events = done.as_mut_ptr();
+        self.inner.plugin.call(Slot::LoadedExecutableExecute, "LoadedExecutable_Execute", &mut exec)?;
+        let results: Vec<Buffer> = outputs
+            .into_iter()
+            .map(|raw| Buffer { client: self.client.clone(), raw, element_type: ElementType::F32, dims: Vec::new() })
+            .collect();
+        if !done[0].is_null() {
+            self.client.await_event(done[0])?;
+        }
+        Ok(results)
+    }
+}
+
+/// An array on the device. Shape and type are the caller's to know for outputs.
+pub struct Buffer {
+    client: Client,
+    raw: *mut c_void,
+    element_type: ElementType,
+    dims: Vec<usize>,
+}
+
+// SAFETY: PJRT buffers are reference-counted by the plugin and usable from any thread.
+unsafe impl Send for Buffer {}
+unsafe impl Sync for Buffer {}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let mut args = ffi::BufferDestroyArgs::new();
+        args.buffer = self.raw;
+        let _ = self.client.inner.plugin.call(Slot::BufferDestroy, "Buffer_Destroy", &mut args);
+    }
+}
+
+impl Buffer {
+    /// Copies the buffer to the host: exactly `len` bytes are expected.
+    pub fn to_host(&self, len: usize) -> Result<Vec<u8>> {
+        let plugin = &self.client.inner.plugin;
+        let mut query = ffi::BufferToHostArgs::new();
+        query.src = self.raw;
+        plugin.call(Slot::BufferToHostBuffer, "Buffer_ToHostBuffer", &mut query)?;
+        if query.dst_size != len {
+            return Err(Error::Invalid(format!("the device buffer holds {} bytes, {len} were expected", query.dst_size)));
+        }
+        let mut out = vec![0u8; len];
+        let mut args = ffi::BufferToHostArgs::new();
+        args.src = self.raw;
+        args.dst = out.as_mut_ptr() as *mut c_void;
+        args.dst_size = len;
+        plugin.call(Slot::BufferToHostBuffer, "Buffer_ToHostBuffer", &mut args)?;
+        if !args.event.is_null() {
+            self.client.await_event(args.event)?;
+        }
+        Ok(out)
+    }
+
+    pub fn element_type(&self) -> ElementType {
+        self.element_type
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+}
