@@ -1,10 +1,12 @@
 //! Lowering torchtpu kernels: IR → Mosaic (readable and version-stable forms), wrapped in a
-//! StableHLO `tpu_custom_call` for the TPU compiler; and a cost estimate from the IR.
+//! StableHLO `tpu_custom_call` for the TPU compiler; IR → portable StableHLO for any PJRT
+//! backend; and a cost estimate from the IR.
 
 pub mod cost;
 pub mod error;
 mod mlir;
 pub mod mosaic;
+pub mod portable;
 pub mod stablehlo;
 
 pub use cost::CostEstimate;
@@ -20,6 +22,8 @@ pub enum Target {
     MosaicStable,
     /// A StableHLO module calling the (stable) kernel through `tpu_custom_call`: what we ship.
     TpuStableHlo,
+    /// Portable StableHLO (the grid as a while loop) for any PJRT backend: CPU, CUDA.
+    PortableStableHlo,
 }
 
 /// Lowers a traced call to `target`, as text.
@@ -28,5 +32,6 @@ pub fn lower(call: &torchtpu_dsl::TracedCall, target: Target) -> Result<String> 
         Target::Mosaic => mosaic::module(call, Form::Pretty),
         Target::MosaicStable => mosaic::module(call, Form::Stable),
         Target::TpuStableHlo => stablehlo::tpu_custom_call(call, Form::Stable),
+        Target::PortableStableHlo => portable::module(call),
     }
 }

@@ -1,0 +1,606 @@
+//! IR → portable StableHLO that any PJRT backend runs: the grid "discharged" into a
+//! `stablehlo.while` over the flattened grid index. Each step computes the grid indices and
+//! every operand's block index from its index map, slices input blocks out of the inputs
+//! (padded to whole blocks, so ragged edges work), runs the kernel body on tensors, and
+//! writes output blocks back with `dynamic_update_slice`. Output blocks and scratch are
+//! values threaded through the loop, and through every traced `if`/`for` inside the body.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+
+use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, UnaryOp, ValueId, ValueType};
+use torchtpu_dsl::{DType, TracedCall};
+
+use crate::error::{Error, Result};
+use crate::mlir::{float_literal, symbol, tensor_type};
+
+/// The portable StableHLO module for a traced call: `@main(prefetch..., inputs...) -> outputs`.
+pub fn module(call: &TracedCall) -> Result<String> {
+    call.check_grid_bounds()?;
+    let mut e = Emitter { call, out: String::new(), depth: 2, next: 0 };
+    let n_pf = call.prefetch.len();
+    let operands: Vec<&ValueType> = call.prefetch.iter().map(|p| &p.array).chain(call.inputs.iter().map(|i| &i.array)).collect();
+    let args: Vec<String> = (0..operands.len()).map(|i| format!("%arg{i}")).collect();
+
+    // Inputs padded to whole blocks; outputs start as zeros (or their aliased input), padded likewise.
+    let mut padded_inputs = Vec::new();
+    for (i, op) in call.inputs.iter().enumerate() {
+        padded_inputs.push(e.pad(&args[n_pf + i], &op.array, &padded_shape(op)));
+    }
+    let mut carried: Vec<(String, String)> = Vec::new();
+    for (o, op) in call.outputs.iter().enumerate() {
+        let shape = padded_shape(op);
+        let init = match call.aliases.iter().find(|(_, out)| *out == o) {
+            Some(&(i, _)) => e.pad(&args[i], operands[i], &shape),
+            None => e.splat(zero(op.array.dtype), &ValueType::new(op.array.dtype, shape.clone())),
+        };
+        carried.push((init, tensor_type(&ValueType::new(op.array.dtype, shape))));
+    }
+    for s in &call.scratch {
+        let t = ValueType::new(s.ty.dtype, s.ty.shape.clone());
+        carried.push((e.splat(zero(t.dtype), &t), tensor_type(&t)));
+    }
+    let i32t = tensor_type(&ValueType::scalar(DType::I32));
+    let start = e.constant("0", &i32t);
+    let mut loop_types = vec![i32t.clone()];
+    loop_types.extend(carried.iter().map(|(_, t)| t.clone()));
+    let loop_inits: Vec<String> = std::iter::once(start).chain(carried.iter().map(|(n, _)| n.clone())).collect();
+
+    let w = e.fresh();
+    let cond_args: Vec<String> = (0..loop_types.len()).map(|_| e.fresh()).collect();
+    let body_args: Vec<String> = (0..loop_types.len()).map(|_| e.fresh()).collect();
+    e.line(&format!("{w}:{} = \"stablehlo.while\"({}) ({{", loop_types.len(), loop_inits.join(", ")));
+    e.line(&format!("^bb0({}):", typed(&cond_args, &loop_types)));
+    e.depth += 1;
+    let total = e.constant(&call.num_programs().to_string(), &i32t);
+    let more = e.op("stablehlo.compare", &[(&cond_args[0], &i32t), (&total, &i32t)], &[direction("LT"), compare_type(DType::I32)], &tensor_type(&ValueType::scalar(DType::Bool)));
+    e.ret(&[more], &[tensor_type(&ValueType::scalar(DType::Bool))]);
+    e.depth -= 1;
+    e.line("}, {");
+    e.line(&format!("^bb0({}):", typed(&body_args, &loop_types)));
+    e.depth += 1;
+    let results = e.grid_step(&body_args, &padded_inputs, &args[..n_pf])?;
+    let one = e.constant("1", &i32t);
+    let next = e.op("stablehlo.add", &[(&body_args[0], &i32t), (&one, &i32t)], &[], &i32t);
+    let mut step_out = vec![next];
+    step_out.extend(results);
+    e.ret(&step_out, &loop_types);
+    e.depth -= 1;
+    e.line(&format!("}}) : ({}) -> ({})", loop_types.join(", "), loop_types.join(", ")));
+
+    let mut returns = Vec::new();
+    let mut return_types = Vec::new();
+    for (o, op) in call.outputs.iter().enumerate() {
+        let padded = ValueType::new(op.array.dtype, padded_shape(op));
+        let r = format!("{w}#{}", 1 + o);
+        returns.push(if padded.shape == op.array.shape { r } else { e.slice(&r, &padded, &vec![0; op.array.shape.len()], &op.array.shape) });
+        return_types.push(tensor_type(&op.array));
+    }
+    let params: Vec<String> = args.iter().zip(&operands).map(|(a, t)| format!("{a}: {}", tensor_type(t))).collect();
+    let result_sig = if return_types.len() == 1 { return_types[0].clone() } else { format!("({})", return_types.join(", ")) };
+    let mut s = String::new();
+    let _ = writeln!(s, "module @{} {{", symbol(&call.name));
+    let _ = writeln!(s, "  func.func public @main({}) -> {result_sig} {{", params.join(", "));
+    s.push_str(&e.out);
+    let _ = writeln!(s, "    return {} : {}", returns.join(", "), return_types.join(", "));
+    s.push_str("  }\n}\n");
+    Ok(s)
+}
+
+fn padded_shape(op: &torchtpu_dsl::BlockOperand) -> Vec<usize> {
+    op.blocks_per_dim().iter().zip(op.block_dims()).map(|(n, b)| n * b).collect()
+}
+
+fn zero(dtype: DType) -> Literal {
+    match dtype {
+        d if d.is_float() => Literal::Float(0.0),
+        DType::Bool => Literal::Bool(false),
+        _ => Literal::Int(0),
+    }
+}
+
+fn typed(names: &[String], types: &[String]) -> String {
+    names.iter().zip(types).map(|(n, t)| format!("{n}: {t}")).collect::<Vec<_>>().join(", ")
+}
+
+fn direction(d: &str) -> String {
+    format!("comparison_direction = #stablehlo<comparison_direction {d}>")
+}
+
+fn compare_type(dtype: DType) -> String {
+    let t = match dtype {
+        d if d.is_float() => "FLOAT",
+        DType::Bool => "UNSIGNED",
+        _ => "SIGNED",
+    };
+    format!("compare_type = #stablehlo<comparison_type {t}>")
+}
+
+fn i64_array(v: &[usize]) -> String {
+    if v.is_empty() { "array<i64>".into() } else { format!("array<i64: {}>", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")) }
+}
+
+/// A ref's current value inside the loop body: a tensor of the ref's shape.
+#[derive(Clone)]
+struct RefValue {
+    name: String,
+    ty: ValueType,
+}
+
+struct Emitter<'a> {
+    call: &'a TracedCall,
+    out: String,
+    depth: usize,
+    next: usize,
+}
+
+/// The state of one function's emission: value names and the refs' current values.
+struct Scope {
+    names: HashMap<ValueId, String>,
+    refs: HashMap<ValueId, RefValue>,
+    /// Refs the body writes (outputs, scratch), in threading order.
+    mutable: Vec<ValueId>,
+    grid: Vec<String>,
+}
+
+impl<'a> Emitter<'a> {
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%v{}", self.next - 1)
+    }
+
+    fn line(&mut self, s: &str) {
+        let pad = "  ".repeat(self.depth);
+        let _ = writeln!(self.out, "{pad}{s}");
+    }
+
+    fn op(&mut self, name: &str, operands: &[(&str, &str)], attrs: &[String], result: &str) -> String {
+        let r = self.fresh();
+        let names: Vec<&str> = operands.iter().map(|(n, _)| *n).collect();
+        let types: Vec<&str> = operands.iter().map(|(_, t)| *t).collect();
+        let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{}}}", attrs.join(", ")) };
+        self.line(&format!("{r} = \"{name}\"({}){attrs} : ({}) -> {result}", names.join(", "), types.join(", ")));
+        r
+    }
+
+    fn ret(&mut self, values: &[String], types: &[String]) {
+        self.line(&format!("\"stablehlo.return\"({}) : ({}) -> ()", values.join(", "), types.join(", ")));
+    }
+
+    fn constant(&mut self, value: &str, ty: &str) -> String {
+        self.op("stablehlo.constant", &[], &[format!("value = dense<{value}> : {ty}")], ty)
+    }
+
+    fn literal(lit: Literal, dtype: DType) -> String {
+        match lit {
+            Literal::Float(x) => float_literal(x, dtype),
+            Literal::Int(i) if dtype.is_float() => float_literal(i as f64, dtype),
+            Literal::Int(i) => i.to_string(),
+            Literal::Bool(b) => b.to_string(),
+        }
+    }
+
+    fn splat(&mut self, lit: Literal, t: &ValueType) -> String {
+        let v = Self::literal(lit, t.dtype);
+        self.constant(&v, &tensor_type(t))
+    }
+
+    fn pad(&mut self, x: &str, t: &ValueType, to: &[usize]) -> String {
+        if t.shape == to {
+            return x.to_string();
+        }
+        let z = self.splat(zero(t.dtype), &ValueType::scalar(t.dtype));
+        let high: Vec<usize> = to.iter().zip(&t.shape).map(|(p, d)| p - d).collect();
+        let zeros = vec![0; to.len()];
+        let (tt, zt, pt) = (tensor_type(t), tensor_type(&ValueType::scalar(t.dtype)), tensor_type(&ValueType::new(t.dtype, to)));
+        let attrs = [format!("edge_padding_high = {}", i64_array(&high)), format!("edge_padding_low = {}", i64_array(&zeros)), format!("interior_padding = {}", i64_array(&zeros))];
+        self.op("stablehlo.pad", &[(x, &tt), (&z, &zt)], &attrs, &pt)
+    }
+
+    fn slice(&mut self, x: &str, t: &ValueType, start: &[usize], limit: &[usize]) -> String {
+        let shape: Vec<usize> = limit.iter().zip(start).map(|(l, s)| l - s).collect();
+        let attrs = [format!("limit_indices = {}", i64_array(limit)), format!("start_indices = {}", i64_array(start)), format!("strides = {}", i64_array(&vec![1; start.len()]))];
+        self.op("stablehlo.slice", &[(x, &tensor_type(t))], &attrs, &tensor_type(&ValueType::new(t.dtype, shape)))
+    }
+
+    fn reshape(&mut self, x: &str, from: &ValueType, to: &ValueType) -> String {
+        if from.shape == to.shape {
+            return x.to_string();
+        }
+        self.op("stablehlo.reshape", &[(x, &tensor_type(from))], &[], &tensor_type(to))
+    }
+
+    fn dynamic_slice(&mut self, x: &str, t: &ValueType, offsets: &[String], sizes: &[usize]) -> String {
+        let i32t = tensor_type(&ValueType::scalar(DType::I32));
+        let tt = tensor_type(t);
+        let mut ops: Vec<(&str, &str)> = vec![(x, &tt)];
+        ops.extend(offsets.iter().map(|o| (o.as_str(), i32t.as_str())));
+        self.op("stablehlo.dynamic_slice", &ops, &[format!("slice_sizes = {}", i64_array(sizes))], &tensor_type(&ValueType::new(t.dtype, sizes)))
+    }
+
+    fn dynamic_update_slice(&mut self, x: &str, t: &ValueType, update: &str, ut: &ValueType, offsets: &[String]) -> String {
+        let i32t = tensor_type(&ValueType::scalar(DType::I32));
+        let (tt, utt) = (tensor_type(t), tensor_type(ut));
+        let mut ops: Vec<(&str, &str)> = vec![(x, &tt), (update, &utt)];
+        ops.extend(offsets.iter().map(|o| (o.as_str(), i32t.as_str())));
+        self.op("stablehlo.dynamic_update_slice", &ops, &[], &tt)
+    }
+
+    fn i32_binary(&mut self, name: &str, a: &str, b: &str) -> String {
+        let t = tensor_type(&ValueType::scalar(DType::I32));
+        self.op(name, &[(a, &t), (b, &t)], &[], &t)
+    }
+
+    /// One grid step: `args` are the loop's (index, outputs..., scratch...); returns the new outputs and scratch.
+    fn grid_step(&mut self, args: &[String], padded_inputs: &[String], prefetch: &[String]) -> Result<Vec<String>> {
+        let call = self.call;
+        // Row-major grid indices from the flat index.
+        let mut grid = Vec::new();
+        let mut stride = call.num_programs();
+        for &g in &call.grid {
+            stride /= g;
+            let s = self.constant(&stride.to_string(), &tensor_type(&ValueType::scalar(DType::I32)));
+            let n = self.constant(&g.to_string(), &tensor_type(&ValueType::scalar(DType::I32)));
+            let q = self.i32_binary("stablehlo.divide", &args[0], &s);
+            grid.push(self.i32_binary("stablehlo.remainder", &q, &n));
+        }
+        let n_in = call.inputs.len();
+        let n_out = call.outputs.len();
+        // Element offsets of every operand's block.
+        let mut offsets: Vec<Vec<String>> = Vec::new();
+        for op in call.inputs.iter().chain(&call.outputs) {
+            let block = self.index_map(&op.index_map, &grid, prefetch)?;
+            let mut o = Vec::new();
+            for (b, d) in block.iter().zip(op.block_dims()) {
+                let dc = self.constant(&d.to_string(), &tensor_type(&ValueType::scalar(DType::I32)));
+                o.push(self.i32_binary("stablehlo.multiply", b, &dc));
+            }
+            offsets.push(o);
+        }
+        let body = &call.body;
+        let mut scope = Scope { names: HashMap::new(), refs: HashMap::new(), mutable: Vec::new(), grid: grid.clone() };
+        let n_pf = call.prefetch.len();
+        for (i, p) in call.prefetch.iter().enumerate() {
+            scope.refs.insert(body.args[i], RefValue { name: prefetch[i].clone(), ty: p.array.clone() });
+        }
+        for (i, op) in call.inputs.iter().enumerate() {
+            let padded = ValueType::new(op.array.dtype, padded_shape(op));
+            let block = self.dynamic_slice(&padded_inputs[i], &padded, &offsets[i], &op.block_dims());
+            let view = ValueType::new(op.array.dtype, op.kernel_block_shape());
+            let v = self.reshape(&block, &ValueType::new(op.array.dtype, op.block_dims()), &view);
+            scope.refs.insert(body.args[n_pf + i], RefValue { name: v, ty: view });
+        }
+        for (o, op) in call.outputs.iter().enumerate() {
+            let padded = ValueType::new(op.array.dtype, padded_shape(op));
+            let block = self.dynamic_slice(&args[1 + o], &padded, &offsets[n_in + o], &op.block_dims());
+            let view = ValueType::new(op.array.dtype, op.kernel_block_shape());
+            let v = self.reshape(&block, &ValueType::new(op.array.dtype, op.block_dims()), &view);
+            let id = body.args[n_pf + n_in + o];
+            scope.refs.insert(id, RefValue { name: v, ty: view });
+            scope.mutable.push(id);
+        }
+        for (s, sc) in call.scratch.iter().enumerate() {
+            let id = body.args[n_pf + n_in + n_out + s];
+            scope.refs.insert(id, RefValue { name: args[1 + n_out + s].clone(), ty: ValueType::new(sc.ty.dtype, sc.ty.shape.clone()) });
+            scope.mutable.push(id);
+        }
+        self.region(body, &body.body, &mut scope)?;
+        let mut results = Vec::new();
+        for (o, op) in call.outputs.iter().enumerate() {
+            let r = scope.refs[&body.args[n_pf + n_in + o]].clone();
+            let block_t = ValueType::new(op.array.dtype, op.block_dims());
+            let block = self.reshape(&r.name, &r.ty, &block_t);
+            let padded = ValueType::new(op.array.dtype, padded_shape(op));
+            results.push(self.dynamic_update_slice(&args[1 + o], &padded, &block, &block_t, &offsets[n_in + o]));
+        }
+        for s in 0..call.scratch.len() {
+            results.push(scope.refs[&body.args[n_pf + n_in + n_out + s]].name.clone());
+        }
+        Ok(results)
+    }
+
+    /// Emits an index map inline; returns its block indices (i32 scalars).
+    fn index_map(&mut self, map: &Func, grid: &[String], prefetch: &[String]) -> Result<Vec<String>> {
+        let mut scope = Scope { names: HashMap::new(), refs: HashMap::new(), mutable: Vec::new(), grid: grid.to_vec() };
+        for (i, &a) in map.args.iter().enumerate() {
+            match map.ty(a) {
+                Type::Value(_) => {
+                    scope.names.insert(a, grid[i].clone());
+                }
+                Type::Ref(r) => {
+                    let p = &prefetch[i - grid.len()];
+                    scope.refs.insert(a, RefValue { name: p.clone(), ty: ValueType::new(r.dtype, r.shape.clone()) });
+                }
+            }
+        }
+        self.region(map, &map.body, &mut scope)?;
+        Ok(map.results.iter().map(|r| scope.names[r].clone()).collect())
+    }
+
+    fn unsupported(&self, loc: Loc, message: impl Into<String>) -> Error {
+        Error::Unsupported { kernel: self.call.kernel.name().into(), target: "portable StableHLO", loc, message: message.into() }
+    }
+
+    fn region(&mut self, func: &Func, region: &Region, scope: &mut Scope) -> Result<Vec<String>> {
+        for op in &region.ops {
+            if let OpKind::Yield { values } = &op.kind {
+                return Ok(values.iter().map(|v| scope.names[v].clone()).collect());
+            }
+            self.emit(func, op, scope)?;
+        }
+        Ok(Vec::new())
+    }
+
+    /// Offsets (i32 scalars) and sizes of an access, and the shape with point dims dropped.
+    fn access(&mut self, index: &[Index], ref_shape: &[usize], scope: &Scope) -> (Vec<String>, Vec<usize>, bool) {
+        let i32t = tensor_type(&ValueType::scalar(DType::I32));
+        let index: Vec<Index> = if index.is_empty() { vec![Index::Full; ref_shape.len()] } else { index.to_vec() };
+        let mut offsets = Vec::new();
+        let mut sizes = Vec::new();
+        let mut whole = true;
+        for (ix, &d) in index.iter().zip(ref_shape) {
+            let (start, len) = match ix {
+                Index::Full => (Offset::Static(0), d),
+                Index::Slice { start, len } => (*start, *len),
+                Index::Point(o) => (*o, 1),
+            };
+            whole &= matches!(start, Offset::Static(0)) && len == d;
+            offsets.push(match start {
+                Offset::Static(s) => self.constant(&s.to_string(), &i32t),
+                Offset::Dynamic(v) => scope.names[&v].clone(),
+            });
+            sizes.push(len);
+        }
+        (offsets, sizes, whole)
+    }
+
+    fn vt(func: &Func, v: ValueId) -> ValueType {
+        match func.ty(v) {
+            Type::Value(t) => t.clone(),
+            Type::Ref(r) => ValueType::new(r.dtype, r.shape.clone()),
+        }
+    }
+
+    fn emit(&mut self, func: &Func, op: &Op, scope: &mut Scope) -> Result<()> {
+        let name = |scope: &Scope, v: &ValueId| scope.names[v].clone();
+        let result = op.results.first().copied();
+        let rt = result.map(|r| Self::vt(func, r));
+        let rtt = rt.as_ref().map(tensor_type).unwrap_or_default();
+        let value = match &op.kind {
+            OpKind::Constant(lit) => {
+                let t = rt.clone().expect("constants have a result");
+                self.splat(*lit, &t)
+            }
+            OpKind::ProgramId { axis } => scope.grid[*axis].clone(),
+            OpKind::NumPrograms { axis } => self.constant(&self.call.grid[*axis].to_string(), &rtt),
+            OpKind::Load { src, index } => {
+                let r = scope.refs[src].clone();
+                let (offsets, sizes, whole) = self.access(index, &r.ty.shape, scope);
+                let loaded = if whole { r.name.clone() } else { self.dynamic_slice(&r.name, &r.ty, &offsets, &sizes) };
+                let t = rt.clone().expect("loads have a result");
+                self.reshape(&loaded, &ValueType::new(r.ty.dtype, sizes), &t)
+            }
+            OpKind::Store { dst, index, value } => {
+                let r = scope.refs[dst].clone();
+                let (offsets, sizes, whole) = self.access(index, &r.ty.shape, scope);
+                let vt = Self::vt(func, *value);
+                let region = ValueType::new(r.ty.dtype, sizes);
+                let v = self.reshape(&name(scope, value), &vt, &region);
+                let updated = if whole { self.reshape(&v, &region, &r.ty) } else { self.dynamic_update_slice(&r.name, &r.ty, &v, &region, &offsets) };
+                scope.refs.insert(*dst, RefValue { name: updated, ty: r.ty });
+                return Ok(());
+            }
+            OpKind::Unary { op: u, x } => {
+                let xt = tensor_type(&Self::vt(func, *x));
+                let x = name(scope, x);
+                let opname = match u {
+                    UnaryOp::Neg => "stablehlo.negate",
+                    UnaryOp::Exp => "stablehlo.exponential",
+                    UnaryOp::Log => "stablehlo.log",
+                    UnaryOp::Sqrt => "stablehlo.sqrt",
+                    UnaryOp::Rsqrt => "stablehlo.rsqrt",
+                    UnaryOp::Tanh => "stablehlo.tanh",
+                    UnaryOp::Logistic => "stablehlo.logistic",
+                    UnaryOp::Abs => "stablehlo.abs",
+                    UnaryOp::Sin => "stablehlo.sine",
+                    UnaryOp::Cos => "stablehlo.cosine",
+                    UnaryOp::Floor => "stablehlo.floor",
+                    UnaryOp::Ceil => "stablehlo.ceil",
+                    UnaryOp::Not => "stablehlo.not",
+                    UnaryOp::Exp2 => {
+                        let t = rt.clone().expect("unary ops have a result");
+                        let ln2 = self.splat(Literal::Float(std::f64::consts::LN_2), &t);
+                        let scaled = self.op("stablehlo.multiply", &[(&x, &xt), (&ln2, &xt)], &[], &xt);
+                        let v = self.op("stablehlo.exponential", &[(&scaled, &xt)], &[], &xt);
+                        scope.names.insert(op.results[0], v);
+                        return Ok(());
+                    }
+                };
+                self.op(opname, &[(&x, &xt)], &[], &rtt)
+            }
+            OpKind::Binary { op: b, lhs, rhs } => {
+                let t = rt.clone().expect("binary ops have a result");
+                let boolean = t.dtype == DType::Bool;
+                let opname = match b {
+                    BinaryOp::Add => "stablehlo.add",
+                    BinaryOp::Sub => "stablehlo.subtract",
+                    BinaryOp::Mul => "stablehlo.multiply",
+                    BinaryOp::Div => "stablehlo.divide",
+                    BinaryOp::Rem => "stablehlo.remainder",
+                    BinaryOp::Max if boolean => "stablehlo.or",
+                    BinaryOp::Min if boolean => "stablehlo.and",
+                    BinaryOp::Max => "stablehlo.maximum",
+                    BinaryOp::Min => "stablehlo.minimum",
+                    BinaryOp::Pow => "stablehlo.power",
+                    BinaryOp::And => "stablehlo.and",
+                    BinaryOp::Or => "stablehlo.or",
+                    BinaryOp::Xor => "stablehlo.xor",
+                };
+                let (a, c) = (name(scope, lhs), name(scope, rhs));
+                self.op(opname, &[(&a, &rtt), (&c, &rtt)], &[], &rtt)
+            }
+            OpKind::Compare { op: c, lhs, rhs } => {
+                let at = Self::vt(func, *lhs);
+                let d = match c {
+                    CmpOp::Eq => "EQ",
+                    CmpOp::Ne => "NE",
+                    CmpOp::Lt => "LT",
+                    CmpOp::Le => "LE",
+                    CmpOp::Gt => "GT",
+                    CmpOp::Ge => "GE",
+                };
+                let (a, b, att) = (name(scope, lhs), name(scope, rhs), tensor_type(&at));
+                self.op("stablehlo.compare", &[(&a, &att), (&b, &att)], &[direction(d), compare_type(at.dtype)], &rtt)
+            }
+            OpKind::Select { cond, on_true, on_false } => {
+                let ct = tensor_type(&Self::vt(func, *cond));
+                let (c, a, b) = (name(scope, cond), name(scope, on_true), name(scope, on_false));
+                self.op("stablehlo.select", &[(&c, &ct), (&a, &rtt), (&b, &rtt)], &[], &rtt)
+            }
+            OpKind::Cast { x } => {
+                let xt = tensor_type(&Self::vt(func, *x));
+                let x = name(scope, x);
+                self.op("stablehlo.convert", &[(&x, &xt)], &[], &rtt)
+            }
+            OpKind::Broadcast { x } => {
+                let xt = Self::vt(func, *x);
+                let t = rt.clone().expect("broadcasts have a result");
+                let dims: Vec<usize> = (t.shape.len() - xt.shape.len()..t.shape.len()).collect();
+                let x = name(scope, x);
+                self.op("stablehlo.broadcast_in_dim", &[(&x, &tensor_type(&xt))], &[format!("broadcast_dimensions = {}", i64_array(&dims))], &rtt)
+            }
+            OpKind::Reshape { x } => {
+                let xt = Self::vt(func, *x);
+                let x = name(scope, x);
+                self.reshape(&x, &xt, rt.as_ref().expect("reshapes have a result"))
+            }
+            OpKind::Reduce { op: r, x, axis } => {
+                let xt = Self::vt(func, *x);
+                let st = ValueType::scalar(xt.dtype);
+                let stt = tensor_type(&st);
+                let float = xt.dtype.is_float();
+                let (init, combine) = match r {
+                    ReduceOp::Sum => (zero(xt.dtype), "stablehlo.add"),
+                    ReduceOp::Max if float => (Literal::Float(f64::NEG_INFINITY), "stablehlo.maximum"),
+                    ReduceOp::Min if float => (Literal::Float(f64::INFINITY), "stablehlo.minimum"),
+                    ReduceOp::Max => (Literal::Int(i32::MIN as i64), "stablehlo.maximum"),
+                    ReduceOp::Min => (Literal::Int(i32::MAX as i64), "stablehlo.minimum"),
+                };
+                let init = self.splat(init, &st);
+                let x = name(scope, x);
+                let res = self.fresh();
+                let (a, b) = (self.fresh(), self.fresh());
+                self.line(&format!("{res} = \"stablehlo.reduce\"({x}, {init}) ({{"));
+                self.line(&format!("^bb0({a}: {stt}, {b}: {stt}):"));
+                self.depth += 1;
+                let s = self.op(combine, &[(&a, &stt), (&b, &stt)], &[], &stt);
+                self.ret(&[s], &[stt.clone()]);
+                self.depth -= 1;
+                self.line(&format!("}}) {{dimensions = {}}} : ({}, {stt}) -> {rtt}", i64_array(&[*axis]), tensor_type(&xt)));
+                res
+            }
+            OpKind::Dot { lhs, rhs, transpose_lhs, transpose_rhs } => {
+                let (lt, rht) = (tensor_type(&Self::vt(func, *lhs)), tensor_type(&Self::vt(func, *rhs)));
+                let lc = if *transpose_lhs { 0 } else { 1 };
+                let rc = if *transpose_rhs { 1 } else { 0 };
+                let dims = format!("dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [{lc}], rhs_contracting_dimensions = [{rc}]>");
+                let (a, b) = (name(scope, lhs), name(scope, rhs));
+                self.op("stablehlo.dot_general", &[(&a, &lt), (&b, &rht)], &[dims], &rtt)
+            }
+            OpKind::Iota { dim } => self.op("stablehlo.iota", &[], &[format!("iota_dimension = {dim} : i64")], &rtt),
+            OpKind::If { cond, then_region, else_region } => return self.emit_if(func, op, *cond, then_region, else_region, scope),
+            OpKind::For { lo, hi, inits, body } => return self.emit_for(func, op, *lo, *hi, inits, body, scope),
+            OpKind::Yield { .. } => return Err(self.unsupported(op.loc, "a yield outside a region")),
+        };
+        if let Some(r) = result {
+            scope.names.insert(r, value);
+        }
+        Ok(())
+    }
+
+    fn mutable_state(scope: &Scope) -> (Vec<String>, Vec<String>) {
+        scope.mutable.iter().map(|id| (scope.refs[id].name.clone(), tensor_type(&scope.refs[id].ty))).unzip()
+    }
+
+    fn set_mutable(scope: &mut Scope, names: &[String]) {
+        for (id, n) in scope.mutable.clone().iter().zip(names) {
+            if let Some(r) = scope.refs.get_mut(id) {
+                r.name = n.clone();
+            }
+        }
+    }
+
+    fn emit_if(&mut self, func: &Func, op: &Op, cond: ValueId, then_region: &Region, else_region: &Region, scope: &mut Scope) -> Result<()> {
+        let result_types: Vec<String> = op.results.iter().map(|&r| tensor_type(&Self::vt(func, r))).collect();
+        let (before, ref_types) = Self::mutable_state(scope);
+        let mut types = result_types.clone();
+        types.extend(ref_types.iter().cloned());
+        let r = self.fresh();
+        let c = scope.names[&cond].clone();
+        self.line(&format!("{r}:{} = \"stablehlo.if\"({c}) ({{", types.len().max(1)));
+        for (i, region) in [then_region, else_region].into_iter().enumerate() {
+            if i == 1 {
+                self.line("}, {");
+            }
+            Self::set_mutable(scope, &before);
+            self.depth += 1;
+            let mut values = self.region(func, region, scope)?;
+            values.extend(Self::mutable_state(scope).0);
+            self.ret(&values, &types);
+            self.depth -= 1;
+        }
+        self.line(&format!("}}) : ({}) -> ({})", tensor_type(&ValueType::scalar(DType::Bool)), types.join(", ")));
+        for (i, &res) in op.results.iter().enumerate() {
+            scope.names.insert(res, format!("{r}#{i}"));
+        }
+        let after: Vec<String> = (0..ref_types.len()).map(|i| format!("{r}#{}", op.results.len() + i)).collect();
+        Self::set_mutable(scope, &after);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn emit_for(&mut self, func: &Func, op: &Op, lo: ValueId, hi: ValueId, inits: &[ValueId], body: &Region, scope: &mut Scope) -> Result<()> {
+        let i32t = tensor_type(&ValueType::scalar(DType::I32));
+        let carried_types: Vec<String> = inits.iter().map(|&i| tensor_type(&Self::vt(func, i))).collect();
+        let (refs_now, ref_types) = Self::mutable_state(scope);
+        let mut types = vec![i32t.clone()];
+        types.extend(carried_types.iter().cloned());
+        types.extend(ref_types.iter().cloned());
+        let mut init_names = vec![scope.names[&lo].clone()];
+        init_names.extend(inits.iter().map(|i| scope.names[i].clone()));
+        init_names.extend(refs_now);
+        let hi = scope.names[&hi].clone();
+        let w = self.fresh();
+        let cond_args: Vec<String> = (0..types.len()).map(|_| self.fresh()).collect();
+        let body_args: Vec<String> = (0..types.len()).map(|_| self.fresh()).collect();
+        self.line(&format!("{w}:{} = \"stablehlo.while\"({}) ({{", types.len(), init_names.join(", ")));
+        self.line(&format!("^bb0({}):", typed(&cond_args, &types)));
+        self.depth += 1;
+        let more = self.op("stablehlo.compare", &[(&cond_args[0], &i32t), (&hi, &i32t)], &[direction("LT"), compare_type(DType::I32)], &tensor_type(&ValueType::scalar(DType::Bool)));
+        self.ret(&[more], &[tensor_type(&ValueType::scalar(DType::Bool))]);
+        self.depth -= 1;
+        self.line("}, {");
+        self.line(&format!("^bb0({}):", typed(&body_args, &types)));
+        self.depth += 1;
+        scope.names.insert(body.args[0], body_args[0].clone());
+        for (a, n) in body.args[1..].iter().zip(&body_args[1..]) {
+            scope.names.insert(*a, n.clone());
+        }
+        Self::set_mutable(scope, &body_args[1 + inits.len()..]);
+        let yields = self.region(func, body, scope)?;
+        let one = self.constant("1", &i32t);
+        let next = self.i32_binary("stablehlo.add", &body_args[0], &one);
+        let mut values = vec![next];
+        values.extend(yields);
+        values.extend(Self::mutable_state(scope).0);
+        self.ret(&values, &types);
+        self.depth -= 1;
+        self.line(&format!("}}) : ({}) -> ({})", types.join(", "), types.join(", ")));
+        for (i, &res) in op.results.iter().enumerate() {
+            scope.names.insert(res, format!("{w}#{}", 1 + i));
+        }
+        let after: Vec<String> = (0..ref_types.len()).map(|i| format!("{w}#{}", 1 + inits.len() + i)).collect();
+        Self::set_mutable(scope, &after);
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! Running kernels: on the CPU interpreter, or through PJRT after lowering (portable
+//! StableHLO for CPU and CUDA, `tpu_custom_call` for TPU). Also device timing.
+
+mod transfer;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
+
+use torchtpu_codegen::{lower, Target};
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::{HostArray, InterpretOptions, PallasCall, TracedCall};
+use torchtpu_runtime::{locate, Buffer, Client, Executable, Plugin};
+
+pub use transfer::{download, upload};
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Dsl(#[from] torchtpu_dsl::Error),
+    #[error(transparent)]
+    Codegen(#[from] torchtpu_codegen::Error),
+    #[error(transparent)]
+    Runtime(#[from] torchtpu_runtime::Error),
+    #[error("bad input: {0}")]
+    Input(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// The CPU interpreter (no compile step).
+    Interpret,
+    /// The PJRT CPU plugin, on the portable lowering.
+    Cpu,
+    /// The PJRT CUDA plugin, on the portable lowering.
+    Cuda,
+    /// A real TPU through libtpu, on the Mosaic lowering.
+    Tpu,
+}
+
+impl Backend {
+    pub const ALL: [Backend; 4] = [Backend::Interpret, Backend::Cpu, Backend::Cuda, Backend::Tpu];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Interpret => "interpret",
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Tpu => "tpu",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Backend> {
+        Backend::ALL.into_iter().find(|b| b.name() == s).ok_or_else(|| Error::Input(format!("unknown backend `{s}`; expected interpret, cpu, cuda or tpu")))
+    }
+}
+
+/// The process-wide PJRT client of a device backend (created on first use).
+pub fn client(backend: Backend) -> Result<Client> {
+    static CLIENTS: OnceLock<Mutex<Vec<(Backend, Client)>>> = OnceLock::new();
+    let clients = CLIENTS.get_or_init(|| Mutex::new(Vec::new()));
+    let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, c)) = clients.iter().find(|(b, _)| *b == backend) {
+        return Ok(c.clone());
+    }
+    let path = match backend {
+        Backend::Cpu => locate::cpu_plugin()?,
+        Backend::Cuda => locate::cuda_plugin()?,
+        Backend::Tpu => locate::libtpu()?,
+        Backend::Interpret => return Err(Error::Input("the interpreter has no PJRT client".into())),
+    };
+    let client = Client::new(&Plugin::load(&path)?)?;
+    clients.push((backend, client.clone()));
+    Ok(client)
+}
+
+/// A call compiled for a device backend: upload, run and time without recompiling.
+pub struct Compiled {
+    client: Client,
+    executable: Executable,
+    operands: Vec<ValueType>,
+    outputs: Vec<ValueType>,
+}
+
+impl Compiled {
+    /// Lowers `traced` for `backend` and compiles it (once per module: the client caches).
+    pub fn new(traced: &TracedCall, backend: Backend) -> Result<Compiled> {
+        let target = if backend == Backend::Tpu { Target::TpuStableHlo } else { Target::PortableStableHlo };
+        let module = lower(traced, target)?;
+        let client = client(backend)?;
+        let executable = client.compile(&module)?;
+        let operands = traced.prefetch.iter().map(|p| p.array.clone()).chain(traced.inputs.iter().map(|i| i.array.clone())).collect();
+        let outputs = traced.outputs.iter().map(|o| o.array.clone()).collect();
+        Ok(Compiled { client, executable, operands, outputs })
+    }
+
+    /// Uploads operands after checking them against the types the call was compiled for.
+    pub fn upload(&self, operands: &[HostArray]) -> Result<Vec<Buffer>> {
+        if operands.len() != self.operands.len() {
+            return Err(Error::Input(format!("expected {} arrays, got {}", self.operands.len(), operands.len())));
+        }
+        operands
+            .iter()
+            .zip(&self.operands)
+            .enumerate()
+            .map(|(i, (a, t))| {
+                if a.value_type() != *t {
+                    return Err(Error::Input(format!("operand {i} is {}, but the call was compiled for {t}", a.value_type())));
+                }
+                upload(&self.client, a)
+            })
+            .collect()
+    }
+
+    /// Runs on device buffers; returns device buffers.
+    pub fn execute(&self, operands: &[Buffer]) -> Result<Vec<Buffer>> {
+        let refs: Vec<&Buffer> = operands.iter().collect();
+        Ok(self.executable.execute(&refs)?)
+    }
+
+    /// Runs on host arrays; returns host arrays.
+    pub fn run(&self, operands: &[HostArray]) -> Result<Vec<HostArray>> {
+        let buffers = self.upload(operands)?;
+        let out = self.execute(&buffers)?;
+        out.iter().zip(&self.outputs).map(|(b, t)| download(b, t)).collect()
+    }
+
+    /// Device time of one execution: `warmup` runs, then the median (and spread) of `reps`,
+    /// rotating through `operand_sets` so that caches do not flatter small problems.
+    pub fn time(&self, operand_sets: &[Vec<Buffer>], warmup: usize, reps: usize) -> Result<Timing> {
+        if operand_sets.is_empty() || reps == 0 {
+            return Err(Error::Input("timing needs at least one operand set and one repetition".into()));
+        }
+        for i in 0..warmup {
+            self.execute(&operand_sets[i % operand_sets.len()])?;
+        }
+        let mut times = Vec::with_capacity(reps);
+        for i in 0..reps {
+            let t = Instant::now();
+            self.execute(&operand_sets[i % operand_sets.len()])?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(Timing::from_samples(times))
+    }
+}
+
+/// Summary of repeated timings, in milliseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Timing {
+    pub median_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub samples: usize,
+}
+
+impl Timing {
+    pub fn from_samples(mut ms: Vec<f64>) -> Timing {
+        ms.sort_by(f64::total_cmp);
+        let n = ms.len();
+        let median = if n % 2 == 1 { ms[n / 2] } else { (ms[n / 2 - 1] + ms[n / 2]) / 2.0 };
+        Timing { median_ms: median, min_ms: ms[0], max_ms: ms[n - 1], samples: n }
+    }
+
+    /// (max - min) / median: how noisy the measurement was.
+    pub fn spread(&self) -> f64 {
+        (self.max_ms - self.min_ms) / self.median_ms
+    }
+}
+
+/// Runs `call` on `backend` over `operands` (scalar-prefetch arrays first).
+pub fn run(call: &PallasCall, backend: Backend, operands: &[HostArray]) -> Result<Vec<HostArray>> {
+    if backend == Backend::Interpret {
+        return Ok(call.interpret_with(operands, InterpretOptions::default())?);
+    }
+    let types: Vec<ValueType> = operands.iter().map(HostArray::value_type).collect();
+    Compiled::new(&call.trace(&types)?, backend)?.run(operands)
+}
