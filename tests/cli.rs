@@ -70,3 +70,31 @@ fn check_rejects_an_unknown_chip() {
     assert_eq!(code, 2);
     assert!(err.contains("unknown TPU chip `v9`"), "{err}");
 }
+
+#[test]
+fn run_on_pjrt_cpu_checks_and_times() {
+    let (code, out, err) = torchtpu(&["run", "matmul", "--backend", "cpu", "--set", "m=200,n=136,k=300,bm=64", "--dtype", "bf16", "--json", "--seed", "5"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    assert_eq!(v["kernel"], "matmul/bf16/m200n136k300/b64x128x128");
+    assert_eq!(v["backend"], "cpu");
+    assert_eq!(v["ok"], true);
+    assert!(v["max_abs_err"].as_f64().is_some_and(|e| e > 0.0 && e < 1.0), "{v}");
+    assert!(v["time_ms"].as_f64().is_some_and(|t| t > 0.0), "{v}");
+    let (code, out, _) = torchtpu(&["run", "gather", "--backend", "interpret"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("on interpret: ok"), "{out}");
+}
+
+#[test]
+fn run_reports_bad_settings_and_missing_hardware() {
+    let (code, _, err) = torchtpu(&["run", "matmul", "--set", "q=3"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("`matmul` has no setting `q`; it takes m, n, k, bm, bn, bk"), "{err}");
+    let (code, _, err) = torchtpu(&["run", "matmul", "--backend", "gpu"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown backend `gpu`"), "{err}");
+    let (code, _, err) = torchtpu(&["run", "softmax", "--backend", "tpu"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no TPU to run on") && err.contains("torchtpu check"), "{err}");
+}

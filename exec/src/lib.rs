@@ -76,13 +76,16 @@ pub fn client(backend: Backend) -> Result<Client> {
     if let Some((_, c)) = clients.iter().find(|(b, _)| *b == backend) {
         return Ok(c.clone());
     }
-    let path = match backend {
-        Backend::Cpu => locate::cpu_plugin()?,
-        Backend::Cuda => locate::cuda_plugin()?,
-        Backend::Tpu => locate::libtpu()?,
+    let plugin = match backend {
+        Backend::Cpu => Plugin::load(&locate::cpu_plugin()?)?,
+        Backend::Cuda => Plugin::load(&locate::cuda_plugin()?)?,
+        Backend::Tpu => torchtpu_runtime::tpu::load_libtpu()?,
         Backend::Interpret => return Err(Error::Input("the interpreter has no PJRT client".into())),
     };
-    let client = Client::new(&Plugin::load(&path)?)?;
+    let client = Client::new(&plugin).map_err(|e| match backend {
+        Backend::Tpu => Error::Input(format!("no TPU to run on ({e}); `torchtpu check` compiles for TPUs without one")),
+        _ => e.into(),
+    })?;
     clients.push((backend, client.clone()));
     Ok(client)
 }

@@ -157,20 +157,24 @@ fn set_default_env(name: &str, value: &str) {
     }
 }
 
+/// Loads the `libtpu` that [`crate::locate::libtpu`] finds, with the environment it needs
+/// off a Cloud TPU VM. Every load of libtpu goes through here.
+pub fn load_libtpu() -> Result<Plugin> {
+    static ENV: OnceLock<()> = OnceLock::new();
+    ENV.get_or_init(|| {
+        // Without it libtpu queries a cloud metadata server for minutes before giving up.
+        set_default_env("TPU_SKIP_MDS_QUERY", "1");
+        set_default_env("TPU_ACCELERATOR_TYPE", "v5litepod-4");
+        set_default_env("TPU_WORKER_HOSTNAMES", "localhost");
+    });
+    Plugin::load(&crate::locate::libtpu()?)
+}
+
 impl TpuCompiler {
-    /// The process-wide compiler over the `libtpu` that [`crate::locate::libtpu`] finds.
+    /// The process-wide compiler over the libtpu of [`load_libtpu`].
     pub fn shared() -> Result<&'static TpuCompiler> {
         static SHARED: OnceLock<std::result::Result<TpuCompiler, Error>> = OnceLock::new();
-        SHARED
-            .get_or_init(|| {
-                // Without it libtpu queries a cloud metadata server for minutes before giving up.
-                set_default_env("TPU_SKIP_MDS_QUERY", "1");
-                set_default_env("TPU_ACCELERATOR_TYPE", "v5litepod-4");
-                set_default_env("TPU_WORKER_HOSTNAMES", "localhost");
-                TpuCompiler::new(Plugin::load(&crate::locate::libtpu()?)?)
-            })
-            .as_ref()
-            .map_err(Clone::clone)
+        SHARED.get_or_init(|| TpuCompiler::new(load_libtpu()?)).as_ref().map_err(Clone::clone)
     }
 
     pub fn new(plugin: Plugin) -> Result<TpuCompiler> {

@@ -9,7 +9,8 @@ use rand::{Rng, SeedableRng};
 use torchtpu::dsl::{DType, HostArray, InterpretOptions, TracedCall};
 use torchtpu_codegen::{lower, Target};
 use torchtpu_runtime::{Chip, TpuCompiler};
-use torchtpu_testkernels::{acceptance_set, find, relative_error, tolerance, Example};
+use torchtpu_exec::{Backend, Compiled};
+use torchtpu_testkernels::{acceptance_set, configure, find, relative_error, tolerance, Example, FAMILIES};
 
 #[derive(Parser)]
 #[command(name = "torchtpu", version, about = "Pallas for Rust: trace, interpret and inspect TPU kernels")]
@@ -41,6 +42,8 @@ enum LowerTarget {
     MosaicStable,
     /// The StableHLO module with the kernel in a `tpu_custom_call`: what runs on a TPU.
     TpuStablehlo,
+    /// Portable StableHLO (the grid as a while loop): what runs on PJRT CPU and CUDA.
+    PortableStablehlo,
 }
 
 impl From<LowerTarget> for Target {
@@ -49,6 +52,7 @@ impl From<LowerTarget> for Target {
             LowerTarget::Mosaic => Target::Mosaic,
             LowerTarget::MosaicStable => Target::MosaicStable,
             LowerTarget::TpuStablehlo => Target::TpuStableHlo,
+            LowerTarget::PortableStablehlo => Target::PortableStableHlo,
         }
     }
 }
@@ -89,6 +93,24 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a kernel on a backend with random inputs; check it against its f64 reference and time it.
+    Run {
+        /// A kernel family (see `list`), or a full name from `list`.
+        kernel: String,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Shape and block settings over the family's defaults, e.g. `m=1024,n=1024,k=1024,bm=256`.
+        #[arg(long, value_delimiter = ',')]
+        set: Vec<String>,
+        /// Seed for the random inputs (default: a fresh one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a kernel on the CPU interpreter with random inputs and check it against its f64 reference.
     Interpret {
         /// A full name from `list`, or a kernel family such as `flash_attention`.
@@ -106,6 +128,66 @@ enum Command {
 
 fn lookup(kernel: &str, dtype: Dtype) -> Result<Box<dyn Example>, String> {
     find(kernel, dtype.into()).ok_or_else(|| format!("no kernel `{kernel}` in {}; see `torchtpu list`", DType::from(dtype)))
+}
+
+fn parse_settings(set: &[String]) -> Result<Vec<(String, usize)>, String> {
+    set.iter()
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').ok_or_else(|| format!("`{kv}`: settings are key=value"))?;
+            let v = v.trim().parse::<usize>().map_err(|_| format!("`{kv}`: `{v}` is not a non-negative integer"))?;
+            Ok((k.trim().to_string(), v))
+        })
+        .collect()
+}
+
+/// Runs an example on a backend: its output vs the reference, and a median time.
+fn run_example(example: &dyn Example, backend: Backend, seed: u64, json: bool) -> Result<bool, String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let inputs = example.random_inputs(&mut rng);
+    let call = example.call();
+    let (outputs, compile_ms, time_ms) = if backend == Backend::Interpret {
+        let mut times = Vec::new();
+        let mut outputs = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            outputs = call.interpret(&inputs).map_err(|e| e.to_string())?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        (outputs, 0.0, torchtpu_exec::Timing::from_samples(times).median_ms)
+    } else {
+        let types: Vec<_> = inputs.iter().map(HostArray::value_type).collect();
+        let t = Instant::now();
+        let compiled = Compiled::new(&call.trace(&types).map_err(|e| e.to_string())?, backend).map_err(|e| e.to_string())?;
+        let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        let outputs = compiled.run(&inputs).map_err(|e| e.to_string())?;
+        let buffers = compiled.upload(&inputs).map_err(|e| e.to_string())?;
+        let timing = compiled.time(&[buffers], 2, 10).map_err(|e| e.to_string())?;
+        (outputs, compile_ms, timing.median_ms)
+    };
+    let reference = example.reference(&inputs);
+    let tol = tolerance(example.dtype());
+    let rel = outputs.iter().zip(&reference).map(|(o, r)| relative_error(o, r)).fold(0.0f64, f64::max);
+    let abs = outputs
+        .iter()
+        .zip(&reference)
+        .flat_map(|(o, r)| o.to_f64().iter().zip(r.iter()).map(|(a, b)| (a - b).abs()).collect::<Vec<_>>())
+        .fold(0.0f64, f64::max);
+    let ok = rel <= tol;
+    let name = example.name();
+    if json {
+        let line = serde_json::json!({
+            "kernel": name, "backend": backend.name(), "max_abs_err": abs, "max_rel_err": rel,
+            "tolerance": tol, "ok": ok, "time_ms": time_ms, "compile_ms": compile_ms, "seed": seed,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "{name} on {backend}: {} (max abs error {abs:.3e}, relative {rel:.2e}, tolerance {tol:.0e}); {time_ms:.3} ms per run{}; seed {seed}",
+            if ok { "ok" } else { "MISMATCH" },
+            if backend == Backend::Interpret { String::new() } else { format!(", compiled in {compile_ms:.0} ms") }
+        );
+    }
+    Ok(ok)
 }
 
 fn trace(example: &dyn Example) -> Result<TracedCall, String> {
@@ -172,6 +254,16 @@ fn run(cli: Cli) -> Result<bool, String> {
                 (None, false) => return Err("name a kernel, or pass --all".into()),
             };
             check(examples, &chips, json)
+        }
+        Command::Run { kernel, backend, dtype, set, seed, json } => {
+            let backend: Backend = backend.parse().map_err(|e: torchtpu_exec::Error| e.to_string())?;
+            let settings = parse_settings(&set)?;
+            let example = if settings.is_empty() && !FAMILIES.iter().any(|(f, _)| *f == kernel) {
+                lookup(&kernel, dtype)?
+            } else {
+                configure(&kernel, dtype.into(), &settings)?
+            };
+            run_example(example.as_ref(), backend, seed.unwrap_or_else(|| rand::rng().random()), json)
         }
         Command::Interpret { kernel, dtype, checked, seed } => {
             let example = lookup(&kernel, dtype)?;

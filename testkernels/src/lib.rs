@@ -70,6 +70,52 @@ pub fn block_shape_variants() -> Vec<Box<dyn Example>> {
     v
 }
 
+/// Each kernel family's settings for [`configure`], with their defaults.
+pub const FAMILIES: &[(&str, &[(&str, usize)])] = &[
+    ("add", &[("rows", 64), ("cols", 256), ("br", 16), ("bc", 128)]),
+    ("matmul", &[("m", 256), ("n", 256), ("k", 256), ("bm", 128), ("bn", 128), ("bk", 128)]),
+    ("softmax", &[("rows", 100), ("cols", 256), ("br", 32)]),
+    ("flash_attention", &[("batch", 1), ("heads", 2), ("seq", 256), ("head_dim", 64), ("bq", 64), ("bk", 64)]),
+    ("row_stats", &[("rows", 40), ("chunks", 3), ("br", 16)]),
+    ("gather", &[("pages", 50), ("dim", 128), ("indices", 17)]),
+];
+
+/// A kernel family in `dtype` with `settings` (`key`, value) over its defaults.
+pub fn configure(family: &str, dtype: DType, settings: &[(String, usize)]) -> Result<Box<dyn Example>, String> {
+    let Some((_, defaults)) = FAMILIES.iter().find(|(f, _)| *f == family) else {
+        let names: Vec<&str> = FAMILIES.iter().map(|(f, _)| *f).collect();
+        return Err(format!("no kernel family `{family}`; expected one of {}", names.join(", ")));
+    };
+    let mut values: Vec<(&str, usize)> = defaults.to_vec();
+    for (key, value) in settings {
+        match values.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) if *value > 0 => slot.1 = *value,
+            Some(_) => return Err(format!("`{key}` must be positive")),
+            None => {
+                let keys: Vec<&str> = defaults.iter().map(|(k, _)| *k).collect();
+                return Err(format!("`{family}` has no setting `{key}`; it takes {}", keys.join(", ")));
+            }
+        }
+    }
+    let v = |k: &str| values.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v);
+    Ok(match family {
+        "add" => Box::new(add::Add { rows: v("rows"), cols: v("cols"), block: (v("br"), v("bc")), dtype }),
+        "matmul" => Box::new(matmul::Matmul { m: v("m"), n: v("n"), k: v("k"), block: (v("bm"), v("bn"), v("bk")), dtype }),
+        "softmax" => Box::new(softmax::Softmax { rows: v("rows"), cols: v("cols"), block_rows: v("br"), dtype }),
+        "flash_attention" => Box::new(flash::Flash {
+            batch: v("batch"),
+            heads: v("heads"),
+            seq: v("seq"),
+            head_dim: v("head_dim"),
+            block_q: v("bq"),
+            block_k: v("bk"),
+            dtype,
+        }),
+        "row_stats" => Box::new(row_stats::RowStats { rows: v("rows"), chunks: v("chunks"), block_rows: v("br"), dtype }),
+        _ => Box::new(gather::Gather { pages: v("pages"), dim: v("dim"), indices: v("indices"), dtype }),
+    })
+}
+
 /// The acceptance example called `name`: a full name from [`acceptance_set`], or a kernel
 /// family (`matmul`, `flash_attention`...) for its first configuration in `dtype`.
 pub fn find(name: &str, dtype: DType) -> Option<Box<dyn Example>> {
