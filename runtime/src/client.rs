@@ -45,6 +45,7 @@ struct ClientInner {
     raw: *mut c_void,
     device: *mut c_void,
     platform: String,
+    platform_version: String,
     executables: Mutex<HashMap<u64, Arc<ExecutableInner>>>,
 }
 
@@ -88,11 +89,15 @@ impl Client {
         name.client = raw;
         plugin.call(Slot::ClientPlatformName, "Client_PlatformName", &mut name)?;
         let platform = Plugin::string(name.value, name.value_size);
+        let mut version = ffi::ClientStringArgs::new();
+        version.client = raw;
+        plugin.call(Slot::ClientPlatformVersion, "Client_PlatformVersion", &mut version)?;
+        let platform_version = Plugin::string(version.value, version.value_size);
         let mut devices = ffi::ClientDevicesArgs::new();
         devices.client = raw;
         plugin.call(Slot::ClientAddressableDevices, "Client_AddressableDevices", &mut devices)?;
         // Owned from here on: an early return destroys the client.
-        let mut inner = ClientInner { plugin: plugin.clone(), raw, device: std::ptr::null_mut(), platform, executables: Mutex::new(HashMap::new()) };
+        let mut inner = ClientInner { plugin: plugin.clone(), raw, device: std::ptr::null_mut(), platform, platform_version, executables: Mutex::new(HashMap::new()) };
         if devices.num_devices == 0 || devices.devices.is_null() {
             return Err(Error::PluginBroken { path: plugin.path().into(), message: "the client has no addressable device".into() });
         }
@@ -108,6 +113,11 @@ impl Client {
 
     pub fn plugin(&self) -> &Plugin {
         &self.inner.plugin
+    }
+
+    /// The plugin's own version string (e.g. the XLA build), for cache keys.
+    pub fn platform_version(&self) -> &str {
+        &self.inner.platform_version
     }
 
     /// How many distinct modules this client has compiled (and keeps).

@@ -166,6 +166,9 @@ pub fn load_libtpu() -> Result<Plugin> {
         set_default_env("TPU_SKIP_MDS_QUERY", "1");
         set_default_env("TPU_ACCELERATOR_TYPE", "v5litepod-4");
         set_default_env("TPU_WORKER_HOSTNAMES", "localhost");
+        // libtpu otherwise takes /tmp/libtpu_lockfile, and a second process (a parallel
+        // test, a second `torchtpu check`) fails to initialize while the first runs.
+        set_default_env("ALLOW_MULTIPLE_LIBTPU_LOAD", "1");
     });
     Plugin::load(&crate::locate::libtpu()?)
 }

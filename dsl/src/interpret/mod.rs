@@ -153,6 +153,25 @@ impl TracedCall {
         static_maps.block_table(&grid_points(&self.grid), &[]).map(|_| ())
     }
 
+    /// For each input then output, its block index at every grid point (row-major flat
+    /// order), or `None` for index maps that read scalar-prefetch tables (data-dependent).
+    pub fn static_block_indices(&self) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
+        let points = grid_points(&self.grid);
+        self.inputs
+            .iter()
+            .chain(&self.outputs)
+            .map(|op| {
+                let mut loads = false;
+                op.index_map.walk(&mut |o| loads |= matches!(o.kind, crate::ir::OpKind::Load { .. }));
+                if loads {
+                    return Ok(None);
+                }
+                let single = TracedCall { inputs: vec![op.clone()], outputs: Vec::new(), ..self.clone() };
+                Ok(single.block_table(&points, &[])?.indices.pop())
+            })
+            .collect()
+    }
+
     fn block_table(&self, points: &[Vec<usize>], prefetch: &[Tensor]) -> Result<BlockTable> {
         let operands: Vec<&BlockOperand> = self.inputs.iter().chain(&self.outputs).collect();
         let names: Vec<String> = self.prefetch.iter().map(|p| p.name.clone()).collect();

@@ -1,0 +1,227 @@
+//! Cost features of a traced call, a roofline model of TPU chips, and the surrogate the
+//! guided search fits to measured times.
+
+use torchtpu_codegen::cost;
+use torchtpu_dsl::ir::{OpKind, Region};
+use torchtpu_dsl::{DType, TracedCall};
+use torchtpu_runtime::Chip;
+
+/// What a configuration costs, independent of any device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Features {
+    /// Programs in the grid.
+    pub steps: f64,
+    /// Flops of all programs (a traced `if` counts its dearer branch).
+    pub flops: f64,
+    /// Bytes the TPU pipeline moves between HBM and VMEM: a block is fetched (or written
+    /// back) when its index changes from one grid step to the next.
+    pub hbm_bytes: f64,
+    /// Bytes the portable lowering slices out per run: every block, every step.
+    pub sliced_bytes: f64,
+    /// Scoped VMEM the blocks (double-buffered) and scratch need, with TPU tile padding.
+    pub vmem_bytes: f64,
+}
+
+/// Rounds the last two dims of `shape` up to the TPU tile for `dtype`: (8, 128) for 32-bit,
+/// (16, 128) for 16-bit, (32, 128) for 8-bit.
+pub fn tile_padded_bytes(shape: &[usize], dtype: DType) -> usize {
+    let sublane = match dtype.size_bytes() {
+        4 => 8,
+        2 => 16,
+        _ => 32,
+    };
+    let mut s = shape.to_vec();
+    let n = s.len();
+    if n >= 1 {
+        s[n - 1] = s[n - 1].div_ceil(128) * 128;
+    }
+    if n >= 2 {
+        s[n - 2] = s[n - 2].div_ceil(sublane) * sublane;
+    }
+    s.iter().product::<usize>() * dtype.size_bytes()
+}
+
+pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
+    let estimate = cost::estimate(call);
+    let operands: Vec<_> = call.inputs.iter().chain(&call.outputs).collect();
+    let blocks = call.static_block_indices()?;
+    let mut hbm = 0.0;
+    let mut sliced = 0.0;
+    let mut vmem = 0.0;
+    for (op, indices) in operands.iter().zip(&blocks) {
+        let block_bytes = (op.block_dims().iter().product::<usize>() * op.array.dtype.size_bytes()) as f64;
+        vmem += 2.0 * tile_padded_bytes(&op.block_dims(), op.array.dtype) as f64;
+        sliced += block_bytes * call.num_programs() as f64;
+        let fetches = match indices {
+            Some(ix) => 1 + ix.windows(2).filter(|w| w[0] != w[1]).count(),
+            None => call.num_programs(),
+        };
+        hbm += block_bytes * fetches as f64;
+    }
+    for s in &call.scratch {
+        vmem += tile_padded_bytes(&s.ty.shape, s.ty.dtype) as f64;
+    }
+    Ok(Features { steps: call.num_programs() as f64, flops: estimate.flops as f64, hbm_bytes: hbm, sliced_bytes: sliced, vmem_bytes: vmem })
+}
+
+/// Peak dense bf16 matrix rate (FLOP/s) and HBM bandwidth (B/s) per chip, public figures.
+pub fn roofline(chip: Chip) -> (f64, f64) {
+    match chip {
+        Chip::V4 => (275e12, 1.2e12),
+        Chip::V5e => (197e12, 0.819e12),
+        Chip::V5p => (459e12, 2.765e12),
+        Chip::V6e => (918e12, 1.64e12),
+        Chip::Tpu7x => (2307e12, 7.37e12),
+    }
+}
+
+/// The MXU's native tile: matmul dims are padded to it.
+fn mxu_dim(chip: Chip) -> usize {
+    match chip {
+        Chip::V6e | Chip::Tpu7x => 256,
+        _ => 128,
+    }
+}
+
+/// Dot flops of the body with M, N and K padded to the MXU tile, per program.
+fn padded_dot_flops(call: &TracedCall, chip: Chip) -> f64 {
+    fn walk(call: &TracedCall, region: &Region, mxu: usize) -> f64 {
+        let mut total = 0.0;
+        for op in &region.ops {
+            match &op.kind {
+                OpKind::Dot { lhs, transpose_lhs, .. } => {
+                    let a = call.body.value_type(*lhs).map(|t| t.shape.clone()).unwrap_or_default();
+                    let r = call.body.value_type(op.results[0]).map(|t| t.shape.clone()).unwrap_or_default();
+                    let k = if *transpose_lhs { a.first() } else { a.get(1) }.copied().unwrap_or(1);
+                    let pad = |d: usize| d.div_ceil(mxu) * mxu;
+                    total += 2.0 * (pad(r[0]) * pad(r[1]) * pad(k)) as f64;
+                }
+                OpKind::If { then_region, else_region, .. } => total += walk(call, then_region, mxu).max(walk(call, else_region, mxu)),
+                OpKind::For { body, .. } => total += walk(call, body, mxu),
+                _ => {}
+            }
+        }
+        total
+    }
+    walk(call, &call.body.body, mxu_dim(chip))
+}
+
+/// Per-step pipeline overhead of a Pallas TPU kernel (the grid loop and DMA issue).
+const STEP_SECONDS: f64 = 0.35e-6;
+
+/// Predicted seconds on `chip`: the slower of MXU work and HBM traffic, plus grid overhead.
+/// f32 matmuls run at a third of the bf16 rate (multi-pass on the MXU).
+pub fn predict_tpu_seconds(call: &TracedCall, f: &Features, chip: Chip) -> f64 {
+    let (peak, bandwidth) = roofline(chip);
+    let f32_dots = call.inputs.iter().any(|i| i.array.dtype == DType::F32);
+    let rate = if f32_dots { peak / 3.0 } else { peak };
+    let compute = padded_dot_flops(call, chip) * f.steps / rate;
+    compute.max(f.hbm_bytes / bandwidth) + f.steps * STEP_SECONDS
+}
+
+/// A linear model of measured time over [1, flops, steps, bytes] with non-negative weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Surrogate {
+    weights: [f64; 4],
+}
+
+fn row(f: &Features) -> [f64; 4] {
+    [1.0, f.flops, f.steps, f.sliced_bytes]
+}
+
+/// Least squares on the columns in `mask` (normal equations, Gaussian elimination).
+fn solve(rows: &[[f64; 4]], y: &[f64], mask: &[bool; 4], scale: &[f64; 4]) -> Option<[f64; 4]> {
+    let cols: Vec<usize> = (0..4).filter(|&c| mask[c]).collect();
+    let n = cols.len();
+    let mut a = vec![vec![0.0; n + 1]; n];
+    for (r, &yi) in rows.iter().zip(y) {
+        for i in 0..n {
+            let xi = r[cols[i]] / scale[cols[i]];
+            for j in 0..n {
+                a[i][j] += xi * r[cols[j]] / scale[cols[j]];
+            }
+            a[i][n] += xi * yi;
+        }
+    }
+    for i in 0..n {
+        let p = (i..n).max_by(|&x, &z| a[x][i].abs().total_cmp(&a[z][i].abs()))?;
+        a.swap(i, p);
+        if a[i][i].abs() < 1e-12 {
+            return None;
+        }
+        for r in 0..n {
+            if r != i {
+                let f = a[r][i] / a[i][i];
+                for c in i..=n {
+                    a[r][c] -= f * a[i][c];
+                }
+            }
+        }
+    }
+    let mut w = [0.0; 4];
+    for (i, &c) in cols.iter().enumerate() {
+        w[c] = a[i][n] / a[i][i] / scale[c];
+    }
+    Some(w)
+}
+
+impl Surrogate {
+    /// The best non-negative fit over every subset of the features (4 columns: 15 subsets).
+    pub fn fit(samples: &[(Features, f64)]) -> Option<Surrogate> {
+        let rows: Vec<[f64; 4]> = samples.iter().map(|(f, _)| row(f)).collect();
+        let y: Vec<f64> = samples.iter().map(|&(_, t)| t).collect();
+        let mut scale = [1.0f64; 4];
+        for r in &rows {
+            for c in 0..4 {
+                scale[c] = scale[c].max(r[c].abs());
+            }
+        }
+        let mut best: Option<(f64, [f64; 4])> = None;
+        for m in 1u8..16 {
+            let mask = [m & 1 != 0, m & 2 != 0, m & 4 != 0, m & 8 != 0];
+            if mask.iter().filter(|&&b| b).count() > samples.len() {
+                continue;
+            }
+            let Some(w) = solve(&rows, &y, &mask, &scale) else { continue };
+            if w.iter().any(|&x| x < 0.0) {
+                continue;
+            }
+            let err: f64 = rows.iter().zip(&y).map(|(r, yi)| (r.iter().zip(&w).map(|(a, b)| a * b).sum::<f64>() - yi).powi(2)).sum();
+            if best.is_none_or(|(e, _)| err < e) {
+                best = Some((err, w));
+            }
+        }
+        best.map(|(_, weights)| Surrogate { weights })
+    }
+
+    pub fn predict(&self, f: &Features) -> f64 {
+        row(f).iter().zip(&self.weights).map(|(a, b)| a * b).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_surrogate_recovers_a_linear_cost() {
+        let truth = |f: &Features| 0.5 + 2e-9 * f.flops + 1e-3 * f.steps;
+        let samples: Vec<(Features, f64)> = [(1e9, 10.0), (2e9, 400.0), (4e9, 30.0), (1e9, 900.0), (3e9, 77.0)]
+            .into_iter()
+            .map(|(flops, steps)| {
+                let f = Features { flops, steps, sliced_bytes: 1e6, ..Default::default() };
+                (f, truth(&f))
+            })
+            .collect();
+        let s = Surrogate::fit(&samples).expect("fits");
+        let probe = Features { flops: 5e9, steps: 50.0, sliced_bytes: 1e6, ..Default::default() };
+        assert!((s.predict(&probe) - truth(&probe)).abs() < 1e-6 * truth(&probe), "{} vs {}", s.predict(&probe), truth(&probe));
+    }
+
+    #[test]
+    fn tiles_pad_the_last_two_dims() {
+        assert_eq!(tile_padded_bytes(&[100, 100], DType::F32), 104 * 128 * 4);
+        assert_eq!(tile_padded_bytes(&[100, 100], DType::BF16), 112 * 128 * 2);
+        assert_eq!(tile_padded_bytes(&[2, 3, 128], DType::F32), 2 * 8 * 128 * 4);
+    }
+}
