@@ -98,3 +98,38 @@ fn run_reports_bad_settings_and_missing_hardware() {
     assert_eq!(code, 2);
     assert!(err.contains("no TPU to run on") && err.contains("torchtpu check"), "{err}");
 }
+
+#[test]
+fn tune_ranks_for_a_chip_and_answers_the_second_time_from_the_cache() {
+    let cache = std::env::temp_dir().join(format!("torchtpu-cli-tune-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let tune = |extra: &[&str]| {
+        let mut args = vec!["tune", "matmul", "--device", "v6e", "--dtype", "bf16", "--set", "m=512,n=512,k=512", "--json"];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_torchtpu")).args(&args).env("TORCHTPU_CACHE_DIR", &cache).output().expect("runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON summary");
+        (v, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (first, table) = tune(&[]);
+    assert_eq!(first["cache_hit"], false);
+    assert_eq!(first["device"], "v6e");
+    for field in ["best_config", "best_time_ms", "default_time_ms", "evaluated", "pruned"] {
+        assert!(!first[field].is_null(), "{field} missing: {first}");
+    }
+    assert!(table.contains("predicted, compiled"), "{table}");
+    let (second, _) = tune(&[]);
+    assert_eq!(second["cache_hit"], true);
+    assert_eq!(second["best_config"], first["best_config"]);
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
+fn tune_rejects_what_it_cannot_tune() {
+    let (code, _, err) = torchtpu(&["tune", "softmax"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("tune matmul or flash_attention"), "{err}");
+    let (code, _, err) = torchtpu(&["tune", "matmul", "--device", "v9"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown device `v9`"), "{err}");
+}

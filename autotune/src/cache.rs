@@ -1,7 +1,7 @@
 //! The on-disk cache of tuning results: human-readable JSON, one file per key, written
 //! atomically (temp file + rename) so concurrent writers never leave a torn file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::report::TuneReport;
 
@@ -30,7 +30,7 @@ struct Entry {
 }
 
 /// `$TORCHTPU_CACHE_DIR`, else `~/.cache/torchtpu`; tuning results live in `autotune/` below it.
-pub fn dir() -> PathBuf {
+pub fn default_dir() -> PathBuf {
     let base = std::env::var_os("TORCHTPU_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/torchtpu")))
@@ -43,18 +43,18 @@ pub fn hash(s: &str) -> String {
     format!("{:016x}", s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)))
 }
 
-fn path(key: &CacheKey) -> PathBuf {
+fn path(dir: &Path, key: &CacheKey) -> PathBuf {
     let name: String = format!("{}-{}-{}", key.kernel, key.device, hash(&serde_json::to_string(key).unwrap_or_default()))
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
         .collect();
-    dir().join(format!("{name}.json"))
+    dir.join(format!("{name}.json"))
 }
 
 /// The cached report for `key`; a missing file is `Ok(None)`, a corrupt or stale one is
 /// `Err(warning)` (and is ignored by the caller, never fatal).
-pub fn load(key: &CacheKey) -> Result<Option<TuneReport>, String> {
-    let p = path(key);
+pub fn load(dir: &Path, key: &CacheKey) -> Result<Option<TuneReport>, String> {
+    let p = path(dir, key);
     let text = match std::fs::read_to_string(&p) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -68,10 +68,9 @@ pub fn load(key: &CacheKey) -> Result<Option<TuneReport>, String> {
 }
 
 /// Stores `report` under `key`; returns a warning if it could not.
-pub fn store(key: &CacheKey, report: &TuneReport) -> Result<(), String> {
-    let p = path(key);
-    let dir = dir();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create the tuning cache {}: {e}", dir.display()))?;
+pub fn store(dir: &Path, key: &CacheKey, report: &TuneReport) -> Result<(), String> {
+    let p = path(dir, key);
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create the tuning cache {}: {e}", dir.display()))?;
     let entry = Entry { key: key.clone(), report: report.clone() };
     let text = serde_json::to_string_pretty(&entry).map_err(|e| format!("cannot serialize a tuning result: {e}"))?;
     let tmp = dir.join(format!(".{}.{}.{}.tmp", p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id(), rand::random::<u32>()));
@@ -82,7 +81,7 @@ pub fn store(key: &CacheKey, report: &TuneReport) -> Result<(), String> {
     })
 }
 
-/// Where `key` is cached (for messages and tests).
-pub fn location(key: &CacheKey) -> PathBuf {
-    path(key)
+/// Where `key` is cached under `dir` (for messages and tests).
+pub fn location(dir: &Path, key: &CacheKey) -> PathBuf {
+    path(dir, key)
 }

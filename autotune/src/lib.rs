@@ -111,7 +111,8 @@ pub struct Progress<'a> {
 
 pub struct TuneOptions<'a> {
     pub strategy: Strategy,
-    /// How many candidates to time (`Random`, `Guided`); default a quarter of the feasible.
+    /// How many candidates to time (`Random`, `Guided`); default a quarter of the feasible,
+    /// rounded down.
     pub budget: Option<usize>,
     pub use_cache: bool,
     pub seed: u64,
@@ -120,6 +121,8 @@ pub struct TuneOptions<'a> {
     /// Device time to aim for per candidate (repetitions adapt to it).
     pub time_per_candidate: Duration,
     pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
+    /// Where results are cached; default [`cache::default_dir`].
+    pub cache_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for TuneOptions<'_> {
@@ -132,6 +135,7 @@ impl Default for TuneOptions<'_> {
             time_limit: Duration::from_secs(10),
             time_per_candidate: Duration::from_millis(300),
             progress: None,
+            cache_dir: None,
         }
     }
 }
@@ -229,6 +233,12 @@ fn cache_key(t: &dyn Tunable, device: Device, strategy: Strategy, types: &[torch
     })
 }
 
+/// The cache key `tune` would use (to find or inspect the cached file).
+pub fn key_for(t: &dyn Tunable, device: Device, strategy: Strategy) -> Result<CacheKey> {
+    let inputs = t.random_inputs(&mut StdRng::seed_from_u64(0));
+    cache_key(t, device, strategy, &inputs.iter().map(HostArray::value_type).collect::<Vec<_>>())
+}
+
 /// Tunes `t` on `device`.
 pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneReport> {
     let start = Instant::now();
@@ -236,9 +246,10 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
     let inputs = t.random_inputs(&mut rng);
     let types: Vec<_> = inputs.iter().map(HostArray::value_type).collect();
     let key = cache_key(t, device, opts.strategy, &types)?;
+    let cache_dir = opts.cache_dir.clone().unwrap_or_else(cache::default_dir);
     let mut warnings = Vec::new();
     if opts.use_cache {
-        match cache::load(&key) {
+        match cache::load(&cache_dir, &key) {
             Ok(Some(mut report)) => {
                 report.cache_hit = true;
                 report.seconds = start.elapsed().as_secs_f64();
@@ -280,7 +291,7 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
         warnings,
     };
     if opts.use_cache {
-        if let Err(w) = cache::store(&key, &report) {
+        if let Err(w) = cache::store(&cache_dir, &key, &report) {
             let mut report = report;
             report.warnings.push(w);
             return Ok(report);
@@ -300,7 +311,7 @@ fn rank_for_chip(chip: Chip, prepared: &[Prepared], opts: &TuneOptions) -> Resul
                 Err(e) => Outcome::Pruned { reason: format!("does not lower: {e}") },
                 Ok(module) => match compiler.compile(chip, &module) {
                     Ok(c) => Outcome::Predicted { ms: predict_tpu_seconds(&p.traced, &p.features, chip) * 1e3, code_size_bytes: c.code_size_bytes },
-                    Err(e) => Outcome::Pruned { reason: format!("libtpu: {}", e.message.lines().find(|l| !l.trim().is_empty()).unwrap_or("rejected")) },
+                    Err(e) => Outcome::Pruned { reason: format!("libtpu: {}", compiler_reason(&e.message)) },
                 },
             };
             let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -310,6 +321,12 @@ fn rank_for_chip(chip: Chip, prepared: &[Prepared], opts: &TuneOptions) -> Resul
             Candidate { config: p.config.clone(), outcome, features: Some(p.features) }
         })
         .collect())
+}
+
+/// The informative head of a compiler message: its first two non-empty lines.
+fn compiler_reason(message: &str) -> String {
+    let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).take(2).collect();
+    if lines.is_empty() { "rejected".into() } else { lines.join(" ") }
 }
 
 /// Times one compiled candidate: one run against the limit, then repetitions adapted to
@@ -334,7 +351,7 @@ fn time_one(compiled: &Compiled, sets: &[Vec<torchtpu_runtime::Buffer>], opts: &
 fn budget(opts: &TuneOptions, feasible: usize) -> usize {
     match opts.strategy {
         Strategy::Exhaustive => feasible,
-        _ => opts.budget.unwrap_or(feasible.div_ceil(4)).clamp(1, feasible),
+        _ => opts.budget.unwrap_or(feasible / 4).clamp(1, feasible),
     }
 }
 

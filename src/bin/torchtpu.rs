@@ -9,6 +9,7 @@ use rand::{Rng, SeedableRng};
 use torchtpu::dsl::{DType, HostArray, InterpretOptions, TracedCall};
 use torchtpu_codegen::{lower, Target};
 use torchtpu_runtime::{Chip, TpuCompiler};
+use torchtpu_autotune::{tune, Device, FlashProblem, MatmulProblem, Progress, Strategy, TuneOptions, Tunable};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_testkernels::{acceptance_set, configure, find, relative_error, tolerance, Example, FAMILIES};
 
@@ -111,6 +112,34 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Tune a kernel's block shapes on a device (cpu, cuda, tpu) or rank them for a TPU chip without one.
+    Tune {
+        /// `matmul` or `flash_attention`.
+        kernel: String,
+        /// cpu, cuda, tpu, or a chip to rank for without hardware: v4, v5e, v5p, v6e, tpu7x.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Problem shape over the defaults: matmul m,n,k (1024 each); flash_attention batch,heads,seq,head_dim (1,8,2048,128).
+        #[arg(long, value_delimiter = ',')]
+        set: Vec<String>,
+        /// exhaustive, random or guided.
+        #[arg(long, default_value = "guided")]
+        strategy: String,
+        /// Candidates to time (random, guided); default a quarter of the feasible.
+        #[arg(long)]
+        budget: Option<usize>,
+        /// Print the summary as JSON (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Write an SVG plot of time per configuration.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// Ignore and do not update the on-disk cache.
+        #[arg(long)]
+        no_cache: bool,
+    },
     /// Run a kernel on the CPU interpreter with random inputs and check it against its f64 reference.
     Interpret {
         /// A full name from `list`, or a kernel family such as `flash_attention`.
@@ -190,6 +219,26 @@ fn run_example(example: &dyn Example, backend: Backend, seed: u64, json: bool) -
     Ok(ok)
 }
 
+fn tunable(kernel: &str, dtype: DType, settings: &[(String, usize)]) -> Result<Box<dyn Tunable>, String> {
+    let (defaults, valid): (&[(&str, usize)], &str) = match kernel {
+        "matmul" => (&[("m", 1024), ("n", 1024), ("k", 1024)], "m, n, k"),
+        "flash_attention" => (&[("batch", 1), ("heads", 8), ("seq", 2048), ("head_dim", 128)], "batch, heads, seq, head_dim"),
+        other => return Err(format!("`{other}` has no tuner; tune matmul or flash_attention")),
+    };
+    let mut v: Vec<(&str, usize)> = defaults.to_vec();
+    for (k, val) in settings {
+        match v.iter_mut().find(|(n, _)| n == k) {
+            Some(slot) if *val > 0 => slot.1 = *val,
+            _ => return Err(format!("`{kernel}` tuning takes positive {valid}; got `{k}={val}`")),
+        }
+    }
+    let get = |k: &str| v.iter().find(|(n, _)| *n == k).map_or(0, |(_, x)| *x);
+    Ok(match kernel {
+        "matmul" => Box::new(MatmulProblem { m: get("m"), n: get("n"), k: get("k"), dtype }),
+        _ => Box::new(FlashProblem { batch: get("batch"), heads: get("heads"), seq: get("seq"), head_dim: get("head_dim"), dtype }),
+    })
+}
+
 fn trace(example: &dyn Example) -> Result<TracedCall, String> {
     let mut rng = StdRng::seed_from_u64(0);
     let types: Vec<_> = example.random_inputs(&mut rng).iter().map(HostArray::value_type).collect();
@@ -264,6 +313,45 @@ fn run(cli: Cli) -> Result<bool, String> {
                 configure(&kernel, dtype.into(), &settings)?
             };
             run_example(example.as_ref(), backend, seed.unwrap_or_else(|| rand::rng().random()), json)
+        }
+        Command::Tune { kernel, device, dtype, set, strategy, budget, json, plot, no_cache } => {
+            let device: Device = device.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
+            let strategy: Strategy = strategy.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
+            let problem = tunable(&kernel, dtype.into(), &parse_settings(&set)?)?;
+            let progress = |p: Progress| {
+                let ms = p.ms.map_or("-".to_string(), |m| format!("{m:.3} ms"));
+                eprint!("\r\x1b[2K[{}/{}] {}  {ms}", p.done, p.total, p.config);
+            };
+            let opts = TuneOptions { strategy, budget, use_cache: !no_cache, progress: Some(&progress), ..TuneOptions::default() };
+            let report = tune(problem.as_ref(), device, &opts).map_err(|e| e.to_string())?;
+            eprintln!();
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            if json {
+                eprint!("{}", report.table());
+                println!("{}", report.summary_json());
+            } else {
+                print!("{}", report.table());
+                let unit = if matches!(device, Device::Chip(_)) { " (predicted)" } else { "" };
+                println!(
+                    "{} {} on {device}: best {} at {:.4} ms{unit}; default {} at {}; {} evaluated, {} pruned, {:.1} s{}",
+                    report.kernel,
+                    report.problem,
+                    report.best_config,
+                    report.best_time_ms,
+                    report.default_config,
+                    report.default_time_ms.map_or("(not feasible)".into(), |d| format!("{d:.4} ms ({:.2}x slower)", d / report.best_time_ms)),
+                    report.evaluated,
+                    report.pruned,
+                    report.seconds,
+                    if report.cache_hit { " (from the cache)" } else { "" },
+                );
+            }
+            if let Some(path) = plot {
+                std::fs::write(&path, report.svg()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            Ok(true)
         }
         Command::Interpret { kernel, dtype, checked, seed } => {
             let example = lookup(&kernel, dtype)?;
