@@ -340,7 +340,7 @@ fn time_one(compiled: &Compiled, sets: &[Vec<torchtpu_runtime::Buffer>], opts: &
     if once > opts.time_limit {
         return Outcome::Failed { reason: format!("one run took {:.0} ms, over the {} ms limit", once.as_secs_f64() * 1e3, opts.time_limit.as_millis()) };
     }
-    let reps = ((opts.time_per_candidate.as_secs_f64() / once.as_secs_f64().max(1e-6)) as usize).clamp(3, 25) * reps_scale;
+    let reps = ((opts.time_per_candidate.as_secs_f64() / once.as_secs_f64().max(1e-6)) as usize).clamp(5, 25) * reps_scale;
     match compiled.time(sets, 1, reps) {
         Ok(t) => Outcome::Timed { median_ms: t.median_ms, spread: t.spread() },
         Err(e) => Outcome::Failed { reason: e.to_string() },

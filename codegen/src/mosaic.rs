@@ -635,6 +635,28 @@ impl<'a> Emitter<'a> {
         self.line(&text, l);
     }
 
+    /// A region's ops and its yield, one level deeper.
+    fn nested(&mut self, region: &'a Region, types: &[String], l: Loc) -> Result<()> {
+        self.depth += 1;
+        let y = self.region_ops(region)?;
+        self.yield_line(&y, types, l);
+        self.depth -= 1;
+        Ok(())
+    }
+
+    /// The closing line of an `scf.if`/`scf.for`: a brace, or in the stable form the op's type.
+    fn close_region_op(&mut self, pad: &str, operand_types: &[String], result_types: &[String], l: Loc) {
+        match self.form {
+            Form::Pretty => {
+                let _ = writeln!(self.out, "{pad}}}{}", loc(l));
+            }
+            Form::Stable => {
+                let rt = if result_types.len() == 1 { result_types[0].clone() } else { format!("({})", result_types.join(", ")) };
+                let _ = writeln!(self.out, "{pad}}}) : ({}) -> {rt}{}", operand_types.join(", "), loc(l));
+            }
+        }
+    }
+
     fn emit_if(&mut self, op: &'a Op, cond: ValueId, then_region: &'a Region, else_region: &'a Region) -> Result<()> {
         let l = op.loc;
         let types: Vec<String> = op.results.iter().map(|&r| self.ty(r)).collect();
@@ -650,24 +672,10 @@ impl<'a> Emitter<'a> {
                 let _ = writeln!(self.out, "{pad}{lhs}\"stable_mosaic.scf.if\"({c}) ({{");
             }
         }
-        self.depth += 1;
-        let y = self.region_ops(then_region)?;
-        self.yield_line(&y, &types, l);
-        self.depth -= 1;
+        self.nested(then_region, &types, l)?;
         let _ = writeln!(self.out, "{pad}}}{} {{", if self.form == Form::Pretty { " else" } else { "," });
-        self.depth += 1;
-        let y = self.region_ops(else_region)?;
-        self.yield_line(&y, &types, l);
-        self.depth -= 1;
-        match self.form {
-            Form::Pretty => {
-                let _ = writeln!(self.out, "{pad}}}{}", loc(l));
-            }
-            Form::Stable => {
-                let rt = if types.len() == 1 { types[0].clone() } else { format!("({})", types.join(", ")) };
-                let _ = writeln!(self.out, "{pad}}}) : (i1) -> {rt}{}", loc(l));
-            }
-        }
+        self.nested(else_region, &types, l)?;
+        self.close_region_op(&pad, &["i1".to_string()], &types, l);
         for (r, n) in op.results.iter().zip(names) {
             self.set(*r, n);
         }
@@ -704,20 +712,9 @@ impl<'a> Emitter<'a> {
                 let _ = writeln!(self.out, "{pad}^bb0({}):", block_args.join(", "));
             }
         }
-        self.depth += 1;
-        let y = self.region_ops(body)?;
-        self.yield_line(&y, &types, l);
-        self.depth -= 1;
-        match self.form {
-            Form::Pretty => {
-                let _ = writeln!(self.out, "{pad}}}{}", loc(l));
-            }
-            Form::Stable => {
-                let operand_types: Vec<String> = ["i32".to_string(), "i32".into(), "i32".into()].into_iter().chain(types.iter().cloned()).collect();
-                let rt = if types.len() == 1 { types[0].clone() } else { format!("({})", types.join(", ")) };
-                let _ = writeln!(self.out, "{pad}}}) : ({}) -> {rt}{}", operand_types.join(", "), loc(l));
-            }
-        }
+        self.nested(body, &types, l)?;
+        let operand_types: Vec<String> = ["i32".to_string(), "i32".into(), "i32".into()].into_iter().chain(types.iter().cloned()).collect();
+        self.close_region_op(&pad, &operand_types, &types, l);
         for (r, n) in op.results.iter().zip(names) {
             self.set(*r, n);
         }

@@ -46,27 +46,10 @@ pub fn module(call: &TracedCall) -> Result<String> {
     loop_types.extend(carried.iter().map(|(_, t)| t.clone()));
     let loop_inits: Vec<String> = std::iter::once(start).chain(carried.iter().map(|(n, _)| n.clone())).collect();
 
-    let w = e.fresh();
-    let cond_args: Vec<String> = (0..loop_types.len()).map(|_| e.fresh()).collect();
-    let body_args: Vec<String> = (0..loop_types.len()).map(|_| e.fresh()).collect();
-    e.line(&format!("{w}:{} = \"stablehlo.while\"({}) ({{", loop_types.len(), loop_inits.join(", ")));
-    e.line(&format!("^bb0({}):", typed(&cond_args, &loop_types)));
-    e.depth += 1;
     let total = e.constant(&call.num_programs().to_string(), &i32t);
-    let more = e.op("stablehlo.compare", &[(&cond_args[0], &i32t), (&total, &i32t)], &[direction("LT"), compare_type(DType::I32)], &tensor_type(&ValueType::scalar(DType::Bool)));
-    e.ret(&[more], &[tensor_type(&ValueType::scalar(DType::Bool))]);
-    e.depth -= 1;
-    e.line("}, {");
-    e.line(&format!("^bb0({}):", typed(&body_args, &loop_types)));
-    e.depth += 1;
+    let (w, body_args) = e.open_counted_while(&loop_inits, &loop_types, &total);
     let results = e.grid_step(&body_args, &padded_inputs, &args[..n_pf])?;
-    let one = e.constant("1", &i32t);
-    let next = e.op("stablehlo.add", &[(&body_args[0], &i32t), (&one, &i32t)], &[], &i32t);
-    let mut step_out = vec![next];
-    step_out.extend(results);
-    e.ret(&step_out, &loop_types);
-    e.depth -= 1;
-    e.line(&format!("}}) : ({}) -> ({})", loop_types.join(", "), loop_types.join(", ")));
+    e.close_counted_while(&body_args[0], results, &loop_types);
 
     let mut returns = Vec::new();
     let mut return_types = Vec::new();
@@ -224,6 +207,37 @@ impl<'a> Emitter<'a> {
         let mut ops: Vec<(&str, &str)> = vec![(x, &tt), (update, &utt)];
         ops.extend(offsets.iter().map(|o| (o.as_str(), i32t.as_str())));
         self.op("stablehlo.dynamic_update_slice", &ops, &[], &tt)
+    }
+
+    /// Opens a `stablehlo.while` whose first value counts up to `bound` (exclusive) and whose
+    /// others are carried; leaves the body open. Returns the loop's name and the body's arguments.
+    fn open_counted_while(&mut self, inits: &[String], types: &[String], bound: &str) -> (String, Vec<String>) {
+        let i32t = tensor_type(&ValueType::scalar(DType::I32));
+        let pred = tensor_type(&ValueType::scalar(DType::Bool));
+        let w = self.fresh();
+        let cond_args: Vec<String> = (0..types.len()).map(|_| self.fresh()).collect();
+        let body_args: Vec<String> = (0..types.len()).map(|_| self.fresh()).collect();
+        self.line(&format!("{w}:{} = \"stablehlo.while\"({}) ({{", types.len(), inits.join(", ")));
+        self.line(&format!("^bb0({}):", typed(&cond_args, types)));
+        self.depth += 1;
+        let more = self.op("stablehlo.compare", &[(&cond_args[0], &i32t), (bound, &i32t)], &[direction("LT"), compare_type(DType::I32)], &pred);
+        self.ret(&[more], &[pred]);
+        self.depth -= 1;
+        self.line("}, {");
+        self.line(&format!("^bb0({}):", typed(&body_args, types)));
+        self.depth += 1;
+        (w, body_args)
+    }
+
+    /// Closes a loop from `open_counted_while`: the counter steps by one, `carried` passes on.
+    fn close_counted_while(&mut self, counter: &str, carried: Vec<String>, types: &[String]) {
+        let i32t = tensor_type(&ValueType::scalar(DType::I32));
+        let one = self.constant("1", &i32t);
+        let next = self.i32_binary("stablehlo.add", counter, &one);
+        let values: Vec<String> = std::iter::once(next).chain(carried).collect();
+        self.ret(&values, types);
+        self.depth -= 1;
+        self.line(&format!("}}) : ({}) -> ({})", types.join(", "), types.join(", ")));
     }
 
     fn i32_binary(&mut self, name: &str, a: &str, b: &str) -> String {
@@ -570,32 +584,15 @@ impl<'a> Emitter<'a> {
         init_names.extend(inits.iter().map(|i| scope.names[i].clone()));
         init_names.extend(refs_now);
         let hi = scope.names[&hi].clone();
-        let w = self.fresh();
-        let cond_args: Vec<String> = (0..types.len()).map(|_| self.fresh()).collect();
-        let body_args: Vec<String> = (0..types.len()).map(|_| self.fresh()).collect();
-        self.line(&format!("{w}:{} = \"stablehlo.while\"({}) ({{", types.len(), init_names.join(", ")));
-        self.line(&format!("^bb0({}):", typed(&cond_args, &types)));
-        self.depth += 1;
-        let more = self.op("stablehlo.compare", &[(&cond_args[0], &i32t), (&hi, &i32t)], &[direction("LT"), compare_type(DType::I32)], &tensor_type(&ValueType::scalar(DType::Bool)));
-        self.ret(&[more], &[tensor_type(&ValueType::scalar(DType::Bool))]);
-        self.depth -= 1;
-        self.line("}, {");
-        self.line(&format!("^bb0({}):", typed(&body_args, &types)));
-        self.depth += 1;
+        let (w, body_args) = self.open_counted_while(&init_names, &types, &hi);
         scope.names.insert(body.args[0], body_args[0].clone());
         for (a, n) in body.args[1..].iter().zip(&body_args[1..]) {
             scope.names.insert(*a, n.clone());
         }
         Self::set_mutable(scope, &body_args[1 + inits.len()..]);
-        let yields = self.region(func, body, scope)?;
-        let one = self.constant("1", &i32t);
-        let next = self.i32_binary("stablehlo.add", &body_args[0], &one);
-        let mut values = vec![next];
-        values.extend(yields);
-        values.extend(Self::mutable_state(scope).0);
-        self.ret(&values, &types);
-        self.depth -= 1;
-        self.line(&format!("}}) : ({}) -> ({})", types.join(", "), types.join(", ")));
+        let mut carried = self.region(func, body, scope)?;
+        carried.extend(Self::mutable_state(scope).0);
+        self.close_counted_while(&body_args[0], carried, &types);
         for (i, &res) in op.results.iter().enumerate() {
             scope.names.insert(res, format!("{w}#{}", 1 + i));
         }

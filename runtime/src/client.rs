@@ -131,12 +131,7 @@ impl Client {
         if let Some(e) = self.inner.executables.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(Executable { client: self.clone(), inner: e.clone() });
         }
-        let format = "mlir";
-        let mut program = ffi::Program::new();
-        program.code = stablehlo.as_ptr() as *const _;
-        program.code_size = stablehlo.len();
-        program.format = format.as_ptr() as *const _;
-        program.format_size = format.len();
+        let program = ffi::Program::mlir(stablehlo);
         let mut args = ffi::ClientCompileArgs::new();
         args.client = self.inner.raw;
         args.program = &program;

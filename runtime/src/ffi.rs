@@ -104,6 +104,19 @@ args!(
     /// `PJRT_Program`: the code to compile and its format (`"mlir"` for StableHLO text).
     Program { code: *const c_char, code_size: usize, format: *const c_char, format_size: usize }
 );
+impl Program {
+    /// StableHLO text (format `"mlir"`); `text` must outlive the call that reads it.
+    pub fn mlir(text: &str) -> Program {
+        const FORMAT: &str = "mlir";
+        let mut p = Program::new();
+        p.code = text.as_ptr() as *const c_char;
+        p.code_size = text.len();
+        p.format = FORMAT.as_ptr() as *const c_char;
+        p.format_size = FORMAT.len();
+        p
+    }
+}
+
 args!(CompileArgs {
     topology: *mut c_void,
     program: *const Program,

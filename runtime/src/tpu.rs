@@ -214,12 +214,7 @@ impl TpuCompiler {
     pub fn compile(&self, chip: Chip, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
         let fail = |message: String| CompileError { chip, location: rust_location(&message), message };
         let topology = self.topology(chip).map_err(|e| fail(e.to_string()))?;
-        let format = "mlir";
-        let mut program = ffi::Program::new();
-        program.code = stablehlo.as_ptr() as *const _;
-        program.code_size = stablehlo.len();
-        program.format = format.as_ptr() as *const _;
-        program.format_size = format.len();
+        let program = ffi::Program::mlir(stablehlo);
         let mut args = ffi::CompileArgs::new();
         args.topology = topology;
         args.program = &program;

@@ -306,23 +306,8 @@ fn read_block(array: &Tensor, op: &BlockOperand, block: &[usize], pad: f64) -> T
     let dims = op.block_dims();
     let extent = block_extent(op, block);
     let mut out = Tensor::filled(array.dtype, &dims, pad);
-    macro_rules! copy {
-        ($src:expr, $dst:expr) => {{
-            let mut src = $src.view();
-            let mut dst = $dst.view_mut();
-            for (axis, &(start, len)) in extent.iter().enumerate() {
-                src.slice_axis_inplace(Axis(axis), Slice::from(start..start + len));
-                dst.slice_axis_inplace(Axis(axis), Slice::from(0..len));
-            }
-            dst.assign(&src);
-        }};
-    }
-    match (&array.data, &mut out.data) {
-        (Data::F(s), Data::F(d)) => copy!(s, d),
-        (Data::I(s), Data::I(d)) => copy!(s, d),
-        (Data::B(s), Data::B(d)) => copy!(s, d),
-        _ => {}
-    }
+    let block_ranges: Vec<(usize, usize)> = extent.iter().map(|&(_, len)| (0, len)).collect();
+    copy_region(&array.data, &extent, &mut out.data, &block_ranges);
     reshape_to(out, &op.kernel_block_shape())
 }
 
@@ -338,21 +323,26 @@ fn reshape_to(t: Tensor, shape: &[usize]) -> Tensor {
 fn write_block(array: &mut Tensor, op: &BlockOperand, block: &[usize], value: &Tensor) {
     let extent = block_extent(op, block);
     let full = reshape_to(value.clone(), &op.block_dims());
-    macro_rules! copy {
-        ($src:expr, $dst:expr) => {{
-            let mut src = $src.view();
-            let mut dst = $dst.view_mut();
-            for (axis, &(start, len)) in extent.iter().enumerate() {
-                src.slice_axis_inplace(Axis(axis), Slice::from(0..len));
-                dst.slice_axis_inplace(Axis(axis), Slice::from(start..start + len));
-            }
-            dst.assign(&src);
-        }};
+    let block_ranges: Vec<(usize, usize)> = extent.iter().map(|&(_, len)| (0, len)).collect();
+    copy_region(&full.data, &block_ranges, &mut array.data, &extent);
+}
+
+/// Copies `src[ranges of src]` into `dst[ranges of dst]`; each range is (start, len) per axis.
+fn copy_region(src: &Data, src_ranges: &[(usize, usize)], dst: &mut Data, dst_ranges: &[(usize, usize)]) {
+    fn copy<E: Clone>(src: &ArrayD<E>, sr: &[(usize, usize)], dst: &mut ArrayD<E>, dr: &[(usize, usize)]) {
+        let mut s = src.view();
+        let mut d = dst.view_mut();
+        for (axis, (&(ss, len), &(ds, _))) in sr.iter().zip(dr).enumerate() {
+            s.slice_axis_inplace(Axis(axis), Slice::from(ss..ss + len));
+            d.slice_axis_inplace(Axis(axis), Slice::from(ds..ds + len));
+        }
+        d.assign(&s);
     }
-    match (&full.data, &mut array.data) {
-        (Data::F(s), Data::F(d)) => copy!(s, d),
-        (Data::I(s), Data::I(d)) => copy!(s, d),
-        (Data::B(s), Data::B(d)) => copy!(s, d),
+    match (src, dst) {
+        (Data::F(s), Data::F(d)) => copy(s, src_ranges, d, dst_ranges),
+        (Data::I(s), Data::I(d)) => copy(s, src_ranges, d, dst_ranges),
+        (Data::B(s), Data::B(d)) => copy(s, src_ranges, d, dst_ranges),
+        // Inputs and outputs are converted with their dtype; classes always match.
         _ => {}
     }
 }
