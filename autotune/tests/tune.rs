@@ -123,3 +123,25 @@ fn pruned_candidates_keep_their_reasons() {
     assert!(reason("rows=64,cols=100").contains("an example constraint"));
     assert!(matches!(r.candidates.iter().find(|c| c.config.to_string() == "rows=64,cols=1024").expect("present").outcome, Outcome::Predicted { .. }));
 }
+
+#[test]
+fn concurrent_writers_never_leave_a_torn_cache_file() {
+    let dir = temp_dir("concurrent");
+    let p = MatmulProblem { m: 128, n: 128, k: 128, dtype: DType::F32 };
+    let report = tune(&p, Device::Chip(Chip::V5e), &TuneOptions { use_cache: false, ..quick(&dir, Strategy::Exhaustive) }).expect("ranks");
+    let key = key_for(&p, Device::Chip(Chip::V5e), Strategy::Exhaustive).expect("key");
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..20 {
+                    cache::store(&dir, &key, &report).expect("stores");
+                    // Every read sees a whole file: the old one or the new one.
+                    assert_eq!(cache::load(&dir, &key).expect("never torn").expect("present").best_config, report.best_config);
+                }
+            });
+        }
+    });
+    let leftovers = std::fs::read_dir(&dir).expect("exists").filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".tmp"))).count();
+    assert_eq!(leftovers, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
