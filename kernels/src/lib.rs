@@ -1,1 +1,14 @@
-//! stub
+//! The kernels people call: flash attention (forward so far), written with `#[tpu_kernel]`,
+//! with a Rust API that runs them on any backend.
+
+pub mod flash;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("bad shape: {0}")]
+    Shape(String),
+    #[error("unsupported dtype: {0}")]
+    Dtype(String),
+    #[error(transparent)]
+    Exec(#[from] torchtpu_exec::Error),
+}

@@ -1,0 +1,253 @@
+//! Flash attention forward: q, k, v in `[batch, heads, seq, head_dim]`, causal or not, any
+//! `sm_scale`, optional segment ids (document masking for packed sequences), grouped-query
+//! attention (fewer k/v heads than q heads), q and kv lengths that differ and are not
+//! multiples of the block; returns the output and the log-sum-exp of each query row.
+
+use ndarray::{Array3, Array4, ArrayD, Axis};
+use torchtpu_dsl::prelude::*;
+use torchtpu_dsl::{HostArray, PallasCall};
+use torchtpu_exec::Backend;
+
+use crate::Error;
+
+/// Pallas' mask value: vanishes under `exp`, finite so `m - m` is never NaN.
+const MASK_VALUE: f32 = -0.7 * f32::MAX;
+/// Running max and sum are kept replicated across this many lanes, as TPU kernels keep them.
+const LANES: usize = 128;
+/// kv segment ids are replicated across this many sublanes (a legal TPU block height).
+const SUBLANES: usize = 8;
+
+#[tpu_kernel]
+#[allow(clippy::too_many_arguments)]
+fn flash_forward<T: Float>(
+    q: &Ref<T>,
+    k: &Ref<T>,
+    v: &Ref<T>,
+    q_segments: &Ref<i32>,
+    kv_segments: &Ref<i32>,
+    o: &mut Ref<T>,
+    lse: &mut Ref<f32>,
+    m_scratch: &mut Scratch<f32>,
+    l_scratch: &mut Scratch<f32>,
+    acc_scratch: &mut Scratch<f32>,
+    sm_scale: f32,
+    causal: bool,
+    use_segments: bool,
+    kv_len: usize,
+) {
+    let (bq, d) = (q.shape()[0], q.shape()[1]);
+    let bk = k.shape()[0];
+    let (qi, kj) = (program_id(2), program_id(3));
+    if kj == 0 {
+        m_scratch.store(full(MASK_VALUE as f64));
+        l_scratch.store(zeros());
+        acc_scratch.store(zeros());
+    }
+    let q_start = qi * bq as i32;
+    let k_start = kj * bk as i32;
+    // Causal: a kv block entirely right of this q block's last row contributes nothing.
+    let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
+    if block_visible {
+        let s = dot_nt(q.load(), k.load()) * sm_scale;
+        let rows = iota::<i32>([bq, bk], 0) + q_start;
+        let cols = iota::<i32>([bq, bk], 1) + k_start;
+        let mut visible = cols < kv_len as i32;
+        if causal {
+            visible = visible & (rows >= cols);
+        }
+        if use_segments {
+            visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
+        }
+        let mut vb = v.load();
+        if kv_len % bk != 0 {
+            let v_rows = iota::<i32>([bk, d], 0) + k_start;
+            vb = select(v_rows < kv_len as i32, vb, 0.0);
+        }
+        let s = select(visible, s, MASK_VALUE);
+        let m_prev = m_scratch.load_at((.., 0..1));
+        let l_prev = l_scratch.load_at((.., 0..1));
+        let m_next = maximum(m_prev, s.max_keepdims(1));
+        let alpha = (m_prev - m_next).exp();
+        // Masked entries must not count even when a whole row is masked so far (m = MASK).
+        let p = select(visible, (s - m_next).exp(), 0.0);
+        let l_next = alpha * l_prev + p.sum_keepdims(1);
+        acc_scratch.store(acc_scratch.load() * alpha + dot(p.cast::<T>(), vb));
+        m_scratch.store(m_next.broadcast_to([bq, LANES]));
+        l_scratch.store(l_next.broadcast_to([bq, LANES]));
+    }
+    if kj == num_programs(3) - 1 {
+        let l = l_scratch.load_at((.., 0..1));
+        let m = m_scratch.load_at((.., 0..1));
+        // A row that sees no key at all (segments, padding) gets zeros and lse = -inf.
+        let seen = l > 0.0;
+        o.store(select(seen, acc_scratch.load() / l, 0.0).cast());
+        lse.store(select(seen, m + l.log(), f32::NEG_INFINITY));
+    }
+}
+
+/// What attention computes, beyond its inputs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionOptions {
+    pub causal: bool,
+    /// Default `1 / sqrt(head_dim)`.
+    pub sm_scale: Option<f32>,
+    /// (block_q, block_k); default picks a safe size for the shapes.
+    pub block: Option<(usize, usize)>,
+}
+
+impl Default for AttentionOptions {
+    fn default() -> Self {
+        AttentionOptions { causal: false, sm_scale: None, block: None }
+    }
+}
+
+/// The shapes of an attention problem: q `[b, h, sq, d]`, k and v `[b, hk, sk, d]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    fn check(&self) -> Result<(), Error> {
+        let s = self;
+        if [s.batch, s.heads, s.kv_heads, s.q_len, s.kv_len, s.head_dim].contains(&0) {
+            return Err(Error::Shape(format!("attention shapes must be non-empty: {s:?}")));
+        }
+        if s.heads % s.kv_heads != 0 {
+            return Err(Error::Shape(format!("q has {} heads, k/v {}: grouped-query attention needs q heads to be a multiple of k/v heads", s.heads, s.kv_heads)));
+        }
+        Ok(())
+    }
+}
+
+/// A block size for `len`: `preferred`, or the whole (8-rounded) length when shorter.
+fn block_for(len: usize, preferred: usize) -> usize {
+    preferred.min(len.div_ceil(8) * 8)
+}
+
+/// The forward call: operands q, k, v, q segment ids `[b, sq, 128]`, kv segment ids
+/// `[b, 8, sk]` (i32, replicated across lanes/sublanes); outputs o and lse `[b, h, sq, 1]`.
+pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
+    shape.check()?;
+    let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = shape;
+    let (bq, bk) = opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512)));
+    let scale = opts.sm_scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let kernel = match dtype {
+        DType::F32 => flash_forward::kernel::<f32>(scale, opts.causal, use_segments, kv_len),
+        DType::BF16 => flash_forward::kernel::<bf16>(scale, opts.causal, use_segments, kv_len),
+        other => return Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
+    };
+    let group = (heads / kv_heads) as i32;
+    Ok(PallasCall::new(kernel)
+        .name("flash_attention_forward")
+        .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
+        .in_specs([
+            BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)),
+            BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, _, j]| (b, h / group, j, 0)),
+            BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, _, j]| (b, h / group, j, 0)),
+            BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)),
+            BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, _, j]| (b, 0, j)),
+        ])
+        .out_specs([
+            BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)),
+            BlockSpec::new([None, None, Some(bq), Some(1)], |[b, h, i, _]| (b, h, i, 0)),
+        ])
+        .out_shapes([vec![batch, heads, q_len, d], vec![batch, heads, q_len, 1]])
+        .scratch([Vmem::new([bq, LANES]), Vmem::new([bq, LANES]), Vmem::new([bq, d])])
+        .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary]))
+}
+
+fn shape_of(q: &HostArray, k: &HostArray, v: &HostArray) -> Result<AttentionShape, Error> {
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    if qs.len() != 4 || ks.len() != 4 || vs.len() != 4 {
+        return Err(Error::Shape(format!("q, k, v must be [batch, heads, seq, head_dim]; got {qs:?}, {ks:?}, {vs:?}")));
+    }
+    if ks != vs {
+        return Err(Error::Shape(format!("k and v shapes differ: {ks:?} vs {vs:?}")));
+    }
+    if qs[0] != ks[0] || qs[3] != ks[3] {
+        return Err(Error::Shape(format!("q {qs:?} and k {ks:?} must agree in batch and head_dim")));
+    }
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+        return Err(Error::Dtype(format!("q, k, v dtypes differ: {}, {}, {}", q.dtype(), k.dtype(), v.dtype())));
+    }
+    let s = AttentionShape { batch: qs[0], heads: qs[1], kv_heads: ks[1], q_len: qs[2], kv_len: ks[2], head_dim: qs[3] };
+    s.check()?;
+    Ok(s)
+}
+
+/// Segment ids `[b, len]` laid out for the kernel: q ids across 128 lanes, kv ids across 8 sublanes.
+fn segment_operands(shape: AttentionShape, segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>) -> Result<[HostArray; 2], Error> {
+    let (b, sq, sk) = (shape.batch, shape.q_len, shape.kv_len);
+    let (qs, ks) = match segments {
+        Some((q, k)) => {
+            if q.dim() != (b, sq) || k.dim() != (b, sk) {
+                return Err(Error::Shape(format!("segment ids must be [{b}, {sq}] and [{b}, {sk}]; got {:?} and {:?}", q.dim(), k.dim())));
+            }
+            (q.clone(), k.clone())
+        }
+        None => (ndarray::Array2::zeros((b, sq)), ndarray::Array2::zeros((b, sk))),
+    };
+    let q_rep = Array3::from_shape_fn((b, sq, LANES), |(i, j, _)| qs[[i, j]]);
+    let k_rep = Array3::from_shape_fn((b, SUBLANES, sk), |(i, _, j)| ks[[i, j]]);
+    Ok([HostArray::from(q_rep), HostArray::from(k_rep)])
+}
+
+/// Attention output and log-sum-exp (`[b, h, sq]`, f32) of q, k, v on `backend`.
+pub fn forward(
+    q: &HostArray,
+    k: &HostArray,
+    v: &HostArray,
+    segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>,
+    opts: AttentionOptions,
+    backend: Backend,
+) -> Result<(HostArray, Array3<f32>), Error> {
+    let shape = shape_of(q, k, v)?;
+    let call = forward_call(shape, q.dtype(), opts, segments.is_some())?;
+    let [qs, ks] = segment_operands(shape, segments)?;
+    let mut out = torchtpu_exec::run(&call, backend, &[q.clone(), k.clone(), v.clone(), qs, ks])?;
+    let lse = out.pop().and_then(|l| l.into_array::<f32>().ok()).ok_or_else(|| Error::Shape("the kernel returned no f32 lse".into()))?;
+    let lse = lse.index_axis_move(Axis(3), 0).into_dimensionality().map_err(|e| Error::Shape(e.to_string()))?;
+    let o = out.pop().ok_or_else(|| Error::Shape("the kernel returned no output".into()))?;
+    Ok((o, lse))
+}
+
+/// Attention in f64, written independently of the kernel: the reference tests compare to.
+/// Returns the output `[b, h, sq, d]` and the log-sum-exp `[b, h, sq]` (-inf for rows that see no key).
+pub fn reference(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>, causal: bool, sm_scale: f64) -> (Array4<f64>, Array3<f64>) {
+    let (b, h, sq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (hk, sk) = (k.shape()[1], k.shape()[2]);
+    let group = h / hk;
+    let mut out = Array4::zeros((b, h, sq, d));
+    let mut lse = Array3::from_elem((b, h, sq), f64::NEG_INFINITY);
+    for bi in 0..b {
+        for hi in 0..h {
+            let kh = hi / group;
+            for i in 0..sq {
+                let visible = |j: usize| (!causal || j <= i) && segments.is_none_or(|(qs, ks)| qs[[bi, i]] == ks[[bi, j]]);
+                let scores: Vec<(usize, f64)> = (0..sk)
+                    .filter(|&j| visible(j))
+                    .map(|j| (j, (0..d).map(|c| q[[bi, hi, i, c]] * k[[bi, kh, j, c]]).sum::<f64>() * sm_scale))
+                    .collect();
+                if scores.is_empty() {
+                    continue;
+                }
+                let m = scores.iter().fold(f64::NEG_INFINITY, |a, &(_, s)| a.max(s));
+                let total: f64 = scores.iter().map(|&(_, s)| (s - m).exp()).sum();
+                lse[[bi, hi, i]] = m + total.ln();
+                for &(j, s) in &scores {
+                    let p = (s - m).exp() / total;
+                    for c in 0..d {
+                        out[[bi, hi, i, c]] += p * v[[bi, kh, j, c]];
+                    }
+                }
+            }
+        }
+    }
+    (out, lse)
+}
