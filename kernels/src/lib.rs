@@ -1,7 +1,8 @@
-//! The kernels people call: flash attention (forward so far), written with `#[tpu_kernel]`,
-//! with a Rust API that runs them on any backend.
+//! The kernels people call: flash attention (forward so far) and matmul, written with
+//! `#[tpu_kernel]`, with a Rust API that runs them on any backend.
 
 pub mod flash;
+pub mod matmul;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
