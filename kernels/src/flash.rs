@@ -1,7 +1,8 @@
-//! Flash attention forward: q, k, v in `[batch, heads, seq, head_dim]`, causal or not, any
-//! `sm_scale`, optional segment ids (document masking for packed sequences), grouped-query
-//! attention (fewer k/v heads than q heads), q and kv lengths that differ and are not
-//! multiples of the block; returns the output and the log-sum-exp of each query row.
+//! Flash attention, forward and backward (the FlashAttention-2 scheme): q, k, v in
+//! `[batch, heads, seq, head_dim]`, causal or not, any `sm_scale`, optional segment ids
+//! (document masking for packed sequences), grouped-query attention (fewer k/v heads than q
+//! heads), q and kv lengths that differ and are not multiples of the block. The forward
+//! also returns the log-sum-exp of each query row, which the backward recomputes P from.
 
 use ndarray::{Array3, Array4, ArrayD, Axis};
 use torchtpu_dsl::prelude::*;
@@ -250,4 +251,276 @@ pub fn reference(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, segments: Op
         }
     }
     (out, lse)
+}
+
+#[tpu_kernel]
+#[allow(clippy::too_many_arguments)]
+fn flash_backward_dkv<T: Float>(
+    q: &Ref<T>,
+    k: &Ref<T>,
+    v: &Ref<T>,
+    o: &Ref<T>,
+    d_o: &Ref<T>,
+    lse: &Ref<f32>,
+    q_segments: &Ref<i32>,
+    kv_segments: &Ref<i32>,
+    dk: &mut Ref<T>,
+    dv: &mut Ref<T>,
+    dk_acc: &mut Scratch<f32>,
+    dv_acc: &mut Scratch<f32>,
+    sm_scale: f32,
+    causal: bool,
+    use_segments: bool,
+    q_len: usize,
+    kv_len: usize,
+) {
+    let (bq, d) = (q.shape()[0], q.shape()[1]);
+    let bk = k.shape()[0];
+    let (j, g, i) = (program_id(2), program_id(3), program_id(4));
+    if g == 0 && i == 0 {
+        dk_acc.store(zeros());
+        dv_acc.store(zeros());
+    }
+    let q_start = i * bq as i32;
+    let k_start = j * bk as i32;
+    let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
+    if block_visible {
+        let (mut qb, mut ob, mut dob) = (q.load(), o.load(), d_o.load());
+        if q_len % bq != 0 {
+            let real = iota::<i32>([bq, d], 0) + q_start < q_len as i32;
+            qb = select(real, qb, 0.0);
+            ob = select(real, ob, 0.0);
+            dob = select(real, dob, 0.0);
+        }
+        let (mut kb, mut vb) = (k.load(), v.load());
+        if kv_len % bk != 0 {
+            let real = iota::<i32>([bk, d], 0) + k_start < kv_len as i32;
+            kb = select(real, kb, 0.0);
+            vb = select(real, vb, 0.0);
+        }
+        let rows = iota::<i32>([bq, bk], 0) + q_start;
+        let cols = iota::<i32>([bq, bk], 1) + k_start;
+        let mut visible = (rows < q_len as i32) & (cols < kv_len as i32);
+        if causal {
+            visible = visible & (rows >= cols);
+        }
+        if use_segments {
+            visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
+        }
+        let s = dot_nt(qb, kb) * sm_scale;
+        let p = select(visible, (s - lse.load()).exp(), 0.0);
+        dv_acc.store(dv_acc.load() + dot_tn(p.cast::<T>(), dob));
+        let dp = dot_nt(dob, vb);
+        let di = (ob.cast::<f32>() * dob.cast::<f32>()).sum_keepdims(1);
+        let ds = p * (dp - di);
+        dk_acc.store(dk_acc.load() + dot_tn(ds.cast::<T>(), qb) * sm_scale);
+    }
+    if g == num_programs(3) - 1 && i == num_programs(4) - 1 {
+        dk.store(dk_acc.load().cast());
+        dv.store(dv_acc.load().cast());
+    }
+}
+
+#[tpu_kernel]
+#[allow(clippy::too_many_arguments)]
+fn flash_backward_dq<T: Float>(
+    q: &Ref<T>,
+    k: &Ref<T>,
+    v: &Ref<T>,
+    o: &Ref<T>,
+    d_o: &Ref<T>,
+    lse: &Ref<f32>,
+    q_segments: &Ref<i32>,
+    kv_segments: &Ref<i32>,
+    dq: &mut Ref<T>,
+    dq_acc: &mut Scratch<f32>,
+    sm_scale: f32,
+    causal: bool,
+    use_segments: bool,
+    q_len: usize,
+    kv_len: usize,
+) {
+    let (bq, d) = (q.shape()[0], q.shape()[1]);
+    let bk = k.shape()[0];
+    let (i, j) = (program_id(2), program_id(3));
+    if j == 0 {
+        dq_acc.store(zeros());
+    }
+    let q_start = i * bq as i32;
+    let k_start = j * bk as i32;
+    let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
+    if block_visible {
+        let (mut qb, mut ob, mut dob) = (q.load(), o.load(), d_o.load());
+        if q_len % bq != 0 {
+            let real = iota::<i32>([bq, d], 0) + q_start < q_len as i32;
+            qb = select(real, qb, 0.0);
+            ob = select(real, ob, 0.0);
+            dob = select(real, dob, 0.0);
+        }
+        let (mut kb, mut vb) = (k.load(), v.load());
+        if kv_len % bk != 0 {
+            let real = iota::<i32>([bk, d], 0) + k_start < kv_len as i32;
+            kb = select(real, kb, 0.0);
+            vb = select(real, vb, 0.0);
+        }
+        let rows = iota::<i32>([bq, bk], 0) + q_start;
+        let cols = iota::<i32>([bq, bk], 1) + k_start;
+        let mut visible = (rows < q_len as i32) & (cols < kv_len as i32);
+        if causal {
+            visible = visible & (rows >= cols);
+        }
+        if use_segments {
+            visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
+        }
+        let s = dot_nt(qb, kb) * sm_scale;
+        let p = select(visible, (s - lse.load()).exp(), 0.0);
+        let dp = dot_nt(dob, vb);
+        let di = (ob.cast::<f32>() * dob.cast::<f32>()).sum_keepdims(1);
+        let ds = p * (dp - di);
+        dq_acc.store(dq_acc.load() + dot(ds.cast::<T>(), kb) * sm_scale);
+    }
+    if j == num_programs(3) - 1 {
+        dq.store(dq_acc.load().cast());
+    }
+}
+
+/// The two backward calls (dK/dV, then dQ). Operands of both: q, k, v, o, dO, lse
+/// `[b, h, sq, 1]`, q and kv segment ids (as for [`forward_call`]).
+pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<(PallasCall, PallasCall), Error> {
+    shape.check()?;
+    let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = shape;
+    let (bq, bk) = opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512)));
+    let scale = opts.sm_scale.unwrap_or(1.0 / (d as f32).sqrt());
+    let causal = opts.causal;
+    let (dkv, dq) = match dtype {
+        DType::F32 => (
+            flash_backward_dkv::kernel::<f32>(scale, causal, use_segments, q_len, kv_len),
+            flash_backward_dq::kernel::<f32>(scale, causal, use_segments, q_len, kv_len),
+        ),
+        DType::BF16 => (
+            flash_backward_dkv::kernel::<bf16>(scale, causal, use_segments, q_len, kv_len),
+            flash_backward_dq::kernel::<bf16>(scale, causal, use_segments, q_len, kv_len),
+        ),
+        other => return Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
+    };
+    let group = heads / kv_heads;
+    let gi = group as i32;
+    let q_block = [None, None, Some(bq), Some(d)];
+    let kv_block = [None, None, Some(bk), Some(d)];
+    let lse_block = [None, None, Some(bq), Some(1)];
+    // dK/dV: one program per kv block, reducing over every q head of its group and every q block.
+    let dkv_call = PallasCall::new(dkv)
+        .name("flash_attention_backward_dkv")
+        .grid([batch, kv_heads, kv_len.div_ceil(bk), group, q_len.div_ceil(bq)])
+        .in_specs([
+            BlockSpec::new(q_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
+            BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
+            BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
+            BlockSpec::new(q_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
+            BlockSpec::new(q_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
+            BlockSpec::new(lse_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
+            BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, _, _, i]| (b, i, 0)),
+            BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)),
+        ])
+        .out_specs([BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)), BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0))])
+        .out_shapes([vec![batch, kv_heads, kv_len, d], vec![batch, kv_heads, kv_len, d]])
+        .scratch([Vmem::new([bk, d]), Vmem::new([bk, d])])
+        .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary, Arbitrary]);
+    let dq_call = PallasCall::new(dq)
+        .name("flash_attention_backward_dq")
+        .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
+        .in_specs([
+            BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
+            BlockSpec::new(kv_block, move |[b, h, _, j]| (b, h / gi, j, 0)),
+            BlockSpec::new(kv_block, move |[b, h, _, j]| (b, h / gi, j, 0)),
+            BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
+            BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
+            BlockSpec::new(lse_block, |[b, h, i, _]| (b, h, i, 0)),
+            BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)),
+            BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, _, j]| (b, 0, j)),
+        ])
+        .out_specs([BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0))])
+        .out_shapes([vec![batch, heads, q_len, d]])
+        .scratch([Vmem::new([bq, d])])
+        .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary]);
+    Ok((dkv_call, dq_call))
+}
+
+/// Gradients (dq, dk, dv) of attention given its output `o`, log-sum-exp and the output's gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &HostArray,
+    k: &HostArray,
+    v: &HostArray,
+    o: &HostArray,
+    lse: &Array3<f32>,
+    d_o: &HostArray,
+    segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>,
+    opts: AttentionOptions,
+    backend: Backend,
+) -> Result<(HostArray, HostArray, HostArray), Error> {
+    let shape = shape_of(q, k, v)?;
+    let q_shape = [shape.batch, shape.heads, shape.q_len, shape.head_dim];
+    if o.shape() != q_shape || d_o.shape() != q_shape || o.dtype() != q.dtype() || d_o.dtype() != q.dtype() {
+        return Err(Error::Shape(format!("o and its gradient must be {} {q_shape:?}; got {} {:?} and {} {:?}", q.dtype(), o.dtype(), o.shape(), d_o.dtype(), d_o.shape())));
+    }
+    if lse.dim() != (shape.batch, shape.heads, shape.q_len) {
+        return Err(Error::Shape(format!("lse must be [{}, {}, {}]; got {:?}", shape.batch, shape.heads, shape.q_len, lse.dim())));
+    }
+    let (dkv_call, dq_call) = backward_calls(shape, q.dtype(), opts, segments.is_some())?;
+    let [qs, ks] = segment_operands(shape, segments)?;
+    let lse4 = HostArray::from(lse.clone().insert_axis(Axis(3)));
+    let operands = [q.clone(), k.clone(), v.clone(), o.clone(), d_o.clone(), lse4, qs, ks];
+    let mut dkv = torchtpu_exec::run(&dkv_call, backend, &operands)?;
+    let mut dq = torchtpu_exec::run(&dq_call, backend, &operands)?;
+    let missing = || Error::Shape("a backward kernel returned too few outputs".into());
+    let dv = dkv.pop().ok_or_else(missing)?;
+    let dk = dkv.pop().ok_or_else(missing)?;
+    Ok((dq.pop().ok_or_else(missing)?, dk, dv))
+}
+
+/// Gradients of attention in f64, written independently of the kernels: (dq, dk, dv).
+#[allow(clippy::too_many_arguments)]
+pub fn reference_backward(
+    q: &ArrayD<f64>,
+    k: &ArrayD<f64>,
+    v: &ArrayD<f64>,
+    d_o: &ArrayD<f64>,
+    segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>,
+    causal: bool,
+    sm_scale: f64,
+) -> (Array4<f64>, Array4<f64>, Array4<f64>) {
+    let (b, h, sq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (hk, sk) = (k.shape()[1], k.shape()[2]);
+    let group = h / hk;
+    let mut dq = Array4::zeros((b, h, sq, d));
+    let mut dk = Array4::zeros((b, hk, sk, d));
+    let mut dv = Array4::zeros((b, hk, sk, d));
+    for bi in 0..b {
+        for hi in 0..h {
+            let kh = hi / group;
+            for i in 0..sq {
+                let visible = |j: usize| (!causal || j <= i) && segments.is_none_or(|(qs, ks)| qs[[bi, i]] == ks[[bi, j]]);
+                let js: Vec<usize> = (0..sk).filter(|&j| visible(j)).collect();
+                if js.is_empty() {
+                    continue;
+                }
+                let s: Vec<f64> = js.iter().map(|&j| (0..d).map(|c| q[[bi, hi, i, c]] * k[[bi, kh, j, c]]).sum::<f64>() * sm_scale).collect();
+                let m = s.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
+                let total: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / total).collect();
+                let dp: Vec<f64> = js.iter().map(|&j| (0..d).map(|c| d_o[[bi, hi, i, c]] * v[[bi, kh, j, c]]).sum()).collect();
+                let row: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
+                for (n, &j) in js.iter().enumerate() {
+                    let ds = p[n] * (dp[n] - row);
+                    for c in 0..d {
+                        dv[[bi, kh, j, c]] += p[n] * d_o[[bi, hi, i, c]];
+                        dq[[bi, hi, i, c]] += ds * k[[bi, kh, j, c]] * sm_scale;
+                        dk[[bi, kh, j, c]] += ds * q[[bi, hi, i, c]] * sm_scale;
+                    }
+                }
+            }
+        }
+    }
+    (dq, dk, dv)
 }

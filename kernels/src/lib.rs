@@ -1,4 +1,4 @@
-//! The kernels people call: flash attention (forward so far) and matmul, written with
+//! The kernels people call: flash attention (forward and backward) and matmul, written with
 //! `#[tpu_kernel]`, with a Rust API that runs them on any backend.
 
 pub mod flash;
