@@ -239,6 +239,15 @@ pub fn key_for(t: &dyn Tunable, device: Device, strategy: Strategy) -> Result<Ca
     cache_key(t, device, strategy, &inputs.iter().map(HostArray::value_type).collect::<Vec<_>>())
 }
 
+/// The best config a previous `tune` of `t` on `device` cached (any strategy), if any.
+pub fn cached_best(t: &dyn Tunable, device: Device) -> Option<Config> {
+    let dir = cache::default_dir();
+    [Strategy::Exhaustive, Strategy::Guided, Strategy::Random]
+        .into_iter()
+        .find_map(|s| cache::load(&dir, &key_for(t, device, s).ok()?).ok().flatten())
+        .map(|r| r.best_config)
+}
+
 /// Tunes `t` on `device`.
 pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneReport> {
     let start = Instant::now();

@@ -126,6 +126,20 @@ impl AttentionShape {
     }
 }
 
+/// `opts` with the block the tuned tables (or the cache) give for this shape on `backend`,
+/// unless the caller chose one; clamped to the shape.
+pub fn with_tuned_block(shape: AttentionShape, dtype: DType, opts: AttentionOptions, backend: Backend) -> AttentionOptions {
+    if opts.block.is_some() {
+        return opts;
+    }
+    let problem = crate::tuning::FlashTunable { shape, dtype, causal: opts.causal };
+    let bucket = crate::tuning::flash_bucket(shape, dtype, opts.causal);
+    let tuned = crate::tuning::choose(crate::tuning::target_of(backend), "flash_attention", &bucket, &problem);
+    let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
+    let block = tuned.and_then(|c| Some((block_for(shape.q_len, get(&c, "bq")?), block_for(shape.kv_len, get(&c, "bk")?))));
+    AttentionOptions { block, ..opts }
+}
+
 /// A block size for `len`: `preferred`, or the whole (8-rounded) length when shorter.
 fn block_for(len: usize, preferred: usize) -> usize {
     preferred.min(len.div_ceil(8) * 8)
@@ -209,6 +223,7 @@ pub fn forward(
     backend: Backend,
 ) -> Result<(HostArray, Array3<f32>), Error> {
     let shape = shape_of(q, k, v)?;
+    let opts = with_tuned_block(shape, q.dtype(), opts, backend);
     let call = forward_call(shape, q.dtype(), opts, segments.is_some())?;
     let [qs, ks] = segment_operands(shape, segments)?;
     let mut out = torchtpu_exec::run(&call, backend, &[q.clone(), k.clone(), v.clone(), qs, ks])?;
@@ -467,6 +482,7 @@ pub fn backward(
     if lse.dim() != (shape.batch, shape.heads, shape.q_len) {
         return Err(Error::Shape(format!("lse must be [{}, {}, {}]; got {:?}", shape.batch, shape.heads, shape.q_len, lse.dim())));
     }
+    let opts = with_tuned_block(shape, q.dtype(), opts, backend);
     let (dkv_call, dq_call) = backward_calls(shape, q.dtype(), opts, segments.is_some())?;
     let [qs, ks] = segment_operands(shape, segments)?;
     let lse4 = HostArray::from(lse.clone().insert_axis(Axis(3)));

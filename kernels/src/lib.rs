@@ -3,6 +3,7 @@
 
 pub mod flash;
 pub mod matmul;
+pub mod tuning;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
@@ -12,4 +13,6 @@ pub enum Error {
     Dtype(String),
     #[error(transparent)]
     Exec(#[from] torchtpu_exec::Error),
+    #[error("tuned table: {0}")]
+    Table(String),
 }

@@ -49,6 +49,21 @@ pub struct MatmulShape {
     pub k: usize,
 }
 
+/// `opts` with the block the tuned tables (or the cache) give for this shape on `backend`,
+/// unless the caller chose one; clamped to the shape.
+pub fn with_tuned_block(shape: MatmulShape, dtype: DType, opts: MatmulOptions, backend: Backend) -> MatmulOptions {
+    if opts.block.is_some() {
+        return opts;
+    }
+    let problem = crate::tuning::MatmulTunable { shape, dtype, transpose_b: opts.transpose_b };
+    let bucket = crate::tuning::matmul_bucket(shape, dtype, opts.transpose_b);
+    let tuned = crate::tuning::choose(crate::tuning::target_of(backend), "matmul", &bucket, &problem);
+    let sublane = if dtype == DType::BF16 { 16 } else { 8 };
+    let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
+    let block = tuned.and_then(|c| Some((block_for(shape.m, get(&c, "bm")?, sublane), block_for(shape.n, get(&c, "bn")?, 128), block_for(shape.k, get(&c, "bk")?, 128))));
+    MatmulOptions { block, ..opts }
+}
+
 fn block_for(len: usize, preferred: usize, tile: usize) -> usize {
     preferred.min(len.div_ceil(tile) * tile)
 }
@@ -116,6 +131,7 @@ pub fn shape_of(a: &HostArray, b: &HostArray, transpose_b: bool) -> Result<Matmu
 /// `a · b` (or `a · bᵀ`) on `backend`.
 pub fn matmul(a: &HostArray, b: &HostArray, opts: MatmulOptions, backend: Backend) -> Result<HostArray, Error> {
     let shape = shape_of(a, b, opts.transpose_b)?;
+    let opts = with_tuned_block(shape, a.dtype(), opts, backend);
     let mut out = torchtpu_exec::run(&call(shape, a.dtype(), opts)?, backend, &[a.clone(), b.clone()])?;
     out.pop().ok_or_else(|| Error::Shape("the kernel returned no output".into()))
 }

@@ -11,6 +11,7 @@ use torchtpu_codegen::{lower, Target};
 use torchtpu_runtime::{Chip, TpuCompiler};
 use torchtpu_autotune::{tune, Device, FlashProblem, MatmulProblem, Progress, Strategy, TuneOptions, Tunable};
 use torchtpu_exec::{Backend, Compiled};
+use torchtpu_kernels::tuning::{table_problems, TableTarget};
 use torchtpu_testkernels::{acceptance_set, configure, find, relative_error, tolerance, Example, FAMILIES};
 
 #[derive(Parser)]
@@ -139,6 +140,16 @@ enum Command {
         /// Ignore and do not update the on-disk cache.
         #[arg(long)]
         no_cache: bool,
+    },
+    /// Regenerate the shipped kernels' tuned tables (kernels/tables/*.json): deviceless ranking
+    /// for TPU chips, measured on the PJRT CPU plugin for `cpu`.
+    Tables {
+        /// Targets to regenerate: cpu, v4, v5e, v5p, v6e, tpu7x.
+        #[arg(long, value_delimiter = ',', default_value = "cpu,v4,v5e,v5p,v6e,tpu7x")]
+        targets: Vec<String>,
+        /// Where the tables live.
+        #[arg(long, default_value = "kernels/tables")]
+        dir: std::path::PathBuf,
     },
     /// Run a kernel on the CPU interpreter with random inputs and check it against its f64 reference.
     Interpret {
@@ -350,6 +361,26 @@ fn run(cli: Cli) -> Result<bool, String> {
             }
             if let Some(path) = plot {
                 std::fs::write(&path, report.svg()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            Ok(true)
+        }
+        Command::Tables { targets, dir } => {
+            for name in targets {
+                let target = TableTarget::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| format!("unknown table target `{name}`"))?;
+                let device = match target {
+                    TableTarget::Cpu => Device::Pjrt(Backend::Cpu),
+                    TableTarget::Chip(c) => Device::Chip(c),
+                };
+                let mut table: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> = Default::default();
+                for (kernel, bucket, problem) in table_problems(target) {
+                    let opts = TuneOptions { strategy: Strategy::Exhaustive, use_cache: false, ..TuneOptions::default() };
+                    let report = tune(problem.as_ref(), device, &opts).map_err(|e| format!("{name} {bucket}: {e}"))?;
+                    eprintln!("{name:>6} {kernel} {bucket}: {} ({:.4} ms, default {:?})", report.best_config, report.best_time_ms, report.default_time_ms);
+                    table.entry(kernel).or_default().insert(bucket, report.best_config.to_string());
+                }
+                let path = dir.join(format!("{name}.json"));
+                let text = serde_json::to_string_pretty(&table).map_err(|e| e.to_string())?;
+                std::fs::write(&path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
             Ok(true)
         }

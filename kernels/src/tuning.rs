@@ -1,0 +1,201 @@
+//! The shipped kernels as autotuner problems, shape buckets, and the tuned tables: JSON per
+//! target (`cpu` and each TPU chip) from buckets to block configs, made by `torchtpu tables`.
+
+use std::collections::BTreeMap;
+
+use rand::rngs::StdRng;
+use torchtpu_autotune::problem::block_candidates;
+use torchtpu_autotune::{Config, SearchSpace, Tunable};
+use torchtpu_dsl::{DType, HostArray, PallasCall};
+use torchtpu_runtime::Chip;
+
+use crate::flash::{self, AttentionOptions, AttentionShape};
+use crate::matmul::{self, MatmulOptions, MatmulShape};
+use crate::Error;
+
+/// What a table is for: the CPU through PJRT, or one TPU generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableTarget {
+    Cpu,
+    Chip(Chip),
+}
+
+impl TableTarget {
+    pub fn name(self) -> &'static str {
+        match self {
+            TableTarget::Cpu => "cpu",
+            TableTarget::Chip(c) => c.name(),
+        }
+    }
+
+    pub const ALL: [TableTarget; 6] =
+        [TableTarget::Cpu, TableTarget::Chip(Chip::V4), TableTarget::Chip(Chip::V5e), TableTarget::Chip(Chip::V5p), TableTarget::Chip(Chip::V6e), TableTarget::Chip(Chip::Tpu7x)];
+}
+
+/// `n` rounded up to a power of two within [lo, hi].
+fn bucket(n: usize, lo: usize, hi: usize) -> usize {
+    n.next_power_of_two().clamp(lo, hi)
+}
+
+/// Matmul bucket: each dim rounded up to a power of two, with the dtype and layout.
+pub fn matmul_bucket(s: MatmulShape, dtype: DType, transpose_b: bool) -> String {
+    format!("m{}n{}k{}/{dtype}{}", bucket(s.m, 128, 8192), bucket(s.n, 128, 8192), bucket(s.k, 128, 8192), if transpose_b { "/nt" } else { "" })
+}
+
+/// Attention bucket: the longer sequence rounded up to a power of two, head dim, mask, dtype.
+pub fn flash_bucket(s: AttentionShape, dtype: DType, causal: bool) -> String {
+    format!("s{}d{}/{}/{dtype}", bucket(s.q_len.max(s.kv_len), 128, 16384), s.head_dim, if causal { "causal" } else { "full" })
+}
+
+/// The matmul at one shape, its blocks open.
+pub struct MatmulTunable {
+    pub shape: MatmulShape,
+    pub dtype: DType,
+    pub transpose_b: bool,
+}
+
+impl Tunable for MatmulTunable {
+    fn kernel(&self) -> String {
+        "kernels.matmul".into()
+    }
+    fn problem(&self) -> String {
+        format!("{:?}/{}/{}", self.shape, self.dtype, if self.transpose_b { "nt" } else { "nn" })
+    }
+    fn space(&self) -> SearchSpace {
+        let s = self.shape;
+        SearchSpace::new().param("bm", block_candidates(s.m, 1024)).param("bn", block_candidates(s.n, 1024)).param("bk", block_candidates(s.k, 1024))
+    }
+    fn default_config(&self) -> Config {
+        Config(vec![("bm".into(), 128), ("bn".into(), 128), ("bk".into(), 128)])
+    }
+    fn build(&self, c: &Config) -> PallasCall {
+        let opts = MatmulOptions { transpose_b: self.transpose_b, block: Some((c.value("bm"), c.value("bn"), c.value("bk"))) };
+        matmul::call(self.shape, self.dtype, opts).expect("shapes and dtype were checked when the problem was made")
+    }
+    fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
+        let s = self.shape;
+        let b = if self.transpose_b { vec![s.n, s.k] } else { vec![s.k, s.n] };
+        let (a, b) = match s.batch {
+            None => (vec![s.m, s.k], b),
+            Some(x) => (vec![x, s.m, s.k], [vec![x], b].concat()),
+        };
+        vec![random(rng, self.dtype, &a), random(rng, self.dtype, &b)]
+    }
+}
+
+fn random(rng: &mut StdRng, dtype: DType, shape: &[usize]) -> HostArray {
+    use rand::Rng;
+    let a = ndarray::ArrayD::from_shape_simple_fn(shape.to_vec(), || rng.random_range(-1.0..1.0));
+    HostArray::from_f64(dtype, &a)
+}
+
+/// Attention forward at one shape, its blocks open (the backward uses the same blocks).
+pub struct FlashTunable {
+    pub shape: AttentionShape,
+    pub dtype: DType,
+    pub causal: bool,
+}
+
+impl Tunable for FlashTunable {
+    fn kernel(&self) -> String {
+        "kernels.flash_attention".into()
+    }
+    fn problem(&self) -> String {
+        format!("{:?}/{}/{}", self.shape, self.dtype, if self.causal { "causal" } else { "full" })
+    }
+    fn space(&self) -> SearchSpace {
+        SearchSpace::new().param("bq", block_candidates(self.shape.q_len, 2048)).param("bk", block_candidates(self.shape.kv_len, 2048))
+    }
+    fn default_config(&self) -> Config {
+        Config(vec![("bq".into(), 128), ("bk".into(), 128)])
+    }
+    fn build(&self, c: &Config) -> PallasCall {
+        let opts = AttentionOptions { causal: self.causal, sm_scale: None, block: Some((c.value("bq"), c.value("bk"))) };
+        flash::forward_call(self.shape, self.dtype, opts, false).expect("shapes and dtype were checked when the problem was made")
+    }
+    fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
+        let s = self.shape;
+        vec![
+            random(rng, self.dtype, &[s.batch, s.heads, s.q_len, s.head_dim]),
+            random(rng, self.dtype, &[s.batch, s.kv_heads, s.kv_len, s.head_dim]),
+            random(rng, self.dtype, &[s.batch, s.kv_heads, s.kv_len, s.head_dim]),
+            HostArray::from(ndarray::Array3::<i32>::zeros((s.batch, s.q_len, 128))),
+            HostArray::from(ndarray::Array3::<i32>::zeros((s.batch, 8, s.kv_len))),
+        ]
+    }
+}
+
+/// The tables shipped in the crate, one JSON file per target.
+const TABLES: [(&str, &str); 6] = [
+    ("cpu", include_str!("../tables/cpu.json")),
+    ("v4", include_str!("../tables/v4.json")),
+    ("v5e", include_str!("../tables/v5e.json")),
+    ("v5p", include_str!("../tables/v5p.json")),
+    ("v6e", include_str!("../tables/v6e.json")),
+    ("tpu7x", include_str!("../tables/tpu7x.json")),
+];
+
+/// A target's table: kernel → bucket → config (`bm=..,bn=..`).
+pub type Table = BTreeMap<String, BTreeMap<String, String>>;
+
+pub fn table(target: TableTarget) -> Result<Table, Error> {
+    let text = TABLES.iter().find(|(n, _)| *n == target.name()).map(|(_, t)| *t).unwrap_or("{}");
+    serde_json::from_str(text).map_err(|e| Error::Table(format!("the {} table is not valid JSON: {e}", target.name())))
+}
+
+fn parse_config(s: &str) -> Option<Vec<(String, usize)>> {
+    s.split(',').map(|kv| kv.split_once('=').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?)))).collect()
+}
+
+/// The tuned block for `kernel` at `bucket` on `target`, if the table has one.
+pub fn tuned(target: TableTarget, kernel: &str, bucket: &str) -> Option<Vec<(String, usize)>> {
+    table(target).ok()?.get(kernel)?.get(bucket).and_then(|c| parse_config(c))
+}
+
+/// The table a backend uses: the CPU's for the CPU and the interpreter, a chip's for a TPU
+/// (`$TORCHTPU_TPU_CHIP`, default v5e); none for CUDA.
+pub fn target_of(backend: torchtpu_exec::Backend) -> Option<TableTarget> {
+    use torchtpu_exec::Backend;
+    match backend {
+        Backend::Cpu | Backend::Interpret => Some(TableTarget::Cpu),
+        Backend::Cuda => None,
+        Backend::Tpu => {
+            let chip = std::env::var("TORCHTPU_TPU_CHIP").ok().and_then(|c| c.parse().ok()).unwrap_or(Chip::V5e);
+            Some(TableTarget::Chip(chip))
+        }
+    }
+}
+
+/// Which tuned config a call uses: its bucket's table entry, else a cached tuning result for
+/// the exact problem, else none (the kernel's safe default).
+pub fn choose(target: Option<TableTarget>, kernel: &str, bucket: &str, problem: &dyn Tunable) -> Option<Vec<(String, usize)>> {
+    let target = target?;
+    tuned(target, kernel, bucket).or_else(|| {
+        let device = match target {
+            TableTarget::Cpu => torchtpu_autotune::Device::Pjrt(torchtpu_exec::Backend::Cpu),
+            TableTarget::Chip(c) => torchtpu_autotune::Device::Chip(c),
+        };
+        torchtpu_autotune::cached_best(problem, device).map(|c| c.0)
+    })
+}
+
+/// The problems `torchtpu tables` tunes for each target: one per bucket.
+pub fn table_problems(target: TableTarget) -> Vec<(String, String, Box<dyn Tunable>)> {
+    let dtypes: &[DType] = if target == TableTarget::Cpu { &[DType::F32] } else { &[DType::BF16, DType::F32] };
+    let sizes: &[usize] = if target == TableTarget::Cpu { &[512, 1024, 2048] } else { &[512, 1024, 2048, 4096] };
+    let mut out: Vec<(String, String, Box<dyn Tunable>)> = Vec::new();
+    for &dtype in dtypes {
+        for &n in sizes {
+            let shape = MatmulShape { batch: None, m: n, n, k: n };
+            out.push(("matmul".into(), matmul_bucket(shape, dtype, false), Box::new(MatmulTunable { shape, dtype, transpose_b: false })));
+        }
+        for &seq in sizes {
+            for causal in [true, false] {
+                let shape = AttentionShape { batch: 1, heads: if target == TableTarget::Cpu { 4 } else { 8 }, kv_heads: 1, q_len: seq, kv_len: seq, head_dim: 128 };
+                let shape = AttentionShape { kv_heads: shape.heads, ..shape };
+                out.push(("flash_attention".into(), flash_bucket(shape, dtype, causal), Box::new(FlashTunable { shape, dtype, causal })));
+            }
+        }
+    }
+    out
+}
