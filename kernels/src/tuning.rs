@@ -2,6 +2,7 @@
 //! target (`cpu` and each TPU chip) from buckets to block configs, made by `torchtpu tables`.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
 use torchtpu_autotune::problem::block_candidates;
@@ -138,9 +139,17 @@ const TABLES: [(&str, &str); 6] = [
 /// A target's table: kernel → bucket → config (`bm=..,bn=..`).
 pub type Table = BTreeMap<String, BTreeMap<String, String>>;
 
-pub fn table(target: TableTarget) -> Result<Table, Error> {
-    let text = TABLES.iter().find(|(n, _)| *n == target.name()).map(|(_, t)| *t).unwrap_or("{}");
-    serde_json::from_str(text).map_err(|e| Error::Table(format!("the {} table is not valid JSON: {e}", target.name())))
+/// A target's table, parsed once per process.
+pub fn table(target: TableTarget) -> Result<&'static Table, Error> {
+    static PARSED: OnceLock<Vec<(&'static str, Result<Table, String>)>> = OnceLock::new();
+    let parsed = PARSED.get_or_init(|| {
+        TABLES.iter().map(|&(name, text)| (name, serde_json::from_str(text).map_err(|e| format!("the {name} table is not valid JSON: {e}")))).collect()
+    });
+    match parsed.iter().find(|(n, _)| *n == target.name()) {
+        Some((_, Ok(t))) => Ok(t),
+        Some((_, Err(e))) => Err(Error::Table(e.clone())),
+        None => Err(Error::Table(format!("no table for {}", target.name()))),
+    }
 }
 
 fn parse_config(s: &str) -> Option<Vec<(String, usize)>> {

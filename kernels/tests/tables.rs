@@ -1,0 +1,68 @@
+//! The tuned tables: every entry compiles for its target (libtpu for the chips, the PJRT CPU
+//! plugin for `cpu`), and calls pick the table's block for their bucket, else a default.
+
+use torchtpu_codegen::{lower, Target};
+use torchtpu_dsl::HostArray;
+use torchtpu_exec::{client, Backend};
+use torchtpu_kernels::flash::{with_tuned_block, AttentionOptions, AttentionShape};
+use torchtpu_kernels::tuning::{table, table_problems, tuned, TableTarget};
+use torchtpu_runtime::TpuCompiler;
+
+#[test]
+fn every_table_entry_compiles_for_its_target() {
+    let mut failures = Vec::new();
+    let mut entries = 0;
+    for target in TableTarget::ALL {
+        let t = table(target).expect("valid JSON");
+        for (kernel, bucket, problem) in table_problems(target) {
+            let Some(config) = t.get(&kernel).and_then(|k| k.get(&bucket)) else { continue };
+            entries += 1;
+            let values: Vec<(String, usize)> = config.split(',').map(|kv| {
+                let (k, v) = kv.split_once('=').expect("key=value");
+                (k.to_string(), v.parse().expect("a number"))
+            }).collect();
+            let call = problem.build(&torchtpu_autotune::Config(values));
+            let inputs = problem.random_inputs(&mut rand::SeedableRng::seed_from_u64(0));
+            let traced = call.trace(&inputs.iter().map(HostArray::value_type).collect::<Vec<_>>()).expect("traces");
+            let result = match target {
+                TableTarget::Cpu => client(Backend::Cpu).expect("CPU plugin").compile(&lower(&traced, Target::PortableStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string()),
+                TableTarget::Chip(chip) => {
+                    let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
+                    compiler.compile(chip, &lower(&traced, Target::TpuStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())
+                }
+            };
+            if let Err(e) = result {
+                failures.push(format!("{} {kernel} {bucket} {config}: {e}", target.name()));
+            }
+        }
+    }
+    assert!(entries > 0, "the tables are empty: run `cargo run --release -- tables`");
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn every_target_has_a_table_covering_its_buckets() {
+    for target in TableTarget::ALL {
+        let t = table(target).expect("valid JSON");
+        for (kernel, bucket, _) in table_problems(target) {
+            assert!(t.get(&kernel).and_then(|k| k.get(&bucket)).is_some(), "{} has no entry for {kernel} {bucket}", target.name());
+        }
+    }
+}
+
+#[test]
+fn calls_use_their_buckets_table_entry_else_a_default() {
+    // 1×4×1000×128 causal f32 falls in the s1024 bucket of the CPU table.
+    let shape = AttentionShape { batch: 1, heads: 4, kv_heads: 4, q_len: 1000, kv_len: 1000, head_dim: 128 };
+    let opts = AttentionOptions { causal: true, sm_scale: None, block: None };
+    let entry = tuned(TableTarget::Cpu, "flash_attention", "s1024d128/causal/f32").expect("the cpu table has the bucket");
+    let get = |n: &str| entry.iter().find(|(k, _)| k == n).map(|&(_, v)| v).expect("tunable present");
+    let chosen = with_tuned_block(shape, torchtpu_dsl::DType::F32, opts, Backend::Cpu).block.expect("a tuned block");
+    assert_eq!(chosen, (get("bq").min(1000usize.div_ceil(8) * 8), get("bk").min(1000usize.div_ceil(8) * 8)));
+    // An explicit block wins over the table.
+    let explicit = AttentionOptions { block: Some((64, 64)), ..opts };
+    assert_eq!(with_tuned_block(shape, torchtpu_dsl::DType::F32, explicit, Backend::Cpu).block, Some((64, 64)));
+    // No bucket for head_dim 48: no tuned block, so the call's safe default applies.
+    let odd = AttentionShape { head_dim: 48, ..shape };
+    assert_eq!(with_tuned_block(odd, torchtpu_dsl::DType::F32, opts, Backend::Cpu).block, None);
+}
