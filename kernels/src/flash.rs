@@ -6,9 +6,13 @@
 
 use ndarray::{Array3, Array4, ArrayD, Axis};
 use torchtpu_dsl::prelude::*;
+use torchtpu_codegen::{lower, Target};
+use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{HostArray, PallasCall};
-use torchtpu_exec::Backend;
+use torchtpu_exec::{Backend, Compiled};
+use torchtpu_runtime::Chip;
 
+use crate::tuning::TableTarget;
 use crate::Error;
 
 /// Pallas' mask value: vanishes under `exp`, finite so `m - m` is never NaN.
@@ -129,12 +133,16 @@ impl AttentionShape {
 /// `opts` with the block the tuned tables (or the cache) give for this shape on `backend`,
 /// unless the caller chose one; clamped to the shape.
 pub fn with_tuned_block(shape: AttentionShape, dtype: DType, opts: AttentionOptions, backend: Backend) -> AttentionOptions {
+    tuned_for(shape, dtype, opts, crate::tuning::target_of(backend))
+}
+
+fn tuned_for(shape: AttentionShape, dtype: DType, opts: AttentionOptions, target: Option<TableTarget>) -> AttentionOptions {
     if opts.block.is_some() {
         return opts;
     }
     let problem = crate::tuning::FlashTunable { shape, dtype, causal: opts.causal };
     let bucket = crate::tuning::flash_bucket(shape, dtype, opts.causal);
-    let tuned = crate::tuning::choose(crate::tuning::target_of(backend), "flash_attention", &bucket, &problem);
+    let tuned = crate::tuning::choose(target, "flash_attention", &bucket, &problem);
     let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
     let block = tuned.and_then(|c| Some((block_for(shape.q_len, get(&c, "bq")?), block_for(shape.kv_len, get(&c, "bk")?))));
     AttentionOptions { block, ..opts }
@@ -459,6 +467,46 @@ pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOption
         .scratch([Vmem::new([bq, d])])
         .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary]);
     Ok((dkv_call, dq_call))
+}
+
+/// The forward for `shape`, lowered for `chip` with its tuned block: a StableHLO module
+/// running the Mosaic kernel through `tpu_custom_call` (what a TPU runtime registers).
+pub fn forward_tpu_module(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<String, Error> {
+    let opts = tuned_for(shape, dtype, opts, Some(TableTarget::Chip(chip)));
+    let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype))?;
+    Ok(lower(&traced, Target::TpuStableHlo)?)
+}
+
+/// The backward (dK/dV, then dQ) for `shape`, lowered for `chip` like [`forward_tpu_module`].
+pub fn backward_tpu_modules(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<(String, String), Error> {
+    let opts = tuned_for(shape, dtype, opts, Some(TableTarget::Chip(chip)));
+    let (dkv, dq) = backward_calls(shape, dtype, opts, use_segments)?;
+    let mut types = forward_operand_types(shape, dtype);
+    let segs = types.split_off(3);
+    types.push(types[0].clone());
+    types.push(types[0].clone());
+    types.push(ValueType::new(DType::F32, [shape.batch, shape.heads, shape.q_len, 1]));
+    types.extend(segs);
+    Ok((lower(&dkv.trace(&types)?, Target::TpuStableHlo)?, lower(&dq.trace(&types)?, Target::TpuStableHlo)?))
+}
+
+/// The forward compiled for `shape` on a device backend, with its tuned block: upload,
+/// run on device buffers and time without recompiling. Operands as for [`forward_call`].
+pub fn compiled_forward(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<Compiled, Error> {
+    let opts = with_tuned_block(shape, dtype, opts, backend);
+    let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype))?;
+    Ok(Compiled::new(&traced, backend)?)
+}
+
+/// The forward's operand types: q, k, v, then the laid-out segment ids.
+fn forward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType> {
+    vec![
+        ValueType::new(dtype, [s.batch, s.heads, s.q_len, s.head_dim]),
+        ValueType::new(dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]),
+        ValueType::new(dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]),
+        ValueType::new(DType::I32, [s.batch, s.q_len, LANES]),
+        ValueType::new(DType::I32, [s.batch, SUBLANES, s.kv_len]),
+    ]
 }
 
 /// Gradients (dq, dk, dv) of attention given its output `o`, log-sum-exp and the output's gradient.

@@ -15,4 +15,8 @@ pub enum Error {
     Exec(#[from] torchtpu_exec::Error),
     #[error("tuned table: {0}")]
     Table(String),
+    #[error(transparent)]
+    Trace(#[from] torchtpu_dsl::Error),
+    #[error(transparent)]
+    Lower(#[from] torchtpu_codegen::Error),
 }

@@ -3,9 +3,13 @@
 
 use ndarray::{ArrayD, Axis, Ix2};
 use torchtpu_dsl::prelude::*;
+use torchtpu_codegen::{lower, Target};
+use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{HostArray, PallasCall};
-use torchtpu_exec::Backend;
+use torchtpu_exec::{Backend, Compiled};
+use torchtpu_runtime::Chip;
 
+use crate::tuning::TableTarget;
 use crate::Error;
 
 #[tpu_kernel]
@@ -52,12 +56,16 @@ pub struct MatmulShape {
 /// `opts` with the block the tuned tables (or the cache) give for this shape on `backend`,
 /// unless the caller chose one; clamped to the shape.
 pub fn with_tuned_block(shape: MatmulShape, dtype: DType, opts: MatmulOptions, backend: Backend) -> MatmulOptions {
+    tuned_for(shape, dtype, opts, crate::tuning::target_of(backend))
+}
+
+fn tuned_for(shape: MatmulShape, dtype: DType, opts: MatmulOptions, target: Option<TableTarget>) -> MatmulOptions {
     if opts.block.is_some() {
         return opts;
     }
     let problem = crate::tuning::MatmulTunable { shape, dtype, transpose_b: opts.transpose_b };
     let bucket = crate::tuning::matmul_bucket(shape, dtype, opts.transpose_b);
-    let tuned = crate::tuning::choose(crate::tuning::target_of(backend), "matmul", &bucket, &problem);
+    let tuned = crate::tuning::choose(target, "matmul", &bucket, &problem);
     let sublane = if dtype == DType::BF16 { 16 } else { 8 };
     let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
     let block = tuned.and_then(|c| Some((block_for(shape.m, get(&c, "bm")?, sublane), block_for(shape.n, get(&c, "bn")?, 128), block_for(shape.k, get(&c, "bk")?, 128))));
@@ -108,6 +116,28 @@ pub fn call(shape: MatmulShape, dtype: DType, opts: MatmulOptions) -> Result<Pal
         }
     };
     Ok(call.name("matmul").scratch([Vmem::new([bm, bn])]))
+}
+
+fn operand_types(shape: MatmulShape, dtype: DType, transpose_b: bool) -> Vec<ValueType> {
+    let b = if transpose_b { vec![shape.n, shape.k] } else { vec![shape.k, shape.n] };
+    match shape.batch {
+        None => vec![ValueType::new(dtype, [shape.m, shape.k]), ValueType::new(dtype, b)],
+        Some(x) => vec![ValueType::new(dtype, [x, shape.m, shape.k]), ValueType::new(dtype, [vec![x], b].concat())],
+    }
+}
+
+/// The matmul for `shape`, lowered for `chip` with its tuned block (a `tpu_custom_call` module).
+pub fn tpu_module(shape: MatmulShape, dtype: DType, opts: MatmulOptions, chip: Chip) -> Result<String, Error> {
+    let opts = tuned_for(shape, dtype, opts, Some(TableTarget::Chip(chip)));
+    let traced = call(shape, dtype, opts)?.trace(&operand_types(shape, dtype, opts.transpose_b))?;
+    Ok(lower(&traced, Target::TpuStableHlo)?)
+}
+
+/// The matmul compiled for `shape` on a device backend with its tuned block: run on device buffers.
+pub fn compiled(shape: MatmulShape, dtype: DType, opts: MatmulOptions, backend: Backend) -> Result<Compiled, Error> {
+    let opts = with_tuned_block(shape, dtype, opts, backend);
+    let traced = call(shape, dtype, opts)?.trace(&operand_types(shape, dtype, opts.transpose_b))?;
+    Ok(Compiled::new(&traced, backend)?)
 }
 
 /// The shape of `a · b` (or `a · bᵀ`), checked.

@@ -66,3 +66,33 @@ fn calls_use_their_buckets_table_entry_else_a_default() {
     let odd = AttentionShape { head_dim: 48, ..shape };
     assert_eq!(with_tuned_block(odd, torchtpu_dsl::DType::F32, opts, Backend::Cpu).block, None);
 }
+
+#[test]
+fn lowered_tpu_modules_and_device_buffer_runs() {
+    use torchtpu_kernels::{flash, matmul};
+    use torchtpu_runtime::Chip;
+    let shape = AttentionShape { batch: 1, heads: 4, kv_heads: 2, q_len: 1024, kv_len: 1024, head_dim: 128 };
+    let opts = AttentionOptions { causal: true, sm_scale: None, block: None };
+    let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
+    let fwd = flash::forward_tpu_module(shape, torchtpu_dsl::DType::BF16, opts, true, Chip::V6e).expect("lowers");
+    assert!(fwd.contains("tpu_custom_call"));
+    compiler.compile(Chip::V6e, &fwd).expect("the forward module compiles");
+    let (dkv, dq) = flash::backward_tpu_modules(shape, torchtpu_dsl::DType::BF16, opts, true, Chip::V6e).expect("lowers");
+    compiler.compile(Chip::V6e, &dkv).expect("dK/dV compiles");
+    compiler.compile(Chip::V6e, &dq).expect("dQ compiles");
+    let m = matmul::MatmulShape { batch: None, m: 1024, n: 1024, k: 1024 };
+    compiler.compile(Chip::V5e, &matmul::tpu_module(m, torchtpu_dsl::DType::BF16, Default::default(), Chip::V5e).expect("lowers")).expect("compiles");
+
+    // On device buffers: upload once, run twice, download.
+    let small = matmul::MatmulShape { batch: None, m: 64, n: 32, k: 48 };
+    let c = matmul::compiled(small, torchtpu_dsl::DType::F32, Default::default(), Backend::Cpu).expect("compiles");
+    let a = ndarray::Array2::from_shape_fn((64, 48), |(i, j)| (i + 2 * j) as f32 / 10.0);
+    let b = ndarray::Array2::from_shape_fn((48, 32), |(i, j)| (i as f32 - j as f32) / 7.0);
+    let buffers = c.upload(&[HostArray::from(&a), HostArray::from(&b)]).expect("uploads");
+    c.execute(&buffers).expect("runs");
+    let out = c.execute(&buffers).expect("runs again");
+    let got = torchtpu_exec::download(&out[0], &torchtpu_dsl::ir::ValueType::new(torchtpu_dsl::DType::F32, [64, 32])).expect("downloads");
+    let want = a.dot(&b);
+    let got = got.into_array::<f32>().expect("f32");
+    assert!(got.iter().zip(want.iter()).all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs().max(1.0)));
+}
