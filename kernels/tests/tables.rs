@@ -10,17 +10,28 @@ use torchtpu_runtime::TpuCompiler;
 
 #[test]
 fn every_table_entry_compiles_for_its_target() {
-    let mut failures = Vec::new();
-    let mut entries = 0;
+    use rayon::prelude::*;
+    let mut jobs = Vec::new();
     for target in TableTarget::ALL {
         let t = table(target).expect("valid JSON");
         for (kernel, bucket, problem) in table_problems(target) {
-            let Some(config) = t.get(&kernel).and_then(|k| k.get(&bucket)) else { continue };
-            entries += 1;
-            let values: Vec<(String, usize)> = config.split(',').map(|kv| {
-                let (k, v) = kv.split_once('=').expect("key=value");
-                (k.to_string(), v.parse().expect("a number"))
-            }).collect();
+            if let Some(config) = t.get(&kernel).and_then(|k| k.get(&bucket)) {
+                jobs.push((target, kernel, bucket, config.clone(), problem));
+            }
+        }
+    }
+    assert!(!jobs.is_empty(), "the tables are empty: run `cargo run --release -- tables`");
+    // Compilers are thread-safe: spread the entries over the cores.
+    let failures: Vec<String> = jobs
+        .par_iter()
+        .filter_map(|(target, kernel, bucket, config, problem)| {
+            let values: Vec<(String, usize)> = config
+                .split(',')
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').expect("key=value");
+                    (k.to_string(), v.parse().expect("a number"))
+                })
+                .collect();
             let call = problem.build(&torchtpu_autotune::Config(values));
             let inputs = problem.random_inputs(&mut rand::SeedableRng::seed_from_u64(0));
             let traced = call.trace(&inputs.iter().map(HostArray::value_type).collect::<Vec<_>>()).expect("traces");
@@ -28,15 +39,12 @@ fn every_table_entry_compiles_for_its_target() {
                 TableTarget::Cpu => client(Backend::Cpu).expect("CPU plugin").compile(&lower(&traced, Target::PortableStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string()),
                 TableTarget::Chip(chip) => {
                     let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
-                    compiler.compile(chip, &lower(&traced, Target::TpuStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())
+                    compiler.compile(*chip, &lower(&traced, Target::TpuStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())
                 }
             };
-            if let Err(e) = result {
-                failures.push(format!("{} {kernel} {bucket} {config}: {e}", target.name()));
-            }
-        }
-    }
-    assert!(entries > 0, "the tables are empty: run `cargo run --release -- tables`");
+            result.err().map(|e| format!("{} {kernel} {bucket} {config}: {e}", target.name()))
+        })
+        .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
