@@ -242,9 +242,11 @@ pub fn key_for(t: &dyn Tunable, device: Device, strategy: Strategy) -> Result<Ca
 /// The best config a previous `tune` of `t` on `device` cached (any strategy), if any.
 pub fn cached_best(t: &dyn Tunable, device: Device) -> Option<Config> {
     let dir = cache::default_dir();
+    // One key (it traces the kernel and asks the plugin its version); only the strategy varies.
+    let key = key_for(t, device, Strategy::Exhaustive).ok()?;
     [Strategy::Exhaustive, Strategy::Guided, Strategy::Random]
         .into_iter()
-        .find_map(|s| cache::load(&dir, &key_for(t, device, s).ok()?).ok().flatten())
+        .find_map(|s| cache::load(&dir, &CacheKey { strategy: s.name().into(), ..key.clone() }).ok().flatten())
         .map(|r| r.best_config)
 }
 

@@ -7,10 +7,9 @@ use ndarray::{Array2, ArrayD};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use torchtpu_codegen::{stablehlo, Form};
 use torchtpu_dsl::{DType, HostArray};
 use torchtpu_exec::Backend;
-use torchtpu_kernels::flash::{forward, forward_call, reference, AttentionOptions, AttentionShape};
+use torchtpu_kernels::flash::{forward, forward_call, forward_tpu_module, reference, AttentionOptions, AttentionShape};
 use torchtpu_runtime::{Chip, TpuCompiler};
 
 struct Case {
@@ -144,15 +143,8 @@ fn forward_compiles_with_libtpu_for_every_chip() {
         (AttentionShape { batch: 2, heads: 4, kv_heads: 4, q_len: 1000, kv_len: 777, head_dim: 64 }, DType::F32, (256, 128), false, false),
         (AttentionShape { batch: 1, heads: 2, kv_heads: 1, q_len: 128, kv_len: 4096, head_dim: 128 }, DType::BF16, (128, 1024), true, false),
     ] {
-        let call = forward_call(shape, dtype, AttentionOptions { causal, sm_scale: None, block: Some(block) }, segs).expect("call");
-        let types = vec![
-            torchtpu_dsl::ir::ValueType::new(dtype, [shape.batch, shape.heads, shape.q_len, shape.head_dim]),
-            torchtpu_dsl::ir::ValueType::new(dtype, [shape.batch, shape.kv_heads, shape.kv_len, shape.head_dim]),
-            torchtpu_dsl::ir::ValueType::new(dtype, [shape.batch, shape.kv_heads, shape.kv_len, shape.head_dim]),
-            torchtpu_dsl::ir::ValueType::new(DType::I32, [shape.batch, shape.q_len, 128]),
-            torchtpu_dsl::ir::ValueType::new(DType::I32, [shape.batch, 8, shape.kv_len]),
-        ];
-        let module = stablehlo::tpu_custom_call(&call.trace(&types).expect("traces"), Form::Stable).expect("lowers");
+        // An explicit block: the module is the same whichever chip it is lowered for.
+        let module = forward_tpu_module(shape, dtype, AttentionOptions { causal, sm_scale: None, block: Some(block) }, segs, Chip::V5e).expect("lowers");
         for chip in Chip::ALL {
             if let Err(e) = compiler.compile(chip, &module) {
                 failures.push(format!("{shape:?} {dtype} on {chip}: {e}"));
