@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use torchtpu_dsl::{DType, HostArray};
 use torchtpu_exec::{client, upload, Backend, Compiled};
-use torchtpu_kernels::flash::{backward_calls, forward_call, with_tuned_block, AttentionOptions, AttentionShape};
+use torchtpu_kernels::flash::{backward_call, forward_call, with_tuned_backward_blocks, with_tuned_block, AttentionOptions, AttentionShape, FlashPass};
 
 const SHAPE: AttentionShape = AttentionShape { batch: 1, heads: 8, kv_heads: 8, q_len: 2048, kv_len: 2048, head_dim: 128 };
 const T: &str = "tensor<1x8x2048x128xf32>";
@@ -86,14 +86,17 @@ fn attention(c: &mut Criterion) {
     let arr = |rng: &mut StdRng| HostArray::from_f64(DType::F32, &ndarray::ArrayD::from_shape_simple_fn(vec![1, 8, 2048, 128], || rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng)));
     let (q, k, v, d_o) = (arr(&mut rng), arr(&mut rng), arr(&mut rng), arr(&mut rng));
     let seg = [HostArray::from(Array3::<i32>::zeros((1, 2048, 128))), HostArray::from(Array3::<i32>::zeros((1, 8, 2048)))];
-    let opts = with_tuned_block(SHAPE, DType::F32, AttentionOptions { causal: true, sm_scale: None, block: None }, Backend::Cpu);
+    let untuned = AttentionOptions { causal: true, sm_scale: None, block: None };
+    let opts = with_tuned_block(SHAPE, DType::F32, untuned, Backend::Cpu);
+    let (dkv_opts, dq_opts) = with_tuned_backward_blocks(SHAPE, DType::F32, untuned, Backend::Cpu);
     let fwd = forward_call(SHAPE, DType::F32, opts, false).expect("forward");
     let fwd_ops = vec![q.clone(), k.clone(), v.clone(), seg[0].clone(), seg[1].clone()];
     let types = |ops: &[HostArray]| ops.iter().map(HostArray::value_type).collect::<Vec<_>>();
     let fwd_c = Compiled::new(&fwd.trace(&types(&fwd_ops)).expect("traces"), Backend::Cpu).expect("compiles");
     let out = fwd_c.run(&fwd_ops).expect("runs");
     let lse = out[1].clone();
-    let (dkv, dq) = backward_calls(SHAPE, DType::F32, opts, false).expect("backward");
+    let dkv = backward_call(FlashPass::BackwardDkv, SHAPE, DType::F32, dkv_opts, false).expect("backward dK/dV");
+    let dq = backward_call(FlashPass::BackwardDq, SHAPE, DType::F32, dq_opts, false).expect("backward dQ");
     let bwd_ops = vec![q.clone(), k.clone(), v.clone(), out[0].clone(), d_o.clone(), lse, seg[0].clone(), seg[1].clone()];
     let dkv_c = Compiled::new(&dkv.trace(&types(&bwd_ops)).expect("traces"), Backend::Cpu).expect("compiles");
     let dq_c = Compiled::new(&dq.trace(&types(&bwd_ops)).expect("traces"), Backend::Cpu).expect("compiles");
@@ -108,7 +111,7 @@ fn attention(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function(format!("torchtpu_forward_{:?}", opts.block), |b| b.iter(|| fwd_c.execute(&fwd_b).expect("runs")));
     g.bench_function("xla_forward", |b| b.iter(|| xf.execute(&[&xla_in[0], &xla_in[1], &xla_in[2]]).expect("runs")));
-    g.bench_function(format!("torchtpu_backward_{:?}", opts.block), |b| b.iter(|| (dkv_c.execute(&bwd_b).expect("runs"), dq_c.execute(&bwd_b).expect("runs"))));
+    g.bench_function(format!("torchtpu_backward_dkv{:?}_dq{:?}", dkv_opts.block, dq_opts.block), |b| b.iter(|| (dkv_c.execute(&bwd_b).expect("runs"), dq_c.execute(&bwd_b).expect("runs"))));
     g.bench_function("xla_backward_with_forward", |b| b.iter(|| xg.execute(&[&xla_in[0], &xla_in[1], &xla_in[2], &xla_in[3]]).expect("runs")));
     g.bench_function("interpreter_forward", |b| b.iter(|| fwd.interpret(&fwd_ops).expect("runs")));
     g.finish();

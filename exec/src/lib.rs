@@ -68,12 +68,20 @@ impl FromStr for Backend {
     }
 }
 
-/// The process-wide PJRT client of a device backend (created on first use).
+/// The process-wide PJRT client of a device backend (created on first use, and afresh in a
+/// child after `fork`: the parent's client lost its threads there).
 pub fn client(backend: Backend) -> Result<Client> {
-    static CLIENTS: OnceLock<Mutex<Vec<(Backend, Client)>>> = OnceLock::new();
+    static CLIENTS: OnceLock<Mutex<Vec<(u32, Backend, Client)>>> = OnceLock::new();
     let clients = CLIENTS.get_or_init(|| Mutex::new(Vec::new()));
     let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, c)) = clients.iter().find(|(b, _)| *b == backend) {
+    let pid = std::process::id();
+    if clients.iter().any(|(p, _, _)| *p != pid) {
+        // Destroying a client whose threads died with the fork could block: leak it instead.
+        for stale in clients.drain(..) {
+            std::mem::forget(stale);
+        }
+    }
+    if let Some((_, _, c)) = clients.iter().find(|(_, b, _)| *b == backend) {
         return Ok(c.clone());
     }
     let plugin = match backend {
@@ -86,7 +94,7 @@ pub fn client(backend: Backend) -> Result<Client> {
         Backend::Tpu => Error::Input(format!("no TPU to run on ({e}); `torchtpu check` compiles for TPUs without one")),
         _ => e.into(),
     })?;
-    clients.push((backend, client.clone()));
+    clients.push((pid, backend, client.clone()));
     Ok(client)
 }
 
@@ -139,6 +147,38 @@ impl Compiled {
         let buffers = self.upload(operands)?;
         let out = self.execute(&buffers)?;
         out.iter().zip(&self.outputs).map(|(b, t)| download(b, t)).collect()
+    }
+
+    /// Runs on raw host memory (dense, row-major, little-endian, of the compiled types):
+    /// operands are read where they lie (the CPU plugin aliases them) and each output is
+    /// copied straight into its slice of `outputs`.
+    pub fn run_in_place(&self, operands: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
+        let sized = |what: &str, n: usize, want: &[ValueType]| {
+            if n != want.len() {
+                return Err(Error::Input(format!("expected {} {what}, got {n}", want.len())));
+            }
+            Ok(())
+        };
+        sized("operands", operands.len(), &self.operands)?;
+        sized("outputs", outputs.len(), &self.outputs)?;
+        for (i, (dst, t)) in outputs.iter().zip(&self.outputs).enumerate() {
+            if dst.len() != t.num_elements() * t.dtype.size_bytes() {
+                return Err(Error::Input(format!("output {i} has room for {} bytes; the call makes {t} ({} bytes)", dst.len(), t.num_elements() * t.dtype.size_bytes())));
+            }
+        }
+        let mut buffers = Vec::with_capacity(operands.len());
+        for (i, (data, t)) in operands.iter().zip(&self.operands).enumerate() {
+            if data.len() != t.num_elements() * t.dtype.size_bytes() {
+                return Err(Error::Input(format!("operand {i} has {} bytes; the call was compiled for {t} ({} bytes)", data.len(), t.num_elements() * t.dtype.size_bytes())));
+            }
+            buffers.push(self.client.borrow_buffer(data, transfer::element_type(t.dtype), &t.shape)?);
+        }
+        let refs: Vec<&Buffer> = buffers.iter().map(|b| &**b).collect();
+        let results = self.executable.execute(&refs)?;
+        for (result, dst) in results.iter().zip(outputs.iter_mut()) {
+            result.copy_to_host(dst)?;
+        }
+        Ok(())
     }
 
     /// Device time of one execution: `warmup` runs, then the median (and spread) of `reps`,

@@ -8,7 +8,7 @@ use torchtpu_runtime::{Buffer, Client, ElementType};
 
 use crate::{Error, Result};
 
-fn element_type(d: DType) -> ElementType {
+pub(crate) fn element_type(d: DType) -> ElementType {
     match d {
         DType::F32 => ElementType::F32,
         DType::BF16 => ElementType::BF16,

@@ -17,10 +17,12 @@ use crate::Error;
 
 /// Pallas' mask value: vanishes under `exp`, finite so `m - m` is never NaN.
 const MASK_VALUE: f32 = -0.7 * f32::MAX;
-/// Running max and sum are kept replicated across this many lanes, as TPU kernels keep them.
-const LANES: usize = 128;
-/// kv segment ids are replicated across this many sublanes (a legal TPU block height).
-const SUBLANES: usize = 8;
+/// Running max and sum are kept replicated across this many lanes, as TPU kernels keep them;
+/// q segment ids are laid out `[b, sq, LANES]`.
+pub const LANES: usize = 128;
+/// kv segment ids are replicated across this many sublanes (a legal TPU block height):
+/// laid out `[b, SUBLANES, sk]`.
+pub const SUBLANES: usize = 8;
 
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
@@ -130,19 +132,49 @@ impl AttentionShape {
     }
 }
 
-/// `opts` with the block the tuned tables (or the cache) give for this shape on `backend`,
-/// unless the caller chose one; clamped to the shape.
-pub fn with_tuned_block(shape: AttentionShape, dtype: DType, opts: AttentionOptions, backend: Backend) -> AttentionOptions {
-    tuned_for(shape, dtype, opts, crate::tuning::target_of(backend))
+/// One of the three attention kernels; each has its own tuned blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashPass {
+    Forward,
+    /// The backward kernel computing dK and dV (one program per kv block).
+    BackwardDkv,
+    /// The backward kernel computing dQ (one program per q block).
+    BackwardDq,
 }
 
-fn tuned_for(shape: AttentionShape, dtype: DType, opts: AttentionOptions, target: Option<TableTarget>) -> AttentionOptions {
+impl FlashPass {
+    pub const ALL: [FlashPass; 3] = [FlashPass::Forward, FlashPass::BackwardDkv, FlashPass::BackwardDq];
+
+    /// The kernel's key in the tuned tables.
+    pub fn table_key(self) -> &'static str {
+        match self {
+            FlashPass::Forward => "flash_attention",
+            FlashPass::BackwardDkv => "flash_attention_dkv",
+            FlashPass::BackwardDq => "flash_attention_dq",
+        }
+    }
+}
+
+/// `opts` with the forward block the tuned tables (or the cache) give for this shape on
+/// `backend`, unless the caller chose one; clamped to the shape.
+pub fn with_tuned_block(shape: AttentionShape, dtype: DType, opts: AttentionOptions, backend: Backend) -> AttentionOptions {
+    tuned_for(FlashPass::Forward, shape, dtype, opts, crate::tuning::target_of(backend))
+}
+
+/// Options for the two backward kernels (dK/dV, dQ), each with its own tuned block unless
+/// the caller chose one.
+pub fn with_tuned_backward_blocks(shape: AttentionShape, dtype: DType, opts: AttentionOptions, backend: Backend) -> (AttentionOptions, AttentionOptions) {
+    let target = crate::tuning::target_of(backend);
+    (tuned_for(FlashPass::BackwardDkv, shape, dtype, opts, target), tuned_for(FlashPass::BackwardDq, shape, dtype, opts, target))
+}
+
+fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, target: Option<TableTarget>) -> AttentionOptions {
     if opts.block.is_some() {
         return opts;
     }
-    let problem = crate::tuning::FlashTunable { shape, dtype, causal: opts.causal };
+    let problem = crate::tuning::FlashTunable { pass, shape, dtype, causal: opts.causal };
     let bucket = crate::tuning::flash_bucket(shape, dtype, opts.causal);
-    let tuned = crate::tuning::choose(target, "flash_attention", &bucket, &problem);
+    let tuned = crate::tuning::choose(target, pass.table_key(), &bucket, &problem);
     let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
     let block = tuned.and_then(|c| Some((block_for(shape.q_len, get(&c, "bq")?), block_for(shape.kv_len, get(&c, "bk")?))));
     AttentionOptions { block, ..opts }
@@ -407,35 +439,39 @@ fn flash_backward_dq<T: Float>(
     }
 }
 
-/// The two backward calls (dK/dV, then dQ). Operands of both: q, k, v, o, dO, lse
-/// `[b, h, sq, 1]`, q and kv segment ids (as for [`forward_call`]).
+/// The two backward calls (dK/dV, then dQ), both at `opts`' block. Operands of both: q, k,
+/// v, o, dO, lse `[b, h, sq, 1]`, q and kv segment ids (as for [`forward_call`]).
 pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<(PallasCall, PallasCall), Error> {
+    Ok((backward_call(FlashPass::BackwardDkv, shape, dtype, opts, use_segments)?, backward_call(FlashPass::BackwardDq, shape, dtype, opts, use_segments)?))
+}
+
+/// One backward kernel's call (`pass` is [`FlashPass::BackwardDkv`] or
+/// [`FlashPass::BackwardDq`]); operands as for [`backward_calls`].
+pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
     shape.check()?;
     let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = shape;
     let (bq, bk) = opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512)));
     let scale = opts.sm_scale.unwrap_or(1.0 / (d as f32).sqrt());
     let causal = opts.causal;
-    let (dkv, dq) = match dtype {
-        DType::F32 => (
-            flash_backward_dkv::kernel::<f32>(scale, causal, use_segments, q_len, kv_len),
-            flash_backward_dq::kernel::<f32>(scale, causal, use_segments, q_len, kv_len),
-        ),
-        DType::BF16 => (
-            flash_backward_dkv::kernel::<bf16>(scale, causal, use_segments, q_len, kv_len),
-            flash_backward_dq::kernel::<bf16>(scale, causal, use_segments, q_len, kv_len),
-        ),
-        other => return Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
+    let kernel = match (pass, dtype) {
+        (FlashPass::BackwardDkv, DType::F32) => flash_backward_dkv::kernel::<f32>(scale, causal, use_segments, q_len, kv_len),
+        (FlashPass::BackwardDkv, DType::BF16) => flash_backward_dkv::kernel::<bf16>(scale, causal, use_segments, q_len, kv_len),
+        (FlashPass::BackwardDq, DType::F32) => flash_backward_dq::kernel::<f32>(scale, causal, use_segments, q_len, kv_len),
+        (FlashPass::BackwardDq, DType::BF16) => flash_backward_dq::kernel::<bf16>(scale, causal, use_segments, q_len, kv_len),
+        (FlashPass::Forward, _) => return Err(Error::Shape("backward_call builds the backward kernels; the forward is forward_call".into())),
+        (_, other) => return Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
     };
     let group = heads / kv_heads;
     let gi = group as i32;
     let q_block = [None, None, Some(bq), Some(d)];
     let kv_block = [None, None, Some(bk), Some(d)];
     let lse_block = [None, None, Some(bq), Some(1)];
-    // dK/dV: one program per kv block, reducing over every q head of its group and every q block.
-    let dkv_call = PallasCall::new(dkv)
+    if pass == FlashPass::BackwardDkv {
+        // One program per kv block, reducing over every q head of its group and every q block.
+        return Ok(PallasCall::new(kernel)
         .name("flash_attention_backward_dkv")
-        .grid([batch, kv_heads, kv_len.div_ceil(bk), group, q_len.div_ceil(bq)])
-        .in_specs([
+            .grid([batch, kv_heads, kv_len.div_ceil(bk), group, q_len.div_ceil(bq)])
+            .in_specs([
             BlockSpec::new(q_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
             BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
             BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
@@ -445,11 +481,12 @@ pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOption
             BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, _, _, i]| (b, i, 0)),
             BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)),
         ])
-        .out_specs([BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)), BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0))])
-        .out_shapes([vec![batch, kv_heads, kv_len, d], vec![batch, kv_heads, kv_len, d]])
-        .scratch([Vmem::new([bk, d]), Vmem::new([bk, d])])
-        .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary, Arbitrary]);
-    let dq_call = PallasCall::new(dq)
+            .out_specs([BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)), BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0))])
+            .out_shapes([vec![batch, kv_heads, kv_len, d], vec![batch, kv_heads, kv_len, d]])
+            .scratch([Vmem::new([bk, d]), Vmem::new([bk, d])])
+            .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary, Arbitrary]));
+    }
+    Ok(PallasCall::new(kernel)
         .name("flash_attention_backward_dq")
         .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
         .in_specs([
@@ -465,29 +502,43 @@ pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOption
         .out_specs([BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0))])
         .out_shapes([vec![batch, heads, q_len, d]])
         .scratch([Vmem::new([bq, d])])
-        .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary]);
-    Ok((dkv_call, dq_call))
+        .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary]))
 }
 
 /// The forward for `shape`, lowered for `chip` with its tuned block: a StableHLO module
 /// running the Mosaic kernel through `tpu_custom_call` (what a TPU runtime registers).
 pub fn forward_tpu_module(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<String, Error> {
-    let opts = tuned_for(shape, dtype, opts, Some(TableTarget::Chip(chip)));
+    let opts = tuned_for(FlashPass::Forward, shape, dtype, opts, Some(TableTarget::Chip(chip)));
     let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype))?;
     Ok(lower(&traced, Target::TpuStableHlo)?)
 }
 
 /// The backward (dK/dV, then dQ) for `shape`, lowered for `chip` like [`forward_tpu_module`].
 pub fn backward_tpu_modules(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<(String, String), Error> {
-    let opts = tuned_for(shape, dtype, opts, Some(TableTarget::Chip(chip)));
-    let (dkv, dq) = backward_calls(shape, dtype, opts, use_segments)?;
-    let mut types = forward_operand_types(shape, dtype);
+    let target = Some(TableTarget::Chip(chip));
+    let dkv = backward_call(FlashPass::BackwardDkv, shape, dtype, tuned_for(FlashPass::BackwardDkv, shape, dtype, opts, target), use_segments)?;
+    let dq = backward_call(FlashPass::BackwardDq, shape, dtype, tuned_for(FlashPass::BackwardDq, shape, dtype, opts, target), use_segments)?;
+    let types = backward_operand_types(shape, dtype);
+    Ok((lower(&dkv.trace(&types)?, Target::TpuStableHlo)?, lower(&dq.trace(&types)?, Target::TpuStableHlo)?))
+}
+
+/// One backward kernel compiled for `shape` on a device backend with its tuned block, like
+/// [`compiled_forward`]. Operands as for [`backward_calls`].
+pub fn compiled_backward(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<Compiled, Error> {
+    let opts = tuned_for(pass, shape, dtype, opts, crate::tuning::target_of(backend));
+    let traced = backward_call(pass, shape, dtype, opts, use_segments)?.trace(&backward_operand_types(shape, dtype))?;
+    Ok(Compiled::new(&traced, backend)?)
+}
+
+/// The backward kernels' operand types: q, k, v, o, dO, lse, then the laid-out segment ids.
+fn backward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType> {
+    let mut types = forward_operand_types(s, dtype);
     let segs = types.split_off(3);
     types.push(types[0].clone());
     types.push(types[0].clone());
-    types.push(ValueType::new(DType::F32, [shape.batch, shape.heads, shape.q_len, 1]));
+    types.push(ValueType::new(DType::F32, [s.batch, s.heads, s.q_len, 1]));
     types.extend(segs);
-    Ok((lower(&dkv.trace(&types)?, Target::TpuStableHlo)?, lower(&dq.trace(&types)?, Target::TpuStableHlo)?))
+    types
 }
 
 /// The forward compiled for `shape` on a device backend, with its tuned block: upload,
@@ -530,8 +581,9 @@ pub fn backward(
     if lse.dim() != (shape.batch, shape.heads, shape.q_len) {
         return Err(Error::Shape(format!("lse must be [{}, {}, {}]; got {:?}", shape.batch, shape.heads, shape.q_len, lse.dim())));
     }
-    let opts = with_tuned_block(shape, q.dtype(), opts, backend);
-    let (dkv_call, dq_call) = backward_calls(shape, q.dtype(), opts, segments.is_some())?;
+    let (dkv_opts, dq_opts) = with_tuned_backward_blocks(shape, q.dtype(), opts, backend);
+    let dkv_call = backward_call(FlashPass::BackwardDkv, shape, q.dtype(), dkv_opts, segments.is_some())?;
+    let dq_call = backward_call(FlashPass::BackwardDq, shape, q.dtype(), dq_opts, segments.is_some())?;
     let [qs, ks] = segment_operands(shape, segments)?;
     let lse4 = HostArray::from(lse.clone().insert_axis(Axis(3)));
     let operands = [q.clone(), k.clone(), v.clone(), o.clone(), d_o.clone(), lse4, qs, ks];

@@ -10,7 +10,7 @@ use torchtpu_autotune::{Config, SearchSpace, Tunable};
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 use torchtpu_runtime::Chip;
 
-use crate::flash::{self, AttentionOptions, AttentionShape};
+use crate::flash::{self, AttentionOptions, AttentionShape, FlashPass};
 use crate::matmul::{self, MatmulOptions, MatmulShape};
 use crate::Error;
 
@@ -90,8 +90,10 @@ fn random(rng: &mut StdRng, dtype: DType, shape: &[usize]) -> HostArray {
     HostArray::from_f64(dtype, &a)
 }
 
-/// Attention forward at one shape, its blocks open (the backward uses the same blocks).
+/// One attention kernel (forward, or one of the two backward kernels) at one shape, its
+/// blocks open.
 pub struct FlashTunable {
+    pub pass: FlashPass,
     pub shape: AttentionShape,
     pub dtype: DType,
     pub causal: bool,
@@ -99,7 +101,7 @@ pub struct FlashTunable {
 
 impl Tunable for FlashTunable {
     fn kernel(&self) -> String {
-        "kernels.flash_attention".into()
+        format!("kernels.{}", self.pass.table_key())
     }
     fn problem(&self) -> String {
         format!("{:?}/{}/{}", self.shape, self.dtype, if self.causal { "causal" } else { "full" })
@@ -112,17 +114,26 @@ impl Tunable for FlashTunable {
     }
     fn build(&self, c: &Config) -> PallasCall {
         let opts = AttentionOptions { causal: self.causal, sm_scale: None, block: Some((c.value("bq"), c.value("bk"))) };
-        flash::forward_call(self.shape, self.dtype, opts, false).expect("shapes and dtype were checked when the problem was made")
+        let call = match self.pass {
+            FlashPass::Forward => flash::forward_call(self.shape, self.dtype, opts, false),
+            pass => flash::backward_call(pass, self.shape, self.dtype, opts, false),
+        };
+        call.expect("shapes and dtype were checked when the problem was made")
     }
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
         let s = self.shape;
-        vec![
-            random(rng, self.dtype, &[s.batch, s.heads, s.q_len, s.head_dim]),
-            random(rng, self.dtype, &[s.batch, s.kv_heads, s.kv_len, s.head_dim]),
-            random(rng, self.dtype, &[s.batch, s.kv_heads, s.kv_len, s.head_dim]),
-            HostArray::from(ndarray::Array3::<i32>::zeros((s.batch, s.q_len, 128))),
-            HostArray::from(ndarray::Array3::<i32>::zeros((s.batch, 8, s.kv_len))),
-        ]
+        let q_shape = [s.batch, s.heads, s.q_len, s.head_dim];
+        let kv_shape = [s.batch, s.kv_heads, s.kv_len, s.head_dim];
+        let mut inputs = vec![random(rng, self.dtype, &q_shape), random(rng, self.dtype, &kv_shape), random(rng, self.dtype, &kv_shape)];
+        if self.pass != FlashPass::Forward {
+            // o, dO and a log-sum-exp: timing needs finite values, not a consistent forward.
+            inputs.push(random(rng, self.dtype, &q_shape));
+            inputs.push(random(rng, self.dtype, &q_shape));
+            inputs.push(random(rng, DType::F32, &[s.batch, s.heads, s.q_len, 1]));
+        }
+        inputs.push(HostArray::from(ndarray::Array3::<i32>::zeros((s.batch, s.q_len, 128))));
+        inputs.push(HostArray::from(ndarray::Array3::<i32>::zeros((s.batch, 8, s.kv_len))));
+        inputs
     }
 }
 
@@ -200,9 +211,11 @@ pub fn table_problems(target: TableTarget) -> Vec<(String, String, Box<dyn Tunab
         }
         for &seq in sizes {
             for causal in [true, false] {
-                let shape = AttentionShape { batch: 1, heads: if target == TableTarget::Cpu { 4 } else { 8 }, kv_heads: 1, q_len: seq, kv_len: seq, head_dim: 128 };
-                let shape = AttentionShape { kv_heads: shape.heads, ..shape };
-                out.push(("flash_attention".into(), flash_bucket(shape, dtype, causal), Box::new(FlashTunable { shape, dtype, causal })));
+                let heads = if target == TableTarget::Cpu { 4 } else { 8 };
+                let shape = AttentionShape { batch: 1, heads, kv_heads: heads, q_len: seq, kv_len: seq, head_dim: 128 };
+                for pass in FlashPass::ALL {
+                    out.push((pass.table_key().into(), flash_bucket(shape, dtype, causal), Box::new(FlashTunable { pass, shape, dtype, causal })));
+                }
             }
         }
     }

@@ -159,6 +159,22 @@ impl Client {
 
     /// Copies `data` (dense, row-major, `dims`) to the device.
     pub fn buffer(&self, data: &[u8], element_type: ElementType, dims: &[usize]) -> Result<Buffer> {
+        let (buffer, done) = self.buffer_from_host(data, element_type, dims, ffi::HOST_BUFFER_IMMUTABLE_ONLY_DURING_CALL)?;
+        if !done.is_null() {
+            self.await_event(done)?;
+        }
+        Ok(buffer)
+    }
+
+    /// `data` as a device buffer without a copy where the plugin can alias host memory (the
+    /// CPU plugin, suitably aligned data); a copy otherwise. `data` stays borrowed until the
+    /// buffer is dropped.
+    pub fn borrow_buffer<'a>(&self, data: &'a [u8], element_type: ElementType, dims: &[usize]) -> Result<BorrowedBuffer<'a>> {
+        let (buffer, done) = self.buffer_from_host(data, element_type, dims, ffi::HOST_BUFFER_IMMUTABLE_ZERO_COPY)?;
+        Ok(BorrowedBuffer { buffer: Some(buffer), done, _data: std::marker::PhantomData })
+    }
+
+    fn buffer_from_host(&self, data: &[u8], element_type: ElementType, dims: &[usize], semantics: i32) -> Result<(Buffer, *mut c_void)> {
         let n: usize = dims.iter().product();
         if data.len() != n * element_type.size_bytes() {
             return Err(Error::Invalid(format!(
@@ -174,14 +190,10 @@ impl Client {
         args.element_type = element_type.pjrt();
         args.dims = dims64.as_ptr();
         args.num_dims = dims64.len();
-        args.host_buffer_semantics = ffi::HOST_BUFFER_IMMUTABLE_ONLY_DURING_CALL;
+        args.host_buffer_semantics = semantics;
         args.device = self.inner.device;
         self.inner.plugin.call(Slot::ClientBufferFromHostBuffer, "Client_BufferFromHostBuffer", &mut args)?;
-        let buffer = Buffer { client: self.clone(), raw: args.buffer, element_type, dims: dims.to_vec() };
-        if !args.done_with_host_buffer.is_null() {
-            self.await_event(args.done_with_host_buffer)?;
-        }
-        Ok(buffer)
+        Ok((Buffer { client: self.clone(), raw: args.buffer, element_type, dims: dims.to_vec() }, args.done_with_host_buffer))
     }
 
     /// Waits for `event` and destroys it.
@@ -292,23 +304,29 @@ impl Drop for Buffer {
 impl Buffer {
     /// Copies the buffer to the host: exactly `len` bytes are expected.
     pub fn to_host(&self, len: usize) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; len];
+        self.copy_to_host(&mut out)?;
+        Ok(out)
+    }
+
+    /// Copies the buffer into `dst`, which must be exactly the buffer's size.
+    pub fn copy_to_host(&self, dst: &mut [u8]) -> Result<()> {
         let plugin = &self.client.inner.plugin;
         let mut query = ffi::BufferToHostArgs::new();
         query.src = self.raw;
         plugin.call(Slot::BufferToHostBuffer, "Buffer_ToHostBuffer", &mut query)?;
-        if query.dst_size != len {
-            return Err(Error::Invalid(format!("the device buffer holds {} bytes, {len} were expected", query.dst_size)));
+        if query.dst_size != dst.len() {
+            return Err(Error::Invalid(format!("the device buffer holds {} bytes, {} were expected", query.dst_size, dst.len())));
         }
-        let mut out = vec![0u8; len];
         let mut args = ffi::BufferToHostArgs::new();
         args.src = self.raw;
-        args.dst = out.as_mut_ptr() as *mut c_void;
-        args.dst_size = len;
+        args.dst = dst.as_mut_ptr() as *mut c_void;
+        args.dst_size = dst.len();
         plugin.call(Slot::BufferToHostBuffer, "Buffer_ToHostBuffer", &mut args)?;
         if !args.event.is_null() {
             self.client.await_event(args.event)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     pub fn element_type(&self) -> ElementType {
@@ -317,5 +335,37 @@ impl Buffer {
 
     pub fn dims(&self) -> &[usize] {
         &self.dims
+    }
+}
+
+/// A buffer that may alias borrowed host memory (see [`Client::borrow_buffer`]).
+pub struct BorrowedBuffer<'a> {
+    buffer: Option<Buffer>,
+    done: *mut c_void,
+    _data: std::marker::PhantomData<&'a [u8]>,
+}
+
+// SAFETY: as for `Buffer`; the event is only awaited once, on drop.
+unsafe impl Send for BorrowedBuffer<'_> {}
+unsafe impl Sync for BorrowedBuffer<'_> {}
+
+impl std::ops::Deref for BorrowedBuffer<'_> {
+    type Target = Buffer;
+    fn deref(&self) -> &Buffer {
+        self.buffer.as_ref().expect("present until drop")
+    }
+}
+
+impl Drop for BorrowedBuffer<'_> {
+    fn drop(&mut self) {
+        // The plugin lets go of the host memory once its buffer is gone: destroy, then wait,
+        // so the borrow really ends here.
+        if let Some(buffer) = self.buffer.take() {
+            let client = buffer.client.clone();
+            drop(buffer);
+            if !self.done.is_null() {
+                let _ = client.await_event(self.done);
+            }
+        }
     }
 }

@@ -194,6 +194,9 @@ pub const BUFFER_BF16: i32 = 13;
 
 /// `PJRT_HostBufferSemantics_kImmutableOnlyDuringCall`: the plugin copies during the call.
 pub const HOST_BUFFER_IMMUTABLE_ONLY_DURING_CALL: i32 = 0;
+/// `PJRT_HostBufferSemantics_kImmutableZeroCopy`: the buffer may alias the host memory, which
+/// must stay valid until the plugin's done-with-host-buffer event fires.
+pub const HOST_BUFFER_IMMUTABLE_ZERO_COPY: i32 = 2;
 args!(ExecutableCodeSizeArgs { executable: *mut c_void, size_in_bytes: i64 });
 args!(ExecutableCostAnalysisArgs { executable: *mut c_void, num_properties: usize, properties: *const NamedValue });
 

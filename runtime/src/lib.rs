@@ -8,7 +8,7 @@ pub mod locate;
 pub mod plugin;
 pub mod tpu;
 
-pub use client::{Buffer, Client, ElementType, Executable};
+pub use client::{BorrowedBuffer, Buffer, Client, ElementType, Executable};
 pub use error::{Error, Result};
 pub use plugin::Plugin;
 pub use tpu::{Chip, CompileError, CompiledModule, SourceLocation, TpuCompiler};

@@ -150,6 +150,9 @@ enum Command {
         /// Where the tables live.
         #[arg(long, default_value = "kernels/tables")]
         dir: std::path::PathBuf,
+        /// Retune only these kernels (e.g. flash_attention_dkv), keeping the tables' other entries.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
     },
     /// Run a kernel on the CPU interpreter with random inputs and check it against its f64 reference.
     Interpret {
@@ -364,21 +367,33 @@ fn run(cli: Cli) -> Result<bool, String> {
             }
             Ok(true)
         }
-        Command::Tables { targets, dir } => {
+        Command::Tables { targets, dir, kernels } => {
             for name in targets {
                 let target = TableTarget::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| format!("unknown table target `{name}`"))?;
                 let device = match target {
                     TableTarget::Cpu => Device::Pjrt(Backend::Cpu),
                     TableTarget::Chip(c) => Device::Chip(c),
                 };
-                let mut table: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> = Default::default();
-                for (kernel, bucket, problem) in table_problems(target) {
+                let problems = table_problems(target);
+                if let Some(unknown) = kernels.iter().find(|k| !problems.iter().any(|(p, _, _)| p == *k)) {
+                    return Err(format!("no tuned kernel `{unknown}`; the tables hold matmul, flash_attention, flash_attention_dkv and flash_attention_dq"));
+                }
+                let path = dir.join(format!("{name}.json"));
+                let mut table: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> = if kernels.is_empty() {
+                    Default::default()
+                } else {
+                    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {} to update it: {e}", path.display()))?;
+                    serde_json::from_str(&text).map_err(|e| format!("{} is not a valid table: {e}", path.display()))?
+                };
+                for (kernel, bucket, problem) in problems {
+                    if !kernels.is_empty() && !kernels.contains(&kernel) {
+                        continue;
+                    }
                     let opts = TuneOptions { strategy: Strategy::Exhaustive, use_cache: false, ..TuneOptions::default() };
                     let report = tune(problem.as_ref(), device, &opts).map_err(|e| format!("{name} {bucket}: {e}"))?;
                     eprintln!("{name:>6} {kernel} {bucket}: {} ({:.4} ms, default {:?})", report.best_config, report.best_time_ms, report.default_time_ms);
                     table.entry(kernel).or_default().insert(bucket, report.best_config.to_string());
                 }
-                let path = dir.join(format!("{name}.json"));
                 let text = serde_json::to_string_pretty(&table).map_err(|e| e.to_string())?;
                 std::fs::write(&path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
