@@ -1,0 +1,19 @@
+"""torchtpu's kernels as PyTorch ops.
+
+``import torchtpu`` registers ``torch.ops.torchtpu.flash_attention`` and
+``torch.ops.torchtpu.matmul`` (torch also imports this package by itself through its
+``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
+plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
+"""
+
+from torchtpu import ops as _ops
+from torchtpu import tpu
+
+flash_attention = _ops.flash_attention
+matmul = _ops.matmul
+
+__all__ = ["flash_attention", "matmul", "tpu"]
+
+
+def _autoload() -> None:
+    """torch's device-backend autoload hook: importing the package is all it takes."""

@@ -1,0 +1,222 @@
+"""The ops: ``torchtpu::flash_attention`` and ``torchtpu::matmul``.
+
+``flash_attention`` is composite: it calls ``torchtpu::flash_attention_forward`` (output and
+log-sum-exp), whose gradient is ``torchtpu::flash_attention_backward`` (our dK/dV and dQ
+kernels), the way ``aten::scaled_dot_product_attention`` sits over its flash kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from torchtpu import _torchtpu
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_SEGMENT_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
+    if t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} is {t.dtype}; torchtpu's kernels take torch.float32 or torch.bfloat16")
+
+
+def _check_devices(**tensors: Optional[Tensor]) -> None:
+    present = {n: t for n, t in tensors.items() if t is not None}
+    devices = {t.device for t in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in present.items())
+        raise ValueError(f"all tensors must be on one device; got {where}")
+
+
+def _check_contiguous(**tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} is not contiguous (strides {t.stride()}); call .contiguous() first")
+
+
+def _check_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]) -> None:
+    """Shape, dtype and device checks, shared by the real and the fake implementations."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_float(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [batch, heads, seq, head_dim] like scaled_dot_product_attention's; got shape {tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype} and {v.dtype}")
+    b, h, sq, d = q.shape
+    kb, hk, sk, kd = k.shape
+    if kb != b or kd != d or v.shape != k.shape:
+        raise ValueError(f"k and v must both be [{b}, kv_heads, kv_seq, {d}] for q {tuple(q.shape)}; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if h % hk != 0:
+        raise ValueError(f"q has {h} heads and k/v {hk}: grouped-query attention needs q's heads to be a multiple of k/v's")
+    if (segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both segment_ids and kv_segment_ids, or neither")
+    if segment_ids is not None:
+        for name, t, want in (("segment_ids", segment_ids, (b, sq)), ("kv_segment_ids", kv_segment_ids, (b, sk))):
+            if t.dtype not in _SEGMENT_DTYPES:
+                raise TypeError(f"{name} must be an integer tensor (int32 or int64); got {t.dtype}")
+            if tuple(t.shape) != want:
+                raise ValueError(f"{name} must be [batch, seq] = {list(want)}; got {list(t.shape)}")
+    _check_devices(q=q, k=k, v=v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+
+
+def _segments_i32(segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]):
+    if segment_ids is None:
+        return None, None
+    return segment_ids.to(torch.int32).contiguous(), kv_segment_ids.to(torch.int32).contiguous()
+
+
+@torch.library.custom_op("torchtpu::flash_attention_forward", mutates_args=(), device_types="cpu")
+def flash_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """Attention output and its log-sum-exp (f32 ``[batch, heads, q_seq]``)."""
+    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+    _check_contiguous(q=q, k=k, v=v)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32)
+    qs, ks = _segments_i32(segment_ids, kv_segment_ids)
+    _torchtpu.flash_attention_forward(q, k, v, qs, ks, out, lse, causal, sm_scale)
+    return out, lse
+
+
+@flash_attention_forward.register_fake
+def _(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids):
+    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("torchtpu::flash_attention_backward", mutates_args=(), device_types="cpu")
+def flash_attention_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    grad_out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    sm_scale: float,
+    segment_ids: Optional[Tensor],
+    kv_segment_ids: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of attention from its output, log-sum-exp and output gradient."""
+    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+    _check_contiguous(q=q, k=k, v=v, out=out, grad_out=grad_out, lse=lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    qs, ks = _segments_i32(segment_ids, kv_segment_ids)
+    _torchtpu.flash_attention_backward(q, k, v, out, grad_out, lse, qs, ks, dq, dk, dv, causal, sm_scale)
+    return dq, dk, dv
+
+
+@flash_attention_backward.register_fake
+def _(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids):
+    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _forward_setup_context(ctx, inputs, output):
+    q, k, v, causal, sm_scale, segment_ids, kv_segment_ids = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids, kv_segment_ids)
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+
+
+def _forward_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, segment_ids, kv_segment_ids = ctx.saved_tensors
+    dq, dk, dv = torch.ops.torchtpu.flash_attention_backward(q, k, v, out, grad_out.contiguous(), lse, ctx.causal, ctx.sm_scale, segment_ids, kv_segment_ids)
+    return dq, dk, dv, None, None, None, None
+
+
+flash_attention_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
+
+torch.library.define(
+    "torchtpu::flash_attention",
+    "(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? sm_scale=None, Tensor? segment_ids=None, Tensor? kv_segment_ids=None) -> Tensor",
+)
+
+
+@torch.library.impl("torchtpu::flash_attention", "CompositeImplicitAutograd")
+def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, kv_segment_ids=None):
+    if sm_scale is None:
+        _check_float("q", q)
+        if q.dim() != 4:
+            raise ValueError(f"q must be [batch, heads, seq, head_dim] like scaled_dot_product_attention's; got shape {tuple(q.shape)}")
+        sm_scale = 1.0 / float(q.shape[-1]) ** 0.5
+    if segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = segment_ids
+    out, _ = torch.ops.torchtpu.flash_attention_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids)
+    return out
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    sm_scale: Optional[float] = None,
+    segment_ids: Optional[Tensor] = None,
+    kv_segment_ids: Optional[Tensor] = None,
+) -> Tensor:
+    """Flash attention over ``[batch, heads, seq, head_dim]`` tensors, like
+    ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``causal`` masks keys after each query (top-left aligned, as SDPA's ``is_causal``);
+    ``sm_scale`` defaults to ``1/sqrt(head_dim)``; k and v may have fewer heads than q (a
+    divisor: grouped-query attention); ``segment_ids`` (``[batch, q_seq]``, with
+    ``kv_segment_ids`` ``[batch, kv_seq]`` when the lengths differ) restrict each query to keys
+    of its own segment (packed sequences).
+    """
+    return torch.ops.torchtpu.flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+
+
+def _check_matmul(a: Tensor, b: Tensor) -> None:
+    _check_float("a", a)
+    _check_float("b", b)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share a dtype; got {a.dtype} and {b.dtype}")
+    if a.dim() not in (2, 3) or b.dim() != a.dim():
+        raise ValueError(f"matmul takes [m, k] @ [k, n] or [batch, m, k] @ [batch, k, n]; got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.dim() == 3 and a.shape[0] != b.shape[0]:
+        raise ValueError(f"a and b must have the same batch; got {a.shape[0]} and {b.shape[0]}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"a is {tuple(a.shape)} and b {tuple(b.shape)}: a's last dimension must equal b's second-to-last")
+    _check_devices(a=a, b=b)
+
+
+@torch.library.custom_op("torchtpu::matmul", mutates_args=(), device_types="cpu")
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` for ``[m, k] @ [k, n]`` or batched ``[batch, m, k] @ [batch, k, n]``, f32 or
+    bf16 (accumulated in f32)."""
+    _check_matmul(a, b)
+    _check_contiguous(a=a, b=b)
+    out = a.new_empty((*a.shape[:-1], b.shape[-1]))
+    _torchtpu.matmul(a, b, out)
+    return out
+
+
+@matmul.register_fake
+def _(a, b):
+    _check_matmul(a, b)
+    return a.new_empty((*a.shape[:-1], b.shape[-1]))
+
+
+def _matmul_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _matmul_backward(ctx, grad):
+    a, b = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_a = torch.ops.torchtpu.matmul(grad, b.mT.contiguous()) if ctx.needs_input_grad[0] else None
+    grad_b = torch.ops.torchtpu.matmul(a.mT.contiguous(), grad) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
