@@ -16,3 +16,6 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$HOME/.cache/pip" -r requirements.txt
+
+# The torchtpu Python package (our PyO3 extension + the torch ops), built from this checkout.
+bash scripts/python-package.sh

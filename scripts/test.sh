@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace.
+# Runs every test: the Rust workspace's, the README's quick start, and the Python package's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --workspace --locked
 # The README's quick start, run as written.
 cargo run --locked --quiet --example quickstart > /dev/null
+# The Python package, rebuilt from this checkout, and its tests (from the repository root,
+# so `import torchtpu` finds the installed package rather than the python/torchtpu sources).
+VENV="${TORCHTPU_VENV:-$HOME/.cache/torchtpu/venv}"
+bash scripts/python-package.sh
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider python/tests

@@ -5,7 +5,7 @@ mod transfer;
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use torchtpu_codegen::{lower, Target};
@@ -25,6 +25,10 @@ pub enum Error {
     Runtime(#[from] torchtpu_runtime::Error),
     #[error("bad input: {0}")]
     Input(String),
+    /// PJRT plugins' threads and locks do not survive `fork`; a forked child must use the
+    /// interpreter (or be started with `spawn`).
+    #[error("this process was forked from {parent} after it started a PJRT client, and PJRT plugins do not survive fork; start worker processes with `spawn`, or use the interpret backend")]
+    Forked { parent: u32 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -68,18 +72,16 @@ impl FromStr for Backend {
     }
 }
 
-/// The process-wide PJRT client of a device backend (created on first use, and afresh in a
-/// child after `fork`: the parent's client lost its threads there).
+/// The process-wide PJRT client of a device backend (created on first use). A child forked
+/// after a client was made cannot have one: the plugins' threads and locks do not survive
+/// `fork` (a new client aborts there), so that is an error.
 pub fn client(backend: Backend) -> Result<Client> {
     static CLIENTS: OnceLock<Mutex<Vec<(u32, Backend, Client)>>> = OnceLock::new();
     let clients = CLIENTS.get_or_init(|| Mutex::new(Vec::new()));
     let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
     let pid = std::process::id();
-    if clients.iter().any(|(p, _, _)| *p != pid) {
-        // Destroying a client whose threads died with the fork could block: leak it instead.
-        for stale in clients.drain(..) {
-            std::mem::forget(stale);
-        }
+    if let Some(&(parent, _, _)) = clients.iter().find(|(p, _, _)| *p != pid) {
+        return Err(Error::Forked { parent });
     }
     if let Some((_, _, c)) = clients.iter().find(|(_, b, _)| *b == backend) {
         return Ok(c.clone());
@@ -226,8 +228,64 @@ impl Timing {
 /// Runs `call` on `backend` over `operands` (scalar-prefetch arrays first).
 pub fn run(call: &PallasCall, backend: Backend, operands: &[HostArray]) -> Result<Vec<HostArray>> {
     if backend == Backend::Interpret {
-        return Ok(call.interpret_with(operands, InterpretOptions::default())?);
+        return interpreter_pool().install(|| Ok(call.interpret_with(operands, InterpretOptions::default())?));
     }
     let types: Vec<ValueType> = operands.iter().map(HostArray::value_type).collect();
     Compiled::new(&call.trace(&types)?, backend)?.run(operands)
+}
+
+/// The interpreter's thread pool, one per process: rayon's global pool would hang in a child
+/// forked after the parent used it (the child has its bookkeeping but not its threads).
+fn interpreter_pool() -> Arc<rayon::ThreadPool> {
+    static POOL: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let pid = std::process::id();
+    match pool.as_ref() {
+        Some((p, existing)) if *p == pid => existing.clone(),
+        _ => {
+            // A pool inherited through fork has no threads; dropping it would wait for them.
+            std::mem::forget(pool.take());
+            let fresh = Arc::new(rayon::ThreadPoolBuilder::new().build().unwrap_or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a one-thread pool")));
+            *pool = Some((pid, fresh.clone()));
+            fresh
+        }
+    }
+}
+
+/// A traced call made ready to run on raw host memory: compiled for a device backend, or
+/// kept for the interpreter.
+pub enum Prepared {
+    Device(Compiled),
+    Interpreter(TracedCall),
+}
+
+impl Prepared {
+    pub fn new(traced: &TracedCall, backend: Backend) -> Result<Prepared> {
+        Ok(match backend {
+            Backend::Interpret => Prepared::Interpreter(traced.clone()),
+            device => Prepared::Device(Compiled::new(traced, device)?),
+        })
+    }
+
+    /// Runs over raw host memory as [`Compiled::run_in_place`] does.
+    pub fn run_in_place(&self, operands: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
+        let traced = match self {
+            Prepared::Device(c) => return c.run_in_place(operands, outputs),
+            Prepared::Interpreter(t) => t,
+        };
+        let types: Vec<&ValueType> = traced.prefetch.iter().map(|p| &p.array).chain(traced.inputs.iter().map(|i| &i.array)).collect();
+        if operands.len() != types.len() || outputs.len() != traced.outputs.len() {
+            return Err(Error::Input(format!("expected {} operands and {} outputs, got {} and {}", types.len(), traced.outputs.len(), operands.len(), outputs.len())));
+        }
+        let arrays = operands.iter().zip(types).map(|(raw, t)| transfer::from_bytes(raw, t)).collect::<Result<Vec<_>>>()?;
+        let results = interpreter_pool().install(|| traced.interpret(&arrays, InterpretOptions::default()))?;
+        for (i, (result, dst)) in results.iter().zip(outputs.iter_mut()).enumerate() {
+            let bytes = transfer::to_bytes(result);
+            if bytes.len() != dst.len() {
+                return Err(Error::Input(format!("output {i} has room for {} bytes; the call makes {} ({} bytes)", dst.len(), result.value_type(), bytes.len())));
+            }
+            dst.copy_from_slice(&bytes);
+        }
+        Ok(())
+    }
 }

@@ -25,15 +25,19 @@ fn bytes<T: Copy>(a: &ArrayD<T>, to_le: impl Fn(T) -> Vec<u8>) -> Vec<u8> {
 
 /// Copies `a` to the client's device.
 pub fn upload(client: &Client, a: &HostArray) -> Result<Buffer> {
-    let data = match a {
+    Ok(client.buffer(&to_bytes(a), element_type(a.dtype()), a.shape())?)
+}
+
+/// `a`'s elements, row-major, little-endian.
+pub(crate) fn to_bytes(a: &HostArray) -> Vec<u8> {
+    match a {
         HostArray::F32(x) => bytes(x, |v| v.to_le_bytes().to_vec()),
         HostArray::BF16(x) => bytes(x, |v| v.to_bits().to_le_bytes().to_vec()),
         HostArray::F16(x) => bytes(x, |v| v.to_bits().to_le_bytes().to_vec()),
         HostArray::I32(x) => bytes(x, |v| v.to_le_bytes().to_vec()),
         HostArray::I8(x) => bytes(x, |v| v.to_le_bytes().to_vec()),
         HostArray::Bool(x) => bytes(x, |v| vec![v as u8]),
-    };
-    Ok(client.buffer(&data, element_type(a.dtype()), a.shape())?)
+    }
 }
 
 fn array<T>(shape: &[usize], data: Vec<T>) -> Result<ArrayD<T>> {
@@ -42,8 +46,14 @@ fn array<T>(shape: &[usize], data: Vec<T>) -> Result<ArrayD<T>> {
 
 /// Copies a device buffer holding an array of type `t` back to the host.
 pub fn download(b: &Buffer, t: &ValueType) -> Result<HostArray> {
-    let n = t.num_elements();
-    let raw = b.to_host(n * t.dtype.size_bytes())?;
+    from_bytes(&b.to_host(t.num_elements() * t.dtype.size_bytes())?, t)
+}
+
+/// An array of type `t` from its row-major, little-endian bytes.
+pub(crate) fn from_bytes(raw: &[u8], t: &ValueType) -> Result<HostArray> {
+    if raw.len() != t.num_elements() * t.dtype.size_bytes() {
+        return Err(Error::Input(format!("{} bytes do not make a {t} ({} bytes)", raw.len(), t.num_elements() * t.dtype.size_bytes())));
+    }
     let shape = &t.shape;
     Ok(match t.dtype {
         DType::F32 => HostArray::F32(array(shape, raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())?),

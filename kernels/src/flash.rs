@@ -531,7 +531,7 @@ pub fn compiled_backward(pass: FlashPass, shape: AttentionShape, dtype: DType, o
 }
 
 /// The backward kernels' operand types: q, k, v, o, dO, lse, then the laid-out segment ids.
-fn backward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType> {
+pub fn backward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType> {
     let mut types = forward_operand_types(s, dtype);
     let segs = types.split_off(3);
     types.push(types[0].clone());
@@ -550,7 +550,7 @@ pub fn compiled_forward(shape: AttentionShape, dtype: DType, opts: AttentionOpti
 }
 
 /// The forward's operand types: q, k, v, then the laid-out segment ids.
-fn forward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType> {
+pub fn forward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType> {
     vec![
         ValueType::new(dtype, [s.batch, s.heads, s.q_len, s.head_dim]),
         ValueType::new(dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]),

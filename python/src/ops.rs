@@ -8,15 +8,24 @@ use std::sync::{Arc, Mutex};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use torchtpu_dsl::DType;
-use torchtpu_exec::{Backend, Compiled};
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::PallasCall;
+use torchtpu_exec::{Backend, Prepared};
 use torchtpu_kernels::flash::{self, AttentionOptions, AttentionShape, FlashPass, LANES, SUBLANES};
 use torchtpu_kernels::matmul::{self as matmul_kernel, MatmulOptions, MatmulShape};
 
 use crate::tensor::Tensor;
 
-/// The CPU backend the ops run on: PJRT CPU runs our kernels several times faster than the
-/// interpreter (see the README's benchmarks).
-const BACKEND: Backend = Backend::Cpu;
+/// The CPU backend the ops run on: PJRT CPU, which runs our kernels several times faster than
+/// the interpreter; the interpreter in a child forked after PJRT started (PJRT does not
+/// survive fork).
+fn backend() -> PyResult<Backend> {
+    match torchtpu_exec::client(Backend::Cpu) {
+        Ok(_) => Ok(Backend::Cpu),
+        Err(torchtpu_exec::Error::Forked { .. }) => Ok(Backend::Interpret),
+        Err(e) => Err(PyRuntimeError::new_err(format!("{e} (scripts/setup.sh installs the PJRT CPU plugin)"))),
+    }
+}
 
 fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
     use torchtpu_kernels::Error;
@@ -27,10 +36,10 @@ fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
     }
 }
 
-/// Compiled kernels by what they were compiled for, per process (a forked child compiles
-/// afresh on its own client).
-fn compiled(key: String, make: impl FnOnce() -> Result<Compiled, torchtpu_kernels::Error>) -> PyResult<Arc<Compiled>> {
-    static CACHE: Mutex<Option<(u32, HashMap<String, Arc<Compiled>>)>> = Mutex::new(None);
+/// Kernels ready to run, by what they were made for, per process (a forked child prepares
+/// its own).
+fn prepared(key: String, make: impl FnOnce(Backend) -> Result<PallasCall, torchtpu_kernels::Error>, types: impl FnOnce() -> Vec<ValueType>) -> PyResult<Arc<Prepared>> {
+    static CACHE: Mutex<Option<(u32, HashMap<String, Arc<Prepared>>)>> = Mutex::new(None);
     let pid = std::process::id();
     {
         let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
@@ -42,7 +51,9 @@ fn compiled(key: String, make: impl FnOnce() -> Result<Compiled, torchtpu_kernel
             return Ok(c.clone());
         }
     }
-    let c = Arc::new(make().map_err(kernel_error)?);
+    let backend = backend()?;
+    let traced = make(backend).map_err(kernel_error)?.trace(&types()).map_err(|e| kernel_error(e.into()))?;
+    let c = Arc::new(Prepared::new(&traced, backend).map_err(|e| kernel_error(e.into()))?);
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     cache.get_or_insert_with(|| (pid, HashMap::new())).1.insert(key, c.clone());
     Ok(c)
@@ -63,7 +74,7 @@ fn check_disjoint(inputs: &[&Tensor], outputs: &[&Tensor]) -> PyResult<()> {
 }
 
 /// Runs `c` with the GIL released.
-fn run(py: Python<'_>, c: &Compiled, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> PyResult<()> {
+fn run(py: Python<'_>, c: &Prepared, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> PyResult<()> {
     py.detach(|| c.run_in_place(inputs, outputs)).map_err(|e| PyRuntimeError::new_err(e.to_string()))
 }
 
@@ -146,7 +157,11 @@ pub fn flash_attention_forward(
     check_disjoint(&[&q, &k, &v], &[&out, &lse])?;
     let (qs, ks) = a.segment_operands(segs.as_ref().map(|s| &s.0), segs.as_ref().map(|s| &s.1))?;
     let use_segments = segs.is_some();
-    let c = compiled(a.key(FlashPass::Forward, use_segments), || flash::compiled_forward(s, a.dtype, a.opts, use_segments, BACKEND))?;
+    let c = prepared(
+        a.key(FlashPass::Forward, use_segments),
+        |backend| flash::forward_call(s, a.dtype, flash::with_tuned_block(s, a.dtype, a.opts, backend), use_segments),
+        || flash::forward_operand_types(s, a.dtype),
+    )?;
     // SAFETY: shapes and dtypes checked above, outputs disjoint from inputs; the Python
     // caller holds every tensor for the duration of the call.
     unsafe { run(py, &c, &[q.bytes(), k.bytes(), v.bytes(), i32_bytes(&qs), i32_bytes(&ks)], &mut [out.bytes_mut(), lse.bytes_mut()]) }
@@ -196,8 +211,17 @@ pub fn flash_attention_backward(
     check_disjoint(&[&q, &k, &v, &o, &d_o, &lse], &[&dq, &dk, &dv])?;
     let (qs, ks) = a.segment_operands(segs.as_ref().map(|s| &s.0), segs.as_ref().map(|s| &s.1))?;
     let use_segments = segs.is_some();
-    let dkv = compiled(a.key(FlashPass::BackwardDkv, use_segments), || flash::compiled_backward(FlashPass::BackwardDkv, s, a.dtype, a.opts, use_segments, BACKEND))?;
-    let dqc = compiled(a.key(FlashPass::BackwardDq, use_segments), || flash::compiled_backward(FlashPass::BackwardDq, s, a.dtype, a.opts, use_segments, BACKEND))?;
+    let backward = |pass: FlashPass| {
+        prepared(
+            a.key(pass, use_segments),
+            |backend| {
+                let (dkv, dq) = flash::with_tuned_backward_blocks(s, a.dtype, a.opts, backend);
+                flash::backward_call(pass, s, a.dtype, if pass == FlashPass::BackwardDkv { dkv } else { dq }, use_segments)
+            },
+            || flash::backward_operand_types(s, a.dtype),
+        )
+    };
+    let (dkv, dqc) = (backward(FlashPass::BackwardDkv)?, backward(FlashPass::BackwardDq)?);
     // SAFETY: as in the forward.
     unsafe {
         let inputs = [q.bytes(), k.bytes(), v.bytes(), o.bytes(), d_o.bytes(), lse.bytes(), i32_bytes(&qs), i32_bytes(&ks)];
@@ -233,7 +257,12 @@ pub fn matmul(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>, out: &
     out.expect("out", &out_shape, a.dtype)?;
     check_disjoint(&[&a, &b], &[&out])?;
     let opts = MatmulOptions { transpose_b, block: None };
-    let c = compiled(format!("matmul/{shape:?}/{}/{transpose_b}", a.dtype), || matmul_kernel::compiled(shape, a.dtype, opts, BACKEND))?;
+    let (a_type, b_type) = (ValueType::new(a.dtype, a.shape.clone()), ValueType::new(b.dtype, b.shape.clone()));
+    let c = prepared(
+        format!("matmul/{shape:?}/{}/{transpose_b}", a.dtype),
+        |backend| matmul_kernel::call(shape, a.dtype, matmul_kernel::with_tuned_block(shape, a.dtype, opts, backend)),
+        || vec![a_type, b_type],
+    )?;
     // SAFETY: as in the attention forward.
     unsafe { run(py, &c, &[a.bytes(), b.bytes()], &mut [out.bytes_mut()]) }
 }

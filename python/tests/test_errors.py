@@ -1,0 +1,75 @@
+"""Bad input raises a clear Python error (never a crash), in eager mode and under fake tensors."""
+
+import pytest
+import torch
+
+import torchtpu
+
+
+def qkv(b=1, h=4, hk=2, sq=16, sk=16, d=8, dtype=torch.float32):
+    return torch.randn(b, h, sq, d, dtype=dtype), torch.randn(b, hk, sk, d, dtype=dtype), torch.randn(b, hk, sk, d, dtype=dtype)
+
+
+def test_attention_rejects_bad_input():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"q must be \[batch, heads, seq, head_dim\]"):
+        torchtpu.flash_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="grouped-query attention needs q's heads to be a multiple"):
+        torchtpu.flash_attention(*qkv(h=4, hk=3))
+    with pytest.raises(ValueError, match="k and v must both be"):
+        torchtpu.flash_attention(q, k, v[:, :, :8])
+    with pytest.raises(TypeError, match="torch.float64; torchtpu's kernels take torch.float32 or torch.bfloat16"):
+        torchtpu.flash_attention(*qkv(dtype=torch.float64))
+    with pytest.raises(TypeError, match="must share a dtype"):
+        torchtpu.flash_attention(q, k.bfloat16(), v)
+    with pytest.raises(ValueError, match=r"k is not contiguous.*\.contiguous\(\)"):
+        torchtpu.flash_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        torchtpu.flash_attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match=r"segment_ids must be \[batch, seq\] = \[1, 16\]"):
+        torchtpu.flash_attention(q, k, v, segment_ids=torch.zeros(1, 15, dtype=torch.int32))
+    with pytest.raises(TypeError, match="segment_ids must be an integer tensor"):
+        torchtpu.flash_attention(q, k, v, segment_ids=torch.zeros(1, 16))
+    with pytest.raises(ValueError, match=r"kv_segment_ids must be \[batch, seq\] = \[1, 20\]"):
+        torchtpu.flash_attention(*qkv(sk=20), segment_ids=torch.zeros(1, 16, dtype=torch.int32))
+
+
+def test_matmul_rejects_bad_input():
+    a, b = torch.randn(8, 4), torch.randn(4, 3)
+    with pytest.raises(ValueError, match="a's last dimension must equal b's second-to-last"):
+        torchtpu.matmul(a, b.T.contiguous())
+    with pytest.raises(ValueError, match="matmul takes"):
+        torchtpu.matmul(a[0], b)
+    with pytest.raises(ValueError, match="same batch"):
+        torchtpu.matmul(torch.randn(2, 8, 4), torch.randn(3, 4, 3))
+    with pytest.raises(TypeError, match="torch.int32"):
+        torchtpu.matmul(a.int(), b.int())
+    with pytest.raises(ValueError, match="not contiguous"):
+        torchtpu.matmul(a, torch.randn(3, 4).T)
+    with pytest.raises(ValueError, match="one device"):
+        torchtpu.matmul(a, b.to("meta"))
+
+
+def test_errors_under_fake_tensors():
+    # The fake implementations check shapes too, so torch.compile and torch.export fail early.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = qkv(h=4, hk=3)
+        with pytest.raises(ValueError, match="grouped-query"):
+            torchtpu.flash_attention(q, k, v)
+        with pytest.raises(ValueError, match="second-to-last"):
+            torchtpu.matmul(torch.randn(8, 4), torch.randn(5, 3))
+
+
+def test_native_module_checks_memory_itself():
+    # The native functions are reachable directly: they re-check what makes raw memory sound.
+    from torchtpu import _torchtpu
+
+    a, b = torch.randn(8, 4), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"out must be f32 \[8, 3\]"):
+        _torchtpu.matmul(a, b, torch.empty(8, 2))
+    with pytest.raises(ValueError, match="shares memory"):
+        _torchtpu.matmul(a, b, a.view(-1)[:24].view(8, 3))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        _torchtpu.matmul(a, [1, 2], torch.empty(8, 3))
