@@ -4,7 +4,7 @@
 use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::HostArray;
 use torchtpu_exec::{client, Backend};
-use torchtpu_kernels::flash::{with_tuned_block, AttentionOptions, AttentionShape};
+use torchtpu_kernels::flash::{with_tuned_backward_blocks, with_tuned_block, AttentionOptions, AttentionShape};
 use torchtpu_kernels::tuning::{table, table_problems, tuned, TableTarget};
 use torchtpu_runtime::TpuCompiler;
 
@@ -67,6 +67,13 @@ fn calls_use_their_buckets_table_entry_else_a_default() {
     let get = |n: &str| entry.iter().find(|(k, _)| k == n).map(|&(_, v)| v).expect("tunable present");
     let chosen = with_tuned_block(shape, torchtpu_dsl::DType::F32, opts, Backend::Cpu).block.expect("a tuned block");
     assert_eq!(chosen, (get("bq").min(1000usize.div_ceil(8) * 8), get("bk").min(1000usize.div_ceil(8) * 8)));
+    // The backward kernels take their own entries.
+    let (dkv, dq) = with_tuned_backward_blocks(shape, torchtpu_dsl::DType::F32, opts, Backend::Cpu);
+    for (kernel, chosen) in [("flash_attention_dkv", dkv.block), ("flash_attention_dq", dq.block)] {
+        let entry = tuned(TableTarget::Cpu, kernel, "s1024d128/causal/f32").expect("the cpu table has the bucket");
+        let get = |n: &str| entry.iter().find(|(k, _)| k == n).map(|&(_, v)| v.min(1000usize.div_ceil(8) * 8)).expect("tunable present");
+        assert_eq!(chosen, Some((get("bq"), get("bk"))), "{kernel}");
+    }
     // An explicit block wins over the table.
     let explicit = AttentionOptions { block: Some((64, 64)), ..opts };
     assert_eq!(with_tuned_block(shape, torchtpu_dsl::DType::F32, explicit, Backend::Cpu).block, Some((64, 64)));
