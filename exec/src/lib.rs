@@ -155,18 +155,25 @@ impl Compiled {
     /// operands are read where they lie (the CPU plugin aliases them) and each output is
     /// copied straight into its slice of `outputs`.
     pub fn run_in_place(&self, operands: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
-        let sized = |what: &str, n: usize, want: &[ValueType]| {
-            if n != want.len() {
-                return Err(Error::Input(format!("expected {} {what}, got {n}", want.len())));
-            }
-            Ok(())
-        };
-        sized("operands", operands.len(), &self.operands)?;
-        sized("outputs", outputs.len(), &self.outputs)?;
+        if outputs.len() != self.outputs.len() {
+            return Err(Error::Input(format!("expected {} outputs, got {}", self.outputs.len(), outputs.len())));
+        }
         for (i, (dst, t)) in outputs.iter().zip(&self.outputs).enumerate() {
             if dst.len() != t.num_elements() * t.dtype.size_bytes() {
                 return Err(Error::Input(format!("output {i} has room for {} bytes; the call makes {t} ({} bytes)", dst.len(), t.num_elements() * t.dtype.size_bytes())));
             }
+        }
+        for (result, dst) in self.run_borrowing(operands)?.iter().zip(outputs.iter_mut()) {
+            result.copy_to_host(dst)?;
+        }
+        Ok(())
+    }
+
+    /// Runs on raw host memory as [`Compiled::run_in_place`] does, leaving the outputs in the
+    /// device buffers the plugin made.
+    fn run_borrowing(&self, operands: &[&[u8]]) -> Result<Vec<Buffer>> {
+        if operands.len() != self.operands.len() {
+            return Err(Error::Input(format!("expected {} operands, got {}", self.operands.len(), operands.len())));
         }
         let mut buffers = Vec::with_capacity(operands.len());
         for (i, (data, t)) in operands.iter().zip(&self.operands).enumerate() {
@@ -176,11 +183,7 @@ impl Compiled {
             buffers.push(self.client.borrow_buffer(data, transfer::element_type(t.dtype), &t.shape)?);
         }
         let refs: Vec<&Buffer> = buffers.iter().map(|b| &**b).collect();
-        let results = self.executable.execute(&refs)?;
-        for (result, dst) in results.iter().zip(outputs.iter_mut()) {
-            result.copy_to_host(dst)?;
-        }
-        Ok(())
+        Ok(self.executable.execute(&refs)?)
     }
 
     /// Device time of one execution: `warmup` runs, then the median (and spread) of `reps`,
@@ -269,23 +272,85 @@ impl Prepared {
 
     /// Runs over raw host memory as [`Compiled::run_in_place`] does.
     pub fn run_in_place(&self, operands: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
+        let results = self.run_to_host(operands)?;
+        if outputs.len() != results.len() {
+            return Err(Error::Input(format!("expected {} outputs, got {}", results.len(), outputs.len())));
+        }
+        for (i, (result, dst)) in results.iter().zip(outputs.iter_mut()).enumerate() {
+            if result.bytes().len() != dst.len() {
+                return Err(Error::Input(format!("output {i} has room for {} bytes; the call makes {} ({} bytes)", dst.len(), result.value_type, result.bytes().len())));
+            }
+            dst.copy_from_slice(result.bytes());
+        }
+        Ok(())
+    }
+
+    /// Runs over raw host memory (operands as for [`Compiled::run_in_place`]) and returns the
+    /// outputs in host memory without copying them where the backend made them there (the
+    /// CPU plugin); elsewhere they are downloaded.
+    pub fn run_to_host(&self, operands: &[&[u8]]) -> Result<Vec<HostOutput>> {
         let traced = match self {
-            Prepared::Device(c) => return c.run_in_place(operands, outputs),
+            Prepared::Device(c) => {
+                let on_host = c.client.platform() == "cpu";
+                return c
+                    .run_borrowing(operands)?
+                    .into_iter()
+                    .zip(&c.outputs)
+                    .map(|(buffer, t)| {
+                        if !on_host {
+                            return Ok(HostOutput::owned(t.clone(), buffer.to_host(t.num_elements() * t.dtype.size_bytes())?));
+                        }
+                        let data = buffer.unsafe_pointer()?;
+                        Ok(HostOutput { value_type: t.clone(), data: HostData::Device { data, _buffer: buffer } })
+                    })
+                    .collect();
+            }
             Prepared::Interpreter(t) => t,
         };
         let types: Vec<&ValueType> = traced.prefetch.iter().map(|p| &p.array).chain(traced.inputs.iter().map(|i| &i.array)).collect();
-        if operands.len() != types.len() || outputs.len() != traced.outputs.len() {
-            return Err(Error::Input(format!("expected {} operands and {} outputs, got {} and {}", types.len(), traced.outputs.len(), operands.len(), outputs.len())));
+        if operands.len() != types.len() {
+            return Err(Error::Input(format!("expected {} operands, got {}", types.len(), operands.len())));
         }
         let arrays = operands.iter().zip(types).map(|(raw, t)| transfer::from_bytes(raw, t)).collect::<Result<Vec<_>>>()?;
         let results = interpreter_pool().install(|| traced.interpret(&arrays, InterpretOptions::default()))?;
-        for (i, (result, dst)) in results.iter().zip(outputs.iter_mut()).enumerate() {
-            let bytes = transfer::to_bytes(result);
-            if bytes.len() != dst.len() {
-                return Err(Error::Input(format!("output {i} has room for {} bytes; the call makes {} ({} bytes)", dst.len(), result.value_type(), bytes.len())));
+        Ok(results.iter().map(|r| HostOutput::owned(r.value_type(), transfer::to_bytes(r))).collect())
+    }
+}
+
+/// An output array in host memory: left in the CPU plugin's buffer, or owned.
+pub struct HostOutput {
+    pub value_type: ValueType,
+    data: HostData,
+}
+
+enum HostData {
+    /// `data` points into the buffer, kept here so the memory lives as long as this.
+    Device { data: *const u8, _buffer: Buffer },
+    Owned(Vec<u8>),
+}
+
+// SAFETY: the buffer is Send + Sync and its memory is only read through `bytes`.
+unsafe impl Send for HostOutput {}
+unsafe impl Sync for HostOutput {}
+
+impl HostOutput {
+    fn owned(value_type: ValueType, bytes: Vec<u8>) -> HostOutput {
+        HostOutput { value_type, data: HostData::Owned(bytes) }
+    }
+
+    /// The array's bytes (row-major, little-endian).
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            HostData::Owned(v) => v,
+            HostData::Device { data, .. } => {
+                let len = self.value_type.num_elements() * self.value_type.dtype.size_bytes();
+                if len == 0 {
+                    return &[];
+                }
+                // SAFETY: the CPU plugin's buffer holds exactly this array, dense, and lives
+                // (unmodified: nothing else holds it) as long as `self`.
+                unsafe { std::slice::from_raw_parts(*data, len) }
             }
-            dst.copy_from_slice(&bytes);
         }
-        Ok(())
     }
 }

@@ -1,10 +1,11 @@
 //! The native half of the `torchtpu` Python package: PyTorch CPU tensors cross as raw memory
 //! (pointer, shape, dtype; no libtorch), our kernels run on the PJRT CPU plugin with the GIL
-//! released, reading the inputs where they lie and writing straight into the output tensors
-//! the Python side allocated. Also the lowered TPU modules, for TorchTPU's kernel bridge.
+//! released, reading the inputs where they lie, and the outputs go back as DLPack capsules
+//! over the memory the plugin wrote them in: no copy either way. Also the lowered TPU modules, for TorchTPU's kernel bridge.
 
 use pyo3::prelude::*;
 
+mod dlpack;
 mod ops;
 mod tensor;
 mod tpu;

@@ -39,7 +39,9 @@ fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
 /// Kernels ready to run, by what they were made for, per process (a forked child prepares
 /// its own).
 fn prepared(key: String, make: impl FnOnce(Backend) -> Result<PallasCall, torchtpu_kernels::Error>, types: impl FnOnce() -> Vec<ValueType>) -> PyResult<Arc<Prepared>> {
-    static CACHE: Mutex<Option<(u32, HashMap<String, Arc<Prepared>>)>> = Mutex::new(None);
+    /// The process it was filled in, and its kernels.
+    type Cache = Option<(u32, HashMap<String, Arc<Prepared>>)>;
+    static CACHE: Mutex<Cache> = Mutex::new(None);
     let pid = std::process::id();
     {
         let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
@@ -59,23 +61,11 @@ fn prepared(key: String, make: impl FnOnce(Backend) -> Result<PallasCall, torcht
     Ok(c)
 }
 
-/// Fails if any output's memory overlaps an input's or another output's: the kernels read
-/// inputs while writing outputs.
-fn check_disjoint(inputs: &[&Tensor], outputs: &[&Tensor]) -> PyResult<()> {
-    let range = |t: &Tensor| (t.addr(), t.addr() + t.nbytes());
-    for (i, o) in outputs.iter().enumerate() {
-        let (a, b) = range(o);
-        let others = inputs.iter().chain(outputs.iter().take(i));
-        if others.map(|t| range(t)).any(|(c, d)| a < d && c < b) {
-            return Err(PyValueError::new_err("an output tensor shares memory with another argument"));
-        }
-    }
-    Ok(())
-}
-
-/// Runs `c` with the GIL released.
-fn run(py: Python<'_>, c: &Prepared, inputs: &[&[u8]], outputs: &mut [&mut [u8]]) -> PyResult<()> {
-    py.detach(|| c.run_in_place(inputs, outputs)).map_err(|e| PyRuntimeError::new_err(e.to_string()))
+/// Runs `c` with the GIL released; the outputs come back as DLPack capsules over the memory
+/// the backend wrote them in.
+fn run(py: Python<'_>, c: &Prepared, inputs: &[&[u8]]) -> PyResult<Vec<Py<PyAny>>> {
+    let outputs = py.detach(|| c.run_to_host(inputs)).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    outputs.into_iter().map(|o| crate::dlpack::capsule(py, o)).collect()
 }
 
 struct Attention {
@@ -131,9 +121,10 @@ fn i32_bytes(v: &[i32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-/// Attention forward into `out` (like q) and `lse` (f32 `[b, h, sq]`).
+/// Attention forward: DLPack capsules of the output (like q) and the log-sum-exp (f32
+/// `[b, h, sq, 1]`).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, q_segments, kv_segments, out, lse, causal, sm_scale))]
+#[pyo3(signature = (q, k, v, q_segments, kv_segments, causal, sm_scale))]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_forward(
     py: Python<'_>,
@@ -142,19 +133,13 @@ pub fn flash_attention_forward(
     v: &Bound<'_, PyAny>,
     q_segments: Option<&Bound<'_, PyAny>>,
     kv_segments: Option<&Bound<'_, PyAny>>,
-    out: &Bound<'_, PyAny>,
-    lse: &Bound<'_, PyAny>,
     causal: bool,
     sm_scale: f64,
-) -> PyResult<()> {
+) -> PyResult<Vec<Py<PyAny>>> {
     let (q, k, v) = (Tensor::from_py("q", q)?, Tensor::from_py("k", k)?, Tensor::from_py("v", v)?);
-    let (out, lse) = (Tensor::from_py("out", out)?, Tensor::from_py("lse", lse)?);
     let segs = segment_tensors(q_segments, kv_segments)?;
     let a = attention(&q, &k, &v, causal, sm_scale)?;
     let s = a.shape;
-    out.expect("out", &q.shape, a.dtype)?;
-    lse.expect("lse", &[s.batch, s.heads, s.q_len], DType::F32)?;
-    check_disjoint(&[&q, &k, &v], &[&out, &lse])?;
     let (qs, ks) = a.segment_operands(segs.as_ref().map(|s| &s.0), segs.as_ref().map(|s| &s.1))?;
     let use_segments = segs.is_some();
     let c = prepared(
@@ -162,9 +147,9 @@ pub fn flash_attention_forward(
         |backend| flash::forward_call(s, a.dtype, flash::with_tuned_block(s, a.dtype, a.opts, backend), use_segments),
         || flash::forward_operand_types(s, a.dtype),
     )?;
-    // SAFETY: shapes and dtypes checked above, outputs disjoint from inputs; the Python
-    // caller holds every tensor for the duration of the call.
-    unsafe { run(py, &c, &[q.bytes(), k.bytes(), v.bytes(), i32_bytes(&qs), i32_bytes(&ks)], &mut [out.bytes_mut(), lse.bytes_mut()]) }
+    // SAFETY: shapes and dtypes checked above; the Python caller holds every tensor for the
+    // duration of the call.
+    unsafe { run(py, &c, &[q.bytes(), k.bytes(), v.bytes(), i32_bytes(&qs), i32_bytes(&ks)]) }
 }
 
 fn segment_tensors(q_segments: Option<&Bound<'_, PyAny>>, kv_segments: Option<&Bound<'_, PyAny>>) -> PyResult<Option<(Tensor, Tensor)>> {
@@ -175,10 +160,10 @@ fn segment_tensors(q_segments: Option<&Bound<'_, PyAny>>, kv_segments: Option<&B
     }
 }
 
-/// Attention gradients into `dq`, `dk`, `dv` from the forward's output, log-sum-exp and the
-/// output's gradient.
+/// Attention gradients from the forward's output, log-sum-exp (`[b, h, sq]` or
+/// `[b, h, sq, 1]`) and the output's gradient: DLPack capsules of dq, dk and dv.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, grad_out, lse, q_segments, kv_segments, dq, dk, dv, causal, sm_scale))]
+#[pyo3(signature = (q, k, v, out, grad_out, lse, q_segments, kv_segments, causal, sm_scale))]
 #[allow(clippy::too_many_arguments)]
 pub fn flash_attention_backward(
     py: Python<'_>,
@@ -190,25 +175,20 @@ pub fn flash_attention_backward(
     lse: &Bound<'_, PyAny>,
     q_segments: Option<&Bound<'_, PyAny>>,
     kv_segments: Option<&Bound<'_, PyAny>>,
-    dq: &Bound<'_, PyAny>,
-    dk: &Bound<'_, PyAny>,
-    dv: &Bound<'_, PyAny>,
     causal: bool,
     sm_scale: f64,
-) -> PyResult<()> {
+) -> PyResult<Vec<Py<PyAny>>> {
     let (q, k, v) = (Tensor::from_py("q", q)?, Tensor::from_py("k", k)?, Tensor::from_py("v", v)?);
     let (o, d_o, lse) = (Tensor::from_py("out", out)?, Tensor::from_py("grad_out", grad_out)?, Tensor::from_py("lse", lse)?);
-    let (dq, dk, dv) = (Tensor::from_py("dq", dq)?, Tensor::from_py("dk", dk)?, Tensor::from_py("dv", dv)?);
     let segs = segment_tensors(q_segments, kv_segments)?;
     let a = attention(&q, &k, &v, causal, sm_scale)?;
     let s = a.shape;
     o.expect("out", &q.shape, a.dtype)?;
     d_o.expect("grad_out", &q.shape, a.dtype)?;
-    lse.expect("lse", &[s.batch, s.heads, s.q_len], DType::F32)?;
-    dq.expect("dq", &q.shape, a.dtype)?;
-    dk.expect("dk", &k.shape, a.dtype)?;
-    dv.expect("dv", &v.shape, a.dtype)?;
-    check_disjoint(&[&q, &k, &v, &o, &d_o, &lse], &[&dq, &dk, &dv])?;
+    let lse_shape = [s.batch, s.heads, s.q_len];
+    if lse.dtype != DType::F32 || (lse.shape != lse_shape && lse.shape != [s.batch, s.heads, s.q_len, 1]) {
+        return Err(PyValueError::new_err(format!("lse must be f32 {lse_shape:?}; got {} {:?}", lse.dtype, lse.shape)));
+    }
     let (qs, ks) = a.segment_operands(segs.as_ref().map(|s| &s.0), segs.as_ref().map(|s| &s.1))?;
     let use_segments = segs.is_some();
     let backward = |pass: FlashPass| {
@@ -225,16 +205,17 @@ pub fn flash_attention_backward(
     // SAFETY: as in the forward.
     unsafe {
         let inputs = [q.bytes(), k.bytes(), v.bytes(), o.bytes(), d_o.bytes(), lse.bytes(), i32_bytes(&qs), i32_bytes(&ks)];
-        run(py, &dkv, &inputs, &mut [dk.bytes_mut(), dv.bytes_mut()])?;
-        run(py, &dqc, &inputs, &mut [dq.bytes_mut()])
+        let mut grads = run(py, &dqc, &inputs)?;
+        grads.extend(run(py, &dkv, &inputs)?);
+        Ok(grads)
     }
 }
 
-/// `out = a·b` (or `a·bᵀ`), 2-D or batched 3-D.
+/// `a·b` (or `a·bᵀ`), 2-D or batched 3-D, as a DLPack capsule.
 #[pyfunction]
-#[pyo3(signature = (a, b, out, transpose_b=false))]
-pub fn matmul(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>, transpose_b: bool) -> PyResult<()> {
-    let (a, b, out) = (Tensor::from_py("a", a)?, Tensor::from_py("b", b)?, Tensor::from_py("out", out)?);
+#[pyo3(signature = (a, b, transpose_b=false))]
+pub fn matmul(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>, transpose_b: bool) -> PyResult<Py<PyAny>> {
+    let (a, b) = (Tensor::from_py("a", a)?, Tensor::from_py("b", b)?);
     if a.dtype != b.dtype {
         return Err(PyTypeError::new_err(format!("a and b must share a dtype; got {} and {}", a.dtype, b.dtype)));
     }
@@ -253,9 +234,6 @@ pub fn matmul(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>, out: &
         return Err(PyValueError::new_err(format!("a has k = {ka}, b has k = {kb}")));
     }
     let shape = MatmulShape { batch, m, n, k: ka };
-    let out_shape: Vec<usize> = batch.into_iter().chain([m, n]).collect();
-    out.expect("out", &out_shape, a.dtype)?;
-    check_disjoint(&[&a, &b], &[&out])?;
     let opts = MatmulOptions { transpose_b, block: None };
     let (a_type, b_type) = (ValueType::new(a.dtype, a.shape.clone()), ValueType::new(b.dtype, b.shape.clone()));
     let c = prepared(
@@ -264,5 +242,6 @@ pub fn matmul(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>, out: &
         || vec![a_type, b_type],
     )?;
     // SAFETY: as in the attention forward.
-    unsafe { run(py, &c, &[a.bytes(), b.bytes()], &mut [out.bytes_mut()]) }
+    let mut out = unsafe { run(py, &c, &[a.bytes(), b.bytes()])? };
+    out.pop().ok_or_else(|| PyRuntimeError::new_err("the matmul kernel returned no output"))
 }

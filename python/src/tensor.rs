@@ -40,11 +40,6 @@ impl Tensor {
         Ok(Tensor { ptr, shape, dtype })
     }
 
-    /// Where the tensor's memory starts (for overlap checks).
-    pub fn addr(&self) -> usize {
-        self.ptr
-    }
-
     pub fn nbytes(&self) -> usize {
         self.shape.iter().product::<usize>() * self.dtype.size_bytes()
     }
@@ -66,18 +61,6 @@ impl Tensor {
             return &[];
         }
         std::slice::from_raw_parts(self.ptr as *const u8, self.nbytes())
-    }
-
-    /// The tensor's bytes, to write.
-    ///
-    /// # Safety
-    /// The tensor must outlive the slice, and no other view of its memory may be in use.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn bytes_mut(&self) -> &mut [u8] {
-        if self.nbytes() == 0 {
-            return &mut [];
-        }
-        std::slice::from_raw_parts_mut(self.ptr as *mut u8, self.nbytes())
     }
 
     /// The tensor as i32s (segment ids).

@@ -67,9 +67,26 @@ def test_native_module_checks_memory_itself():
     from torchtpu import _torchtpu
 
     a, b = torch.randn(8, 4), torch.randn(4, 3)
-    with pytest.raises(ValueError, match=r"out must be f32 \[8, 3\]"):
-        _torchtpu.matmul(a, b, torch.empty(8, 2))
-    with pytest.raises(ValueError, match="shares memory"):
-        _torchtpu.matmul(a, b, a.view(-1)[:24].view(8, 3))
+    with pytest.raises(ValueError, match="a has k = 4, b has k = 3"):
+        _torchtpu.matmul(a, b.T.contiguous())
+    with pytest.raises(ValueError, match="not contiguous"):
+        _torchtpu.matmul(a, torch.randn(3, 4).T)
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        _torchtpu.matmul(a, [1, 2], torch.empty(8, 3))
+        _torchtpu.matmul(a, [1, 2])
+    q = torch.randn(1, 2, 8, 4)
+    out, lse = (torch.from_dlpack(c) for c in _torchtpu.flash_attention_forward(q, q, q, None, None, False, 0.5))
+    with pytest.raises(ValueError, match=r"lse must be f32 \[1, 2, 8\]"):
+        _torchtpu.flash_attention_backward(q, q, q, out, out, lse[:, :, :4].contiguous(), None, None, False, 0.5)
+    with pytest.raises(ValueError, match="segment ids come in pairs"):
+        _torchtpu.flash_attention_forward(q, q, q, torch.zeros(1, 8, dtype=torch.int32), None, False, 0.5)
+
+
+def test_outputs_are_fresh_writable_tensors():
+    # Outputs are tensors over the memory the kernel wrote: owned by torch from then on.
+    a, b = torch.randn(8, 4), torch.randn(4, 3)
+    first, second = torchtpu.matmul(a, b), torchtpu.matmul(a, b)
+    assert first.data_ptr() != second.data_ptr()
+    first.add_(1)
+    torch.testing.assert_close(first - 1, second)
+    del second
+    torch.testing.assert_close(first - 1, a @ b)

@@ -77,11 +77,9 @@ def flash_attention_forward(
     """Attention output and its log-sum-exp (f32 ``[batch, heads, q_seq]``)."""
     _check_attention(q, k, v, segment_ids, kv_segment_ids)
     _check_contiguous(q=q, k=k, v=v)
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=torch.float32)
     qs, ks = _segments_i32(segment_ids, kv_segment_ids)
-    _torchtpu.flash_attention_forward(q, k, v, qs, ks, out, lse, causal, sm_scale)
-    return out, lse
+    out, lse = (torch.from_dlpack(c) for c in _torchtpu.flash_attention_forward(q, k, v, qs, ks, causal, sm_scale))
+    return out, lse.view(q.shape[:3])
 
 
 @flash_attention_forward.register_fake
@@ -106,9 +104,8 @@ def flash_attention_backward(
     """Gradients (dq, dk, dv) of attention from its output, log-sum-exp and output gradient."""
     _check_attention(q, k, v, segment_ids, kv_segment_ids)
     _check_contiguous(q=q, k=k, v=v, out=out, grad_out=grad_out, lse=lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     qs, ks = _segments_i32(segment_ids, kv_segment_ids)
-    _torchtpu.flash_attention_backward(q, k, v, out, grad_out, lse, qs, ks, dq, dk, dv, causal, sm_scale)
+    dq, dk, dv = (torch.from_dlpack(c) for c in _torchtpu.flash_attention_backward(q, k, v, out, grad_out, lse, qs, ks, causal, sm_scale))
     return dq, dk, dv
 
 
@@ -196,9 +193,7 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
     bf16 (accumulated in f32)."""
     _check_matmul(a, b)
     _check_contiguous(a=a, b=b)
-    out = a.new_empty((*a.shape[:-1], b.shape[-1]))
-    _torchtpu.matmul(a, b, out)
-    return out
+    return torch.from_dlpack(_torchtpu.matmul(a, b))
 
 
 @matmul.register_fake

@@ -329,6 +329,15 @@ impl Buffer {
         Ok(())
     }
 
+    /// Where the buffer's data lies in this process' memory: for the CPU plugin, host memory
+    /// valid while the buffer lives; for a device plugin, a device address.
+    pub fn unsafe_pointer(&self) -> Result<*const u8> {
+        let mut args = ffi::BufferUnsafePointerArgs::new();
+        args.buffer = self.raw;
+        self.client.inner.plugin.call(Slot::BufferUnsafePointer, "Buffer_UnsafePointer", &mut args)?;
+        Ok(args.buffer_pointer as *const u8)
+    }
+
     pub fn element_type(&self) -> ElementType {
         self.element_type
     }

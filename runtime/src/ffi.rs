@@ -45,6 +45,7 @@ pub enum Slot {
     LoadedExecutableExecute = 55,
     BufferDestroy = 58,
     BufferToHostBuffer = 70,
+    BufferUnsafePointer = 73,
     ExecutableDestroy = 40,
     ExecutableName = 41,
     ExecutableNumReplicas = 42,
@@ -161,6 +162,7 @@ args!(BufferFromHostArgs {
     buffer: *mut c_void,
 });
 args!(BufferDestroyArgs { buffer: *mut c_void });
+args!(BufferUnsafePointerArgs { buffer: *mut c_void, buffer_pointer: usize });
 args!(BufferToHostArgs { src: *mut c_void, host_layout: *mut c_void, dst: *mut c_void, dst_size: usize, event: *mut c_void });
 args!(EventArgs { event: *mut c_void });
 args!(LoadedExecutableDestroyArgs { executable: *mut c_void });
@@ -235,6 +237,7 @@ mod tests {
         assert_eq!(offset_of!(TopologyCreateArgs, topology), 48);
         assert_eq!(offset_of!(Program, format_size), 40);
         assert_eq!(offset_of!(CompileArgs, executable), 56);
+        assert_eq!(offset_of!(BufferUnsafePointerArgs, buffer_pointer), 24);
         assert_eq!(std::mem::size_of::<NamedValue>(), 56);
         assert_eq!(offset_of!(ClientCreateArgs, client), 64);
         assert_eq!(offset_of!(ClientCompileArgs, executable), 48);
