@@ -185,6 +185,26 @@ fn block_for(len: usize, preferred: usize) -> usize {
     preferred.min(len.div_ceil(8) * 8)
 }
 
+/// The kv block q block `i` reads at step `j`. Causally, blocks right of the diagonal are
+/// skipped by the kernel; reading the last visible block again instead means the pipeline
+/// issues no copy for them (on a TPU, half the kv traffic of causal attention).
+fn causal_kv_block(causal: bool, bq: usize, bk: usize, i: Scalar<i32>, j: Scalar<i32>) -> Scalar<i32> {
+    if !causal {
+        return j;
+    }
+    minimum(j, (i * bq as i32 + (bq as i32 - 1)) / bk as i32)
+}
+
+/// The q block kv block `j` reads at step `i` of the dK/dV kernel: causally, q blocks above
+/// the diagonal are skipped, and read as the first visible one (or the last q block when
+/// none is) so they cost no copy.
+fn causal_q_block(causal: bool, bq: usize, bk: usize, q_blocks: usize, i: Scalar<i32>, j: Scalar<i32>) -> Scalar<i32> {
+    if !causal {
+        return i;
+    }
+    minimum(maximum(i, j * bk as i32 / bq as i32), q_blocks as i32 - 1)
+}
+
 /// The forward call: operands q, k, v, q segment ids `[b, sq, 128]`, kv segment ids
 /// `[b, 8, sk]` (i32, replicated across lanes/sublanes); outputs o and lse `[b, h, sq, 1]`.
 pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
@@ -198,15 +218,16 @@ pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions,
         other => return Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
     };
     let group = (heads / kv_heads) as i32;
+    let kv_block = move |i, j| causal_kv_block(opts.causal, bq, bk, i, j);
     Ok(PallasCall::new(kernel)
         .name("flash_attention_forward")
         .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
         .in_specs([
             BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)),
-            BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, _, j]| (b, h / group, j, 0)),
-            BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, _, j]| (b, h / group, j, 0)),
+            BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, i, j]| (b, h / group, kv_block(i, j), 0)),
+            BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, i, j]| (b, h / group, kv_block(i, j), 0)),
             BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)),
-            BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, _, j]| (b, 0, j)),
+            BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_block(i, j))),
         ])
         .out_specs([
             BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)),
@@ -466,19 +487,22 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
     let q_block = [None, None, Some(bq), Some(d)];
     let kv_block = [None, None, Some(bk), Some(d)];
     let lse_block = [None, None, Some(bq), Some(1)];
+    let q_blocks = q_len.div_ceil(bq);
+    let q_at = move |i, j| causal_q_block(causal, bq, bk, q_blocks, i, j);
+    let kv_at = move |i, j| causal_kv_block(causal, bq, bk, i, j);
     if pass == FlashPass::BackwardDkv {
         // One program per kv block, reducing over every q head of its group and every q block.
         return Ok(PallasCall::new(kernel)
         .name("flash_attention_backward_dkv")
             .grid([batch, kv_heads, kv_len.div_ceil(bk), group, q_len.div_ceil(bq)])
             .in_specs([
-            BlockSpec::new(q_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
+            BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
             BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
             BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
-            BlockSpec::new(q_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
-            BlockSpec::new(q_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
-            BlockSpec::new(lse_block, move |[b, h, _, g, i]| (b, h * gi + g, i, 0)),
-            BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, _, _, i]| (b, i, 0)),
+            BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
+            BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
+            BlockSpec::new(lse_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
+            BlockSpec::new([None, Some(bq), Some(LANES)], move |[b, _, j, _, i]| (b, q_at(i, j), 0)),
             BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)),
         ])
             .out_specs([BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)), BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0))])
@@ -491,13 +515,13 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
         .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
         .in_specs([
             BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
-            BlockSpec::new(kv_block, move |[b, h, _, j]| (b, h / gi, j, 0)),
-            BlockSpec::new(kv_block, move |[b, h, _, j]| (b, h / gi, j, 0)),
+            BlockSpec::new(kv_block, move |[b, h, i, j]| (b, h / gi, kv_at(i, j), 0)),
+            BlockSpec::new(kv_block, move |[b, h, i, j]| (b, h / gi, kv_at(i, j), 0)),
             BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new(lse_block, |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)),
-            BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, _, j]| (b, 0, j)),
+            BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_at(i, j))),
         ])
         .out_specs([BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0))])
         .out_shapes([vec![batch, heads, q_len, d]])

@@ -83,6 +83,8 @@ fn cases() -> Vec<Case> {
         Case { shape: shape(2, 4, 2, 100, 70, 16), causal: false, segments: false, dtype: DType::F32, block: Some((32, 64)) },
         Case { shape: shape(1, 4, 1, 90, 90, 32), causal: true, segments: true, dtype: DType::F32, block: Some((32, 32)) },
         Case { shape: shape(1, 2, 1, 64, 96, 32), causal: true, segments: false, dtype: DType::BF16, block: Some((32, 32)) },
+        // Causal, more queries than keys, ragged, kv blocks narrower than q blocks.
+        Case { shape: shape(1, 2, 1, 100, 70, 16), causal: true, segments: false, dtype: DType::F32, block: Some((48, 16)) },
     ]
 }
 

@@ -83,6 +83,8 @@ fn cases() -> Vec<Case> {
         Case { shape: shape(1, 2, 2, 100, 300, 64), causal: true, segments: false, dtype: DType::F32, block: None },
         Case { shape: shape(1, 1, 1, 1, 40, 16), causal: false, segments: true, dtype: DType::F32, block: None },
         Case { shape: shape(2, 2, 2, 96, 96, 64), causal: false, segments: true, dtype: DType::BF16, block: Some((32, 32)) },
+        // Causal, more queries than keys, ragged, kv blocks narrower than q blocks.
+        Case { shape: shape(1, 2, 1, 100, 70, 16), causal: true, segments: false, dtype: DType::F32, block: Some((48, 16)) },
     ]
 }
 
