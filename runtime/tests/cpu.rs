@@ -66,3 +66,28 @@ fn compiled_executables_are_cached_by_module() {
     c.compile(&ADD_MUL.replace("@add_mul", "@other")).expect("compiles");
     assert_eq!(c.cached_executables(), 2);
 }
+
+#[test]
+fn borrowed_buffers_alias_aligned_host_memory_and_outputs_lie_in_host_memory() {
+    #[repr(align(64))]
+    struct Aligned([u8; 24]);
+    let c = client();
+    let exe = c.compile(ADD_MUL).expect("compiles");
+    let (a, b) = ([1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0], [0.5f32, -1.0, 2.0, 0.0, 10.0, -3.0]);
+    let (mut da, mut db) = (Aligned([0; 24]), Aligned([0; 24]));
+    da.0.copy_from_slice(&bytes(&a));
+    db.0.copy_from_slice(&bytes(&b));
+    let ba = c.borrow_buffer(&da.0, ElementType::F32, &[2, 3]).expect("borrows");
+    let bb = c.borrow_buffer(&db.0, ElementType::F32, &[2, 3]).expect("borrows");
+    // No copy: the device buffer is the host memory.
+    assert_eq!(ba.unsafe_pointer().expect("pointer"), da.0.as_ptr());
+    let out = exe.execute(&[&ba, &bb]).expect("runs");
+    // The CPU plugin's outputs are host memory we may read in place.
+    let p = out[0].unsafe_pointer().expect("pointer");
+    // SAFETY: a live CPU-plugin buffer of six f32s.
+    let sum = floats(unsafe { std::slice::from_raw_parts(p, 24) });
+    assert_eq!(sum, a.iter().zip(&b).map(|(x, y)| x + y).collect::<Vec<_>>());
+    drop((ba, bb));
+    assert_eq!(floats(&da.0), a, "the borrowed memory is released unchanged");
+    assert!(c.borrow_buffer(&da.0[..20], ElementType::F32, &[2, 3]).is_err(), "a size mismatch is an error");
+}
