@@ -37,8 +37,13 @@ fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
 }
 
 /// Kernels ready to run, by what they were made for, per process (a forked child prepares
-/// its own).
-fn prepared(key: String, make: impl FnOnce(Backend) -> Result<PallasCall, torchtpu_kernels::Error>, types: impl FnOnce() -> Vec<ValueType>) -> PyResult<Arc<Prepared>> {
+/// its own). Compiling happens with the GIL released.
+fn prepared(
+    py: Python<'_>,
+    key: String,
+    make: impl FnOnce(Backend) -> Result<PallasCall, torchtpu_kernels::Error> + Send,
+    types: impl FnOnce() -> Vec<ValueType> + Send,
+) -> PyResult<Arc<Prepared>> {
     /// The process it was filled in, and its kernels.
     type Cache = Option<(u32, HashMap<String, Arc<Prepared>>)>;
     static CACHE: Mutex<Cache> = Mutex::new(None);
@@ -54,8 +59,11 @@ fn prepared(key: String, make: impl FnOnce(Backend) -> Result<PallasCall, torcht
         }
     }
     let backend = backend()?;
-    let traced = make(backend).map_err(kernel_error)?.trace(&types()).map_err(|e| kernel_error(e.into()))?;
-    let c = Arc::new(Prepared::new(&traced, backend).map_err(|e| kernel_error(e.into()))?);
+    let c = py.detach(|| {
+        let traced = make(backend)?.trace(&types())?;
+        Ok(Arc::new(Prepared::new(&traced, backend)?))
+    });
+    let c = c.map_err(kernel_error)?;
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     cache.get_or_insert_with(|| (pid, HashMap::new())).1.insert(key, c.clone());
     Ok(c)
@@ -143,6 +151,7 @@ pub fn flash_attention_forward(
     let (qs, ks) = a.segment_operands(segs.as_ref().map(|s| &s.0), segs.as_ref().map(|s| &s.1))?;
     let use_segments = segs.is_some();
     let c = prepared(
+        py,
         a.key(FlashPass::Forward, use_segments),
         |backend| flash::forward_call(s, a.dtype, flash::with_tuned_block(s, a.dtype, a.opts, backend), use_segments),
         || flash::forward_operand_types(s, a.dtype),
@@ -193,6 +202,7 @@ pub fn flash_attention_backward(
     let use_segments = segs.is_some();
     let backward = |pass: FlashPass| {
         prepared(
+            py,
             a.key(pass, use_segments),
             |backend| {
                 let (dkv, dq) = flash::with_tuned_backward_blocks(s, a.dtype, a.opts, backend);
@@ -237,6 +247,7 @@ pub fn matmul(py: Python<'_>, a: &Bound<'_, PyAny>, b: &Bound<'_, PyAny>, transp
     let opts = MatmulOptions { transpose_b, block: None };
     let (a_type, b_type) = (ValueType::new(a.dtype, a.shape.clone()), ValueType::new(b.dtype, b.shape.clone()));
     let c = prepared(
+        py,
         format!("matmul/{shape:?}/{}/{transpose_b}", a.dtype),
         |backend| matmul_kernel::call(shape, a.dtype, matmul_kernel::with_tuned_block(shape, a.dtype, opts, backend)),
         || vec![a_type, b_type],
