@@ -4,7 +4,7 @@
 //! This crate re-exports the parts; most users want [`prelude`].
 
 pub use torchtpu_dsl as dsl;
-pub use torchtpu_dsl::tpu_kernel;
+pub use torchtpu_dsl::{tpu_fn, tpu_kernel};
 
 /// Everything a kernel author needs: `use torchtpu::prelude::*;`.
 pub mod prelude {

@@ -23,7 +23,7 @@ pub use half::{bf16, f16};
 pub use host::{HostArray, HostElement};
 pub use interpret::InterpretOptions;
 pub use kernel::{KernelDef, ParamKind, ParamSig};
-pub use torchtpu_macros::tpu_kernel;
+pub use torchtpu_macros::{tpu_fn, tpu_kernel};
 pub use trace::refs::{ds, full, zeros, Fill, IntoIndex, Ix, Prefetch, Ref, Scratch, Storable};
 pub use trace::values::{dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, program_id, select, Scalar, Tile};
 
@@ -31,7 +31,7 @@ pub use trace::values::{dot, dot_nt, dot_tn, iota, maximum, minimum, num_program
 pub mod prelude {
     pub use crate::call::Semantics::{Arbitrary, Parallel};
     pub use crate::{
-        bf16, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, program_id, select, tpu_kernel,
+        bf16, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, program_id, select, tpu_fn, tpu_kernel,
         zeros, BlockSpec, DType, Element, Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile,
         Vmem,
     };

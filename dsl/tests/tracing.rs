@@ -178,3 +178,37 @@ fn emitted_ops_carry_the_line_of_the_rust_expression() {
 fn ui() {
     trybuild::TestCases::new().compile_fail("tests/ui/*.rs");
 }
+
+/// A helper kernels share: a comparison on traced values and a compile-time `if`, by the
+/// same rules as a kernel body.
+#[tpu_fn]
+fn clamp_negative(t: Tile<f32>, floor: f32, strict: bool) -> Tile<f32> {
+    let low = t < floor;
+    let mut out = select(low, floor, t);
+    if strict {
+        out = out + 0.0;
+    }
+    out
+}
+
+#[tpu_kernel]
+fn uses_a_helper(x: &Ref<f32>, y: &mut Ref<f32>) {
+    let t = clamp_negative(x.load(), -1.0, true);
+    let i = program_id(0);
+    if i == 0 {
+        y.store(clamp_negative(t * 3.0, -2.0, false));
+    }
+}
+
+#[test]
+fn tpu_fn_helpers_trace_like_kernel_bodies_and_keep_their_lines() {
+    let call = one_block_call(uses_a_helper::kernel(), 1);
+    let traced = call.trace(&[HostArray::from(input()).value_type()]).expect("traces");
+    let out = run(&call, &input());
+    assert_eq!(out, input().mapv(|v| (v.max(-1.0) * 3.0).max(-2.0)));
+    // The helper's ops carry the helper's own source lines.
+    let helper_line = line!() - 23;
+    let mut lines = Vec::new();
+    traced.body.walk(&mut |op| lines.push(op.loc.line));
+    assert!(lines.contains(&helper_line), "no op at line {helper_line}: {lines:?}\n{}", traced.body);
+}

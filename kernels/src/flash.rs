@@ -329,6 +329,68 @@ pub fn reference(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, segments: Op
     (out, lse)
 }
 
+/// What both backward kernels recompute for one (q block, kv block) pair: the q, k and dO
+/// blocks (ragged rows zeroed), P = exp(S − lse) with masked entries zeroed, and
+/// dS = P ∘ (dP − rowsum(O ∘ dO)).
+struct BackwardTiles<T: Float> {
+    q: Tile<T>,
+    k: Tile<T>,
+    d_o: Tile<T>,
+    p: Tile<f32>,
+    ds: Tile<f32>,
+}
+
+#[tpu_fn]
+#[allow(clippy::too_many_arguments)]
+fn backward_tiles<T: Float>(
+    q: &Ref<T>,
+    k: &Ref<T>,
+    v: &Ref<T>,
+    o: &Ref<T>,
+    d_o: &Ref<T>,
+    lse: &Ref<f32>,
+    q_segments: &Ref<i32>,
+    kv_segments: &Ref<i32>,
+    q_start: Scalar<i32>,
+    k_start: Scalar<i32>,
+    sm_scale: f32,
+    causal: bool,
+    use_segments: bool,
+    q_len: usize,
+    kv_len: usize,
+) -> BackwardTiles<T> {
+    let (bq, d) = (q.shape()[0], q.shape()[1]);
+    let bk = k.shape()[0];
+    let (mut qb, mut ob, mut dob) = (q.load(), o.load(), d_o.load());
+    if q_len % bq != 0 {
+        let real = iota::<i32>([bq, d], 0) + q_start < q_len as i32;
+        qb = select(real, qb, 0.0);
+        ob = select(real, ob, 0.0);
+        dob = select(real, dob, 0.0);
+    }
+    let (mut kb, mut vb) = (k.load(), v.load());
+    if kv_len % bk != 0 {
+        let real = iota::<i32>([bk, d], 0) + k_start < kv_len as i32;
+        kb = select(real, kb, 0.0);
+        vb = select(real, vb, 0.0);
+    }
+    let rows = iota::<i32>([bq, bk], 0) + q_start;
+    let cols = iota::<i32>([bq, bk], 1) + k_start;
+    let mut visible = (rows < q_len as i32) & (cols < kv_len as i32);
+    if causal {
+        visible = visible & (rows >= cols);
+    }
+    if use_segments {
+        visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
+    }
+    let s = dot_nt(qb, kb) * sm_scale;
+    let p = select(visible, (s - lse.load()).exp(), 0.0);
+    let dp = dot_nt(dob, vb);
+    let di = (ob.cast::<f32>() * dob.cast::<f32>()).sum_keepdims(1);
+    let ds = p * (dp - di);
+    BackwardTiles { q: qb, k: kb, d_o: dob, p, ds }
+}
+
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
 fn flash_backward_dkv<T: Float>(
@@ -350,7 +412,7 @@ fn flash_backward_dkv<T: Float>(
     q_len: usize,
     kv_len: usize,
 ) {
-    let (bq, d) = (q.shape()[0], q.shape()[1]);
+    let bq = q.shape()[0];
     let bk = k.shape()[0];
     let (j, g, i) = (program_id(2), program_id(3), program_id(4));
     if g == 0 && i == 0 {
@@ -361,35 +423,9 @@ fn flash_backward_dkv<T: Float>(
     let k_start = j * bk as i32;
     let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
     if block_visible {
-        let (mut qb, mut ob, mut dob) = (q.load(), o.load(), d_o.load());
-        if q_len % bq != 0 {
-            let real = iota::<i32>([bq, d], 0) + q_start < q_len as i32;
-            qb = select(real, qb, 0.0);
-            ob = select(real, ob, 0.0);
-            dob = select(real, dob, 0.0);
-        }
-        let (mut kb, mut vb) = (k.load(), v.load());
-        if kv_len % bk != 0 {
-            let real = iota::<i32>([bk, d], 0) + k_start < kv_len as i32;
-            kb = select(real, kb, 0.0);
-            vb = select(real, vb, 0.0);
-        }
-        let rows = iota::<i32>([bq, bk], 0) + q_start;
-        let cols = iota::<i32>([bq, bk], 1) + k_start;
-        let mut visible = (rows < q_len as i32) & (cols < kv_len as i32);
-        if causal {
-            visible = visible & (rows >= cols);
-        }
-        if use_segments {
-            visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
-        }
-        let s = dot_nt(qb, kb) * sm_scale;
-        let p = select(visible, (s - lse.load()).exp(), 0.0);
-        dv_acc.store(dv_acc.load() + dot_tn(p.cast::<T>(), dob));
-        let dp = dot_nt(dob, vb);
-        let di = (ob.cast::<f32>() * dob.cast::<f32>()).sum_keepdims(1);
-        let ds = p * (dp - di);
-        dk_acc.store(dk_acc.load() + dot_tn(ds.cast::<T>(), qb) * sm_scale);
+        let t = backward_tiles(q, k, v, o, d_o, lse, q_segments, kv_segments, q_start, k_start, sm_scale, causal, use_segments, q_len, kv_len);
+        dv_acc.store(dv_acc.load() + dot_tn(t.p.cast::<T>(), t.d_o));
+        dk_acc.store(dk_acc.load() + dot_tn(t.ds.cast::<T>(), t.q) * sm_scale);
     }
     if g == num_programs(3) - 1 && i == num_programs(4) - 1 {
         dk.store(dk_acc.load().cast());
@@ -416,7 +452,7 @@ fn flash_backward_dq<T: Float>(
     q_len: usize,
     kv_len: usize,
 ) {
-    let (bq, d) = (q.shape()[0], q.shape()[1]);
+    let bq = q.shape()[0];
     let bk = k.shape()[0];
     let (i, j) = (program_id(2), program_id(3));
     if j == 0 {
@@ -426,34 +462,8 @@ fn flash_backward_dq<T: Float>(
     let k_start = j * bk as i32;
     let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
     if block_visible {
-        let (mut qb, mut ob, mut dob) = (q.load(), o.load(), d_o.load());
-        if q_len % bq != 0 {
-            let real = iota::<i32>([bq, d], 0) + q_start < q_len as i32;
-            qb = select(real, qb, 0.0);
-            ob = select(real, ob, 0.0);
-            dob = select(real, dob, 0.0);
-        }
-        let (mut kb, mut vb) = (k.load(), v.load());
-        if kv_len % bk != 0 {
-            let real = iota::<i32>([bk, d], 0) + k_start < kv_len as i32;
-            kb = select(real, kb, 0.0);
-            vb = select(real, vb, 0.0);
-        }
-        let rows = iota::<i32>([bq, bk], 0) + q_start;
-        let cols = iota::<i32>([bq, bk], 1) + k_start;
-        let mut visible = (rows < q_len as i32) & (cols < kv_len as i32);
-        if causal {
-            visible = visible & (rows >= cols);
-        }
-        if use_segments {
-            visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
-        }
-        let s = dot_nt(qb, kb) * sm_scale;
-        let p = select(visible, (s - lse.load()).exp(), 0.0);
-        let dp = dot_nt(dob, vb);
-        let di = (ob.cast::<f32>() * dob.cast::<f32>()).sum_keepdims(1);
-        let ds = p * (dp - di);
-        dq_acc.store(dq_acc.load() + dot(ds.cast::<T>(), kb) * sm_scale);
+        let t = backward_tiles(q, k, v, o, d_o, lse, q_segments, kv_segments, q_start, k_start, sm_scale, causal, use_segments, q_len, kv_len);
+        dq_acc.store(dq_acc.load() + dot(t.ds.cast::<T>(), t.k) * sm_scale);
     }
     if j == num_programs(3) - 1 {
         dq.store(dq_acc.load().cast());

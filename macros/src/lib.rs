@@ -52,6 +52,27 @@ pub fn tpu_kernel(attr: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
+/// `#[tpu_fn]`: a helper that kernels call, written by the same rules as a kernel body
+/// (comparisons, `&&`, `||`, `if` and `for` trace or stay Rust by their types). It takes and
+/// returns refs, traced values and Rust values freely; the ops it emits carry its own lines.
+#[proc_macro_attribute]
+pub fn tpu_fn(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let attr = TokenStream2::from(attr);
+    if !attr.is_empty() {
+        return syn::Error::new(attr.span(), "#[tpu_fn] takes no arguments").to_compile_error().into();
+    }
+    let mut func = parse_macro_input!(item as ItemFn);
+    if let Some(a) = &func.sig.asyncness {
+        return syn::Error::new(a.span(), "a #[tpu_fn] cannot be `async`").to_compile_error().into();
+    }
+    rewrite::Rewriter { dsl: dsl_path(), counter: 0 }.visit_block_mut(&mut func.block);
+    quote! {
+        #[allow(unused_assignments, unreachable_code, unused_mut, clippy::needless_late_init)]
+        #func
+    }
+    .into()
+}
+
 fn expand(mut func: ItemFn) -> syn::Result<TokenStream2> {
     let dsl = dsl_path();
     let sig = &func.sig;
