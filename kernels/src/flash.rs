@@ -329,36 +329,35 @@ pub fn reference(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, segments: Op
     (out, lse)
 }
 
-/// What both backward kernels recompute for one (q block, kv block) pair: the q, k and dO
-/// blocks (ragged rows zeroed), P = exp(S − lse) with masked entries zeroed, and
-/// dS = P ∘ (dP − rowsum(O ∘ dO)).
-struct BackwardTiles<T: Float> {
+/// What both backward kernels start from for one (q block, kv block) pair: the q, o, dO, k
+/// and v blocks with their ragged rows zeroed, and which scores are visible (in bounds,
+/// causal, same segment).
+struct BackwardBlocks<T: Float> {
     q: Tile<T>,
-    k: Tile<T>,
+    o: Tile<T>,
     d_o: Tile<T>,
-    p: Tile<f32>,
-    ds: Tile<f32>,
+    k: Tile<T>,
+    v: Tile<T>,
+    visible: Tile<bool>,
 }
 
 #[tpu_fn]
 #[allow(clippy::too_many_arguments)]
-fn backward_tiles<T: Float>(
+fn backward_blocks<T: Float>(
     q: &Ref<T>,
     k: &Ref<T>,
     v: &Ref<T>,
     o: &Ref<T>,
     d_o: &Ref<T>,
-    lse: &Ref<f32>,
     q_segments: &Ref<i32>,
     kv_segments: &Ref<i32>,
     q_start: Scalar<i32>,
     k_start: Scalar<i32>,
-    sm_scale: f32,
     causal: bool,
     use_segments: bool,
     q_len: usize,
     kv_len: usize,
-) -> BackwardTiles<T> {
+) -> BackwardBlocks<T> {
     let (bq, d) = (q.shape()[0], q.shape()[1]);
     let bk = k.shape()[0];
     let (mut qb, mut ob, mut dob) = (q.load(), o.load(), d_o.load());
@@ -383,12 +382,7 @@ fn backward_tiles<T: Float>(
     if use_segments {
         visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
     }
-    let s = dot_nt(qb, kb) * sm_scale;
-    let p = select(visible, (s - lse.load()).exp(), 0.0);
-    let dp = dot_nt(dob, vb);
-    let di = (ob.cast::<f32>() * dob.cast::<f32>()).sum_keepdims(1);
-    let ds = p * (dp - di);
-    BackwardTiles { q: qb, k: kb, d_o: dob, p, ds }
+    BackwardBlocks { q: qb, o: ob, d_o: dob, k: kb, v: vb, visible }
 }
 
 #[tpu_kernel]
@@ -423,9 +417,15 @@ fn flash_backward_dkv<T: Float>(
     let k_start = j * bk as i32;
     let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
     if block_visible {
-        let t = backward_tiles(q, k, v, o, d_o, lse, q_segments, kv_segments, q_start, k_start, sm_scale, causal, use_segments, q_len, kv_len);
-        dv_acc.store(dv_acc.load() + dot_tn(t.p.cast::<T>(), t.d_o));
-        dk_acc.store(dk_acc.load() + dot_tn(t.ds.cast::<T>(), t.q) * sm_scale);
+        let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, q_start, k_start, causal, use_segments, q_len, kv_len);
+        let s = dot_nt(b.q, b.k) * sm_scale;
+        let p = select(b.visible, (s - lse.load()).exp(), 0.0);
+        // Keep dV before dP: the other order keeps more blocks live, and 1024×1024 f32
+        // blocks then overflow v5e's scoped VMEM.
+        dv_acc.store(dv_acc.load() + dot_tn(p.cast::<T>(), b.d_o));
+        let dp = dot_nt(b.d_o, b.v);
+        let ds = p * (dp - (b.o.cast::<f32>() * b.d_o.cast::<f32>()).sum_keepdims(1));
+        dk_acc.store(dk_acc.load() + dot_tn(ds.cast::<T>(), b.q) * sm_scale);
     }
     if g == num_programs(3) - 1 && i == num_programs(4) - 1 {
         dk.store(dk_acc.load().cast());
@@ -462,8 +462,12 @@ fn flash_backward_dq<T: Float>(
     let k_start = j * bk as i32;
     let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
     if block_visible {
-        let t = backward_tiles(q, k, v, o, d_o, lse, q_segments, kv_segments, q_start, k_start, sm_scale, causal, use_segments, q_len, kv_len);
-        dq_acc.store(dq_acc.load() + dot(t.ds.cast::<T>(), t.k) * sm_scale);
+        let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, q_start, k_start, causal, use_segments, q_len, kv_len);
+        let s = dot_nt(b.q, b.k) * sm_scale;
+        let p = select(b.visible, (s - lse.load()).exp(), 0.0);
+        let dp = dot_nt(b.d_o, b.v);
+        let ds = p * (dp - (b.o.cast::<f32>() * b.d_o.cast::<f32>()).sum_keepdims(1));
+        dq_acc.store(dq_acc.load() + dot(ds.cast::<T>(), b.k) * sm_scale);
     }
     if j == num_programs(3) - 1 {
         dq.store(dq_acc.load().cast());
