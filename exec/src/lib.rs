@@ -270,21 +270,6 @@ impl Prepared {
         })
     }
 
-    /// Runs over raw host memory as [`Compiled::run_in_place`] does.
-    pub fn run_in_place(&self, operands: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
-        let results = self.run_to_host(operands)?;
-        if outputs.len() != results.len() {
-            return Err(Error::Input(format!("expected {} outputs, got {}", results.len(), outputs.len())));
-        }
-        for (i, (result, dst)) in results.iter().zip(outputs.iter_mut()).enumerate() {
-            if result.bytes().len() != dst.len() {
-                return Err(Error::Input(format!("output {i} has room for {} bytes; the call makes {} ({} bytes)", dst.len(), result.value_type, result.bytes().len())));
-            }
-            dst.copy_from_slice(result.bytes());
-        }
-        Ok(())
-    }
-
     /// Runs over raw host memory (operands as for [`Compiled::run_in_place`]) and returns the
     /// outputs in host memory without copying them where the backend made them there (the
     /// CPU plugin); elsewhere they are downloaded.
