@@ -77,12 +77,6 @@ fn region_cost(func: &Func, region: &Region) -> (u64, u64) {
 pub fn estimate(call: &TracedCall) -> CostEstimate {
     let (f, t) = region_cost(&call.body, &call.body.body);
     let programs = call.num_programs() as u64;
-    let bytes = call
-        .prefetch
-        .iter()
-        .map(|p| &p.array)
-        .chain(call.inputs.iter().chain(&call.outputs).map(|o| &o.array))
-        .map(|a| (a.num_elements() * a.dtype.size_bytes()) as u64)
-        .sum();
+    let bytes = call.operand_types().chain(call.outputs.iter().map(|o| &o.array)).map(|a| a.size_bytes() as u64).sum();
     CostEstimate { flops: f * programs, transcendentals: t * programs, bytes_accessed: bytes }
 }

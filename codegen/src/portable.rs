@@ -19,7 +19,7 @@ pub fn module(call: &TracedCall) -> Result<String> {
     call.check_grid_bounds()?;
     let mut e = Emitter { call, out: String::new(), depth: 2, next: 0 };
     let n_pf = call.prefetch.len();
-    let operands: Vec<&ValueType> = call.prefetch.iter().map(|p| &p.array).chain(call.inputs.iter().map(|i| &i.array)).collect();
+    let operands: Vec<&ValueType> = call.operand_types().collect();
     let args: Vec<String> = (0..operands.len()).map(|i| format!("%arg{i}")).collect();
 
     // Inputs padded to whole blocks; outputs start as zeros (or their aliased input), padded likewise.

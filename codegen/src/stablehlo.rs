@@ -54,7 +54,7 @@ fn mlir_string(s: &str) -> String {
 /// A complete StableHLO module whose `@main` runs the kernel through `tpu_custom_call`.
 pub fn tpu_custom_call(call: &TracedCall, form: Form) -> Result<String> {
     let config = backend_config(call, form)?;
-    let operands: Vec<&ValueType> = call.prefetch.iter().map(|p| &p.array).chain(call.inputs.iter().map(|i| &i.array)).collect();
+    let operands: Vec<&ValueType> = call.operand_types().collect();
     let results: Vec<&ValueType> = call.outputs.iter().map(|o| &o.array).collect();
     let arg_types: Vec<String> = operands.iter().map(|t| tensor_type(t)).collect();
     let result_types: Vec<String> = results.iter().map(|t| tensor_type(t)).collect();

@@ -473,4 +473,9 @@ impl TracedCall {
     pub fn num_programs(&self) -> usize {
         self.grid.iter().product()
     }
+
+    /// The types of the call's operands, in order: scalar-prefetch arrays, then inputs.
+    pub fn operand_types(&self) -> impl Iterator<Item = &ValueType> {
+        self.prefetch.iter().map(|p| &p.array).chain(self.inputs.iter().map(|i| &i.array))
+    }
 }

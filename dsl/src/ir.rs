@@ -53,6 +53,11 @@ impl ValueType {
     pub fn num_elements(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// Bytes of a dense array of this type.
+    pub fn size_bytes(&self) -> usize {
+        self.num_elements() * self.dtype.size_bytes()
+    }
 }
 
 impl fmt::Display for ValueType {

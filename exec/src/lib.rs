@@ -115,7 +115,7 @@ impl Compiled {
         let module = lower(traced, target)?;
         let client = client(backend)?;
         let executable = client.compile(&module)?;
-        let operands = traced.prefetch.iter().map(|p| p.array.clone()).chain(traced.inputs.iter().map(|i| i.array.clone())).collect();
+        let operands = traced.operand_types().cloned().collect();
         let outputs = traced.outputs.iter().map(|o| o.array.clone()).collect();
         Ok(Compiled { client, executable, operands, outputs })
     }
@@ -155,14 +155,7 @@ impl Compiled {
     /// operands are read where they lie (the CPU plugin aliases them) and each output is
     /// copied straight into its slice of `outputs`.
     pub fn run_in_place(&self, operands: &[&[u8]], outputs: &mut [&mut [u8]]) -> Result<()> {
-        if outputs.len() != self.outputs.len() {
-            return Err(Error::Input(format!("expected {} outputs, got {}", self.outputs.len(), outputs.len())));
-        }
-        for (i, (dst, t)) in outputs.iter().zip(&self.outputs).enumerate() {
-            if dst.len() != t.num_elements() * t.dtype.size_bytes() {
-                return Err(Error::Input(format!("output {i} has room for {} bytes; the call makes {t} ({} bytes)", dst.len(), t.num_elements() * t.dtype.size_bytes())));
-            }
-        }
+        check_host_memory("output", outputs.iter().map(|o| o.len()), &self.outputs)?;
         for (result, dst) in self.run_borrowing(operands)?.iter().zip(outputs.iter_mut()) {
             result.copy_to_host(dst)?;
         }
@@ -172,16 +165,12 @@ impl Compiled {
     /// Runs on raw host memory as [`Compiled::run_in_place`] does, leaving the outputs in the
     /// device buffers the plugin made.
     fn run_borrowing(&self, operands: &[&[u8]]) -> Result<Vec<Buffer>> {
-        if operands.len() != self.operands.len() {
-            return Err(Error::Input(format!("expected {} operands, got {}", self.operands.len(), operands.len())));
-        }
-        let mut buffers = Vec::with_capacity(operands.len());
-        for (i, (data, t)) in operands.iter().zip(&self.operands).enumerate() {
-            if data.len() != t.num_elements() * t.dtype.size_bytes() {
-                return Err(Error::Input(format!("operand {i} has {} bytes; the call was compiled for {t} ({} bytes)", data.len(), t.num_elements() * t.dtype.size_bytes())));
-            }
-            buffers.push(self.client.borrow_buffer(data, transfer::element_type(t.dtype), &t.shape)?);
-        }
+        check_host_memory("operand", operands.iter().map(|o| o.len()), &self.operands)?;
+        let buffers = operands
+            .iter()
+            .zip(&self.operands)
+            .map(|(data, t)| self.client.borrow_buffer(data, transfer::element_type(t.dtype), &t.shape))
+            .collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&Buffer> = buffers.iter().map(|b| &**b).collect();
         Ok(self.executable.execute(&refs)?)
     }
@@ -226,6 +215,20 @@ impl Timing {
     pub fn spread(&self) -> f64 {
         (self.max_ms - self.min_ms) / self.median_ms
     }
+}
+
+/// Checks raw host memory against the types a call was made for: one slice per type, each
+/// exactly that type's size; `what` names the slices in errors.
+fn check_host_memory(what: &str, sizes: impl ExactSizeIterator<Item = usize>, types: &[ValueType]) -> Result<()> {
+    if sizes.len() != types.len() {
+        return Err(Error::Input(format!("expected {} {what}s, got {}", types.len(), sizes.len())));
+    }
+    for (i, (len, t)) in sizes.zip(types).enumerate() {
+        if len != t.size_bytes() {
+            return Err(Error::Input(format!("{what} {i} has {len} bytes; the call was made for {t} ({} bytes)", t.size_bytes())));
+        }
+    }
+    Ok(())
 }
 
 /// Runs `call` on `backend` over `operands` (scalar-prefetch arrays first).
@@ -283,7 +286,7 @@ impl Prepared {
                     .zip(&c.outputs)
                     .map(|(buffer, t)| {
                         if !on_host {
-                            return Ok(HostOutput::owned(t.clone(), buffer.to_host(t.num_elements() * t.dtype.size_bytes())?));
+                            return Ok(HostOutput::owned(t.clone(), buffer.to_host(t.size_bytes())?));
                         }
                         let data = buffer.unsafe_pointer()?;
                         Ok(HostOutput { value_type: t.clone(), data: HostData::Device { data, _buffer: buffer } })
@@ -292,11 +295,9 @@ impl Prepared {
             }
             Prepared::Interpreter(t) => t,
         };
-        let types: Vec<&ValueType> = traced.prefetch.iter().map(|p| &p.array).chain(traced.inputs.iter().map(|i| &i.array)).collect();
-        if operands.len() != types.len() {
-            return Err(Error::Input(format!("expected {} operands, got {}", types.len(), operands.len())));
-        }
-        let arrays = operands.iter().zip(types).map(|(raw, t)| transfer::from_bytes(raw, t)).collect::<Result<Vec<_>>>()?;
+        let types: Vec<ValueType> = traced.operand_types().cloned().collect();
+        check_host_memory("operand", operands.iter().map(|o| o.len()), &types)?;
+        let arrays = operands.iter().zip(&types).map(|(raw, t)| transfer::from_bytes(raw, t)).collect::<Result<Vec<_>>>()?;
         let results = interpreter_pool().install(|| traced.interpret(&arrays, InterpretOptions::default()))?;
         Ok(results.iter().map(|r| HostOutput::owned(r.value_type(), transfer::to_bytes(r))).collect())
     }
@@ -328,7 +329,7 @@ impl HostOutput {
         match &self.data {
             HostData::Owned(v) => v,
             HostData::Device { data, .. } => {
-                let len = self.value_type.num_elements() * self.value_type.dtype.size_bytes();
+                let len = self.value_type.size_bytes();
                 if len == 0 {
                     return &[];
                 }

@@ -46,13 +46,13 @@ fn array<T>(shape: &[usize], data: Vec<T>) -> Result<ArrayD<T>> {
 
 /// Copies a device buffer holding an array of type `t` back to the host.
 pub fn download(b: &Buffer, t: &ValueType) -> Result<HostArray> {
-    from_bytes(&b.to_host(t.num_elements() * t.dtype.size_bytes())?, t)
+    from_bytes(&b.to_host(t.size_bytes())?, t)
 }
 
 /// An array of type `t` from its row-major, little-endian bytes.
 pub(crate) fn from_bytes(raw: &[u8], t: &ValueType) -> Result<HostArray> {
-    if raw.len() != t.num_elements() * t.dtype.size_bytes() {
-        return Err(Error::Input(format!("{} bytes do not make a {t} ({} bytes)", raw.len(), t.num_elements() * t.dtype.size_bytes())));
+    if raw.len() != t.size_bytes() {
+        return Err(Error::Input(format!("{} bytes do not make a {t} ({} bytes)", raw.len(), t.size_bytes())));
     }
     let shape = &t.shape;
     Ok(match t.dtype {

@@ -77,7 +77,7 @@ impl TracedCall {
     /// Runs the traced call on the CPU over `operands` (prefetch arrays, then inputs).
     pub fn interpret(&self, operands: &[HostArray], options: InterpretOptions) -> Result<Vec<HostArray>> {
         let kernel = self.kernel.name();
-        let expected: Vec<&ValueType> = self.prefetch.iter().map(|p| &p.array).chain(self.inputs.iter().map(|i| &i.array)).collect();
+        let expected: Vec<&ValueType> = self.operand_types().collect();
         if operands.len() != expected.len() {
             return Err(Error::Input { kernel: kernel.into(), message: format!("expected {} arrays, got {}", expected.len(), operands.len()) });
         }
