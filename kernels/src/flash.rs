@@ -4,7 +4,7 @@
 //! heads), q and kv lengths that differ and are not multiples of the block. The forward
 //! also returns the log-sum-exp of each query row, which the backward recomputes P from.
 
-use ndarray::{Array3, Array4, ArrayD, Axis};
+use ndarray::{Array3, Array4, ArrayD, ArrayView2, Axis};
 use torchtpu_dsl::prelude::*;
 use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::ir::ValueType;
@@ -19,10 +19,10 @@ use crate::Error;
 const MASK_VALUE: f32 = -0.7 * f32::MAX;
 /// Running max and sum are kept replicated across this many lanes, as TPU kernels keep them;
 /// q segment ids are laid out `[b, sq, LANES]`.
-pub const LANES: usize = 128;
+const LANES: usize = 128;
 /// kv segment ids are replicated across this many sublanes (a legal TPU block height):
 /// laid out `[b, SUBLANES, sk]`.
-pub const SUBLANES: usize = 8;
+const SUBLANES: usize = 8;
 
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
@@ -258,20 +258,23 @@ fn shape_of(q: &HostArray, k: &HostArray, v: &HostArray) -> Result<AttentionShap
 }
 
 /// Segment ids `[b, len]` laid out for the kernel: q ids across 128 lanes, kv ids across 8 sublanes.
-fn segment_operands(shape: AttentionShape, segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>) -> Result<[HostArray; 2], Error> {
+/// Segment ids laid out as the kernels take them: q's `[b, sq]` replicated across lanes
+/// `[b, sq, LANES]`, kv's `[b, sk]` across sublanes `[b, SUBLANES, sk]`; all zeros (one
+/// segment) for `None`.
+pub fn segment_layout(shape: AttentionShape, segments: Option<(ArrayView2<i32>, ArrayView2<i32>)>) -> Result<(Array3<i32>, Array3<i32>), Error> {
     let (b, sq, sk) = (shape.batch, shape.q_len, shape.kv_len);
-    let (qs, ks) = match segments {
-        Some((q, k)) => {
-            if q.dim() != (b, sq) || k.dim() != (b, sk) {
-                return Err(Error::Shape(format!("segment ids must be [{b}, {sq}] and [{b}, {sk}]; got {:?} and {:?}", q.dim(), k.dim())));
-            }
-            (q.clone(), k.clone())
-        }
-        None => (ndarray::Array2::zeros((b, sq)), ndarray::Array2::zeros((b, sk))),
+    let Some((qs, ks)) = segments else {
+        return Ok((Array3::zeros((b, sq, LANES)), Array3::zeros((b, SUBLANES, sk))));
     };
-    let q_rep = Array3::from_shape_fn((b, sq, LANES), |(i, j, _)| qs[[i, j]]);
-    let k_rep = Array3::from_shape_fn((b, SUBLANES, sk), |(i, _, j)| ks[[i, j]]);
-    Ok([HostArray::from(q_rep), HostArray::from(k_rep)])
+    if qs.dim() != (b, sq) || ks.dim() != (b, sk) {
+        return Err(Error::Shape(format!("segment ids must be [{b}, {sq}] and [{b}, {sk}]; got {:?} and {:?}", qs.dim(), ks.dim())));
+    }
+    Ok((Array3::from_shape_fn((b, sq, LANES), |(i, j, _)| qs[[i, j]]), Array3::from_shape_fn((b, SUBLANES, sk), |(i, _, j)| ks[[i, j]])))
+}
+
+fn segment_operands(shape: AttentionShape, segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>) -> Result<[HostArray; 2], Error> {
+    let (qs, ks) = segment_layout(shape, segments.map(|(q, k)| (q.view(), k.view())))?;
+    Ok([HostArray::from(qs), HostArray::from(ks)])
 }
 
 /// Attention output and log-sum-exp (`[b, h, sq]`, f32) of q, k, v on `backend`.

@@ -121,19 +121,16 @@ impl Tunable for FlashTunable {
         call.expect("shapes and dtype were checked when the problem was made")
     }
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
-        let s = self.shape;
-        let q_shape = [s.batch, s.heads, s.q_len, s.head_dim];
-        let kv_shape = [s.batch, s.kv_heads, s.kv_len, s.head_dim];
-        let mut inputs = vec![random(rng, self.dtype, &q_shape), random(rng, self.dtype, &kv_shape), random(rng, self.dtype, &kv_shape)];
-        if self.pass != FlashPass::Forward {
-            // o, dO and a log-sum-exp: timing needs finite values, not a consistent forward.
-            inputs.push(random(rng, self.dtype, &q_shape));
-            inputs.push(random(rng, self.dtype, &q_shape));
-            inputs.push(random(rng, DType::F32, &[s.batch, s.heads, s.q_len, 1]));
-        }
-        inputs.push(HostArray::from(ndarray::Array3::<i32>::zeros((s.batch, s.q_len, 128))));
-        inputs.push(HostArray::from(ndarray::Array3::<i32>::zeros((s.batch, 8, s.kv_len))));
-        inputs
+        let types = match self.pass {
+            FlashPass::Forward => flash::forward_operand_types(self.shape, self.dtype),
+            _ => flash::backward_operand_types(self.shape, self.dtype),
+        };
+        // Random floats (for the backward, o, dO and lse need only be finite for timing, not
+        // a consistent forward); the i32 operands are segment ids, all one segment.
+        types
+            .iter()
+            .map(|t| if t.dtype == DType::I32 { HostArray::from(ndarray::ArrayD::<i32>::zeros(t.shape.clone())) } else { random(rng, t.dtype, &t.shape) })
+            .collect()
     }
 }
 

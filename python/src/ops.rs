@@ -3,7 +3,7 @@
 //! memory access sound, so they are repeated here.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -11,7 +11,8 @@ use torchtpu_dsl::DType;
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::PallasCall;
 use torchtpu_exec::{Backend, Prepared};
-use torchtpu_kernels::flash::{self, AttentionOptions, AttentionShape, FlashPass, LANES, SUBLANES};
+use ndarray::{Array3, ArrayView2};
+use torchtpu_kernels::flash::{self, AttentionOptions, AttentionShape, FlashPass};
 use torchtpu_kernels::matmul::{self as matmul_kernel, MatmulOptions, MatmulShape};
 
 use crate::tensor::Tensor;
@@ -36,36 +37,27 @@ fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
     }
 }
 
-/// Kernels ready to run, by what they were made for, per process (a forked child prepares
-/// its own). Compiling happens with the GIL released.
+/// Kernels ready to run, by the backend and what they were made for. Compiling happens with
+/// the GIL released. (A child forked after PJRT started runs on the interpreter: its keys
+/// differ, so it never touches the parent's PJRT executables.)
 fn prepared(
     py: Python<'_>,
     key: String,
     make: impl FnOnce(Backend) -> Result<PallasCall, torchtpu_kernels::Error> + Send,
     types: impl FnOnce() -> Vec<ValueType> + Send,
 ) -> PyResult<Arc<Prepared>> {
-    /// The process it was filled in, and its kernels.
-    type Cache = Option<(u32, HashMap<String, Arc<Prepared>>)>;
-    static CACHE: Mutex<Cache> = Mutex::new(None);
-    let pid = std::process::id();
-    {
-        let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.as_ref().is_some_and(|(p, _)| *p != pid) {
-            // The parent's executables belong to a client that lost its threads in the fork.
-            std::mem::forget(cache.take());
-        }
-        if let Some(c) = cache.as_ref().and_then(|(_, m)| m.get(&key)) {
-            return Ok(c.clone());
-        }
-    }
+    static CACHE: LazyLock<Mutex<HashMap<String, Arc<Prepared>>>> = LazyLock::new(Default::default);
     let backend = backend()?;
+    let key = format!("{backend}/{key}");
+    if let Some(c) = CACHE.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(c.clone());
+    }
     let c = py.detach(|| {
         let traced = make(backend)?.trace(&types())?;
         Ok(Arc::new(Prepared::new(&traced, backend)?))
     });
     let c = c.map_err(kernel_error)?;
-    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    cache.get_or_insert_with(|| (pid, HashMap::new())).1.insert(key, c.clone());
+    CACHE.lock().unwrap_or_else(|p| p.into_inner()).insert(key, c.clone());
     Ok(c)
 }
 
@@ -102,29 +94,26 @@ impl Attention {
     }
 
     /// Segment ids laid out as the kernels take them (zeros when there are none).
-    fn segment_operands(&self, q_segments: Option<&Tensor>, kv_segments: Option<&Tensor>) -> PyResult<(Vec<i32>, Vec<i32>)> {
+    fn segment_operands(&self, q_segments: Option<&Tensor>, kv_segments: Option<&Tensor>) -> PyResult<(Array3<i32>, Array3<i32>)> {
         let AttentionShape { batch: b, q_len: sq, kv_len: sk, .. } = self.shape;
-        let mut q_rep = vec![0i32; b * sq * LANES];
-        let mut kv_rep = vec![0i32; b * SUBLANES * sk];
-        if let (Some(qs), Some(ks)) = (q_segments, kv_segments) {
-            qs.expect("segment_ids", &[b, sq], DType::I32)?;
-            ks.expect("kv_segment_ids", &[b, sk], DType::I32)?;
-            // SAFETY: checked i32 of the right sizes; the caller keeps the tensors alive.
-            let (qs, ks) = unsafe { (qs.i32s(), ks.i32s()) };
-            for (row, &id) in q_rep.chunks_exact_mut(LANES).zip(qs) {
-                row.fill(id);
+        let views = match (q_segments, kv_segments) {
+            (Some(qs), Some(ks)) => {
+                qs.expect("segment_ids", &[b, sq], DType::I32)?;
+                ks.expect("kv_segment_ids", &[b, sk], DType::I32)?;
+                // SAFETY: checked i32 of the right sizes; the caller keeps the tensors alive.
+                let (qs, ks) = unsafe { (qs.i32s(), ks.i32s()) };
+                let view = |ids, rows, cols| ArrayView2::from_shape((rows, cols), ids).map_err(|e| PyValueError::new_err(e.to_string()));
+                Some((view(qs, b, sq)?, view(ks, b, sk)?))
             }
-            for (bi, rows) in kv_rep.chunks_exact_mut(SUBLANES * sk).enumerate() {
-                for row in rows.chunks_exact_mut(sk) {
-                    row.copy_from_slice(&ks[bi * sk..(bi + 1) * sk]);
-                }
-            }
-        }
-        Ok((q_rep, kv_rep))
+            _ => None,
+        };
+        flash::segment_layout(self.shape, views).map_err(kernel_error)
     }
 }
 
-fn i32_bytes(v: &[i32]) -> &[u8] {
+/// A freshly laid-out (standard-order) i32 array's bytes.
+fn i32_bytes(a: &Array3<i32>) -> &[u8] {
+    let v = a.as_slice().expect("arrays built by segment_layout are in standard order");
     // SAFETY: i32 has no padding and u8 has alignment 1.
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
