@@ -557,8 +557,8 @@ pub fn forward_tpu_module(shape: AttentionShape, dtype: DType, opts: AttentionOp
 /// The backward (dK/dV, then dQ) for `shape`, lowered for `chip` like [`forward_tpu_module`].
 pub fn backward_tpu_modules(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<(String, String), Error> {
     let target = Some(TableTarget::Chip(chip));
-    let dkv = backward_call(FlashPass::BackwardDkv, shape, dtype, tuned_for(FlashPass::BackwardDkv, shape, dtype, opts, target), use_segments)?;
-    let dq = backward_call(FlashPass::BackwardDq, shape, dtype, tuned_for(FlashPass::BackwardDq, shape, dtype, opts, target), use_segments)?;
+    let dkv = tuned_backward_call_for(FlashPass::BackwardDkv, shape, dtype, opts, use_segments, target)?;
+    let dq = tuned_backward_call_for(FlashPass::BackwardDq, shape, dtype, opts, use_segments, target)?;
     let types = backward_operand_types(shape, dtype);
     Ok((lower(&dkv.trace(&types)?, Target::TpuStableHlo)?, lower(&dq.trace(&types)?, Target::TpuStableHlo)?))
 }
@@ -566,9 +566,17 @@ pub fn backward_tpu_modules(shape: AttentionShape, dtype: DType, opts: Attention
 /// One backward kernel compiled for `shape` on a device backend with its tuned block, like
 /// [`compiled_forward`]. Operands as for [`backward_calls`].
 pub fn compiled_backward(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<Compiled, Error> {
-    let opts = tuned_for(pass, shape, dtype, opts, crate::tuning::target_of(backend));
-    let traced = backward_call(pass, shape, dtype, opts, use_segments)?.trace(&backward_operand_types(shape, dtype))?;
+    let traced = tuned_backward_call(pass, shape, dtype, opts, use_segments, backend)?.trace(&backward_operand_types(shape, dtype))?;
     Ok(Compiled::new(&traced, backend)?)
+}
+
+/// One backward kernel's call with its tuned block for `backend` (unless `opts` names one).
+pub fn tuned_backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<PallasCall, Error> {
+    tuned_backward_call_for(pass, shape, dtype, opts, use_segments, crate::tuning::target_of(backend))
+}
+
+fn tuned_backward_call_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, target: Option<TableTarget>) -> Result<PallasCall, Error> {
+    backward_call(pass, shape, dtype, tuned_for(pass, shape, dtype, opts, target), use_segments)
 }
 
 /// The backward kernels' operand types: q, k, v, o, dO, lse, then the laid-out segment ids.
@@ -622,9 +630,8 @@ pub fn backward(
     if lse.dim() != (shape.batch, shape.heads, shape.q_len) {
         return Err(Error::Shape(format!("lse must be [{}, {}, {}]; got {:?}", shape.batch, shape.heads, shape.q_len, lse.dim())));
     }
-    let (dkv_opts, dq_opts) = with_tuned_backward_blocks(shape, q.dtype(), opts, backend);
-    let dkv_call = backward_call(FlashPass::BackwardDkv, shape, q.dtype(), dkv_opts, segments.is_some())?;
-    let dq_call = backward_call(FlashPass::BackwardDq, shape, q.dtype(), dq_opts, segments.is_some())?;
+    let dkv_call = tuned_backward_call(FlashPass::BackwardDkv, shape, q.dtype(), opts, segments.is_some(), backend)?;
+    let dq_call = tuned_backward_call(FlashPass::BackwardDq, shape, q.dtype(), opts, segments.is_some(), backend)?;
     let [qs, ks] = segment_operands(shape, segments)?;
     let lse4 = HostArray::from(lse.clone().insert_axis(Axis(3)));
     let operands = [q.clone(), k.clone(), v.clone(), o.clone(), d_o.clone(), lse4, qs, ks];

@@ -193,10 +193,7 @@ pub fn flash_attention_backward(
         prepared(
             py,
             a.key(pass, use_segments),
-            |backend| {
-                let (dkv, dq) = flash::with_tuned_backward_blocks(s, a.dtype, a.opts, backend);
-                flash::backward_call(pass, s, a.dtype, if pass == FlashPass::BackwardDkv { dkv } else { dq }, use_segments)
-            },
+            |backend| flash::tuned_backward_call(pass, s, a.dtype, a.opts, use_segments, backend),
             || flash::backward_operand_types(s, a.dtype),
         )
     };
