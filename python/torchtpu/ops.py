@@ -140,13 +140,12 @@ torch.library.define(
 
 @torch.library.impl("torchtpu::flash_attention", "CompositeImplicitAutograd")
 def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, kv_segment_ids=None):
-    if sm_scale is None:
-        _check_float("q", q)
-        if q.dim() != 4:
-            raise ValueError(f"q must be [batch, heads, seq, head_dim] like scaled_dot_product_attention's; got shape {tuple(q.shape)}")
-        sm_scale = 1.0 / float(q.shape[-1]) ** 0.5
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
+    if sm_scale is None:
+        # The default reads q's head_dim: check q first so bad input gets our error.
+        _check_attention(q, k, v, segment_ids, kv_segment_ids)
+        sm_scale = 1.0 / float(q.shape[-1]) ** 0.5
     out, _ = torch.ops.torchtpu.flash_attention_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids)
     return out
 

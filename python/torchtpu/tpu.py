@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu import _torchtpu
+from torchtpu import _torchtpu, ops
+from torchtpu.ops import _check_attention, _check_matmul
 
 # Lanes and sublanes the attention kernels replicate segment ids across (see kernels/src/flash.rs).
 _LANES, _SUBLANES = 128, 8
@@ -119,8 +120,6 @@ def _segment_operands(q: Tensor, k: Tensor, segment_ids, kv_segment_ids):
 
 
 def _flash_forward_tpu(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids):
-    from torchtpu.ops import _check_attention
-
     _check_attention(q, k, v, segment_ids, kv_segment_ids)
     fwd, _, _ = flash_attention_kernels(q, k, v, causal, sm_scale, segment_ids is not None)
     out, lse = _run(fwd, [q, k, v, *_segment_operands(q, k, segment_ids, kv_segment_ids)], q.device)
@@ -128,8 +127,6 @@ def _flash_forward_tpu(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids):
 
 
 def _flash_backward_tpu(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids):
-    from torchtpu.ops import _check_attention
-
     _check_attention(q, k, v, segment_ids, kv_segment_ids)
     _, dkv, dq = flash_attention_kernels(q, k, v, causal, sm_scale, segment_ids is not None)
     operands = [q, k, v, out, grad_out, lse.reshape(*lse.shape, 1), *_segment_operands(q, k, segment_ids, kv_segment_ids)]
@@ -139,8 +136,6 @@ def _flash_backward_tpu(q, k, v, out, grad_out, lse, causal, sm_scale, segment_i
 
 
 def _matmul_tpu(a, b):
-    from torchtpu.ops import _check_matmul
-
     _check_matmul(a, b)
     (out,) = _run(matmul_kernel(a, b), [a.contiguous(), b.contiguous()], a.device)
     return out
@@ -155,8 +150,6 @@ def register() -> bool:
         return True
     if torch._C._get_privateuse1_backend_name() != "tpu":
         return False
-    from torchtpu import ops
-
     torch.library.register_kernel(ops.flash_attention_forward, "tpu", _flash_forward_tpu)
     torch.library.register_kernel(ops.flash_attention_backward, "tpu", _flash_backward_tpu)
     torch.library.register_kernel(ops.matmul, "tpu", _matmul_tpu)
