@@ -140,28 +140,6 @@ impl Default for TuneOptions<'_> {
     }
 }
 
-/// Why a block breaks the TPU's (sublane, 128) tiling of its operand, if it does.
-fn tiling_violation(call: &TracedCall) -> Option<String> {
-    for op in call.inputs.iter().chain(&call.outputs) {
-        let dims = op.block_dims();
-        let n = dims.len();
-        let sublane = match op.array.dtype.size_bytes() {
-            4 => 8,
-            2 => 16,
-            _ => 32,
-        };
-        for (axis, tile) in [(n.wrapping_sub(1), 128), (n.wrapping_sub(2), sublane)] {
-            if axis >= n || op.block_shape[axis].is_none() {
-                continue;
-            }
-            if dims[axis] % tile != 0 && dims[axis] != op.array.shape[axis] {
-                return Some(format!("tiling: block {:?} of `{}` ({}) has {} along dim {axis}, neither a multiple of {tile} nor the array's {}", dims, op.name, op.array, dims[axis], op.array.shape[axis]));
-            }
-        }
-    }
-    None
-}
-
 struct Prepared {
     config: Config,
     traced: TracedCall,
@@ -179,7 +157,7 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
             pruned.push(prune(format!("constraint: {reason}"), None));
             continue;
         }
-        let traced = match t.build(&config).trace(types) {
+        let traced = match t.build(&config).and_then(|c| c.trace(types).map_err(|e| Error::Invalid(e.to_string()))) {
             Ok(tr) => tr,
             Err(e) => {
                 pruned.push(prune(format!("does not trace: {e}"), None));
@@ -194,8 +172,8 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
             }
         };
         if let Device::Chip(chip) = device {
-            if let Some(reason) = tiling_violation(&traced) {
-                pruned.push(prune(reason, Some(f)));
+            if let Some(reason) = traced.tiling_violations().into_iter().next() {
+                pruned.push(prune(format!("tiling: {reason}"), Some(f)));
                 continue;
             }
             let budget = traced.vmem_limit_bytes.unwrap_or(chip.default_scoped_vmem_bytes()) as f64;
@@ -211,7 +189,7 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
 }
 
 fn cache_key(t: &dyn Tunable, device: Device, strategy: Strategy, types: &[torchtpu_dsl::ir::ValueType]) -> Result<CacheKey> {
-    let traced = t.build(&t.default_config()).trace(types).map_err(|e| Error::Invalid(format!("the default config does not trace: {e}")))?;
+    let traced = t.build(&t.default_config()).and_then(|c| c.trace(types).map_err(|e| Error::Invalid(e.to_string()))).map_err(|e| Error::Invalid(format!("the default config does not trace: {e}")))?;
     let mut ir = traced.body.to_string();
     for op in traced.inputs.iter().chain(&traced.outputs) {
         ir.push_str(&op.index_map.to_string());
@@ -235,8 +213,7 @@ fn cache_key(t: &dyn Tunable, device: Device, strategy: Strategy, types: &[torch
 
 /// The cache key `tune` would use (to find or inspect the cached file).
 pub fn key_for(t: &dyn Tunable, device: Device, strategy: Strategy) -> Result<CacheKey> {
-    let inputs = t.random_inputs(&mut StdRng::seed_from_u64(0));
-    cache_key(t, device, strategy, &inputs.iter().map(HostArray::value_type).collect::<Vec<_>>())
+    cache_key(t, device, strategy, &t.operand_types())
 }
 
 /// The best config a previous `tune` of `t` on `device` cached (any strategy), if any.
@@ -253,6 +230,8 @@ pub fn cached_best(t: &dyn Tunable, device: Device) -> Option<Config> {
 /// Tunes `t` on `device`.
 pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneReport> {
     let start = Instant::now();
+    let bytes = t.operand_types().iter().map(|t| t.checked_size_bytes().map_or(u128::MAX, |b| b as u128)).fold(0, u128::saturating_add);
+    torchtpu_dsl::memory::check_fits(bytes.saturating_mul(2), &format!("tuning {} {} (inputs and outputs)", t.kernel(), t.problem())).map_err(Error::Invalid)?;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let inputs = t.random_inputs(&mut rng);
     let types: Vec<_> = inputs.iter().map(HostArray::value_type).collect();

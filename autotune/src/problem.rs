@@ -1,6 +1,7 @@
 //! What the tuner tunes: a kernel at fixed shapes, with block-shape tunables.
 
 use rand::rngs::StdRng;
+use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 use torchtpu_testkernels::{flash::Flash, matmul::Matmul, Example};
 
@@ -15,15 +16,20 @@ pub trait Tunable: Send + Sync {
     fn space(&self) -> SearchSpace;
     /// What a user gets without tuning (Pallas' customary 128 blocks).
     fn default_config(&self) -> Config;
-    /// The call at `config`.
-    fn build(&self, config: &Config) -> PallasCall;
+    /// The call at `config`; an error where the config does not fit the problem.
+    fn build(&self, config: &Config) -> crate::Result<PallasCall>;
+    /// The operands' types (scalar-prefetch arrays, then inputs). Override it where they are
+    /// known without allocating the inputs: a cache lookup asks for them on every call.
+    fn operand_types(&self) -> Vec<ValueType> {
+        self.random_inputs(&mut rand::SeedableRng::seed_from_u64(0)).iter().map(HostArray::value_type).collect()
+    }
     /// Scalar-prefetch arrays, then inputs.
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray>;
 }
 
 /// Powers of two from 64 up to the first one covering `dim` (at most `cap`).
 pub fn block_candidates(dim: usize, cap: usize) -> Vec<usize> {
-    let top = dim.next_power_of_two().clamp(64, cap);
+    let top = dim.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(64, cap);
     std::iter::successors(Some(64usize), |b| Some(b * 2)).take_while(|&b| b <= top).collect()
 }
 
@@ -57,8 +63,8 @@ impl Tunable for MatmulProblem {
     fn default_config(&self) -> Config {
         Config(vec![("bm".into(), 128), ("bn".into(), 128), ("bk".into(), 128)])
     }
-    fn build(&self, config: &Config) -> PallasCall {
-        self.example(config).call()
+    fn build(&self, config: &Config) -> crate::Result<PallasCall> {
+        Ok(self.example(config).call())
     }
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
         self.example(&self.default_config()).random_inputs(rng)
@@ -93,8 +99,8 @@ impl Tunable for FlashProblem {
     fn default_config(&self) -> Config {
         Config(vec![("bq".into(), 128), ("bk".into(), 128)])
     }
-    fn build(&self, config: &Config) -> PallasCall {
-        self.example(config).call()
+    fn build(&self, config: &Config) -> crate::Result<PallasCall> {
+        Ok(self.example(config).call())
     }
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
         self.example(&self.default_config()).random_inputs(rng)

@@ -97,13 +97,13 @@ impl Tunable for Ragged {
     fn default_config(&self) -> torchtpu_autotune::Config {
         torchtpu_autotune::Config(vec![("rows".into(), 8), ("cols".into(), 128)])
     }
-    fn build(&self, c: &torchtpu_autotune::Config) -> PallasCall {
+    fn build(&self, c: &torchtpu_autotune::Config) -> torchtpu_autotune::Result<PallasCall> {
         let (r, k) = (c.value("rows"), c.value("cols"));
-        PallasCall::new(copy::kernel())
+        Ok(PallasCall::new(copy::kernel())
             .grid([64usize.div_ceil(r), 1024usize.div_ceil(k)])
             .in_specs([BlockSpec::new([r, k], |[i, j]| (i, j))])
             .out_specs([BlockSpec::new([r, k], |[i, j]| (i, j))])
-            .out_shapes([[64, 1024]])
+            .out_shapes([[64, 1024]]))
     }
     fn random_inputs(&self, _: &mut rand::rngs::StdRng) -> Vec<HostArray> {
         vec![HostArray::from(ndarray::Array2::<f32>::zeros((64, 1024)))]

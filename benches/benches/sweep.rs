@@ -16,7 +16,7 @@ fn interleaved(problem: &dyn Tunable, configs: &[&Config], rounds: usize) -> Vec
     let runs: Vec<(Compiled, Vec<_>)> = configs
         .iter()
         .map(|c| {
-            let compiled = Compiled::new(&problem.build(c).trace(&types).expect("traces"), Backend::Cpu).expect("compiles");
+            let compiled = Compiled::new(&problem.build(c).expect("builds").trace(&types).expect("traces"), Backend::Cpu).expect("compiles");
             let buffers = compiled.upload(&inputs).expect("uploads");
             (compiled, buffers)
         })

@@ -27,7 +27,17 @@ pub enum Target {
 }
 
 /// Lowers a traced call to `target`, as text.
+///
+/// For the TPU targets the blocks are checked against the TPU's tiling first, so a kernel
+/// that only the interpreter and PJRT CPU would run fails here with its `BlockSpec`'s Rust
+/// line rather than in libtpu.
 pub fn lower(call: &torchtpu_dsl::TracedCall, target: Target) -> Result<String> {
+    if target != Target::PortableStableHlo {
+        let violations = call.tiling_violations();
+        if !violations.is_empty() {
+            return Err(Error::Tiling { kernel: call.kernel.name().to_string(), violations });
+        }
+    }
     match target {
         Target::Mosaic => mosaic::module(call, Form::Pretty),
         Target::MosaicStable => mosaic::module(call, Form::Stable),

@@ -44,6 +44,11 @@ fn a_block_off_the_8_by_128_tiling_is_rejected_with_the_compilers_reason() {
     let err = compile(&call, &[ValueType::new(DType::F32, [64, 256])], Chip::V5e).expect_err("misaligned");
     assert_eq!(err.chip, Chip::V5e);
     assert!(err.message.contains("E2002") && err.message.contains("MisalignedBlockAndTiling"), "{err}");
+    // lower() refuses it before libtpu, at the BlockSpec's Rust line, by the same rule.
+    let traced = call.trace(&[ValueType::new(DType::F32, [64, 256])]).expect("traces");
+    let ours = torchtpu_codegen::lower(&traced, torchtpu_codegen::Target::TpuStableHlo).expect_err("misaligned").to_string();
+    let spec_line = include_str!("misfits.rs").lines().position(|l| l.contains("in_specs([BlockSpec::new(block")).expect("marker") + 1;
+    assert!(ours.contains(&format!("codegen/tests/misfits.rs:{spec_line}")) && ours.contains("multiple of 128") && ours.contains("multiple of 8"), "{ours}");
     // The same kernel with aligned blocks compiles.
     compile(&elementwise(copy::kernel(), [64, 256], [8, 128]), &[ValueType::new(DType::F32, [64, 256])], Chip::V5e).expect("aligned");
 }

@@ -295,6 +295,15 @@ impl PallasCall {
         if let Some(axis) = self.grid.iter().position(|&g| g == 0) {
             return Err(self.spec_error(format!("grid axis {axis} has extent 0; every axis needs at least one program")));
         }
+        if let Some((axis, g)) = self.grid.iter().enumerate().find(|(_, &g)| g > i32::MAX as usize) {
+            return Err(self.spec_error(format!("grid axis {axis} has {g} programs; grid indices are i32, so at most {}", i32::MAX)));
+        }
+        let out_types: Vec<ValueType> = out_params.iter().zip(&self.out_shapes).map(|(p, s)| ValueType::new(p.dtype, s.clone())).collect();
+        for a in operands.iter().chain(&out_types) {
+            if a.checked_size_bytes().is_none_or(|b| b > isize::MAX as usize) {
+                return Err(Error::TooLarge { kernel: k.name().to_string(), message: format!("an array of {a} is larger than this machine can address") });
+            }
+        }
         let semantics = match &self.semantics {
             Some(s) if s.len() != self.grid.len() => {
                 return Err(self.spec_error(format!("{} dimension semantics for a grid of rank {}", s.len(), self.grid.len())))
@@ -407,7 +416,7 @@ impl PallasCall {
         })?;
         index_map.results = results.map_err(at)?;
         verify(&index_map)?;
-        Ok(BlockOperand { name: name.to_string(), array, block_shape, index_map })
+        Ok(BlockOperand { name: name.to_string(), array, block_shape, index_map, loc: spec.loc })
     }
 }
 
@@ -427,6 +436,8 @@ pub struct BlockOperand {
     pub block_shape: Vec<Option<usize>>,
     /// Grid indices (then prefetch refs) to block indices, one per array dim.
     pub index_map: Func,
+    /// Where its `BlockSpec` was written.
+    pub loc: Loc,
 }
 
 impl BlockOperand {
@@ -443,6 +454,38 @@ impl BlockOperand {
     /// How many blocks cover the array along each dim (the last one may be partial).
     pub fn blocks_per_dim(&self) -> Vec<usize> {
         self.array.shape.iter().zip(self.block_dims()).map(|(&a, b)| a.div_ceil(b)).collect()
+    }
+
+    /// Why the block breaks the TPU's tiling of its array, if it does: the last two block
+    /// dims must be multiples of (sublanes for the dtype, 128 lanes) or span the array.
+    pub fn tiling_violation(&self) -> Option<String> {
+        let dims = self.block_dims();
+        let n = dims.len();
+        let tiles = [(n.checked_sub(1), LANES, "lanes"), (n.checked_sub(2), sublanes(self.array.dtype), "sublanes")];
+        for (axis, tile, what) in tiles {
+            let Some(axis) = axis else { continue };
+            if self.block_shape[axis].is_none() || dims[axis] % tile == 0 || dims[axis] == self.array.shape[axis] {
+                continue;
+            }
+            return Some(format!(
+                "{}: block {:?} of `{}` ({}) has {} along dim {axis}: on a TPU that must be a multiple of {tile} ({what} for {}) or the array's full {}",
+                self.loc, dims, self.name, self.array, dims[axis], self.array.dtype, self.array.shape[axis]
+            ));
+        }
+        None
+    }
+}
+
+/// Lanes of a TPU vector register: the tile of an array's last dim.
+pub const LANES: usize = 128;
+
+/// Sublanes of a TPU vector register for `dtype`: the tile of an array's second-to-last dim
+/// (8 rows of 32-bit values, packed two or four to a row for narrower ones).
+pub fn sublanes(dtype: DType) -> usize {
+    match dtype.size_bytes() {
+        4 => 8,
+        2 => 16,
+        _ => 32,
     }
 }
 
@@ -472,6 +515,16 @@ pub struct TracedCall {
 impl TracedCall {
     pub fn num_programs(&self) -> usize {
         self.grid.iter().product()
+    }
+
+    /// Every way the call's blocks break the TPU's tiling rules (empty where it fits a TPU).
+    pub fn tiling_violations(&self) -> Vec<String> {
+        self.inputs.iter().chain(&self.outputs).filter_map(BlockOperand::tiling_violation).collect()
+    }
+
+    /// Bytes of every operand and output, which a host run holds at once.
+    pub fn host_bytes(&self) -> u128 {
+        self.operand_types().chain(self.outputs.iter().map(|o| &o.array)).map(|t| t.size_bytes() as u128).sum()
     }
 
     /// The types of the call's operands, in order: scalar-prefetch arrays, then inputs.

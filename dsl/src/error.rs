@@ -38,6 +38,10 @@ pub enum Error {
     #[error("kernel `{kernel}`: race on output `{operand}` block {block:?}: written by grid index {first:?} and by grid index {second:?}, which run in parallel (make the axis that differs `arbitrary`, or give them different blocks)")]
     Race { kernel: String, operand: String, block: Vec<usize>, first: Vec<usize>, second: Vec<usize> },
 
+    /// The arrays of a call do not fit this machine's memory (or its address space).
+    #[error("kernel `{kernel}`: {message}")]
+    TooLarge { kernel: String, message: String },
+
     /// A value computed by the interpreter broke a rule the IR cannot state (division by zero, a loop bound).
     #[error("{loc}: kernel `{kernel}` at grid index {grid_index:?}: {message}")]
     Runtime { kernel: String, grid_index: Vec<usize>, loc: Loc, message: String },

@@ -58,6 +58,11 @@ impl ValueType {
     pub fn size_bytes(&self) -> usize {
         self.num_elements() * self.dtype.size_bytes()
     }
+
+    /// Bytes of a dense array of this type, or `None` where that overflows a `usize`.
+    pub fn checked_size_bytes(&self) -> Option<usize> {
+        self.shape.iter().try_fold(self.dtype.size_bytes(), |acc, &d| acc.checked_mul(d))
+    }
 }
 
 impl fmt::Display for ValueType {

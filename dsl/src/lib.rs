@@ -11,12 +11,13 @@ pub mod error;
 pub mod host;
 pub mod interpret;
 pub mod ir;
+pub mod memory;
 pub mod kernel;
 mod printer;
 pub mod trace;
 pub mod verify;
 
-pub use call::{BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem};
+pub use call::{sublanes, LANES, BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem};
 pub use dtype::{DType, DotOperand, Element, Float, Int, Numeric};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

@@ -25,6 +25,9 @@ pub enum Error {
     Runtime(#[from] torchtpu_runtime::Error),
     #[error("bad input: {0}")]
     Input(String),
+    /// The outputs would not fit the host's memory.
+    #[error("out of memory: {0}")]
+    Memory(String),
     /// PJRT plugins' threads and locks do not survive `fork`; a forked child must use the
     /// interpreter (or be started with `spawn`).
     #[error("this process was forked from {parent} after it started a PJRT client, and PJRT plugins do not survive fork; start worker processes with `spawn`, or use the interpret backend")]
@@ -146,6 +149,7 @@ impl Compiled {
 
     /// Runs on host arrays; returns host arrays.
     pub fn run(&self, operands: &[HostArray]) -> Result<Vec<HostArray>> {
+        check_outputs_fit(&self.outputs)?;
         let buffers = self.upload(operands)?;
         let out = self.execute(&buffers)?;
         out.iter().zip(&self.outputs).map(|(b, t)| download(b, t)).collect()
@@ -231,13 +235,21 @@ fn check_host_memory(what: &str, sizes: impl ExactSizeIterator<Item = usize>, ty
     Ok(())
 }
 
+/// An error, rather than an abort, when outputs of these types cannot be allocated here.
+fn check_outputs_fit(outputs: &[ValueType]) -> Result<()> {
+    let bytes = outputs.iter().map(|t| t.size_bytes() as u128).sum();
+    torchtpu_dsl::memory::check_fits(bytes, "the kernel's outputs").map_err(Error::Memory)
+}
+
 /// Runs `call` on `backend` over `operands` (scalar-prefetch arrays first).
 pub fn run(call: &PallasCall, backend: Backend, operands: &[HostArray]) -> Result<Vec<HostArray>> {
-    if backend == Backend::Interpret {
-        return interpreter_pool().install(|| Ok(call.interpret_with(operands, InterpretOptions::default())?));
-    }
     let types: Vec<ValueType> = operands.iter().map(HostArray::value_type).collect();
-    Compiled::new(&call.trace(&types)?, backend)?.run(operands)
+    let traced = call.trace(&types)?;
+    if backend == Backend::Interpret {
+        check_outputs_fit(&traced.outputs.iter().map(|o| o.array.clone()).collect::<Vec<_>>())?;
+        return interpreter_pool().install(|| Ok(traced.interpret(operands, InterpretOptions::default())?));
+    }
+    Compiled::new(&traced, backend)?.run(operands)
 }
 
 /// The interpreter's thread pool, one per process: rayon's global pool would hang in a child
@@ -279,6 +291,7 @@ impl Prepared {
     pub fn run_to_host(&self, operands: &[&[u8]]) -> Result<Vec<HostOutput>> {
         let traced = match self {
             Prepared::Device(c) => {
+                check_outputs_fit(&c.outputs)?;
                 let on_host = c.client.platform() == "cpu";
                 return c
                     .run_borrowing(operands)?
@@ -295,6 +308,7 @@ impl Prepared {
             }
             Prepared::Interpreter(t) => t,
         };
+        check_outputs_fit(&traced.outputs.iter().map(|o| o.array.clone()).collect::<Vec<_>>())?;
         let types: Vec<ValueType> = traced.operand_types().cloned().collect();
         check_host_memory("operand", operands.iter().map(|o| o.len()), &types)?;
         let arrays = operands.iter().zip(&types).map(|(raw, t)| transfer::from_bytes(raw, t)).collect::<Result<Vec<_>>>()?;
@@ -320,7 +334,8 @@ unsafe impl Send for HostOutput {}
 unsafe impl Sync for HostOutput {}
 
 impl HostOutput {
-    fn owned(value_type: ValueType, bytes: Vec<u8>) -> HostOutput {
+    /// An output over `bytes` (dense, row-major, little-endian `value_type`).
+    pub fn owned(value_type: ValueType, bytes: Vec<u8>) -> HostOutput {
         HostOutput { value_type, data: HostData::Owned(bytes) }
     }
 

@@ -8,7 +8,7 @@ use ndarray::{Array3, Array4, ArrayD, ArrayView2, Axis};
 use torchtpu_dsl::prelude::*;
 use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::ir::ValueType;
-use torchtpu_dsl::{HostArray, PallasCall};
+use torchtpu_dsl::{HostArray, PallasCall, LANES};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_runtime::Chip;
 
@@ -17,9 +17,8 @@ use crate::Error;
 
 /// Pallas' mask value: vanishes under `exp`, finite so `m - m` is never NaN.
 const MASK_VALUE: f32 = -0.7 * f32::MAX;
-/// Running max and sum are kept replicated across this many lanes, as TPU kernels keep them;
-/// q segment ids are laid out `[b, sq, LANES]`.
-const LANES: usize = 128;
+// Running max and sum are kept replicated across the TPU's lanes (`LANES`), as TPU kernels
+// keep them; q segment ids are laid out `[b, sq, LANES]`.
 /// kv segment ids are replicated across this many sublanes (a legal TPU block height):
 /// laid out `[b, SUBLANES, sk]`.
 const SUBLANES: usize = 8;
@@ -85,8 +84,9 @@ fn flash_forward<T: Float>(
     if kj == num_programs(3) - 1 {
         let l = l_scratch.load_at((.., 0..1));
         let m = m_scratch.load_at((.., 0..1));
-        // A row that sees no key at all (segments, padding) gets zeros and lse = -inf.
-        let seen = l > 0.0;
+        // A row that sees no key at all (segments, padding) gets zeros and lse = -inf (as
+        // SDPA); a NaN that reached the row (from q, k, v or sm_scale) stays NaN.
+        let seen = l != 0.0;
         o.store(select(seen, acc_scratch.load() / l, 0.0).cast());
         lse.store(select(seen, m + l.log(), f32::NEG_INFINITY));
     }
@@ -120,16 +120,38 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
-    fn check(&self) -> Result<(), Error> {
+    /// Whether the shapes are a valid attention problem (empty ones included).
+    pub fn check(&self) -> Result<(), Error> {
         let s = self;
-        if [s.batch, s.heads, s.kv_heads, s.q_len, s.kv_len, s.head_dim].contains(&0) {
-            return Err(Error::Shape(format!("attention shapes must be non-empty: {s:?}")));
-        }
-        if s.heads % s.kv_heads != 0 {
+        let divides = if s.kv_heads == 0 { s.heads == 0 } else { s.heads % s.kv_heads == 0 };
+        if !divides {
             return Err(Error::Shape(format!("q has {} heads, k/v {}: grouped-query attention needs q heads to be a multiple of k/v heads", s.heads, s.kv_heads)));
         }
         Ok(())
     }
+
+    /// Whether there is nothing for a kernel to do: some output is empty, or there is no key
+    /// (then every output row is 0 and its log-sum-exp -inf, as SDPA gives for no key).
+    pub fn is_empty(&self) -> bool {
+        [self.batch, self.heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim].contains(&0)
+    }
+
+    /// The shapes a kernel call needs: valid and non-empty.
+    fn check_for_kernel(&self) -> Result<(), Error> {
+        self.check()?;
+        if self.is_empty() {
+            return Err(Error::Shape(format!("a kernel call needs non-empty shapes (the host API handles empty ones): {self:?}")));
+        }
+        Ok(())
+    }
+}
+
+/// A block of `block` rows checked as a caller's (or a table's) choice: positive.
+fn check_block(block: (usize, usize)) -> Result<(usize, usize), Error> {
+    if block.0 == 0 || block.1 == 0 {
+        return Err(Error::Shape(format!("attention blocks (block_q, block_k) must be positive; got {block:?}")));
+    }
+    Ok(block)
 }
 
 /// One of the three attention kernels; each has its own tuned blocks.
@@ -169,20 +191,28 @@ pub fn with_tuned_backward_blocks(shape: AttentionShape, dtype: DType, opts: Att
 }
 
 fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, target: Option<TableTarget>) -> AttentionOptions {
-    if opts.block.is_some() {
+    // A problem no kernel can run keeps its options: the call reports what is wrong.
+    if opts.block.is_some() || shape.check_for_kernel().is_err() || check_dtype(dtype).is_err() {
         return opts;
     }
     let problem = crate::tuning::FlashTunable { pass, shape, dtype, causal: opts.causal };
     let bucket = crate::tuning::flash_bucket(shape, dtype, opts.causal);
     let tuned = crate::tuning::choose(target, pass.table_key(), &bucket, &problem);
-    let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
+    let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v).filter(|&v| v > 0);
     let block = tuned.and_then(|c| Some((block_for(shape.q_len, get(&c, "bq")?), block_for(shape.kv_len, get(&c, "bk")?))));
     AttentionOptions { block, ..opts }
 }
 
 /// A block size for `len`: `preferred`, or the whole (8-rounded) length when shorter.
 fn block_for(len: usize, preferred: usize) -> usize {
-    preferred.min(len.div_ceil(8) * 8)
+    preferred.min(len.div_ceil(8).saturating_mul(8))
+}
+
+fn check_dtype(dtype: DType) -> Result<(), Error> {
+    match dtype {
+        DType::F32 | DType::BF16 => Ok(()),
+        other => Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
+    }
 }
 
 /// The kv block q block `i` reads at step `j`. Causally, blocks right of the diagonal are
@@ -208,9 +238,9 @@ fn causal_q_block(causal: bool, bq: usize, bk: usize, q_blocks: usize, i: Scalar
 /// The forward call: operands q, k, v, q segment ids `[b, sq, 128]`, kv segment ids
 /// `[b, 8, sk]` (i32, replicated across lanes/sublanes); outputs o and lse `[b, h, sq, 1]`.
 pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
-    shape.check()?;
+    shape.check_for_kernel()?;
     let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = shape;
-    let (bq, bk) = opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512)));
+    let (bq, bk) = check_block(opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512))))?;
     let scale = opts.sm_scale.unwrap_or(1.0 / (d as f32).sqrt());
     let kernel = match dtype {
         DType::F32 => flash_forward::kernel::<f32>(scale, opts.causal, use_segments, kv_len),
@@ -219,6 +249,11 @@ pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions,
     };
     let group = (heads / kv_heads) as i32;
     let kv_block = move |i, j| causal_kv_block(opts.causal, bq, bk, i, j);
+    let (q_segments, kv_segments) = if use_segments {
+        (BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_block(i, j))))
+    } else {
+        (unused_segments::<4>(), unused_segments::<4>())
+    };
     Ok(PallasCall::new(kernel)
         .name("flash_attention_forward")
         .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
@@ -226,8 +261,8 @@ pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions,
             BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, i, j]| (b, h / group, kv_block(i, j), 0)),
             BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, i, j]| (b, h / group, kv_block(i, j), 0)),
-            BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)),
-            BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_block(i, j))),
+            q_segments,
+            kv_segments,
         ])
         .out_specs([
             BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)),
@@ -257,18 +292,35 @@ fn shape_of(q: &HostArray, k: &HostArray, v: &HostArray) -> Result<AttentionShap
     Ok(s)
 }
 
-/// Segment ids `[b, len]` laid out for the kernel: q ids across 128 lanes, kv ids across 8 sublanes.
-/// Segment ids laid out as the kernels take them: q's `[b, sq]` replicated across lanes
-/// `[b, sq, LANES]`, kv's `[b, sk]` across sublanes `[b, SUBLANES, sk]`; all zeros (one
-/// segment) for `None`.
+/// The block spec of a segment-id operand when there are none: one tile at block (0, 0, 0),
+/// which the kernels never read, so attention without segments costs no memory for them.
+fn unused_segments<const N: usize>() -> BlockSpec {
+    BlockSpec::new([None, Some(SUBLANES), Some(LANES)], |_: [Scalar<i32>; N]| (0, 0, 0))
+}
+
+/// The segment-id operands' types: q's `[b, sq, LANES]` and kv's `[b, SUBLANES, sk]` with
+/// segments; one `[1, SUBLANES, LANES]` tile each without.
+pub fn segment_types(s: AttentionShape, use_segments: bool) -> [ValueType; 2] {
+    if use_segments {
+        [ValueType::new(DType::I32, [s.batch, s.q_len, LANES]), ValueType::new(DType::I32, [s.batch, SUBLANES, s.kv_len])]
+    } else {
+        [ValueType::new(DType::I32, [1, SUBLANES, LANES]), ValueType::new(DType::I32, [1, SUBLANES, LANES])]
+    }
+}
+
+/// Segment ids laid out as the kernels take them (see [`segment_types`]): q's `[b, sq]`
+/// replicated across lanes, kv's `[b, sk]` across sublanes; placeholders for `None`.
 pub fn segment_layout(shape: AttentionShape, segments: Option<(ArrayView2<i32>, ArrayView2<i32>)>) -> Result<(Array3<i32>, Array3<i32>), Error> {
     let (b, sq, sk) = (shape.batch, shape.q_len, shape.kv_len);
+    let [q_type, kv_type] = segment_types(shape, segments.is_some());
     let Some((qs, ks)) = segments else {
-        return Ok((Array3::zeros((b, sq, LANES)), Array3::zeros((b, SUBLANES, sk))));
+        return Ok((Array3::zeros((1, SUBLANES, LANES)), Array3::zeros((1, SUBLANES, LANES))));
     };
     if qs.dim() != (b, sq) || ks.dim() != (b, sk) {
         return Err(Error::Shape(format!("segment ids must be [{b}, {sq}] and [{b}, {sk}]; got {:?} and {:?}", qs.dim(), ks.dim())));
     }
+    let bytes = [&q_type, &kv_type].iter().map(|t| t.checked_size_bytes().map(|b| b as u128)).sum::<Option<u128>>().unwrap_or(u128::MAX);
+    torchtpu_dsl::memory::check_fits(bytes, "laying out the segment ids").map_err(Error::Memory)?;
     Ok((Array3::from_shape_fn((b, sq, LANES), |(i, j, _)| qs[[i, j]]), Array3::from_shape_fn((b, SUBLANES, sk), |(i, _, j)| ks[[i, j]])))
 }
 
@@ -277,7 +329,19 @@ fn segment_operands(shape: AttentionShape, segments: Option<(&ndarray::Array2<i3
     Ok([HostArray::from(qs), HostArray::from(ks)])
 }
 
-/// Attention output and log-sum-exp (`[b, h, sq]`, f32) of q, k, v on `backend`.
+/// The log-sum-exp of an empty attention problem ([`AttentionShape::is_empty`]), where no
+/// kernel runs: -inf for a row that sees no key; with `head_dim` 0 every score is 0, so a
+/// row's log-sum-exp is the log of how many keys it sees.
+pub fn empty_lse(shape: AttentionShape, causal: bool, segments: Option<(ArrayView2<i32>, ArrayView2<i32>)>) -> Array3<f32> {
+    let AttentionShape { batch, heads, q_len, kv_len, .. } = shape;
+    Array3::from_shape_fn((batch, heads, q_len), |(b, _, i)| {
+        let visible = (0..kv_len).filter(|&j| (!causal || j <= i) && segments.is_none_or(|(qs, ks)| qs.get((b, i)) == ks.get((b, j)))).count();
+        if visible == 0 { f32::NEG_INFINITY } else { (visible as f32).ln() }
+    })
+}
+
+/// Attention output and log-sum-exp (`[b, h, sq]`, f32) of q, k, v on `backend`; empty
+/// problems give zeros (and the log-sum-exp of [`empty_lse`]) without running a kernel.
 pub fn forward(
     q: &HostArray,
     k: &HostArray,
@@ -287,6 +351,11 @@ pub fn forward(
     backend: Backend,
 ) -> Result<(HostArray, Array3<f32>), Error> {
     let shape = shape_of(q, k, v)?;
+    check_dtype(q.dtype())?;
+    if shape.is_empty() {
+        let o = HostArray::from_f64(q.dtype(), &ArrayD::zeros(q.shape().to_vec()));
+        return Ok((o, empty_lse(shape, opts.causal, segments.map(|(q, k)| (q.view(), k.view())))));
+    }
     let opts = with_tuned_block(shape, q.dtype(), opts, backend);
     let call = forward_call(shape, q.dtype(), opts, segments.is_some())?;
     let [qs, ks] = segment_operands(shape, segments)?;
@@ -486,9 +555,9 @@ pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOption
 /// One backward kernel's call (`pass` is [`FlashPass::BackwardDkv`] or
 /// [`FlashPass::BackwardDq`]); operands as for [`backward_calls`].
 pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
-    shape.check()?;
+    shape.check_for_kernel()?;
     let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = shape;
-    let (bq, bk) = opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512)));
+    let (bq, bk) = check_block(opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512))))?;
     let scale = opts.sm_scale.unwrap_or(1.0 / (d as f32).sqrt());
     let causal = opts.causal;
     let kernel = match (pass, dtype) {
@@ -508,6 +577,11 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
     let q_at = move |i, j| causal_q_block(causal, bq, bk, q_blocks, i, j);
     let kv_at = move |i, j| causal_kv_block(causal, bq, bk, i, j);
     if pass == FlashPass::BackwardDkv {
+        let (q_segments, kv_segments) = if use_segments {
+            (BlockSpec::new([None, Some(bq), Some(LANES)], move |[b, _, j, _, i]| (b, q_at(i, j), 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)))
+        } else {
+            (unused_segments::<5>(), unused_segments::<5>())
+        };
         // One program per kv block, reducing over every q head of its group and every q block.
         return Ok(PallasCall::new(kernel)
         .name("flash_attention_backward_dkv")
@@ -519,14 +593,19 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
             BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
             BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
             BlockSpec::new(lse_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
-            BlockSpec::new([None, Some(bq), Some(LANES)], move |[b, _, j, _, i]| (b, q_at(i, j), 0)),
-            BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)),
+            q_segments,
+            kv_segments,
         ])
             .out_specs([BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)), BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0))])
             .out_shapes([vec![batch, kv_heads, kv_len, d], vec![batch, kv_heads, kv_len, d]])
             .scratch([Vmem::new([bk, d]), Vmem::new([bk, d])])
             .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary, Arbitrary]));
     }
+    let (q_segments, kv_segments) = if use_segments {
+        (BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_at(i, j))))
+    } else {
+        (unused_segments::<4>(), unused_segments::<4>())
+    };
     Ok(PallasCall::new(kernel)
         .name("flash_attention_backward_dq")
         .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
@@ -537,8 +616,8 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
             BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new(lse_block, |[b, h, i, _]| (b, h, i, 0)),
-            BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)),
-            BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_at(i, j))),
+            q_segments,
+            kv_segments,
         ])
         .out_specs([BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0))])
         .out_shapes([vec![batch, heads, q_len, d]])
@@ -550,7 +629,7 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
 /// running the Mosaic kernel through `tpu_custom_call` (what a TPU runtime registers).
 pub fn forward_tpu_module(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<String, Error> {
     let opts = tuned_for(FlashPass::Forward, shape, dtype, opts, Some(TableTarget::Chip(chip)));
-    let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype))?;
+    let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype, use_segments))?;
     Ok(lower(&traced, Target::TpuStableHlo)?)
 }
 
@@ -559,14 +638,14 @@ pub fn backward_tpu_modules(shape: AttentionShape, dtype: DType, opts: Attention
     let target = Some(TableTarget::Chip(chip));
     let dkv = tuned_backward_call_for(FlashPass::BackwardDkv, shape, dtype, opts, use_segments, target)?;
     let dq = tuned_backward_call_for(FlashPass::BackwardDq, shape, dtype, opts, use_segments, target)?;
-    let types = backward_operand_types(shape, dtype);
+    let types = backward_operand_types(shape, dtype, use_segments);
     Ok((lower(&dkv.trace(&types)?, Target::TpuStableHlo)?, lower(&dq.trace(&types)?, Target::TpuStableHlo)?))
 }
 
 /// One backward kernel compiled for `shape` on a device backend with its tuned block, like
 /// [`compiled_forward`]. Operands as for [`backward_calls`].
 pub fn compiled_backward(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<Compiled, Error> {
-    let traced = tuned_backward_call(pass, shape, dtype, opts, use_segments, backend)?.trace(&backward_operand_types(shape, dtype))?;
+    let traced = tuned_backward_call(pass, shape, dtype, opts, use_segments, backend)?.trace(&backward_operand_types(shape, dtype, use_segments))?;
     Ok(Compiled::new(&traced, backend)?)
 }
 
@@ -580,8 +659,8 @@ fn tuned_backward_call_for(pass: FlashPass, shape: AttentionShape, dtype: DType,
 }
 
 /// The backward kernels' operand types: q, k, v, o, dO, lse, then the laid-out segment ids.
-pub fn backward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType> {
-    let mut types = forward_operand_types(s, dtype);
+pub fn backward_operand_types(s: AttentionShape, dtype: DType, use_segments: bool) -> Vec<ValueType> {
+    let mut types = forward_operand_types(s, dtype, use_segments);
     let segs = types.split_off(3);
     types.push(types[0].clone());
     types.push(types[0].clone());
@@ -594,18 +673,19 @@ pub fn backward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType>
 /// run on device buffers and time without recompiling. Operands as for [`forward_call`].
 pub fn compiled_forward(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<Compiled, Error> {
     let opts = with_tuned_block(shape, dtype, opts, backend);
-    let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype))?;
+    let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype, use_segments))?;
     Ok(Compiled::new(&traced, backend)?)
 }
 
 /// The forward's operand types: q, k, v, then the laid-out segment ids.
-pub fn forward_operand_types(s: AttentionShape, dtype: DType) -> Vec<ValueType> {
+pub fn forward_operand_types(s: AttentionShape, dtype: DType, use_segments: bool) -> Vec<ValueType> {
+    let [q_segments, kv_segments] = segment_types(s, use_segments);
     vec![
         ValueType::new(dtype, [s.batch, s.heads, s.q_len, s.head_dim]),
         ValueType::new(dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]),
         ValueType::new(dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]),
-        ValueType::new(DType::I32, [s.batch, s.q_len, LANES]),
-        ValueType::new(DType::I32, [s.batch, SUBLANES, s.kv_len]),
+        q_segments,
+        kv_segments,
     ]
 }
 
@@ -629,6 +709,11 @@ pub fn backward(
     }
     if lse.dim() != (shape.batch, shape.heads, shape.q_len) {
         return Err(Error::Shape(format!("lse must be [{}, {}, {}]; got {:?}", shape.batch, shape.heads, shape.q_len, lse.dim())));
+    }
+    check_dtype(q.dtype())?;
+    if shape.is_empty() {
+        let zeros = |a: &HostArray| HostArray::from_f64(a.dtype(), &ArrayD::zeros(a.shape().to_vec()));
+        return Ok((zeros(q), zeros(k), zeros(v)));
     }
     let dkv_call = tuned_backward_call(FlashPass::BackwardDkv, shape, q.dtype(), opts, segments.is_some(), backend)?;
     let dq_call = tuned_backward_call(FlashPass::BackwardDq, shape, q.dtype(), opts, segments.is_some(), backend)?;

@@ -13,6 +13,8 @@ pub enum Error {
     Dtype(String),
     #[error(transparent)]
     Exec(#[from] torchtpu_exec::Error),
+    #[error("out of memory: {0}")]
+    Memory(String),
     #[error("tuned table: {0}")]
     Table(String),
     #[error(transparent)]

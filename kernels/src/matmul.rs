@@ -5,7 +5,7 @@ use ndarray::{ArrayD, Axis, Ix2};
 use torchtpu_dsl::prelude::*;
 use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::ir::ValueType;
-use torchtpu_dsl::{HostArray, PallasCall};
+use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_runtime::Chip;
 
@@ -53,6 +53,19 @@ pub struct MatmulShape {
     pub k: usize,
 }
 
+impl MatmulShape {
+    /// Whether there is nothing for a kernel to do: the output is empty, or K is 0 (then
+    /// the output is all zeros, as `torch.matmul` gives).
+    pub fn is_empty(&self) -> bool {
+        self.m == 0 || self.n == 0 || self.k == 0 || self.batch == Some(0)
+    }
+
+    /// The output's shape: `[(batch,) M, N]`.
+    pub fn output_shape(&self) -> Vec<usize> {
+        self.batch.into_iter().chain([self.m, self.n]).collect()
+    }
+}
+
 /// `opts` with the block the tuned tables (or the cache) give for this shape on `backend`,
 /// unless the caller chose one; clamped to the shape.
 pub fn with_tuned_block(shape: MatmulShape, dtype: DType, opts: MatmulOptions, backend: Backend) -> MatmulOptions {
@@ -60,30 +73,39 @@ pub fn with_tuned_block(shape: MatmulShape, dtype: DType, opts: MatmulOptions, b
 }
 
 fn tuned_for(shape: MatmulShape, dtype: DType, opts: MatmulOptions, target: Option<TableTarget>) -> MatmulOptions {
-    if opts.block.is_some() {
+    // A problem no kernel can run keeps its options: the call reports what is wrong.
+    if opts.block.is_some() || shape.is_empty() || check_dtype(dtype).is_err() {
         return opts;
     }
     let problem = crate::tuning::MatmulTunable { shape, dtype, transpose_b: opts.transpose_b };
     let bucket = crate::tuning::matmul_bucket(shape, dtype, opts.transpose_b);
     let tuned = crate::tuning::choose(target, "matmul", &bucket, &problem);
-    let sublane = if dtype == DType::BF16 { 16 } else { 8 };
-    let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v);
-    let block = tuned.and_then(|c| Some((block_for(shape.m, get(&c, "bm")?, sublane), block_for(shape.n, get(&c, "bn")?, 128), block_for(shape.k, get(&c, "bk")?, 128))));
+    let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v).filter(|&v| v > 0);
+    let block = tuned.and_then(|c| Some((block_for(shape.m, get(&c, "bm")?, sublanes(dtype)), block_for(shape.n, get(&c, "bn")?, LANES), block_for(shape.k, get(&c, "bk")?, LANES))));
     MatmulOptions { block, ..opts }
 }
 
 fn block_for(len: usize, preferred: usize, tile: usize) -> usize {
-    preferred.min(len.div_ceil(tile) * tile)
+    preferred.min(len.div_ceil(tile).saturating_mul(tile))
+}
+
+fn check_dtype(dtype: DType) -> Result<(), Error> {
+    match dtype {
+        DType::F32 | DType::BF16 => Ok(()),
+        other => Err(Error::Dtype(format!("matmul takes f32 or bf16, not {other}"))),
+    }
 }
 
 /// The call for `shape`: operands A `[(batch,) M, K]` and B `[(batch,) K, N]` (or `[.., N, K]`).
 pub fn call(shape: MatmulShape, dtype: DType, opts: MatmulOptions) -> Result<PallasCall, Error> {
     let MatmulShape { batch, m, n, k } = shape;
-    if m == 0 || n == 0 || k == 0 || batch == Some(0) {
-        return Err(Error::Shape(format!("matmul dims must be non-empty: {shape:?}")));
+    if shape.is_empty() {
+        return Err(Error::Shape(format!("a kernel call needs non-empty dims (the host API handles empty ones): {shape:?}")));
     }
-    let sublane = if dtype == DType::BF16 { 16 } else { 8 };
-    let (bm, bn, bk) = opts.block.unwrap_or((block_for(m, 512, sublane), block_for(n, 512, 128), block_for(k, 512, 128)));
+    let (bm, bn, bk) = opts.block.unwrap_or((block_for(m, 512, sublanes(dtype)), block_for(n, 512, LANES), block_for(k, 512, LANES)));
+    if bm == 0 || bn == 0 || bk == 0 {
+        return Err(Error::Shape(format!("matmul blocks (bm, bn, bk) must be positive; got {:?}", (bm, bn, bk))));
+    }
     let t = opts.transpose_b;
     let grid_mnk = [m.div_ceil(bm), n.div_ceil(bn), k.div_ceil(bk)];
     let kernel = |k_axis| match dtype {
@@ -118,7 +140,8 @@ pub fn call(shape: MatmulShape, dtype: DType, opts: MatmulOptions) -> Result<Pal
     Ok(call.name("matmul").scratch([Vmem::new([bm, bn])]))
 }
 
-fn operand_types(shape: MatmulShape, dtype: DType, transpose_b: bool) -> Vec<ValueType> {
+/// The operands' types: A `[(batch,) M, K]` and B `[(batch,) K, N]` (or `[.., N, K]`).
+pub fn operand_types(shape: MatmulShape, dtype: DType, transpose_b: bool) -> Vec<ValueType> {
     let b = if transpose_b { vec![shape.n, shape.k] } else { vec![shape.k, shape.n] };
     match shape.batch {
         None => vec![ValueType::new(dtype, [shape.m, shape.k]), ValueType::new(dtype, b)],
@@ -158,9 +181,13 @@ pub fn shape_of(a: &HostArray, b: &HostArray, transpose_b: bool) -> Result<Matmu
     Ok(MatmulShape { batch, m: ra[0], n, k: ra[1] })
 }
 
-/// `a · b` (or `a · bᵀ`) on `backend`.
+/// `a · b` (or `a · bᵀ`) on `backend`; empty problems give zeros without running a kernel.
 pub fn matmul(a: &HostArray, b: &HostArray, opts: MatmulOptions, backend: Backend) -> Result<HostArray, Error> {
     let shape = shape_of(a, b, opts.transpose_b)?;
+    check_dtype(a.dtype())?;
+    if shape.is_empty() {
+        return Ok(HostArray::from_f64(a.dtype(), &ArrayD::zeros(shape.output_shape())));
+    }
     let opts = with_tuned_block(shape, a.dtype(), opts, backend);
     let mut out = torchtpu_exec::run(&call(shape, a.dtype(), opts)?, backend, &[a.clone(), b.clone()])?;
     out.pop().ok_or_else(|| Error::Shape("the kernel returned no output".into()))

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use rand::rngs::StdRng;
 use torchtpu_autotune::problem::block_candidates;
 use torchtpu_autotune::{Config, SearchSpace, Tunable};
+use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 use torchtpu_runtime::Chip;
 
@@ -35,7 +36,7 @@ impl TableTarget {
 
 /// `n` rounded up to a power of two within [lo, hi].
 fn bucket(n: usize, lo: usize, hi: usize) -> usize {
-    n.next_power_of_two().clamp(lo, hi)
+    n.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(lo, hi)
 }
 
 /// Matmul bucket: each dim rounded up to a power of two, with the dtype and layout.
@@ -69,18 +70,15 @@ impl Tunable for MatmulTunable {
     fn default_config(&self) -> Config {
         Config(vec![("bm".into(), 128), ("bn".into(), 128), ("bk".into(), 128)])
     }
-    fn build(&self, c: &Config) -> PallasCall {
+    fn build(&self, c: &Config) -> torchtpu_autotune::Result<PallasCall> {
         let opts = MatmulOptions { transpose_b: self.transpose_b, block: Some((c.value("bm"), c.value("bn"), c.value("bk"))) };
-        matmul::call(self.shape, self.dtype, opts).expect("shapes and dtype were checked when the problem was made")
+        matmul::call(self.shape, self.dtype, opts).map_err(|e| torchtpu_autotune::Error::Invalid(e.to_string()))
+    }
+    fn operand_types(&self) -> Vec<ValueType> {
+        matmul::operand_types(self.shape, self.dtype, self.transpose_b)
     }
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
-        let s = self.shape;
-        let b = if self.transpose_b { vec![s.n, s.k] } else { vec![s.k, s.n] };
-        let (a, b) = match s.batch {
-            None => (vec![s.m, s.k], b),
-            Some(x) => (vec![x, s.m, s.k], [vec![x], b].concat()),
-        };
-        vec![random(rng, self.dtype, &a), random(rng, self.dtype, &b)]
+        self.operand_types().iter().map(|t| random(rng, t.dtype, &t.shape)).collect()
     }
 }
 
@@ -112,22 +110,24 @@ impl Tunable for FlashTunable {
     fn default_config(&self) -> Config {
         Config(vec![("bq".into(), 128), ("bk".into(), 128)])
     }
-    fn build(&self, c: &Config) -> PallasCall {
+    fn build(&self, c: &Config) -> torchtpu_autotune::Result<PallasCall> {
         let opts = AttentionOptions { causal: self.causal, sm_scale: None, block: Some((c.value("bq"), c.value("bk"))) };
         let call = match self.pass {
             FlashPass::Forward => flash::forward_call(self.shape, self.dtype, opts, false),
             pass => flash::backward_call(pass, self.shape, self.dtype, opts, false),
         };
-        call.expect("shapes and dtype were checked when the problem was made")
+        call.map_err(|e| torchtpu_autotune::Error::Invalid(e.to_string()))
+    }
+    fn operand_types(&self) -> Vec<ValueType> {
+        match self.pass {
+            FlashPass::Forward => flash::forward_operand_types(self.shape, self.dtype, false),
+            _ => flash::backward_operand_types(self.shape, self.dtype, false),
+        }
     }
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
-        let types = match self.pass {
-            FlashPass::Forward => flash::forward_operand_types(self.shape, self.dtype),
-            _ => flash::backward_operand_types(self.shape, self.dtype),
-        };
         // Random floats (for the backward, o, dO and lse need only be finite for timing, not
         // a consistent forward); the i32 operands are segment ids, all one segment.
-        types
+        self.operand_types()
             .iter()
             .map(|t| if t.dtype == DType::I32 { HostArray::from(ndarray::ArrayD::<i32>::zeros(t.shape.clone())) } else { random(rng, t.dtype, &t.shape) })
             .collect()
@@ -183,17 +183,20 @@ pub fn target_of(backend: torchtpu_exec::Backend) -> Option<TableTarget> {
     }
 }
 
-/// Which tuned config a call uses: its bucket's table entry, else a cached tuning result for
-/// the exact problem, else none (the kernel's safe default).
+/// The device `torchtpu tune` tunes for a target (whose cache [`choose`] reads).
+pub fn tuning_device(target: TableTarget) -> torchtpu_autotune::Device {
+    match target {
+        TableTarget::Cpu => torchtpu_autotune::Device::Pjrt(torchtpu_exec::Backend::Cpu),
+        TableTarget::Chip(c) => torchtpu_autotune::Device::Chip(c),
+    }
+}
+
+/// Which tuned config a call uses: a cached tuning result for the exact problem (what
+/// `torchtpu tune` wrote on this machine), else its bucket's table entry, else none (the
+/// kernel's safe default).
 pub fn choose(target: Option<TableTarget>, kernel: &str, bucket: &str, problem: &dyn Tunable) -> Option<Vec<(String, usize)>> {
     let target = target?;
-    tuned(target, kernel, bucket).or_else(|| {
-        let device = match target {
-            TableTarget::Cpu => torchtpu_autotune::Device::Pjrt(torchtpu_exec::Backend::Cpu),
-            TableTarget::Chip(c) => torchtpu_autotune::Device::Chip(c),
-        };
-        torchtpu_autotune::cached_best(problem, device).map(|c| c.0)
-    })
+    torchtpu_autotune::cached_best(problem, tuning_device(target)).map(|c| c.0).or_else(|| tuned(target, kernel, bucket))
 }
 
 /// The problems `torchtpu tables` tunes for each target: one per bucket.

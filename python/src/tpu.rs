@@ -9,14 +9,17 @@ use torchtpu_kernels::matmul::{self, MatmulOptions, MatmulShape};
 use torchtpu_runtime::{Chip, TpuCompiler};
 
 fn chip(name: &str) -> PyResult<Chip> {
-    name.parse().map_err(|e: torchtpu_runtime::Error| PyValueError::new_err(e.to_string()))
+    name.parse()
+        .map_err(|e: torchtpu_runtime::Error| PyValueError::new_err(e.to_string()))
 }
 
 fn dtype(name: &str) -> PyResult<DType> {
     match name {
         "float32" => Ok(DType::F32),
         "bfloat16" => Ok(DType::BF16),
-        other => Err(PyValueError::new_err(format!("TPU kernels take float32 or bfloat16, not {other}"))),
+        other => Err(PyValueError::new_err(format!(
+            "TPU kernels take float32 or bfloat16, not {other}"
+        ))),
     }
 }
 
@@ -41,29 +44,68 @@ pub fn flash_attention_tpu_modules(
     use_segments: bool,
     chip_name: &str,
 ) -> PyResult<(String, String, String)> {
-    let shape = AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim };
-    let opts = AttentionOptions { causal, sm_scale: Some(sm_scale as f32), block: None };
-    let (dtype, chip) = (dtype(dtype_name)?, chip(chip_name)?);
-    let forward = flash::forward_tpu_module(shape, dtype, opts, use_segments, chip).map_err(lowering_error)?;
-    let (dkv, dq) = flash::backward_tpu_modules(shape, dtype, opts, use_segments, chip).map_err(lowering_error)?;
-    Ok((forward, dkv, dq))
+    crate::guard(|| {
+        let shape = AttentionShape {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim,
+        };
+        let opts = AttentionOptions {
+            causal,
+            sm_scale: Some(sm_scale as f32),
+            block: None,
+        };
+        let (dtype, chip) = (dtype(dtype_name)?, chip(chip_name)?);
+        let forward = flash::forward_tpu_module(shape, dtype, opts, use_segments, chip)
+            .map_err(lowering_error)?;
+        let (dkv, dq) = flash::backward_tpu_modules(shape, dtype, opts, use_segments, chip)
+            .map_err(lowering_error)?;
+        Ok((forward, dkv, dq))
+    })
 }
 
 /// The matmul module at these shapes for `chip`.
 #[pyfunction]
 #[pyo3(signature = (batch, m, n, k, dtype_name, transpose_b, chip_name))]
-pub fn matmul_tpu_module(batch: Option<usize>, m: usize, n: usize, k: usize, dtype_name: &str, transpose_b: bool, chip_name: &str) -> PyResult<String> {
-    let shape = MatmulShape { batch, m, n, k };
-    matmul::tpu_module(shape, dtype(dtype_name)?, MatmulOptions { transpose_b, block: None }, chip(chip_name)?).map_err(lowering_error)
+pub fn matmul_tpu_module(
+    batch: Option<usize>,
+    m: usize,
+    n: usize,
+    k: usize,
+    dtype_name: &str,
+    transpose_b: bool,
+    chip_name: &str,
+) -> PyResult<String> {
+    crate::guard(|| {
+        let shape = MatmulShape { batch, m, n, k };
+        matmul::tpu_module(
+            shape,
+            dtype(dtype_name)?,
+            MatmulOptions {
+                transpose_b,
+                block: None,
+            },
+            chip(chip_name)?,
+        )
+        .map_err(lowering_error)
+    })
 }
 
 /// Compiles `module` with libtpu for `chip` (no TPU needed); returns the code size in bytes.
 #[pyfunction]
 pub fn compile_for_tpu(py: Python<'_>, module: &str, chip_name: &str) -> PyResult<i64> {
-    let chip = chip(chip_name)?;
-    py.detach(|| {
-        let compiler = TpuCompiler::shared().map_err(|e| e.to_string())?;
-        compiler.compile(chip, module).map(|c| c.code_size_bytes).map_err(|e| e.to_string())
+    crate::guard(|| {
+        let chip = chip(chip_name)?;
+        py.detach(|| {
+            let compiler = TpuCompiler::shared().map_err(|e| e.to_string())?;
+            compiler
+                .compile(chip, module)
+                .map(|c| c.code_size_bytes)
+                .map_err(|e| e.to_string())
+        })
+        .map_err(PyRuntimeError::new_err)
     })
-    .map_err(PyRuntimeError::new_err)
 }

@@ -6,14 +6,18 @@
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
 """
 
-from torchtpu import ops as _ops
-from torchtpu import tpu
+
+
+def _autoload() -> None:
+    """torch's device-backend autoload hook: importing the package is all it takes."""
+
+
+# Defined before anything imports torch: `import torchtpu` before `import torch` makes torch
+# run its backend autoload, which looks this hook up on the partly imported package.
+from torchtpu import ops as _ops  # noqa: E402
+from torchtpu import tpu  # noqa: E402
 
 flash_attention = _ops.flash_attention
 matmul = _ops.matmul
 
 __all__ = ["flash_attention", "matmul", "tpu"]
-
-
-def _autoload() -> None:
-    """torch's device-backend autoload hook: importing the package is all it takes."""

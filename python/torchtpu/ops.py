@@ -51,7 +51,7 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Optional[Tens
     kb, hk, sk, kd = k.shape
     if kb != b or kd != d or v.shape != k.shape:
         raise ValueError(f"k and v must both be [{b}, kv_heads, kv_seq, {d}] for q {tuple(q.shape)}; got {tuple(k.shape)} and {tuple(v.shape)}")
-    if h % hk != 0:
+    if (h % hk != 0) if hk else (h != 0):
         raise ValueError(f"q has {h} heads and k/v {hk}: grouped-query attention needs q's heads to be a multiple of k/v's")
     if (segment_ids is None) != (kv_segment_ids is None):
         raise ValueError("give both segment_ids and kv_segment_ids, or neither")
@@ -64,9 +64,17 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Optional[Tens
     _check_devices(q=q, k=k, v=v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
 
+_I32 = torch.iinfo(torch.int32)
+
+
 def _segments_i32(segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]):
+    """The ids as the kernels take them (int32); ids an int32 cannot hold are refused, never
+    wrapped (wrapping would merge segments)."""
     if segment_ids is None:
         return None, None
+    for name, t in (("segment_ids", segment_ids), ("kv_segment_ids", kv_segment_ids)):
+        if t.dtype != torch.int32 and t.numel() and (int(t.min()) < _I32.min or int(t.max()) > _I32.max):
+            raise ValueError(f"{name} holds ids outside the int32 range [{_I32.min}, {_I32.max}] (min {int(t.min())}, max {int(t.max())}); renumber the segments, e.g. with torch.unique(ids, return_inverse=True)")
     return segment_ids.to(torch.int32).contiguous(), kv_segment_ids.to(torch.int32).contiguous()
 
 
@@ -143,9 +151,10 @@ def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, 
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
     if sm_scale is None:
-        # The default reads q's head_dim: check q first so bad input gets our error.
+        # The default reads q's head_dim: check q first so bad input gets our error. With
+        # head_dim 0 every score is 0 whatever the scale.
         _check_attention(q, k, v, segment_ids, kv_segment_ids)
-        sm_scale = 1.0 / float(q.shape[-1]) ** 0.5
+        sm_scale = 1.0 / float(q.shape[-1]) ** 0.5 if q.shape[-1] else 1.0
     out, _ = torch.ops.torchtpu.flash_attention_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids)
     return out
 

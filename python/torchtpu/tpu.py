@@ -70,7 +70,7 @@ def flash_attention_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_sc
     chip = chip or default_chip()
     fwd, dkv, dq = _torchtpu.flash_attention_tpu_modules(b, h, hk, sq, sk, d, _dtype_name(q.dtype), causal, sm_scale, with_segments, chip)
     qt, kt, lse = ((b, h, sq, d), q.dtype), ((b, hk, sk, d), q.dtype), ((b, h, sq, 1), torch.float32)
-    segs = [((b, sq, _LANES), torch.int32), ((b, _SUBLANES, sk), torch.int32)]
+    segs = [(shape, torch.int32) for shape in _segment_shapes(b, sq, sk, with_segments)]
     stem = f"torchtpu_flash_attention_{chip}"
     return (
         _kernel(f"{stem}_forward", fwd, [qt, kt, kt, *segs], [qt, lse]),
@@ -109,13 +109,21 @@ def _run(kernel: TpuKernel, inputs, device) -> list:
     return bridge.call_custom_kernel(kernel.name, kernel.fingerprint, inputs=list(inputs), output_shapes=outputs, donate_argnums=[], device_assignment=[])
 
 
+def _segment_shapes(b: int, sq: int, sk: int, with_segments: bool):
+    """The segment-id operands' shapes (see flash::segment_types): one placeholder tile each
+    without segments."""
+    if not with_segments:
+        return [(1, _SUBLANES, _LANES)] * 2
+    return [(b, sq, _LANES), (b, _SUBLANES, sk)]
+
+
 def _segment_operands(q: Tensor, k: Tensor, segment_ids, kv_segment_ids):
     b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
     if segment_ids is None:
-        segment_ids = torch.zeros((b, sq), dtype=torch.int32, device=q.device)
-        kv_segment_ids = torch.zeros((b, sk), dtype=torch.int32, device=q.device)
-    qs = segment_ids.to(torch.int32)[:, :, None].expand(b, sq, _LANES).contiguous()
-    ks = kv_segment_ids.to(torch.int32)[:, None, :].expand(b, _SUBLANES, sk).contiguous()
+        return [torch.zeros(shape, dtype=torch.int32, device=q.device) for shape in _segment_shapes(b, sq, sk, False)]
+    segment_ids, kv_segment_ids = ops._segments_i32(segment_ids, kv_segment_ids)
+    qs = segment_ids[:, :, None].expand(b, sq, _LANES).contiguous()
+    ks = kv_segment_ids[:, None, :].expand(b, _SUBLANES, sk).contiguous()
     return qs, ks
 
 

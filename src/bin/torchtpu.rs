@@ -9,10 +9,12 @@ use rand::{Rng, SeedableRng};
 use torchtpu::dsl::{DType, HostArray, InterpretOptions, TracedCall};
 use torchtpu_codegen::{lower, Target};
 use torchtpu_runtime::{Chip, TpuCompiler};
-use torchtpu_autotune::{tune, Device, FlashProblem, MatmulProblem, Progress, Strategy, TuneOptions, Tunable};
+use torchtpu_autotune::{tune, Device, Progress, Strategy, TuneOptions, Tunable};
 use torchtpu_exec::{Backend, Compiled};
-use torchtpu_kernels::tuning::{table_problems, TableTarget};
-use torchtpu_testkernels::{acceptance_set, configure, find, relative_error, tolerance, Example, FAMILIES};
+use torchtpu_kernels::flash::{AttentionShape, FlashPass};
+use torchtpu_kernels::matmul::MatmulShape;
+use torchtpu_kernels::tuning::{table_problems, FlashTunable, MatmulTunable, TableTarget};
+use torchtpu_testkernels::{acceptance_set, configure, find, relative_error, tolerance, Example, FAMILIES, MAX_SETTING};
 
 #[derive(Parser)]
 #[command(name = "torchtpu", version, about = "Pallas for Rust: trace, interpret and inspect TPU kernels")]
@@ -113,16 +115,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Tune a kernel's block shapes on a device (cpu, cuda, tpu) or rank them for a TPU chip without one.
+    /// Tune a shipped kernel's block shapes on a device (cpu, cuda, tpu) or rank them for a TPU
+    /// chip without one; the result is cached where the ops' calls at that shape find it.
     Tune {
-        /// `matmul` or `flash_attention`.
+        /// `matmul`, `flash_attention`, `flash_attention_dkv` or `flash_attention_dq`.
         kernel: String,
         /// cpu, cuda, tpu, or a chip to rank for without hardware: v4, v5e, v5p, v6e, tpu7x.
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Dtype,
-        /// Problem shape over the defaults: matmul m,n,k (1024 each); flash_attention batch,heads,seq,head_dim (1,8,2048,128).
+        /// Problem shape over the defaults: matmul m,n,k (1024 each); attention batch,heads,seq,head_dim,causal (1,8,2048,128,1).
         #[arg(long, value_delimiter = ',')]
         set: Vec<String>,
         /// exhaustive, random or guided.
@@ -185,6 +188,8 @@ fn parse_settings(set: &[String]) -> Result<Vec<(String, usize)>, String> {
 
 /// Runs an example on a backend: its output vs the reference, and a median time.
 fn run_example(example: &dyn Example, backend: Backend, seed: u64, json: bool) -> Result<bool, String> {
+    trace(example)?;
+    check_memory(example)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let inputs = example.random_inputs(&mut rng);
     let call = example.call();
@@ -233,30 +238,44 @@ fn run_example(example: &dyn Example, backend: Backend, seed: u64, json: bool) -
     Ok(ok)
 }
 
+/// The kernel `torchtpu tune` tunes: the shipped one the ops run, so its cached result is the
+/// one their calls find.
 fn tunable(kernel: &str, dtype: DType, settings: &[(String, usize)]) -> Result<Box<dyn Tunable>, String> {
     let (defaults, valid): (&[(&str, usize)], &str) = match kernel {
         "matmul" => (&[("m", 1024), ("n", 1024), ("k", 1024)], "m, n, k"),
-        "flash_attention" => (&[("batch", 1), ("heads", 8), ("seq", 2048), ("head_dim", 128)], "batch, heads, seq, head_dim"),
-        other => return Err(format!("`{other}` has no tuner; tune matmul or flash_attention")),
+        "flash_attention" | "flash_attention_dkv" | "flash_attention_dq" => {
+            (&[("batch", 1), ("heads", 8), ("seq", 2048), ("head_dim", 128), ("causal", 1)], "batch, heads, seq, head_dim (positive) and causal (0 or 1)")
+        }
+        other => return Err(format!("`{other}` has no tuner; tune matmul, flash_attention, flash_attention_dkv or flash_attention_dq")),
     };
     let mut v: Vec<(&str, usize)> = defaults.to_vec();
     for (k, val) in settings {
+        let ok = if k == "causal" { *val <= 1 } else { (1..=MAX_SETTING).contains(val) };
         match v.iter_mut().find(|(n, _)| n == k) {
-            Some(slot) if *val > 0 => slot.1 = *val,
-            _ => return Err(format!("`{kernel}` tuning takes positive {valid}; got `{k}={val}`")),
+            Some(slot) if ok => slot.1 = *val,
+            _ => return Err(format!("`{kernel}` tuning takes {valid}, at most {MAX_SETTING}; got `{k}={val}`")),
         }
     }
     let get = |k: &str| v.iter().find(|(n, _)| *n == k).map_or(0, |(_, x)| *x);
-    Ok(match kernel {
-        "matmul" => Box::new(MatmulProblem { m: get("m"), n: get("n"), k: get("k"), dtype }),
-        _ => Box::new(FlashProblem { batch: get("batch"), heads: get("heads"), seq: get("seq"), head_dim: get("head_dim"), dtype }),
-    })
+    if kernel == "matmul" {
+        let shape = MatmulShape { batch: None, m: get("m"), n: get("n"), k: get("k") };
+        return Ok(Box::new(MatmulTunable { shape, dtype, transpose_b: false }));
+    }
+    let pass = FlashPass::ALL.into_iter().find(|p| p.table_key() == kernel).unwrap_or(FlashPass::Forward);
+    let (heads, seq) = (get("heads"), get("seq"));
+    let shape = AttentionShape { batch: get("batch"), heads, kv_heads: heads, q_len: seq, kv_len: seq, head_dim: get("head_dim") };
+    Ok(Box::new(FlashTunable { pass, shape, dtype, causal: get("causal") == 1 }))
+}
+
+/// An error, before anything is allocated, when an example's inputs, outputs and f64
+/// reference (about three times its inputs) cannot fit this machine's memory.
+fn check_memory(example: &dyn Example) -> Result<(), String> {
+    let bytes: u128 = example.operand_types().iter().map(|t| t.checked_size_bytes().map_or(u128::MAX, |b| b as u128)).fold(0, u128::saturating_add);
+    torchtpu_dsl::memory::check_fits(bytes.saturating_mul(3), &format!("`{}` (inputs, outputs and the f64 reference)", example.name()))
 }
 
 fn trace(example: &dyn Example) -> Result<TracedCall, String> {
-    let mut rng = StdRng::seed_from_u64(0);
-    let types: Vec<_> = example.random_inputs(&mut rng).iter().map(HostArray::value_type).collect();
-    example.call().trace(&types).map_err(|e| e.to_string())
+    example.call().trace(&example.operand_types()).map_err(|e| e.to_string())
 }
 
 /// Compiles each kernel for each chip and prints a line (or JSON object) per pair; true if all compiled.
@@ -401,6 +420,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         }
         Command::Interpret { kernel, dtype, checked, seed } => {
             let example = lookup(&kernel, dtype)?;
+            check_memory(example.as_ref())?;
             let seed = seed.unwrap_or_else(|| rand::rng().random());
             let mut rng = StdRng::seed_from_u64(seed);
             let inputs = example.random_inputs(&mut rng);

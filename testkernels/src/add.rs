@@ -4,7 +4,9 @@ use ndarray::ArrayD;
 use rand::rngs::StdRng;
 use torchtpu_dsl::prelude::*;
 
-use crate::{random_array, Example};
+use torchtpu_dsl::ir::ValueType;
+
+use crate::{random_arrays, Example};
 
 #[tpu_kernel]
 pub fn add_rows<T: Float>(x: &Ref<T>, y: &Ref<T>, z: &mut Ref<T>) {
@@ -38,8 +40,12 @@ impl Example for Add {
             .dimension_semantics([Parallel, Parallel])
     }
 
+    fn operand_types(&self) -> Vec<ValueType> {
+        vec![ValueType::new(self.dtype, [self.rows, self.cols]), ValueType::new(self.dtype, [1, self.cols])]
+    }
+
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
-        vec![random_array(rng, self.dtype, &[self.rows, self.cols]), random_array(rng, self.dtype, &[1, self.cols])]
+        random_arrays(rng, &self.operand_types())
     }
 
     fn reference(&self, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {

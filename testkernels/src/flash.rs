@@ -6,7 +6,9 @@ use ndarray::{ArrayD, Axis, Ix4};
 use rand::rngs::StdRng;
 use torchtpu_dsl::prelude::*;
 
-use crate::{random_array, Example};
+use torchtpu_dsl::ir::ValueType;
+
+use crate::{random_arrays, Example};
 
 /// Pallas' mask value: large enough to vanish under `exp`, finite so `m - m` is never NaN.
 pub const MASK_VALUE: f32 = -0.7 * f32::MAX;
@@ -113,9 +115,12 @@ impl Example for Flash {
             .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary])
     }
 
+    fn operand_types(&self) -> Vec<ValueType> {
+        vec![ValueType::new(self.dtype, [self.batch, self.heads, self.seq, self.head_dim]); 3]
+    }
+
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
-        let shape = [self.batch, self.heads, self.seq, self.head_dim];
-        (0..3).map(|_| random_array(rng, self.dtype, &shape)).collect()
+        random_arrays(rng, &self.operand_types())
     }
 
     fn reference(&self, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {

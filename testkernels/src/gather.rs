@@ -6,6 +6,8 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use torchtpu_dsl::prelude::*;
 
+use torchtpu_dsl::ir::ValueType;
+
 use crate::{random_array, Example};
 
 /// Rows per page: one (8, 128) tile high, so a page is a legal TPU block.
@@ -42,6 +44,10 @@ impl Example for Gather {
             .out_specs([BlockSpec::new([None, Some(PAGE_ROWS), Some(d)], |[g]| (g, 0, 0))])
             .out_shapes([[self.indices, PAGE_ROWS, d]])
             .dimension_semantics([Parallel])
+    }
+
+    fn operand_types(&self) -> Vec<ValueType> {
+        vec![ValueType::new(DType::I32, [self.indices]), ValueType::new(self.dtype, [self.pages, PAGE_ROWS, self.dim])]
     }
 
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {

@@ -11,6 +11,7 @@ pub mod softmax;
 use ndarray::ArrayD;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
+use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 
 /// One acceptance problem: a kernel at one shape, block shape and dtype.
@@ -18,12 +19,19 @@ pub trait Example: Send + Sync {
     /// A name that says what and at which configuration, e.g. `matmul/f32/m256n256k256/b128x128x128`.
     fn name(&self) -> String;
     fn call(&self) -> PallasCall;
+    /// The types of the scalar-prefetch arrays, then the inputs: known without making them.
+    fn operand_types(&self) -> Vec<ValueType>;
     /// Scalar-prefetch arrays, then inputs.
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray>;
     /// The outputs computed in f64 from the same inputs, independently of the kernel.
     fn reference(&self, inputs: &[HostArray]) -> Vec<ArrayD<f64>>;
     /// The dtype the outputs are compared in; sets the tolerance.
     fn dtype(&self) -> DType;
+}
+
+/// Normal(0, 1) samples of each type.
+pub fn random_arrays(rng: &mut StdRng, types: &[ValueType]) -> Vec<HostArray> {
+    types.iter().map(|t| random_array(rng, t.dtype, &t.shape)).collect()
 }
 
 /// Normal(0, 1) samples of `shape`, rounded to `dtype`.
@@ -80,6 +88,9 @@ pub const FAMILIES: &[(&str, &[(&str, usize)])] = &[
     ("gather", &[("pages", 50), ("dim", 128), ("indices", 17)]),
 ];
 
+/// The largest value a shape or block setting takes.
+pub const MAX_SETTING: usize = i32::MAX as usize;
+
 /// A kernel family in `dtype` with `settings` (`key`, value) over its defaults.
 pub fn configure(family: &str, dtype: DType, settings: &[(String, usize)]) -> Result<Box<dyn Example>, String> {
     let Some((_, defaults)) = FAMILIES.iter().find(|(f, _)| *f == family) else {
@@ -89,8 +100,8 @@ pub fn configure(family: &str, dtype: DType, settings: &[(String, usize)]) -> Re
     let mut values: Vec<(&str, usize)> = defaults.to_vec();
     for (key, value) in settings {
         match values.iter_mut().find(|(k, _)| k == key) {
-            Some(slot) if *value > 0 => slot.1 = *value,
-            Some(_) => return Err(format!("`{key}` must be positive")),
+            Some(slot) if *value > 0 && *value <= MAX_SETTING => slot.1 = *value,
+            Some(_) => return Err(format!("`{key}={value}`: settings must be between 1 and {MAX_SETTING} (grid indices are i32)")),
             None => {
                 let keys: Vec<&str> = defaults.iter().map(|(k, _)| *k).collect();
                 return Err(format!("`{family}` has no setting `{key}`; it takes {}", keys.join(", ")));

@@ -5,7 +5,9 @@ use ndarray::{ArrayD, Ix2};
 use rand::rngs::StdRng;
 use torchtpu_dsl::prelude::*;
 
-use crate::{random_array, Example};
+use torchtpu_dsl::ir::ValueType;
+
+use crate::{random_arrays, Example};
 
 #[tpu_kernel]
 pub fn matmul<T: Float>(
@@ -65,8 +67,12 @@ impl Example for Matmul {
             .dimension_semantics([Parallel, Parallel, Arbitrary])
     }
 
+    fn operand_types(&self) -> Vec<ValueType> {
+        vec![ValueType::new(self.dtype, [self.m, self.k]), ValueType::new(self.dtype, [self.k, self.n])]
+    }
+
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
-        vec![random_array(rng, self.dtype, &[self.m, self.k]), random_array(rng, self.dtype, &[self.k, self.n])]
+        random_arrays(rng, &self.operand_types())
     }
 
     fn reference(&self, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {

@@ -5,7 +5,9 @@ use ndarray::{ArrayD, Axis};
 use rand::rngs::StdRng;
 use torchtpu_dsl::prelude::*;
 
-use crate::{random_array, Example};
+use torchtpu_dsl::ir::ValueType;
+
+use crate::{random_arrays, Example};
 
 pub const CHUNK: usize = 128;
 
@@ -52,8 +54,12 @@ impl Example for RowStats {
             .dimension_semantics([Parallel])
     }
 
+    fn operand_types(&self) -> Vec<ValueType> {
+        vec![ValueType::new(self.dtype, [self.rows, self.chunks.saturating_mul(CHUNK)])]
+    }
+
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
-        vec![random_array(rng, self.dtype, &[self.rows, self.chunks * CHUNK])]
+        random_arrays(rng, &self.operand_types())
     }
 
     fn reference(&self, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {

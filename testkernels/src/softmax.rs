@@ -4,7 +4,9 @@ use ndarray::{ArrayD, Axis};
 use rand::rngs::StdRng;
 use torchtpu_dsl::prelude::*;
 
-use crate::{random_array, Example};
+use torchtpu_dsl::ir::ValueType;
+
+use crate::{random_arrays, Example};
 
 #[tpu_kernel]
 pub fn softmax<T: Float>(x: &Ref<T>, y: &mut Ref<T>) {
@@ -39,8 +41,12 @@ impl Example for Softmax {
             .dimension_semantics([Parallel])
     }
 
+    fn operand_types(&self) -> Vec<ValueType> {
+        vec![ValueType::new(self.dtype, [self.rows, self.cols])]
+    }
+
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
-        vec![random_array(rng, self.dtype, &[self.rows, self.cols])]
+        random_arrays(rng, &self.operand_types())
     }
 
     fn reference(&self, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
