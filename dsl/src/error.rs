@@ -30,6 +30,11 @@ pub enum Error {
     #[error("{loc}: kernel `{kernel}` at grid index {grid_index:?}: read of uninitialized memory in `{operand}` {region}")]
     UninitializedRead { kernel: String, operand: String, grid_index: Vec<usize>, loc: Loc, region: String },
 
+    /// Checked mode: NaN that checked mode put in input padding or unwritten memory (the
+    /// inputs had none) reached an output, so a TPU would have written garbage there.
+    #[error("{loc}: kernel `{kernel}` at grid index {grid_index:?}: output `{operand}` block {block:?} holds NaN inside the array, and the inputs hold none: it came from the padding past an input's edge (poisoned in checked mode) or from memory nothing wrote; mask partial blocks (iota + select against the length) before they reach a sum or dot")]
+    PoisonReachedOutput { kernel: String, operand: String, grid_index: Vec<usize>, block: Vec<usize>, loc: Loc },
+
     /// A dynamic slice stepped outside its ref.
     #[error("{loc}: kernel `{kernel}` at grid index {grid_index:?}: out-of-bounds access to `{operand}`: {detail}")]
     OutOfBounds { kernel: String, operand: String, grid_index: Vec<usize>, loc: Loc, detail: String },

@@ -90,8 +90,8 @@ pub fn client(backend: Backend) -> Result<Client> {
         return Ok(c.clone());
     }
     let plugin = match backend {
-        Backend::Cpu => Plugin::load(&locate::cpu_plugin()?)?,
-        Backend::Cuda => Plugin::load(&locate::cuda_plugin()?)?,
+        Backend::Cpu => Plugin::load_non_tpu(&locate::cpu_plugin()?, "cpu")?,
+        Backend::Cuda => Plugin::load_non_tpu(&locate::cuda_plugin()?, "cuda")?,
         Backend::Tpu => torchtpu_runtime::tpu::load_libtpu()?,
         Backend::Interpret => return Err(Error::Input("the interpreter has no PJRT client".into())),
     };
@@ -109,6 +109,9 @@ pub struct Compiled {
     executable: Executable,
     operands: Vec<ValueType>,
     outputs: Vec<ValueType>,
+    /// The call, kept where index maps read scalar-prefetch tables: their block indices are
+    /// checked on the host before each run, as the interpreter checks them.
+    data_dependent: Option<TracedCall>,
 }
 
 impl Compiled {
@@ -120,7 +123,8 @@ impl Compiled {
         let executable = client.compile(&module)?;
         let operands = traced.operand_types().cloned().collect();
         let outputs = traced.outputs.iter().map(|o| o.array.clone()).collect();
-        Ok(Compiled { client, executable, operands, outputs })
+        let data_dependent = (!traced.prefetch.is_empty()).then(|| traced.clone());
+        Ok(Compiled { client, executable, operands, outputs, data_dependent })
     }
 
     /// Uploads operands after checking them against the types the call was compiled for.
@@ -141,7 +145,9 @@ impl Compiled {
             .collect()
     }
 
-    /// Runs on device buffers; returns device buffers.
+    /// Runs on device buffers; returns device buffers. The block indices data-dependent index
+    /// maps compute are not checked here (the tables are on the device): [`Compiled::run`]
+    /// and the raw-memory runs check them.
     pub fn execute(&self, operands: &[Buffer]) -> Result<Vec<Buffer>> {
         let refs: Vec<&Buffer> = operands.iter().collect();
         Ok(self.executable.execute(&refs)?)
@@ -151,6 +157,9 @@ impl Compiled {
     pub fn run(&self, operands: &[HostArray]) -> Result<Vec<HostArray>> {
         check_outputs_fit(&self.outputs)?;
         let buffers = self.upload(operands)?;
+        if let Some(traced) = &self.data_dependent {
+            traced.check_block_indices(operands.get(..traced.prefetch.len()).unwrap_or_default())?;
+        }
         let out = self.execute(&buffers)?;
         out.iter().zip(&self.outputs).map(|(b, t)| download(b, t)).collect()
     }
@@ -170,6 +179,10 @@ impl Compiled {
     /// device buffers the plugin made.
     fn run_borrowing(&self, operands: &[&[u8]]) -> Result<Vec<Buffer>> {
         check_host_memory("operand", operands.iter().map(|o| o.len()), &self.operands)?;
+        if let Some(traced) = &self.data_dependent {
+            let prefetch = operands.iter().zip(&self.operands).take(traced.prefetch.len()).map(|(raw, t)| transfer::from_bytes(raw, t)).collect::<Result<Vec<_>>>()?;
+            traced.check_block_indices(&prefetch)?;
+        }
         let buffers = operands
             .iter()
             .zip(&self.operands)

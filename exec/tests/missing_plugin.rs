@@ -19,4 +19,14 @@ fn a_missing_or_broken_plugin_is_a_clear_error() {
         .expect("a libc to stand in for a broken plugin");
     let err = Plugin::load(std::path::Path::new(libc)).expect_err("not a PJRT plugin").to_string();
     assert!(err.contains("GetPjrtApi"), "{err}");
+
+    // libtpu named as the CPU plugin is recognised before it initializes (which would block
+    // for minutes on cloud metadata retries off a TPU VM): a prompt error, never a hang.
+    let libtpu = torchtpu_runtime::locate::libtpu().expect("libtpu (run scripts/setup.sh)");
+    std::env::set_var("TORCHTPU_PJRT_CPU", &libtpu);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (call, inputs2) = (ex.call(), inputs.clone());
+    std::thread::spawn(move || tx.send(run(&call, Backend::Cpu, &inputs2).map(|_| ()).map_err(|e| e.to_string())));
+    let err = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("an answer within a minute, not a hang").expect_err("libtpu is no CPU plugin");
+    assert!(err.contains("this is libtpu") && err.contains("libpjrt_cpu.so"), "{err}");
 }

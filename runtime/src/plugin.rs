@@ -41,6 +41,17 @@ fn loaded() -> &'static Mutex<Vec<Plugin>> {
 impl Plugin {
     /// Loads the plugin at `path` (once per process), checks its API table and initializes it.
     pub fn load(path: &Path) -> Result<Plugin> {
+        Self::load_checked(path, None)
+    }
+
+    /// Like [`Plugin::load`], for a plugin that must not be libtpu (a `cpu` or `cuda` one):
+    /// libtpu is recognised by its exports before it is initialized, since initializing it
+    /// off a TPU VM blocks for minutes on cloud metadata retries.
+    pub fn load_non_tpu(path: &Path, kind: &str) -> Result<Plugin> {
+        Self::load_checked(path, Some(kind))
+    }
+
+    fn load_checked(path: &Path, non_tpu_kind: Option<&str>) -> Result<Plugin> {
         let canonical = path.canonicalize().map_err(|e| Error::PluginLoad { path: path.into(), message: e.to_string() })?;
         let mut cache = loaded().lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = cache.iter().find(|p| p.inner.path == canonical) {
@@ -55,6 +66,12 @@ impl Plugin {
         // SAFETY: `GetPjrtApi` is the C entry point every PJRT plugin exports, with this signature.
         let get_api: libloading::os::unix::Symbol<unsafe extern "C" fn() -> *const u8> = unsafe { lib.get(b"GetPjrtApi\0") }
             .map_err(|_| broken("it has no `GetPjrtApi` symbol; is it a PJRT plugin?".into()))?;
+        if let Some(kind) = non_tpu_kind {
+            // SAFETY: only looking the symbol up; it is never called.
+            if unsafe { lib.get::<unsafe extern "C" fn()>(b"GetLibtpuSdkApi\0") }.is_ok() {
+                return Err(broken(format!("this is libtpu, the TPU plugin, not a {kind} PJRT plugin; point the {kind} plugin setting at a {kind} plugin (for cpu: libpjrt_cpu.so, which scripts/setup.sh installs), or unset it")));
+            }
+        }
         // SAFETY: calling the entry point; it returns a pointer to a static table or null.
         let api = unsafe { get_api() };
         if api.is_null() {

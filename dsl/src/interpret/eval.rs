@@ -16,6 +16,8 @@ pub(crate) struct RefBuf {
     pub data: Tensor,
     /// `Some` for scratch and output blocks in checked mode: which elements have been written.
     pub init: Option<ArrayD<bool>>,
+    /// The last store into it, for reports about what an output block holds.
+    pub last_store: Option<Loc>,
 }
 
 /// What errors need to name: the kernel, the program and the refs.
@@ -220,6 +222,7 @@ impl<'f> Eval<'f> {
                 if let Some(init) = &mut buf.init {
                     slice_view_mut(init, &sel).fill(true);
                 }
+                buf.last_store = Some(loc);
                 return Ok(());
             }
             OpKind::Unary { op: u, x } => self.unary(ctx, *u, self.get(*x), loc)?,
@@ -476,7 +479,9 @@ fn reduce(op: ReduceOp, x: &Tensor, axis: usize) -> Tensor {
     match &x.data {
         Data::F(a) => {
             let r = match op {
-                ReduceOp::Sum => a.fold_axis(ax, 0.0f32, |&acc, &v| acc + v),
+                // Accumulated in f64: a sequential f32 sum of a long row loses digits a TPU's
+                // tree reduction (and PJRT's) keeps.
+                ReduceOp::Sum => a.map_axis(ax, |lane| lane.iter().map(|&v| v as f64).sum::<f64>() as f32),
                 ReduceOp::Max => a.fold_axis(ax, f32::NEG_INFINITY, |&acc, &v| nan_max(acc, v)),
                 ReduceOp::Min => a.fold_axis(ax, f32::INFINITY, |&acc, &v| nan_min(acc, v)),
             };

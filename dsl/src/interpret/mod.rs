@@ -7,7 +7,9 @@
 //! block index changes or the task ends (the TPU pipeline's write-back).
 //!
 //! Checked mode poisons scratch, output blocks and input padding with NaN (or `i32::MIN`),
-//! tracks which scratch and output elements were written and reports reads of the rest.
+//! tracks which scratch and output elements were written and reports reads of the rest,
+//! reports poison that reaches an output (a partial block read without masking its padding),
+//! and refuses blocks a TPU could not tile.
 //! In every mode, dynamic slices out of bounds, index maps past the array and two
 //! parallel programs writing one output block are errors.
 
@@ -86,11 +88,20 @@ impl TracedCall {
                 return Err(Error::Input { kernel: kernel.into(), message: format!("operand {i} is {}, but the call was traced for {e}", a.value_type()) });
             }
         }
+        if options.checked {
+            // What runs here but not on a TPU is an error in checked mode (lower() for a TPU
+            // target refuses it the same way).
+            let violations = self.tiling_violations();
+            if !violations.is_empty() {
+                return Err(Error::Spec { kernel: kernel.into(), message: format!("does not fit a TPU's (sublane, lane) tiling: {}", violations.join("; ")) });
+            }
+        }
         let n_prefetch = self.prefetch.len();
         let prefetch: Vec<Tensor> = operands[..n_prefetch].iter().map(Tensor::from_host).collect();
         let inputs: Vec<Tensor> = operands[n_prefetch..].iter().map(Tensor::from_host).collect();
         let points = grid_points(&self.grid);
         let table = self.block_table(&points, &prefetch)?;
+        let trace_poison = options.checked && inputs.iter().all(|t| !matches!(&t.data, Data::F(a) if a.iter().any(|v| v.is_nan())));
 
         let outputs: Vec<Mutex<Tensor>> = self
             .outputs
@@ -113,7 +124,7 @@ impl TracedCall {
         let writers: Mutex<HashMap<(usize, Vec<usize>), (usize, Vec<usize>)>> = Mutex::new(HashMap::new());
 
         let run_task = |(task_id, task): (usize, &Vec<usize>)| -> Result<()> {
-            let mut program = Program::new(self, &inputs, &prefetch, options);
+            let mut program = Program::new(self, &inputs, &prefetch, options, trace_poison);
             for step in &steps {
                 let mut gi = vec![0; self.grid.len()];
                 for (&a, &v) in parallel.iter().zip(task) {
@@ -153,6 +164,17 @@ impl TracedCall {
         static_maps.block_table(&grid_points(&self.grid), &[]).map(|_| ())
     }
 
+    /// Checks that, with these scalar-prefetch arrays, every data-dependent index map keeps
+    /// its block inside its array: what the interpreter checks as it runs, for backends that
+    /// cannot (a compiled dynamic slice clamps an out-of-range index to the edge, silently).
+    pub fn check_block_indices(&self, prefetch: &[HostArray]) -> Result<()> {
+        if self.prefetch.is_empty() {
+            return Ok(());
+        }
+        let tensors: Vec<Tensor> = prefetch.iter().map(Tensor::from_host).collect();
+        self.block_table(&grid_points(&self.grid), &tensors).map(|_| ())
+    }
+
     /// For each input then output, its block index at every grid point (row-major flat
     /// order), or `None` for index maps that read scalar-prefetch tables (data-dependent).
     pub fn static_block_indices(&self) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
@@ -178,7 +200,7 @@ impl TracedCall {
         let mut indices = Vec::with_capacity(operands.len());
         for op in operands {
             let mut eval = Eval::new(&op.index_map);
-            let mut refs: Vec<RefBuf> = prefetch.iter().map(|t| RefBuf { data: t.clone(), init: None }).collect();
+            let mut refs: Vec<RefBuf> = prefetch.iter().map(|t| RefBuf { data: t.clone(), init: None, last_store: None }).collect();
             let mut per_point = Vec::with_capacity(points.len());
             for p in points {
                 let ctx = Ctx { kernel: self.kernel.name(), grid: &self.grid, grid_index: p, ref_names: &names };
@@ -211,24 +233,26 @@ struct Program<'a> {
     current: Vec<Option<Vec<usize>>>,
     /// The grid index that first filled each output block, for race reports.
     filled_by: Vec<Vec<usize>>,
+    /// Checked mode with NaN-free inputs: a NaN written back to an output came from poison.
+    trace_poison: bool,
 }
 
 impl<'a> Program<'a> {
-    fn new(call: &'a TracedCall, inputs: &'a [Tensor], prefetch: &[Tensor], options: InterpretOptions) -> Self {
+    fn new(call: &'a TracedCall, inputs: &'a [Tensor], prefetch: &[Tensor], options: InterpretOptions, trace_poison: bool) -> Self {
         let pv = poison_value(options.checked);
-        let mut refs: Vec<RefBuf> = prefetch.iter().map(|t| RefBuf { data: t.clone(), init: None }).collect();
+        let mut refs: Vec<RefBuf> = prefetch.iter().map(|t| RefBuf { data: t.clone(), init: None, last_store: None }).collect();
         let mut names: Vec<String> = call.prefetch.iter().map(|p| p.name.clone()).collect();
         for op in call.inputs.iter().chain(&call.outputs) {
-            refs.push(RefBuf { data: Tensor::filled(op.array.dtype, &op.kernel_block_shape(), pv), init: None });
+            refs.push(RefBuf { data: Tensor::filled(op.array.dtype, &op.kernel_block_shape(), pv), init: None, last_store: None });
             names.push(op.name.clone());
         }
         for s in &call.scratch {
             let init = options.checked.then(|| ArrayD::from_elem(s.ty.shape.clone(), false));
-            refs.push(RefBuf { data: Tensor::filled(s.ty.dtype, &s.ty.shape, pv), init });
+            refs.push(RefBuf { data: Tensor::filled(s.ty.dtype, &s.ty.shape, pv), init, last_store: None });
             names.push(s.name.clone());
         }
         let n = call.inputs.len() + call.outputs.len();
-        Program { call, inputs, options, eval: Eval::new(&call.body), refs, names, current: vec![None; n], filled_by: vec![Vec::new(); call.outputs.len()] }
+        Program { call, inputs, options, eval: Eval::new(&call.body), refs, names, current: vec![None; n], filled_by: vec![Vec::new(); call.outputs.len()], trace_poison }
     }
 
     fn step(&mut self, gi: &[usize], flat: usize, table: &BlockTable, outputs: &[Mutex<Tensor>], writers: &Writers, task: usize) -> Result<()> {
@@ -251,6 +275,7 @@ impl<'a> Program<'a> {
                 let shape = op.kernel_block_shape();
                 self.refs[slot].data = Tensor::filled(op.array.dtype, &shape, poison_value(self.options.checked));
                 self.refs[slot].init = self.options.checked.then(|| ArrayD::from_elem(shape, false));
+                self.refs[slot].last_store = None;
                 self.current[n_in + o] = Some(block.clone());
                 self.filled_by[o] = gi.to_vec();
             }
@@ -279,6 +304,15 @@ impl<'a> Program<'a> {
             }
         }
         let slot = call.prefetch.len() + n_in + o;
+        if self.trace_poison && valid_region_has_nan(op, &block, &self.refs[slot].data) {
+            return Err(Error::PoisonReachedOutput {
+                kernel: call.kernel.name().into(),
+                operand: op.name.clone(),
+                grid_index: self.filled_by[o].clone(),
+                block,
+                loc: self.refs[slot].last_store.unwrap_or(call.kernel.loc()),
+            });
+        }
         let mut out = outputs[o].lock().unwrap_or_else(|p| p.into_inner());
         write_block(&mut out, op, &block, &self.refs[slot].data);
         Ok(())
@@ -300,6 +334,17 @@ fn block_extent(op: &BlockOperand, block: &[usize]) -> Vec<(usize, usize)> {
         let start = b * d;
         (start, d.min(n.saturating_sub(start)))
     }).collect()
+}
+
+/// Whether the part of an output block that lands inside the array holds a NaN.
+fn valid_region_has_nan(op: &BlockOperand, block: &[usize], value: &Tensor) -> bool {
+    let Data::F(a) = &value.data else { return false };
+    let Ok(full) = a.view().into_shape_with_order(op.block_dims()) else { return false };
+    let mut v = full.view();
+    for (axis, &(_, len)) in block_extent(op, block).iter().enumerate() {
+        v.slice_axis_inplace(Axis(axis), Slice::from(0..len));
+    }
+    v.iter().any(|x| x.is_nan())
 }
 
 fn read_block(array: &Tensor, op: &BlockOperand, block: &[usize], pad: f64) -> Tensor {
