@@ -256,3 +256,80 @@ fn integer_division_by_zero_is_an_error_not_a_panic() {
     let err = call.interpret(&[HostArray::from(Array1::<i32>::ones(8))]).expect_err("division by zero");
     assert!(err.to_string().contains("by zero"), "{err}");
 }
+
+#[tpu_kernel]
+fn row_sum(x: &Ref<f32>, y: &mut Ref<f32>) {
+    y.store(x.load().sum_keepdims(1));
+}
+
+#[test]
+fn long_sums_keep_their_digits() {
+    // One large value, then 32767 small ones: a sequential f32 sum rounds each small one
+    // against the large partial sum (about 7e-4 relative error); f64 accumulation does not.
+    let cols = 32768;
+    let x = Array2::from_shape_fn((8, cols), |(_, j)| if j == 0 { 1.0e4f32 } else { 0.4 });
+    let call = PallasCall::new(row_sum::kernel()).grid([1]).in_specs([BlockSpec::new([8, cols], |[i]| (i, 0))]).out_specs([BlockSpec::new([8, 1], |[i]| (i, 0))]).out_shapes([[8, 1]]);
+    let out = call.interpret(&[HostArray::from(&x)]).expect("runs").remove(0).into_array::<f32>().expect("f32");
+    let want: f64 = x.row(0).iter().map(|&v| v as f64).sum();
+    for &got in out.iter() {
+        assert!(((got as f64) - want).abs() / want < 1e-6, "{got} vs {want}");
+    }
+}
+
+#[tpu_kernel]
+fn unmasked_sum_of_blocks(x: &Ref<f32>, y: &mut Ref<f32>, acc: &mut Scratch<f32>) {
+    if program_id(0) == 0 {
+        acc.store(zeros());
+    }
+    acc.store(acc.load() + x.load().sum_keepdims(1));
+    if program_id(0) == num_programs(0) - 1 {
+        y.store(acc.load()); // <- poisoned store
+    }
+}
+
+#[test]
+fn checked_mode_reports_padding_that_reaches_an_output() {
+    // 200 columns in blocks of 128: the second block's last 56 lanes are padding, summed unmasked.
+    let call = PallasCall::new(unmasked_sum_of_blocks::kernel())
+        .grid([2])
+        .in_specs([BlockSpec::new([8, 128], |[j]| (0, j))])
+        .out_specs([BlockSpec::new([8, 1], |[_]| (0, 0))])
+        .out_shapes([[8, 1]])
+        .scratch([Vmem::new([8, 1])]);
+    let x = HostArray::from(Array2::<f32>::ones((8, 200)));
+    // The plain interpreter pads with zeros and returns a plausible answer; a TPU sums garbage.
+    assert!(call.interpret(&[x.clone()]).is_ok());
+    match call.interpret_checked(&[x]).expect_err("padding reached the output") {
+        Error::PoisonReachedOutput { kernel, operand, grid_index, loc, .. } => {
+            assert_eq!((kernel.as_str(), operand.as_str(), grid_index), ("unmasked_sum_of_blocks", "y", vec![0]));
+            assert_eq!(loc.line, line_of("// <- poisoned store"));
+        }
+        other => panic!("expected a poison report, got {other}"),
+    }
+    // NaN that the user passed in is data, not a report.
+    let mut with_nan = Array2::<f32>::ones((8, 256));
+    with_nan[[0, 0]] = f32::NAN;
+    let aligned = PallasCall::new(unmasked_sum_of_blocks::kernel())
+        .grid([2])
+        .in_specs([BlockSpec::new([8, 128], |[j]| (0, j))])
+        .out_specs([BlockSpec::new([8, 1], |[_]| (0, 0))])
+        .out_shapes([[8, 1]])
+        .scratch([Vmem::new([8, 1])]);
+    let out = aligned.interpret_checked(&[HostArray::from(with_nan)]).expect("runs").remove(0).into_array::<f32>().expect("f32");
+    assert!(out[[0, 0]].is_nan() && out[[1, 0]] == 256.0);
+}
+
+#[test]
+fn checked_mode_refuses_blocks_a_tpu_cannot_tile() {
+    let call = PallasCall::new(copy::kernel()).grid([4]).in_specs([BlockSpec::new([4, 128], |[i]| (i, 0))]).out_specs([BlockSpec::new([4, 128], |[i]| (i, 0))]).out_shapes([[16, 128]]); // <- 4-row block
+    assert!(call.interpret(&[ones(16, 128)]).is_ok(), "the CPU runs it");
+    let err = call.interpret_checked(&[ones(16, 128)]).expect_err("not a TPU tiling").to_string();
+    assert!(err.contains(&format!("checks.rs:{}", line_of("// <- 4-row block"))) && err.contains("multiple of 8"), "{err}");
+}
+
+#[test]
+fn grids_past_i32_are_an_error() {
+    let call = PallasCall::new(copy::kernel()).grid([1usize << 31]).in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))]).out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))]).out_shapes([[8, 128]]);
+    let err = call.trace(&[torchtpu_dsl::ir::ValueType::new(DType::F32, [8, 128])]).expect_err("too many programs");
+    assert!(err.to_string().contains("grid indices are i32"), "{err}");
+}

@@ -371,7 +371,7 @@ pub fn forward(
 pub fn reference(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>, causal: bool, sm_scale: f64) -> (Array4<f64>, Array3<f64>) {
     let (b, h, sq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
     let (hk, sk) = (k.shape()[1], k.shape()[2]);
-    let group = h / hk;
+    let group = (h / hk.max(1)).max(1);
     let mut out = Array4::zeros((b, h, sq, d));
     let mut lse = Array3::from_elem((b, h, sq), f64::NEG_INFINITY);
     for bi in 0..b {
@@ -741,7 +741,7 @@ pub fn reference_backward(
 ) -> (Array4<f64>, Array4<f64>, Array4<f64>) {
     let (b, h, sq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
     let (hk, sk) = (k.shape()[1], k.shape()[2]);
-    let group = h / hk;
+    let group = (h / hk.max(1)).max(1);
     let mut dq = Array4::zeros((b, h, sq, d));
     let mut dk = Array4::zeros((b, hk, sk, d));
     let mut dv = Array4::zeros((b, hk, sk, d));

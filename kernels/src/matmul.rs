@@ -206,6 +206,10 @@ pub fn reference(a: &ArrayD<f64>, b: &ArrayD<f64>, transpose_b: bool) -> ArrayD<
     if a.ndim() == 2 {
         return mul(a.view(), b.view()).into_dyn();
     }
+    if a.shape()[0] == 0 {
+        let n = if transpose_b { b.shape()[1] } else { b.shape()[2] };
+        return ArrayD::zeros(vec![0, a.shape()[1], n]);
+    }
     let parts: Vec<_> = a.axis_iter(Axis(0)).zip(b.axis_iter(Axis(0))).map(|(x, y)| mul(x, y).insert_axis(Axis(0))).collect();
     let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
     ndarray::concatenate(Axis(0), &views).expect("same shapes").into_dyn()
