@@ -457,24 +457,26 @@ impl BlockOperand {
     }
 
     /// Why the block breaks the TPU's tiling of its array, if it does: the last two block
-    /// dims must be multiples of (sublanes for the dtype, 128 lanes) or span the array.
+    /// dims must be multiples of (8, 128) or span the array (libtpu's E2002 otherwise; it
+    /// accepts 8-row blocks of 16-bit types too, though they fill half a packed tile).
     pub fn tiling_violation(&self) -> Option<String> {
         let dims = self.block_dims();
         let n = dims.len();
-        let tiles = [(n.checked_sub(1), LANES, "lanes"), (n.checked_sub(2), sublanes(self.array.dtype), "sublanes")];
-        for (axis, tile, what) in tiles {
-            let Some(axis) = axis else { continue };
-            if self.block_shape[axis].is_none() || dims[axis] % tile == 0 || dims[axis] == self.array.shape[axis] {
-                continue;
-            }
-            return Some(format!(
-                "{}: block {:?} of `{}` ({}) has {} along dim {axis}: on a TPU that must be a multiple of {tile} ({what} for {}) or the array's full {}",
-                self.loc, dims, self.name, self.array, dims[axis], self.array.dtype, self.array.shape[axis]
-            ));
-        }
-        None
+        let tiles = [(n.checked_sub(2), MIN_SUBLANES, "rows"), (n.checked_sub(1), LANES, "lanes")];
+        let broken: Vec<String> = tiles
+            .into_iter()
+            .filter_map(|(axis, tile, what)| {
+                let axis = axis?;
+                let fits = self.block_shape[axis].is_none() || dims[axis] % tile == 0 || dims[axis] == self.array.shape[axis];
+                (!fits).then(|| format!("{} {what} along dim {axis}, neither a multiple of {tile} nor the array's {}", dims[axis], self.array.shape[axis]))
+            })
+            .collect();
+        (!broken.is_empty()).then(|| format!("{}: block {:?} of `{}` ({}) has {}", self.loc, dims, self.name, self.array, broken.join(", and ")))
     }
 }
+
+/// The fewest rows a TPU block may have (unless it spans the array): one (8, 128) tile.
+pub const MIN_SUBLANES: usize = 8;
 
 /// Lanes of a TPU vector register: the tile of an array's last dim.
 pub const LANES: usize = 128;
