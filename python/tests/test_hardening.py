@@ -1,0 +1,185 @@
+"""What a user passes the ops either works as PyTorch's own functions do or raises a clear
+Python error: empty shapes, NaN, ids past int32, import order, and (with hypothesis) drawn
+shapes, dtypes, strides, NaN/inf, segment ids and scales against an f64 reference."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torchtpu
+
+
+@pytest.mark.parametrize("first", ["torchtpu", "torch"])
+def test_import_works_in_a_fresh_process_in_either_order(first):
+    other = "torch" if first == "torchtpu" else "torchtpu"
+    code = f"import {first}; import {other}; import torchtpu; print(torchtpu.matmul(torch.ones(2, 3), torch.ones(3, 4)).sum().item())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "24.0"
+
+
+EMPTY_ATTENTION = [(0, 2, 2, 8, 8, 16), (1, 0, 0, 8, 8, 16), (1, 2, 1, 0, 8, 16), (1, 2, 1, 8, 0, 16), (2, 2, 2, 8, 5, 0)]
+
+
+@pytest.mark.parametrize("b,h,hk,sq,sk,d", EMPTY_ATTENTION)
+@pytest.mark.parametrize("causal", [False, True])
+def test_empty_attention_matches_sdpa_forward_and_backward(b, h, hk, sq, sk, d, causal):
+    q = torch.randn(b, h, sq, d, requires_grad=True)
+    k = torch.randn(b, hk, sk, d, requires_grad=True)
+    v = torch.randn(b, hk, sk, d, requires_grad=True)
+    out = torchtpu.flash_attention(q, k, v, causal=causal)
+    assert out.shape == (b, h, sq, d) and bool((out == 0).all())
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and bool((t.grad == 0).all())
+    torch._dynamo.reset()  # each parametrization is a fresh function to compile
+    compiled = torch.compile(lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=causal), fullgraph=True)
+    assert compiled(q.detach(), k.detach(), v.detach()).shape == (b, h, sq, d)
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((0, 4), (4, 3)), ((5, 0), (0, 3)), ((5, 4), (4, 0)), ((0, 5, 4), (0, 4, 3)), ((2, 5, 0), (2, 0, 3))])
+def test_empty_matmul_matches_torch(a_shape, b_shape):
+    a, b = torch.randn(a_shape, requires_grad=True), torch.randn(b_shape, requires_grad=True)
+    out = torchtpu.matmul(a, b)
+    torch.testing.assert_close(out, a.detach() @ b.detach())
+    out.sum().backward()
+    assert a.grad.shape == a.shape and b.grad.shape == b.shape
+    torch._dynamo.reset()
+    assert torch.compile(torchtpu.matmul, fullgraph=True)(a.detach(), b.detach()).shape == out.shape
+
+
+def test_nan_reaches_the_output_where_sdpa_puts_it():
+    q, k, v = (torch.randn(1, 2, 24, 16) for _ in range(3))
+    qn = q.clone()
+    qn[0, 0, 5, 0] = float("nan")
+    ours, theirs = torchtpu.flash_attention(qn, k, v), F.scaled_dot_product_attention(qn, k, v)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    kn = k.clone()
+    kn[0, 1, 7, 3] = float("nan")
+    ours, theirs = torchtpu.flash_attention(q, kn, v, causal=True), F.scaled_dot_product_attention(q, kn, v, is_causal=True)
+    assert torch.equal(ours.isnan(), theirs.isnan())
+    for scale in (float("nan"), float("inf")):
+        assert bool(torchtpu.flash_attention(q, k, v, sm_scale=scale).isnan().any())
+
+
+def test_int64_segment_ids_outside_int32_are_refused_not_wrapped():
+    q = torch.randn(1, 2, 8, 16)
+    ids = torch.zeros(1, 8, dtype=torch.int64)
+    ids[0, 4:] = 2**32  # wraps to 0 as int32: one segment instead of two
+    with pytest.raises(ValueError, match="outside the int32 range"):
+        torchtpu.flash_attention(q, q, q, segment_ids=ids)
+    ids[0, 4:] = 7
+    mask = ids[0, :, None] == ids[0, None, :]
+    torch.testing.assert_close(torchtpu.flash_attention(q, q, q, segment_ids=ids), F.scaled_dot_product_attention(q, q, q, attn_mask=mask))
+
+
+def test_bad_input_to_the_native_module_is_a_python_error():
+    from torchtpu import _torchtpu
+
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _torchtpu.flash_attention_forward(q.int(), q.int(), q.int(), None, None, False, 0.5)
+    with pytest.raises(ValueError, match="grouped-query"):
+        _torchtpu.flash_attention_forward(torch.randn(1, 3, 8, 16), q, q, None, None, False, 0.5)
+    with pytest.raises(ValueError):
+        _torchtpu.flash_attention_tpu_modules(1, 2, 2, 8, 8, 16, "float32", False, 0.5, False, "v99")
+
+
+def _reference_attention(q, k, v, causal, scale, ids_q, ids_k):
+    """SDPA in f64 with an explicit boolean mask (top-left causal, as ours)."""
+    h, hk = q.shape[1], k.shape[1]
+    k64 = k.double().repeat_interleave(h // hk, dim=1) if hk else k.double()
+    v64 = v.double().repeat_interleave(h // hk, dim=1) if hk else v.double()
+    sq, sk = q.shape[2], k.shape[2]
+    mask = torch.ones(q.shape[0], 1, sq, sk, dtype=torch.bool)
+    if causal:
+        mask &= torch.ones(sq, sk, dtype=torch.bool).tril()
+    if ids_q is not None:
+        mask &= (ids_q[:, None, :, None] == ids_k[:, None, None, :])
+    scores = (q.double() @ k64.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    # A row that sees no key gives 0 (as SDPA); NaN or inf that reaches a row makes it NaN.
+    weights = torch.where(mask.any(-1, keepdim=True), torch.softmax(scores, dim=-1), 0.0)
+    return weights @ v64
+
+
+dims = st.sampled_from([0, 1, 2, 3, 8, 17, 40])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
+@given(
+    b=st.integers(0, 2), hk=st.integers(0, 2), group=st.integers(1, 2), sq=dims, sk=dims, d=st.sampled_from([0, 1, 8, 16, 33]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    causal=st.booleans(), segments=st.sampled_from([None, torch.int32, torch.int64, "huge"]),
+    transposed=st.booleans(), poison=st.sampled_from([None, float("nan"), float("inf")]),
+    scale=st.sampled_from([None, 0.5, 2.0]), seed=st.integers(0, 2**31),
+)
+def test_attention_property(b, hk, group, sq, sk, d, dtype, causal, segments, transposed, poison, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = hk * group
+    q = torch.randn(b, h, sq, d, generator=gen).to(dtype)
+    k = torch.randn(b, hk, sk, d, generator=gen).to(dtype)
+    v = torch.randn(b, hk, sk, d, generator=gen).to(dtype)
+    if transposed:  # a projection's output viewed as [b, h, s, d]: non-contiguous
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    if poison is not None and q.numel():
+        q[0, 0, 0, 0] = poison
+    ids_q = ids_k = None
+    if segments is not None:
+        id_dtype = torch.int64 if segments == "huge" else segments
+        ids_q, ids_k = (torch.arange(n).div(5, rounding_mode="floor").expand(b, n).to(id_dtype) for n in (sq, sk))
+        if segments == "huge":
+            ids_q = ids_q + 2**40
+            ids_k = ids_k + 2**40
+    invalid = dtype in (torch.float16, torch.float64) or (transposed and not q.is_contiguous()) or (segments == "huge" and (ids_q.numel() or ids_k.numel()))
+    try:
+        out = torchtpu.flash_attention(q, k, v, causal=causal, sm_scale=scale, segment_ids=ids_q, kv_segment_ids=ids_k)
+    except (TypeError, ValueError) as e:
+        assert invalid, f"valid input refused: {e}"
+        return
+    assert not invalid, "invalid input accepted"
+    eff_scale = scale if scale is not None else (1.0 / d**0.5 if d else 1.0)
+    want = _reference_attention(q, k, v, causal, eff_scale, ids_q, ids_k)
+    assert out.shape == want.shape
+    if poison == float("inf"):
+        # Known difference: a row whose only visible scores are -inf (an inf input times a
+        # negative key) gives 0 here and NaN in SDPA's math; compare where SDPA is finite.
+        keep = want.isfinite()
+        out, want = out.double()[keep], want[keep]
+    assert torch.equal(out.isnan(), want.isnan())
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    m=dims, n=dims, k=dims, batch=st.sampled_from([None, 0, 1, 3]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.int32]),
+    transposed_b=st.booleans(), poison=st.sampled_from([None, float("nan"), float("-inf")]), seed=st.integers(0, 2**31),
+)
+def test_matmul_property(m, n, k, batch, dtype, transposed_b, poison, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if batch is None else (batch,)
+    a = torch.randn(*lead, m, k, generator=gen)
+    b = torch.randn(*lead, k, n, generator=gen)
+    if poison is not None and a.numel():
+        a[(0,) * a.dim()] = poison
+    a, b = (a.to(dtype), b.to(dtype)) if dtype != torch.int32 else (a.int(), b.int())
+    if transposed_b:
+        b = b.mT.contiguous().mT
+    invalid = dtype in (torch.float16, torch.int32) or not b.is_contiguous()
+    try:
+        out = torchtpu.matmul(a, b)
+    except (TypeError, ValueError) as e:
+        assert invalid, f"valid input refused: {e}"
+        return
+    assert not invalid, "invalid input accepted"
+    want = a.double() @ b.double()
+    assert torch.equal(out.isnan(), want.isnan())
+    tol = (3e-2 if dtype == torch.bfloat16 else 1e-4) * max(k, 1) ** 0.5
+    torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), atol=tol, rtol=tol)
