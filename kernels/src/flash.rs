@@ -84,11 +84,12 @@ fn flash_forward<T: Float>(
     if kj == num_programs(3) - 1 {
         let l = l_scratch.load_at((.., 0..1));
         let m = m_scratch.load_at((.., 0..1));
-        // A row that sees no key at all (segments, padding) gets zeros and lse = -inf (as
-        // SDPA); a NaN that reached the row (from q, k, v or sm_scale) stays NaN.
-        let seen = l != 0.0;
-        o.store(select(seen, acc_scratch.load() / l, 0.0).cast());
-        lse.store(select(seen, m + l.log(), f32::NEG_INFINITY));
+        // A row that sees no key at all (segments, padding) has l = 0: zeros and lse = -inf
+        // (as SDPA). A NaN that reached the row (from q, k, v or sm_scale) makes l NaN and
+        // stays NaN: hence `l == 0` (ordered; Mosaic has no unordered compare) picks zeros.
+        let acc = acc_scratch.load();
+        o.store(select(l == 0.0, acc * 0.0, acc / l).cast());
+        lse.store(m + l.log());
     }
 }
 
