@@ -230,8 +230,7 @@ pub fn cached_best(t: &dyn Tunable, device: Device) -> Option<Config> {
 /// Tunes `t` on `device`.
 pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneReport> {
     let start = Instant::now();
-    let bytes = t.operand_types().iter().map(|t| t.checked_size_bytes().map_or(u128::MAX, |b| b as u128)).fold(0, u128::saturating_add);
-    torchtpu_dsl::memory::check_fits(bytes.saturating_mul(2), &format!("tuning {} {} (inputs and outputs)", t.kernel(), t.problem())).map_err(Error::Invalid)?;
+    torchtpu_dsl::memory::check_types_fit(&t.operand_types(), 2, &format!("tuning {} {} (inputs and outputs)", t.kernel(), t.problem())).map_err(Error::Invalid)?;
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let inputs = t.random_inputs(&mut rng);
     let types: Vec<_> = inputs.iter().map(HostArray::value_type).collect();

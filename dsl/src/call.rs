@@ -524,11 +524,6 @@ impl TracedCall {
         self.inputs.iter().chain(&self.outputs).filter_map(BlockOperand::tiling_violation).collect()
     }
 
-    /// Bytes of every operand and output, which a host run holds at once.
-    pub fn host_bytes(&self) -> u128 {
-        self.operand_types().chain(self.outputs.iter().map(|o| &o.array)).map(|t| t.size_bytes() as u128).sum()
-    }
-
     /// The types of the call's operands, in order: scalar-prefetch arrays, then inputs.
     pub fn operand_types(&self) -> impl Iterator<Item = &ValueType> {
         self.prefetch.iter().map(|p| &p.array).chain(self.inputs.iter().map(|i| &i.array))

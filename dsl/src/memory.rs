@@ -2,6 +2,8 @@
 //! a Rust process and overcommitted memory ends in the OOM killer, so a request that cannot
 //! fit is refused up front with an error that says how much it needed.
 
+use crate::ir::ValueType;
+
 /// Bytes the system can still hand out without swapping (`MemAvailable`), if it says.
 pub fn available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -10,8 +12,24 @@ pub fn available_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// `Err(message)` when `bytes` (for `what`) exceed the memory available now.
+/// Bytes of dense arrays of these types; saturating, since a size past the address space is
+/// too large for any machine anyway.
+pub fn bytes_of<'a>(types: impl IntoIterator<Item = &'a ValueType>) -> u128 {
+    types.into_iter().map(|t| t.checked_size_bytes().map_or(u128::MAX, |b| b as u128)).fold(0, u128::saturating_add)
+}
+
+/// `Err(message)` when `copies` copies of arrays of `types` (for `what`) exceed the memory
+/// available now.
+pub fn check_types_fit<'a>(types: impl IntoIterator<Item = &'a ValueType>, copies: u128, what: &str) -> Result<(), String> {
+    check_fits(bytes_of(types).saturating_mul(copies), what)
+}
+
+/// `Err(message)` when `bytes` (for `what`) exceed the memory available now, or (where the
+/// system does not say) what any allocation can address.
 pub fn check_fits(bytes: u128, what: &str) -> Result<(), String> {
+    if bytes > isize::MAX as u128 {
+        return Err(format!("{what} needs {bytes} bytes, more than this machine can address"));
+    }
     let Some(available) = available_bytes() else {
         return Ok(());
     };

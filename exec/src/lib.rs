@@ -249,9 +249,8 @@ fn check_host_memory(what: &str, sizes: impl ExactSizeIterator<Item = usize>, ty
 }
 
 /// An error, rather than an abort, when outputs of these types cannot be allocated here.
-fn check_outputs_fit(outputs: &[ValueType]) -> Result<()> {
-    let bytes = outputs.iter().map(|t| t.size_bytes() as u128).sum();
-    torchtpu_dsl::memory::check_fits(bytes, "the kernel's outputs").map_err(Error::Memory)
+fn check_outputs_fit<'a>(outputs: impl IntoIterator<Item = &'a ValueType>) -> Result<()> {
+    torchtpu_dsl::memory::check_types_fit(outputs, 1, "the kernel's outputs").map_err(Error::Memory)
 }
 
 /// Runs `call` on `backend` over `operands` (scalar-prefetch arrays first).
@@ -259,7 +258,7 @@ pub fn run(call: &PallasCall, backend: Backend, operands: &[HostArray]) -> Resul
     let types: Vec<ValueType> = operands.iter().map(HostArray::value_type).collect();
     let traced = call.trace(&types)?;
     if backend == Backend::Interpret {
-        check_outputs_fit(&traced.outputs.iter().map(|o| o.array.clone()).collect::<Vec<_>>())?;
+        check_outputs_fit(traced.outputs.iter().map(|o| &o.array))?;
         return interpreter_pool().install(|| Ok(traced.interpret(operands, InterpretOptions::default())?));
     }
     Compiled::new(&traced, backend)?.run(operands)
@@ -321,7 +320,7 @@ impl Prepared {
             }
             Prepared::Interpreter(t) => t,
         };
-        check_outputs_fit(&traced.outputs.iter().map(|o| o.array.clone()).collect::<Vec<_>>())?;
+        check_outputs_fit(traced.outputs.iter().map(|o| &o.array))?;
         let types: Vec<ValueType> = traced.operand_types().cloned().collect();
         check_host_memory("operand", operands.iter().map(|o| o.len()), &types)?;
         let arrays = operands.iter().zip(&types).map(|(raw, t)| transfer::from_bytes(raw, t)).collect::<Result<Vec<_>>>()?;

@@ -320,8 +320,7 @@ pub fn segment_layout(shape: AttentionShape, segments: Option<(ArrayView2<i32>, 
     if qs.dim() != (b, sq) || ks.dim() != (b, sk) {
         return Err(Error::Shape(format!("segment ids must be [{b}, {sq}] and [{b}, {sk}]; got {:?} and {:?}", qs.dim(), ks.dim())));
     }
-    let bytes = [&q_type, &kv_type].iter().map(|t| t.checked_size_bytes().map(|b| b as u128)).sum::<Option<u128>>().unwrap_or(u128::MAX);
-    torchtpu_dsl::memory::check_fits(bytes, "laying out the segment ids").map_err(Error::Memory)?;
+    torchtpu_dsl::memory::check_types_fit([&q_type, &kv_type], 1, "laying out the segment ids").map_err(Error::Memory)?;
     Ok((Array3::from_shape_fn((b, sq, LANES), |(i, j, _)| qs[[i, j]]), Array3::from_shape_fn((b, SUBLANES, sk), |(i, _, j)| ks[[i, j]])))
 }
 

@@ -92,14 +92,8 @@ fn capsules(py: Python<'_>, outputs: Vec<HostOutput>) -> PyResult<Vec<Py<PyAny>>
 /// An output of zeros, for problems where no kernel runs.
 fn zeros(dtype: DType, shape: &[usize]) -> PyResult<HostOutput> {
     let t = ValueType::new(dtype, shape.to_vec());
-    let bytes = t.checked_size_bytes().ok_or_else(|| {
-        PyMemoryError::new_err(format!(
-            "an output of {t} is larger than this machine can address"
-        ))
-    })?;
-    torchtpu_dsl::memory::check_fits(bytes as u128, "the output")
-        .map_err(PyMemoryError::new_err)?;
-    Ok(HostOutput::owned(t, vec![0; bytes]))
+    torchtpu_dsl::memory::check_types_fit([&t], 1, "the output").map_err(PyMemoryError::new_err)?;
+    Ok(HostOutput::owned(t.clone(), vec![0; t.size_bytes()]))
 }
 
 fn float_dtype(name: &str, dtype: DType) -> PyResult<()> {

@@ -270,8 +270,7 @@ fn tunable(kernel: &str, dtype: DType, settings: &[(String, usize)]) -> Result<B
 /// An error, before anything is allocated, when an example's inputs, outputs and f64
 /// reference (about three times its inputs) cannot fit this machine's memory.
 fn check_memory(example: &dyn Example) -> Result<(), String> {
-    let bytes: u128 = example.operand_types().iter().map(|t| t.checked_size_bytes().map_or(u128::MAX, |b| b as u128)).fold(0, u128::saturating_add);
-    torchtpu_dsl::memory::check_fits(bytes.saturating_mul(3), &format!("`{}` (inputs, outputs and the f64 reference)", example.name()))
+    torchtpu_dsl::memory::check_types_fit(&example.operand_types(), 3, &format!("`{}` (inputs, outputs and the f64 reference)", example.name()))
 }
 
 fn trace(example: &dyn Example) -> Result<TracedCall, String> {
