@@ -210,10 +210,7 @@ fn block_for(len: usize, preferred: usize) -> usize {
 }
 
 fn check_dtype(dtype: DType) -> Result<(), Error> {
-    match dtype {
-        DType::F32 | DType::BF16 => Ok(()),
-        other => Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
-    }
+    crate::check_float_dtype("flash attention", dtype)
 }
 
 /// The kv block q block `i` reads at step `j`. Causally, blocks right of the diagonal are

@@ -90,10 +90,7 @@ fn block_for(len: usize, preferred: usize, tile: usize) -> usize {
 }
 
 fn check_dtype(dtype: DType) -> Result<(), Error> {
-    match dtype {
-        DType::F32 | DType::BF16 => Ok(()),
-        other => Err(Error::Dtype(format!("matmul takes f32 or bf16, not {other}"))),
-    }
+    crate::check_float_dtype("matmul", dtype)
 }
 
 /// The call for `shape`: operands A `[(batch,) M, K]` and B `[(batch,) K, N]` (or `[.., N, K]`).
