@@ -8,8 +8,10 @@ pub mod problem;
 pub mod report;
 pub mod space;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -217,10 +219,24 @@ pub fn key_for(t: &dyn Tunable, device: Device, strategy: Strategy) -> Result<Ca
 }
 
 /// The best config a previous `tune` of `t` on `device` cached (any strategy), if any.
+///
+/// Kernels' calls ask this for every new shape (the Rust API on every call): the key, which
+/// traces the kernel and asks the plugin its version, is made once per problem and process.
 pub fn cached_best(t: &dyn Tunable, device: Device) -> Option<Config> {
+    type Keys = Mutex<HashMap<(String, String, String), CacheKey>>;
+    static KEYS: LazyLock<Keys> = LazyLock::new(Default::default);
     let dir = cache::default_dir();
-    // One key (it traces the kernel and asks the plugin its version); only the strategy varies.
-    let key = key_for(t, device, Strategy::Exhaustive).ok()?;
+    let id = (t.kernel(), t.problem(), device.to_string());
+    let known = KEYS.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned();
+    let key = match known {
+        Some(k) => k,
+        None => {
+            let k = key_for(t, device, Strategy::Exhaustive).ok()?;
+            KEYS.lock().unwrap_or_else(|p| p.into_inner()).insert(id, k.clone());
+            k
+        }
+    };
+    // Only the strategy varies between the keys a result may be cached under.
     [Strategy::Exhaustive, Strategy::Guided, Strategy::Random]
         .into_iter()
         .find_map(|s| cache::load(&dir, &CacheKey { strategy: s.name().into(), ..key.clone() }).ok().flatten())
