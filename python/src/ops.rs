@@ -227,13 +227,8 @@ pub fn flash_attention_forward(
     sm_scale: f64,
 ) -> PyResult<Vec<Py<PyAny>>> {
     crate::guard(|| {
-        let (q, k, v) = (
-            Tensor::from_py("q", q)?,
-            Tensor::from_py("k", k)?,
-            Tensor::from_py("v", v)?,
-        );
-        let segs = segment_tensors(q_segments, kv_segments)?;
-        let a = attention(&q, &k, &v, causal, sm_scale)?;
+        let (q, k, v, segs, a) =
+            read_attention(q, k, v, q_segments, kv_segments, causal, sm_scale)?;
         let s = a.shape;
         if s.is_empty() {
             let views = a.segment_views(segs.as_ref())?;
@@ -277,6 +272,28 @@ pub fn flash_attention_forward(
     })
 }
 
+/// q, k, v and the segment ids as both passes read them, with the problem they make.
+type AttentionArgs = (Tensor, Tensor, Tensor, Option<(Tensor, Tensor)>, Attention);
+
+fn read_attention(
+    q: &Bound<'_, PyAny>,
+    k: &Bound<'_, PyAny>,
+    v: &Bound<'_, PyAny>,
+    q_segments: Option<&Bound<'_, PyAny>>,
+    kv_segments: Option<&Bound<'_, PyAny>>,
+    causal: bool,
+    sm_scale: f64,
+) -> PyResult<AttentionArgs> {
+    let (q, k, v) = (
+        Tensor::from_py("q", q)?,
+        Tensor::from_py("k", k)?,
+        Tensor::from_py("v", v)?,
+    );
+    let segs = segment_tensors(q_segments, kv_segments)?;
+    let a = attention(&q, &k, &v, causal, sm_scale)?;
+    Ok((q, k, v, segs, a))
+}
+
 fn segment_tensors(
     q_segments: Option<&Bound<'_, PyAny>>,
     kv_segments: Option<&Bound<'_, PyAny>>,
@@ -312,18 +329,13 @@ pub fn flash_attention_backward(
     sm_scale: f64,
 ) -> PyResult<Vec<Py<PyAny>>> {
     crate::guard(|| {
-        let (q, k, v) = (
-            Tensor::from_py("q", q)?,
-            Tensor::from_py("k", k)?,
-            Tensor::from_py("v", v)?,
-        );
+        let (q, k, v, segs, a) =
+            read_attention(q, k, v, q_segments, kv_segments, causal, sm_scale)?;
         let (o, d_o, lse) = (
             Tensor::from_py("out", out)?,
             Tensor::from_py("grad_out", grad_out)?,
             Tensor::from_py("lse", lse)?,
         );
-        let segs = segment_tensors(q_segments, kv_segments)?;
-        let a = attention(&q, &k, &v, causal, sm_scale)?;
         let s = a.shape;
         o.expect("out", &q.shape, a.dtype)?;
         d_o.expect("grad_out", &q.shape, a.dtype)?;
@@ -425,10 +437,12 @@ pub fn matmul(
                     (c, r)
                 }
             }
-            _ => return Err(PyValueError::new_err(format!(
+            _ => {
+                return Err(PyValueError::new_err(format!(
                 "b must be {b_rows} (with a's batch in front if a has one) for a {:?}; got {:?}",
                 a.shape, b.shape
-            ))),
+            )))
+            }
         };
         if ka != kb {
             return Err(PyValueError::new_err(format!(
