@@ -247,11 +247,9 @@ pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions,
     };
     let group = (heads / kv_heads) as i32;
     let kv_block = move |i, j| causal_kv_block(opts.causal, bq, bk, i, j);
-    let (q_segments, kv_segments) = if use_segments {
+    let (q_segments, kv_segments) = segment_specs::<4>(use_segments, || {
         (BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_block(i, j))))
-    } else {
-        (unused_segments::<4>(), unused_segments::<4>())
-    };
+    });
     Ok(PallasCall::new(kernel)
         .name("flash_attention_forward")
         .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
@@ -290,10 +288,18 @@ fn shape_of(q: &HostArray, k: &HostArray, v: &HostArray) -> Result<AttentionShap
     Ok(s)
 }
 
-/// The block spec of a segment-id operand when there are none: one tile at block (0, 0, 0),
-/// which the kernels never read, so attention without segments costs no memory for them.
-fn unused_segments<const N: usize>() -> BlockSpec {
-    BlockSpec::new([None, Some(SUBLANES), Some(LANES)], |_: [Scalar<i32>; N]| (0, 0, 0))
+/// The shape of a segment-id operand when there are none: one tile, which the kernels never
+/// read, so attention without segments costs no memory for them.
+const UNUSED_SEGMENTS: [usize; 3] = [1, SUBLANES, LANES];
+
+/// The block specs of the segment-id operands of a kernel with an `N`-dim grid: `used()`'s
+/// with segments; without, the one [`UNUSED_SEGMENTS`] tile for every program.
+fn segment_specs<const N: usize>(use_segments: bool, used: impl FnOnce() -> (BlockSpec, BlockSpec)) -> (BlockSpec, BlockSpec) {
+    if use_segments {
+        return used();
+    }
+    let unused = || BlockSpec::new([None, Some(SUBLANES), Some(LANES)], |_: [Scalar<i32>; N]| (0, 0, 0));
+    (unused(), unused())
 }
 
 /// The segment-id operands' types: q's `[b, sq, LANES]` and kv's `[b, SUBLANES, sk]` with
@@ -302,7 +308,7 @@ pub fn segment_types(s: AttentionShape, use_segments: bool) -> [ValueType; 2] {
     if use_segments {
         [ValueType::new(DType::I32, [s.batch, s.q_len, LANES]), ValueType::new(DType::I32, [s.batch, SUBLANES, s.kv_len])]
     } else {
-        [ValueType::new(DType::I32, [1, SUBLANES, LANES]), ValueType::new(DType::I32, [1, SUBLANES, LANES])]
+        [ValueType::new(DType::I32, UNUSED_SEGMENTS), ValueType::new(DType::I32, UNUSED_SEGMENTS)]
     }
 }
 
@@ -310,14 +316,14 @@ pub fn segment_types(s: AttentionShape, use_segments: bool) -> [ValueType; 2] {
 /// replicated across lanes, kv's `[b, sk]` across sublanes; placeholders for `None`.
 pub fn segment_layout(shape: AttentionShape, segments: Option<(ArrayView2<i32>, ArrayView2<i32>)>) -> Result<(Array3<i32>, Array3<i32>), Error> {
     let (b, sq, sk) = (shape.batch, shape.q_len, shape.kv_len);
-    let [q_type, kv_type] = segment_types(shape, segments.is_some());
     let Some((qs, ks)) = segments else {
-        return Ok((Array3::zeros((1, SUBLANES, LANES)), Array3::zeros((1, SUBLANES, LANES))));
+        let [n, rows, lanes] = UNUSED_SEGMENTS;
+        return Ok((Array3::zeros((n, rows, lanes)), Array3::zeros((n, rows, lanes))));
     };
     if qs.dim() != (b, sq) || ks.dim() != (b, sk) {
         return Err(Error::Shape(format!("segment ids must be [{b}, {sq}] and [{b}, {sk}]; got {:?} and {:?}", qs.dim(), ks.dim())));
     }
-    torchtpu_dsl::memory::check_types_fit([&q_type, &kv_type], 1, "laying out the segment ids").map_err(Error::Memory)?;
+    torchtpu_dsl::memory::check_types_fit(&segment_types(shape, true), 1, "laying out the segment ids").map_err(Error::Memory)?;
     Ok((Array3::from_shape_fn((b, sq, LANES), |(i, j, _)| qs[[i, j]]), Array3::from_shape_fn((b, SUBLANES, sk), |(i, _, j)| ks[[i, j]])))
 }
 
@@ -574,11 +580,9 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
     let q_at = move |i, j| causal_q_block(causal, bq, bk, q_blocks, i, j);
     let kv_at = move |i, j| causal_kv_block(causal, bq, bk, i, j);
     if pass == FlashPass::BackwardDkv {
-        let (q_segments, kv_segments) = if use_segments {
+        let (q_segments, kv_segments) = segment_specs::<5>(use_segments, || {
             (BlockSpec::new([None, Some(bq), Some(LANES)], move |[b, _, j, _, i]| (b, q_at(i, j), 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)))
-        } else {
-            (unused_segments::<5>(), unused_segments::<5>())
-        };
+        });
         // One program per kv block, reducing over every q head of its group and every q block.
         return Ok(PallasCall::new(kernel)
         .name("flash_attention_backward_dkv")
@@ -598,11 +602,9 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
             .scratch([Vmem::new([bk, d]), Vmem::new([bk, d])])
             .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary, Arbitrary]));
     }
-    let (q_segments, kv_segments) = if use_segments {
+    let (q_segments, kv_segments) = segment_specs::<4>(use_segments, || {
         (BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_at(i, j))))
-    } else {
-        (unused_segments::<4>(), unused_segments::<4>())
-    };
+    });
     Ok(PallasCall::new(kernel)
         .name("flash_attention_backward_dq")
         .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
