@@ -456,6 +456,14 @@ impl BlockOperand {
         self.array.shape.iter().zip(self.block_dims()).map(|(&a, b)| a.div_ceil(b)).collect()
     }
 
+    /// Whether the index map reads scalar-prefetch tables (its only loads): its blocks then
+    /// depend on data and are known only when the call runs.
+    pub fn index_map_reads_prefetch(&self) -> bool {
+        let mut loads = false;
+        self.index_map.walk(&mut |o| loads |= matches!(o.kind, crate::ir::OpKind::Load { .. }));
+        loads
+    }
+
     /// Why the block breaks the TPU's tiling of its array, if it does: the last two block
     /// dims must be multiples of (8, 128) or span the array (libtpu's E2002 otherwise; it
     /// accepts 8-row blocks of 16-bit types too, though they fill half a packed tile).

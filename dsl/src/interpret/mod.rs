@@ -151,17 +151,18 @@ impl TracedCall {
     /// Index maps that read scalar-prefetch tables depend on data and are checked when the
     /// call runs instead.
     pub fn check_grid_bounds(&self) -> Result<()> {
-        let reads_prefetch = |op: &BlockOperand| {
-            let mut loads = false;
-            op.index_map.walk(&mut |o| loads |= matches!(o.kind, crate::ir::OpKind::Load { .. }));
-            loads
-        };
-        let static_maps = TracedCall {
-            inputs: self.inputs.iter().filter(|o| !reads_prefetch(o)).cloned().collect(),
-            outputs: self.outputs.iter().filter(|o| !reads_prefetch(o)).cloned().collect(),
+        self.operands_whose_maps_read_prefetch(false).block_table(&grid_points(&self.grid), &[]).map(|_| ())
+    }
+
+    /// The call with only the inputs and outputs whose index maps read scalar-prefetch tables
+    /// (`reading`), or only those whose maps do not.
+    fn operands_whose_maps_read_prefetch(&self, reading: bool) -> TracedCall {
+        let reads_prefetch = |op: &BlockOperand| op.index_map_reads_prefetch();
+        TracedCall {
+            inputs: self.inputs.iter().filter(|o| reads_prefetch(o) == reading).cloned().collect(),
+            outputs: self.outputs.iter().filter(|o| reads_prefetch(o) == reading).cloned().collect(),
             ..self.clone()
-        };
-        static_maps.block_table(&grid_points(&self.grid), &[]).map(|_| ())
+        }
     }
 
     /// Checks that, with these scalar-prefetch arrays, every data-dependent index map keeps
@@ -171,8 +172,9 @@ impl TracedCall {
         if self.prefetch.is_empty() {
             return Ok(());
         }
+        // The other maps were checked when the call was lowered (check_grid_bounds).
         let tensors: Vec<Tensor> = prefetch.iter().map(Tensor::from_host).collect();
-        self.block_table(&grid_points(&self.grid), &tensors).map(|_| ())
+        self.operands_whose_maps_read_prefetch(true).block_table(&grid_points(&self.grid), &tensors).map(|_| ())
     }
 
     /// For each input then output, its block index at every grid point (row-major flat
@@ -183,9 +185,7 @@ impl TracedCall {
             .iter()
             .chain(&self.outputs)
             .map(|op| {
-                let mut loads = false;
-                op.index_map.walk(&mut |o| loads |= matches!(o.kind, crate::ir::OpKind::Load { .. }));
-                if loads {
+                if op.index_map_reads_prefetch() {
                     return Ok(None);
                 }
                 let single = TracedCall { inputs: vec![op.clone()], outputs: Vec::new(), ..self.clone() };
