@@ -128,7 +128,7 @@ fn tune_ranks_for_a_chip_and_answers_the_second_time_from_the_cache() {
 fn tune_rejects_what_it_cannot_tune() {
     let (code, _, err) = torchtpu(&["tune", "softmax"]);
     assert_eq!(code, 2);
-    assert!(err.contains("tune matmul, flash_attention"), "{err}");
+    assert!(err.contains("no op `softmax`") && err.contains("the shipped ops are matmul, flash_attention"), "{err}");
     let (code, _, err) = torchtpu(&["tune", "matmul", "--device", "v9"]);
     assert_eq!(code, 2);
     assert!(err.contains("unknown device `v9`"), "{err}");

@@ -4,8 +4,9 @@ use std::fmt;
 
 use half::{bf16, f16};
 
-/// The dtype of a value or a ref, as the IR sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The dtype of a value or a ref, as the IR sees it (serialized as its short name, `bf16`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
     BF16,

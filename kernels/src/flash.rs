@@ -12,7 +12,13 @@ use torchtpu_dsl::{HostArray, PallasCall, LANES};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_runtime::Chip;
 
-use crate::tuning::TableTarget;
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+use torchtpu_autotune::problem::block_candidates;
+use torchtpu_autotune::SearchSpace;
+
+use crate::op::{self, Op};
+use crate::tables::{self, TableTarget};
 use crate::Error;
 
 /// Pallas' mask value: vanishes under `exp`, finite so `m - m` is never NaN.
@@ -110,7 +116,7 @@ impl Default for AttentionOptions {
 }
 
 /// The shapes of an attention problem: q `[b, h, sq, d]`, k and v `[b, hk, sk, d]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AttentionShape {
     pub batch: usize,
     pub heads: usize,
@@ -179,15 +185,15 @@ impl FlashPass {
 }
 
 /// `opts` with the forward block the tuned tables (or the cache) give for this shape on
-/// `backend`, unless the caller chose one; clamped to the shape.
+/// `backend`, unless the caller chose one; fitted to the shape.
 pub fn with_tuned_block(shape: AttentionShape, dtype: DType, opts: AttentionOptions, backend: Backend) -> AttentionOptions {
-    tuned_for(FlashPass::Forward, shape, dtype, opts, crate::tuning::target_of(backend))
+    tuned_for(FlashPass::Forward, shape, dtype, opts, crate::tables::target_of(backend))
 }
 
 /// Options for the two backward kernels (dK/dV, dQ), each with its own tuned block unless
 /// the caller chose one.
 pub fn with_tuned_backward_blocks(shape: AttentionShape, dtype: DType, opts: AttentionOptions, backend: Backend) -> (AttentionOptions, AttentionOptions) {
-    let target = crate::tuning::target_of(backend);
+    let target = crate::tables::target_of(backend);
     (tuned_for(FlashPass::BackwardDkv, shape, dtype, opts, target), tuned_for(FlashPass::BackwardDq, shape, dtype, opts, target))
 }
 
@@ -196,12 +202,9 @@ fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: Attenti
     if opts.block.is_some() || shape.check_for_kernel().is_err() || check_dtype(dtype).is_err() {
         return opts;
     }
-    let problem = crate::tuning::FlashTunable { pass, shape, dtype, causal: opts.causal };
-    let bucket = crate::tuning::flash_bucket(shape, dtype, opts.causal);
-    let tuned = crate::tuning::choose(target, pass.table_key(), &bucket, &problem);
-    let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v).filter(|&v| v > 0);
-    let block = tuned.and_then(|c| Some((block_for(shape.q_len, get(&c, "bq")?), block_for(shape.kv_len, get(&c, "bk")?))));
-    AttentionOptions { block, ..opts }
+    let problem = FlashProblem { shape, dtype, causal: opts.causal, segments: false, sm_scale: opts.sm_scale };
+    let c = op::config_for(&FlashOp(pass), &problem, target);
+    AttentionOptions { block: Some((c.bq, c.bk)), ..opts }
 }
 
 /// A block size for `len`: `preferred`, or the whole (8-rounded) length when shorter.
@@ -209,8 +212,150 @@ fn block_for(len: usize, preferred: usize) -> usize {
     preferred.min(len.div_ceil(8).saturating_mul(8))
 }
 
+/// One of the three attention kernels as an op; each has its own tuned blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlashOp(pub FlashPass);
+
+/// One attention call: shapes, dtype, causal mask, whether segment ids are given, and the
+/// softmax scale (default `1 / sqrt(head_dim)`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlashProblem {
+    #[serde(flatten)]
+    pub shape: AttentionShape,
+    pub dtype: DType,
+    pub causal: bool,
+    pub segments: bool,
+    pub sm_scale: Option<f32>,
+}
+
+impl FlashProblem {
+    fn options(&self, c: &FlashConfig) -> AttentionOptions {
+        AttentionOptions { causal: self.causal, sm_scale: self.sm_scale, block: Some((c.bq, c.bk)) }
+    }
+
+    fn scale(&self) -> f64 {
+        self.sm_scale.map_or(1.0 / (self.shape.head_dim as f64).sqrt(), f64::from)
+    }
+}
+
+/// The q and kv blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlashConfig {
+    pub bq: usize,
+    pub bk: usize,
+}
+
+/// The segment ids `[b, sq]` and `[b, sk]` read back from their laid-out operands.
+fn segment_ids_of(p: &FlashProblem, q_segments: &HostArray, kv_segments: &HostArray) -> Option<(ndarray::Array2<i32>, ndarray::Array2<i32>)> {
+    if !p.segments {
+        return None;
+    }
+    let (qs, ks) = (q_segments.to_f64(), kv_segments.to_f64());
+    let AttentionShape { batch, q_len, kv_len, .. } = p.shape;
+    let at = |a: &ArrayD<f64>, idx: [usize; 3]| a.get(idx.as_slice()).map_or(0, |&x| x as i32);
+    Some((ndarray::Array2::from_shape_fn((batch, q_len), |(b, i)| at(&qs, [b, i, 0])), ndarray::Array2::from_shape_fn((batch, kv_len), |(b, j)| at(&ks, [b, 0, j]))))
+}
+
+impl Op for FlashOp {
+    type Problem = FlashProblem;
+    type Config = FlashConfig;
+
+    fn name(&self) -> &'static str {
+        self.0.table_key()
+    }
+    fn example(&self) -> FlashProblem {
+        let shape = AttentionShape { batch: 1, heads: 8, kv_heads: 8, q_len: 2048, kv_len: 2048, head_dim: 128 };
+        FlashProblem { shape, dtype: DType::F32, causal: true, segments: false, sm_scale: None }
+    }
+    fn check(&self, p: &FlashProblem) -> Result<(), Error> {
+        p.shape.check()?;
+        check_dtype(p.dtype)
+    }
+    /// The scale does not change which blocks are fastest, nor do segment ids (their mask
+    /// costs the same at every block).
+    fn tuning_problem(&self, p: &FlashProblem) -> FlashProblem {
+        FlashProblem { sm_scale: None, segments: false, ..*p }
+    }
+    fn bucket(&self, p: &FlashProblem) -> String {
+        let s = p.shape;
+        format!("s{}d{}/{}/{}", tables::bucket(s.q_len.max(s.kv_len), 128, 16384), s.head_dim, if p.causal { "causal" } else { "full" }, p.dtype)
+    }
+    fn space(&self, p: &FlashProblem) -> SearchSpace {
+        SearchSpace::new().param("bq", block_candidates(p.shape.q_len, 2048)).param("bk", block_candidates(p.shape.kv_len, 2048))
+    }
+    fn default_config(&self, p: &FlashProblem) -> FlashConfig {
+        self.fit(p, FlashConfig { bq: 512, bk: 512 })
+    }
+    fn fit(&self, p: &FlashProblem, c: FlashConfig) -> FlashConfig {
+        if c.bq == 0 || c.bk == 0 {
+            return self.default_config(p);
+        }
+        FlashConfig { bq: block_for(p.shape.q_len, c.bq), bk: block_for(p.shape.kv_len, c.bk) }
+    }
+    fn call(&self, p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall, Error> {
+        match self.0 {
+            FlashPass::Forward => forward_call(p.shape, p.dtype, p.options(c), p.segments),
+            pass => backward_call(pass, p.shape, p.dtype, p.options(c), p.segments),
+        }
+    }
+    fn operand_types(&self, p: &FlashProblem) -> Vec<ValueType> {
+        match self.0 {
+            FlashPass::Forward => forward_operand_types(p.shape, p.dtype, p.segments),
+            _ => backward_operand_types(p.shape, p.dtype, p.segments),
+        }
+    }
+    /// Random q, k, v (and dO); for the backward kernels, o and the log-sum-exp of the
+    /// forward on them, as the backward assumes.
+    fn random_inputs(&self, p: &FlashProblem, rng: &mut StdRng) -> Vec<HostArray> {
+        let types = self.operand_types(p);
+        let mut inputs: Vec<HostArray> = types.iter().map(|t| op::random_operand(rng, t)).collect();
+        if self.0 != FlashPass::Forward && inputs.len() == 8 {
+            let f = |i: usize| inputs[i].to_f64();
+            let segments = segment_ids_of(p, &inputs[6], &inputs[7]);
+            let (o, lse) = reference(&f(0), &f(1), &f(2), segments.as_ref().map(|(q, k)| (q, k)), p.causal, p.scale());
+            inputs[3] = HostArray::from_f64(p.dtype, &o.into_dyn());
+            inputs[5] = HostArray::from_f64(DType::F32, &lse.insert_axis(Axis(3)).into_dyn());
+        }
+        inputs
+    }
+    fn reference(&self, p: &FlashProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
+        let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
+        let (n, segs) = if self.0 == FlashPass::Forward { (5, (3, 4)) } else { (8, (6, 7)) };
+        if f.len() != n {
+            return Vec::new();
+        }
+        let segments = segment_ids_of(p, &inputs[segs.0], &inputs[segs.1]);
+        let segments = segments.as_ref().map(|(q, k)| (q, k));
+        match self.0 {
+            FlashPass::Forward => {
+                let (o, lse) = reference(&f[0], &f[1], &f[2], segments, p.causal, p.scale());
+                vec![o.into_dyn(), lse.insert_axis(Axis(3)).into_dyn()]
+            }
+            pass => {
+                let (dq, dk, dv) = reference_backward(&f[0], &f[1], &f[2], &f[4], segments, p.causal, p.scale());
+                if pass == FlashPass::BackwardDkv { vec![dk.into_dyn(), dv.into_dyn()] } else { vec![dq.into_dyn()] }
+            }
+        }
+    }
+    fn table_problems(&self, target: TableTarget) -> Vec<FlashProblem> {
+        let dtypes: &[DType] = if target == TableTarget::Cpu { &[DType::F32] } else { &[DType::BF16, DType::F32] };
+        let sizes: &[usize] = if target == TableTarget::Cpu { &[512, 1024, 2048] } else { &[512, 1024, 2048, 4096] };
+        let heads = if target == TableTarget::Cpu { 4 } else { 8 };
+        let mut out = Vec::new();
+        for &dtype in dtypes {
+            for &seq in sizes {
+                for causal in [true, false] {
+                    let shape = AttentionShape { batch: 1, heads, kv_heads: heads, q_len: seq, kv_len: seq, head_dim: 128 };
+                    out.push(FlashProblem { shape, dtype, causal, segments: false, sm_scale: None });
+                }
+            }
+        }
+        out
+    }
+}
+
 fn check_dtype(dtype: DType) -> Result<(), Error> {
-    crate::check_float_dtype("flash attention", dtype)
+    op::check_float_dtype("flash attention", dtype)
 }
 
 /// The kv block q block `i` reads at step `j`. Causally, blocks right of the diagonal are
@@ -650,7 +795,7 @@ pub fn compiled_backward(pass: FlashPass, shape: AttentionShape, dtype: DType, o
 
 /// One backward kernel's call with its tuned block for `backend` (unless `opts` names one).
 pub fn tuned_backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<PallasCall, Error> {
-    tuned_backward_call_for(pass, shape, dtype, opts, use_segments, crate::tuning::target_of(backend))
+    tuned_backward_call_for(pass, shape, dtype, opts, use_segments, crate::tables::target_of(backend))
 }
 
 fn tuned_backward_call_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, target: Option<TableTarget>) -> Result<PallasCall, Error> {

@@ -3,17 +3,9 @@
 
 pub mod flash;
 pub mod matmul;
-pub mod tuning;
-
-/// The kernels compute on f32 or bf16 inputs (accumulating in f32); `kernel` names the one
-/// that refuses anything else.
-fn check_float_dtype(kernel: &str, dtype: torchtpu_dsl::DType) -> Result<(), Error> {
-    use torchtpu_dsl::DType;
-    match dtype {
-        DType::F32 | DType::BF16 => Ok(()),
-        other => Err(Error::Dtype(format!("{kernel} takes f32 or bf16, not {other}"))),
-    }
-}
+pub mod op;
+pub mod registry;
+pub mod tables;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {
@@ -27,6 +19,8 @@ pub enum Error {
     Memory(String),
     #[error("tuned table: {0}")]
     Table(String),
+    #[error("config: {0}")]
+    Config(String),
     #[error(transparent)]
     Trace(#[from] torchtpu_dsl::Error),
     #[error(transparent)]

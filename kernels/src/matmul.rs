@@ -9,7 +9,12 @@ use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_runtime::Chip;
 
-use crate::tuning::TableTarget;
+use serde::{Deserialize, Serialize};
+use torchtpu_autotune::problem::block_candidates;
+use torchtpu_autotune::SearchSpace;
+
+use crate::op::{self, Op};
+use crate::tables::{self, TableTarget};
 use crate::Error;
 
 #[tpu_kernel]
@@ -45,7 +50,7 @@ pub struct MatmulOptions {
 }
 
 /// The problem: optional batch, M, N, K.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MatmulShape {
     pub batch: Option<usize>,
     pub m: usize,
@@ -67,30 +72,94 @@ impl MatmulShape {
 }
 
 /// `opts` with the block the tuned tables (or the cache) give for this shape on `backend`,
-/// unless the caller chose one; clamped to the shape.
+/// unless the caller chose one; fitted to the shape.
 pub fn with_tuned_block(shape: MatmulShape, dtype: DType, opts: MatmulOptions, backend: Backend) -> MatmulOptions {
-    tuned_for(shape, dtype, opts, crate::tuning::target_of(backend))
+    tuned_for(shape, dtype, opts, crate::tables::target_of(backend))
 }
 
 fn tuned_for(shape: MatmulShape, dtype: DType, opts: MatmulOptions, target: Option<TableTarget>) -> MatmulOptions {
     // A problem no kernel can run keeps its options: the call reports what is wrong.
-    if opts.block.is_some() || shape.is_empty() || check_dtype(dtype).is_err() {
+    let problem = MatmulProblem { shape, dtype, transpose_b: opts.transpose_b };
+    if opts.block.is_some() || shape.is_empty() || MatmulOp.check(&problem).is_err() {
         return opts;
     }
-    let problem = crate::tuning::MatmulTunable { shape, dtype, transpose_b: opts.transpose_b };
-    let bucket = crate::tuning::matmul_bucket(shape, dtype, opts.transpose_b);
-    let tuned = crate::tuning::choose(target, "matmul", &bucket, &problem);
-    let get = |c: &Vec<(String, usize)>, name: &str| c.iter().find(|(n, _)| n == name).map(|&(_, v)| v).filter(|&v| v > 0);
-    let block = tuned.and_then(|c| Some((block_for(shape.m, get(&c, "bm")?, sublanes(dtype)), block_for(shape.n, get(&c, "bn")?, LANES), block_for(shape.k, get(&c, "bk")?, LANES))));
-    MatmulOptions { block, ..opts }
+    let c = op::config_for(&MatmulOp, &problem, target);
+    MatmulOptions { block: Some((c.bm, c.bn, c.bk)), ..opts }
 }
 
 fn block_for(len: usize, preferred: usize, tile: usize) -> usize {
     preferred.min(len.div_ceil(tile).saturating_mul(tile))
 }
 
-fn check_dtype(dtype: DType) -> Result<(), Error> {
-    crate::check_float_dtype("matmul", dtype)
+/// Matmul as an op: a problem is the shape, dtype and layout; a config the three blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MatmulOp;
+
+/// One matmul: `[(batch,) M, K] · [(batch,) K, N]` (or `· [.., N, K]ᵀ`) in `dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MatmulProblem {
+    #[serde(flatten)]
+    pub shape: MatmulShape,
+    pub dtype: DType,
+    pub transpose_b: bool,
+}
+
+/// The blocks of M, N and K.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MatmulConfig {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+}
+
+impl Op for MatmulOp {
+    type Problem = MatmulProblem;
+    type Config = MatmulConfig;
+
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+    fn example(&self) -> MatmulProblem {
+        MatmulProblem { shape: MatmulShape { batch: None, m: 1024, n: 1024, k: 1024 }, dtype: DType::F32, transpose_b: false }
+    }
+    fn check(&self, p: &MatmulProblem) -> Result<(), Error> {
+        op::check_float_dtype("matmul", p.dtype)
+    }
+    fn bucket(&self, p: &MatmulProblem) -> String {
+        let (s, b) = (p.shape, |n| tables::bucket(n, 128, 8192));
+        format!("m{}n{}k{}/{}{}", b(s.m), b(s.n), b(s.k), p.dtype, if p.transpose_b { "/nt" } else { "" })
+    }
+    fn space(&self, p: &MatmulProblem) -> SearchSpace {
+        let s = p.shape;
+        SearchSpace::new().param("bm", block_candidates(s.m, 1024)).param("bn", block_candidates(s.n, 1024)).param("bk", block_candidates(s.k, 1024))
+    }
+    fn default_config(&self, p: &MatmulProblem) -> MatmulConfig {
+        self.fit(p, MatmulConfig { bm: 512, bn: 512, bk: 512 })
+    }
+    fn fit(&self, p: &MatmulProblem, c: MatmulConfig) -> MatmulConfig {
+        let s = p.shape;
+        if c.bm == 0 || c.bn == 0 || c.bk == 0 {
+            return self.default_config(p);
+        }
+        MatmulConfig { bm: block_for(s.m, c.bm, sublanes(p.dtype)), bn: block_for(s.n, c.bn, LANES), bk: block_for(s.k, c.bk, LANES) }
+    }
+    fn call(&self, p: &MatmulProblem, c: &MatmulConfig) -> Result<PallasCall, Error> {
+        call(p.shape, p.dtype, MatmulOptions { transpose_b: p.transpose_b, block: Some((c.bm, c.bn, c.bk)) })
+    }
+    fn operand_types(&self, p: &MatmulProblem) -> Vec<ValueType> {
+        operand_types(p.shape, p.dtype, p.transpose_b)
+    }
+    fn reference(&self, p: &MatmulProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
+        match inputs {
+            [a, b] => vec![reference(&a.to_f64(), &b.to_f64(), p.transpose_b)],
+            _ => Vec::new(),
+        }
+    }
+    fn table_problems(&self, target: TableTarget) -> Vec<MatmulProblem> {
+        let dtypes: &[DType] = if target == TableTarget::Cpu { &[DType::F32] } else { &[DType::BF16, DType::F32] };
+        let sizes: &[usize] = if target == TableTarget::Cpu { &[512, 1024, 2048] } else { &[512, 1024, 2048, 4096] };
+        dtypes.iter().flat_map(|&dtype| sizes.iter().map(move |&n| MatmulProblem { shape: MatmulShape { batch: None, m: n, n, k: n }, dtype, transpose_b: false })).collect()
+    }
 }
 
 /// The call for `shape`: operands A `[(batch,) M, K]` and B `[(batch,) K, N]` (or `[.., N, K]`).
@@ -99,7 +168,11 @@ pub fn call(shape: MatmulShape, dtype: DType, opts: MatmulOptions) -> Result<Pal
     if shape.is_empty() {
         return Err(Error::Shape(format!("a kernel call needs non-empty dims (the host API handles empty ones): {shape:?}")));
     }
-    let (bm, bn, bk) = opts.block.unwrap_or((block_for(m, 512, sublanes(dtype)), block_for(n, 512, LANES), block_for(k, 512, LANES)));
+    let problem = MatmulProblem { shape, dtype, transpose_b: opts.transpose_b };
+    let (bm, bn, bk) = opts.block.unwrap_or_else(|| {
+        let c = MatmulOp.default_config(&problem);
+        (c.bm, c.bn, c.bk)
+    });
     if bm == 0 || bn == 0 || bk == 0 {
         return Err(Error::Shape(format!("matmul blocks (bm, bn, bk) must be positive; got {:?}", (bm, bn, bk))));
     }
@@ -181,7 +254,7 @@ pub fn shape_of(a: &HostArray, b: &HostArray, transpose_b: bool) -> Result<Matmu
 /// `a · b` (or `a · bᵀ`) on `backend`; empty problems give zeros without running a kernel.
 pub fn matmul(a: &HostArray, b: &HostArray, opts: MatmulOptions, backend: Backend) -> Result<HostArray, Error> {
     let shape = shape_of(a, b, opts.transpose_b)?;
-    check_dtype(a.dtype())?;
+    op::check_float_dtype("matmul", a.dtype())?;
     if shape.is_empty() {
         return Ok(HostArray::from_f64(a.dtype(), &ArrayD::zeros(shape.output_shape())));
     }

@@ -4,34 +4,36 @@
 use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::HostArray;
 use torchtpu_exec::{client, Backend};
-use torchtpu_kernels::flash::{with_tuned_backward_blocks, with_tuned_block, AttentionOptions, AttentionShape};
-use torchtpu_kernels::tuning::{table, table_problems, tuned, TableTarget};
+use torchtpu_kernels::flash::{with_tuned_backward_blocks, with_tuned_block, AttentionOptions, AttentionShape, FlashConfig};
+use torchtpu_kernels::registry;
+use torchtpu_kernels::tables::{entry, table, TableTarget};
 use torchtpu_runtime::TpuCompiler;
+
+/// Every shipped op's table entries on every target: (target, op, bucket, config, problem).
+fn entries() -> Vec<(TableTarget, &'static str, String, Option<&'static serde_json::Value>, Box<dyn torchtpu_autotune::Tunable>)> {
+    let mut out = Vec::new();
+    for target in TableTarget::ALL {
+        table(target).expect("valid JSON");
+        for op in registry::ops() {
+            for (bucket, problem) in op.table_jobs(target) {
+                out.push((target, op.name(), bucket.clone(), entry(target, op.name(), &bucket), problem));
+            }
+        }
+    }
+    out
+}
 
 #[test]
 fn every_table_entry_compiles_for_its_target() {
     use rayon::prelude::*;
-    let mut jobs = Vec::new();
-    for target in TableTarget::ALL {
-        let t = table(target).expect("valid JSON");
-        for (kernel, bucket, problem) in table_problems(target) {
-            if let Some(config) = t.get(&kernel).and_then(|k| k.get(&bucket)) {
-                jobs.push((target, kernel, bucket, config.clone(), problem));
-            }
-        }
-    }
+    let jobs: Vec<_> = entries().into_iter().filter(|e| e.3.is_some()).collect();
     assert!(!jobs.is_empty(), "the tables are empty: run `cargo run --release -- tables`");
     // Compilers are thread-safe: spread the entries over the cores.
     let failures: Vec<String> = jobs
         .par_iter()
-        .filter_map(|(target, kernel, bucket, config, problem)| {
-            let values: Vec<(String, usize)> = config
-                .split(',')
-                .map(|kv| {
-                    let (k, v) = kv.split_once('=').expect("key=value");
-                    (k.to_string(), v.parse().expect("a number"))
-                })
-                .collect();
+        .filter_map(|(target, op, bucket, config, problem)| {
+            let fields = config.and_then(|c| c.as_object()).expect("an object");
+            let values = problem.space().params().iter().map(|(n, _)| (n.clone(), fields.get(n).and_then(|v| v.as_u64()).expect("every tunable") as usize)).collect();
             let call = problem.build(&torchtpu_autotune::Config(values)).expect("builds");
             let traced = call.trace(&problem.operand_types()).expect("traces");
             let result = match target {
@@ -41,7 +43,7 @@ fn every_table_entry_compiles_for_its_target() {
                     compiler.compile(*chip, &lower(&traced, Target::TpuStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())
                 }
             };
-            result.err().map(|e| format!("{} {kernel} {bucket} {config}: {e}", target.name()))
+            result.err().map(|e| format!("{} {op} {bucket} {config:?}: {e}", target.name()))
         })
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -49,11 +51,8 @@ fn every_table_entry_compiles_for_its_target() {
 
 #[test]
 fn every_target_has_a_table_covering_its_buckets() {
-    for target in TableTarget::ALL {
-        let t = table(target).expect("valid JSON");
-        for (kernel, bucket, _) in table_problems(target) {
-            assert!(t.get(&kernel).and_then(|k| k.get(&bucket)).is_some(), "{} has no entry for {kernel} {bucket}", target.name());
-        }
+    for (target, op, bucket, config, _) in entries() {
+        assert!(config.is_some(), "{} has no entry for {op} {bucket}", target.name());
     }
 }
 
@@ -62,23 +61,23 @@ fn calls_use_their_buckets_table_entry_else_a_default() {
     // 1×4×1000×128 causal f32 falls in the s1024 bucket of the CPU table.
     let shape = AttentionShape { batch: 1, heads: 4, kv_heads: 4, q_len: 1000, kv_len: 1000, head_dim: 128 };
     let opts = AttentionOptions { causal: true, sm_scale: None, block: None };
-    let entry = tuned(TableTarget::Cpu, "flash_attention", "s1024d128/causal/f32").expect("the cpu table has the bucket");
-    let get = |n: &str| entry.iter().find(|(k, _)| k == n).map(|&(_, v)| v).expect("tunable present");
+    let fitted = |op: &str| {
+        let c: FlashConfig = serde_json::from_value(entry(TableTarget::Cpu, op, "s1024d128/causal/f32").expect("the cpu table has the bucket").clone()).expect("a config");
+        (c.bq.min(1000usize.div_ceil(8) * 8), c.bk.min(1000usize.div_ceil(8) * 8))
+    };
     let chosen = with_tuned_block(shape, torchtpu_dsl::DType::F32, opts, Backend::Cpu).block.expect("a tuned block");
-    assert_eq!(chosen, (get("bq").min(1000usize.div_ceil(8) * 8), get("bk").min(1000usize.div_ceil(8) * 8)));
+    assert_eq!(chosen, fitted("flash_attention"));
     // The backward kernels take their own entries.
     let (dkv, dq) = with_tuned_backward_blocks(shape, torchtpu_dsl::DType::F32, opts, Backend::Cpu);
-    for (kernel, chosen) in [("flash_attention_dkv", dkv.block), ("flash_attention_dq", dq.block)] {
-        let entry = tuned(TableTarget::Cpu, kernel, "s1024d128/causal/f32").expect("the cpu table has the bucket");
-        let get = |n: &str| entry.iter().find(|(k, _)| k == n).map(|&(_, v)| v.min(1000usize.div_ceil(8) * 8)).expect("tunable present");
-        assert_eq!(chosen, Some((get("bq"), get("bk"))), "{kernel}");
+    for (op, chosen) in [("flash_attention_dkv", dkv.block), ("flash_attention_dq", dq.block)] {
+        assert_eq!(chosen, Some(fitted(op)), "{op}");
     }
     // An explicit block wins over the table.
     let explicit = AttentionOptions { block: Some((64, 64)), ..opts };
     assert_eq!(with_tuned_block(shape, torchtpu_dsl::DType::F32, explicit, Backend::Cpu).block, Some((64, 64)));
-    // No bucket for head_dim 48: no tuned block, so the call's safe default applies.
+    // No bucket for head_dim 48: the op's heuristic (512 blocks, clamped to the lengths).
     let odd = AttentionShape { head_dim: 48, ..shape };
-    assert_eq!(with_tuned_block(odd, torchtpu_dsl::DType::F32, opts, Backend::Cpu).block, None);
+    assert_eq!(with_tuned_block(odd, torchtpu_dsl::DType::F32, opts, Backend::Cpu).block, Some((512, 512)));
 }
 
 #[test]

@@ -11,10 +11,9 @@ use torchtpu_codegen::{lower, Target};
 use torchtpu_runtime::{Chip, TpuCompiler};
 use torchtpu_autotune::{tune, Device, Progress, Strategy, TuneOptions, Tunable};
 use torchtpu_exec::{Backend, Compiled};
-use torchtpu_kernels::flash::{AttentionShape, FlashPass};
-use torchtpu_kernels::matmul::MatmulShape;
-use torchtpu_kernels::tuning::{table_problems, FlashTunable, MatmulTunable, TableTarget};
-use torchtpu_testkernels::{acceptance_set, configure, find, relative_error, tolerance, Example, FAMILIES, MAX_SETTING};
+use torchtpu_kernels::registry;
+use torchtpu_kernels::tables::{tuning_device, Table, TableTarget};
+use torchtpu_testkernels::{acceptance_set, configure, find, relative_error, tolerance, Example, FAMILIES};
 
 #[derive(Parser)]
 #[command(name = "torchtpu", version, about = "Pallas for Rust: trace, interpret and inspect TPU kernels")]
@@ -118,14 +117,15 @@ enum Command {
     /// Tune a shipped kernel's block shapes on a device (cpu, cuda, tpu) or rank them for a TPU
     /// chip without one; the result is cached where the ops' calls at that shape find it.
     Tune {
-        /// `matmul`, `flash_attention`, `flash_attention_dkv` or `flash_attention_dq`.
+        /// A shipped op: `matmul`, `flash_attention`, `flash_attention_dkv`, `flash_attention_dq`.
         kernel: String,
         /// cpu, cuda, tpu, or a chip to rank for without hardware: v4, v5e, v5p, v6e, tpu7x.
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: Dtype,
-        /// Problem shape over the defaults: matmul m,n,k (1024 each); attention batch,heads,seq,head_dim,causal (1,8,2048,128,1).
+        /// Problem fields over the op's example, e.g. `m=4096,n=1024` (matmul: m, n, k, batch,
+        /// transpose_b; attention: batch, heads, kv_heads, q_len, kv_len, head_dim, causal).
         #[arg(long, value_delimiter = ',')]
         set: Vec<String>,
         /// exhaustive, random or guided.
@@ -238,33 +238,16 @@ fn run_example(example: &dyn Example, backend: Backend, seed: u64, json: bool) -
     Ok(ok)
 }
 
-/// The kernel `torchtpu tune` tunes: the shipped one the ops run, so its cached result is the
-/// one their calls find.
-fn tunable(kernel: &str, dtype: DType, settings: &[(String, usize)]) -> Result<Box<dyn Tunable>, String> {
-    let (defaults, valid): (&[(&str, usize)], &str) = match kernel {
-        "matmul" => (&[("m", 1024), ("n", 1024), ("k", 1024)], "m, n, k"),
-        "flash_attention" | "flash_attention_dkv" | "flash_attention_dq" => {
-            (&[("batch", 1), ("heads", 8), ("seq", 2048), ("head_dim", 128), ("causal", 1)], "batch, heads, seq, head_dim (positive) and causal (0 or 1)")
-        }
-        other => return Err(format!("`{other}` has no tuner; tune matmul, flash_attention, flash_attention_dkv or flash_attention_dq")),
-    };
-    let mut v: Vec<(&str, usize)> = defaults.to_vec();
-    for (k, val) in settings {
-        let ok = if k == "causal" { *val <= 1 } else { (1..=MAX_SETTING).contains(val) };
-        match v.iter_mut().find(|(n, _)| n == k) {
-            Some(slot) if ok => slot.1 = *val,
-            _ => return Err(format!("`{kernel}` tuning takes {valid}, at most {MAX_SETTING}; got `{k}={val}`")),
-        }
-    }
-    let get = |k: &str| v.iter().find(|(n, _)| *n == k).map_or(0, |(_, x)| *x);
-    if kernel == "matmul" {
-        let shape = MatmulShape { batch: None, m: get("m"), n: get("n"), k: get("k") };
-        return Ok(Box::new(MatmulTunable { shape, dtype, transpose_b: false }));
-    }
-    let pass = FlashPass::ALL.into_iter().find(|p| p.table_key() == kernel).unwrap_or(FlashPass::Forward);
-    let (heads, seq) = (get("heads"), get("seq"));
-    let shape = AttentionShape { batch: get("batch"), heads, kv_heads: heads, q_len: seq, kv_len: seq, head_dim: get("head_dim") };
-    Ok(Box::new(FlashTunable { pass, shape, dtype, causal: get("causal") == 1 }))
+/// The op `torchtpu tune` tunes: the shipped one the ops' calls run, at its example problem
+/// with `set` over it, so that its cached result is the one their calls find.
+fn tunable(kernel: &str, dtype: DType, set: &[String]) -> Result<Box<dyn Tunable>, String> {
+    let op = registry::find(kernel).map_err(|e| e.to_string())?;
+    let settings = set
+        .iter()
+        .map(|kv| kv.split_once('=').map(|(k, v)| (k.trim().to_string(), v.to_string())).ok_or_else(|| format!("`{kv}`: settings are key=value")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let problem = registry::problem_with(op, Some(dtype), &settings).map_err(|e| e.to_string())?;
+    op.tunable(&problem).map_err(|e| e.to_string())
 }
 
 /// An error, before anything is allocated, when an example's inputs, outputs and f64
@@ -349,7 +332,7 @@ fn run(cli: Cli) -> Result<bool, String> {
         Command::Tune { kernel, device, dtype, set, strategy, budget, json, plot, no_cache } => {
             let device: Device = device.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
             let strategy: Strategy = strategy.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
-            let problem = tunable(&kernel, dtype.into(), &parse_settings(&set)?)?;
+            let problem = tunable(&kernel, dtype.into(), &set)?;
             let progress = |p: Progress| {
                 let ms = p.ms.map_or("-".to_string(), |m| format!("{m:.3} ms"));
                 eprint!("\r\x1b[2K[{}/{}] {}  {ms}", p.done, p.total, p.config);
@@ -386,31 +369,27 @@ fn run(cli: Cli) -> Result<bool, String> {
             Ok(true)
         }
         Command::Tables { targets, dir, kernels } => {
+            if let Some(unknown) = kernels.iter().find(|k| registry::find(k).is_err()) {
+                return Err(registry::find(unknown).err().map(|e| e.to_string()).unwrap_or_default());
+            }
             for name in targets {
-                let target = TableTarget::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| format!("unknown table target `{name}`"))?;
-                let device = match target {
-                    TableTarget::Cpu => Device::Pjrt(Backend::Cpu),
-                    TableTarget::Chip(c) => Device::Chip(c),
-                };
-                let problems = table_problems(target);
-                if let Some(unknown) = kernels.iter().find(|k| !problems.iter().any(|(p, _, _)| p == *k)) {
-                    return Err(format!("no tuned kernel `{unknown}`; the tables hold matmul, flash_attention, flash_attention_dkv and flash_attention_dq"));
-                }
+                let target = TableTarget::parse(&name).map_err(|e| e.to_string())?;
+                let device = tuning_device(target);
                 let path = dir.join(format!("{name}.json"));
-                let mut table: std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>> = if kernels.is_empty() {
+                let mut table: Table = if kernels.is_empty() {
                     Default::default()
                 } else {
                     let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {} to update it: {e}", path.display()))?;
                     serde_json::from_str(&text).map_err(|e| format!("{} is not a valid table: {e}", path.display()))?
                 };
-                for (kernel, bucket, problem) in problems {
-                    if !kernels.is_empty() && !kernels.contains(&kernel) {
-                        continue;
+                for op in registry::ops().iter().filter(|o| kernels.is_empty() || kernels.iter().any(|k| k == o.name())) {
+                    for (bucket, problem) in op.table_jobs(target) {
+                        let opts = TuneOptions { strategy: Strategy::Exhaustive, use_cache: false, ..TuneOptions::default() };
+                        let report = tune(problem.as_ref(), device, &opts).map_err(|e| format!("{name} {bucket}: {e}"))?;
+                        eprintln!("{name:>6} {} {bucket}: {} ({:.4} ms, default {:?})", op.name(), report.best_config, report.best_time_ms, report.default_time_ms);
+                        let config: serde_json::Map<String, serde_json::Value> = report.best_config.0.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+                        table.entry(op.name().to_string()).or_default().insert(bucket, config.into());
                     }
-                    let opts = TuneOptions { strategy: Strategy::Exhaustive, use_cache: false, ..TuneOptions::default() };
-                    let report = tune(problem.as_ref(), device, &opts).map_err(|e| format!("{name} {bucket}: {e}"))?;
-                    eprintln!("{name:>6} {kernel} {bucket}: {} ({:.4} ms, default {:?})", report.best_config, report.best_time_ms, report.default_time_ms);
-                    table.entry(kernel).or_default().insert(bucket, report.best_config.to_string());
                 }
                 let text = serde_json::to_string_pretty(&table).map_err(|e| e.to_string())?;
                 std::fs::write(&path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;

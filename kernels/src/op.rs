@@ -1,0 +1,196 @@
+//! The op layer: what a kernel implements once ([`Op`]), and everything written once for every
+//! op on top of it — the config a call uses (the tuning cache, then the tuned table, then the
+//! op's heuristic), the tuner adapter ([`Tuning`]), and the compiled, TPU-module and host
+//! runs. tokamax's `Op` (config: explicit → tuned → autotune cache → heuristic) and CubeCL's
+//! `TunableSet` are the models.
+
+use std::fmt::Debug;
+
+use ndarray::ArrayD;
+use rand::rngs::StdRng;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use torchtpu_autotune::{Config, SearchSpace, Tunable};
+use torchtpu_codegen::{lower, Target};
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::{DType, HostArray, PallasCall};
+use torchtpu_exec::{Backend, Compiled};
+use torchtpu_runtime::Chip;
+
+use crate::tables::{self, TableTarget};
+use crate::Error;
+
+/// One kernel, described once; reached from Rust, the CLI, the tuner, the tables and PyTorch.
+///
+/// A problem is the typed, serializable description of one call's shapes, dtype and flags; a
+/// config is the typed, serializable choice of its tunables (block sizes), whose fields are
+/// the [`space`](Op::space)'s parameters.
+pub trait Op: Clone + Send + Sync + 'static {
+    type Problem: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static;
+    type Config: Clone + Debug + PartialEq + Serialize + DeserializeOwned + Send + Sync + 'static;
+
+    /// The op's name: its key in the tuned tables, the tuning cache, the registry and the CLI.
+    fn name(&self) -> &'static str;
+    /// A representative problem: the CLI's defaults, which `--set` overrides field by field.
+    fn example(&self) -> Self::Problem;
+    /// Whether this op can run `p`: the error a user sees for a problem it cannot.
+    fn check(&self, p: &Self::Problem) -> Result<(), Error>;
+    /// `p` as tuning sees it: fields that cannot change which config is fastest (a scale
+    /// factor) reset, so that one tuning result serves every value of them.
+    fn tuning_problem(&self, p: &Self::Problem) -> Self::Problem {
+        p.clone()
+    }
+    /// The shape bucket `p` falls in: its key in the tuned tables.
+    fn bucket(&self, p: &Self::Problem) -> String;
+    /// The configs worth trying for `p`; parameter names are the config's field names.
+    fn space(&self, p: &Self::Problem) -> SearchSpace;
+    /// The config a call uses when nothing is tuned: a safe heuristic for `p`.
+    fn default_config(&self, p: &Self::Problem) -> Self::Config;
+    /// A tuned config (from another shape in the bucket) fitted to `p`, e.g. blocks clamped
+    /// to its dims.
+    fn fit(&self, _p: &Self::Problem, c: Self::Config) -> Self::Config {
+        c
+    }
+    /// The kernel call for `p` at `c`.
+    fn call(&self, p: &Self::Problem, c: &Self::Config) -> Result<PallasCall, Error>;
+    /// The operands' types (scalar-prefetch arrays, then inputs), in the call's order.
+    fn operand_types(&self, p: &Self::Problem) -> Vec<ValueType>;
+    /// Operands to time and check with: uniform in [-1, 1) for floats, zeros for integers.
+    fn random_inputs(&self, p: &Self::Problem, rng: &mut StdRng) -> Vec<HostArray> {
+        self.operand_types(p).iter().map(|t| random_operand(rng, t)).collect()
+    }
+    /// The outputs in f64 from `inputs`, written independently of the kernel.
+    fn reference(&self, p: &Self::Problem, inputs: &[HostArray]) -> Vec<ArrayD<f64>>;
+    /// The problems `torchtpu tables` tunes for `target`: one per bucket the tables hold.
+    fn table_problems(&self, target: TableTarget) -> Vec<Self::Problem>;
+}
+
+/// Uniform [-1, 1) for a float operand, zeros for an integer one.
+pub fn random_operand(rng: &mut StdRng, t: &ValueType) -> HostArray {
+    use rand::Rng;
+    if t.dtype.is_float() {
+        let a = ArrayD::from_shape_simple_fn(t.shape.clone(), || rng.random_range(-1.0..1.0));
+        HostArray::from_f64(t.dtype, &a)
+    } else {
+        HostArray::from_f64(t.dtype, &ArrayD::zeros(t.shape.clone()))
+    }
+}
+
+/// The tuner's untyped config for `c`, its values in the space's parameter order.
+pub fn to_tuner_config<O: Op>(op: &O, p: &O::Problem, c: &O::Config) -> Result<Config, Error> {
+    let value = serde_json::to_value(c).map_err(|e| Error::Config(format!("{}: {e}", op.name())))?;
+    let fields = value.as_object().ok_or_else(|| Error::Config(format!("{}'s config is not a struct of integers: {value}", op.name())))?;
+    op.space(p)
+        .params()
+        .iter()
+        .map(|(name, _)| {
+            let v = fields.get(name).and_then(serde_json::Value::as_u64).ok_or_else(|| Error::Config(format!("{}'s config has no integer `{name}`: {value}", op.name())))?;
+            Ok((name.clone(), usize::try_from(v).map_err(|e| Error::Config(e.to_string()))?))
+        })
+        .collect::<Result<_, _>>()
+        .map(Config)
+}
+
+/// The typed config for the tuner's `c`.
+pub fn from_tuner_config<O: Op>(op: &O, c: &Config) -> Result<O::Config, Error> {
+    let fields: serde_json::Map<String, serde_json::Value> = c.0.iter().map(|(n, v)| (n.clone(), (*v).into())).collect();
+    serde_json::from_value(fields.into()).map_err(|e| Error::Config(format!("`{c}` is not a config of {}: {e}", op.name())))
+}
+
+/// The config a call of `op` on `p` uses on `target`: a result `torchtpu tune` cached for this
+/// exact problem on this machine, else the tuned table's entry for its bucket, else the op's
+/// heuristic; tuned configs fitted to `p`.
+pub fn config_for<O: Op>(op: &O, p: &O::Problem, target: Option<TableTarget>) -> O::Config {
+    let tuned = target.and_then(|target| {
+        let tuning = Tuning { op: op.clone(), problem: op.tuning_problem(p) };
+        let cached = torchtpu_autotune::cached_best(&tuning, tables::tuning_device(target)).and_then(|c| from_tuner_config(op, &c).ok());
+        cached.or_else(|| tables::entry(target, op.name(), &op.bucket(p)).and_then(|v| serde_json::from_value(v.clone()).ok()))
+    });
+    match tuned {
+        Some(c) => op.fit(p, c),
+        None => op.default_config(p),
+    }
+}
+
+/// The call of `op` on `p` with the config it uses on `backend` (or `explicit`), checked.
+pub fn tuned_call<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, backend: Backend) -> Result<PallasCall, Error> {
+    op.check(p)?;
+    match explicit {
+        Some(c) => op.call(p, c),
+        None => op.call(p, &config_for(op, p, tables::target_of(backend))),
+    }
+}
+
+/// `op` on `p` compiled for a device backend with the config it uses there: run on device
+/// buffers, time without recompiling.
+pub fn compiled<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, backend: Backend) -> Result<Compiled, Error> {
+    let traced = tuned_call(op, p, explicit, backend)?.trace(&op.operand_types(p))?;
+    Ok(Compiled::new(&traced, backend)?)
+}
+
+/// `op` on `p` lowered for `chip` with that chip's tuned config: the StableHLO module running
+/// the Mosaic kernel in a `tpu_custom_call` (what a TPU runtime registers).
+pub fn tpu_module<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, chip: Chip) -> Result<String, Error> {
+    op.check(p)?;
+    let config = explicit.cloned().unwrap_or_else(|| config_for(op, p, Some(TableTarget::Chip(chip))));
+    let traced = op.call(p, &config)?.trace(&op.operand_types(p))?;
+    Ok(lower(&traced, Target::TpuStableHlo)?)
+}
+
+/// `op` on `p` run on `backend` over host arrays, with the config it uses there.
+pub fn run<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, inputs: &[HostArray], backend: Backend) -> Result<Vec<HostArray>, Error> {
+    Ok(torchtpu_exec::run(&tuned_call(op, p, explicit, backend)?, backend, inputs)?)
+}
+
+/// An op at one problem, its config open: what the tuner tunes.
+#[derive(Clone, Debug)]
+pub struct Tuning<O: Op> {
+    pub op: O,
+    pub problem: O::Problem,
+}
+
+impl<O: Op> Tuning<O> {
+    /// `op` at `problem` for the tuner, which must be a problem the op can run.
+    pub fn new(op: O, problem: O::Problem) -> Result<Self, Error> {
+        op.check(&problem)?;
+        op.call(&problem, &op.default_config(&problem))?;
+        let problem = op.tuning_problem(&problem);
+        Ok(Tuning { op, problem })
+    }
+}
+
+impl<O: Op> Tunable for Tuning<O> {
+    fn kernel(&self) -> String {
+        self.op.name().into()
+    }
+    fn problem(&self) -> String {
+        serde_json::to_string(&self.problem).unwrap_or_else(|_| format!("{:?}", self.problem))
+    }
+    fn space(&self) -> SearchSpace {
+        self.op.space(&self.problem)
+    }
+    fn default_config(&self) -> Config {
+        let c = self.op.default_config(&self.problem);
+        to_tuner_config(&self.op, &self.problem, &c).unwrap_or_else(|_| Config(Vec::new()))
+    }
+    fn build(&self, c: &Config) -> torchtpu_autotune::Result<PallasCall> {
+        let invalid = |e: Error| torchtpu_autotune::Error::Invalid(e.to_string());
+        let config = from_tuner_config(&self.op, c).map_err(invalid)?;
+        self.op.call(&self.problem, &config).map_err(invalid)
+    }
+    fn operand_types(&self) -> Vec<ValueType> {
+        self.op.operand_types(&self.problem)
+    }
+    fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
+        self.op.random_inputs(&self.problem, rng)
+    }
+}
+
+/// The problems' f32/bf16 dtype check: ops whose kernels compute on f32 or bf16 inputs
+/// (accumulating in f32) call it with their name.
+pub fn check_float_dtype(op: &str, dtype: DType) -> Result<(), Error> {
+    match dtype {
+        DType::F32 | DType::BF16 => Ok(()),
+        other => Err(Error::Dtype(format!("{op} takes f32 or bf16, not {other}"))),
+    }
+}

@@ -1,0 +1,111 @@
+//! The shipped ops by name, behind one object-safe face ([`AnyOp`]) that the CLI, the table
+//! maker and the Python extension use without knowing an op's types: problems and configs
+//! cross it as JSON.
+
+use ndarray::ArrayD;
+use rand::rngs::StdRng;
+use serde_json::Value;
+use torchtpu_autotune::Tunable;
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::{DType, HostArray, PallasCall};
+
+use crate::flash::{FlashOp, FlashPass};
+use crate::matmul::MatmulOp;
+use crate::op::{self, Op, Tuning};
+use crate::tables::TableTarget;
+use crate::Error;
+
+/// An op with its problem and config as JSON: implemented for every [`Op`].
+pub trait AnyOp: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The op's example problem: the fields a problem has, with the CLI's defaults.
+    fn example(&self) -> Value;
+    /// The problem `problem` describes, checked: the tuner's view of it.
+    fn tunable(&self, problem: &Value) -> Result<Box<dyn Tunable>, Error>;
+    /// The call for `problem` at `config` (the config it uses on `target` when `None`), with
+    /// its operand types.
+    fn call(&self, problem: &Value, config: Option<&Value>, target: Option<TableTarget>) -> Result<(PallasCall, Vec<ValueType>), Error>;
+    /// Random operands for `problem`.
+    fn random_inputs(&self, problem: &Value, rng: &mut StdRng) -> Result<Vec<HostArray>, Error>;
+    /// The f64 reference outputs for `problem` on `inputs`.
+    fn reference(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<ArrayD<f64>>, Error>;
+    /// What `torchtpu tables` tunes for `target`: (bucket, problem) pairs.
+    fn table_jobs(&self, target: TableTarget) -> Vec<(String, Box<dyn Tunable>)>;
+}
+
+fn problem_of<O: Op>(op: &O, v: &Value) -> Result<O::Problem, Error> {
+    let p: O::Problem = serde_json::from_value(v.clone()).map_err(|e| Error::Shape(format!("not a {} problem: {e} (in {v})", op.name())))?;
+    op.check(&p)?;
+    Ok(p)
+}
+
+impl<O: Op> AnyOp for O {
+    fn name(&self) -> &'static str {
+        Op::name(self)
+    }
+    fn example(&self) -> Value {
+        serde_json::to_value(Op::example(self)).unwrap_or(Value::Null)
+    }
+    fn tunable(&self, problem: &Value) -> Result<Box<dyn Tunable>, Error> {
+        Ok(Box::new(Tuning::new(self.clone(), problem_of(self, problem)?)?))
+    }
+    fn call(&self, problem: &Value, config: Option<&Value>, target: Option<TableTarget>) -> Result<(PallasCall, Vec<ValueType>), Error> {
+        let p = problem_of(self, problem)?;
+        let c = match config {
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("not a {} config: {e} (in {v})", Op::name(self))))?,
+            None => op::config_for(self, &p, target),
+        };
+        Ok((Op::call(self, &p, &c)?, self.operand_types(&p)))
+    }
+    fn random_inputs(&self, problem: &Value, rng: &mut StdRng) -> Result<Vec<HostArray>, Error> {
+        Ok(Op::random_inputs(self, &problem_of(self, problem)?, rng))
+    }
+    fn reference(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<ArrayD<f64>>, Error> {
+        Ok(Op::reference(self, &problem_of(self, problem)?, inputs))
+    }
+    fn table_jobs(&self, target: TableTarget) -> Vec<(String, Box<dyn Tunable>)> {
+        self.table_problems(target).into_iter().map(|p| (self.bucket(&p), Box::new(Tuning { op: self.clone(), problem: p }) as Box<dyn Tunable>)).collect()
+    }
+}
+
+/// Every shipped op, in the order `torchtpu list` shows them.
+pub fn ops() -> &'static [&'static dyn AnyOp] {
+    const OPS: &[&dyn AnyOp] = &[&MatmulOp, &FlashOp(FlashPass::Forward), &FlashOp(FlashPass::BackwardDkv), &FlashOp(FlashPass::BackwardDq)];
+    OPS
+}
+
+/// The shipped op called `name`.
+pub fn find(name: &str) -> Result<&'static dyn AnyOp, Error> {
+    ops().iter().copied().find(|o| o.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = ops().iter().map(|o| o.name()).collect();
+        Error::Shape(format!("no op `{name}`; the shipped ops are {}", names.join(", ")))
+    })
+}
+
+/// `op`'s example problem in `dtype` with `settings` (`field`, value) over it: each value read
+/// as its field's type (a boolean field also takes 0 and 1); unknown fields are an error that
+/// lists the known ones.
+pub fn problem_with(op: &dyn AnyOp, dtype: Option<DType>, settings: &[(String, String)]) -> Result<Value, Error> {
+    let mut problem = op.example();
+    let Some(fields) = problem.as_object_mut() else {
+        return Err(Error::Shape(format!("{} has no problem fields", op.name())));
+    };
+    if let Some(dtype) = dtype {
+        fields.insert("dtype".into(), serde_json::to_value(dtype).map_err(|e| Error::Dtype(e.to_string()))?);
+    }
+    for (key, text) in settings {
+        let Some(slot) = fields.get_mut(key) else {
+            let known: Vec<&str> = fields.keys().map(String::as_str).filter(|k| *k != "dtype").collect();
+            return Err(Error::Shape(format!("`{}` has no setting `{key}`; it takes {}", op.name(), known.join(", "))));
+        };
+        let text = text.trim();
+        let value = match (&*slot, text) {
+            (Value::Bool(_), "1") => Value::Bool(true),
+            (Value::Bool(_), "0") => Value::Bool(false),
+            (Value::String(_), _) => Value::String(text.into()),
+            _ => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into())),
+        };
+        *slot = value;
+    }
+    Ok(problem)
+}

@@ -1,0 +1,92 @@
+//! The tuned tables: JSON per target (`cpu` and each TPU chip), op name → shape bucket →
+//! config, made by `torchtpu tables` and read by every op's calls through [`crate::op`].
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use torchtpu_runtime::Chip;
+
+use crate::Error;
+
+/// What a table is for: the CPU through PJRT, or one TPU generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableTarget {
+    Cpu,
+    Chip(Chip),
+}
+
+impl TableTarget {
+    pub fn name(self) -> &'static str {
+        match self {
+            TableTarget::Cpu => "cpu",
+            TableTarget::Chip(c) => c.name(),
+        }
+    }
+
+    pub const ALL: [TableTarget; 6] =
+        [TableTarget::Cpu, TableTarget::Chip(Chip::V4), TableTarget::Chip(Chip::V5e), TableTarget::Chip(Chip::V5p), TableTarget::Chip(Chip::V6e), TableTarget::Chip(Chip::Tpu7x)];
+
+    /// The target called `name` (`cpu`, `v5e`, ...).
+    pub fn parse(name: &str) -> Result<TableTarget, Error> {
+        TableTarget::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| Error::Table(format!("unknown table target `{name}`; expected cpu, v4, v5e, v5p, v6e or tpu7x")))
+    }
+}
+
+/// `n` rounded up to a power of two within [lo, hi]: the buckets' unit.
+pub fn bucket(n: usize, lo: usize, hi: usize) -> usize {
+    n.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(lo, hi)
+}
+
+/// The tables shipped in the crate, one JSON file per target.
+const TABLES: [(&str, &str); 6] = [
+    ("cpu", include_str!("../tables/cpu.json")),
+    ("v4", include_str!("../tables/v4.json")),
+    ("v5e", include_str!("../tables/v5e.json")),
+    ("v5p", include_str!("../tables/v5p.json")),
+    ("v6e", include_str!("../tables/v6e.json")),
+    ("tpu7x", include_str!("../tables/tpu7x.json")),
+];
+
+/// A target's table: op name → bucket → config (the op's typed config, as JSON).
+pub type Table = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
+
+/// A target's table, parsed once per process.
+pub fn table(target: TableTarget) -> Result<&'static Table, Error> {
+    static PARSED: OnceLock<Vec<(&'static str, Result<Table, String>)>> = OnceLock::new();
+    let parsed = PARSED.get_or_init(|| {
+        TABLES.iter().map(|&(name, text)| (name, serde_json::from_str(text).map_err(|e| format!("the {name} table is not valid JSON: {e}")))).collect()
+    });
+    match parsed.iter().find(|(n, _)| *n == target.name()) {
+        Some((_, Ok(t))) => Ok(t),
+        Some((_, Err(e))) => Err(Error::Table(e.clone())),
+        None => Err(Error::Table(format!("no table for {}", target.name()))),
+    }
+}
+
+/// The table's entry for `op` at `bucket` on `target`, if it has one.
+pub fn entry(target: TableTarget, op: &str, bucket: &str) -> Option<&'static serde_json::Value> {
+    table(target).ok()?.get(op)?.get(bucket)
+}
+
+/// The table a backend uses: the CPU's for the CPU and the interpreter, a chip's for a TPU
+/// (`$TORCHTPU_TPU_CHIP`, default v5e; an unknown chip gets no table, so the heuristic); none
+/// for CUDA.
+pub fn target_of(backend: torchtpu_exec::Backend) -> Option<TableTarget> {
+    use torchtpu_exec::Backend;
+    match backend {
+        Backend::Cpu | Backend::Interpret => Some(TableTarget::Cpu),
+        Backend::Cuda => None,
+        Backend::Tpu => match std::env::var("TORCHTPU_TPU_CHIP") {
+            Err(_) => Some(TableTarget::Chip(Chip::V5e)),
+            Ok(chip) => chip.parse().ok().map(TableTarget::Chip),
+        },
+    }
+}
+
+/// The device `torchtpu tune` tunes for a target (whose cache the ops' calls read).
+pub fn tuning_device(target: TableTarget) -> torchtpu_autotune::Device {
+    match target {
+        TableTarget::Cpu => torchtpu_autotune::Device::Pjrt(torchtpu_exec::Backend::Cpu),
+        TableTarget::Chip(c) => torchtpu_autotune::Device::Chip(c),
+    }
+}
