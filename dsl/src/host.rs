@@ -101,6 +101,13 @@ impl HostArray {
         }
     }
 
+    /// The same elements, in row-major order, in `shape`; an error if the sizes differ.
+    pub fn reshape(&self, shape: &[usize]) -> Result<HostArray, String> {
+        let to = |n: usize| if n == self.shape().iter().product::<usize>() { Ok(()) } else { Err(format!("cannot reshape {:?} to {shape:?}: {n} elements", self.shape())) };
+        to(shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).unwrap_or(usize::MAX))?;
+        Ok(each!(self, x => HostArray::from(x.as_standard_layout().into_owned().into_shape_with_order(shape.to_vec()).map_err(|e| e.to_string())?)))
+    }
+
     pub fn view<T: HostElement>(&self) -> Option<ArrayViewD<'_, T>> {
         T::view(self)
     }

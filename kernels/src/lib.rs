@@ -1,10 +1,11 @@
-//! The kernels people call: flash attention (forward and backward) and matmul, written with
-//! `#[tpu_kernel]`, with a Rust API that runs them on any backend.
+//! The kernels people call — flash attention (forward and backward), matmul, RMS norm — written
+//! with `#[tpu_kernel]`, each an [`op::Op`], with a Rust API that runs them on any backend.
 
 pub mod flash;
 pub mod matmul;
 pub mod op;
 pub mod registry;
+pub mod rms_norm;
 pub mod tables;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

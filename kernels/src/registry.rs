@@ -12,6 +12,7 @@ use torchtpu_dsl::{DType, HostArray, PallasCall};
 use crate::flash::{FlashOp, FlashPass};
 use crate::matmul::MatmulOp;
 use crate::op::{self, Op, Tuning};
+use crate::rms_norm::RmsNormOp;
 use crate::tables::TableTarget;
 use crate::Error;
 
@@ -70,7 +71,7 @@ impl<O: Op> AnyOp for O {
 
 /// Every shipped op, in the order `torchtpu list` shows them.
 pub fn ops() -> &'static [&'static dyn AnyOp] {
-    const OPS: &[&dyn AnyOp] = &[&MatmulOp, &FlashOp(FlashPass::Forward), &FlashOp(FlashPass::BackwardDkv), &FlashOp(FlashPass::BackwardDq)];
+    const OPS: &[&dyn AnyOp] = &[&MatmulOp, &FlashOp(FlashPass::Forward), &FlashOp(FlashPass::BackwardDkv), &FlashOp(FlashPass::BackwardDq), &RmsNormOp::Forward, &RmsNormOp::Backward];
     OPS
 }
 

@@ -1,0 +1,327 @@
+//! RMS normalization over the last dim, as `torch.nn.functional.rms_norm`: `y = x / sqrt(mean(x²)
+//! + eps) · w`, f32 or bf16 in (computed in f32), any number of rows; and its backward, with
+//! the weight's gradient reduced across row blocks in the kernel.
+
+use ndarray::{Array2, ArrayD, Axis, Ix2};
+use serde::{Deserialize, Serialize};
+use torchtpu_autotune::SearchSpace;
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::prelude::*;
+use torchtpu_dsl::{sublanes, HostArray, PallasCall};
+use torchtpu_exec::Backend;
+
+use crate::op::{self, Op};
+use crate::tables::{self, TableTarget};
+use crate::Error;
+
+#[tpu_kernel]
+fn forward_kernel<T: Float>(x: &Ref<T>, w: &Ref<T>, y: &mut Ref<T>, rstd: &mut Ref<f32>, eps: f32, dim: usize, affine: bool) {
+    let xb = x.load().cast::<f32>();
+    let r = ((xb * xb).sum_keepdims(1) * (1.0 / dim as f32) + eps).rsqrt();
+    let normed = xb * r;
+    let out = if affine { normed * w.load().cast::<f32>() } else { normed };
+    y.store(out.cast());
+    rstd.store(r);
+}
+
+#[tpu_kernel]
+#[allow(clippy::too_many_arguments)]
+fn backward_kernel<T: Float>(
+    x: &Ref<T>,
+    w: &Ref<T>,
+    dy: &Ref<T>,
+    rstd: &Ref<f32>,
+    dx: &mut Ref<T>,
+    dw: &mut Ref<f32>,
+    dw_acc: &mut Scratch<f32>,
+    rows: usize,
+    dim: usize,
+    affine: bool,
+) {
+    let i = program_id(0);
+    let (br, d) = (x.shape()[0], x.shape()[1]);
+    if i == 0 {
+        dw_acc.store(zeros());
+    }
+    let xb = x.load().cast::<f32>();
+    let dyb = dy.load().cast::<f32>();
+    let r = rstd.load();
+    let g = if affine { dyb * w.load().cast::<f32>() } else { dyb };
+    // y = x·r·w with r = (mean(x²) + eps)^-½: dx = r·g - x·r³·mean(g·x), with g = dy·w.
+    let c = (g * xb).sum_keepdims(1) * (1.0 / dim as f32);
+    dx.store((g * r - xb * (r * r * r) * c).cast());
+    if affine {
+        let mut part = dyb * (xb * r);
+        if rows % br != 0 {
+            // The last block's rows past the end hold whatever memory follows: not theirs to add.
+            let row = iota::<i32>([br, d], 0) + i * br as i32;
+            part = select(row < rows as i32, part, 0.0);
+        }
+        dw_acc.store(dw_acc.load() + part.sum_keepdims(0));
+    }
+    if i == num_programs(0) - 1 {
+        dw.store(dw_acc.load());
+    }
+}
+
+/// The forward, or the backward (dx and the weight's gradient).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RmsNormOp {
+    Forward,
+    Backward,
+}
+
+/// `rows` rows of `dim` values in `dtype`, normalized with `eps`, scaled by a weight if `affine`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RmsNormProblem {
+    pub rows: usize,
+    pub dim: usize,
+    pub dtype: DType,
+    pub affine: bool,
+    pub eps: f32,
+}
+
+/// The rows per block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RmsNormConfig {
+    pub block_rows: usize,
+}
+
+/// The eps problems are tuned at: it cannot change which block is fastest.
+const TUNING_EPS: f32 = 1e-6;
+
+impl RmsNormProblem {
+    fn is_empty(&self) -> bool {
+        self.rows == 0 || self.dim == 0
+    }
+}
+
+impl Op for RmsNormOp {
+    type Problem = RmsNormProblem;
+    type Config = RmsNormConfig;
+
+    fn name(&self) -> &'static str {
+        match self {
+            RmsNormOp::Forward => "rms_norm",
+            RmsNormOp::Backward => "rms_norm_backward",
+        }
+    }
+    fn example(&self) -> RmsNormProblem {
+        RmsNormProblem { rows: 4096, dim: 4096, dtype: DType::F32, affine: true, eps: TUNING_EPS }
+    }
+    fn check(&self, p: &RmsNormProblem) -> Result<(), Error> {
+        op::check_float_dtype(self.name(), p.dtype)?;
+        if !(p.eps.is_finite() && p.eps >= 0.0) {
+            return Err(Error::Shape(format!("{}: eps must be finite and non-negative; got {}", self.name(), p.eps)));
+        }
+        Ok(())
+    }
+    fn tuning_problem(&self, p: &RmsNormProblem) -> RmsNormProblem {
+        RmsNormProblem { eps: TUNING_EPS, ..*p }
+    }
+    fn bucket(&self, p: &RmsNormProblem) -> String {
+        format!("d{}/{}", tables::bucket(p.dim, 128, 16384), p.dtype)
+    }
+    fn space(&self, p: &RmsNormProblem) -> SearchSpace {
+        let top = p.rows.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(8, 2048);
+        SearchSpace::new().param("block_rows", std::iter::successors(Some(8usize), |b| Some(b * 2)).take_while(|&b| b <= top))
+    }
+    /// About a MiB of f32 per block (rows × dim), at most 512 rows.
+    fn default_config(&self, p: &RmsNormProblem) -> RmsNormConfig {
+        let rows = ((1usize << 18) / p.dim.max(1)).clamp(8, 512);
+        self.fit(p, RmsNormConfig { block_rows: rows })
+    }
+    fn fit(&self, p: &RmsNormProblem, c: RmsNormConfig) -> RmsNormConfig {
+        let tile = sublanes(p.dtype);
+        if c.block_rows == 0 {
+            return self.default_config(p);
+        }
+        // A multiple of the dtype's sublanes, or all the rows (rounded up to one).
+        let rows = c.block_rows.min(p.rows.div_ceil(tile).saturating_mul(tile));
+        RmsNormConfig { block_rows: rows.div_ceil(tile).saturating_mul(tile).max(tile) }
+    }
+    fn call(&self, p: &RmsNormProblem, c: &RmsNormConfig) -> Result<PallasCall, Error> {
+        self.check(p)?;
+        if p.is_empty() {
+            return Err(Error::Shape(format!("a kernel call needs rows and dim (the host API handles empty ones): {p:?}")));
+        }
+        let (br, d) = (c.block_rows, p.dim);
+        if br == 0 {
+            return Err(Error::Shape("rms_norm's block_rows must be positive".into()));
+        }
+        let rows_spec = || BlockSpec::new([br, d], |[i]| (i, 0));
+        let column_spec = || BlockSpec::new([br, 1], |[i]| (i, 0));
+        let weight_spec = || BlockSpec::new([1, d], |[_]| (0, 0));
+        let grid = [p.rows.div_ceil(br)];
+        let call = match self {
+            RmsNormOp::Forward => {
+                let kernel = match p.dtype {
+                    DType::F32 => forward_kernel::kernel::<f32>(p.eps, d, p.affine),
+                    _ => forward_kernel::kernel::<bf16>(p.eps, d, p.affine),
+                };
+                PallasCall::new(kernel)
+                    .name("rms_norm_forward")
+                    .grid(grid)
+                    .in_specs([rows_spec(), weight_spec()])
+                    .out_specs([rows_spec(), column_spec()])
+                    .out_shapes([vec![p.rows, d], vec![p.rows, 1]])
+                    .dimension_semantics([Parallel])
+            }
+            RmsNormOp::Backward => {
+                let kernel = match p.dtype {
+                    DType::F32 => backward_kernel::kernel::<f32>(p.rows, d, p.affine),
+                    _ => backward_kernel::kernel::<bf16>(p.rows, d, p.affine),
+                };
+                // The weight's gradient accumulates over every row block: one sequential axis.
+                PallasCall::new(kernel)
+                    .name("rms_norm_backward")
+                    .grid(grid)
+                    .in_specs([rows_spec(), weight_spec(), rows_spec(), column_spec()])
+                    .out_specs([rows_spec(), weight_spec()])
+                    .out_shapes([vec![p.rows, d], vec![1, d]])
+                    .scratch([Vmem::new([1, d])])
+                    .dimension_semantics([Arbitrary])
+            }
+        };
+        Ok(call)
+    }
+    /// x `[rows, dim]`, the weight `[1, dim]` (read only if `affine`); the backward adds dy
+    /// `[rows, dim]` and the forward's rstd (f32 `[rows, 1]`).
+    fn operand_types(&self, p: &RmsNormProblem) -> Vec<ValueType> {
+        let (x, w) = (ValueType::new(p.dtype, [p.rows, p.dim]), ValueType::new(p.dtype, [1, p.dim]));
+        match self {
+            RmsNormOp::Forward => vec![x, w],
+            RmsNormOp::Backward => vec![x.clone(), w, x, ValueType::new(DType::F32, [p.rows, 1])],
+        }
+    }
+    /// Random x, weight (and dy); for the backward, the rstd of the forward on them.
+    fn random_inputs(&self, p: &RmsNormProblem, rng: &mut rand::rngs::StdRng) -> Vec<HostArray> {
+        let mut inputs: Vec<HostArray> = self.operand_types(p).iter().map(|t| op::random_operand(rng, t)).collect();
+        if *self == RmsNormOp::Backward {
+            if let Some(x) = inputs.first().and_then(|x| x.to_f64().into_dimensionality::<Ix2>().ok()) {
+                inputs[3] = HostArray::from_f64(DType::F32, &reference_rstd(&x, p.eps).insert_axis(Axis(1)).into_dyn());
+            }
+        }
+        inputs
+    }
+    fn reference(&self, p: &RmsNormProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
+        let two = |a: &HostArray| a.to_f64().into_dimensionality::<Ix2>().ok();
+        let weight = |w: &HostArray| if p.affine { two(w).map(|w| w.row(0).to_owned()) } else { Some(ndarray::Array1::ones(p.dim)) };
+        match (self, inputs) {
+            (RmsNormOp::Forward, [x, w]) => match (two(x), weight(w)) {
+                (Some(x), Some(w)) => {
+                    let r = reference_rstd(&x, p.eps);
+                    let y = &x * &r.view().insert_axis(Axis(1)) * &w.view().insert_axis(Axis(0));
+                    vec![y.into_dyn(), r.insert_axis(Axis(1)).into_dyn()]
+                }
+                _ => Vec::new(),
+            },
+            (RmsNormOp::Backward, [x, w, dy, _]) => match (two(x), weight(w), two(dy)) {
+                (Some(x), Some(w), Some(dy)) => {
+                    let (dx, dw) = reference_backward(&x, &w, &dy, p.eps);
+                    vec![dx.into_dyn(), dw.insert_axis(Axis(0)).into_dyn()]
+                }
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    }
+    fn table_problems(&self, target: TableTarget) -> Vec<RmsNormProblem> {
+        let (dtypes, dims): (&[DType], &[usize]) = match target {
+            TableTarget::Cpu => (&[DType::F32], &[1024, 4096]),
+            TableTarget::Chip(_) => (&[DType::BF16, DType::F32], &[1024, 4096, 8192]),
+        };
+        dtypes.iter().flat_map(|&dtype| dims.iter().map(move |&dim| RmsNormProblem { rows: 4096, dim, dtype, affine: true, eps: TUNING_EPS })).collect()
+    }
+}
+
+/// `1 / sqrt(mean(x²) + eps)` of each row of `x`, in f64.
+pub fn reference_rstd(x: &Array2<f64>, eps: f32) -> ndarray::Array1<f64> {
+    let dim = x.ncols() as f64;
+    x.map_axis(Axis(1), |row| 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / dim + eps as f64).sqrt())
+}
+
+/// The gradients (dx, dw) of `y = x · rstd · w` in f64, written from the definition.
+pub fn reference_backward(x: &Array2<f64>, w: &ndarray::Array1<f64>, dy: &Array2<f64>, eps: f32) -> (Array2<f64>, ndarray::Array1<f64>) {
+    let (rows, dim) = x.dim();
+    let r = reference_rstd(x, eps);
+    let mut dx = Array2::zeros((rows, dim));
+    let mut dw = ndarray::Array1::zeros(dim);
+    for i in 0..rows {
+        // dy_j · w_j · d(x_j r)/dx_k = dy_j w_j (δ_jk r - x_j x_k r³ / dim).
+        let g: Vec<f64> = (0..dim).map(|j| dy[[i, j]] * w[j]).collect();
+        let gx: f64 = (0..dim).map(|j| g[j] * x[[i, j]]).sum();
+        for k in 0..dim {
+            dx[[i, k]] = g[k] * r[i] - x[[i, k]] * r[i].powi(3) * gx / dim as f64;
+            dw[k] += dy[[i, k]] * x[[i, k]] * r[i];
+        }
+    }
+    (dx, dw)
+}
+
+/// What a user passes: `x` of any rank, normalized over its last dim, and an optional weight
+/// of that length. Returns the problem and x's leading shape.
+fn problem_of(x: &HostArray, weight: Option<&HostArray>, eps: f32) -> Result<RmsNormProblem, Error> {
+    let Some((&dim, lead)) = x.shape().split_last() else {
+        return Err(Error::Shape("rms_norm normalizes over the last dim: x must have at least one".into()));
+    };
+    if let Some(w) = weight {
+        if w.shape() != [dim] || w.dtype() != x.dtype() {
+            return Err(Error::Shape(format!("the weight must be {} [{dim}] like x's last dim; got {} {:?}", x.dtype(), w.dtype(), w.shape())));
+        }
+    }
+    let rows = lead.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or_else(|| Error::Shape(format!("x {:?} has too many rows", x.shape())))?;
+    let p = RmsNormProblem { rows, dim, dtype: x.dtype(), affine: weight.is_some(), eps };
+    RmsNormOp::Forward.check(&p)?;
+    Ok(p)
+}
+
+fn as_rows(a: &HostArray, rows: usize, dim: usize) -> Result<HostArray, Error> {
+    a.reshape(&[rows, dim]).map_err(|e| Error::Shape(e.to_string()))
+}
+
+/// `x / sqrt(mean(x², last dim) + eps) · weight` on `backend`, and each row's `1 / sqrt(..)`
+/// (f32, x's leading shape) for the backward.
+pub fn rms_norm(x: &HostArray, weight: Option<&HostArray>, eps: f32, backend: Backend) -> Result<(HostArray, HostArray), Error> {
+    let p = problem_of(x, weight, eps)?;
+    let lead = &x.shape()[..x.shape().len() - 1];
+    if p.is_empty() {
+        let rstd = ArrayD::from_elem(lead.to_vec(), if p.dim == 0 { f64::NAN } else { 0.0 });
+        return Ok((x.clone(), HostArray::from_f64(DType::F32, &rstd)));
+    }
+    let w = weight_operand(weight, &p)?;
+    let mut out = op::run(&RmsNormOp::Forward, &p, None, &[as_rows(x, p.rows, p.dim)?, w], backend)?;
+    let missing = || Error::Shape("the kernel returned too few outputs".into());
+    let rstd = out.pop().ok_or_else(missing)?;
+    let y = out.pop().ok_or_else(missing)?;
+    let y = y.reshape(x.shape()).map_err(|e| Error::Shape(e.to_string()))?;
+    Ok((y, rstd.reshape(lead).map_err(|e| Error::Shape(e.to_string()))?))
+}
+
+/// The gradients (dx, dweight) of [`rms_norm`] from its rstd and the output's gradient `dy`;
+/// dweight (f32) only with a weight.
+pub fn rms_norm_backward(x: &HostArray, weight: Option<&HostArray>, dy: &HostArray, rstd: &HostArray, backend: Backend) -> Result<(HostArray, Option<HostArray>), Error> {
+    let p = problem_of(x, weight, TUNING_EPS)?;
+    let lead = &x.shape()[..x.shape().len() - 1];
+    if dy.shape() != x.shape() || dy.dtype() != x.dtype() || rstd.shape() != lead || rstd.dtype() != DType::F32 {
+        return Err(Error::Shape(format!("dy must be {} {:?} and rstd f32 {lead:?}; got {} {:?} and {} {:?}", x.dtype(), x.shape(), dy.dtype(), dy.shape(), rstd.dtype(), rstd.shape())));
+    }
+    let dw_zeros = || HostArray::from_f64(DType::F32, &ArrayD::zeros(vec![p.dim]));
+    if p.is_empty() {
+        return Ok((HostArray::from_f64(x.dtype(), &ArrayD::zeros(x.shape().to_vec())), weight.map(|_| dw_zeros())));
+    }
+    let inputs = [as_rows(x, p.rows, p.dim)?, weight_operand(weight, &p)?, as_rows(dy, p.rows, p.dim)?, rstd.reshape(&[p.rows, 1]).map_err(|e| Error::Shape(e.to_string()))?];
+    let mut out = op::run(&RmsNormOp::Backward, &p, None, &inputs, backend)?;
+    let missing = || Error::Shape("the kernel returned too few outputs".into());
+    let dw = out.pop().ok_or_else(missing)?;
+    let dx = out.pop().ok_or_else(missing)?.reshape(x.shape()).map_err(|e| Error::Shape(e.to_string()))?;
+    Ok((dx, if p.affine { Some(dw.reshape(&[p.dim]).map_err(|e| Error::Shape(e.to_string()))?) } else { None }))
+}
+
+/// The weight as the kernels take it: `[1, dim]`; zeros (never read) without one.
+fn weight_operand(weight: Option<&HostArray>, p: &RmsNormProblem) -> Result<HostArray, Error> {
+    match weight {
+        Some(w) => w.reshape(&[1, p.dim]).map_err(|e| Error::Shape(e.to_string())),
+        None => Ok(HostArray::from_f64(p.dtype, &ArrayD::zeros(vec![1, p.dim]))),
+    }
+}
