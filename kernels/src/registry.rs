@@ -8,6 +8,7 @@ use serde_json::Value;
 use torchtpu_autotune::Tunable;
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, PallasCall};
+use torchtpu_runtime::Chip;
 
 use crate::flash::{FlashOp, FlashPass};
 use crate::matmul::MatmulOp;
@@ -32,6 +33,15 @@ pub trait AnyOp: Send + Sync {
     fn reference(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<ArrayD<f64>>, Error>;
     /// What `torchtpu tables` tunes for `target`: (bucket, problem) pairs.
     fn table_jobs(&self, target: TableTarget) -> Vec<(String, Box<dyn Tunable>)>;
+    /// The module a TPU runs for `problem` on `chip` (its tuned config), as [`op::tpu_module`].
+    fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<String, Error>;
+}
+
+/// The operand and output types of `op` on `problem` (outputs as its call declares them).
+pub fn signature(op: &dyn AnyOp, problem: &Value) -> Result<(Vec<ValueType>, Vec<ValueType>), Error> {
+    let (call, inputs) = op.call(problem, None, None)?;
+    let traced = call.trace(&inputs)?;
+    Ok((inputs, traced.outputs.into_iter().map(|o| o.array).collect()))
 }
 
 fn problem_of<O: Op>(op: &O, v: &Value) -> Result<O::Problem, Error> {
@@ -66,6 +76,9 @@ impl<O: Op> AnyOp for O {
     }
     fn table_jobs(&self, target: TableTarget) -> Vec<(String, Box<dyn Tunable>)> {
         self.table_problems(target).into_iter().map(|p| (self.bucket(&p), Box::new(Tuning { op: self.clone(), problem: p }) as Box<dyn Tunable>)).collect()
+    }
+    fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<String, Error> {
+        op::tpu_module(self, &problem_of(self, problem)?, None, chip)
     }
 }
 

@@ -7,6 +7,7 @@ use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
 mod dlpack;
+mod generic;
 mod ops;
 mod tensor;
 mod tpu;
@@ -52,5 +53,9 @@ fn _torchtpu(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tpu::flash_attention_tpu_modules, m)?)?;
     m.add_function(wrap_pyfunction!(tpu::matmul_tpu_module, m)?)?;
     m.add_function(wrap_pyfunction!(tpu::compile_for_tpu, m)?)?;
+    m.add_function(wrap_pyfunction!(generic::op_names, m)?)?;
+    m.add_function(wrap_pyfunction!(generic::op_signature, m)?)?;
+    m.add_function(wrap_pyfunction!(generic::op_run, m)?)?;
+    m.add_function(wrap_pyfunction!(generic::op_tpu_module, m)?)?;
     Ok(())
 }

@@ -30,10 +30,10 @@ fn backend() -> PyResult<Backend> {
     }
 }
 
-fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
+pub(crate) fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
     use torchtpu_kernels::Error;
     match e {
-        Error::Shape(_) => PyValueError::new_err(e.to_string()),
+        Error::Shape(_) | Error::Config(_) => PyValueError::new_err(e.to_string()),
         Error::Dtype(_) => PyTypeError::new_err(e.to_string()),
         Error::Memory(_)
         | Error::Exec(torchtpu_exec::Error::Memory(_))
@@ -51,7 +51,7 @@ fn exec_error(e: torchtpu_exec::Error) -> PyErr {
 /// Kernels ready to run, by the backend and what they were made for. Compiling happens with
 /// the GIL released. (A child forked after PJRT started runs on the interpreter: its keys
 /// differ, so it never touches the parent's PJRT executables.)
-fn prepared(
+pub(crate) fn prepared(
     py: Python<'_>,
     key: String,
     make: impl FnOnce(Backend) -> Result<PallasCall, torchtpu_kernels::Error> + Send,
@@ -77,7 +77,7 @@ fn prepared(
 
 /// Runs `c` with the GIL released; the outputs come back as DLPack capsules over the memory
 /// the backend wrote them in.
-fn run(py: Python<'_>, c: &Prepared, inputs: &[&[u8]]) -> PyResult<Vec<Py<PyAny>>> {
+pub(crate) fn run(py: Python<'_>, c: &Prepared, inputs: &[&[u8]]) -> PyResult<Vec<Py<PyAny>>> {
     let outputs = py.detach(|| c.run_to_host(inputs)).map_err(exec_error)?;
     capsules(py, outputs)
 }

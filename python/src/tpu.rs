@@ -8,7 +8,7 @@ use torchtpu_kernels::flash::{self, AttentionOptions, AttentionShape};
 use torchtpu_kernels::matmul::{self, MatmulOptions, MatmulShape};
 use torchtpu_runtime::{Chip, TpuCompiler};
 
-fn chip(name: &str) -> PyResult<Chip> {
+pub(crate) fn chip(name: &str) -> PyResult<Chip> {
     name.parse()
         .map_err(|e: torchtpu_runtime::Error| PyValueError::new_err(e.to_string()))
 }

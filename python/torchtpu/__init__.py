@@ -1,7 +1,7 @@
 """torchtpu's kernels as PyTorch ops.
 
-``import torchtpu`` registers ``torch.ops.torchtpu.flash_attention`` and
-``torch.ops.torchtpu.matmul`` (torch also imports this package by itself through its
+``import torchtpu`` registers ``torch.ops.torchtpu.flash_attention``,
+``torch.ops.torchtpu.matmul`` and ``torch.ops.torchtpu.rms_norm`` (torch also imports this package by itself through its
 ``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
 """
@@ -15,9 +15,12 @@ def _autoload() -> None:
 # Defined before anything imports torch: `import torchtpu` before `import torch` makes torch
 # run its backend autoload, which looks this hook up on the partly imported package.
 from torchtpu import ops as _ops  # noqa: E402
+from torchtpu import library  # noqa: E402
+from torchtpu import norm as _norm  # noqa: E402
 from torchtpu import tpu  # noqa: E402
 
 flash_attention = _ops.flash_attention
 matmul = _ops.matmul
+rms_norm = _norm.rms_norm
 
-__all__ = ["flash_attention", "matmul", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "library", "tpu"]

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu import _torchtpu, ops
+from torchtpu import _torchtpu, norm, ops
 from torchtpu.ops import _check_attention, _check_matmul
 
 # Lanes and sublanes the attention kernels replicate segment ids across (see kernels/src/flash.rs).
@@ -87,6 +87,14 @@ def matmul_kernel(a: Tensor, b: Tensor, chip: Optional[str] = None) -> TpuKernel
     module = _torchtpu.matmul_tpu_module(batch, m, n, k, _dtype_name(a.dtype), False, chip)
     lead = (batch,) if batch is not None else ()
     return _kernel(f"torchtpu_matmul_{chip}", module, [(tuple(a.shape), a.dtype), (tuple(b.shape), b.dtype)], [((*lead, m, n), a.dtype)])
+
+
+def op_kernel(op, problem: dict, chip: Optional[str] = None) -> TpuKernel:
+    """The kernel a registered Rust op (a :class:`torchtpu.library.RustOp`) registers for
+    ``problem`` on ``chip``."""
+    chip = chip or default_chip()
+    inputs, outputs = op.signature(problem)
+    return _kernel(f"torchtpu_{op.name}_{chip}", op.tpu_module(problem, chip), inputs, outputs)
 
 
 def compile(kernel: TpuKernel, chip: Optional[str] = None) -> int:
@@ -161,6 +169,8 @@ def register() -> bool:
     torch.library.register_kernel(ops.flash_attention_forward, "tpu", _flash_forward_tpu)
     torch.library.register_kernel(ops.flash_attention_backward, "tpu", _flash_backward_tpu)
     torch.library.register_kernel(ops.matmul, "tpu", _matmul_tpu)
+    torch.library.register_kernel(norm.rms_norm_forward, "tpu", norm._forward_impl)
+    torch.library.register_kernel(norm.rms_norm_backward, "tpu", norm._backward_impl)
     _registered = True
     return True
 

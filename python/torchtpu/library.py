@@ -1,0 +1,92 @@
+"""PyTorch ops from the ops registered in Rust (``torchtpu_kernels::registry``).
+
+A Rust op describes itself: its problem (a JSON object: shapes, dtype, flags), its operand and
+output types for a problem, its CPU run (PJRT) and the module a TPU runs. :class:`RustOp` turns
+that into what a ``torch.library.custom_op`` needs — the CPU implementation, the fake (meta)
+implementation and the ``tpu`` implementation through TorchTPU's kernel bridge — so that an op's
+Python is only how its torch arguments map onto its problem and operands.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from torchtpu import _torchtpu
+
+_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "i32": torch.int32, "i8": torch.int8, "bool": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The Rust name of ``dtype`` (``f32``, ``bf16``...), as problems spell it."""
+    if dtype not in _NAMES:
+        raise TypeError(f"torchtpu's kernels do not take {dtype}")
+    return _NAMES[dtype]
+
+
+def names() -> list[str]:
+    """The ops registered in Rust."""
+    return list(_torchtpu.op_names())
+
+
+class RustOp:
+    """The Rust op called ``name``, run on a problem (a dict) over its operands."""
+
+    def __init__(self, name: str):
+        if name not in names():
+            raise ValueError(f"no Rust op `{name}`; the registered ones are {', '.join(names())}")
+        self.name = name
+
+    @staticmethod
+    def _key(problem: dict) -> str:
+        return json.dumps(problem, sort_keys=True)
+
+    @functools.lru_cache(maxsize=1024)
+    def _signature(self, key: str):
+        inputs, outputs = _torchtpu.op_signature(self.name, key)
+        as_torch = lambda types: tuple((tuple(shape), _DTYPES[d]) for shape, d in types)  # noqa: E731
+        return as_torch(inputs), as_torch(outputs)
+
+    def signature(self, problem: dict):
+        """((shape, dtype) of each operand, (shape, dtype) of each output) for ``problem``."""
+        return self._signature(self._key(problem))
+
+    def empty_outputs(self, problem: dict, like: Tensor) -> list[Tensor]:
+        """Uninitialized outputs on ``like``'s device: the fake implementation."""
+        _, outputs = self.signature(problem)
+        return [like.new_empty(shape, dtype=dtype) for shape, dtype in outputs]
+
+    def __call__(self, problem: dict, operands: Sequence[Tensor]) -> list[Tensor]:
+        """The outputs of the op on ``operands``, on their device: CPU through PJRT, a TorchTPU
+        ``tpu`` device through the kernel bridge."""
+        device = operands[0].device if operands else torch.device("cpu")
+        if device.type == "tpu":
+            from torchtpu import tpu
+
+            return tpu._run(tpu.op_kernel(self, problem), [t.contiguous() for t in operands], device)
+        capsules = _torchtpu.op_run(self.name, self._key(problem), [t.contiguous() for t in operands])
+        return [torch.from_dlpack(c) for c in capsules]
+
+    def tpu_module(self, problem: dict, chip: str) -> str:
+        """The StableHLO module (Mosaic in a ``tpu_custom_call``) this op runs on ``chip``."""
+        return _torchtpu.op_tpu_module(self.name, self._key(problem), chip)
+
+
+def check_tensor(name: str, t, dtypes=(torch.float32, torch.bfloat16)) -> None:
+    """``t`` is a tensor of one of ``dtypes``: else the error a user sees."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} is {t.dtype}; torchtpu's kernels take {' or '.join(str(d) for d in dtypes)}")
+
+
+def same_device(**tensors: Optional[Tensor]) -> None:
+    present = {n: t for n, t in tensors.items() if t is not None}
+    if len({t.device for t in present.values()}) > 1:
+        where = ", ".join(f"{n} on {t.device}" for n, t in present.items())
+        raise ValueError(f"all tensors must be on one device; got {where}")
