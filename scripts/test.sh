@@ -10,3 +10,5 @@ cargo run --locked --quiet --example quickstart > /dev/null
 VENV="${TORCHTPU_VENV:-$HOME/.cache/torchtpu/venv}"
 bash scripts/python-package.sh
 "$VENV/bin/python" -m pytest -q -p no:cacheprovider python/tests
+# A user's own ops in a crate of its own (examples/user-ops): built, then tested from Rust and Python.
+bash scripts/user-ops.sh

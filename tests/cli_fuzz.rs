@@ -37,9 +37,13 @@ fn hostile_arguments_get_a_message_and_an_exit_code() {
         vec!["run", "matmul", "--set", "nokey"],
         vec!["run", "matmul", "--set", "zz=3"],
         vec!["run", "flash_attention", "--set", "head_dim=100000000"],
-        vec!["run", "flash_attention", "--set", "seq=2147483647,bq=1"],
+        vec!["run", "flash_attention", "--set", "q_len=2147483647,bq=1"],
+        vec!["run", "flash_attention", "--set", "heads=3"],
+        vec!["run", "rms_norm", "--set", "eps=nan"],
+        vec!["run", "rms_norm", "--set", "block_rows=0"],
+        vec!["tune", "matmul", "--set", "bm=64"],
         vec!["run", "matmul", "--backend", "warp-drive"],
-        vec!["run", "gather", "--set", "pages=2147483647"],
+        vec!["run", "rms_norm", "--set", "rows=2147483647,dim=2147483647"],
         vec!["interpret", "nope"],
         vec!["interpret", "matmul", "--seed", "-5"],
         vec!["tune", "nope"],
@@ -67,7 +71,7 @@ fn hostile_environment_gets_a_message_and_an_exit_code() {
     let libtpu = torchtpu_runtime::locate::libtpu().expect("libtpu (run scripts/setup.sh)");
     let libtpu = libtpu.to_string_lossy().into_owned();
     for (var, value) in [("TORCHTPU_PJRT_CPU", "/nonexistent.so"), ("TORCHTPU_PJRT_CPU", "/etc/passwd"), ("TORCHTPU_PJRT_CPU", libtpu.as_str()), ("TORCHTPU_LIBTPU", "/nonexistent.so")] {
-        let args: &[&str] = if var == "TORCHTPU_LIBTPU" { &["check", "add", "--chips", "v5e"] } else { &["run", "add"] };
+        let args: &[&str] = if var == "TORCHTPU_LIBTPU" { &["check", "matmul", "--chips", "v5e"] } else { &["run", "matmul", "--set", "m=64,n=64,k=64"] };
         let (code, signal, stderr) = run(args, &[(var, value)]);
         assert_eq!(signal, None, "{var}={value}: signal {signal:?}\n{stderr}");
         assert!(code.is_some_and(|c| c != 0) && !stderr.trim().is_empty(), "{var}={value}: exit {code:?}, stderr {stderr}");

@@ -25,7 +25,7 @@ use torchtpu_runtime::{Chip, TpuCompiler};
 
 use crate::cache::CacheKey;
 use crate::model::{features, predict_tpu_seconds, Features, Surrogate};
-pub use crate::problem::{FlashProblem, MatmulProblem, Tunable};
+pub use crate::problem::Tunable;
 pub use crate::report::{Candidate, Outcome, TuneReport};
 pub use crate::space::{Config, SearchSpace};
 

@@ -3,11 +3,48 @@
 
 use std::time::Duration;
 
-use torchtpu_autotune::{cache, key_for, tune, Device, MatmulProblem, Outcome, SearchSpace, Strategy, Tunable, TuneOptions};
+use torchtpu_autotune::problem::block_candidates;
+use torchtpu_autotune::{cache, key_for, tune, Config, Device, Outcome, SearchSpace, Strategy, Tunable, TuneOptions};
 use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 use torchtpu_exec::Backend;
 use torchtpu_runtime::Chip;
+use torchtpu_testkernels::{matmul::Matmul, Example};
+
+/// The acceptance matmul at fixed M, N, K; tunables `bm`, `bn`, `bk`.
+struct MatmulProblem {
+    m: usize,
+    n: usize,
+    k: usize,
+    dtype: DType,
+}
+
+impl MatmulProblem {
+    fn example(&self, c: &Config) -> Matmul {
+        Matmul { m: self.m, n: self.n, k: self.k, block: (c.value("bm"), c.value("bn"), c.value("bk")), dtype: self.dtype }
+    }
+}
+
+impl Tunable for MatmulProblem {
+    fn kernel(&self) -> String {
+        "matmul".into()
+    }
+    fn problem(&self) -> String {
+        format!("m{}n{}k{}/{}", self.m, self.n, self.k, self.dtype)
+    }
+    fn space(&self) -> SearchSpace {
+        SearchSpace::new().param("bm", block_candidates(self.m, 1024)).param("bn", block_candidates(self.n, 1024)).param("bk", block_candidates(self.k, 1024))
+    }
+    fn default_config(&self) -> Config {
+        Config(vec![("bm".into(), 128), ("bn".into(), 128), ("bk".into(), 128)])
+    }
+    fn build(&self, config: &Config) -> torchtpu_autotune::Result<PallasCall> {
+        Ok(self.example(config).call())
+    }
+    fn random_inputs(&self, rng: &mut rand::rngs::StdRng) -> Vec<HostArray> {
+        self.example(&self.default_config()).random_inputs(rng)
+    }
+}
 
 fn quick(dir: &std::path::Path, strategy: Strategy) -> TuneOptions<'static> {
     TuneOptions { strategy, time_per_candidate: Duration::from_millis(15), cache_dir: Some(dir.to_path_buf()), ..TuneOptions::default() }

@@ -5,8 +5,11 @@
 
 use std::time::Duration;
 
-use torchtpu_autotune::{tune, Config, Device, FlashProblem, MatmulProblem, Outcome, Strategy, Tunable, TuneOptions};
-use torchtpu_dsl::{DType, HostArray};
+use torchtpu_autotune::{tune, Config, Device, Outcome, Strategy, Tunable, TuneOptions};
+use torchtpu_dsl::HostArray;
+use torchtpu_kernels::flash::{FlashOp, FlashPass};
+use torchtpu_kernels::matmul::MatmulOp;
+use torchtpu_kernels::op::{Op, Tuning};
 use torchtpu_exec::{Backend, Compiled, Timing};
 
 /// Median times of `configs`, measured in alternation so that machine noise hits all alike.
@@ -58,9 +61,10 @@ fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     if wanted("matmul") {
-        sweep("matmul 1024^3 f32", &MatmulProblem { m: 1024, n: 1024, k: 1024, dtype: DType::F32 });
+        sweep("matmul 1024^3 f32", &Tuning::new(MatmulOp, MatmulOp.example()).expect("the example is valid"));
     }
     if wanted("flash") {
-        sweep("flash attention 1x8x2048x128 causal f32", &FlashProblem { batch: 1, heads: 8, seq: 2048, head_dim: 128, dtype: DType::F32 });
+        let op = FlashOp(FlashPass::Forward);
+        sweep("flash attention 1x8x2048x128 causal f32", &Tuning::new(op, op.example()).expect("the example is valid"));
     }
 }

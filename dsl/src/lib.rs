@@ -5,6 +5,7 @@
 //! its grid and block specs; [`PallasCall::trace`] produces a [`TracedCall`] for the code
 //! generators, and [`PallasCall::interpret`] runs it on the CPU.
 
+pub mod accuracy;
 pub mod call;
 pub mod dtype;
 pub mod error;

@@ -13,7 +13,7 @@ use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{HostArray, InterpretOptions, PallasCall, TracedCall};
 use torchtpu_runtime::{locate, Buffer, Client, Executable, Plugin};
 
-pub use transfer::{download, upload};
+pub use transfer::{download, from_bytes, to_bytes, upload};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Error {

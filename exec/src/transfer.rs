@@ -29,7 +29,7 @@ pub fn upload(client: &Client, a: &HostArray) -> Result<Buffer> {
 }
 
 /// `a`'s elements, row-major, little-endian.
-pub(crate) fn to_bytes(a: &HostArray) -> Vec<u8> {
+pub fn to_bytes(a: &HostArray) -> Vec<u8> {
     match a {
         HostArray::F32(x) => bytes(x, |v| v.to_le_bytes().to_vec()),
         HostArray::BF16(x) => bytes(x, |v| v.to_bits().to_le_bytes().to_vec()),
@@ -50,7 +50,7 @@ pub fn download(b: &Buffer, t: &ValueType) -> Result<HostArray> {
 }
 
 /// An array of type `t` from its row-major, little-endian bytes.
-pub(crate) fn from_bytes(raw: &[u8], t: &ValueType) -> Result<HostArray> {
+pub fn from_bytes(raw: &[u8], t: &ValueType) -> Result<HostArray> {
     if raw.len() != t.size_bytes() {
         return Err(Error::Input(format!("{} bytes do not make a {t} ({} bytes)", raw.len(), t.size_bytes())));
     }

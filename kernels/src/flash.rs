@@ -202,7 +202,7 @@ fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: Attenti
     if opts.block.is_some() || shape.check_for_kernel().is_err() || check_dtype(dtype).is_err() {
         return opts;
     }
-    let problem = FlashProblem { shape, dtype, causal: opts.causal, segments: false, sm_scale: opts.sm_scale };
+    let problem = FlashProblem { shape, dtype, causal: opts.causal, segments: false, sm_scale: opts.sm_scale.map(f64::from) };
     let c = op::config_for(&FlashOp(pass), &problem, target);
     AttentionOptions { block: Some((c.bq, c.bk)), ..opts }
 }
@@ -225,16 +225,17 @@ pub struct FlashProblem {
     pub dtype: DType,
     pub causal: bool,
     pub segments: bool,
-    pub sm_scale: Option<f32>,
+    #[serde(with = "op::float::option")]
+    pub sm_scale: Option<f64>,
 }
 
 impl FlashProblem {
     fn options(&self, c: &FlashConfig) -> AttentionOptions {
-        AttentionOptions { causal: self.causal, sm_scale: self.sm_scale, block: Some((c.bq, c.bk)) }
+        AttentionOptions { causal: self.causal, sm_scale: self.sm_scale.map(|s| s as f32), block: Some((c.bq, c.bk)) }
     }
 
     fn scale(&self) -> f64 {
-        self.sm_scale.map_or(1.0 / (self.shape.head_dim as f64).sqrt(), f64::from)
+        self.sm_scale.map_or(1.0 / (self.shape.head_dim as f64).sqrt(), |s| f64::from(s as f32))
     }
 }
 
@@ -303,6 +304,30 @@ impl Op for FlashOp {
             FlashPass::Forward => forward_operand_types(p.shape, p.dtype, p.segments),
             _ => backward_operand_types(p.shape, p.dtype, p.segments),
         }
+    }
+    /// Forward: o like q, the log-sum-exp f32 `[b, h, sq, 1]`; dK/dV: like k and v; dQ: like q.
+    fn output_types(&self, p: &FlashProblem) -> Vec<ValueType> {
+        let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim } = p.shape;
+        let q = ValueType::new(p.dtype, [batch, heads, q_len, head_dim]);
+        let kv = ValueType::new(p.dtype, [batch, kv_heads, kv_len, head_dim]);
+        match self.0 {
+            FlashPass::Forward => vec![q, ValueType::new(DType::F32, [batch, heads, q_len, 1])],
+            FlashPass::BackwardDkv => vec![kv.clone(), kv],
+            FlashPass::BackwardDq => vec![q],
+        }
+    }
+    fn is_empty(&self, p: &FlashProblem) -> bool {
+        p.shape.is_empty()
+    }
+    /// Zeros; the forward's log-sum-exp is [`empty_lse`]'s (segment ids read from the operands).
+    fn empty_outputs(&self, p: &FlashProblem, inputs: &[HostArray]) -> Vec<HostArray> {
+        let mut out: Vec<HostArray> = self.output_types(p).iter().map(|t| HostArray::from_f64(t.dtype, &ArrayD::zeros(t.shape.clone()))).collect();
+        if let (FlashPass::Forward, [_, _, _, qs, ks]) = (self.0, inputs) {
+            let segments = segment_ids_of(p, qs, ks);
+            let lse = empty_lse(p.shape, p.causal, segments.as_ref().map(|(q, k)| (q.view(), k.view())));
+            out[1] = HostArray::from(lse.insert_axis(Axis(3)));
+        }
+        out
     }
     /// Random q, k, v (and dO); for the backward kernels, o and the log-sum-exp of the
     /// forward on them, as the backward assumes.

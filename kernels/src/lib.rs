@@ -22,6 +22,9 @@ pub enum Error {
     Table(String),
     #[error("config: {0}")]
     Config(String),
+    /// An op name, a setting or a problem that does not describe anything registered.
+    #[error("{0}")]
+    Argument(String),
     #[error(transparent)]
     Trace(#[from] torchtpu_dsl::Error),
     #[error(transparent)]

@@ -149,6 +149,13 @@ impl Op for MatmulOp {
     fn operand_types(&self, p: &MatmulProblem) -> Vec<ValueType> {
         operand_types(p.shape, p.dtype, p.transpose_b)
     }
+    fn output_types(&self, p: &MatmulProblem) -> Vec<ValueType> {
+        vec![ValueType::new(p.dtype, p.shape.output_shape())]
+    }
+    /// A dim of 0: the output is empty, or (K = 0) all zeros, as `torch.matmul` gives.
+    fn is_empty(&self, p: &MatmulProblem) -> bool {
+        p.shape.is_empty()
+    }
     fn reference(&self, p: &MatmulProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
         match inputs {
             [a, b] => vec![reference(&a.to_f64(), &b.to_f64(), p.transpose_b)],
@@ -253,13 +260,9 @@ pub fn shape_of(a: &HostArray, b: &HostArray, transpose_b: bool) -> Result<Matmu
 
 /// `a · b` (or `a · bᵀ`) on `backend`; empty problems give zeros without running a kernel.
 pub fn matmul(a: &HostArray, b: &HostArray, opts: MatmulOptions, backend: Backend) -> Result<HostArray, Error> {
-    let shape = shape_of(a, b, opts.transpose_b)?;
-    op::check_float_dtype("matmul", a.dtype())?;
-    if shape.is_empty() {
-        return Ok(HostArray::from_f64(a.dtype(), &ArrayD::zeros(shape.output_shape())));
-    }
-    let opts = with_tuned_block(shape, a.dtype(), opts, backend);
-    let mut out = torchtpu_exec::run(&call(shape, a.dtype(), opts)?, backend, &[a.clone(), b.clone()])?;
+    let problem = MatmulProblem { shape: shape_of(a, b, opts.transpose_b)?, dtype: a.dtype(), transpose_b: opts.transpose_b };
+    let explicit = opts.block.map(|(bm, bn, bk)| MatmulConfig { bm, bn, bk });
+    let mut out = op::run(&MatmulOp, &problem, explicit.as_ref(), &[a.clone(), b.clone()], backend)?;
     out.pop().ok_or_else(|| Error::Shape("the kernel returned no output".into()))
 }
 

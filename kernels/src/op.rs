@@ -55,6 +55,16 @@ pub trait Op: Clone + Send + Sync + 'static {
     fn call(&self, p: &Self::Problem, c: &Self::Config) -> Result<PallasCall, Error>;
     /// The operands' types (scalar-prefetch arrays, then inputs), in the call's order.
     fn operand_types(&self, p: &Self::Problem) -> Vec<ValueType>;
+    /// The outputs' types, in the call's order.
+    fn output_types(&self, p: &Self::Problem) -> Vec<ValueType>;
+    /// Whether `p` has nothing for a kernel to do (a dim of 0): [`Op::empty_outputs`] answers it.
+    fn is_empty(&self, _p: &Self::Problem) -> bool {
+        false
+    }
+    /// The outputs of an empty problem, computed on the host as PyTorch would: zeros by default.
+    fn empty_outputs(&self, p: &Self::Problem, _inputs: &[HostArray]) -> Vec<HostArray> {
+        self.output_types(p).iter().map(|t| HostArray::from_f64(t.dtype, &ArrayD::zeros(t.shape.clone()))).collect()
+    }
     /// Operands to time and check with: uniform in [-1, 1) for floats, zeros for integers.
     fn random_inputs(&self, p: &Self::Problem, rng: &mut StdRng) -> Vec<HostArray> {
         self.operand_types(p).iter().map(|t| random_operand(rng, t)).collect()
@@ -63,6 +73,11 @@ pub trait Op: Clone + Send + Sync + 'static {
     fn reference(&self, p: &Self::Problem, inputs: &[HostArray]) -> Vec<ArrayD<f64>>;
     /// The problems `torchtpu tables` tunes for `target`: one per bucket the tables hold.
     fn table_problems(&self, target: TableTarget) -> Vec<Self::Problem>;
+    /// The tuned tables the op's calls read: the shipped ones; an op of another crate gives
+    /// its own ([`tables::Tables::parse`] over its `include_str!`ed files).
+    fn tables(&self) -> &'static tables::Tables {
+        tables::shipped()
+    }
 }
 
 /// Uniform [-1, 1) for a float operand, zeros for an integer one.
@@ -104,7 +119,7 @@ pub fn config_for<O: Op>(op: &O, p: &O::Problem, target: Option<TableTarget>) ->
     let tuned = target.and_then(|target| {
         let tuning = Tuning { op: op.clone(), problem: op.tuning_problem(p) };
         let cached = torchtpu_autotune::cached_best(&tuning, tables::tuning_device(target)).and_then(|c| from_tuner_config(op, &c).ok());
-        cached.or_else(|| tables::entry(target, op.name(), &op.bucket(p)).and_then(|v| serde_json::from_value(v.clone()).ok()))
+        cached.or_else(|| op.tables().entry(target, op.name(), &op.bucket(p)).and_then(|v| serde_json::from_value(v.clone()).ok()))
     });
     match tuned {
         Some(c) => op.fit(p, c),
@@ -137,8 +152,19 @@ pub fn tpu_module<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, c
     Ok(lower(&traced, Target::TpuStableHlo)?)
 }
 
-/// `op` on `p` run on `backend` over host arrays, with the config it uses there.
+/// `op` on `p` run on `backend` over host arrays, with the config it uses there; an empty
+/// problem's outputs come from [`Op::empty_outputs`], no kernel run.
 pub fn run<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, inputs: &[HostArray], backend: Backend) -> Result<Vec<HostArray>, Error> {
+    op.check(p)?;
+    let types = op.operand_types(p);
+    if inputs.len() != types.len() || inputs.iter().zip(&types).any(|(a, t)| a.value_type() != *t) {
+        let got: Vec<String> = inputs.iter().map(|a| a.value_type().to_string()).collect();
+        let want: Vec<String> = types.iter().map(ToString::to_string).collect();
+        return Err(Error::Shape(format!("{} takes operands [{}]; got [{}]", op.name(), want.join(", "), got.join(", "))));
+    }
+    if op.is_empty(p) {
+        return Ok(op.empty_outputs(p, inputs));
+    }
     Ok(torchtpu_exec::run(&tuned_call(op, p, explicit, backend)?, backend, inputs)?)
 }
 
@@ -183,6 +209,60 @@ impl<O: Op> Tunable for Tuning<O> {
     }
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
         self.op.random_inputs(&self.problem, rng)
+    }
+}
+
+/// Float fields of problems that may be NaN or infinite (a scale a user passes through, as
+/// PyTorch would): JSON has no such numbers, so they travel as the strings `"nan"`, `"inf"`
+/// and `"-inf"`; finite values as numbers. Use as `#[serde(with = "op::float")]`.
+pub mod float {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        match *x {
+            x if x.is_finite() => s.serialize_f64(x),
+            x if x.is_nan() => s.serialize_str("nan"),
+            x if x > 0.0 => s.serialize_str("inf"),
+            _ => s.serialize_str("-inf"),
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Wire {
+        Number(f64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        match Wire::deserialize(d)? {
+            Wire::Number(x) => Ok(x),
+            Wire::Text(t) => match t.as_str() {
+                "nan" => Ok(f64::NAN),
+                "inf" => Ok(f64::INFINITY),
+                "-inf" => Ok(f64::NEG_INFINITY),
+                other => Err(serde::de::Error::custom(format!("`{other}` is not a number (nor nan, inf or -inf)"))),
+            },
+        }
+    }
+
+    /// The same for an optional float (`null` for none).
+    pub mod option {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(x: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+            match x {
+                Some(x) => super::serialize(x, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        #[derive(Deserialize)]
+        struct Float(#[serde(with = "super")] f64);
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+            Ok(Option::<Float>::deserialize(d)?.map(|Float(x)| x))
+        }
     }
 }
 

@@ -35,17 +35,20 @@ pub trait AnyOp: Send + Sync {
     fn table_jobs(&self, target: TableTarget) -> Vec<(String, Box<dyn Tunable>)>;
     /// The module a TPU runs for `problem` on `chip` (its tuned config), as [`op::tpu_module`].
     fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<String, Error>;
+    /// The config `problem` uses on `target` (the heuristic for `None`).
+    fn config(&self, problem: &Value, target: Option<TableTarget>) -> Result<Value, Error>;
+    /// The operand and output types of `problem`.
+    fn signature(&self, problem: &Value) -> Result<(Vec<ValueType>, Vec<ValueType>), Error>;
+    /// Whether `problem` has nothing for a kernel to do; then [`AnyOp::empty_outputs`] answers it.
+    fn is_empty(&self, problem: &Value) -> Result<bool, Error>;
+    /// The outputs of an empty `problem`, computed on the host from its inputs.
+    fn empty_outputs(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<HostArray>, Error>;
 }
 
-/// The operand and output types of `op` on `problem` (outputs as its call declares them).
-pub fn signature(op: &dyn AnyOp, problem: &Value) -> Result<(Vec<ValueType>, Vec<ValueType>), Error> {
-    let (call, inputs) = op.call(problem, None, None)?;
-    let traced = call.trace(&inputs)?;
-    Ok((inputs, traced.outputs.into_iter().map(|o| o.array).collect()))
-}
+
 
 fn problem_of<O: Op>(op: &O, v: &Value) -> Result<O::Problem, Error> {
-    let p: O::Problem = serde_json::from_value(v.clone()).map_err(|e| Error::Shape(format!("not a {} problem: {e} (in {v})", op.name())))?;
+    let p: O::Problem = serde_json::from_value(v.clone()).map_err(|e| Error::Argument(format!("not a {} problem: {e} (in {v})", op.name())))?;
     op.check(&p)?;
     Ok(p)
 }
@@ -80,6 +83,19 @@ impl<O: Op> AnyOp for O {
     fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<String, Error> {
         op::tpu_module(self, &problem_of(self, problem)?, None, chip)
     }
+    fn config(&self, problem: &Value, target: Option<TableTarget>) -> Result<Value, Error> {
+        serde_json::to_value(op::config_for(self, &problem_of(self, problem)?, target)).map_err(|e| Error::Config(e.to_string()))
+    }
+    fn signature(&self, problem: &Value) -> Result<(Vec<ValueType>, Vec<ValueType>), Error> {
+        let p = problem_of(self, problem)?;
+        Ok((self.operand_types(&p), self.output_types(&p)))
+    }
+    fn is_empty(&self, problem: &Value) -> Result<bool, Error> {
+        Ok(Op::is_empty(self, &problem_of(self, problem)?))
+    }
+    fn empty_outputs(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<HostArray>, Error> {
+        Ok(Op::empty_outputs(self, &problem_of(self, problem)?, inputs))
+    }
 }
 
 /// Every shipped op, in the order `torchtpu list` shows them.
@@ -90,36 +106,72 @@ pub fn ops() -> &'static [&'static dyn AnyOp] {
 
 /// The shipped op called `name`.
 pub fn find(name: &str) -> Result<&'static dyn AnyOp, Error> {
-    ops().iter().copied().find(|o| o.name() == name).ok_or_else(|| {
-        let names: Vec<&str> = ops().iter().map(|o| o.name()).collect();
-        Error::Shape(format!("no op `{name}`; the shipped ops are {}", names.join(", ")))
+    find_in(ops(), name)
+}
+
+/// The op of `ops` called `name`.
+pub fn find_in(ops: &[&'static dyn AnyOp], name: &str) -> Result<&'static dyn AnyOp, Error> {
+    ops.iter().copied().find(|o| o.name() == name).ok_or_else(|| {
+        let names: Vec<&str> = ops.iter().map(|o| o.name()).collect();
+        Error::Argument(format!("no op `{name}`; the ops are {}", names.join(", ")))
     })
 }
 
-/// `op`'s example problem in `dtype` with `settings` (`field`, value) over it: each value read
-/// as its field's type (a boolean field also takes 0 and 1); unknown fields are an error that
+/// A problem and, if any of its fields were set, a config, from `key=value` settings.
+pub struct Selection {
+    pub problem: Value,
+    pub config: Option<Value>,
+}
+
+/// `op`'s example problem in `dtype` with `settings` (`field`, value) over it, and over the
+/// config it would use (the heuristic) when a setting names a config field: each value read as
+/// its field's type (a boolean field also takes 0 and 1); an unknown field is an error that
 /// lists the known ones.
-pub fn problem_with(op: &dyn AnyOp, dtype: Option<DType>, settings: &[(String, String)]) -> Result<Value, Error> {
+pub fn select(op: &dyn AnyOp, dtype: Option<DType>, settings: &[(String, String)]) -> Result<Selection, Error> {
     let mut problem = op.example();
     let Some(fields) = problem.as_object_mut() else {
-        return Err(Error::Shape(format!("{} has no problem fields", op.name())));
+        return Err(Error::Argument(format!("{} has no problem fields", op.name())));
     };
     if let Some(dtype) = dtype {
         fields.insert("dtype".into(), serde_json::to_value(dtype).map_err(|e| Error::Dtype(e.to_string()))?);
     }
-    for (key, text) in settings {
-        let Some(slot) = fields.get_mut(key) else {
-            let known: Vec<&str> = fields.keys().map(String::as_str).filter(|k| *k != "dtype").collect();
-            return Err(Error::Shape(format!("`{}` has no setting `{key}`; it takes {}", op.name(), known.join(", "))));
-        };
-        let text = text.trim();
-        let value = match (&*slot, text) {
-            (Value::Bool(_), "1") => Value::Bool(true),
-            (Value::Bool(_), "0") => Value::Bool(false),
-            (Value::String(_), _) => Value::String(text.into()),
-            _ => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into())),
-        };
-        *slot = value;
+    let (problem_settings, config_settings): (Vec<_>, Vec<_>) = settings.iter().partition(|(k, _)| fields.contains_key(k));
+    for (key, text) in problem_settings {
+        if let Some(slot) = fields.get_mut(key) {
+            *slot = typed(slot, text);
+        }
     }
-    Ok(problem)
+    if config_settings.is_empty() {
+        return Ok(Selection { problem, config: None });
+    }
+    let mut config = op.config(&problem, None)?;
+    let config_fields = config.as_object_mut().ok_or_else(|| Error::Config(format!("{}'s config has no fields", op.name())))?;
+    for (key, text) in config_settings {
+        let Some(slot) = config_fields.get_mut(key) else {
+            let known = |m: &serde_json::Map<String, Value>| m.keys().filter(|k| *k != "dtype").cloned().collect::<Vec<_>>().join(", ");
+            let problem_fields = problem.as_object().map(known).unwrap_or_default();
+            return Err(Error::Argument(format!("`{}` has no setting `{key}`; it takes {problem_fields} (the problem) and {} (the config)", op.name(), known(config_fields))));
+        };
+        *slot = typed(slot, text);
+    }
+    Ok(Selection { problem, config: Some(config) })
+}
+
+/// `text` read as the type of the value in `slot`.
+fn typed(slot: &Value, text: &str) -> Value {
+    let text = text.trim();
+    match (slot, text) {
+        (Value::Bool(_), "1") => Value::Bool(true),
+        (Value::Bool(_), "0") => Value::Bool(false),
+        (Value::String(_), _) => Value::String(text.into()),
+        _ => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into())),
+    }
+}
+
+/// `value`'s fields as `key=value,...` (a config or a problem, for names and messages).
+pub fn describe(value: &Value) -> String {
+    match value.as_object() {
+        Some(fields) => fields.iter().map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), str::to_string))).collect::<Vec<_>>().join(","),
+        None => value.to_string(),
+    }
 }

@@ -78,7 +78,8 @@ pub struct RmsNormProblem {
     pub dim: usize,
     pub dtype: DType,
     pub affine: bool,
-    pub eps: f32,
+    #[serde(with = "op::float")]
+    pub eps: f64,
 }
 
 /// The rows per block.
@@ -88,13 +89,7 @@ pub struct RmsNormConfig {
 }
 
 /// The eps problems are tuned at: it cannot change which block is fastest.
-const TUNING_EPS: f32 = 1e-6;
-
-impl RmsNormProblem {
-    fn is_empty(&self) -> bool {
-        self.rows == 0 || self.dim == 0
-    }
-}
+const TUNING_EPS: f64 = 1e-6;
 
 impl Op for RmsNormOp {
     type Problem = RmsNormProblem;
@@ -111,8 +106,8 @@ impl Op for RmsNormOp {
     }
     fn check(&self, p: &RmsNormProblem) -> Result<(), Error> {
         op::check_float_dtype(self.name(), p.dtype)?;
-        if !(p.eps.is_finite() && p.eps >= 0.0) {
-            return Err(Error::Shape(format!("{}: eps must be finite and non-negative; got {}", self.name(), p.eps)));
+        if !((p.eps as f32).is_finite() && p.eps >= 0.0) {
+            return Err(Error::Shape(format!("{}: eps must be finite (in f32) and non-negative; got {}", self.name(), p.eps)));
         }
         Ok(())
     }
@@ -142,7 +137,7 @@ impl Op for RmsNormOp {
     }
     fn call(&self, p: &RmsNormProblem, c: &RmsNormConfig) -> Result<PallasCall, Error> {
         self.check(p)?;
-        if p.is_empty() {
+        if self.is_empty(p) {
             return Err(Error::Shape(format!("a kernel call needs rows and dim (the host API handles empty ones): {p:?}")));
         }
         let (br, d) = (c.block_rows, p.dim);
@@ -156,15 +151,15 @@ impl Op for RmsNormOp {
         let call = match self {
             RmsNormOp::Forward => {
                 let kernel = match p.dtype {
-                    DType::F32 => forward_kernel::kernel::<f32>(p.eps, d, p.affine),
-                    _ => forward_kernel::kernel::<bf16>(p.eps, d, p.affine),
+                    DType::F32 => forward_kernel::kernel::<f32>(p.eps as f32, d, p.affine),
+                    _ => forward_kernel::kernel::<bf16>(p.eps as f32, d, p.affine),
                 };
                 PallasCall::new(kernel)
                     .name("rms_norm_forward")
                     .grid(grid)
                     .in_specs([rows_spec(), weight_spec()])
                     .out_specs([rows_spec(), column_spec()])
-                    .out_shapes([vec![p.rows, d], vec![p.rows, 1]])
+                    .out_shapes(self.output_types(p).into_iter().map(|t| t.shape))
                     .dimension_semantics([Parallel])
             }
             RmsNormOp::Backward => {
@@ -178,7 +173,7 @@ impl Op for RmsNormOp {
                     .grid(grid)
                     .in_specs([rows_spec(), weight_spec(), rows_spec(), column_spec()])
                     .out_specs([rows_spec(), weight_spec()])
-                    .out_shapes([vec![p.rows, d], vec![1, d]])
+                    .out_shapes(self.output_types(p).into_iter().map(|t| t.shape))
                     .scratch([Vmem::new([1, d])])
                     .dimension_semantics([Arbitrary])
             }
@@ -193,6 +188,25 @@ impl Op for RmsNormOp {
             RmsNormOp::Forward => vec![x, w],
             RmsNormOp::Backward => vec![x.clone(), w, x, ValueType::new(DType::F32, [p.rows, 1])],
         }
+    }
+    /// Forward: y like x and rstd f32 `[rows, 1]`; backward: dx like x and dw f32 `[1, dim]`.
+    fn output_types(&self, p: &RmsNormProblem) -> Vec<ValueType> {
+        let x = ValueType::new(p.dtype, [p.rows, p.dim]);
+        match self {
+            RmsNormOp::Forward => vec![x, ValueType::new(DType::F32, [p.rows, 1])],
+            RmsNormOp::Backward => vec![x, ValueType::new(DType::F32, [1, p.dim])],
+        }
+    }
+    fn is_empty(&self, p: &RmsNormProblem) -> bool {
+        p.rows == 0 || p.dim == 0
+    }
+    /// Zeros, but a row of no values has an rstd of NaN (its mean is 0/0, as torch's).
+    fn empty_outputs(&self, p: &RmsNormProblem, _inputs: &[HostArray]) -> Vec<HostArray> {
+        let mut out: Vec<HostArray> = self.output_types(p).iter().map(|t| HostArray::from_f64(t.dtype, &ArrayD::zeros(t.shape.clone()))).collect();
+        if *self == RmsNormOp::Forward && p.dim == 0 {
+            out[1] = HostArray::from_f64(DType::F32, &ArrayD::from_elem(vec![p.rows, 1], f64::NAN));
+        }
+        out
     }
     /// Random x, weight (and dy); for the backward, the rstd of the forward on them.
     fn random_inputs(&self, p: &RmsNormProblem, rng: &mut rand::rngs::StdRng) -> Vec<HostArray> {
@@ -236,13 +250,13 @@ impl Op for RmsNormOp {
 }
 
 /// `1 / sqrt(mean(x²) + eps)` of each row of `x`, in f64.
-pub fn reference_rstd(x: &Array2<f64>, eps: f32) -> ndarray::Array1<f64> {
+pub fn reference_rstd(x: &Array2<f64>, eps: f64) -> ndarray::Array1<f64> {
     let dim = x.ncols() as f64;
-    x.map_axis(Axis(1), |row| 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / dim + eps as f64).sqrt())
+    x.map_axis(Axis(1), |row| 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / dim + eps).sqrt())
 }
 
 /// The gradients (dx, dw) of `y = x · rstd · w` in f64, written from the definition.
-pub fn reference_backward(x: &Array2<f64>, w: &ndarray::Array1<f64>, dy: &Array2<f64>, eps: f32) -> (Array2<f64>, ndarray::Array1<f64>) {
+pub fn reference_backward(x: &Array2<f64>, w: &ndarray::Array1<f64>, dy: &Array2<f64>, eps: f64) -> (Array2<f64>, ndarray::Array1<f64>) {
     let (rows, dim) = x.dim();
     let r = reference_rstd(x, eps);
     let mut dx = Array2::zeros((rows, dim));
@@ -261,7 +275,7 @@ pub fn reference_backward(x: &Array2<f64>, w: &ndarray::Array1<f64>, dy: &Array2
 
 /// What a user passes: `x` of any rank, normalized over its last dim, and an optional weight
 /// of that length. Returns the problem and x's leading shape.
-fn problem_of(x: &HostArray, weight: Option<&HostArray>, eps: f32) -> Result<RmsNormProblem, Error> {
+fn problem_of(x: &HostArray, weight: Option<&HostArray>, eps: f64) -> Result<RmsNormProblem, Error> {
     let Some((&dim, lead)) = x.shape().split_last() else {
         return Err(Error::Shape("rms_norm normalizes over the last dim: x must have at least one".into()));
     };
@@ -277,25 +291,19 @@ fn problem_of(x: &HostArray, weight: Option<&HostArray>, eps: f32) -> Result<Rms
 }
 
 fn as_rows(a: &HostArray, rows: usize, dim: usize) -> Result<HostArray, Error> {
-    a.reshape(&[rows, dim]).map_err(|e| Error::Shape(e.to_string()))
+    reshaped(a, &[rows, dim])
 }
 
 /// `x / sqrt(mean(x², last dim) + eps) · weight` on `backend`, and each row's `1 / sqrt(..)`
 /// (f32, x's leading shape) for the backward.
-pub fn rms_norm(x: &HostArray, weight: Option<&HostArray>, eps: f32, backend: Backend) -> Result<(HostArray, HostArray), Error> {
+pub fn rms_norm(x: &HostArray, weight: Option<&HostArray>, eps: f64, backend: Backend) -> Result<(HostArray, HostArray), Error> {
     let p = problem_of(x, weight, eps)?;
     let lead = &x.shape()[..x.shape().len() - 1];
-    if p.is_empty() {
-        let rstd = ArrayD::from_elem(lead.to_vec(), if p.dim == 0 { f64::NAN } else { 0.0 });
-        return Ok((x.clone(), HostArray::from_f64(DType::F32, &rstd)));
-    }
-    let w = weight_operand(weight, &p)?;
-    let mut out = op::run(&RmsNormOp::Forward, &p, None, &[as_rows(x, p.rows, p.dim)?, w], backend)?;
+    let mut out = op::run(&RmsNormOp::Forward, &p, None, &[as_rows(x, p.rows, p.dim)?, weight_operand(weight, &p)?], backend)?;
     let missing = || Error::Shape("the kernel returned too few outputs".into());
     let rstd = out.pop().ok_or_else(missing)?;
     let y = out.pop().ok_or_else(missing)?;
-    let y = y.reshape(x.shape()).map_err(|e| Error::Shape(e.to_string()))?;
-    Ok((y, rstd.reshape(lead).map_err(|e| Error::Shape(e.to_string()))?))
+    Ok((reshaped(&y, x.shape())?, reshaped(&rstd, lead)?))
 }
 
 /// The gradients (dx, dweight) of [`rms_norm`] from its rstd and the output's gradient `dy`;
@@ -306,22 +314,22 @@ pub fn rms_norm_backward(x: &HostArray, weight: Option<&HostArray>, dy: &HostArr
     if dy.shape() != x.shape() || dy.dtype() != x.dtype() || rstd.shape() != lead || rstd.dtype() != DType::F32 {
         return Err(Error::Shape(format!("dy must be {} {:?} and rstd f32 {lead:?}; got {} {:?} and {} {:?}", x.dtype(), x.shape(), dy.dtype(), dy.shape(), rstd.dtype(), rstd.shape())));
     }
-    let dw_zeros = || HostArray::from_f64(DType::F32, &ArrayD::zeros(vec![p.dim]));
-    if p.is_empty() {
-        return Ok((HostArray::from_f64(x.dtype(), &ArrayD::zeros(x.shape().to_vec())), weight.map(|_| dw_zeros())));
-    }
-    let inputs = [as_rows(x, p.rows, p.dim)?, weight_operand(weight, &p)?, as_rows(dy, p.rows, p.dim)?, rstd.reshape(&[p.rows, 1]).map_err(|e| Error::Shape(e.to_string()))?];
+    let inputs = [as_rows(x, p.rows, p.dim)?, weight_operand(weight, &p)?, as_rows(dy, p.rows, p.dim)?, reshaped(rstd, &[p.rows, 1])?];
     let mut out = op::run(&RmsNormOp::Backward, &p, None, &inputs, backend)?;
     let missing = || Error::Shape("the kernel returned too few outputs".into());
     let dw = out.pop().ok_or_else(missing)?;
-    let dx = out.pop().ok_or_else(missing)?.reshape(x.shape()).map_err(|e| Error::Shape(e.to_string()))?;
-    Ok((dx, if p.affine { Some(dw.reshape(&[p.dim]).map_err(|e| Error::Shape(e.to_string()))?) } else { None }))
+    let dx = reshaped(&out.pop().ok_or_else(missing)?, x.shape())?;
+    Ok((dx, if p.affine { Some(reshaped(&dw, &[p.dim])?) } else { None }))
+}
+
+fn reshaped(a: &HostArray, shape: &[usize]) -> Result<HostArray, Error> {
+    a.reshape(shape).map_err(Error::Shape)
 }
 
 /// The weight as the kernels take it: `[1, dim]`; zeros (never read) without one.
 fn weight_operand(weight: Option<&HostArray>, p: &RmsNormProblem) -> Result<HostArray, Error> {
     match weight {
-        Some(w) => w.reshape(&[1, p.dim]).map_err(|e| Error::Shape(e.to_string())),
+        Some(w) => reshaped(w, &[1, p.dim]),
         None => Ok(HostArray::from_f64(p.dtype, &ArrayD::zeros(vec![1, p.dim]))),
     }
 }

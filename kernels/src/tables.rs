@@ -37,35 +37,60 @@ pub fn bucket(n: usize, lo: usize, hi: usize) -> usize {
     n.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(lo, hi)
 }
 
-/// The tables shipped in the crate, one JSON file per target.
-const TABLES: [(&str, &str); 6] = [
-    ("cpu", include_str!("../tables/cpu.json")),
-    ("v4", include_str!("../tables/v4.json")),
-    ("v5e", include_str!("../tables/v5e.json")),
-    ("v5p", include_str!("../tables/v5p.json")),
-    ("v6e", include_str!("../tables/v6e.json")),
-    ("tpu7x", include_str!("../tables/tpu7x.json")),
-];
-
 /// A target's table: op name → bucket → config (the op's typed config, as JSON).
 pub type Table = BTreeMap<String, BTreeMap<String, serde_json::Value>>;
 
-/// A target's table, parsed once per process.
-pub fn table(target: TableTarget) -> Result<&'static Table, Error> {
-    static PARSED: OnceLock<Vec<(&'static str, Result<Table, String>)>> = OnceLock::new();
-    let parsed = PARSED.get_or_init(|| {
-        TABLES.iter().map(|&(name, text)| (name, serde_json::from_str(text).map_err(|e| format!("the {name} table is not valid JSON: {e}")))).collect()
-    });
-    match parsed.iter().find(|(n, _)| *n == target.name()) {
-        Some((_, Ok(t))) => Ok(t),
-        Some((_, Err(e))) => Err(Error::Table(e.clone())),
-        None => Err(Error::Table(format!("no table for {}", target.name()))),
+/// A set of tuned tables, one per target, parsed from JSON texts (a crate's `include_str!`ed
+/// files); a text that does not parse is reported when its target is asked for.
+pub struct Tables {
+    parsed: Vec<(String, Result<Table, String>)>,
+}
+
+impl Tables {
+    /// The tables in `sources`: (target name, JSON text) pairs.
+    pub fn parse(sources: &[(&str, &str)]) -> Tables {
+        let parsed = sources.iter().map(|&(name, text)| (name.to_string(), serde_json::from_str(text).map_err(|e| format!("the {name} table is not valid JSON: {e}")))).collect();
+        Tables { parsed }
+    }
+
+    /// `target`'s table.
+    pub fn get(&self, target: TableTarget) -> Result<&Table, Error> {
+        match self.parsed.iter().find(|(n, _)| n == target.name()) {
+            Some((_, Ok(t))) => Ok(t),
+            Some((_, Err(e))) => Err(Error::Table(e.clone())),
+            None => Err(Error::Table(format!("no table for {}", target.name()))),
+        }
+    }
+
+    /// The entry for `op` at `bucket` on `target`, if the table has one.
+    pub fn entry(&self, target: TableTarget, op: &str, bucket: &str) -> Option<&serde_json::Value> {
+        self.get(target).ok()?.get(op)?.get(bucket)
     }
 }
 
-/// The table's entry for `op` at `bucket` on `target`, if it has one.
+/// The tables shipped in this crate (`kernels/tables/<target>.json`), parsed once per process.
+pub fn shipped() -> &'static Tables {
+    static SHIPPED: OnceLock<Tables> = OnceLock::new();
+    SHIPPED.get_or_init(|| {
+        Tables::parse(&[
+            ("cpu", include_str!("../tables/cpu.json")),
+            ("v4", include_str!("../tables/v4.json")),
+            ("v5e", include_str!("../tables/v5e.json")),
+            ("v5p", include_str!("../tables/v5p.json")),
+            ("v6e", include_str!("../tables/v6e.json")),
+            ("tpu7x", include_str!("../tables/tpu7x.json")),
+        ])
+    })
+}
+
+/// A target's shipped table.
+pub fn table(target: TableTarget) -> Result<&'static Table, Error> {
+    shipped().get(target)
+}
+
+/// The shipped table's entry for `op` at `bucket` on `target`, if it has one.
 pub fn entry(target: TableTarget, op: &str, bucket: &str) -> Option<&'static serde_json::Value> {
-    table(target).ok()?.get(op)?.get(bucket)
+    shipped().entry(target, op, bucket)
 }
 
 /// The table a backend uses: the CPU's for the CPU and the interpreter, a chip's for a TPU

@@ -91,7 +91,7 @@ fn no_padding_reaches_an_output() {
 #[test]
 fn reference_gradients_agree_with_finite_differences() {
     let mut rng = StdRng::seed_from_u64(seed());
-    let (rows, dim, eps) = (3, 5, 1e-3f32);
+    let (rows, dim, eps) = (3, 5, 1e-3);
     let x = Array2::from_shape_simple_fn((rows, dim), || StandardNormal.sample(&mut rng));
     let w = Array1::from_shape_simple_fn(dim, || StandardNormal.sample(&mut rng));
     let dy = Array2::from_shape_simple_fn((rows, dim), || StandardNormal.sample(&mut rng));
@@ -160,7 +160,7 @@ fn bad_inputs_are_clear_errors() {
         ("a scalar", rms_norm(&scalar, None, 1e-6, Backend::Cpu).err(), "at least one"),
         ("a short weight", rms_norm(&x, Some(&short), 1e-6, Backend::Cpu).err(), "the weight must be f32 [8]"),
         ("f16", rms_norm(&half, None, 1e-6, Backend::Cpu).err(), "f32 or bf16"),
-        ("NaN eps", rms_norm(&x, None, f32::NAN, Backend::Cpu).err(), "eps must be finite"),
+        ("NaN eps", rms_norm(&x, None, f64::NAN, Backend::Cpu).err(), "eps must be finite"),
         ("negative eps", rms_norm(&x, None, -1.0, Backend::Cpu).err(), "eps must be finite"),
     ] {
         let e = result.unwrap_or_else(|| panic!("{what} was accepted")).to_string();

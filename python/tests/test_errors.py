@@ -1,5 +1,7 @@
 """Bad input raises a clear Python error (never a crash), in eager mode and under fake tensors."""
 
+import json
+
 import pytest
 import torch
 
@@ -67,18 +69,24 @@ def test_native_module_checks_memory_itself():
     from torchtpu import _torchtpu
 
     a, b = torch.randn(8, 4), torch.randn(4, 3)
-    with pytest.raises(ValueError, match="a has k = 4, b has k = 3"):
-        _torchtpu.matmul(a, b.T.contiguous())
+    problem = json.dumps({"batch": None, "m": 8, "n": 3, "k": 4, "dtype": "f32", "transpose_b": False})
+    with pytest.raises(ValueError, match=r"operand 1 must be f32 \[4, 3\]; got f32 \[3, 4\]"):
+        _torchtpu.op_run("matmul", problem, [a, b.T.contiguous()])
     with pytest.raises(ValueError, match="not contiguous"):
-        _torchtpu.matmul(a, torch.randn(3, 4).T)
+        _torchtpu.op_run("matmul", problem, [a, torch.randn(3, 4).T])
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
-        _torchtpu.matmul(a, [1, 2])
+        _torchtpu.op_run("matmul", problem, [a, [1, 2]])
+    with pytest.raises(ValueError, match="no op `nope`"):
+        _torchtpu.op_run("nope", problem, [a, b])
+    with pytest.raises(ValueError, match="not JSON"):
+        _torchtpu.op_run("matmul", "{", [a, b])
+    (out,) = (torch.from_dlpack(c) for c in _torchtpu.op_run("matmul", problem, [a, b]))
+    torch.testing.assert_close(out, a @ b)
     q = torch.randn(1, 2, 8, 4)
-    out, lse = (torch.from_dlpack(c) for c in _torchtpu.flash_attention_forward(q, q, q, None, None, False, 0.5))
-    with pytest.raises(ValueError, match=r"lse must be f32 \[1, 2, 8\]"):
-        _torchtpu.flash_attention_backward(q, q, q, out, out, lse[:, :, :4].contiguous(), None, None, False, 0.5)
-    with pytest.raises(ValueError, match="segment ids come in pairs"):
-        _torchtpu.flash_attention_forward(q, q, q, torch.zeros(1, 8, dtype=torch.int32), None, False, 0.5)
+    out = torchtpu.flash_attention(q, q, q)
+    lse = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match=r"lse must be float32 \[1, 2, 8\]"):
+        torch.ops.torchtpu.flash_attention_backward(q, q, q, out, out, lse, False, 0.5, None, None)
 
 
 def test_outputs_are_fresh_writable_tensors():

@@ -2,6 +2,7 @@
 Python error: empty shapes, NaN, ids past int32, import order, and (with hypothesis) drawn
 shapes, dtypes, strides, NaN/inf, segment ids and scales against an f64 reference."""
 
+import json
 import subprocess
 import sys
 
@@ -81,13 +82,21 @@ def test_int64_segment_ids_outside_int32_are_refused_not_wrapped():
 def test_bad_input_to_the_native_module_is_a_python_error():
     from torchtpu import _torchtpu
 
-    q = torch.randn(1, 2, 8, 16)
-    with pytest.raises(TypeError, match="float32 or bfloat16"):
-        _torchtpu.flash_attention_forward(q.int(), q.int(), q.int(), None, None, False, 0.5)
+    problem = {"batch": 1, "heads": 2, "kv_heads": 2, "q_len": 8, "kv_len": 8, "head_dim": 16, "dtype": "f32", "causal": False, "segments": False, "sm_scale": 0.5}
+    q, seg = torch.randn(1, 2, 8, 16), torch.zeros(1, 8, 128, dtype=torch.int32)
+    run = lambda p, *operands: _torchtpu.op_run("flash_attention", json.dumps(p), list(operands))  # noqa: E731
+    with pytest.raises(TypeError, match="f32 or bf16"):
+        run({**problem, "dtype": "i32"}, q.int(), q.int(), q.int(), seg, seg)
     with pytest.raises(ValueError, match="grouped-query"):
-        _torchtpu.flash_attention_forward(torch.randn(1, 3, 8, 16), q, q, None, None, False, 0.5)
-    with pytest.raises(ValueError):
-        _torchtpu.flash_attention_tpu_modules(1, 2, 2, 8, 8, 16, "float32", False, 0.5, False, "v99")
+        run({**problem, "heads": 3}, torch.randn(1, 3, 8, 16), q, q, seg, seg)
+    with pytest.raises(ValueError, match=r"operand 3 must be i32 \[1, 8, 128\]"):
+        run(problem, q, q, q, q, seg)
+    with pytest.raises(ValueError, match="takes 5 operands"):
+        run(problem, q, q, q)
+    with pytest.raises(ValueError, match="not a flash_attention problem"):
+        run({"batch": -1}, q)
+    with pytest.raises(ValueError, match="unknown TPU chip"):
+        _torchtpu.op_tpu_module("flash_attention", json.dumps(problem), "v99")
 
 
 def _reference_attention(q, k, v, causal, scale, ids_q, ids_k):

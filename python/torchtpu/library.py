@@ -1,4 +1,5 @@
-"""PyTorch ops from the ops registered in Rust (``torchtpu_kernels::registry``).
+"""PyTorch ops from ops written in Rust: torchtpu's registry (``torchtpu_kernels::registry``),
+or a user's crate's.
 
 A Rust op describes itself: its problem (a JSON object: shapes, dtype, flags), its operand and
 output types for a problem, its CPU run (PJRT) and the module a TPU runs. :class:`RustOp` turns
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -29,26 +31,35 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _NAMES[dtype]
 
 
-def names() -> list[str]:
-    """The ops registered in Rust."""
-    return list(_torchtpu.op_names())
+def names(module=_torchtpu) -> list[str]:
+    """The ops an extension module serves (default: torchtpu's own registry)."""
+    return list(module.op_names())
 
 
 class RustOp:
-    """The Rust op called ``name``, run on a problem (a dict) over its operands."""
+    """The Rust op called ``name``, run on a problem (a dict) over its operands.
 
-    def __init__(self, name: str):
-        if name not in names():
-            raise ValueError(f"no Rust op `{name}`; the registered ones are {', '.join(names())}")
+    ``module`` is the extension module serving it: torchtpu's own by default, or a user's,
+    built on the ``torchtpu-pyo3`` crate (``torchtpu_pyo3::ops::add_ops``).
+    """
+
+    def __init__(self, name: str, module=_torchtpu):
+        if name not in names(module):
+            raise ValueError(f"no Rust op `{name}`; the registered ones are {', '.join(names(module))}")
         self.name = name
+        self.module = module
 
     @staticmethod
     def _key(problem: dict) -> str:
-        return json.dumps(problem, sort_keys=True)
+        # JSON has no NaN or infinity: they travel as "nan", "inf" and "-inf" (kernels::op::float).
+        def wire(v):
+            return v if not isinstance(v, float) or math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+
+        return json.dumps({k: wire(v) for k, v in problem.items()}, sort_keys=True)
 
     @functools.lru_cache(maxsize=1024)
     def _signature(self, key: str):
-        inputs, outputs = _torchtpu.op_signature(self.name, key)
+        inputs, outputs = self.module.op_signature(self.name, key)
         as_torch = lambda types: tuple((tuple(shape), _DTYPES[d]) for shape, d in types)  # noqa: E731
         return as_torch(inputs), as_torch(outputs)
 
@@ -69,12 +80,12 @@ class RustOp:
             from torchtpu import tpu
 
             return tpu._run(tpu.op_kernel(self, problem), [t.contiguous() for t in operands], device)
-        capsules = _torchtpu.op_run(self.name, self._key(problem), [t.contiguous() for t in operands])
+        capsules = self.module.op_run(self.name, self._key(problem), [t.contiguous() for t in operands])
         return [torch.from_dlpack(c) for c in capsules]
 
     def tpu_module(self, problem: dict, chip: str) -> str:
         """The StableHLO module (Mosaic in a ``tpu_custom_call``) this op runs on ``chip``."""
-        return _torchtpu.op_tpu_module(self.name, self._key(problem), chip)
+        return self.module.op_tpu_module(self.name, self._key(problem), chip)
 
 
 def check_tensor(name: str, t, dtypes=(torch.float32, torch.bfloat16)) -> None:

@@ -12,9 +12,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu import _torchtpu
+from torchtpu.library import RustOp, dtype_name
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_FORWARD, _DKV, _DQ = RustOp("flash_attention"), RustOp("flash_attention_dkv"), RustOp("flash_attention_dq")
+_MATMUL = RustOp("matmul")
 _SEGMENT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -78,16 +80,51 @@ def _segments_i32(segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor
     return segment_ids.to(torch.int32).contiguous(), kv_segment_ids.to(torch.int32).contiguous()
 
 
+def _attention_problem(q: Tensor, k: Tensor, causal: bool, sm_scale: float, segment_ids: Optional[Tensor]) -> dict:
+    b, h, sq, d = (int(x) for x in q.shape)
+    hk, sk = int(k.shape[1]), int(k.shape[2])
+    shape = {"batch": b, "heads": h, "kv_heads": hk, "q_len": sq, "kv_len": sk, "head_dim": d}
+    return {**shape, "dtype": dtype_name(q.dtype), "causal": bool(causal), "segments": segment_ids is not None, "sm_scale": float(sm_scale)}
+
+
+def _segment_operands(op: RustOp, problem: dict, like: Tensor, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]) -> list:
+    """The segment-id operands in the layout the op's signature gives (ids broadcast across
+    it: ``[b, sq, lanes]`` and ``[b, sublanes, sk]``), or its placeholders without ids."""
+    inputs, _ = op.signature(problem)
+    (q_shape, _), (kv_shape, _) = inputs[-2], inputs[-1]
+    if segment_ids is None:
+        return [torch.zeros(q_shape, dtype=torch.int32, device=like.device), torch.zeros(kv_shape, dtype=torch.int32, device=like.device)]
+    qs, ks = _segments_i32(segment_ids, kv_segment_ids)
+    return [qs[:, :, None].expand(q_shape).contiguous(), ks[:, None, :].expand(kv_shape).contiguous()]
+
+
+def _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids):
+    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+    _check_contiguous(q=q, k=k, v=v)
+    problem = _attention_problem(q, k, causal, sm_scale, segment_ids)
+    out, lse = _FORWARD(problem, [q, k, v, *_segment_operands(_FORWARD, problem, q, segment_ids, kv_segment_ids)])
+    return out, lse.view(q.shape[:3])
+
+
+def _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids):
+    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+    _check_contiguous(q=q, k=k, v=v, out=out, grad_out=grad_out, lse=lse)
+    problem = _attention_problem(q, k, causal, sm_scale, segment_ids)
+    want = tuple(q.shape[:3])
+    if lse.dtype != torch.float32 or tuple(lse.shape) not in (want, (*want, 1)):
+        raise ValueError(f"lse must be float32 {list(want)}; got {lse.dtype} {list(lse.shape)}")
+    operands = [q, k, v, out, grad_out, lse.reshape(*want, 1), *_segment_operands(_DQ, problem, q, segment_ids, kv_segment_ids)]
+    dk, dv = _DKV(problem, operands)
+    (dq,) = _DQ(problem, operands)
+    return dq, dk, dv
+
+
 @torch.library.custom_op("torchtpu::flash_attention_forward", mutates_args=(), device_types="cpu")
 def flash_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]
 ) -> tuple[Tensor, Tensor]:
     """Attention output and its log-sum-exp (f32 ``[batch, heads, q_seq]``)."""
-    _check_attention(q, k, v, segment_ids, kv_segment_ids)
-    _check_contiguous(q=q, k=k, v=v)
-    qs, ks = _segments_i32(segment_ids, kv_segment_ids)
-    out, lse = (torch.from_dlpack(c) for c in _torchtpu.flash_attention_forward(q, k, v, qs, ks, causal, sm_scale))
-    return out, lse.view(q.shape[:3])
+    return _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids)
 
 
 @flash_attention_forward.register_fake
@@ -110,11 +147,7 @@ def flash_attention_backward(
     kv_segment_ids: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv) of attention from its output, log-sum-exp and output gradient."""
-    _check_attention(q, k, v, segment_ids, kv_segment_ids)
-    _check_contiguous(q=q, k=k, v=v, out=out, grad_out=grad_out, lse=lse)
-    qs, ks = _segments_i32(segment_ids, kv_segment_ids)
-    dq, dk, dv = (torch.from_dlpack(c) for c in _torchtpu.flash_attention_backward(q, k, v, out, grad_out, lse, qs, ks, causal, sm_scale))
-    return dq, dk, dv
+    return _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids)
 
 
 @flash_attention_backward.register_fake
@@ -195,13 +228,24 @@ def _check_matmul(a: Tensor, b: Tensor) -> None:
     _check_devices(a=a, b=b)
 
 
+def _matmul_problem(a: Tensor, b: Tensor) -> dict:
+    _check_matmul(a, b)
+    batch = int(a.shape[0]) if a.dim() == 3 else None
+    return {"batch": batch, "m": int(a.shape[-2]), "n": int(b.shape[-1]), "k": int(a.shape[-1]), "dtype": dtype_name(a.dtype), "transpose_b": False}
+
+
+def _matmul(a, b):
+    problem = _matmul_problem(a, b)
+    _check_contiguous(a=a, b=b)
+    (out,) = _MATMUL(problem, [a, b])
+    return out
+
+
 @torch.library.custom_op("torchtpu::matmul", mutates_args=(), device_types="cpu")
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` for ``[m, k] @ [k, n]`` or batched ``[batch, m, k] @ [batch, k, n]``, f32 or
     bf16 (accumulated in f32)."""
-    _check_matmul(a, b)
-    _check_contiguous(a=a, b=b)
-    return torch.from_dlpack(_torchtpu.matmul(a, b))
+    return _matmul(a, b)
 
 
 @matmul.register_fake

@@ -12,6 +12,7 @@ use ndarray::ArrayD;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 use torchtpu_dsl::ir::ValueType;
+pub use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 
 /// One acceptance problem: a kernel at one shape, block shape and dtype.
@@ -38,27 +39,6 @@ pub fn random_arrays(rng: &mut StdRng, types: &[ValueType]) -> Vec<HostArray> {
 pub fn random_array(rng: &mut StdRng, dtype: DType, shape: &[usize]) -> HostArray {
     let a = ArrayD::from_shape_simple_fn(shape.to_vec(), || StandardNormal.sample(rng));
     HostArray::from_f64(dtype, &a)
-}
-
-/// Relative tolerance on `max |out - ref| / max(1, max |ref|)` for outputs of `dtype`.
-pub fn tolerance(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 2e-5,
-        DType::BF16 => 2e-2,
-        DType::F16 => 4e-3,
-        _ => 0.0,
-    }
-}
-
-/// `max |out - ref| / max(1, max |ref|)`; NaN anywhere in `out` gives infinity.
-pub fn relative_error(out: &HostArray, reference: &ArrayD<f64>) -> f64 {
-    let out = out.to_f64();
-    if out.shape() != reference.shape() {
-        return f64::INFINITY;
-    }
-    let scale = reference.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    let err = out.iter().zip(reference).fold(0.0f64, |m, (o, r)| if o.is_nan() { f64::INFINITY } else { m.max((o - r).abs()) });
-    err / scale
 }
 
 /// The tiled kernels at more block shapes, for compile checks across chips.

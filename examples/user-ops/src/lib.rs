@@ -1,0 +1,180 @@
+//! A user's own kernel as torchtpu ops: SwiGLU, `silu(gate) · up`, forward and backward, in
+//! one file. Implementing `Op` is all it takes for the command line (`src/main.rs`), the tuner,
+//! tuned tables (`tables/`) and, through the Python extension below, PyTorch
+//! (`user_ops/__init__.py`).
+
+use ndarray::ArrayD;
+use serde::{Deserialize, Serialize};
+use torchtpu::kernels::op::check_float_dtype;
+use torchtpu::kernels::registry::AnyOp;
+use torchtpu::kernels::tables::{self, Tables};
+use torchtpu::kernels::Error;
+use torchtpu::prelude::*;
+
+#[tpu_kernel]
+fn swiglu_forward<T: Float>(gate: &Ref<T>, up: &Ref<T>, out: &mut Ref<T>) {
+    let g = gate.load().cast::<f32>();
+    out.store((g * g.sigmoid() * up.load().cast::<f32>()).cast());
+}
+
+#[tpu_kernel]
+fn swiglu_backward<T: Float>(gate: &Ref<T>, up: &Ref<T>, dy: &Ref<T>, d_gate: &mut Ref<T>, d_up: &mut Ref<T>) {
+    let g = gate.load().cast::<f32>();
+    let s = g.sigmoid();
+    let dy = dy.load().cast::<f32>();
+    d_up.store((dy * g * s).cast());
+    // d silu(g) / dg = s + g·s·(1 - s)
+    d_gate.store((dy * up.load().cast::<f32>() * (s + g * s * (s * -1.0f32 + 1.0f32))).cast());
+}
+
+/// SwiGLU forward, or its backward (the gradients of gate and up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwiGlu {
+    Forward,
+    Backward,
+}
+
+/// `rows × dim` gate and up in `dtype`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    pub rows: usize,
+    pub dim: usize,
+    pub dtype: DType,
+}
+
+/// The block: rows and columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Config {
+    pub block_rows: usize,
+    pub block_cols: usize,
+}
+
+/// This crate's tuned tables, made by `cargo run --release -- tables`.
+fn own_tables() -> &'static Tables {
+    static TABLES: std::sync::OnceLock<Tables> = std::sync::OnceLock::new();
+    TABLES.get_or_init(|| {
+        Tables::parse(&[
+            ("cpu", include_str!("../tables/cpu.json")),
+            ("v4", include_str!("../tables/v4.json")),
+            ("v5e", include_str!("../tables/v5e.json")),
+            ("v5p", include_str!("../tables/v5p.json")),
+            ("v6e", include_str!("../tables/v6e.json")),
+            ("tpu7x", include_str!("../tables/tpu7x.json")),
+        ])
+    })
+}
+
+fn powers_of_two(from: usize, to: usize) -> impl Iterator<Item = usize> {
+    std::iter::successors(Some(from), |b| Some(b * 2)).take_while(move |&b| b <= to)
+}
+
+fn silu(g: f64) -> f64 {
+    g / (1.0 + (-g).exp())
+}
+
+impl Op for SwiGlu {
+    type Problem = Problem;
+    type Config = Config;
+
+    fn name(&self) -> &'static str {
+        match self {
+            SwiGlu::Forward => "swiglu",
+            SwiGlu::Backward => "swiglu_backward",
+        }
+    }
+    fn example(&self) -> Problem {
+        Problem { rows: 4096, dim: 4096, dtype: DType::F32 }
+    }
+    fn check(&self, p: &Problem) -> Result<(), Error> {
+        check_float_dtype(self.name(), p.dtype)
+    }
+    fn bucket(&self, p: &Problem) -> String {
+        format!("d{}/{}", tables::bucket(p.dim, 128, 32768), p.dtype)
+    }
+    fn space(&self, p: &Problem) -> SearchSpace {
+        let rows = p.rows.next_power_of_two().clamp(8, 1024);
+        let cols = p.dim.next_power_of_two().clamp(128, 4096);
+        SearchSpace::new().param("block_rows", powers_of_two(8, rows)).param("block_cols", powers_of_two(128, cols))
+    }
+    fn default_config(&self, p: &Problem) -> Config {
+        self.fit(p, Config { block_rows: 256, block_cols: 1024 })
+    }
+    /// Rows a multiple of the dtype's sublanes, columns of 128 lanes, or the whole dim.
+    fn fit(&self, p: &Problem, c: Config) -> Config {
+        let tile = torchtpu::dsl::sublanes(p.dtype);
+        let rows = c.block_rows.max(1).min(p.rows.div_ceil(tile) * tile).div_ceil(tile) * tile;
+        let cols = if c.block_cols == 0 || c.block_cols >= p.dim { p.dim } else { c.block_cols.div_ceil(128) * 128 };
+        Config { block_rows: rows.max(tile), block_cols: cols }
+    }
+    fn call(&self, p: &Problem, c: &Config) -> Result<PallasCall, Error> {
+        self.check(p)?;
+        if self.is_empty(p) || c.block_rows == 0 || c.block_cols == 0 {
+            return Err(Error::Shape(format!("{}: a kernel needs rows, columns and blocks; got {p:?} at {c:?}", self.name())));
+        }
+        let block = || BlockSpec::new([c.block_rows, c.block_cols], |[i, j]| (i, j));
+        let grid = [p.rows.div_ceil(c.block_rows), p.dim.div_ceil(c.block_cols)];
+        let call = match (self, p.dtype) {
+            (SwiGlu::Forward, DType::F32) => PallasCall::new(swiglu_forward::kernel::<f32>()),
+            (SwiGlu::Forward, _) => PallasCall::new(swiglu_forward::kernel::<bf16>()),
+            (SwiGlu::Backward, DType::F32) => PallasCall::new(swiglu_backward::kernel::<f32>()),
+            (SwiGlu::Backward, _) => PallasCall::new(swiglu_backward::kernel::<bf16>()),
+        };
+        let call = call.name(self.name()).grid(grid).dimension_semantics([Parallel, Parallel]);
+        Ok(match self {
+            SwiGlu::Forward => call.in_specs([block(), block()]).out_specs([block()]),
+            SwiGlu::Backward => call.in_specs([block(), block(), block()]).out_specs([block(), block()]),
+        }
+        .out_shapes(self.output_types(p).into_iter().map(|t| t.shape)))
+    }
+    /// gate and up `[rows, dim]`; the backward adds the output's gradient.
+    fn operand_types(&self, p: &Problem) -> Vec<ValueType> {
+        let t = ValueType::new(p.dtype, [p.rows, p.dim]);
+        match self {
+            SwiGlu::Forward => vec![t.clone(), t],
+            SwiGlu::Backward => vec![t.clone(), t.clone(), t],
+        }
+    }
+    /// Forward: the output; backward: the gradients of gate and up.
+    fn output_types(&self, p: &Problem) -> Vec<ValueType> {
+        let t = ValueType::new(p.dtype, [p.rows, p.dim]);
+        match self {
+            SwiGlu::Forward => vec![t],
+            SwiGlu::Backward => vec![t.clone(), t],
+        }
+    }
+    fn is_empty(&self, p: &Problem) -> bool {
+        p.rows == 0 || p.dim == 0
+    }
+    fn reference(&self, _p: &Problem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
+        let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
+        match (self, f.as_slice()) {
+            (SwiGlu::Forward, [g, u]) => vec![ndarray::Zip::from(g).and(u).map_collect(|&g, &u| silu(g) * u)],
+            (SwiGlu::Backward, [g, u, dy]) => {
+                let sig = |g: f64| 1.0 / (1.0 + (-g).exp());
+                let d_gate = ndarray::Zip::from(g).and(u).and(dy).map_collect(|&g, &u, &d| d * u * (sig(g) + g * sig(g) * (1.0 - sig(g))));
+                let d_up = ndarray::Zip::from(g).and(dy).map_collect(|&g, &d| d * silu(g));
+                vec![d_gate, d_up]
+            }
+            _ => Vec::new(),
+        }
+    }
+    fn table_problems(&self, target: TableTarget) -> Vec<Problem> {
+        let dtypes: &[DType] = if target == TableTarget::Cpu { &[DType::F32] } else { &[DType::BF16, DType::F32] };
+        dtypes.iter().map(|&dtype| Problem { rows: 4096, dim: 4096, dtype }).collect()
+    }
+    fn tables(&self) -> &'static Tables {
+        own_tables()
+    }
+}
+
+/// This crate's ops: what its command line and its Python extension serve.
+pub static OPS: &[&dyn AnyOp] = &[&SwiGlu::Forward, &SwiGlu::Backward];
+
+/// The Python extension `user_ops._user_ops`: the generic op functions over [`OPS`].
+#[cfg(feature = "python")]
+#[torchtpu_pyo3::pyo3::pymodule]
+#[pyo3(crate = "torchtpu_pyo3::pyo3")]
+fn _user_ops(m: &torchtpu_pyo3::pyo3::Bound<'_, torchtpu_pyo3::pyo3::types::PyModule>) -> torchtpu_pyo3::pyo3::PyResult<()> {
+    torchtpu_pyo3::install_panic_hook();
+    torchtpu_pyo3::ops::add_ops(m, OPS)
+}

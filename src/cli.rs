@@ -1,0 +1,495 @@
+//! The `torchtpu` command line: inspect, run, lower, compile-check and tune ops — the
+//! registered ones (`torchtpu_kernels::registry`, the very kernels the Rust API and the
+//! PyTorch ops run), or a user's own, through [`main_with`] in their crate's binary.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use torchtpu_dsl::accuracy::{relative_error, tolerance};
+use torchtpu_dsl::{DType, HostArray, InterpretOptions, TracedCall};
+use torchtpu_codegen::{lower, Target};
+use torchtpu_runtime::{Chip, TpuCompiler};
+use torchtpu_autotune::{tune, Device, Progress, Strategy, TuneOptions, Tunable};
+use torchtpu_exec::{Backend, Compiled};
+use torchtpu_kernels::registry::{self, AnyOp, Selection};
+use torchtpu_kernels::tables::{target_of, tuning_device, Table, TableTarget};
+
+#[derive(Parser)]
+#[command(name = "torchtpu", version, about = "Pallas for Rust: trace, interpret and inspect TPU kernels")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl From<Dtype> for DType {
+    fn from(d: Dtype) -> DType {
+        match d {
+            Dtype::F32 => DType::F32,
+            Dtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LowerTarget {
+    /// The Mosaic kernel module, readable.
+    Mosaic,
+    /// The Mosaic module in the version-stable serialized form.
+    MosaicStable,
+    /// The StableHLO module with the kernel in a `tpu_custom_call`: what runs on a TPU.
+    TpuStablehlo,
+    /// Portable StableHLO (the grid as a while loop): what runs on PJRT CPU and CUDA.
+    PortableStablehlo,
+}
+
+impl From<LowerTarget> for Target {
+    fn from(t: LowerTarget) -> Target {
+        match t {
+            LowerTarget::Mosaic => Target::Mosaic,
+            LowerTarget::MosaicStable => Target::MosaicStable,
+            LowerTarget::TpuStablehlo => Target::TpuStableHlo,
+            LowerTarget::PortableStablehlo => Target::PortableStableHlo,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the registered ops, each with its example problem (what `--set` overrides).
+    List,
+    /// Print the traced IR of an op and its index maps.
+    Ir {
+        /// A registered op (see `list`).
+        kernel: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Problem and config fields over the op's example, e.g. `m=256,bm=128`.
+        #[arg(long, value_delimiter = ',')]
+        set: Vec<String>,
+    },
+    /// Print an op lowered for the TPU (or the portable form).
+    Lower {
+        /// A registered op (see `list`).
+        kernel: String,
+        #[arg(long, value_enum, default_value = "mosaic")]
+        target: LowerTarget,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Problem and config fields over the op's example.
+        #[arg(long, value_delimiter = ',')]
+        set: Vec<String>,
+    },
+    /// Compile ops with the real TPU compiler (libtpu, no TPU needed), each with the chip's
+    /// tuned config, one line per op and chip.
+    Check {
+        /// A registered op; omit with --all.
+        kernel: Option<String>,
+        /// Every registered op at its example problem, in f32 and bf16.
+        #[arg(long, conflicts_with = "kernel")]
+        all: bool,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Problem and config fields over the op's example.
+        #[arg(long, value_delimiter = ',')]
+        set: Vec<String>,
+        /// Comma-separated chips: v4, v5e, v5p, v6e, tpu7x.
+        #[arg(long, value_delimiter = ',', default_value = "v4,v5e,v5p,v6e,tpu7x")]
+        chips: Vec<String>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run an op on a backend with random inputs; check it against its f64 reference and time it.
+    Run {
+        /// A registered op (see `list`).
+        kernel: String,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Problem and config fields over the op's example, e.g. `m=1024,n=1024,k=1024,bm=256`.
+        #[arg(long, value_delimiter = ',')]
+        set: Vec<String>,
+        /// Seed for the random inputs (default: a fresh one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tune a registered op's block shapes on a device (cpu, cuda, tpu) or rank them for a TPU
+    /// chip without one; the result is cached where the ops' calls at that shape find it.
+    Tune {
+        /// A shipped op: `matmul`, `flash_attention`, `flash_attention_dkv`, `flash_attention_dq`.
+        kernel: String,
+        /// cpu, cuda, tpu, or a chip to rank for without hardware: v4, v5e, v5p, v6e, tpu7x.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Problem fields over the op's example, e.g. `m=4096,n=1024` (matmul: m, n, k, batch,
+        /// transpose_b; attention: batch, heads, kv_heads, q_len, kv_len, head_dim, causal).
+        #[arg(long, value_delimiter = ',')]
+        set: Vec<String>,
+        /// exhaustive, random or guided.
+        #[arg(long, default_value = "guided")]
+        strategy: String,
+        /// Candidates to time (random, guided); default a quarter of the feasible.
+        #[arg(long)]
+        budget: Option<usize>,
+        /// Print the summary as JSON (the table goes to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Write an SVG plot of time per configuration.
+        #[arg(long)]
+        plot: Option<std::path::PathBuf>,
+        /// Ignore and do not update the on-disk cache.
+        #[arg(long)]
+        no_cache: bool,
+    },
+    /// Regenerate the ops' tuned tables (`<dir>/<target>.json`): deviceless ranking
+    /// for TPU chips, measured on the PJRT CPU plugin for `cpu`.
+    Tables {
+        /// Targets to regenerate: cpu, v4, v5e, v5p, v6e, tpu7x.
+        #[arg(long, value_delimiter = ',', default_value = "cpu,v4,v5e,v5p,v6e,tpu7x")]
+        targets: Vec<String>,
+        /// Where the tables live.
+        /// Where the tables live (default: the ops' table directory).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        /// Retune only these kernels (e.g. flash_attention_dkv), keeping the tables' other entries.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
+    },
+    /// Run an op on the CPU interpreter with random inputs and check it against its f64 reference.
+    Interpret {
+        /// A registered op (see `list`).
+        kernel: String,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: Dtype,
+        /// Problem and config fields over the op's example.
+        #[arg(long, value_delimiter = ',')]
+        set: Vec<String>,
+        /// Poison uninitialized memory and report reads of it.
+        #[arg(long)]
+        checked: bool,
+        /// Seed for the random inputs (default: a fresh one, printed).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+}
+
+/// An op at the problem (and config) its `--dtype` and `--set` settings select.
+struct Selected {
+    op: &'static dyn AnyOp,
+    problem: serde_json::Value,
+    config: Option<serde_json::Value>,
+}
+
+impl Selected {
+    fn new(ops: &Ops, kernel: &str, dtype: Dtype, set: &[String]) -> Result<Selected, String> {
+        let op = registry::find_in(ops.ops, kernel).map_err(|e| format!("{e}; see `{} list`", ops.program))?;
+        let Selection { problem, config } = registry::select(op, Some(dtype.into()), &parse_settings(set)?).map_err(|e| e.to_string())?;
+        Ok(Selected { op, problem, config })
+    }
+
+    /// `op problem-fields` (and ` @ config-fields` when a config was set).
+    fn name(&self) -> String {
+        let config = self.config.as_ref().map_or(String::new(), |c| format!(" @ {}", registry::describe(c)));
+        format!("{} {}{config}", self.op.name(), registry::describe(&self.problem))
+    }
+
+    fn dtype(&self) -> DType {
+        serde_json::from_value(self.problem["dtype"].clone()).unwrap_or(DType::F32)
+    }
+
+    /// The call with the config it uses on `target` (unless one was set), traced.
+    fn trace(&self, target: Option<TableTarget>) -> Result<TracedCall, String> {
+        let (call, types) = self.op.call(&self.problem, self.config.as_ref(), target).map_err(|e| e.to_string())?;
+        call.trace(&types).map_err(|e| e.to_string())
+    }
+
+    /// An error, before anything is allocated, when the inputs, outputs and f64 reference
+    /// (about three times the inputs) cannot fit this machine's memory.
+    fn check_memory(&self) -> Result<(), String> {
+        let (_, types) = self.op.call(&self.problem, self.config.as_ref(), None).map_err(|e| e.to_string())?;
+        torchtpu_dsl::memory::check_types_fit(&types, 3, &format!("`{}` (inputs, outputs and the f64 reference)", self.name()))
+    }
+
+    fn inputs(&self, seed: u64) -> Result<Vec<HostArray>, String> {
+        self.check_memory()?;
+        self.op.random_inputs(&self.problem, &mut StdRng::seed_from_u64(seed)).map_err(|e| e.to_string())
+    }
+
+    /// The largest relative error of `outputs` against the f64 reference, and the tolerance.
+    fn error(&self, inputs: &[HostArray], outputs: &[HostArray]) -> Result<(f64, f64), String> {
+        let reference = self.op.reference(&self.problem, inputs).map_err(|e| e.to_string())?;
+        if reference.len() != outputs.len() {
+            return Err(format!("{} gave {} outputs; its reference {}", self.name(), outputs.len(), reference.len()));
+        }
+        let worst = outputs.iter().zip(&reference).map(|(o, r)| relative_error(o, r)).fold(0.0f64, f64::max);
+        Ok((worst, tolerance(self.dtype())))
+    }
+}
+
+fn parse_settings(set: &[String]) -> Result<Vec<(String, String)>, String> {
+    set.iter().map(|kv| kv.split_once('=').map(|(k, v)| (k.trim().to_string(), v.to_string())).ok_or_else(|| format!("`{kv}`: settings are key=value"))).collect()
+}
+
+/// Runs an op on a backend: its outputs vs the reference, and a median time.
+fn run_selected(sel: &Selected, backend: Backend, seed: u64, json: bool) -> Result<bool, String> {
+    let traced = sel.trace(target_of(backend))?;
+    let inputs = sel.inputs(seed)?;
+    let (outputs, compile_ms, time_ms) = if backend == Backend::Interpret {
+        let (call, _) = sel.op.call(&sel.problem, sel.config.as_ref(), target_of(backend)).map_err(|e| e.to_string())?;
+        let mut times = Vec::new();
+        let mut outputs = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            outputs = call.interpret(&inputs).map_err(|e| e.to_string())?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        (outputs, 0.0, torchtpu_exec::Timing::from_samples(times).median_ms)
+    } else {
+        let t = Instant::now();
+        let compiled = Compiled::new(&traced, backend).map_err(|e| e.to_string())?;
+        let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        let outputs = compiled.run(&inputs).map_err(|e| e.to_string())?;
+        let buffers = compiled.upload(&inputs).map_err(|e| e.to_string())?;
+        let timing = compiled.time(&[buffers], 2, 10).map_err(|e| e.to_string())?;
+        (outputs, compile_ms, timing.median_ms)
+    };
+    let (rel, tol) = sel.error(&inputs, &outputs)?;
+    let reference = sel.op.reference(&sel.problem, &inputs).map_err(|e| e.to_string())?;
+    let abs = outputs
+        .iter()
+        .zip(&reference)
+        .flat_map(|(o, r)| o.to_f64().iter().zip(r.iter()).map(|(a, b)| (a - b).abs()).collect::<Vec<_>>())
+        .fold(0.0f64, f64::max);
+    let ok = rel <= tol;
+    let name = sel.name();
+    if json {
+        let line = serde_json::json!({
+            "kernel": name, "backend": backend.name(), "max_abs_err": abs, "max_rel_err": rel,
+            "tolerance": tol, "ok": ok, "time_ms": time_ms, "compile_ms": compile_ms, "seed": seed,
+        });
+        println!("{line}");
+    } else {
+        println!(
+            "{name} on {backend}: {} (max abs error {abs:.3e}, relative {rel:.2e}, tolerance {tol:.0e}); {time_ms:.3} ms per run{}; seed {seed}",
+            if ok { "ok" } else { "MISMATCH" },
+            if backend == Backend::Interpret { String::new() } else { format!(", compiled in {compile_ms:.0} ms") }
+        );
+    }
+    Ok(ok)
+}
+
+/// The op `torchtpu tune` tunes: the registered one the ops' calls run, at its example problem
+/// with `set` over it, so that its cached result is the one their calls find.
+fn tunable(ops: &Ops, kernel: &str, dtype: Dtype, set: &[String]) -> Result<Box<dyn Tunable>, String> {
+    let sel = Selected::new(ops, kernel, dtype, set)?;
+    if sel.config.is_some() {
+        return Err(format!("`tune` searches the config; set only problem fields of `{kernel}`"));
+    }
+    sel.op.tunable(&sel.problem).map_err(|e| e.to_string())
+}
+
+/// Compiles each selection for each chip (with that chip's tuned config, unless one was set)
+/// and prints a line (or JSON object) per pair; true if all compiled.
+fn check(selections: Vec<Selected>, chips: &[String], json: bool) -> Result<bool, String> {
+    let chips: Vec<Chip> = chips.iter().map(|c| c.parse::<Chip>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+    let compiler = TpuCompiler::shared().map_err(|e| e.to_string())?;
+    let mut all_ok = true;
+    for sel in selections {
+        let name = sel.name();
+        for &chip in &chips {
+            let module = sel.trace(Some(TableTarget::Chip(chip))).and_then(|t| lower(&t, Target::TpuStableHlo).map_err(|e| e.to_string()));
+            let result = module.and_then(|m| compiler.compile(chip, &m).map_err(|e| e.to_string()));
+            all_ok &= result.is_ok();
+            if json {
+                let line = match &result {
+                    Ok(c) => serde_json::json!({"kernel": name, "chip": chip.name(), "ok": true, "error": null, "code_size_bytes": c.code_size_bytes}),
+                    Err(e) => serde_json::json!({"kernel": name, "chip": chip.name(), "ok": false, "error": e}),
+                };
+                println!("{line}");
+            } else {
+                match &result {
+                    Ok(c) => println!("ok    {chip:<6} {name}  ({} bytes of code)", c.code_size_bytes),
+                    Err(e) => println!("FAIL  {chip:<6} {name}: {e}"),
+                }
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
+    match cli.command {
+        Command::List => {
+            for op in ops.ops {
+                println!("{}  {}", op.name(), registry::describe(&op.example()));
+            }
+            Ok(true)
+        }
+        Command::Ir { kernel, dtype, set } => {
+            let sel = Selected::new(ops, &kernel, dtype, &set)?;
+            let traced = sel.trace(None)?;
+            println!("// {}: grid {:?}, semantics {:?}", sel.name(), traced.grid, traced.semantics);
+            for op in traced.inputs.iter().chain(&traced.outputs) {
+                print!("{}", op.index_map);
+            }
+            print!("{}", traced.body);
+            Ok(true)
+        }
+        Command::Lower { kernel, target, dtype, set } => {
+            let sel = Selected::new(ops, &kernel, dtype, &set)?;
+            print!("{}", lower(&sel.trace(None)?, target.into()).map_err(|e| e.to_string())?);
+            Ok(true)
+        }
+        Command::Check { kernel, all, dtype, set, chips, json } => {
+            let selections = match (kernel, all) {
+                (_, true) => {
+                    let mut v = Vec::new();
+                    for op in ops.ops {
+                        for d in [Dtype::F32, Dtype::Bf16] {
+                            v.push(Selected::new(ops, op.name(), d, &set)?);
+                        }
+                    }
+                    v
+                }
+                (Some(k), false) => vec![Selected::new(ops, &k, dtype, &set)?],
+                (None, false) => return Err("name an op, or pass --all".into()),
+            };
+            check(selections, &chips, json)
+        }
+        Command::Run { kernel, backend, dtype, set, seed, json } => {
+            let backend: Backend = backend.parse().map_err(|e: torchtpu_exec::Error| e.to_string())?;
+            let sel = Selected::new(ops, &kernel, dtype, &set)?;
+            run_selected(&sel, backend, seed.unwrap_or_else(|| rand::rng().random()), json)
+        }
+        Command::Tune { kernel, device, dtype, set, strategy, budget, json, plot, no_cache } => {
+            let device: Device = device.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
+            let strategy: Strategy = strategy.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
+            let problem = tunable(ops, &kernel, dtype, &set)?;
+            let progress = |p: Progress| {
+                let ms = p.ms.map_or("-".to_string(), |m| format!("{m:.3} ms"));
+                eprint!("\r\x1b[2K[{}/{}] {}  {ms}", p.done, p.total, p.config);
+            };
+            let opts = TuneOptions { strategy, budget, use_cache: !no_cache, progress: Some(&progress), ..TuneOptions::default() };
+            let report = tune(problem.as_ref(), device, &opts).map_err(|e| e.to_string())?;
+            eprintln!();
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            if json {
+                eprint!("{}", report.table());
+                println!("{}", report.summary_json());
+            } else {
+                print!("{}", report.table());
+                let unit = if matches!(device, Device::Chip(_)) { " (predicted)" } else { "" };
+                println!(
+                    "{} {} on {device}: best {} at {:.4} ms{unit}; default {} at {}; {} evaluated, {} pruned, {:.1} s{}",
+                    report.kernel,
+                    report.problem,
+                    report.best_config,
+                    report.best_time_ms,
+                    report.default_config,
+                    report.default_time_ms.map_or("(not feasible)".into(), |d| format!("{d:.4} ms ({:.2}x slower)", d / report.best_time_ms)),
+                    report.evaluated,
+                    report.pruned,
+                    report.seconds,
+                    if report.cache_hit { " (from the cache)" } else { "" },
+                );
+            }
+            if let Some(path) = plot {
+                std::fs::write(&path, report.svg()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            Ok(true)
+        }
+        Command::Tables { targets, dir, kernels } => {
+            if let Some(unknown) = kernels.iter().find(|k| registry::find_in(ops.ops, k).is_err()) {
+                return Err(registry::find_in(ops.ops, unknown).err().map(|e| e.to_string()).unwrap_or_default());
+            }
+            let dir = dir.unwrap_or_else(|| ops.tables_dir.into());
+            for name in targets {
+                let target = TableTarget::parse(&name).map_err(|e| e.to_string())?;
+                let device = tuning_device(target);
+                let path = dir.join(format!("{name}.json"));
+                let mut table: Table = if kernels.is_empty() {
+                    Default::default()
+                } else {
+                    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read {} to update it: {e}", path.display()))?;
+                    serde_json::from_str(&text).map_err(|e| format!("{} is not a valid table: {e}", path.display()))?
+                };
+                for op in ops.ops.iter().filter(|o| kernels.is_empty() || kernels.iter().any(|k| k == o.name())) {
+                    for (bucket, problem) in op.table_jobs(target) {
+                        let opts = TuneOptions { strategy: Strategy::Exhaustive, use_cache: false, ..TuneOptions::default() };
+                        let report = tune(problem.as_ref(), device, &opts).map_err(|e| format!("{name} {bucket}: {e}"))?;
+                        eprintln!("{name:>6} {} {bucket}: {} ({:.4} ms, default {:?})", op.name(), report.best_config, report.best_time_ms, report.default_time_ms);
+                        let config: serde_json::Map<String, serde_json::Value> = report.best_config.0.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+                        table.entry(op.name().to_string()).or_default().insert(bucket, config.into());
+                    }
+                }
+                let text = serde_json::to_string_pretty(&table).map_err(|e| e.to_string())?;
+                std::fs::write(&path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            Ok(true)
+        }
+        Command::Interpret { kernel, dtype, set, checked, seed } => {
+            let sel = Selected::new(ops, &kernel, dtype, &set)?;
+            let seed = seed.unwrap_or_else(|| rand::rng().random());
+            let inputs = sel.inputs(seed)?;
+            let (call, _) = sel.op.call(&sel.problem, sel.config.as_ref(), None).map_err(|e| e.to_string())?;
+            let start = Instant::now();
+            let outputs = call.interpret_with(&inputs, InterpretOptions { checked }).map_err(|e| e.to_string())?;
+            let ms = start.elapsed().as_secs_f64() * 1e3;
+            let (worst, tol) = sel.error(&inputs, &outputs)?;
+            let ok = worst <= tol;
+            println!("{}: {} in {ms:.2} ms (seed {seed}, checked: {checked}), max relative error {worst:.2e} (tolerance {tol:.0e})", sel.name(), if ok { "ok" } else { "MISMATCH" });
+            Ok(ok)
+        }
+    }
+}
+
+/// The ops a command line serves: its program name (for messages), the ops, and where
+/// `tables` writes their tuned tables by default.
+pub struct Ops {
+    pub program: &'static str,
+    pub ops: &'static [&'static dyn AnyOp],
+    pub tables_dir: &'static str,
+}
+
+/// The `torchtpu` command line over the shipped ops.
+pub fn main() -> ExitCode {
+    main_with(&Ops { program: "torchtpu", ops: registry::ops(), tables_dir: "kernels/tables" })
+}
+
+/// The `torchtpu` command line over `ops`: a user's crate serves its own ops with a binary
+/// whose `main` calls this.
+pub fn main_with(ops: &Ops) -> ExitCode {
+    // Rust ignores SIGPIPE, so `torchtpu lower ... | head` would panic on a closed pipe;
+    // a command-line tool should just stop, as `cat` does.
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(ops, cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
