@@ -25,6 +25,7 @@ pub mod prelude {
     pub use torchtpu_dsl::prelude::*;
     pub use torchtpu_exec::Backend;
     pub use torchtpu_kernels::op::{Op, Tuning};
+    pub use torchtpu_kernels::registry::{AnyOp, Registered};
     pub use torchtpu_kernels::tables::TableTarget;
     pub use torchtpu_runtime::Chip;
 }

@@ -178,6 +178,10 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
                 pruned.push(prune(format!("tiling: {reason}"), Some(f)));
                 continue;
             }
+            if let Some(limit) = traced.vmem_limit_bytes.filter(|&l| l > chip.vmem_bytes()) {
+                pruned.push(prune(format!("vmem_limit_bytes {limit} is more than the {} bytes of VMEM {chip} has", chip.vmem_bytes()), Some(f)));
+                continue;
+            }
             let budget = traced.vmem_limit_bytes.unwrap_or(chip.default_scoped_vmem_bytes()) as f64;
             if f.vmem_bytes > budget {
                 let mib = |b: f64| b / (1u64 << 20) as f64;

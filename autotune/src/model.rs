@@ -25,15 +25,11 @@ pub struct Features {
 /// Rounds the last two dims of `shape` up to the TPU tile for `dtype`: (8, 128) for 32-bit,
 /// (16, 128) for 16-bit, (32, 128) for 8-bit.
 pub fn tile_padded_bytes(shape: &[usize], dtype: DType) -> usize {
-    let sublane = match dtype.size_bytes() {
-        4 => 8,
-        2 => 16,
-        _ => 32,
-    };
+    let sublane = torchtpu_dsl::sublanes(dtype);
     let mut s = shape.to_vec();
     let n = s.len();
     if n >= 1 {
-        s[n - 1] = s[n - 1].div_ceil(128) * 128;
+        s[n - 1] = s[n - 1].div_ceil(torchtpu_dsl::LANES) * torchtpu_dsl::LANES;
     }
     if n >= 2 {
         s[n - 2] = s[n - 2].div_ceil(sublane) * sublane;
@@ -64,25 +60,6 @@ pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
     Ok(Features { steps: call.num_programs() as f64, flops: estimate.flops as f64, hbm_bytes: hbm, sliced_bytes: sliced, vmem_bytes: vmem })
 }
 
-/// Peak dense bf16 matrix rate (FLOP/s) and HBM bandwidth (B/s) per chip, public figures.
-pub fn roofline(chip: Chip) -> (f64, f64) {
-    match chip {
-        Chip::V4 => (275e12, 1.2e12),
-        Chip::V5e => (197e12, 0.819e12),
-        Chip::V5p => (459e12, 2.765e12),
-        Chip::V6e => (918e12, 1.64e12),
-        Chip::Tpu7x => (2307e12, 7.37e12),
-    }
-}
-
-/// The MXU's native tile: matmul dims are padded to it.
-fn mxu_dim(chip: Chip) -> usize {
-    match chip {
-        Chip::V6e | Chip::Tpu7x => 256,
-        _ => 128,
-    }
-}
-
 /// Dot flops of the body with M, N and K padded to the MXU tile, per program.
 fn padded_dot_flops(call: &TracedCall, chip: Chip) -> f64 {
     fn walk(call: &TracedCall, region: &Region, mxu: usize) -> f64 {
@@ -103,7 +80,7 @@ fn padded_dot_flops(call: &TracedCall, chip: Chip) -> f64 {
         }
         total
     }
-    walk(call, &call.body.body, mxu_dim(chip))
+    walk(call, &call.body.body, chip.mxu_dim())
 }
 
 /// Per-step pipeline overhead of a Pallas TPU kernel (the grid loop and DMA issue).
@@ -112,7 +89,7 @@ const STEP_SECONDS: f64 = 0.35e-6;
 /// Predicted seconds on `chip`: the slower of MXU work and HBM traffic, plus grid overhead.
 /// f32 matmuls run at a third of the bf16 rate (multi-pass on the MXU).
 pub fn predict_tpu_seconds(call: &TracedCall, f: &Features, chip: Chip) -> f64 {
-    let (peak, bandwidth) = roofline(chip);
+    let (peak, bandwidth) = (chip.peak_bf16_flops(), chip.hbm_bytes_per_second());
     let f32_dots = call.inputs.iter().any(|i| i.array.dtype == DType::F32);
     let rate = if f32_dots { peak / 3.0 } else { peak };
     let compute = padded_dot_flops(call, chip) * f.steps / rate;

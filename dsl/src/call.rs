@@ -483,20 +483,11 @@ impl BlockOperand {
     }
 }
 
-/// The fewest rows a TPU block may have (unless it spans the array): one (8, 128) tile.
-pub const MIN_SUBLANES: usize = 8;
+pub use torchtpu_hw::{LANES, MIN_SUBLANES};
 
-/// Lanes of a TPU vector register: the tile of an array's last dim.
-pub const LANES: usize = 128;
-
-/// Sublanes of a TPU vector register for `dtype`: the tile of an array's second-to-last dim
-/// (8 rows of 32-bit values, packed two or four to a row for narrower ones).
+/// Sublanes of a TPU vector register for `dtype` (see [`torchtpu_hw::sublanes`]).
 pub fn sublanes(dtype: DType) -> usize {
-    match dtype.size_bytes() {
-        4 => 8,
-        2 => 16,
-        _ => 32,
-    }
+    torchtpu_hw::sublanes(dtype.size_bytes())
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -17,7 +17,7 @@ use crate::rms_norm::RmsNormOp;
 use crate::tables::TableTarget;
 use crate::Error;
 
-/// An op with its problem and config as JSON: implemented for every [`Op`].
+/// An op with its problem and config as JSON: what [`Registered`] makes of an [`Op`].
 pub trait AnyOp: Send + Sync {
     fn name(&self) -> &'static str;
     /// The op's example problem: the fields a problem has, with the CLI's defaults.
@@ -53,54 +53,66 @@ fn problem_of<O: Op>(op: &O, v: &Value) -> Result<O::Problem, Error> {
     Ok(p)
 }
 
-impl<O: Op> AnyOp for O {
+/// An [`Op`] as a registry holds it: `&Registered(MyOp)` in a list of `&dyn AnyOp`. (A
+/// wrapper, so that an op's own methods and the registry's never meet on one type.)
+#[derive(Clone, Copy, Debug)]
+pub struct Registered<O: Op>(pub O);
+
+impl<O: Op> AnyOp for Registered<O> {
     fn name(&self) -> &'static str {
-        Op::name(self)
+        self.0.name()
     }
     fn example(&self) -> Value {
-        serde_json::to_value(Op::example(self)).unwrap_or(Value::Null)
+        serde_json::to_value(self.0.example()).unwrap_or(Value::Null)
     }
     fn tunable(&self, problem: &Value) -> Result<Box<dyn Tunable>, Error> {
-        Ok(Box::new(Tuning::new(self.clone(), problem_of(self, problem)?)?))
+        Ok(Box::new(Tuning::new(self.0.clone(), problem_of(&self.0, problem)?)?))
     }
     fn call(&self, problem: &Value, config: Option<&Value>, target: Option<TableTarget>) -> Result<(PallasCall, Vec<ValueType>), Error> {
-        let p = problem_of(self, problem)?;
+        let p = problem_of(&self.0, problem)?;
         let c = match config {
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("not a {} config: {e} (in {v})", Op::name(self))))?,
-            None => op::config_for(self, &p, target),
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("not a {} config: {e} (in {v})", self.0.name())))?,
+            None => op::config_for(&self.0, &p, target),
         };
-        Ok((Op::call(self, &p, &c)?, self.operand_types(&p)))
+        Ok((self.0.call(&p, &c)?, self.0.operand_types(&p)))
     }
     fn random_inputs(&self, problem: &Value, rng: &mut StdRng) -> Result<Vec<HostArray>, Error> {
-        Ok(Op::random_inputs(self, &problem_of(self, problem)?, rng))
+        Ok(self.0.random_inputs(&problem_of(&self.0, problem)?, rng))
     }
     fn reference(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<ArrayD<f64>>, Error> {
-        Ok(Op::reference(self, &problem_of(self, problem)?, inputs))
+        Ok(self.0.reference(&problem_of(&self.0, problem)?, inputs))
     }
     fn table_jobs(&self, target: TableTarget) -> Vec<(String, Box<dyn Tunable>)> {
-        self.table_problems(target).into_iter().map(|p| (self.bucket(&p), Box::new(Tuning { op: self.clone(), problem: p }) as Box<dyn Tunable>)).collect()
+        self.0.table_problems(target).into_iter().map(|p| (self.0.bucket(&p), Box::new(Tuning { op: self.0.clone(), problem: p }) as Box<dyn Tunable>)).collect()
     }
     fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<String, Error> {
-        op::tpu_module(self, &problem_of(self, problem)?, None, chip)
+        op::tpu_module(&self.0, &problem_of(&self.0, problem)?, None, chip)
     }
     fn config(&self, problem: &Value, target: Option<TableTarget>) -> Result<Value, Error> {
-        serde_json::to_value(op::config_for(self, &problem_of(self, problem)?, target)).map_err(|e| Error::Config(e.to_string()))
+        serde_json::to_value(op::config_for(&self.0, &problem_of(&self.0, problem)?, target)).map_err(|e| Error::Config(e.to_string()))
     }
     fn signature(&self, problem: &Value) -> Result<(Vec<ValueType>, Vec<ValueType>), Error> {
-        let p = problem_of(self, problem)?;
-        Ok((self.operand_types(&p), self.output_types(&p)))
+        let p = problem_of(&self.0, problem)?;
+        Ok((self.0.operand_types(&p), self.0.output_types(&p)))
     }
     fn is_empty(&self, problem: &Value) -> Result<bool, Error> {
-        Ok(Op::is_empty(self, &problem_of(self, problem)?))
+        Ok(self.0.is_empty(&problem_of(&self.0, problem)?))
     }
     fn empty_outputs(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<HostArray>, Error> {
-        Ok(Op::empty_outputs(self, &problem_of(self, problem)?, inputs))
+        Ok(self.0.empty_outputs(&problem_of(&self.0, problem)?, inputs))
     }
 }
 
 /// Every shipped op, in the order `torchtpu list` shows them.
 pub fn ops() -> &'static [&'static dyn AnyOp] {
-    const OPS: &[&dyn AnyOp] = &[&MatmulOp, &FlashOp(FlashPass::Forward), &FlashOp(FlashPass::BackwardDkv), &FlashOp(FlashPass::BackwardDq), &RmsNormOp::Forward, &RmsNormOp::Backward];
+    const OPS: &[&dyn AnyOp] = &[
+        &Registered(MatmulOp),
+        &Registered(FlashOp(FlashPass::Forward)),
+        &Registered(FlashOp(FlashPass::BackwardDkv)),
+        &Registered(FlashOp(FlashPass::BackwardDq)),
+        &Registered(RmsNormOp::Forward),
+        &Registered(RmsNormOp::Backward),
+    ];
     OPS
 }
 

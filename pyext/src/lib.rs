@@ -136,5 +136,5 @@ pub fn capsules(py: Python<'_>, outputs: Vec<HostOutput>) -> PyResult<Vec<Py<PyA
 
 /// The chip called `name` (`v5e`...), or a `ValueError` listing the known ones.
 pub fn chip(name: &str) -> PyResult<Chip> {
-    name.parse().map_err(|e: torchtpu_runtime::Error| PyValueError::new_err(e.to_string()))
+    name.parse().map_err(|e: torchtpu_runtime::UnknownChip| PyValueError::new_err(e.to_string()))
 }

@@ -11,5 +11,6 @@ fn _torchtpu(m: &Bound<'_, PyModule>) -> PyResult<()> {
     torchtpu_pyo3::install_panic_hook();
     torchtpu_pyo3::ops::add_ops(m, torchtpu_kernels::registry::ops())?;
     m.add_function(wrap_pyfunction!(tpu::compile_for_tpu, m)?)?;
+    m.add_function(wrap_pyfunction!(tpu::chips, m)?)?;
     Ok(())
 }

@@ -1,9 +1,16 @@
-//! A libtpu compile of a TPU module (what `torchtpu.tpu.compile` calls): no TPU needed.
+//! The chips, and a libtpu compile of a TPU module (what `torchtpu.tpu.compile` calls): no
+//! TPU needed.
 
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use torchtpu_pyo3::{chip, guard};
-use torchtpu_runtime::TpuCompiler;
+use torchtpu_runtime::{Chip, TpuCompiler};
+
+/// The names of the TPU generations torchtpu compiles for (`torchtpu.tpu.CHIPS`).
+#[pyfunction]
+pub fn chips() -> Vec<&'static str> {
+    Chip::ALL.iter().map(|c| c.name()).collect()
+}
 
 /// Compiles `module` with libtpu for `chip` (no TPU needed); returns the code size in bytes.
 #[pyfunction]

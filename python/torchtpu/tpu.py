@@ -22,7 +22,8 @@ from torch import Tensor
 from torchtpu import _torchtpu, norm, ops
 from torchtpu.ops import _check_attention, _check_float
 
-CHIPS = ("v4", "v5e", "v5p", "v6e", "tpu7x")
+#: The TPU generations torchtpu compiles for (torchtpu_hw::Chip).
+CHIPS = tuple(_torchtpu.chips())
 
 
 def default_chip() -> str:

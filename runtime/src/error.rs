@@ -18,6 +18,9 @@ pub enum Error {
 
     #[error("{0}")]
     Invalid(String),
+
+    #[error(transparent)]
+    UnknownChip(#[from] torchtpu_hw::UnknownChip),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -11,4 +11,5 @@ pub mod tpu;
 pub use client::{BorrowedBuffer, Buffer, Client, ElementType, Executable};
 pub use error::{Error, Result};
 pub use plugin::Plugin;
+pub use torchtpu_hw::UnknownChip;
 pub use tpu::{Chip, CompileError, CompiledModule, SourceLocation, TpuCompiler};

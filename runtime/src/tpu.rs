@@ -3,70 +3,13 @@
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::ffi::{self, Slot};
 use crate::plugin::Plugin;
 
-/// A TPU generation we compile for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Chip {
-    V4,
-    V5e,
-    V5p,
-    V6e,
-    Tpu7x,
-}
-
-impl Chip {
-    pub const ALL: [Chip; 5] = [Chip::V4, Chip::V5e, Chip::V5p, Chip::V6e, Chip::Tpu7x];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Chip::V4 => "v4",
-            Chip::V5e => "v5e",
-            Chip::V5p => "v5p",
-            Chip::V6e => "v6e",
-            Chip::Tpu7x => "tpu7x",
-        }
-    }
-
-    /// The smallest topology libtpu accepts for the chip.
-    pub fn topology(self) -> &'static str {
-        match self {
-            Chip::V4 => "v4:2x2x1",
-            Chip::V5e => "v5e:2x2",
-            Chip::V5p => "v5:2x2x1",
-            Chip::V6e => "v6e:2x2",
-            Chip::Tpu7x => "tpu7x:2x2x1",
-        }
-    }
-
-    /// The scoped VMEM a kernel gets without `vmem_limit_bytes`.
-    pub fn default_scoped_vmem_bytes(self) -> u64 {
-        match self {
-            Chip::V4 | Chip::V5e | Chip::V5p => 16 << 20,
-            Chip::V6e | Chip::Tpu7x => 32 << 20,
-        }
-    }
-}
-
-impl fmt::Display for Chip {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Chip {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Chip> {
-        Chip::ALL.into_iter().find(|c| c.name() == s.trim()).ok_or_else(|| {
-            Error::Invalid(format!("unknown TPU chip `{s}`; expected one of {}", Chip::ALL.map(|c| c.name()).join(", ")))
-        })
-    }
-}
+pub use torchtpu_hw::Chip;
 
 /// Where in the kernel's Rust source a compiler message points (from the module's `loc`s).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,6 @@
 use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 use torchtpu::kernels::op::check_float_dtype;
-use torchtpu::kernels::registry::AnyOp;
 use torchtpu::kernels::tables::{self, Tables};
 use torchtpu::kernels::Error;
 use torchtpu::prelude::*;
@@ -168,7 +167,7 @@ impl Op for SwiGlu {
 }
 
 /// This crate's ops: what its command line and its Python extension serve.
-pub static OPS: &[&dyn AnyOp] = &[&SwiGlu::Forward, &SwiGlu::Backward];
+pub static OPS: &[&dyn AnyOp] = &[&Registered(SwiGlu::Forward), &Registered(SwiGlu::Backward)];
 
 /// The Python extension `user_ops._user_ops`: the generic op functions over [`OPS`].
 #[cfg(feature = "python")]

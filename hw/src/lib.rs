@@ -1,0 +1,138 @@
+//! TPU hardware facts, in one place: the vector register's tiling, and per chip generation its
+//! VMEM, MXU tile, peak matrix rate and HBM bandwidth. Tiling checks, block rounding, pruning,
+//! the roofline model and Python all read them here. Per-chip figures are per TensorCore, as
+//! JAX's `pltpu.get_tpu_info` gives them; the scoped-VMEM defaults are libtpu's (measured).
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Lanes of a TPU vector register: the tile of an array's last dim.
+pub const LANES: usize = 128;
+
+/// The fewest rows a TPU block may have (unless it spans the array): one (8, 128) tile.
+pub const MIN_SUBLANES: usize = 8;
+
+/// Sublanes of a TPU vector register for elements of `element_bytes`: the tile of an array's
+/// second-to-last dim (8 rows of 32-bit values, packed two or four to a row for narrower ones).
+pub fn sublanes(element_bytes: usize) -> usize {
+    match element_bytes {
+        4.. => MIN_SUBLANES,
+        2 => 2 * MIN_SUBLANES,
+        _ => 4 * MIN_SUBLANES,
+    }
+}
+
+/// A TPU generation we compile for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Chip {
+    V4,
+    V5e,
+    V5p,
+    V6e,
+    Tpu7x,
+}
+
+/// A chip name that is none of ours.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown TPU chip `{0}`; expected one of v4, v5e, v5p, v6e, tpu7x")]
+pub struct UnknownChip(pub String);
+
+impl Chip {
+    pub const ALL: [Chip; 5] = [Chip::V4, Chip::V5e, Chip::V5p, Chip::V6e, Chip::Tpu7x];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Chip::V4 => "v4",
+            Chip::V5e => "v5e",
+            Chip::V5p => "v5p",
+            Chip::V6e => "v6e",
+            Chip::Tpu7x => "tpu7x",
+        }
+    }
+
+    /// The smallest topology libtpu accepts for the chip.
+    pub fn topology(self) -> &'static str {
+        match self {
+            Chip::V4 => "v4:2x2x1",
+            Chip::V5e => "v5e:2x2",
+            Chip::V5p => "v5:2x2x1",
+            Chip::V6e => "v6e:2x2",
+            Chip::Tpu7x => "tpu7x:2x2x1",
+        }
+    }
+
+    /// The scoped VMEM a kernel gets without `vmem_limit_bytes`.
+    pub fn default_scoped_vmem_bytes(self) -> u64 {
+        match self {
+            Chip::V4 | Chip::V5e | Chip::V5p => 16 << 20,
+            Chip::V6e | Chip::Tpu7x => 32 << 20,
+        }
+    }
+
+    /// All the VMEM there is: the most `vmem_limit_bytes` can ask for.
+    pub fn vmem_bytes(self) -> u64 {
+        match self {
+            Chip::V4 => 16 << 20,
+            Chip::V5p | Chip::Tpu7x => 64 << 20,
+            Chip::V5e | Chip::V6e => 128 << 20,
+        }
+    }
+
+    /// The MXU's native tile: matmul dims are padded to it.
+    pub fn mxu_dim(self) -> usize {
+        match self {
+            Chip::V6e | Chip::Tpu7x => 256,
+            _ => 128,
+        }
+    }
+
+    /// Peak dense bf16 matrix rate, FLOP/s (public figures).
+    pub fn peak_bf16_flops(self) -> f64 {
+        match self {
+            Chip::V4 => 275e12,
+            Chip::V5e => 197e12,
+            Chip::V5p => 459e12,
+            Chip::V6e => 918e12,
+            Chip::Tpu7x => 2307e12,
+        }
+    }
+
+    /// HBM bandwidth, bytes/s (public figures).
+    pub fn hbm_bytes_per_second(self) -> f64 {
+        match self {
+            Chip::V4 => 1.2e12,
+            Chip::V5e => 0.819e12,
+            Chip::V5p => 2.765e12,
+            Chip::V6e => 1.64e12,
+            Chip::Tpu7x => 7.37e12,
+        }
+    }
+}
+
+impl fmt::Display for Chip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Chip {
+    type Err = UnknownChip;
+    fn from_str(s: &str) -> Result<Chip, UnknownChip> {
+        Chip::ALL.into_iter().find(|c| c.name() == s.trim()).ok_or_else(|| UnknownChip(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_ones_are_errors() {
+        for chip in Chip::ALL {
+            assert_eq!(chip.name().parse::<Chip>(), Ok(chip));
+            assert!(chip.default_scoped_vmem_bytes() <= chip.vmem_bytes());
+        }
+        assert_eq!("v9".parse::<Chip>().unwrap_err().to_string(), "unknown TPU chip `v9`; expected one of v4, v5e, v5p, v6e, tpu7x");
+        assert_eq!((sublanes(4), sublanes(2), sublanes(1)), (8, 16, 32));
+    }
+}
