@@ -18,7 +18,7 @@ mod printer;
 pub mod trace;
 pub mod verify;
 
-pub use call::{sublanes, LANES, BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem};
+pub use call::{sublanes, LANES, MIN_SUBLANES, BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem};
 pub use dtype::{DType, DotOperand, Element, Float, Int, Numeric};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

@@ -25,9 +25,9 @@ use crate::Error;
 const MASK_VALUE: f32 = -0.7 * f32::MAX;
 // Running max and sum are kept replicated across the TPU's lanes (`LANES`), as TPU kernels
 // keep them; q segment ids are laid out `[b, sq, LANES]`.
-/// kv segment ids are replicated across this many sublanes (a legal TPU block height):
-/// laid out `[b, SUBLANES, sk]`.
-const SUBLANES: usize = 8;
+/// kv segment ids are replicated across the fewest sublanes a TPU block may have: laid out
+/// `[b, SUBLANES, sk]`.
+const SUBLANES: usize = torchtpu_dsl::MIN_SUBLANES;
 
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]

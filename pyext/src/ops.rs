@@ -16,7 +16,8 @@ use crate::{guard, kernel_error, prepared, run};
 /// The ops this extension module serves (each extension has its own copy of this crate).
 static OPS: OnceLock<&'static [&'static dyn AnyOp]> = OnceLock::new();
 
-/// Adds `op_names`, `op_signature`, `op_run` and `op_tpu_module` over `ops` to module `m`.
+/// Adds `op_names`, `op_signature`, `op_run`, `op_config` and `op_tpu_module` over `ops` to
+/// module `m`.
 pub fn add_ops(m: &Bound<'_, PyModule>, ops: &'static [&'static dyn AnyOp]) -> PyResult<()> {
     if OPS.set(ops).is_err() && OPS.get().is_some_and(|known| !std::ptr::eq(*known, ops)) {
         return Err(PyRuntimeError::new_err("an extension module serves one list of ops"));
@@ -25,6 +26,7 @@ pub fn add_ops(m: &Bound<'_, PyModule>, ops: &'static [&'static dyn AnyOp]) -> P
     m.add_function(wrap_pyfunction!(op_signature, m)?)?;
     m.add_function(wrap_pyfunction!(op_run, m)?)?;
     m.add_function(wrap_pyfunction!(op_tpu_module, m)?)?;
+    m.add_function(wrap_pyfunction!(op_config, m)?)?;
     Ok(())
 }
 
@@ -103,5 +105,17 @@ pub fn op_tpu_module(name: &str, problem_json: &str, chip_name: &str) -> PyResul
         let op = find(name)?;
         let chip = crate::chip(chip_name)?;
         op.tpu_module(&problem(name, problem_json)?, chip).map_err(kernel_error)
+    })
+}
+
+/// The config (as JSON) op `name` runs `problem_json` with on this machine's CPU: a result
+/// `torchtpu tune` cached for it, else its table entry, else the heuristic.
+#[pyfunction]
+pub fn op_config(name: &str, problem_json: &str) -> PyResult<String> {
+    guard(|| {
+        let op = find(name)?;
+        let target = torchtpu_kernels::tables::target_of(crate::backend()?);
+        let config = op.config(&problem(name, problem_json)?, target).map_err(kernel_error)?;
+        Ok(config.to_string())
     })
 }

@@ -19,6 +19,9 @@ from torchtpu import library  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
 from torchtpu import tpu  # noqa: E402
 
+#: Every registered Rust op as ``torch.ops.torchtpu_ops.<op>(operands, problem)``, no Python each.
+OPS = library.register_ops(library._torchtpu, "torchtpu_ops")
+
 flash_attention = _ops.flash_attention
 matmul = _ops.matmul
 rms_norm = _norm.rms_norm

@@ -83,9 +83,40 @@ class RustOp:
         capsules = self.module.op_run(self.name, self._key(problem), [t.contiguous() for t in operands])
         return [torch.from_dlpack(c) for c in capsules]
 
+    def config(self, problem: dict) -> dict:
+        """The config (block sizes) the CPU run of ``problem`` uses: what ``torchtpu tune``
+        cached for it, else the tuned table's entry, else the op's heuristic."""
+        return json.loads(self.module.op_config(self.name, self._key(problem)))
+
     def tpu_module(self, problem: dict, chip: str) -> str:
         """The StableHLO module (Mosaic in a ``tpu_custom_call``) this op runs on ``chip``."""
         return self.module.op_tpu_module(self.name, self._key(problem), chip)
+
+
+def register_ops(module, namespace: str) -> list[str]:
+    """Makes every op ``module`` serves a PyTorch op, with no Python of its own:
+    ``torch.ops.<namespace>.<op>(operands, problem)`` runs it on ``operands`` (tensors in the
+    op's operand types) for ``problem`` (the JSON of its problem), on CPU or ``tpu`` tensors,
+    with a fake implementation from its signature (so ``opcheck``, ``torch.compile`` and
+    ``torch.export`` take it). No autograd: a differentiable op pairs its forward and backward
+    ops in a ``custom_op`` of its own. Returns the qualified names."""
+    qualified = []
+    for name in names(module):
+        op = RustOp(name, module)
+        qualname = f"{namespace}::{name}"
+
+        def run(operands: list[Tensor], problem: str, op=op) -> list[Tensor]:
+            return op(json.loads(problem), operands)
+
+        custom = torch.library.custom_op(qualname, run, mutates_args=(), schema="(Tensor[] operands, str problem) -> Tensor[]")
+
+        def fake(operands, problem, op=op):
+            like = operands[0] if operands else torch.empty(0)
+            return op.empty_outputs(json.loads(problem), like)
+
+        custom.register_fake(fake)
+        qualified.append(qualname)
+    return qualified
 
 
 def check_tensor(name: str, t, dtypes=(torch.float32, torch.bfloat16)) -> None:
@@ -97,6 +128,7 @@ def check_tensor(name: str, t, dtypes=(torch.float32, torch.bfloat16)) -> None:
 
 
 def same_device(**tensors: Optional[Tensor]) -> None:
+    """The tensors given (``None`` skipped) are on one device: else the error a user sees."""
     present = {n: t for n, t in tensors.items() if t is not None}
     if len({t.device for t in present.values()}) > 1:
         where = ", ".join(f"{n} on {t.device}" for n, t in present.items())

@@ -12,27 +12,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu.library import RustOp, dtype_name
+from torchtpu.library import RustOp, check_tensor, dtype_name, same_device
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _FORWARD, _DKV, _DQ = RustOp("flash_attention"), RustOp("flash_attention_dkv"), RustOp("flash_attention_dq")
 _MATMUL = RustOp("matmul")
 _SEGMENT_DTYPES = (torch.int32, torch.int64)
-
-
-def _check_float(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
-    if t.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{name} is {t.dtype}; torchtpu's kernels take torch.float32 or torch.bfloat16")
-
-
-def _check_devices(**tensors: Optional[Tensor]) -> None:
-    present = {n: t for n, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{n} on {t.device}" for n, t in present.items())
-        raise ValueError(f"all tensors must be on one device; got {where}")
 
 
 def _check_contiguous(**tensors: Optional[Tensor]) -> None:
@@ -44,7 +28,7 @@ def _check_contiguous(**tensors: Optional[Tensor]) -> None:
 def _check_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]) -> None:
     """Shape, dtype and device checks, shared by the real and the fake implementations."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_float(name, t)
+        check_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must be [batch, heads, seq, head_dim] like scaled_dot_product_attention's; got shape {tuple(t.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -63,7 +47,7 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Optional[Tens
                 raise TypeError(f"{name} must be an integer tensor (int32 or int64); got {t.dtype}")
             if tuple(t.shape) != want:
                 raise ValueError(f"{name} must be [batch, seq] = {list(want)}; got {list(t.shape)}")
-    _check_devices(q=q, k=k, v=v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    same_device(q=q, k=k, v=v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
 
 
 _I32 = torch.iinfo(torch.int32)
@@ -215,8 +199,8 @@ def flash_attention(
 
 
 def _check_matmul(a: Tensor, b: Tensor) -> None:
-    _check_float("a", a)
-    _check_float("b", b)
+    check_tensor("a", a)
+    check_tensor("b", b)
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must share a dtype; got {a.dtype} and {b.dtype}")
     if a.dim() not in (2, 3) or b.dim() != a.dim():
@@ -225,7 +209,7 @@ def _check_matmul(a: Tensor, b: Tensor) -> None:
         raise ValueError(f"a and b must have the same batch; got {a.shape[0]} and {b.shape[0]}")
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"a is {tuple(a.shape)} and b {tuple(b.shape)}: a's last dimension must equal b's second-to-last")
-    _check_devices(a=a, b=b)
+    same_device(a=a, b=b)
 
 
 def _matmul_problem(a: Tensor, b: Tensor) -> dict:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from torchtpu import _torchtpu, norm, ops
-from torchtpu.ops import _check_attention, _check_float
+from torchtpu.library import check_tensor
+from torchtpu.ops import _check_attention
 
 #: The TPU generations torchtpu compiles for (torchtpu_hw::Chip).
 CHIPS = tuple(_torchtpu.chips())
@@ -64,7 +65,7 @@ def flash_attention_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_sc
 
 def matmul_kernel(a: Tensor, b: Tensor, chip: Optional[str] = None) -> TpuKernel:
     """The kernel ``a @ b`` registers for ``chip``."""
-    _check_float("a", a)
+    check_tensor("a", a)
     return op_kernel(ops._MATMUL, ops._matmul_problem(a, b), chip)
 
 

@@ -1,6 +1,9 @@
 """The user's op as PyTorch sees it: values and gradients against torch's own SwiGLU in f64,
 torch's op checks, torch.compile, and the TPU module compiled by libtpu for every chip."""
 
+import json
+import pathlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,3 +71,22 @@ def test_bad_input_is_a_clear_error():
         user_ops.swiglu(torch.zeros(3, 4), torch.zeros(3, 5))
     with pytest.raises(TypeError, match="torch.float32 or torch.bfloat16"):
         user_ops.swiglu(torch.zeros(3, 4, dtype=torch.int32), torch.zeros(3, 4, dtype=torch.int32))
+
+
+def test_every_op_is_a_torch_op_without_python_of_its_own(rng):
+    assert user_ops.RAW == ["user_ops_raw::swiglu", "user_ops_raw::swiglu_backward"]
+    gate, up = torch.randn(9, 130, generator=rng), torch.randn(9, 130, generator=rng)
+    problem = json.dumps({"rows": 9, "dim": 130, "dtype": "f32"})
+    (out,) = torch.ops.user_ops_raw.swiglu([gate, up], problem)
+    torch.testing.assert_close(out, F.silu(gate) * up, atol=1e-5, rtol=1e-5)
+    opcheck(torch.ops.user_ops_raw.swiglu.default, ([gate, up], problem))
+
+
+def test_tuned_tables_are_the_crates_own(tmp_path, monkeypatch):
+    # `user-ops tables` wrote tables/*.json; with no tuning result cached, the CPU run of a
+    # tabled problem uses the crate's entry.
+    monkeypatch.setenv("TORCHTPU_CACHE_DIR", str(tmp_path))
+    table = json.loads((pathlib.Path(__file__).resolve().parents[1] / "tables" / "cpu.json").read_text())
+    for name in ("swiglu", "swiglu_backward"):
+        config = RustOp(name, module=user_ops._user_ops).config({"rows": 4096, "dim": 4096, "dtype": "f32"})
+        assert config == table[name]["d4096/f32"], name

@@ -12,9 +12,13 @@ import math
 
 import torch
 from torch import Tensor
-from torchtpu.library import RustOp, check_tensor, dtype_name, same_device
+from torchtpu.library import RustOp, check_tensor, dtype_name, register_ops, same_device
 
 from user_ops import _user_ops
+
+#: Every op of the crate as ``torch.ops.user_ops_raw.<op>(operands, problem)``: a forward-only op
+#: needs nothing more. What follows gives SwiGLU a PyTorch face of its own, with autograd.
+RAW = register_ops(_user_ops, "user_ops_raw")
 
 _forward = RustOp("swiglu", module=_user_ops)
 _backward = RustOp("swiglu_backward", module=_user_ops)
