@@ -100,19 +100,13 @@ fn flash_forward<T: Float>(
 }
 
 /// What attention computes, beyond its inputs.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AttentionOptions {
     pub causal: bool,
     /// Default `1 / sqrt(head_dim)`.
     pub sm_scale: Option<f32>,
     /// (block_q, block_k); default picks a safe size for the shapes.
     pub block: Option<(usize, usize)>,
-}
-
-impl Default for AttentionOptions {
-    fn default() -> Self {
-        AttentionOptions { causal: false, sm_scale: None, block: None }
-    }
 }
 
 /// The shapes of an attention problem: q `[b, h, sq, d]`, k and v `[b, hk, sk, d]`.

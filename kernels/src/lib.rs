@@ -15,7 +15,7 @@ pub enum Error {
     #[error("unsupported dtype: {0}")]
     Dtype(String),
     #[error(transparent)]
-    Exec(#[from] torchtpu_exec::Error),
+    Exec(Box<torchtpu_exec::Error>),
     #[error("out of memory: {0}")]
     Memory(String),
     #[error("tuned table: {0}")]
@@ -26,7 +26,19 @@ pub enum Error {
     #[error("{0}")]
     Argument(String),
     #[error(transparent)]
-    Trace(#[from] torchtpu_dsl::Error),
+    Trace(Box<torchtpu_dsl::Error>),
     #[error(transparent)]
-    Lower(#[from] torchtpu_codegen::Error),
+    Lower(Box<torchtpu_codegen::Error>),
 }
+
+// The errors of the layers below, boxed: a kernel's `Result` stays small on the happy path.
+macro_rules! boxed_from {
+    ($($variant:ident: $error:ty),*) => {$(
+        impl From<$error> for Error {
+            fn from(e: $error) -> Error {
+                Error::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+boxed_from!(Exec: torchtpu_exec::Error, Trace: torchtpu_dsl::Error, Lower: torchtpu_codegen::Error);

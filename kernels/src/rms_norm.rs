@@ -1,6 +1,6 @@
-//! RMS normalization over the last dim, as `torch.nn.functional.rms_norm`: `y = x / sqrt(mean(x²)
-//! + eps) · w`, f32 or bf16 in (computed in f32), any number of rows; and its backward, with
-//! the weight's gradient reduced across row blocks in the kernel.
+//! RMS normalization over the last dim, as `torch.nn.functional.rms_norm`:
+//! `y = x / sqrt(mean(x²) + eps) · w`, f32 or bf16 in (computed in f32), any number of rows;
+//! and its backward, with the weight's gradient reduced across row blocks in the kernel.
 
 use ndarray::{Array2, ArrayD, Axis, Ix2};
 use serde::{Deserialize, Serialize};
@@ -225,7 +225,8 @@ impl Op for RmsNormOp {
             (RmsNormOp::Forward, [x, w]) => match (two(x), weight(w)) {
                 (Some(x), Some(w)) => {
                     let r = reference_rstd(&x, p.eps);
-                    let y = &x * &r.view().insert_axis(Axis(1)) * &w.view().insert_axis(Axis(0));
+                    let (r_column, w_row) = (r.view().insert_axis(Axis(1)), w.view().insert_axis(Axis(0)));
+                    let y = &x * &r_column * w_row;
                     vec![y.into_dyn(), r.insert_axis(Axis(1)).into_dyn()]
                 }
                 _ => Vec::new(),

@@ -68,19 +68,27 @@ impl Tables {
     }
 }
 
+/// The tuned tables of a folder, `<target>.json` for every target of [`TableTarget::ALL`],
+/// embedded in the binary: `include_tables!("../tables")`, the path relative to the calling
+/// file (as `include_str!`'s).
+#[macro_export]
+macro_rules! include_tables {
+    ($dir:literal) => {
+        $crate::tables::Tables::parse(&[
+            ("cpu", include_str!(concat!($dir, "/cpu.json"))),
+            ("v4", include_str!(concat!($dir, "/v4.json"))),
+            ("v5e", include_str!(concat!($dir, "/v5e.json"))),
+            ("v5p", include_str!(concat!($dir, "/v5p.json"))),
+            ("v6e", include_str!(concat!($dir, "/v6e.json"))),
+            ("tpu7x", include_str!(concat!($dir, "/tpu7x.json"))),
+        ])
+    };
+}
+
 /// The tables shipped in this crate (`kernels/tables/<target>.json`), parsed once per process.
 pub fn shipped() -> &'static Tables {
     static SHIPPED: OnceLock<Tables> = OnceLock::new();
-    SHIPPED.get_or_init(|| {
-        Tables::parse(&[
-            ("cpu", include_str!("../tables/cpu.json")),
-            ("v4", include_str!("../tables/v4.json")),
-            ("v5e", include_str!("../tables/v5e.json")),
-            ("v5p", include_str!("../tables/v5p.json")),
-            ("v6e", include_str!("../tables/v6e.json")),
-            ("tpu7x", include_str!("../tables/tpu7x.json")),
-        ])
-    })
+    SHIPPED.get_or_init(|| crate::include_tables!("../tables"))
 }
 
 /// A target's shipped table.

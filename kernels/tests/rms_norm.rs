@@ -52,7 +52,8 @@ fn forward_and_backward_match_f64_on_every_backend() {
                 let (x2, dy2) = (two(&x), two(&dy));
                 let w1 = w.as_ref().map_or_else(|| Array1::ones(dim), |w| w.to_f64().into_shape_with_order(dim).expect("1-D"));
                 let r = reference_rstd(&x2, eps);
-                let want_y = (&x2 * &r.view().insert_axis(ndarray::Axis(1)) * &w1.view().insert_axis(ndarray::Axis(0))).into_shape_with_order(shape.clone()).expect("shape");
+                let (r_column, w_row) = (r.view().insert_axis(ndarray::Axis(1)), w1.view().insert_axis(ndarray::Axis(0)));
+                let want_y = (&x2 * &r_column * w_row).into_shape_with_order(shape.clone()).expect("shape");
                 let (want_dx, want_dw) = reference_backward(&x2, &w1, &dy2, eps);
                 let want_dx = want_dx.into_shape_with_order(shape.clone()).expect("shape");
                 let tol = if dtype == DType::BF16 { 2e-2 } else { 2e-5 };

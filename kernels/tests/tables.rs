@@ -9,8 +9,11 @@ use torchtpu_kernels::registry;
 use torchtpu_kernels::tables::{entry, table, TableTarget};
 use torchtpu_runtime::TpuCompiler;
 
-/// Every shipped op's table entries on every target: (target, op, bucket, config, problem).
-fn entries() -> Vec<(TableTarget, &'static str, String, Option<&'static serde_json::Value>, Box<dyn torchtpu_autotune::Tunable>)> {
+/// One table job: target, op, bucket, the table's config for it (if any), the problem.
+type Entry = (TableTarget, &'static str, String, Option<&'static serde_json::Value>, Box<dyn torchtpu_autotune::Tunable>);
+
+/// Every shipped op's table entries on every target.
+fn entries() -> Vec<Entry> {
     let mut out = Vec::new();
     for target in TableTarget::ALL {
         table(target).expect("valid JSON");

@@ -75,21 +75,25 @@ pub fn backend() -> PyResult<Backend> {
 /// for a dtype, `MemoryError` for what cannot fit, `RuntimeError` otherwise.
 pub fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
     use torchtpu_kernels::Error;
+    let memory = match &e {
+        Error::Memory(_) => true,
+        Error::Exec(x) => matches!(**x, torchtpu_exec::Error::Memory(_)),
+        Error::Trace(x) => matches!(**x, torchtpu_dsl::Error::TooLarge { .. }),
+        _ => false,
+    };
     match e {
-        Error::Shape(_) | Error::Config(_) | Error::Argument(_) => PyValueError::new_err(e.to_string()),
-        Error::Dtype(_) => PyTypeError::new_err(e.to_string()),
-        Error::Memory(_)
-        | Error::Exec(torchtpu_exec::Error::Memory(_))
-        | Error::Trace(torchtpu_dsl::Error::TooLarge { .. }) => {
-            PyMemoryError::new_err(e.to_string())
+        _ if memory => PyMemoryError::new_err(e.to_string()),
+        Error::Shape(_) | Error::Config(_) | Error::Argument(_) => {
+            PyValueError::new_err(e.to_string())
         }
+        Error::Dtype(_) => PyTypeError::new_err(e.to_string()),
         other => PyRuntimeError::new_err(other.to_string()),
     }
 }
 
 /// [`kernel_error`] for an error of running.
 pub fn exec_error(e: torchtpu_exec::Error) -> PyErr {
-    kernel_error(torchtpu_kernels::Error::Exec(e))
+    kernel_error(e.into())
 }
 
 /// Kernels ready to run, by the backend and what they were made for. Compiling happens with
@@ -136,5 +140,6 @@ pub fn capsules(py: Python<'_>, outputs: Vec<HostOutput>) -> PyResult<Vec<Py<PyA
 
 /// The chip called `name` (`v5e`...), or a `ValueError` listing the known ones.
 pub fn chip(name: &str) -> PyResult<Chip> {
-    name.parse().map_err(|e: torchtpu_runtime::UnknownChip| PyValueError::new_err(e.to_string()))
+    name.parse()
+        .map_err(|e: torchtpu_runtime::UnknownChip| PyValueError::new_err(e.to_string()))
 }

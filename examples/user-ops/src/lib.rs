@@ -51,16 +51,7 @@ pub struct Config {
 /// This crate's tuned tables, made by `cargo run --release -- tables`.
 fn own_tables() -> &'static Tables {
     static TABLES: std::sync::OnceLock<Tables> = std::sync::OnceLock::new();
-    TABLES.get_or_init(|| {
-        Tables::parse(&[
-            ("cpu", include_str!("../tables/cpu.json")),
-            ("v4", include_str!("../tables/v4.json")),
-            ("v5e", include_str!("../tables/v5e.json")),
-            ("v5p", include_str!("../tables/v5p.json")),
-            ("v6e", include_str!("../tables/v6e.json")),
-            ("tpu7x", include_str!("../tables/tpu7x.json")),
-        ])
-    })
+    TABLES.get_or_init(|| torchtpu::kernels::include_tables!("../tables"))
 }
 
 fn powers_of_two(from: usize, to: usize) -> impl Iterator<Item = usize> {

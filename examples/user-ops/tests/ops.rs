@@ -29,6 +29,14 @@ fn match_the_reference_on_every_backend() {
 }
 
 #[test]
+fn the_ops_read_the_crates_own_tables() {
+    for target in TableTarget::ALL {
+        let entry = SwiGlu::Forward.tables().entry(target, "swiglu", "d4096/f32");
+        assert!(entry.is_some_and(|e| e.get("block_cols").is_some()), "{target:?}: {entry:?}");
+    }
+}
+
+#[test]
 fn every_table_entry_compiles_and_the_cli_serves_the_ops() {
     let cli = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_user-ops")).args(args).output().expect("runs");
     let out = cli(&["list"]);
