@@ -17,6 +17,14 @@ pub use torchtpu_exec as exec;
 pub use torchtpu_kernels as kernels;
 pub use torchtpu_runtime as runtime;
 
+// What an op's signature names: its problem and config derive serde's traits (with
+// `#[serde(crate = "torchtpu::serde")]`), its reference returns ndarray arrays, its random
+// inputs take rand's generator. Re-exported so that torchtpu is the one dependency.
+pub use ndarray;
+pub use rand;
+pub use serde;
+pub use serde_json;
+
 /// Everything a kernel author needs: `use torchtpu::prelude::*;` — the kernel language, and
 /// what it takes to make a kernel an op, run it and tune it.
 pub mod prelude {

@@ -3,8 +3,8 @@
 //! tuned tables (`tables/`) and, through the Python extension below, PyTorch
 //! (`user_ops/__init__.py`).
 
-use ndarray::ArrayD;
-use serde::{Deserialize, Serialize};
+use torchtpu::ndarray::{self, ArrayD};
+use torchtpu::serde::{Deserialize, Serialize};
 use torchtpu::kernels::op::check_float_dtype;
 use torchtpu::kernels::tables::{self, Tables};
 use torchtpu::kernels::Error;
@@ -35,6 +35,7 @@ pub enum SwiGlu {
 
 /// `rows × dim` gate and up in `dtype`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "torchtpu::serde")]
 pub struct Problem {
     pub rows: usize,
     pub dim: usize,
@@ -43,6 +44,7 @@ pub struct Problem {
 
 /// The block: rows and columns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(crate = "torchtpu::serde")]
 pub struct Config {
     pub block_rows: usize,
     pub block_cols: usize,
