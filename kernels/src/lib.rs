@@ -1,11 +1,13 @@
-//! The kernels people call — flash attention (forward and backward), matmul, RMS norm — written
+//! The kernels people call — flash attention (forward and backward), matmul, RMS and layer norm — written
 //! with `#[tpu_kernel]`, each an [`op::Op`], with a Rust API that runs them on any backend.
 
 pub mod flash;
+pub mod layer_norm;
 pub mod matmul;
 pub mod op;
 pub mod registry;
 pub mod rms_norm;
+pub mod rows;
 pub mod tables;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -11,6 +11,7 @@ use torchtpu_dsl::{DType, HostArray, PallasCall};
 use torchtpu_runtime::Chip;
 
 use crate::flash::{FlashOp, FlashPass};
+use crate::layer_norm::LayerNormOp;
 use crate::matmul::MatmulOp;
 use crate::op::{self, Op, Tuning};
 use crate::rms_norm::RmsNormOp;
@@ -112,6 +113,8 @@ pub fn ops() -> &'static [&'static dyn AnyOp] {
         &Registered(FlashOp(FlashPass::BackwardDq)),
         &Registered(RmsNormOp::Forward),
         &Registered(RmsNormOp::Backward),
+        &Registered(LayerNormOp::Forward),
+        &Registered(LayerNormOp::Backward),
     ];
     OPS
 }

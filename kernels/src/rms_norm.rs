@@ -7,11 +7,12 @@ use serde::{Deserialize, Serialize};
 use torchtpu_autotune::SearchSpace;
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::prelude::*;
-use torchtpu_dsl::{sublanes, HostArray, PallasCall};
+use torchtpu_dsl::{HostArray, PallasCall};
 use torchtpu_exec::Backend;
 
 use crate::op::{self, Op};
-use crate::tables::{self, TableTarget};
+use crate::rows::{self, reshaped, vector_operand, RowsConfig, TUNING_EPS};
+use crate::tables::TableTarget;
 use crate::Error;
 
 #[tpu_kernel]
@@ -83,13 +84,7 @@ pub struct RmsNormProblem {
 }
 
 /// The rows per block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RmsNormConfig {
-    pub block_rows: usize,
-}
-
-/// The eps problems are tuned at: it cannot change which block is fastest.
-const TUNING_EPS: f64 = 1e-6;
+pub type RmsNormConfig = RowsConfig;
 
 impl Op for RmsNormOp {
     type Problem = RmsNormProblem;
@@ -106,34 +101,22 @@ impl Op for RmsNormOp {
     }
     fn check(&self, p: &RmsNormProblem) -> Result<(), Error> {
         op::check_float_dtype(self.name(), p.dtype)?;
-        if !((p.eps as f32).is_finite() && p.eps >= 0.0) {
-            return Err(Error::Shape(format!("{}: eps must be finite (in f32) and non-negative; got {}", self.name(), p.eps)));
-        }
-        Ok(())
+        rows::check_eps(self.name(), p.eps)
     }
     fn tuning_problem(&self, p: &RmsNormProblem) -> RmsNormProblem {
         RmsNormProblem { eps: TUNING_EPS, ..*p }
     }
     fn bucket(&self, p: &RmsNormProblem) -> String {
-        format!("d{}/{}", tables::bucket(p.dim, 128, 16384), p.dtype)
+        rows::bucket(p.dim, p.dtype)
     }
     fn space(&self, p: &RmsNormProblem) -> SearchSpace {
-        let top = p.rows.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(8, 2048);
-        SearchSpace::new().param("block_rows", std::iter::successors(Some(8usize), |b| Some(b * 2)).take_while(|&b| b <= top))
+        rows::space(p.rows)
     }
-    /// About a MiB of f32 per block (rows × dim), at most 512 rows.
     fn default_config(&self, p: &RmsNormProblem) -> RmsNormConfig {
-        let rows = ((1usize << 18) / p.dim.max(1)).clamp(8, 512);
-        self.fit(p, RmsNormConfig { block_rows: rows })
+        rows::default_config(p.rows, p.dim, p.dtype)
     }
     fn fit(&self, p: &RmsNormProblem, c: RmsNormConfig) -> RmsNormConfig {
-        let tile = sublanes(p.dtype);
-        if c.block_rows == 0 {
-            return self.default_config(p);
-        }
-        // A multiple of the dtype's sublanes, or all the rows (rounded up to one).
-        let rows = c.block_rows.min(p.rows.div_ceil(tile).saturating_mul(tile));
-        RmsNormConfig { block_rows: rows.div_ceil(tile).saturating_mul(tile).max(tile) }
+        rows::fit(p.rows, p.dim, p.dtype, c)
     }
     fn call(&self, p: &RmsNormProblem, c: &RmsNormConfig) -> Result<PallasCall, Error> {
         self.check(p)?;
@@ -242,11 +225,7 @@ impl Op for RmsNormOp {
         }
     }
     fn table_problems(&self, target: TableTarget) -> Vec<RmsNormProblem> {
-        let (dtypes, dims): (&[DType], &[usize]) = match target {
-            TableTarget::Cpu => (&[DType::F32], &[1024, 4096]),
-            TableTarget::Chip(_) => (&[DType::BF16, DType::F32], &[1024, 4096, 8192]),
-        };
-        dtypes.iter().flat_map(|&dtype| dims.iter().map(move |&dim| RmsNormProblem { rows: 4096, dim, dtype, affine: true, eps: TUNING_EPS })).collect()
+        rows::table_shapes(target).into_iter().map(|(dtype, dim)| RmsNormProblem { rows: rows::TABLE_ROWS, dim, dtype, affine: true, eps: TUNING_EPS }).collect()
     }
 }
 
@@ -274,25 +253,13 @@ pub fn reference_backward(x: &Array2<f64>, w: &ndarray::Array1<f64>, dy: &Array2
     (dx, dw)
 }
 
-/// What a user passes: `x` of any rank, normalized over its last dim, and an optional weight
-/// of that length. Returns the problem and x's leading shape.
+/// The problem of what a user passes: `x` of any rank, normalized over its last dim, and an
+/// optional weight of that length.
 fn problem_of(x: &HostArray, weight: Option<&HostArray>, eps: f64) -> Result<RmsNormProblem, Error> {
-    let Some((&dim, lead)) = x.shape().split_last() else {
-        return Err(Error::Shape("rms_norm normalizes over the last dim: x must have at least one".into()));
-    };
-    if let Some(w) = weight {
-        if w.shape() != [dim] || w.dtype() != x.dtype() {
-            return Err(Error::Shape(format!("the weight must be {} [{dim}] like x's last dim; got {} {:?}", x.dtype(), w.dtype(), w.shape())));
-        }
-    }
-    let rows = lead.iter().try_fold(1usize, |a, &b| a.checked_mul(b)).ok_or_else(|| Error::Shape(format!("x {:?} has too many rows", x.shape())))?;
+    let (rows, dim) = rows::rows_of("rms_norm", x)?;
     let p = RmsNormProblem { rows, dim, dtype: x.dtype(), affine: weight.is_some(), eps };
     RmsNormOp::Forward.check(&p)?;
     Ok(p)
-}
-
-fn as_rows(a: &HostArray, rows: usize, dim: usize) -> Result<HostArray, Error> {
-    reshaped(a, &[rows, dim])
 }
 
 /// `x / sqrt(mean(x², last dim) + eps) · weight` on `backend`, and each row's `1 / sqrt(..)`
@@ -300,7 +267,7 @@ fn as_rows(a: &HostArray, rows: usize, dim: usize) -> Result<HostArray, Error> {
 pub fn rms_norm(x: &HostArray, weight: Option<&HostArray>, eps: f64, backend: Backend) -> Result<(HostArray, HostArray), Error> {
     let p = problem_of(x, weight, eps)?;
     let lead = &x.shape()[..x.shape().len() - 1];
-    let mut out = op::run(&RmsNormOp::Forward, &p, None, &[as_rows(x, p.rows, p.dim)?, weight_operand(weight, &p)?], backend)?;
+    let mut out = op::run(&RmsNormOp::Forward, &p, None, &[reshaped(x, &[p.rows, p.dim])?, vector_operand("weight", weight, p.dim, p.dtype)?], backend)?;
     let missing = || Error::Shape("the kernel returned too few outputs".into());
     let rstd = out.pop().ok_or_else(missing)?;
     let y = out.pop().ok_or_else(missing)?;
@@ -315,22 +282,10 @@ pub fn rms_norm_backward(x: &HostArray, weight: Option<&HostArray>, dy: &HostArr
     if dy.shape() != x.shape() || dy.dtype() != x.dtype() || rstd.shape() != lead || rstd.dtype() != DType::F32 {
         return Err(Error::Shape(format!("dy must be {} {:?} and rstd f32 {lead:?}; got {} {:?} and {} {:?}", x.dtype(), x.shape(), dy.dtype(), dy.shape(), rstd.dtype(), rstd.shape())));
     }
-    let inputs = [as_rows(x, p.rows, p.dim)?, weight_operand(weight, &p)?, as_rows(dy, p.rows, p.dim)?, reshaped(rstd, &[p.rows, 1])?];
+    let inputs = [reshaped(x, &[p.rows, p.dim])?, vector_operand("weight", weight, p.dim, p.dtype)?, reshaped(dy, &[p.rows, p.dim])?, reshaped(rstd, &[p.rows, 1])?];
     let mut out = op::run(&RmsNormOp::Backward, &p, None, &inputs, backend)?;
     let missing = || Error::Shape("the kernel returned too few outputs".into());
     let dw = out.pop().ok_or_else(missing)?;
     let dx = reshaped(&out.pop().ok_or_else(missing)?, x.shape())?;
     Ok((dx, if p.affine { Some(reshaped(&dw, &[p.dim])?) } else { None }))
-}
-
-fn reshaped(a: &HostArray, shape: &[usize]) -> Result<HostArray, Error> {
-    a.reshape(shape).map_err(Error::Shape)
-}
-
-/// The weight as the kernels take it: `[1, dim]`; zeros (never read) without one.
-fn weight_operand(weight: Option<&HostArray>, p: &RmsNormProblem) -> Result<HostArray, Error> {
-    match weight {
-        Some(w) => reshaped(w, &[1, p.dim]),
-        None => Ok(HostArray::from_f64(p.dtype, &ArrayD::zeros(vec![1, p.dim]))),
-    }
 }

@@ -1,7 +1,7 @@
 """torchtpu's kernels as PyTorch ops.
 
 ``import torchtpu`` registers ``torch.ops.torchtpu.flash_attention``,
-``torch.ops.torchtpu.matmul`` and ``torch.ops.torchtpu.rms_norm`` (torch also imports this package by itself through its
+``torch.ops.torchtpu.matmul``, ``torch.ops.torchtpu.rms_norm`` and ``torch.ops.torchtpu.layer_norm`` (torch also imports this package by itself through its
 ``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
 """
@@ -25,5 +25,6 @@ OPS = library.register_ops(library._torchtpu, "torchtpu_ops")
 flash_attention = _ops.flash_attention
 matmul = _ops.matmul
 rms_norm = _norm.rms_norm
+layer_norm = _norm.layer_norm
 
-__all__ = ["flash_attention", "matmul", "rms_norm", "library", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "library", "tpu"]

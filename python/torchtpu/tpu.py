@@ -109,8 +109,10 @@ def register() -> bool:
     torch.library.register_kernel(ops.flash_attention_forward, "tpu", ops._flash_forward)
     torch.library.register_kernel(ops.flash_attention_backward, "tpu", ops._flash_backward)
     torch.library.register_kernel(ops.matmul, "tpu", ops._matmul)
-    torch.library.register_kernel(norm.rms_norm_forward, "tpu", norm._forward_impl)
-    torch.library.register_kernel(norm.rms_norm_backward, "tpu", norm._backward_impl)
+    torch.library.register_kernel(norm.rms_norm_forward, "tpu", norm._rms_forward)
+    torch.library.register_kernel(norm.rms_norm_backward, "tpu", norm._rms_backward)
+    torch.library.register_kernel(norm.layer_norm_forward, "tpu", norm._layer_forward)
+    torch.library.register_kernel(norm.layer_norm_backward, "tpu", norm._layer_backward)
     _registered = True
     return True
 
