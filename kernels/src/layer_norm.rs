@@ -53,7 +53,6 @@ fn backward_kernel<T: Float>(
     weight: bool,
 ) {
     let i = program_id(0);
-    let (br, d) = (x.shape()[0], x.shape()[1]);
     if i == 0 {
         dw_acc.store(zeros());
         db_acc.store(zeros());
@@ -66,18 +65,8 @@ fn backward_kernel<T: Float>(
     let g_mean = g.sum_keepdims(1) * (1.0 / dim as f32);
     let gx_mean = (g * x_hat).sum_keepdims(1) * (1.0 / dim as f32);
     dx.store(((g - g_mean - x_hat * gx_mean) * r).cast());
-    let mut dw_part = dyb * x_hat;
-    let mut db_part = dyb;
-    if rows % br != 0 {
-        // The last block's rows past the end hold whatever memory follows (NaN, say): not
-        // theirs to add, and a select (not a product with 0) keeps them out.
-        let row = iota::<i32>([br, d], 0) + i * br as i32;
-        let inside = row < rows as i32;
-        dw_part = select(inside, dw_part, 0.0);
-        db_part = select(inside, db_part, 0.0);
-    }
-    dw_acc.store(dw_acc.load() + dw_part.sum_keepdims(0));
-    db_acc.store(db_acc.load() + db_part.sum_keepdims(0));
+    dw_acc.store(dw_acc.load() + rows::sum_valid_rows(dyb * x_hat, i, rows));
+    db_acc.store(db_acc.load() + rows::sum_valid_rows(dyb, i, rows));
     if i == num_programs(0) - 1 {
         dw.store(dw_acc.load());
         db.store(db_acc.load());

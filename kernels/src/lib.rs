@@ -1,7 +1,8 @@
-//! The kernels people call — flash attention (forward and backward), matmul, RMS and layer norm — written
+//! The kernels people call — flash attention (forward and backward), matmul, RMS and layer norm, gated linear units — written
 //! with `#[tpu_kernel]`, each an [`op::Op`], with a Rust API that runs them on any backend.
 
 pub mod flash;
+pub mod glu;
 pub mod layer_norm;
 pub mod matmul;
 pub mod op;

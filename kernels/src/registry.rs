@@ -11,6 +11,7 @@ use torchtpu_dsl::{DType, HostArray, PallasCall};
 use torchtpu_runtime::Chip;
 
 use crate::flash::{FlashOp, FlashPass};
+use crate::glu::GluOp;
 use crate::layer_norm::LayerNormOp;
 use crate::matmul::MatmulOp;
 use crate::op::{self, Op, Tuning};
@@ -115,6 +116,8 @@ pub fn ops() -> &'static [&'static dyn AnyOp] {
         &Registered(RmsNormOp::Backward),
         &Registered(LayerNormOp::Forward),
         &Registered(LayerNormOp::Backward),
+        &Registered(GluOp::Forward),
+        &Registered(GluOp::Backward),
     ];
     OPS
 }

@@ -40,7 +40,6 @@ fn backward_kernel<T: Float>(
     affine: bool,
 ) {
     let i = program_id(0);
-    let (br, d) = (x.shape()[0], x.shape()[1]);
     if i == 0 {
         dw_acc.store(zeros());
     }
@@ -52,13 +51,7 @@ fn backward_kernel<T: Float>(
     let c = (g * xb).sum_keepdims(1) * (1.0 / dim as f32);
     dx.store((g * r - xb * (r * r * r) * c).cast());
     if affine {
-        let mut part = dyb * (xb * r);
-        if rows % br != 0 {
-            // The last block's rows past the end hold whatever memory follows: not theirs to add.
-            let row = iota::<i32>([br, d], 0) + i * br as i32;
-            part = select(row < rows as i32, part, 0.0);
-        }
-        dw_acc.store(dw_acc.load() + part.sum_keepdims(0));
+        dw_acc.store(dw_acc.load() + rows::sum_valid_rows(dyb * (xb * r), i, rows));
     }
     if i == num_programs(0) - 1 {
         dw.store(dw_acc.load());

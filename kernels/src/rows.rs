@@ -5,10 +5,25 @@
 use ndarray::ArrayD;
 use serde::{Deserialize, Serialize};
 use torchtpu_autotune::SearchSpace;
-use torchtpu_dsl::{sublanes, DType, HostArray};
+use torchtpu_dsl::prelude::*;
+use torchtpu_dsl::sublanes;
 
 use crate::tables::{self, TableTarget};
 use crate::Error;
+
+/// `part` (a row block's per-element contributions) summed over its rows, leaving out the rows
+/// of block `i` past `rows`: the last block's padding holds whatever memory follows (NaN, say),
+/// and a select, not a product with 0, keeps it out. For gradients reduced across row blocks.
+#[tpu_fn]
+pub fn sum_valid_rows(part: Tile<f32>, i: Scalar<i32>, rows: usize) -> Tile<f32> {
+    let (br, d) = (part.shape()[0], part.shape()[1]);
+    let mut kept = part;
+    if rows % br != 0 {
+        let row = iota::<i32>([br, d], 0) + i * br as i32;
+        kept = select(row < rows as i32, part, 0.0);
+    }
+    kept.sum_keepdims(0)
+}
 
 /// Rows per block (each block spans the whole of `dim`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
 """torchtpu's kernels as PyTorch ops.
 
 ``import torchtpu`` registers ``torch.ops.torchtpu.flash_attention``,
-``torch.ops.torchtpu.matmul``, ``torch.ops.torchtpu.rms_norm`` and ``torch.ops.torchtpu.layer_norm`` (torch also imports this package by itself through its
+``torch.ops.torchtpu.matmul``, ``torch.ops.torchtpu.rms_norm``, ``torch.ops.torchtpu.layer_norm`` and the gated linear units
+(``torchtpu.swiglu``, ``torchtpu.geglu``) (torch also imports this package by itself through its
 ``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
 """
@@ -16,6 +17,7 @@ def _autoload() -> None:
 # run its backend autoload, which looks this hook up on the partly imported package.
 from torchtpu import ops as _ops  # noqa: E402
 from torchtpu import library  # noqa: E402
+from torchtpu import glu as _glu  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
 from torchtpu import tpu  # noqa: E402
 
@@ -26,5 +28,7 @@ flash_attention = _ops.flash_attention
 matmul = _ops.matmul
 rms_norm = _norm.rms_norm
 layer_norm = _norm.layer_norm
+swiglu = _glu.swiglu
+geglu = _glu.geglu
 
-__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "library", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "library", "tpu"]

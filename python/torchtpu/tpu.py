@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu import _torchtpu, norm, ops
+from torchtpu import _torchtpu, glu, norm, ops
 from torchtpu.library import check_tensor
 from torchtpu.ops import _check_attention
 
@@ -113,6 +113,8 @@ def register() -> bool:
     torch.library.register_kernel(norm.rms_norm_backward, "tpu", norm._rms_backward)
     torch.library.register_kernel(norm.layer_norm_forward, "tpu", norm._layer_forward)
     torch.library.register_kernel(norm.layer_norm_backward, "tpu", norm._layer_backward)
+    torch.library.register_kernel(glu.glu_forward, "tpu", glu._forward)
+    torch.library.register_kernel(glu.glu_backward, "tpu", glu._backward)
     _registered = True
     return True
 

@@ -1,5 +1,5 @@
-//! A user's own kernel as torchtpu ops: SwiGLU, `silu(gate) · up`, forward and backward, in
-//! one file. Implementing `Op` is all it takes for the command line (`src/main.rs`), the tuner,
+//! A user's own kernel as torchtpu ops: soft-capping, `cap · tanh(x / cap)` (Gemma's logit
+//! capping), forward and backward, in one file. Implementing `Op` is all it takes for the command line (`src/main.rs`), the tuner,
 //! tuned tables (`tables/`) and, through the Python extension below, PyTorch
 //! (`user_ops/__init__.py`).
 
@@ -11,35 +11,31 @@ use torchtpu::kernels::Error;
 use torchtpu::prelude::*;
 
 #[tpu_kernel]
-fn swiglu_forward<T: Float>(gate: &Ref<T>, up: &Ref<T>, out: &mut Ref<T>) {
-    let g = gate.load().cast::<f32>();
-    out.store((g * g.sigmoid() * up.load().cast::<f32>()).cast());
+fn softcap_forward<T: Float>(x: &Ref<T>, y: &mut Ref<T>, cap: f32) {
+    y.store(((x.load().cast::<f32>() * (1.0 / cap)).tanh() * cap).cast());
 }
 
 #[tpu_kernel]
-fn swiglu_backward<T: Float>(gate: &Ref<T>, up: &Ref<T>, dy: &Ref<T>, d_gate: &mut Ref<T>, d_up: &mut Ref<T>) {
-    let g = gate.load().cast::<f32>();
-    let s = g.sigmoid();
-    let dy = dy.load().cast::<f32>();
-    d_up.store((dy * g * s).cast());
-    // d silu(g) / dg = s + g·s·(1 - s)
-    d_gate.store((dy * up.load().cast::<f32>() * (s + g * s * (s * -1.0f32 + 1.0f32))).cast());
+fn softcap_backward<T: Float>(x: &Ref<T>, dy: &Ref<T>, dx: &mut Ref<T>, cap: f32) {
+    let t = (x.load().cast::<f32>() * (1.0 / cap)).tanh();
+    dx.store((dy.load().cast::<f32>() * (t * t * -1.0f32 + 1.0f32)).cast());
 }
 
-/// SwiGLU forward, or its backward (the gradients of gate and up).
+/// Soft-capping, `cap · tanh(x / cap)` (Gemma's logit capping), or its backward (dx from dy).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SwiGlu {
+pub enum Softcap {
     Forward,
     Backward,
 }
 
-/// `rows × dim` gate and up in `dtype`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `rows × dim` values in `dtype`, capped at `cap`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(crate = "torchtpu::serde")]
 pub struct Problem {
     pub rows: usize,
     pub dim: usize,
     pub dtype: DType,
+    pub cap: f64,
 }
 
 /// The block: rows and columns.
@@ -60,25 +56,29 @@ fn powers_of_two(from: usize, to: usize) -> impl Iterator<Item = usize> {
     std::iter::successors(Some(from), |b| Some(b * 2)).take_while(move |&b| b <= to)
 }
 
-fn silu(g: f64) -> f64 {
-    g / (1.0 + (-g).exp())
-}
-
-impl Op for SwiGlu {
+impl Op for Softcap {
     type Problem = Problem;
     type Config = Config;
 
     fn name(&self) -> &'static str {
         match self {
-            SwiGlu::Forward => "swiglu",
-            SwiGlu::Backward => "swiglu_backward",
+            Softcap::Forward => "softcap",
+            Softcap::Backward => "softcap_backward",
         }
     }
     fn example(&self) -> Problem {
-        Problem { rows: 4096, dim: 4096, dtype: DType::F32 }
+        Problem { rows: 4096, dim: 4096, dtype: DType::F32, cap: 30.0 }
     }
     fn check(&self, p: &Problem) -> Result<(), Error> {
-        check_float_dtype(self.name(), p.dtype)
+        check_float_dtype(self.name(), p.dtype)?;
+        if !(p.cap > 0.0 && (p.cap as f32).is_finite()) {
+            return Err(Error::Shape(format!("{}: the cap must be positive and finite; got {}", self.name(), p.cap)));
+        }
+        Ok(())
+    }
+    /// The cap cannot change which block is fastest.
+    fn tuning_problem(&self, p: &Problem) -> Problem {
+        Problem { cap: 30.0, ..*p }
     }
     fn bucket(&self, p: &Problem) -> String {
         format!("d{}/{}", tables::bucket(p.dim, 128, 32768), p.dtype)
@@ -105,54 +105,47 @@ impl Op for SwiGlu {
         }
         let block = || BlockSpec::new([c.block_rows, c.block_cols], |[i, j]| (i, j));
         let grid = [p.rows.div_ceil(c.block_rows), p.dim.div_ceil(c.block_cols)];
+        let cap = p.cap as f32;
         let call = match (self, p.dtype) {
-            (SwiGlu::Forward, DType::F32) => PallasCall::new(swiglu_forward::kernel::<f32>()),
-            (SwiGlu::Forward, _) => PallasCall::new(swiglu_forward::kernel::<bf16>()),
-            (SwiGlu::Backward, DType::F32) => PallasCall::new(swiglu_backward::kernel::<f32>()),
-            (SwiGlu::Backward, _) => PallasCall::new(swiglu_backward::kernel::<bf16>()),
+            (Softcap::Forward, DType::F32) => PallasCall::new(softcap_forward::kernel::<f32>(cap)),
+            (Softcap::Forward, _) => PallasCall::new(softcap_forward::kernel::<bf16>(cap)),
+            (Softcap::Backward, DType::F32) => PallasCall::new(softcap_backward::kernel::<f32>(cap)),
+            (Softcap::Backward, _) => PallasCall::new(softcap_backward::kernel::<bf16>(cap)),
         };
         let call = call.name(self.name()).grid(grid).dimension_semantics([Parallel, Parallel]);
         Ok(match self {
-            SwiGlu::Forward => call.in_specs([block(), block()]).out_specs([block()]),
-            SwiGlu::Backward => call.in_specs([block(), block(), block()]).out_specs([block(), block()]),
+            Softcap::Forward => call.in_specs([block()]).out_specs([block()]),
+            Softcap::Backward => call.in_specs([block(), block()]).out_specs([block()]),
         }
         .out_shapes(self.output_types(p).into_iter().map(|t| t.shape)))
     }
-    /// gate and up `[rows, dim]`; the backward adds the output's gradient.
+    /// x `[rows, dim]`; the backward adds the output's gradient.
     fn operand_types(&self, p: &Problem) -> Vec<ValueType> {
         let t = ValueType::new(p.dtype, [p.rows, p.dim]);
         match self {
-            SwiGlu::Forward => vec![t.clone(), t],
-            SwiGlu::Backward => vec![t.clone(), t.clone(), t],
+            Softcap::Forward => vec![t],
+            Softcap::Backward => vec![t.clone(), t],
         }
     }
-    /// Forward: the output; backward: the gradients of gate and up.
+    /// Forward: y; backward: dx (like x).
     fn output_types(&self, p: &Problem) -> Vec<ValueType> {
-        let t = ValueType::new(p.dtype, [p.rows, p.dim]);
-        match self {
-            SwiGlu::Forward => vec![t],
-            SwiGlu::Backward => vec![t.clone(), t],
-        }
+        vec![ValueType::new(p.dtype, [p.rows, p.dim])]
     }
     fn is_empty(&self, p: &Problem) -> bool {
         p.rows == 0 || p.dim == 0
     }
-    fn reference(&self, _p: &Problem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
+    fn reference(&self, p: &Problem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
         let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
+        let cap = f64::from(p.cap as f32);
         match (self, f.as_slice()) {
-            (SwiGlu::Forward, [g, u]) => vec![ndarray::Zip::from(g).and(u).map_collect(|&g, &u| silu(g) * u)],
-            (SwiGlu::Backward, [g, u, dy]) => {
-                let sig = |g: f64| 1.0 / (1.0 + (-g).exp());
-                let d_gate = ndarray::Zip::from(g).and(u).and(dy).map_collect(|&g, &u, &d| d * u * (sig(g) + g * sig(g) * (1.0 - sig(g))));
-                let d_up = ndarray::Zip::from(g).and(dy).map_collect(|&g, &d| d * silu(g));
-                vec![d_gate, d_up]
-            }
+            (Softcap::Forward, [x]) => vec![x.mapv(|x| cap * (x / cap).tanh())],
+            (Softcap::Backward, [x, dy]) => vec![ndarray::Zip::from(x).and(dy).map_collect(|&x, &d| d * (1.0 - (x / cap).tanh().powi(2)))],
             _ => Vec::new(),
         }
     }
     fn table_problems(&self, target: TableTarget) -> Vec<Problem> {
         let dtypes: &[DType] = if target == TableTarget::Cpu { &[DType::F32] } else { &[DType::BF16, DType::F32] };
-        dtypes.iter().map(|&dtype| Problem { rows: 4096, dim: 4096, dtype }).collect()
+        dtypes.iter().map(|&dtype| Problem { rows: 4096, dim: 4096, dtype, cap: 30.0 }).collect()
     }
     fn tables(&self) -> &'static Tables {
         own_tables()
@@ -160,7 +153,7 @@ impl Op for SwiGlu {
 }
 
 /// This crate's ops: what its command line and its Python extension serve.
-pub static OPS: &[&dyn AnyOp] = &[&Registered(SwiGlu::Forward), &Registered(SwiGlu::Backward)];
+pub static OPS: &[&dyn AnyOp] = &[&Registered(Softcap::Forward), &Registered(Softcap::Backward)];
 
 /// The Python extension `user_ops._user_ops`: the generic op functions over [`OPS`].
 #[cfg(feature = "python")]

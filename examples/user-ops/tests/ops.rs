@@ -5,15 +5,15 @@ use torchtpu::rand::{self, SeedableRng};
 use torchtpu::dsl::accuracy::{relative_error, tolerance};
 use torchtpu::kernels::op;
 use torchtpu::prelude::*;
-use user_ops::{Problem, SwiGlu};
+use user_ops::{Problem, Softcap};
 
 #[test]
 fn match_the_reference_on_every_backend() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     for (rows, dim) in [(1, 128), (37, 200), (300, 1024)] {
         for dtype in [DType::F32, DType::BF16] {
-            let p = Problem { rows, dim, dtype };
-            for op in [SwiGlu::Forward, SwiGlu::Backward] {
+            let p = Problem { rows, dim, dtype, cap: 2.5 };
+            for op in [Softcap::Forward, Softcap::Backward] {
                 let inputs = op.random_inputs(&p, &mut rng);
                 let want = op.reference(&p, &inputs);
                 let interpreted = op.call(&p, &op.default_config(&p)).expect("call").interpret_checked(&inputs).expect("interprets");
@@ -31,7 +31,7 @@ fn match_the_reference_on_every_backend() {
 #[test]
 fn the_ops_read_the_crates_own_tables() {
     for target in TableTarget::ALL {
-        let entry = SwiGlu::Forward.tables().entry(target, "swiglu", "d4096/f32");
+        let entry = Softcap::Forward.tables().entry(target, "softcap", "d4096/f32");
         assert!(entry.is_some_and(|e| e.get("block_cols").is_some()), "{target:?}: {entry:?}");
     }
 }
@@ -41,8 +41,8 @@ fn every_table_entry_compiles_and_the_cli_serves_the_ops() {
     let cli = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_user-ops")).args(args).output().expect("runs");
     let out = cli(&["list"]);
     let listed = String::from_utf8_lossy(&out.stdout);
-    assert!(listed.contains("swiglu ") && listed.contains("swiglu_backward "), "{listed}");
-    for op in ["swiglu", "swiglu_backward"] {
+    assert!(listed.contains("softcap ") && listed.contains("softcap_backward "), "{listed}");
+    for op in ["softcap", "softcap_backward"] {
         for dtype in ["f32", "bf16"] {
             // `check` compiles with each chip's table entry: every entry the tables hold.
             let out = cli(&["check", op, "--dtype", dtype]);

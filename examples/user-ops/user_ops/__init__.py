@@ -1,4 +1,4 @@
-"""``torch.ops.user_ops.swiglu``: this crate's Rust op as a PyTorch op.
+"""``torch.ops.user_ops.softcap``: this crate's Rust op as a PyTorch op.
 
 The Rust side (``src/lib.rs``) describes the op; :class:`torchtpu.library.RustOp` runs it on
 CPU tensors (PJRT), on TorchTPU ``tpu`` tensors (the kernel bridge) and gives its signature for
@@ -12,67 +12,66 @@ import math
 
 import torch
 from torch import Tensor
-from torchtpu.library import RustOp, check_tensor, dtype_name, register_ops, same_device
+from torchtpu.library import RustOp, check_tensor, dtype_name, register_ops
 
 from user_ops import _user_ops
 
 #: Every op of the crate as ``torch.ops.user_ops_raw.<op>(operands, problem)``: a forward-only op
-#: needs nothing more. What follows gives SwiGLU a PyTorch face of its own, with autograd.
+#: needs nothing more. What follows gives soft-capping a PyTorch face of its own, with autograd.
 RAW = register_ops(_user_ops, "user_ops_raw")
 
-_forward = RustOp("swiglu", module=_user_ops)
-_backward = RustOp("swiglu_backward", module=_user_ops)
+_forward = RustOp("softcap", module=_user_ops)
+_backward = RustOp("softcap_backward", module=_user_ops)
 
 
-def _problem(gate: Tensor, up: Tensor) -> dict:
-    check_tensor("gate", gate)
-    check_tensor("up", up)
-    if gate.shape != up.shape or gate.dtype != up.dtype or gate.dim() == 0:
-        raise ValueError(f"gate and up must be one shape and dtype, at least 1-D; got {gate.dtype} {list(gate.shape)} and {up.dtype} {list(up.shape)}")
-    same_device(gate=gate, up=up)
-    dim = int(gate.shape[-1])
-    return {"rows": math.prod(int(s) for s in gate.shape[:-1]), "dim": dim, "dtype": dtype_name(gate.dtype)}
+def _problem(x: Tensor, cap: float) -> dict:
+    check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("softcap takes a tensor of at least one dim")
+    return {"rows": math.prod(int(s) for s in x.shape[:-1]), "dim": int(x.shape[-1]), "dtype": dtype_name(x.dtype), "cap": float(cap)}
 
 
 def _rows(t: Tensor, problem: dict) -> Tensor:
     return t.reshape(problem["rows"], problem["dim"])
 
 
-@torch.library.custom_op("user_ops::swiglu", mutates_args=())
-def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """``silu(gate) * up``, elementwise, computed in f32."""
-    problem = _problem(gate, up)
-    (out,) = _forward(problem, [_rows(gate, problem), _rows(up, problem)])
-    return out.view(gate.shape)
+@torch.library.custom_op("user_ops::softcap", mutates_args=())
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """``cap * tanh(x / cap)``, elementwise, computed in f32."""
+    problem = _problem(x, cap)
+    (y,) = _forward(problem, [_rows(x, problem)])
+    return y.view(x.shape)
 
 
-@swiglu.register_fake
-def _(gate, up):
-    _problem(gate, up)
-    return gate.new_empty(gate.shape)
+@softcap.register_fake
+def _(x, cap):
+    _problem(x, cap)
+    return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("user_ops::swiglu_backward", mutates_args=())
-def swiglu_backward(gate: Tensor, up: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
-    """The gradients of :func:`swiglu`: for gate and for up."""
-    problem = _problem(gate, up)
-    d_gate, d_up = _backward(problem, [_rows(gate, problem), _rows(up, problem), _rows(grad_out, problem)])
-    return d_gate.view(gate.shape), d_up.view(up.shape)
+@torch.library.custom_op("user_ops::softcap_backward", mutates_args=())
+def softcap_backward(x: Tensor, grad_out: Tensor, cap: float) -> Tensor:
+    """The gradient of :func:`softcap` for x."""
+    problem = _problem(x, cap)
+    (dx,) = _backward(problem, [_rows(x, problem), _rows(grad_out, problem)])
+    return dx.view(x.shape)
 
 
-@swiglu_backward.register_fake
-def _(gate, up, grad_out):
-    _problem(gate, up)
-    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+@softcap_backward.register_fake
+def _(x, grad_out, cap):
+    _problem(x, cap)
+    return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x, cap = inputs
+    ctx.save_for_backward(x)
+    ctx.cap = cap
 
 
 def _autograd(ctx, grad_out):
-    gate, up = ctx.saved_tensors
-    return tuple(torch.ops.user_ops.swiglu_backward(gate, up, grad_out.contiguous()))
+    (x,) = ctx.saved_tensors
+    return torch.ops.user_ops.softcap_backward(x, grad_out.contiguous(), ctx.cap), None
 
 
-swiglu.register_autograd(_autograd, setup_context=_setup_context)
+softcap.register_autograd(_autograd, setup_context=_setup_context)
