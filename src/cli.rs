@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use torchtpu_dsl::accuracy::{relative_error, tolerance};
-use torchtpu_dsl::{DType, HostArray, InterpretOptions, TracedCall};
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::{DType, HostArray, InterpretOptions, PallasCall, TracedCall};
 use torchtpu_codegen::{lower, Target};
 use torchtpu_runtime::{Chip, TpuCompiler};
 use torchtpu_autotune::{tune, Device, Progress, Strategy, TuneOptions, Tunable};
@@ -212,33 +213,42 @@ impl Selected {
         serde_json::from_value(self.problem["dtype"].clone()).unwrap_or(DType::F32)
     }
 
+    /// The call with the config it uses on `target` (unless one was set), and its operand types.
+    fn call(&self, target: Option<TableTarget>) -> Result<(PallasCall, Vec<ValueType>), String> {
+        self.op.call(&self.problem, self.config.as_ref(), target).map_err(|e| e.to_string())
+    }
+
     /// The call with the config it uses on `target` (unless one was set), traced.
     fn trace(&self, target: Option<TableTarget>) -> Result<TracedCall, String> {
-        let (call, types) = self.op.call(&self.problem, self.config.as_ref(), target).map_err(|e| e.to_string())?;
+        let (call, types) = self.call(target)?;
         call.trace(&types).map_err(|e| e.to_string())
     }
 
-    /// An error, before anything is allocated, when the inputs, outputs and f64 reference
-    /// (about three times the inputs) cannot fit this machine's memory.
-    fn check_memory(&self) -> Result<(), String> {
-        let (_, types) = self.op.call(&self.problem, self.config.as_ref(), None).map_err(|e| e.to_string())?;
-        torchtpu_dsl::memory::check_types_fit(&types, 3, &format!("`{}` (inputs, outputs and the f64 reference)", self.name()))
-    }
-
-    fn inputs(&self, seed: u64) -> Result<Vec<HostArray>, String> {
-        self.check_memory()?;
+    /// Random operands of `types`: an error, before anything is allocated, when the inputs,
+    /// outputs and f64 reference (about three times the inputs) cannot fit this machine's memory.
+    fn inputs(&self, types: &[ValueType], seed: u64) -> Result<Vec<HostArray>, String> {
+        torchtpu_dsl::memory::check_types_fit(types, 3, &format!("`{}` (inputs, outputs and the f64 reference)", self.name()))?;
         self.op.random_inputs(&self.problem, &mut StdRng::seed_from_u64(seed)).map_err(|e| e.to_string())
     }
 
-    /// The largest relative error of `outputs` against the f64 reference, and the tolerance.
-    fn error(&self, inputs: &[HostArray], outputs: &[HostArray]) -> Result<(f64, f64), String> {
+    /// How far `outputs` are from the f64 reference: the largest relative and absolute errors,
+    /// and the dtype's tolerance on the relative one.
+    fn accuracy(&self, inputs: &[HostArray], outputs: &[HostArray]) -> Result<Accuracy, String> {
         let reference = self.op.reference(&self.problem, inputs).map_err(|e| e.to_string())?;
         if reference.len() != outputs.len() {
             return Err(format!("{} gave {} outputs; its reference {}", self.name(), outputs.len(), reference.len()));
         }
-        let worst = outputs.iter().zip(&reference).map(|(o, r)| relative_error(o, r)).fold(0.0f64, f64::max);
-        Ok((worst, tolerance(self.dtype())))
+        let relative = outputs.iter().zip(&reference).map(|(o, r)| relative_error(o, r)).fold(0.0f64, f64::max);
+        let absolute = outputs.iter().zip(&reference).flat_map(|(o, r)| o.to_f64().iter().zip(r.iter()).map(|(a, b)| (a - b).abs()).collect::<Vec<_>>()).fold(0.0f64, f64::max);
+        Ok(Accuracy { relative, absolute, tolerance: tolerance(self.dtype()) })
     }
+}
+
+/// An op's outputs against its f64 reference.
+struct Accuracy {
+    relative: f64,
+    absolute: f64,
+    tolerance: f64,
 }
 
 fn parse_settings(set: &[String]) -> Result<Vec<(String, String)>, String> {
@@ -247,10 +257,10 @@ fn parse_settings(set: &[String]) -> Result<Vec<(String, String)>, String> {
 
 /// Runs an op on a backend: its outputs vs the reference, and a median time.
 fn run_selected(sel: &Selected, backend: Backend, seed: u64, json: bool) -> Result<bool, String> {
-    let traced = sel.trace(target_of(backend))?;
-    let inputs = sel.inputs(seed)?;
+    let (call, types) = sel.call(target_of(backend))?;
+    let traced = call.trace(&types).map_err(|e| e.to_string())?;
+    let inputs = sel.inputs(&types, seed)?;
     let (outputs, compile_ms, time_ms) = if backend == Backend::Interpret {
-        let (call, _) = sel.op.call(&sel.problem, sel.config.as_ref(), target_of(backend)).map_err(|e| e.to_string())?;
         let mut times = Vec::new();
         let mut outputs = Vec::new();
         for _ in 0..3 {
@@ -268,13 +278,7 @@ fn run_selected(sel: &Selected, backend: Backend, seed: u64, json: bool) -> Resu
         let timing = compiled.time(&[buffers], 2, 10).map_err(|e| e.to_string())?;
         (outputs, compile_ms, timing.median_ms)
     };
-    let (rel, tol) = sel.error(&inputs, &outputs)?;
-    let reference = sel.op.reference(&sel.problem, &inputs).map_err(|e| e.to_string())?;
-    let abs = outputs
-        .iter()
-        .zip(&reference)
-        .flat_map(|(o, r)| o.to_f64().iter().zip(r.iter()).map(|(a, b)| (a - b).abs()).collect::<Vec<_>>())
-        .fold(0.0f64, f64::max);
+    let Accuracy { relative: rel, absolute: abs, tolerance: tol } = sel.accuracy(&inputs, &outputs)?;
     let ok = rel <= tol;
     let name = sel.name();
     if json {
@@ -447,12 +451,12 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
         Command::Interpret { kernel, dtype, set, checked, seed } => {
             let sel = Selected::new(ops, &kernel, dtype, &set)?;
             let seed = seed.unwrap_or_else(|| rand::rng().random());
-            let inputs = sel.inputs(seed)?;
-            let (call, _) = sel.op.call(&sel.problem, sel.config.as_ref(), None).map_err(|e| e.to_string())?;
+            let (call, types) = sel.call(None)?;
+            let inputs = sel.inputs(&types, seed)?;
             let start = Instant::now();
             let outputs = call.interpret_with(&inputs, InterpretOptions { checked }).map_err(|e| e.to_string())?;
             let ms = start.elapsed().as_secs_f64() * 1e3;
-            let (worst, tol) = sel.error(&inputs, &outputs)?;
+            let Accuracy { relative: worst, tolerance: tol, .. } = sel.accuracy(&inputs, &outputs)?;
             let ok = worst <= tol;
             println!("{}: {} in {ms:.2} ms (seed {seed}, checked: {checked}), max relative error {worst:.2e} (tolerance {tol:.0e})", sel.name(), if ok { "ok" } else { "MISMATCH" });
             Ok(ok)

@@ -6,7 +6,6 @@
 
 use ndarray::{Array3, Array4, ArrayD, ArrayView2, Axis};
 use torchtpu_dsl::prelude::*;
-use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{HostArray, PallasCall, LANES};
 use torchtpu_exec::{Backend, Compiled};
@@ -196,9 +195,16 @@ fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: Attenti
     if opts.block.is_some() || shape.check_for_kernel().is_err() || check_dtype(dtype).is_err() {
         return opts;
     }
-    let problem = FlashProblem { shape, dtype, causal: opts.causal, segments: false, sm_scale: opts.sm_scale.map(f64::from) };
+    let (problem, _) = problem_and_config(shape, dtype, opts, false);
     let c = op::config_for(&FlashOp(pass), &problem, target);
     AttentionOptions { block: Some((c.bq, c.bk)), ..opts }
+}
+
+/// The problem of `shape` in `dtype` with `opts`' mask and scale, and the config `opts` names,
+/// if any.
+fn problem_and_config(shape: AttentionShape, dtype: DType, opts: AttentionOptions, segments: bool) -> (FlashProblem, Option<FlashConfig>) {
+    let problem = FlashProblem { shape, dtype, causal: opts.causal, segments, sm_scale: opts.sm_scale.map(f64::from) };
+    (problem, opts.block.map(|(bq, bk)| FlashConfig { bq, bk }))
 }
 
 /// A block size for `len`: `preferred`, or the whole (8-rounded) length when shorter.
@@ -791,18 +797,15 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
 /// The forward for `shape`, lowered for `chip` with its tuned block: a StableHLO module
 /// running the Mosaic kernel through `tpu_custom_call` (what a TPU runtime registers).
 pub fn forward_tpu_module(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<String, Error> {
-    let opts = tuned_for(FlashPass::Forward, shape, dtype, opts, Some(TableTarget::Chip(chip)));
-    let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype, use_segments))?;
-    Ok(lower(&traced, Target::TpuStableHlo)?)
+    let (problem, explicit) = problem_and_config(shape, dtype, opts, use_segments);
+    op::tpu_module(&FlashOp(FlashPass::Forward), &problem, explicit.as_ref(), chip)
 }
 
 /// The backward (dK/dV, then dQ) for `shape`, lowered for `chip` like [`forward_tpu_module`].
 pub fn backward_tpu_modules(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<(String, String), Error> {
-    let target = Some(TableTarget::Chip(chip));
-    let dkv = tuned_backward_call_for(FlashPass::BackwardDkv, shape, dtype, opts, use_segments, target)?;
-    let dq = tuned_backward_call_for(FlashPass::BackwardDq, shape, dtype, opts, use_segments, target)?;
-    let types = backward_operand_types(shape, dtype, use_segments);
-    Ok((lower(&dkv.trace(&types)?, Target::TpuStableHlo)?, lower(&dq.trace(&types)?, Target::TpuStableHlo)?))
+    let (problem, explicit) = problem_and_config(shape, dtype, opts, use_segments);
+    let module = |pass| op::tpu_module(&FlashOp(pass), &problem, explicit.as_ref(), chip);
+    Ok((module(FlashPass::BackwardDkv)?, module(FlashPass::BackwardDq)?))
 }
 
 /// One backward kernel compiled for `shape` on a device backend with its tuned block, like
@@ -814,11 +817,11 @@ pub fn compiled_backward(pass: FlashPass, shape: AttentionShape, dtype: DType, o
 
 /// One backward kernel's call with its tuned block for `backend` (unless `opts` names one).
 pub fn tuned_backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<PallasCall, Error> {
-    tuned_backward_call_for(pass, shape, dtype, opts, use_segments, crate::tables::target_of(backend))
-}
-
-fn tuned_backward_call_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, target: Option<TableTarget>) -> Result<PallasCall, Error> {
-    backward_call(pass, shape, dtype, tuned_for(pass, shape, dtype, opts, target), use_segments)
+    if pass == FlashPass::Forward {
+        return Err(Error::Shape("backward_call builds the backward kernels; the forward is forward_call".into()));
+    }
+    let (problem, explicit) = problem_and_config(shape, dtype, opts, use_segments);
+    op::tuned_call(&FlashOp(pass), &problem, explicit.as_ref(), backend)
 }
 
 /// The backward kernels' operand types: q, k, v, o, dO, lse, then the laid-out segment ids.
@@ -835,9 +838,8 @@ pub fn backward_operand_types(s: AttentionShape, dtype: DType, use_segments: boo
 /// The forward compiled for `shape` on a device backend, with its tuned block: upload,
 /// run on device buffers and time without recompiling. Operands as for [`forward_call`].
 pub fn compiled_forward(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, backend: Backend) -> Result<Compiled, Error> {
-    let opts = with_tuned_block(shape, dtype, opts, backend);
-    let traced = forward_call(shape, dtype, opts, use_segments)?.trace(&forward_operand_types(shape, dtype, use_segments))?;
-    Ok(Compiled::new(&traced, backend)?)
+    let (problem, explicit) = problem_and_config(shape, dtype, opts, use_segments);
+    op::compiled(&FlashOp(FlashPass::Forward), &problem, explicit.as_ref(), backend)
 }
 
 /// The forward's operand types: q, k, v, then the laid-out segment ids.

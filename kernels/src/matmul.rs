@@ -3,7 +3,6 @@
 
 use ndarray::{ArrayD, Axis, Ix2};
 use torchtpu_dsl::prelude::*;
-use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 use torchtpu_exec::{Backend, Compiled};
@@ -74,16 +73,12 @@ impl MatmulShape {
 /// `opts` with the block the tuned tables (or the cache) give for this shape on `backend`,
 /// unless the caller chose one; fitted to the shape.
 pub fn with_tuned_block(shape: MatmulShape, dtype: DType, opts: MatmulOptions, backend: Backend) -> MatmulOptions {
-    tuned_for(shape, dtype, opts, crate::tables::target_of(backend))
-}
-
-fn tuned_for(shape: MatmulShape, dtype: DType, opts: MatmulOptions, target: Option<TableTarget>) -> MatmulOptions {
     // A problem no kernel can run keeps its options: the call reports what is wrong.
-    let problem = MatmulProblem { shape, dtype, transpose_b: opts.transpose_b };
-    if opts.block.is_some() || shape.is_empty() || MatmulOp.check(&problem).is_err() {
+    let (problem, explicit) = problem_and_config(shape, dtype, opts);
+    if explicit.is_some() || shape.is_empty() || MatmulOp.check(&problem).is_err() {
         return opts;
     }
-    let c = op::config_for(&MatmulOp, &problem, target);
+    let c = op::config_for(&MatmulOp, &problem, tables::target_of(backend));
     MatmulOptions { block: Some((c.bm, c.bn, c.bk)), ..opts }
 }
 
@@ -226,18 +221,21 @@ pub fn operand_types(shape: MatmulShape, dtype: DType, transpose_b: bool) -> Vec
     }
 }
 
+/// The problem of `shape` in `dtype` with `opts`' layout, and the config `opts` names, if any.
+fn problem_and_config(shape: MatmulShape, dtype: DType, opts: MatmulOptions) -> (MatmulProblem, Option<MatmulConfig>) {
+    (MatmulProblem { shape, dtype, transpose_b: opts.transpose_b }, opts.block.map(|(bm, bn, bk)| MatmulConfig { bm, bn, bk }))
+}
+
 /// The matmul for `shape`, lowered for `chip` with its tuned block (a `tpu_custom_call` module).
 pub fn tpu_module(shape: MatmulShape, dtype: DType, opts: MatmulOptions, chip: Chip) -> Result<String, Error> {
-    let opts = tuned_for(shape, dtype, opts, Some(TableTarget::Chip(chip)));
-    let traced = call(shape, dtype, opts)?.trace(&operand_types(shape, dtype, opts.transpose_b))?;
-    Ok(lower(&traced, Target::TpuStableHlo)?)
+    let (problem, explicit) = problem_and_config(shape, dtype, opts);
+    op::tpu_module(&MatmulOp, &problem, explicit.as_ref(), chip)
 }
 
 /// The matmul compiled for `shape` on a device backend with its tuned block: run on device buffers.
 pub fn compiled(shape: MatmulShape, dtype: DType, opts: MatmulOptions, backend: Backend) -> Result<Compiled, Error> {
-    let opts = with_tuned_block(shape, dtype, opts, backend);
-    let traced = call(shape, dtype, opts)?.trace(&operand_types(shape, dtype, opts.transpose_b))?;
-    Ok(Compiled::new(&traced, backend)?)
+    let (problem, explicit) = problem_and_config(shape, dtype, opts);
+    op::compiled(&MatmulOp, &problem, explicit.as_ref(), backend)
 }
 
 /// The shape of `a · b` (or `a · bᵀ`), checked.
@@ -260,8 +258,7 @@ pub fn shape_of(a: &HostArray, b: &HostArray, transpose_b: bool) -> Result<Matmu
 
 /// `a · b` (or `a · bᵀ`) on `backend`; empty problems give zeros without running a kernel.
 pub fn matmul(a: &HostArray, b: &HostArray, opts: MatmulOptions, backend: Backend) -> Result<HostArray, Error> {
-    let problem = MatmulProblem { shape: shape_of(a, b, opts.transpose_b)?, dtype: a.dtype(), transpose_b: opts.transpose_b };
-    let explicit = opts.block.map(|(bm, bn, bk)| MatmulConfig { bm, bn, bk });
+    let (problem, explicit) = problem_and_config(shape_of(a, b, opts.transpose_b)?, a.dtype(), opts);
     let mut out = op::run(&MatmulOp, &problem, explicit.as_ref(), &[a.clone(), b.clone()], backend)?;
     out.pop().ok_or_else(|| Error::Shape("the kernel returned no output".into()))
 }

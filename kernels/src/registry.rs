@@ -47,8 +47,6 @@ pub trait AnyOp: Send + Sync {
     fn empty_outputs(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<HostArray>, Error>;
 }
 
-
-
 fn problem_of<O: Op>(op: &O, v: &Value) -> Result<O::Problem, Error> {
     let p: O::Problem = serde_json::from_value(v.clone()).map_err(|e| Error::Argument(format!("not a {} problem: {e} (in {v})", op.name())))?;
     op.check(&p)?;

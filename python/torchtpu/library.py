@@ -67,8 +67,8 @@ class RustOp:
         """((shape, dtype) of each operand, (shape, dtype) of each output) for ``problem``."""
         return self._signature(self._key(problem))
 
-    def empty_outputs(self, problem: dict, like: Tensor) -> list[Tensor]:
-        """Uninitialized outputs on ``like``'s device: the fake implementation."""
+    def fake_outputs(self, problem: dict, like: Tensor) -> list[Tensor]:
+        """Uninitialized outputs of ``problem`` on ``like``'s device: a fake implementation."""
         _, outputs = self.signature(problem)
         return [like.new_empty(shape, dtype=dtype) for shape, dtype in outputs]
 
@@ -112,7 +112,7 @@ def register_ops(module, namespace: str) -> list[str]:
 
         def fake(operands, problem, op=op):
             like = operands[0] if operands else torch.empty(0)
-            return op.empty_outputs(json.loads(problem), like)
+            return op.fake_outputs(json.loads(problem), like)
 
         custom.register_fake(fake)
         qualified.append(qualname)

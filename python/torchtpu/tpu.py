@@ -12,7 +12,9 @@ TorchTPU's own Pallas kernels use) under a fingerprint of the module, and run it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import os
 from typing import Optional
 
@@ -71,8 +73,14 @@ def matmul_kernel(a: Tensor, b: Tensor, chip: Optional[str] = None) -> TpuKernel
 
 def op_kernel(op, problem: dict, chip: Optional[str] = None) -> TpuKernel:
     """The kernel a registered Rust op (a :class:`torchtpu.library.RustOp`) registers for
-    ``problem`` on ``chip``."""
-    chip = chip or default_chip()
+    ``problem`` on ``chip``: lowered once per op, problem and chip in a process, as the CPU
+    runs compile once."""
+    return _op_kernel(op, op._key(problem), chip or default_chip())
+
+
+@functools.lru_cache(maxsize=1024)
+def _op_kernel(op, key: str, chip: str) -> TpuKernel:
+    problem = json.loads(key)
     inputs, outputs = op.signature(problem)
     return _kernel(f"torchtpu_{op.name}_{chip}", op.tpu_module(problem, chip), inputs, outputs)
 
