@@ -20,8 +20,6 @@ use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
 use crate::Error;
 
-/// Pallas' mask value: vanishes under `exp`, finite so `m - m` is never NaN.
-const MASK_VALUE: f32 = -0.7 * f32::MAX;
 // Running max and sum are kept replicated across the TPU's lanes (`LANES`), as TPU kernels
 // keep them; q segment ids are laid out `[b, sq, LANES]`.
 /// kv segment ids are replicated across the fewest sublanes a TPU block may have: laid out
@@ -50,7 +48,7 @@ fn flash_forward<T: Float>(
     let bk = k.shape()[0];
     let (qi, kj) = (program_id(2), program_id(3));
     if kj == 0 {
-        m_scratch.store(full(MASK_VALUE as f64));
+        m_scratch.store(full(f64::NEG_INFINITY));
         l_scratch.store(zeros());
         acc_scratch.store(zeros());
     }
@@ -74,12 +72,16 @@ fn flash_forward<T: Float>(
             let v_rows = iota::<i32>([bk, d], 0) + k_start;
             vb = select(v_rows < kv_len as i32, vb, 0.0);
         }
-        let s = select(visible, s, MASK_VALUE);
+        // Masked scores are -inf, not Pallas' finite mask value, so that only visible scores
+        // set the row maximum: a row whose visible scores are all -inf (an inf input) keeps
+        // m = -inf, and its p = exp(-inf - -inf) is NaN, as SDPA's softmax gives.
+        let s = select(visible, s, f32::NEG_INFINITY);
         let m_prev = m_scratch.load_at((.., 0..1));
         let l_prev = l_scratch.load_at((.., 0..1));
         let m_next = maximum(m_prev, s.max_keepdims(1));
-        let alpha = (m_prev - m_next).exp();
-        // Masked entries must not count even when a whole row is masked so far (m = MASK).
+        // Equal maxima rescale by 1; this also keeps a row that has seen nothing yet
+        // (m = -inf before and after) from rescaling by exp(NaN).
+        let alpha = select(m_prev == m_next, 1.0, (m_prev - m_next).exp());
         let p = select(visible, (s - m_next).exp(), 0.0);
         let l_next = alpha * l_prev + p.sum_keepdims(1);
         acc_scratch.store(acc_scratch.load() * alpha + dot(p.cast::<T>(), vb));

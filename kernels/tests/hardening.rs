@@ -103,6 +103,25 @@ fn nan_reaches_attentions_output_where_sdpa_puts_it() {
             assert!(o.to_f64().iter().any(|x| x.is_nan()), "{backend}: sm_scale {scale} must not hide as zeros");
         }
     }
+    // A row whose visible scores are all -inf (an inf query against negative keys) is NaN, as
+    // SDPA's softmax gives, under every mask; the other rows stay finite.
+    let mut qi = q.to_f64();
+    qi[[0, 0, 5, 0]] = f64::INFINITY;
+    let qi = HostArray::from_f64(DType::F32, &qi);
+    let mut kneg = k.to_f64();
+    kneg.slice_mut(ndarray::s![.., .., .., 0]).mapv_inplace(|x| -x.abs() - 0.5);
+    let kneg = HostArray::from_f64(DType::F32, &kneg);
+    let ids = Array2::from_shape_fn((1, 24), |(_, i)| (i / 4) as i32);
+    for backend in [Backend::Interpret, Backend::Cpu] {
+        for (causal, segments) in [(false, None), (true, None), (true, Some((&ids, &ids)))] {
+            let opts = AttentionOptions { causal, ..Default::default() };
+            let (o, _) = flash::forward(&qi, &kneg, &v, segments, opts, backend).expect("runs");
+            let o = o.to_f64();
+            for i in 0..24 {
+                assert_eq!(o[[0, 0, i, 0]].is_nan(), i == 5, "{backend} causal {causal} segments {}: row {i}", segments.is_some());
+            }
+        }
+    }
     // A row that sees no key gives 0, not NaN (as SDPA).
     let ids_q = Array2::from_elem((1, 24), 1);
     let ids_k = Array2::from_elem((1, 24), 2);
