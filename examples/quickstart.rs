@@ -27,7 +27,7 @@ fn main() -> Result<(), torchtpu::dsl::Error> {
 
     let x = Array2::<f32>::from_shape_fn((m, k), |(i, j)| ((i + j) % 7) as f32);
     let y = Array2::<f32>::from_shape_fn((k, n), |(i, j)| ((i * j) % 5) as f32);
-    let z = call.interpret(&[HostArray::from(&x), HostArray::from(&y)])?;  // CPU interpreter
+    let z = call.interpret(&[HostArray::from(&x), HostArray::from(&y)])?; // CPU interpreter
     let z = z[0].view::<f32>().expect("f32 output");
     assert_eq!(z, x.dot(&y).into_dyn());
 

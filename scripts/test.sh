@@ -2,6 +2,9 @@
 # Runs every test: the Rust workspace's, the README's quick start, and the Python package's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Formatting is part of the code (rustfmt.toml): a change that is not rustfmt-clean fails here.
+cargo fmt --all --check
+(cd examples/user-ops && cargo fmt --all --check)
 cargo test --workspace --locked
 # The README's quick start, run as written.
 cargo run --locked --quiet --example quickstart > /dev/null

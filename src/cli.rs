@@ -8,15 +8,15 @@ use std::time::Instant;
 use clap::{Parser, Subcommand, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use torchtpu_autotune::{tune, Device, Progress, Strategy, Tunable, TuneOptions};
+use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, InterpretOptions, PallasCall, TracedCall};
-use torchtpu_codegen::{lower, Target};
-use torchtpu_runtime::{Chip, TpuCompiler};
-use torchtpu_autotune::{tune, Device, Progress, Strategy, TuneOptions, Tunable};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_kernels::registry::{self, AnyOp, Selection};
 use torchtpu_kernels::tables::{target_of, tuning_device, Table, TableTarget};
+use torchtpu_runtime::{Chip, TpuCompiler};
 
 #[derive(Parser)]
 #[command(name = "torchtpu", version, about = "Pallas for Rust: trace, interpret and inspect TPU kernels")]
@@ -458,7 +458,11 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
             let ms = start.elapsed().as_secs_f64() * 1e3;
             let Accuracy { relative: worst, tolerance: tol, .. } = sel.accuracy(&inputs, &outputs)?;
             let ok = worst <= tol;
-            println!("{}: {} in {ms:.2} ms (seed {seed}, checked: {checked}), max relative error {worst:.2e} (tolerance {tol:.0e})", sel.name(), if ok { "ok" } else { "MISMATCH" });
+            println!(
+                "{}: {} in {ms:.2} ms (seed {seed}, checked: {checked}), max relative error {worst:.2e} (tolerance {tol:.0e})",
+                sel.name(),
+                if ok { "ok" } else { "MISMATCH" }
+            );
             Ok(ok)
         }
     }

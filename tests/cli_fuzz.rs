@@ -70,7 +70,9 @@ fn hostile_arguments_get_a_message_and_an_exit_code() {
 fn hostile_environment_gets_a_message_and_an_exit_code() {
     let libtpu = torchtpu_runtime::locate::libtpu().expect("libtpu (run scripts/setup.sh)");
     let libtpu = libtpu.to_string_lossy().into_owned();
-    for (var, value) in [("TORCHTPU_PJRT_CPU", "/nonexistent.so"), ("TORCHTPU_PJRT_CPU", "/etc/passwd"), ("TORCHTPU_PJRT_CPU", libtpu.as_str()), ("TORCHTPU_LIBTPU", "/nonexistent.so")] {
+    for (var, value) in
+        [("TORCHTPU_PJRT_CPU", "/nonexistent.so"), ("TORCHTPU_PJRT_CPU", "/etc/passwd"), ("TORCHTPU_PJRT_CPU", libtpu.as_str()), ("TORCHTPU_LIBTPU", "/nonexistent.so")]
+    {
         let args: &[&str] = if var == "TORCHTPU_LIBTPU" { &["check", "matmul", "--chips", "v5e"] } else { &["run", "matmul", "--set", "m=64,n=64,k=64"] };
         let (code, signal, stderr) = run(args, &[(var, value)]);
         assert_eq!(signal, None, "{var}={value}: signal {signal:?}\n{stderr}");

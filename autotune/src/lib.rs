@@ -185,7 +185,8 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
             let budget = traced.vmem_limit_bytes.unwrap_or(chip.default_scoped_vmem_bytes()) as f64;
             if f.vmem_bytes > budget {
                 let mib = |b: f64| b / (1u64 << 20) as f64;
-                pruned.push(prune(format!("VMEM model: {:.1} MiB of double-buffered blocks and scratch > {:.0} MiB scoped VMEM on {chip}", mib(f.vmem_bytes), mib(budget)), Some(f)));
+                pruned
+                    .push(prune(format!("VMEM model: {:.1} MiB of double-buffered blocks and scratch > {:.0} MiB scoped VMEM on {chip}", mib(f.vmem_bytes), mib(budget)), Some(f)));
                 continue;
             }
         }
@@ -195,7 +196,10 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
 }
 
 fn cache_key(t: &dyn Tunable, device: Device, strategy: Strategy, types: &[torchtpu_dsl::ir::ValueType]) -> Result<CacheKey> {
-    let traced = t.build(&t.default_config()).and_then(|c| c.trace(types).map_err(|e| Error::Invalid(e.to_string()))).map_err(|e| Error::Invalid(format!("the default config does not trace: {e}")))?;
+    let traced = t
+        .build(&t.default_config())
+        .and_then(|c| c.trace(types).map_err(|e| Error::Invalid(e.to_string())))
+        .map_err(|e| Error::Invalid(format!("the default config does not trace: {e}")))?;
     let mut ir = traced.body.to_string();
     for op in traced.inputs.iter().chain(&traced.outputs) {
         ir.push_str(&op.index_map.to_string());
@@ -270,7 +274,12 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
     }
     let (prepared, mut candidates) = prepare(t, device, &types);
     if prepared.is_empty() {
-        return Err(Error::Invalid(format!("no feasible configuration of {} {} on {device}:\n{}", t.kernel(), t.problem(), candidates.iter().map(|c| format!("  {}: {:?}", c.config, c.outcome)).collect::<Vec<_>>().join("\n"))));
+        return Err(Error::Invalid(format!(
+            "no feasible configuration of {} {} on {device}:\n{}",
+            t.kernel(),
+            t.problem(),
+            candidates.iter().map(|c| format!("  {}: {:?}", c.config, c.outcome)).collect::<Vec<_>>().join("\n")
+        )));
     }
     let evaluated = match device {
         Device::Chip(chip) => rank_for_chip(chip, &prepared, opts)?,
@@ -335,7 +344,11 @@ fn rank_for_chip(chip: Chip, prepared: &[Prepared], opts: &TuneOptions) -> Resul
 /// The informative head of a compiler message: its first two non-empty lines.
 fn compiler_reason(message: &str) -> String {
     let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).take(2).collect();
-    if lines.is_empty() { "rejected".into() } else { lines.join(" ") }
+    if lines.is_empty() {
+        "rejected".into()
+    } else {
+        lines.join(" ")
+    }
 }
 
 /// Times one compiled candidate: one run against the limit, then repetitions adapted to
@@ -456,9 +469,5 @@ fn measure(backend: Backend, t: &dyn Tunable, prepared: &[Prepared], inputs: &[H
             }
         }
     }
-    Ok(prepared
-        .iter()
-        .zip(outcomes)
-        .map(|(p, o)| Candidate { config: p.config.clone(), outcome: o.unwrap_or(Outcome::NotEvaluated), features: Some(p.features) })
-        .collect())
+    Ok(prepared.iter().zip(outcomes).map(|(p, o)| Candidate { config: p.config.clone(), outcome: o.unwrap_or(Outcome::NotEvaluated), features: Some(p.features) }).collect())
 }

@@ -98,7 +98,13 @@ impl TuneReport {
         let mut s = String::new();
         let _ = writeln!(s, "{:<width$}  {:>12}  status", "config", "time (ms)");
         for c in rows {
-            let mark = if c.config == self.best_config { " <- best" } else if c.config == self.default_config { " <- default" } else { "" };
+            let mark = if c.config == self.best_config {
+                " <- best"
+            } else if c.config == self.default_config {
+                " <- default"
+            } else {
+                ""
+            };
             let (time, status) = match &c.outcome {
                 Outcome::Timed { median_ms, spread } => (format!("{median_ms:.3}"), format!("timed (spread {:.0}%){mark}", spread * 100.0)),
                 Outcome::Predicted { ms, code_size_bytes } => (format!("{ms:.4}"), format!("predicted, compiled ({code_size_bytes} B){mark}")),
@@ -125,7 +131,13 @@ impl TuneReport {
         for (i, (c, ms)) in bars.iter().enumerate() {
             let y = 40.0 + row * i as f64;
             let w = (ms / max * width).max(1.0);
-            let color = if c.config == self.best_config { "#2a9d5c" } else if c.config == self.default_config { "#d08020" } else { "#4a78b0" };
+            let color = if c.config == self.best_config {
+                "#2a9d5c"
+            } else if c.config == self.default_config {
+                "#d08020"
+            } else {
+                "#4a78b0"
+            };
             let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, left - 6.0, y + 12.0, c.config);
             let _ = writeln!(s, r#"<rect x="{left}" y="{y}" width="{w:.1}" height="{}" fill="{color}"/>"#, row - 4.0);
             let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{ms:.3}</text>"#, left + w + 4.0, y + 12.0);

@@ -129,7 +129,10 @@ impl Tunable for Ragged {
         "64x1024/f32".into()
     }
     fn space(&self) -> SearchSpace {
-        SearchSpace::new().param("rows", [8, 12, 64]).param("cols", [100, 128, 1024]).constraint(|c| (c.value("rows") == 64 && c.value("cols") == 100).then(|| "an example constraint".into()))
+        SearchSpace::new()
+            .param("rows", [8, 12, 64])
+            .param("cols", [100, 128, 1024])
+            .constraint(|c| (c.value("rows") == 64 && c.value("cols") == 100).then(|| "an example constraint".into()))
     }
     fn default_config(&self) -> torchtpu_autotune::Config {
         torchtpu_autotune::Config(vec![("rows".into(), 8), ("cols".into(), 128)])

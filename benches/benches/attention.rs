@@ -83,7 +83,9 @@ fn peak_flops() -> f64 {
 
 fn attention(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(0);
-    let arr = |rng: &mut StdRng| HostArray::from_f64(DType::F32, &ndarray::ArrayD::from_shape_simple_fn(vec![1, 8, 2048, 128], || rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng)));
+    let arr = |rng: &mut StdRng| {
+        HostArray::from_f64(DType::F32, &ndarray::ArrayD::from_shape_simple_fn(vec![1, 8, 2048, 128], || rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng)))
+    };
     let (q, k, v, d_o) = (arr(&mut rng), arr(&mut rng), arr(&mut rng), arr(&mut rng));
     let seg = [HostArray::from(Array3::<i32>::zeros((1, 2048, 128))), HostArray::from(Array3::<i32>::zeros((1, 8, 2048)))];
     let untuned = AttentionOptions { causal: true, sm_scale: None, block: None };
@@ -111,7 +113,9 @@ fn attention(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function(format!("torchtpu_forward_{:?}", opts.block), |b| b.iter(|| fwd_c.execute(&fwd_b).expect("runs")));
     g.bench_function("xla_forward", |b| b.iter(|| xf.execute(&[&xla_in[0], &xla_in[1], &xla_in[2]]).expect("runs")));
-    g.bench_function(format!("torchtpu_backward_dkv{:?}_dq{:?}", dkv_opts.block, dq_opts.block), |b| b.iter(|| (dkv_c.execute(&bwd_b).expect("runs"), dq_c.execute(&bwd_b).expect("runs"))));
+    g.bench_function(format!("torchtpu_backward_dkv{:?}_dq{:?}", dkv_opts.block, dq_opts.block), |b| {
+        b.iter(|| (dkv_c.execute(&bwd_b).expect("runs"), dq_c.execute(&bwd_b).expect("runs")))
+    });
     g.bench_function("xla_backward_with_forward", |b| b.iter(|| xg.execute(&[&xla_in[0], &xla_in[1], &xla_in[2], &xla_in[3]]).expect("runs")));
     g.bench_function("interpreter_forward", |b| b.iter(|| fwd.interpret(&fwd_ops).expect("runs")));
     g.finish();

@@ -20,9 +20,7 @@ fn lowering(c: &mut Criterion) {
     for (name, example) in &examples {
         let types: Vec<_> = example.random_inputs(&mut StdRng::seed_from_u64(0)).iter().map(HostArray::value_type).collect();
         let call = example.call();
-        group.bench_function(format!("{name}/trace+lower"), |b| {
-            b.iter(|| lower(&call.trace(&types).expect("traces"), Target::TpuStableHlo).expect("lowers"))
-        });
+        group.bench_function(format!("{name}/trace+lower"), |b| b.iter(|| lower(&call.trace(&types).expect("traces"), Target::TpuStableHlo).expect("lowers")));
         if let Some(compiler) = compiler {
             let module = lower(&call.trace(&types).expect("traces"), Target::TpuStableHlo).expect("lowers");
             group.bench_function(format!("{name}/libtpu_compile_v5e"), |b| b.iter(|| compiler.compile(Chip::V5e, &module).expect("compiles")));

@@ -80,13 +80,7 @@ fn pjrt_cpu(c: &mut Criterion) {
     let flash = |bq: usize, bk: usize| -> (String, Box<dyn Example>) {
         (format!("bq{bq}bk{bk}"), Box::new(Flash { batch: 1, heads: 8, seq: 2048, head_dim: 128, block_q: bq, block_k: bk, dtype: DType::F32 }))
     };
-    compare(
-        c,
-        "pjrt_cpu/flash_causal_1x8x2048x128_f32",
-        XLA_ATTENTION,
-        vec![flash(512, 512), flash(256, 512), flash(512, 1024), flash(256, 256), flash(128, 128)],
-        true,
-    );
+    compare(c, "pjrt_cpu/flash_causal_1x8x2048x128_f32", XLA_ATTENTION, vec![flash(512, 512), flash(256, 512), flash(512, 1024), flash(256, 256), flash(128, 128)], true);
 }
 
 criterion_group!(benches, pjrt_cpu);

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use torchtpu_autotune::{tune, Config, Device, Outcome, Strategy, Tunable, TuneOptions};
 use torchtpu_dsl::HostArray;
+use torchtpu_exec::{Backend, Compiled, Timing};
 use torchtpu_kernels::flash::{FlashOp, FlashPass};
 use torchtpu_kernels::matmul::MatmulOp;
 use torchtpu_kernels::op::{Op, Tuning};
-use torchtpu_exec::{Backend, Compiled, Timing};
 
 /// Median times of `configs`, measured in alternation so that machine noise hits all alike.
 fn interleaved(problem: &dyn Tunable, configs: &[&Config], rounds: usize) -> Vec<f64> {

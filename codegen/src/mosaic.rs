@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, ReduceOp, Region, RefType, Type, UnaryOp, ValueId, ValueType};
+use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, ReduceOp, RefType, Region, Type, UnaryOp, ValueId, ValueType};
 use torchtpu_dsl::{DType, Semantics, TracedCall};
 
 use crate::error::{Error, Result};
@@ -70,7 +70,11 @@ fn semantics(s: Semantics) -> &'static str {
 
 fn i64_array(v: impl IntoIterator<Item = usize>) -> String {
     let items: Vec<String> = v.into_iter().map(|x| x.to_string()).collect();
-    if items.is_empty() { "array<i64>".into() } else { format!("array<i64: {}>", items.join(", ")) }
+    if items.is_empty() {
+        "array<i64>".into()
+    } else {
+        format!("array<i64: {}>", items.join(", "))
+    }
 }
 
 fn kernel_func(call: &TracedCall, form: Form) -> Result<String> {
@@ -99,11 +103,8 @@ fn kernel_func(call: &TracedCall, form: Form) -> Result<String> {
         e.squeezed.insert(arg, squeezed);
         e.refs.insert(arg, memref);
     }
-    let windows: Vec<String> = operands
-        .iter()
-        .enumerate()
-        .map(|(i, op)| format!("{{transform_indices = @transform_{i}, window_bounds = {}}}", i64_array(op.block_dims())))
-        .collect();
+    let windows: Vec<String> =
+        operands.iter().enumerate().map(|(i, op)| format!("{{transform_indices = @transform_{i}, window_bounds = {}}}", i64_array(op.block_dims()))).collect();
     let attrs = [
         format!("dimension_semantics = [{}]", call.semantics.iter().map(|&s| semantics(s)).collect::<Vec<_>>().join(", ")),
         format!("iteration_bounds = {}", i64_array(call.grid.iter().copied())),
@@ -216,7 +217,11 @@ impl<'a> Emitter<'a> {
     fn splat(&mut self, lit: Literal, t: &ValueType, l: Loc) -> String {
         let v = self.literal(lit, t.dtype);
         let ty = value_type(t);
-        if t.shape.is_empty() { self.constant(&v, &ty, l) } else { self.constant(&format!("dense<{v}>"), &ty, l) }
+        if t.shape.is_empty() {
+            self.constant(&v, &ty, l)
+        } else {
+            self.constant(&format!("dense<{v}>"), &ty, l)
+        }
     }
 
     fn index_const(&mut self, i: usize, l: Loc) -> String {
@@ -306,7 +311,15 @@ impl<'a> Emitter<'a> {
                 operands.extend(offsets.iter().map(|o| (o.clone(), "index".to_string())));
                 if memref.space == MemorySpace::Smem {
                     let ty = value_type(&out);
-                    self.op(Some(&r), format!("memref.load {}[{}] : {mty}", self.name(*src), offsets.join(", ")), "memref.load", &operands, &["nontemporal = false".into()], Some(&ty), l);
+                    self.op(
+                        Some(&r),
+                        format!("memref.load {}[{}] : {mty}", self.name(*src), offsets.join(", ")),
+                        "memref.load",
+                        &operands,
+                        &["nontemporal = false".into()],
+                        Some(&ty),
+                        l,
+                    );
                     self.set(op.results[0], r);
                 } else {
                     if out.shape.is_empty() {
@@ -328,14 +341,30 @@ impl<'a> Emitter<'a> {
                 if memref.space == MemorySpace::Smem {
                     let mut operands = vec![(v.clone(), value_type(&vt)), (self.name(*dst), mty.clone())];
                     operands.extend(offsets.iter().map(|o| (o.clone(), "index".to_string())));
-                    self.op(None, format!("memref.store {v}, {}[{}] : {mty}", self.name(*dst), offsets.join(", ")), "memref.store", &operands, &["nontemporal = false".into()], None, l);
+                    self.op(
+                        None,
+                        format!("memref.store {v}, {}[{}] : {mty}", self.name(*dst), offsets.join(", ")),
+                        "memref.store",
+                        &operands,
+                        &["nontemporal = false".into()],
+                        None,
+                        l,
+                    );
                 } else {
                     let stored = ValueType::new(vt.dtype, shape);
                     let v = self.shape_cast(&v, &vt, &stored, l);
                     let vty = value_type(&stored);
                     let mut operands = vec![(v.clone(), vty.clone()), (self.name(*dst), mty.clone())];
                     operands.extend(offsets.iter().map(|o| (o.clone(), "index".to_string())));
-                    self.op(None, format!("vector.store {v}, {}[{}] : {mty}, {vty}", self.name(*dst), offsets.join(", ")), "vector.store", &operands, &["nontemporal = false".into()], None, l);
+                    self.op(
+                        None,
+                        format!("vector.store {v}, {}[{}] : {mty}, {vty}", self.name(*dst), offsets.join(", ")),
+                        "vector.store",
+                        &operands,
+                        &["nontemporal = false".into()],
+                        None,
+                        l,
+                    );
                 }
             }
             OpKind::Unary { op: u, x } => {
@@ -586,10 +615,22 @@ impl<'a> Emitter<'a> {
         let src = self.name(x);
         let (f, t) = (from.dtype, to.dtype);
         let name = match () {
-            _ if f.is_float() && t.is_float() => if f.size_bytes() < t.size_bytes() { "arith.extf" } else { "arith.truncf" },
+            _ if f.is_float() && t.is_float() => {
+                if f.size_bytes() < t.size_bytes() {
+                    "arith.extf"
+                } else {
+                    "arith.truncf"
+                }
+            }
             _ if f.is_int() && t.is_float() => "arith.sitofp",
             _ if f.is_float() && t.is_int() => "arith.fptosi",
-            _ if f.is_int() && t.is_int() => if f.size_bytes() < t.size_bytes() { "arith.extsi" } else { "arith.trunci" },
+            _ if f.is_int() && t.is_int() => {
+                if f.size_bytes() < t.size_bytes() {
+                    "arith.extsi"
+                } else {
+                    "arith.trunci"
+                }
+            }
             _ if f == DType::Bool && t.is_int() => "arith.extui",
             _ if f == DType::Bool && t.is_float() => "arith.uitofp",
             _ if t == DType::Bool => {
@@ -597,8 +638,7 @@ impl<'a> Emitter<'a> {
                 let z = self.splat(zero, &from, l);
                 let ty = value_type(&from);
                 let out = value_type(&to);
-                let (name, pred, code, attrs) =
-                    if f.is_float() { ("arith.cmpf", "une", 13, Self::fastmath()) } else { ("arith.cmpi", "ne", 1, Vec::new()) };
+                let (name, pred, code, attrs) = if f.is_float() { ("arith.cmpf", "une", 13, Self::fastmath()) } else { ("arith.cmpi", "ne", 1, Vec::new()) };
                 let mut attrs = attrs;
                 attrs.push(format!("predicate = {code} : i64"));
                 let r = self.fresh();

@@ -100,7 +100,11 @@ fn compare_type(dtype: DType) -> String {
 }
 
 fn i64_array(v: &[usize]) -> String {
-    if v.is_empty() { "array<i64>".into() } else { format!("array<i64: {}>", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ")) }
+    if v.is_empty() {
+        "array<i64>".into()
+    } else {
+        format!("array<i64: {}>", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+    }
 }
 
 /// A ref's current value inside the loop body: a tensor of the ref's shape.

@@ -88,13 +88,7 @@ pub fn tpu_custom_call(call: &TracedCall, form: Form) -> Result<String> {
     let mut s = String::new();
     let _ = writeln!(s, "module @{} attributes {{mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32}} {{", symbol(&call.name));
     let _ = writeln!(s, "  func.func public @main({}) -> {results_sig} {{", params.join(", "));
-    let _ = writeln!(
-        s,
-        "    {lhs} = stablehlo.custom_call @tpu_custom_call({}) {{{}}} : ({}) -> {results_sig}",
-        args.join(", "),
-        attrs.join(", "),
-        arg_types.join(", ")
-    );
+    let _ = writeln!(s, "    {lhs} = stablehlo.custom_call @tpu_custom_call({}) {{{}}} : ({}) -> {results_sig}", args.join(", "), attrs.join(", "), arg_types.join(", "));
     let _ = writeln!(s, "    return {rets} : {}", result_types.join(", "));
     s.push_str("  }\n}\n");
     Ok(s)

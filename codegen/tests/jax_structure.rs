@@ -12,9 +12,7 @@ use torchtpu_dsl::{DType, HostArray};
 use torchtpu_testkernels::{flash::Flash, matmul::Matmul, Example};
 
 fn reference(name: &str) -> String {
-    let dir = std::env::var_os("TORCHTPU_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/mosaic"));
+    let dir = std::env::var_os("TORCHTPU_REFERENCE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/reference/mosaic"));
     let path = dir.join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reference module {} is required: {e}", path.display()))
 }

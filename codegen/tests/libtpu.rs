@@ -3,11 +3,11 @@
 
 use rand::rngs::StdRng;
 use rand::SeedableRng;
+use torchtpu_codegen::cost;
 use torchtpu_codegen::{stablehlo, Form};
+use torchtpu_dsl::DType;
 use torchtpu_dsl::{HostArray, TracedCall};
 use torchtpu_runtime::{Chip, TpuCompiler};
-use torchtpu_codegen::cost;
-use torchtpu_dsl::DType;
 use torchtpu_testkernels::{acceptance_set, block_shape_variants, matmul::Matmul, Example};
 
 fn compiler() -> &'static TpuCompiler {

@@ -132,28 +132,14 @@ fn grid_array<const N: usize>(g: &[Scalar<i32>]) -> std::result::Result<[Scalar<
 impl BlockSpec {
     /// A block of `shape`, placed by `index_map` (grid indices to block indices).
     #[track_caller]
-    pub fn new<const N: usize, R: BlockIndices>(
-        shape: impl IntoBlockShape,
-        index_map: impl Fn([Scalar<i32>; N]) -> R + Send + Sync + 'static,
-    ) -> Self {
-        BlockSpec {
-            block_shape: Some(shape.into_block_shape()),
-            index_map: Arc::new(move |g, _| Ok(index_map(grid_array(g)?).into_block_indices())),
-            loc: Loc::caller(),
-        }
+    pub fn new<const N: usize, R: BlockIndices>(shape: impl IntoBlockShape, index_map: impl Fn([Scalar<i32>; N]) -> R + Send + Sync + 'static) -> Self {
+        BlockSpec { block_shape: Some(shape.into_block_shape()), index_map: Arc::new(move |g, _| Ok(index_map(grid_array(g)?).into_block_indices())), loc: Loc::caller() }
     }
 
     /// Like [`BlockSpec::new`], with the scalar-prefetch tables passed to the index map.
     #[track_caller]
-    pub fn with_prefetch<const N: usize, R: BlockIndices>(
-        shape: impl IntoBlockShape,
-        index_map: impl Fn([Scalar<i32>; N], &[Prefetch<i32>]) -> R + Send + Sync + 'static,
-    ) -> Self {
-        BlockSpec {
-            block_shape: Some(shape.into_block_shape()),
-            index_map: Arc::new(move |g, p| Ok(index_map(grid_array(g)?, p).into_block_indices())),
-            loc: Loc::caller(),
-        }
+    pub fn with_prefetch<const N: usize, R: BlockIndices>(shape: impl IntoBlockShape, index_map: impl Fn([Scalar<i32>; N], &[Prefetch<i32>]) -> R + Send + Sync + 'static) -> Self {
+        BlockSpec { block_shape: Some(shape.into_block_shape()), index_map: Arc::new(move |g, p| Ok(index_map(grid_array(g)?, p).into_block_indices())), loc: Loc::caller() }
     }
 
     /// The whole array as one block, the same for every program.
@@ -305,9 +291,7 @@ impl PallasCall {
             }
         }
         let semantics = match &self.semantics {
-            Some(s) if s.len() != self.grid.len() => {
-                return Err(self.spec_error(format!("{} dimension semantics for a grid of rank {}", s.len(), self.grid.len())))
-            }
+            Some(s) if s.len() != self.grid.len() => return Err(self.spec_error(format!("{} dimension semantics for a grid of rank {}", s.len(), self.grid.len()))),
             Some(s) => s.clone(),
             None => vec![Semantics::Arbitrary; self.grid.len()],
         };
@@ -317,7 +301,12 @@ impl PallasCall {
                 message: format!("expected {} arrays ({} scalar prefetch, {} inputs), got {}", n_prefetch + in_params.len(), n_prefetch, in_params.len(), operands.len()),
             });
         }
-        for (what, n_specs, n_params) in [("in_specs", self.in_specs.len(), in_params.len()), ("out_specs", self.out_specs.len(), out_params.len()), ("out_shapes", self.out_shapes.len(), out_params.len()), ("scratch", self.scratch.len(), scratch_params.len())] {
+        for (what, n_specs, n_params) in [
+            ("in_specs", self.in_specs.len(), in_params.len()),
+            ("out_specs", self.out_specs.len(), out_params.len()),
+            ("out_shapes", self.out_shapes.len(), out_params.len()),
+            ("scratch", self.scratch.len(), scratch_params.len()),
+        ] {
             if n_specs != n_params {
                 return Err(self.spec_error(format!("{n_specs} {what} given, but the kernel signature has {n_params}")));
             }
@@ -327,7 +316,10 @@ impl PallasCall {
         let mut prefetch = Vec::new();
         for (p, a) in sig_prefetch.iter().zip(prefetch_arrays) {
             if a.dtype != p.dtype || a.dtype != DType::I32 {
-                return Err(Error::Input { kernel: k.name().to_string(), message: format!("scalar prefetch `{}` must be an i32 array (signature: {}), got {}", p.name, p.dtype, a.dtype) });
+                return Err(Error::Input {
+                    kernel: k.name().to_string(),
+                    message: format!("scalar prefetch `{}` must be an i32 array (signature: {}), got {}", p.name, p.dtype, a.dtype),
+                });
             }
             prefetch.push(Operand { name: p.name.to_string(), array: a.clone() });
         }
@@ -379,7 +371,19 @@ impl PallasCall {
             k.run_body(&in_decl_order)
         })?;
         verify(&body)?;
-        Ok(TracedCall { name, kernel: k.clone(), grid: self.grid.clone(), semantics, prefetch, inputs, outputs, scratch, body, vmem_limit_bytes: self.vmem_limit_bytes, aliases: self.aliases.clone() })
+        Ok(TracedCall {
+            name,
+            kernel: k.clone(),
+            grid: self.grid.clone(),
+            semantics,
+            prefetch,
+            inputs,
+            outputs,
+            scratch,
+            body,
+            vmem_limit_bytes: self.vmem_limit_bytes,
+            aliases: self.aliases.clone(),
+        })
     }
 
     fn block_operand(&self, name: &str, array: ValueType, spec: &BlockSpec, prefetch: &[RefType]) -> Result<BlockOperand> {
@@ -408,10 +412,13 @@ impl PallasCall {
                 if out.len() != block_shape.len() {
                     return Err(format!("the index map returns {} block indices for a block of rank {}", out.len(), block_shape.len()));
                 }
-                Ok(out.into_iter().map(|bi| match bi {
-                    BlockIndex::Traced(s) => s.id,
-                    BlockIndex::Const(c) => b.constant(Literal::Int(c), DType::I32, spec.loc),
-                }).collect())
+                Ok(out
+                    .into_iter()
+                    .map(|bi| match bi {
+                        BlockIndex::Traced(s) => s.id,
+                        BlockIndex::Const(c) => b.constant(Literal::Int(c), DType::I32, spec.loc),
+                    })
+                    .collect())
             })
         })?;
         index_map.results = results.map_err(at)?;

@@ -274,30 +274,84 @@ lower_names! {
 #[derive(Clone, Debug, PartialEq)]
 pub enum OpKind {
     Constant(Literal),
-    ProgramId { axis: usize },
-    NumPrograms { axis: usize },
-    Load { src: ValueId, index: Vec<Index> },
-    Store { dst: ValueId, index: Vec<Index>, value: ValueId },
-    Unary { op: UnaryOp, x: ValueId },
+    ProgramId {
+        axis: usize,
+    },
+    NumPrograms {
+        axis: usize,
+    },
+    Load {
+        src: ValueId,
+        index: Vec<Index>,
+    },
+    Store {
+        dst: ValueId,
+        index: Vec<Index>,
+        value: ValueId,
+    },
+    Unary {
+        op: UnaryOp,
+        x: ValueId,
+    },
     /// Both operands have the result's shape; the tracer inserts broadcasts.
-    Binary { op: BinaryOp, lhs: ValueId, rhs: ValueId },
-    Compare { op: CmpOp, lhs: ValueId, rhs: ValueId },
-    Select { cond: ValueId, on_true: ValueId, on_false: ValueId },
+    Binary {
+        op: BinaryOp,
+        lhs: ValueId,
+        rhs: ValueId,
+    },
+    Compare {
+        op: CmpOp,
+        lhs: ValueId,
+        rhs: ValueId,
+    },
+    Select {
+        cond: ValueId,
+        on_true: ValueId,
+        on_false: ValueId,
+    },
     /// Converts to the result's dtype.
-    Cast { x: ValueId },
+    Cast {
+        x: ValueId,
+    },
     /// Numpy-style broadcast to the result's shape (also scalar to vector).
-    Broadcast { x: ValueId },
-    Reshape { x: ValueId },
+    Broadcast {
+        x: ValueId,
+    },
+    Reshape {
+        x: ValueId,
+    },
     /// Reduces `axis` away.
-    Reduce { op: ReduceOp, x: ValueId, axis: usize },
+    Reduce {
+        op: ReduceOp,
+        x: ValueId,
+        axis: usize,
+    },
     /// A 2-D matrix product accumulated in the result's dtype.
-    Dot { lhs: ValueId, rhs: ValueId, transpose_lhs: bool, transpose_rhs: bool },
-    Iota { dim: usize },
-    If { cond: ValueId, then_region: Region, else_region: Region },
+    Dot {
+        lhs: ValueId,
+        rhs: ValueId,
+        transpose_lhs: bool,
+        transpose_rhs: bool,
+    },
+    Iota {
+        dim: usize,
+    },
+    If {
+        cond: ValueId,
+        then_region: Region,
+        else_region: Region,
+    },
     /// `for iv in lo..hi` with carried values; the body's args are `[iv, carried...]`.
-    For { lo: ValueId, hi: ValueId, inits: Vec<ValueId>, body: Region },
+    For {
+        lo: ValueId,
+        hi: ValueId,
+        inits: Vec<ValueId>,
+        body: Region,
+    },
     /// Ends an `If` or `For` region with the values it passes on.
-    Yield { values: Vec<ValueId> },
+    Yield {
+        values: Vec<ValueId>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -12,13 +12,13 @@ pub mod error;
 pub mod host;
 pub mod interpret;
 pub mod ir;
-pub mod memory;
 pub mod kernel;
+pub mod memory;
 mod printer;
 pub mod trace;
 pub mod verify;
 
-pub use call::{sublanes, LANES, MIN_SUBLANES, BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem};
+pub use call::{sublanes, BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem, LANES, MIN_SUBLANES};
 pub use dtype::{DType, DotOperand, Element, Float, Int, Numeric};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
@@ -33,8 +33,7 @@ pub use trace::values::{dot, dot_nt, dot_tn, iota, maximum, minimum, num_program
 pub mod prelude {
     pub use crate::call::Semantics::{Arbitrary, Parallel};
     pub use crate::{
-        bf16, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, program_id, select, tpu_fn, tpu_kernel,
-        zeros, BlockSpec, DType, Element, Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile,
-        Vmem,
+        bf16, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, program_id, select, tpu_fn, tpu_kernel, zeros, BlockSpec, DType, Element, Float,
+        HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile, Vmem,
     };
 }

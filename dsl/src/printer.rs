@@ -61,9 +61,7 @@ fn print_op(func: &Func, op: &Op, depth: usize, out: &mut String) -> fmt::Result
         Broadcast { x } => write!(out, "broadcast {x}")?,
         Reshape { x } => write!(out, "reshape {x}")?,
         Reduce { op: r, x, axis } => write!(out, "reduce_{} {x} axis {axis}", r.name())?,
-        Dot { lhs, rhs, transpose_lhs, transpose_rhs } => {
-            write!(out, "dot {lhs}{}, {rhs}{}", if *transpose_lhs { "ᵀ" } else { "" }, if *transpose_rhs { "ᵀ" } else { "" })?
-        }
+        Dot { lhs, rhs, transpose_lhs, transpose_rhs } => write!(out, "dot {lhs}{}, {rhs}{}", if *transpose_lhs { "ᵀ" } else { "" }, if *transpose_rhs { "ᵀ" } else { "" })?,
         Iota { dim } => write!(out, "iota dim {dim}")?,
         Yield { values } => write!(out, "yield {}", list(values))?,
         If { cond, then_region, else_region } => {

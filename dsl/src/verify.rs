@@ -17,7 +17,6 @@ struct Verifier<'a> {
 pub fn verify(func: &Func) -> Result<()> {
     let mut v = Verifier { func, visible: vec![func.args.iter().copied().collect()] };
     v.region(&func.body, &[], None, &func.results)
-
 }
 
 impl Verifier<'_> {
@@ -125,7 +124,11 @@ impl Verifier<'_> {
             self.use_value(v, loc)?;
         }
         let same = |a: &ValueType, b: &ValueType, what: &str| -> Result<()> {
-            if a == b { Ok(()) } else { Err(self.err(loc, format!("{what}: {a} vs {b}"))) }
+            if a == b {
+                Ok(())
+            } else {
+                Err(self.err(loc, format!("{what}: {a} vs {b}")))
+            }
         };
         match &op.kind {
             OpKind::Constant(lit) => {

@@ -196,13 +196,8 @@ fn break_in_a_traced_loop_is_an_error() {
 
 #[test]
 fn calls_that_do_not_fit_the_kernel_are_rejected() {
-    let base = || {
-        PallasCall::new(copy::kernel())
-            .grid([2])
-            .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
-            .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
-            .out_shapes([[16, 128]])
-    };
+    let base =
+        || PallasCall::new(copy::kernel()).grid([2]).in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))]).out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))]).out_shapes([[16, 128]]);
     let x = ones(16, 128);
     let cases: Vec<(PallasCall, Vec<HostArray>, &str)> = vec![
         (base(), vec![HostArray::from(Array2::<i32>::zeros((16, 128)))], "must be f32, got i32"),
@@ -248,11 +243,7 @@ fn integer_division_by_zero_is_an_error_not_a_panic() {
     fn divide(x: &Ref<i32>, y: &mut Ref<i32>) {
         y.store(x.load() / (program_id(0) * 0));
     }
-    let call = PallasCall::new(divide::kernel())
-        .grid([1])
-        .in_specs([BlockSpec::new([8], |[i]| (i,))])
-        .out_specs([BlockSpec::new([8], |[i]| (i,))])
-        .out_shapes([[8]]);
+    let call = PallasCall::new(divide::kernel()).grid([1]).in_specs([BlockSpec::new([8], |[i]| (i,))]).out_specs([BlockSpec::new([8], |[i]| (i,))]).out_shapes([[8]]);
     let err = call.interpret(&[HostArray::from(Array1::<i32>::ones(8))]).expect_err("division by zero");
     assert!(err.to_string().contains("by zero"), "{err}");
 }
@@ -268,7 +259,8 @@ fn long_sums_keep_their_digits() {
     // against the large partial sum (about 7e-4 relative error); f64 accumulation does not.
     let cols = 32768;
     let x = Array2::from_shape_fn((8, cols), |(_, j)| if j == 0 { 1.0e4f32 } else { 0.4 });
-    let call = PallasCall::new(row_sum::kernel()).grid([1]).in_specs([BlockSpec::new([8, cols], |[i]| (i, 0))]).out_specs([BlockSpec::new([8, 1], |[i]| (i, 0))]).out_shapes([[8, 1]]);
+    let call =
+        PallasCall::new(row_sum::kernel()).grid([1]).in_specs([BlockSpec::new([8, cols], |[i]| (i, 0))]).out_specs([BlockSpec::new([8, 1], |[i]| (i, 0))]).out_shapes([[8, 1]]);
     let out = call.interpret(&[HostArray::from(&x)]).expect("runs").remove(0).into_array::<f32>().expect("f32");
     let want: f64 = x.row(0).iter().map(|&v| v as f64).sum();
     for &got in out.iter() {
@@ -315,7 +307,8 @@ fn checked_mode_reports_padding_that_reaches_an_output() {
 
 #[test]
 fn checked_mode_refuses_blocks_a_tpu_cannot_tile() {
-    let call = PallasCall::new(copy::kernel()).grid([4]).in_specs([BlockSpec::new([4, 128], |[i]| (i, 0))]).out_specs([BlockSpec::new([4, 128], |[i]| (i, 0))]).out_shapes([[16, 128]]); // <- 4-row block
+    let call =
+        PallasCall::new(copy::kernel()).grid([4]).in_specs([BlockSpec::new([4, 128], |[i]| (i, 0))]).out_specs([BlockSpec::new([4, 128], |[i]| (i, 0))]).out_shapes([[16, 128]]); // <- 4-row block
     assert!(call.interpret(&[ones(16, 128)]).is_ok(), "the CPU runs it");
     let err = call.interpret_checked(&[ones(16, 128)]).expect_err("not a TPU tiling").to_string();
     assert!(err.contains(&format!("checks.rs:{}", line_of("// <- 4-row block"))) && err.contains("multiple of 8"), "{err}");
@@ -323,7 +316,11 @@ fn checked_mode_refuses_blocks_a_tpu_cannot_tile() {
 
 #[test]
 fn grids_past_i32_are_an_error() {
-    let call = PallasCall::new(copy::kernel()).grid([1usize << 31]).in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))]).out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))]).out_shapes([[8, 128]]);
+    let call = PallasCall::new(copy::kernel())
+        .grid([1usize << 31])
+        .in_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[i]| (i, 0))])
+        .out_shapes([[8, 128]]);
     let err = call.trace(&[torchtpu_dsl::ir::ValueType::new(DType::F32, [8, 128])]).expect_err("too many programs");
     assert!(err.to_string().contains("grid indices are i32"), "{err}");
 }

@@ -12,11 +12,7 @@ fn count(f: &Func, pred: impl Fn(&OpKind) -> bool) -> usize {
 }
 
 fn one_block_call(kernel: torchtpu_dsl::KernelDef, grid: usize) -> PallasCall {
-    PallasCall::new(kernel)
-        .grid([grid])
-        .in_specs([BlockSpec::new([8, 128], |[_]| (0, 0))])
-        .out_specs([BlockSpec::new([8, 128], |[_]| (0, 0))])
-        .out_shapes([[8, 128]])
+    PallasCall::new(kernel).grid([grid]).in_specs([BlockSpec::new([8, 128], |[_]| (0, 0))]).out_specs([BlockSpec::new([8, 128], |[_]| (0, 0))]).out_shapes([[8, 128]])
 }
 
 fn run(call: &PallasCall, x: &Array2<f32>) -> Array2<f32> {
@@ -144,10 +140,12 @@ fn logical_operators_mix_rust_and_traced_values() {
 #[tpu_kernel]
 fn located(x: &Ref<f32>, y: &mut Ref<f32>) {
     let mut t = x.load();
-    for _ in 0..program_id(0) { // <- for line
+    for _ in 0..program_id(0) {
+        // <- for line
         t = t + 1.0;
     }
-    if program_id(0) > 2 { // <- if line
+    if program_id(0) > 2 {
+        // <- if line
         t = t * 2.0;
     }
     y.store(t);

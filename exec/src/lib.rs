@@ -183,11 +183,8 @@ impl Compiled {
             let prefetch = operands.iter().zip(&self.operands).take(traced.prefetch.len()).map(|(raw, t)| transfer::from_bytes(raw, t)).collect::<Result<Vec<_>>>()?;
             traced.check_block_indices(&prefetch)?;
         }
-        let buffers = operands
-            .iter()
-            .zip(&self.operands)
-            .map(|(data, t)| self.client.borrow_buffer(data, transfer::element_type(t.dtype), &t.shape))
-            .collect::<Result<Vec<_>, _>>()?;
+        let buffers =
+            operands.iter().zip(&self.operands).map(|(data, t)| self.client.borrow_buffer(data, transfer::element_type(t.dtype), &t.shape)).collect::<Result<Vec<_>, _>>()?;
         let refs: Vec<&Buffer> = buffers.iter().map(|b| &**b).collect();
         Ok(self.executable.execute(&refs)?)
     }
@@ -337,7 +334,10 @@ pub struct HostOutput {
 
 enum HostData {
     /// `data` points into the buffer, kept here so the memory lives as long as this.
-    Device { data: *const u8, _buffer: Buffer },
+    Device {
+        data: *const u8,
+        _buffer: Buffer,
+    },
     Owned(Vec<u8>),
 }
 

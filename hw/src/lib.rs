@@ -118,10 +118,7 @@ impl fmt::Display for Chip {
 impl FromStr for Chip {
     type Err = UnknownChip;
     fn from_str(s: &str) -> Result<Chip, UnknownChip> {
-        Chip::ALL
-            .into_iter()
-            .find(|c| c.name() == s.trim())
-            .ok_or_else(|| UnknownChip(s.to_string()))
+        Chip::ALL.into_iter().find(|c| c.name() == s.trim()).ok_or_else(|| UnknownChip(s.to_string()))
     }
 }
 
@@ -135,10 +132,7 @@ mod tests {
             assert_eq!(chip.name().parse::<Chip>(), Ok(chip));
             assert!(chip.default_scoped_vmem_bytes() <= chip.vmem_bytes());
         }
-        assert_eq!(
-            "v9".parse::<Chip>().unwrap_err().to_string(),
-            "unknown TPU chip `v9`; expected one of v4, v5e, v5p, v6e, tpu7x"
-        );
+        assert_eq!("v9".parse::<Chip>().unwrap_err().to_string(), "unknown TPU chip `v9`; expected one of v4, v5e, v5p, v6e, tpu7x");
         assert_eq!((sublanes(4), sublanes(2), sublanes(1)), (8, 16, 32));
     }
 }

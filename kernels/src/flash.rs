@@ -5,8 +5,8 @@
 //! also returns the log-sum-exp of each query row, which the backward recomputes P from.
 
 use ndarray::{Array3, Array4, ArrayD, ArrayView2, Axis};
-use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{HostArray, PallasCall, LANES};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_runtime::Chip;
@@ -360,7 +360,11 @@ impl Op for FlashOp {
             }
             pass => {
                 let (dq, dk, dv) = reference_backward(&f[0], &f[1], &f[2], &f[4], segments, p.causal, p.scale());
-                if pass == FlashPass::BackwardDkv { vec![dk.into_dyn(), dv.into_dyn()] } else { vec![dq.into_dyn()] }
+                if pass == FlashPass::BackwardDkv {
+                    vec![dk.into_dyn(), dv.into_dyn()]
+                } else {
+                    vec![dq.into_dyn()]
+                }
             }
         }
     }
@@ -432,10 +436,7 @@ pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions,
             q_segments,
             kv_segments,
         ])
-        .out_specs([
-            BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)),
-            BlockSpec::new([None, None, Some(bq), Some(1)], |[b, h, i, _]| (b, h, i, 0)),
-        ])
+        .out_specs([BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)), BlockSpec::new([None, None, Some(bq), Some(1)], |[b, h, i, _]| (b, h, i, 0))])
         .out_shapes([vec![batch, heads, q_len, d], vec![batch, heads, q_len, 1]])
         .scratch([Vmem::new([bq, LANES]), Vmem::new([bq, LANES]), Vmem::new([bq, d])])
         .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary]))
@@ -511,7 +512,11 @@ pub fn empty_lse(shape: AttentionShape, causal: bool, segments: Option<(ArrayVie
     let AttentionShape { batch, heads, q_len, kv_len, .. } = shape;
     Array3::from_shape_fn((batch, heads, q_len), |(b, _, i)| {
         let visible = (0..kv_len).filter(|&j| (!causal || j <= i) && segments.is_none_or(|(qs, ks)| qs.get((b, i)) == ks.get((b, j)))).count();
-        if visible == 0 { f32::NEG_INFINITY } else { (visible as f32).ln() }
+        if visible == 0 {
+            f32::NEG_INFINITY
+        } else {
+            (visible as f32).ln()
+        }
     })
 }
 
@@ -543,7 +548,14 @@ pub fn forward(
 
 /// Attention in f64, written independently of the kernel: the reference tests compare to.
 /// Returns the output `[b, h, sq, d]` and the log-sum-exp `[b, h, sq]` (-inf for rows that see no key).
-pub fn reference(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>, causal: bool, sm_scale: f64) -> (Array4<f64>, Array3<f64>) {
+pub fn reference(
+    q: &ArrayD<f64>,
+    k: &ArrayD<f64>,
+    v: &ArrayD<f64>,
+    segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>,
+    causal: bool,
+    sm_scale: f64,
+) -> (Array4<f64>, Array3<f64>) {
     let (b, h, sq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
     let (hk, sk) = (k.shape()[1], k.shape()[2]);
     let group = (h / hk.max(1)).max(1);
@@ -554,10 +566,8 @@ pub fn reference(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, segments: Op
             let kh = hi / group;
             for i in 0..sq {
                 let visible = |j: usize| (!causal || j <= i) && segments.is_none_or(|(qs, ks)| qs[[bi, i]] == ks[[bi, j]]);
-                let scores: Vec<(usize, f64)> = (0..sk)
-                    .filter(|&j| visible(j))
-                    .map(|j| (j, (0..d).map(|c| q[[bi, hi, i, c]] * k[[bi, kh, j, c]]).sum::<f64>() * sm_scale))
-                    .collect();
+                let scores: Vec<(usize, f64)> =
+                    (0..sk).filter(|&j| visible(j)).map(|j| (j, (0..d).map(|c| q[[bi, hi, i, c]] * k[[bi, kh, j, c]]).sum::<f64>() * sm_scale)).collect();
                 if scores.is_empty() {
                     continue;
                 }
@@ -753,22 +763,25 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
     let kv_at = move |i, j| causal_kv_block(causal, bq, bk, i, j);
     if pass == FlashPass::BackwardDkv {
         let (q_segments, kv_segments) = segment_specs::<5>(use_segments, || {
-            (BlockSpec::new([None, Some(bq), Some(LANES)], move |[b, _, j, _, i]| (b, q_at(i, j), 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)))
+            (
+                BlockSpec::new([None, Some(bq), Some(LANES)], move |[b, _, j, _, i]| (b, q_at(i, j), 0)),
+                BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)),
+            )
         });
         // One program per kv block, reducing over every q head of its group and every q block.
         return Ok(PallasCall::new(kernel)
-        .name("flash_attention_backward_dkv")
+            .name("flash_attention_backward_dkv")
             .grid([batch, kv_heads, kv_len.div_ceil(bk), group, q_len.div_ceil(bq)])
             .in_specs([
-            BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
-            BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
-            BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
-            BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
-            BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
-            BlockSpec::new(lse_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
-            q_segments,
-            kv_segments,
-        ])
+                BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
+                BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
+                BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
+                BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
+                BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
+                BlockSpec::new(lse_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
+                q_segments,
+                kv_segments,
+            ])
             .out_specs([BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)), BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0))])
             .out_shapes([vec![batch, kv_heads, kv_len, d], vec![batch, kv_heads, kv_len, d]])
             .scratch([Vmem::new([bk, d]), Vmem::new([bk, d])])

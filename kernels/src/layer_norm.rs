@@ -282,12 +282,29 @@ pub fn layer_norm(x: &HostArray, weight: Option<&HostArray>, bias: Option<&HostA
 
 /// The gradients (dx, dweight, dbias) of [`layer_norm`] from its mean, rstd and the output's
 /// gradient `dy`; dweight and dbias are f32 `[dim]`.
-pub fn layer_norm_backward(x: &HostArray, weight: Option<&HostArray>, dy: &HostArray, mean: &HostArray, rstd: &HostArray, backend: Backend) -> Result<(HostArray, HostArray, HostArray), Error> {
+pub fn layer_norm_backward(
+    x: &HostArray,
+    weight: Option<&HostArray>,
+    dy: &HostArray,
+    mean: &HostArray,
+    rstd: &HostArray,
+    backend: Backend,
+) -> Result<(HostArray, HostArray, HostArray), Error> {
     let p = problem_of(x, weight, None, TUNING_EPS)?;
     let lead = &x.shape()[..x.shape().len() - 1];
     let stat_ok = |s: &HostArray| s.shape() == lead && s.dtype() == DType::F32;
     if dy.shape() != x.shape() || dy.dtype() != x.dtype() || !stat_ok(mean) || !stat_ok(rstd) {
-        return Err(Error::Shape(format!("dy must be {} {:?} and mean and rstd f32 {lead:?}; got {} {:?}, {} {:?} and {} {:?}", x.dtype(), x.shape(), dy.dtype(), dy.shape(), mean.dtype(), mean.shape(), rstd.dtype(), rstd.shape())));
+        return Err(Error::Shape(format!(
+            "dy must be {} {:?} and mean and rstd f32 {lead:?}; got {} {:?}, {} {:?} and {} {:?}",
+            x.dtype(),
+            x.shape(),
+            dy.dtype(),
+            dy.shape(),
+            mean.dtype(),
+            mean.shape(),
+            rstd.dtype(),
+            rstd.shape()
+        )));
     }
     let column = |s: &HostArray| reshaped(s, &[p.rows, 1]);
     let inputs = [reshaped(x, &[p.rows, p.dim])?, vector_operand("weight", weight, p.dim, p.dtype)?, reshaped(dy, &[p.rows, p.dim])?, column(mean)?, column(rstd)?];

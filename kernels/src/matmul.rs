@@ -2,8 +2,8 @@
 //! edges masked), and a batched form over a leading batch dim.
 
 use ndarray::{ArrayD, Axis, Ix2};
-use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_runtime::Chip;

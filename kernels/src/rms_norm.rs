@@ -273,7 +273,15 @@ pub fn rms_norm_backward(x: &HostArray, weight: Option<&HostArray>, dy: &HostArr
     let p = problem_of(x, weight, TUNING_EPS)?;
     let lead = &x.shape()[..x.shape().len() - 1];
     if dy.shape() != x.shape() || dy.dtype() != x.dtype() || rstd.shape() != lead || rstd.dtype() != DType::F32 {
-        return Err(Error::Shape(format!("dy must be {} {:?} and rstd f32 {lead:?}; got {} {:?} and {} {:?}", x.dtype(), x.shape(), dy.dtype(), dy.shape(), rstd.dtype(), rstd.shape())));
+        return Err(Error::Shape(format!(
+            "dy must be {} {:?} and rstd f32 {lead:?}; got {} {:?} and {} {:?}",
+            x.dtype(),
+            x.shape(),
+            dy.dtype(),
+            dy.shape(),
+            rstd.dtype(),
+            rstd.shape()
+        )));
     }
     let inputs = [reshaped(x, &[p.rows, p.dim])?, vector_operand("weight", weight, p.dim, p.dtype)?, reshaped(dy, &[p.rows, p.dim])?, reshaped(rstd, &[p.rows, 1])?];
     let mut out = op::run(&RmsNormOp::Backward, &p, None, &inputs, backend)?;

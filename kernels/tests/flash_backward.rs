@@ -57,7 +57,12 @@ fn check(case: &Case, backend: Backend, seed: u64) {
     let s = case.shape;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut arr = |shape: &[usize]| HostArray::from_f64(case.dtype, &normal(&mut rng, shape));
-    let (q, k, v, d_o) = (arr(&[s.batch, s.heads, s.q_len, s.head_dim]), arr(&[s.batch, s.kv_heads, s.kv_len, s.head_dim]), arr(&[s.batch, s.kv_heads, s.kv_len, s.head_dim]), arr(&[s.batch, s.heads, s.q_len, s.head_dim]));
+    let (q, k, v, d_o) = (
+        arr(&[s.batch, s.heads, s.q_len, s.head_dim]),
+        arr(&[s.batch, s.kv_heads, s.kv_len, s.head_dim]),
+        arr(&[s.batch, s.kv_heads, s.kv_len, s.head_dim]),
+        arr(&[s.batch, s.heads, s.q_len, s.head_dim]),
+    );
     let seg = case.segments.then(|| {
         let ids = |len: usize| Array2::from_shape_fn((s.batch, len), |(_, i)| (i / 37) as i32);
         (ids(s.q_len), ids(s.kv_len))

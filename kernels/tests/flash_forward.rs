@@ -41,7 +41,11 @@ fn segments(rng: &mut StdRng, batch: usize, len: usize) -> Array2<i32> {
 }
 
 fn tolerance(dtype: DType) -> f64 {
-    if dtype == DType::BF16 { 3e-2 } else { 5e-5 }
+    if dtype == DType::BF16 {
+        3e-2
+    } else {
+        5e-5
+    }
 }
 
 fn check(case: &Case, backend: Backend, seed: u64) {

@@ -202,7 +202,11 @@ fn agrees(got: &HostArray, want: &ArrayD<f64>, tol: f64) -> Result<(), String> {
 }
 
 fn tolerance(dtype: DType) -> f64 {
-    if dtype == DType::BF16 { 3e-2 } else { 1e-4 }
+    if dtype == DType::BF16 {
+        3e-2
+    } else {
+        1e-4
+    }
 }
 
 fn dims() -> impl Strategy<Value = usize> {

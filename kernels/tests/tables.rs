@@ -40,7 +40,9 @@ fn every_table_entry_compiles_for_its_target() {
             let call = problem.build(&torchtpu_autotune::Config(values)).expect("builds");
             let traced = call.trace(&problem.operand_types()).expect("traces");
             let result = match target {
-                TableTarget::Cpu => client(Backend::Cpu).expect("CPU plugin").compile(&lower(&traced, Target::PortableStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string()),
+                TableTarget::Cpu => {
+                    client(Backend::Cpu).expect("CPU plugin").compile(&lower(&traced, Target::PortableStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())
+                }
                 TableTarget::Chip(chip) => {
                     let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
                     compiler.compile(*chip, &lower(&traced, Target::TpuStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())

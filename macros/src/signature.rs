@@ -59,15 +59,9 @@ pub fn classify(sig: &Signature) -> syn::Result<Vec<Param>> {
                     ("Ref", true) => "Output",
                     ("Scratch", true) => "Scratch",
                     ("Prefetch", false) => "Prefetch",
-                    ("Scratch", false) => {
-                        return Err(syn::Error::new(pt.ty.span(), "scratch is written by the kernel: declare it `&mut Scratch<T>`"))
-                    }
-                    ("Prefetch", true) => {
-                        return Err(syn::Error::new(pt.ty.span(), "scalar-prefetch tables are read-only: declare it `&Prefetch<T>`"))
-                    }
-                    _ => {
-                        return Err(syn::Error::new(pt.ty.span(), format!("unsupported kernel parameter type `{}`: {EXPECTED}", spelled(&pt.ty))))
-                    }
+                    ("Scratch", false) => return Err(syn::Error::new(pt.ty.span(), "scratch is written by the kernel: declare it `&mut Scratch<T>`")),
+                    ("Prefetch", true) => return Err(syn::Error::new(pt.ty.span(), "scalar-prefetch tables are read-only: declare it `&Prefetch<T>`")),
+                    _ => return Err(syn::Error::new(pt.ty.span(), format!("unsupported kernel parameter type `{}`: {EXPECTED}", spelled(&pt.ty)))),
                 };
                 ParamRole::Ref { kind, wrapper, elem, mutable }
             }
@@ -94,7 +88,10 @@ pub fn reject_input_stores(params: &[Param], body: &syn::Block) -> syn::Result<(
                 if let Some(id) = p.path.get_ident() {
                     if let Some((_, what)) = self.readonly.iter().find(|(r, _)| *r == id) {
                         if writes.contains(&m.method.to_string().as_str()) && self.err.is_none() {
-                            let msg = format!("cannot store into `{id}`: it is {what}, declared `&{}<T>`; declare it `&mut Ref<T>` to make it an output", if *what == "an input" { "Ref" } else { "Prefetch" });
+                            let msg = format!(
+                                "cannot store into `{id}`: it is {what}, declared `&{}<T>`; declare it `&mut Ref<T>` to make it an output",
+                                if *what == "an input" { "Ref" } else { "Prefetch" }
+                            );
                             self.err = Some(syn::Error::new(m.method.span(), msg));
                         }
                     }

@@ -60,11 +60,7 @@ fn dl_dtype(d: DType) -> DLDataType {
         DType::I8 => (0, 8),
         DType::Bool => (6, 8),
     };
-    DLDataType {
-        code,
-        bits,
-        lanes: 1,
-    }
+    DLDataType { code, bits, lanes: 1 }
 }
 
 unsafe extern "C" fn delete(managed: *mut DLManagedTensor) {
@@ -79,8 +75,7 @@ unsafe extern "C" fn capsule_destructor(capsule: *mut pyo3::ffi::PyObject) {
     // SAFETY: called by Python with our capsule.
     unsafe {
         if pyo3::ffi::PyCapsule_IsValid(capsule, NAME.as_ptr()) == 1 {
-            let managed =
-                pyo3::ffi::PyCapsule_GetPointer(capsule, NAME.as_ptr()) as *mut DLManagedTensor;
+            let managed = pyo3::ffi::PyCapsule_GetPointer(capsule, NAME.as_ptr()) as *mut DLManagedTensor;
             if let Some(deleter) = (*managed).deleter {
                 deleter(managed);
             }
@@ -94,32 +89,20 @@ pub fn capsule(py: Python<'_>, output: HostOutput) -> PyResult<Py<PyAny>> {
     let data = output.bytes().as_ptr() as *mut c_void;
     let dl_tensor = DLTensor {
         data,
-        device: DLDevice {
-            device_type: K_DL_CPU,
-            device_id: 0,
-        },
+        device: DLDevice { device_type: K_DL_CPU, device_id: 0 },
         ndim: shape.len() as i32,
         dtype: dl_dtype(output.value_type.dtype),
         shape: shape.as_mut_ptr(),
         strides: std::ptr::null_mut(),
         byte_offset: 0,
     };
-    let owned = Box::new(Owned {
-        managed: DLManagedTensor {
-            dl_tensor,
-            manager_ctx: std::ptr::null_mut(),
-            deleter: Some(delete),
-        },
-        _shape: shape,
-        _output: output,
-    });
+    let owned = Box::new(Owned { managed: DLManagedTensor { dl_tensor, manager_ctx: std::ptr::null_mut(), deleter: Some(delete) }, _shape: shape, _output: output });
     let raw = Box::into_raw(owned);
     // SAFETY: `raw` is a live, leaked `Owned` whose first field is the DLManagedTensor;
     // the capsule (or its consumer) frees it exactly once.
     unsafe {
         (*raw).managed.manager_ctx = raw as *mut c_void;
-        let capsule =
-            pyo3::ffi::PyCapsule_New(raw as *mut c_void, NAME.as_ptr(), Some(capsule_destructor));
+        let capsule = pyo3::ffi::PyCapsule_New(raw as *mut c_void, NAME.as_ptr(), Some(capsule_destructor));
         if capsule.is_null() {
             drop(Box::from_raw(raw));
             return Err(PyErr::fetch(py));

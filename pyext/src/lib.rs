@@ -31,12 +31,8 @@ thread_local! {
 /// `except Exception` does not catch) and a backtrace on stderr.
 pub fn guard<T>(body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or_else(|_| {
-        let what = LAST_PANIC
-            .with(|p| p.borrow_mut().take())
-            .unwrap_or_else(|| "a panic".into());
-        Err(PyRuntimeError::new_err(format!(
-            "internal error in torchtpu (please report it): {what}"
-        )))
+        let what = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| "a panic".into());
+        Err(PyRuntimeError::new_err(format!("internal error in torchtpu (please report it): {what}")))
     })
 }
 
@@ -44,16 +40,8 @@ pub fn guard<T>(body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
 /// call it once, when the module is created.
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        let at = info
-            .location()
-            .map(|l| format!(" at {}:{}", l.file(), l.line()))
-            .unwrap_or_default();
+        let message = info.payload().downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| info.payload().downcast_ref::<String>().cloned()).unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
         LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{message}{at}")));
     }));
 }
@@ -65,9 +53,7 @@ pub fn backend() -> PyResult<Backend> {
     match torchtpu_exec::client(Backend::Cpu) {
         Ok(_) => Ok(Backend::Cpu),
         Err(torchtpu_exec::Error::Forked { .. }) => Ok(Backend::Interpret),
-        Err(e) => Err(PyRuntimeError::new_err(format!(
-            "{e} (scripts/setup.sh installs the PJRT CPU plugin)"
-        ))),
+        Err(e) => Err(PyRuntimeError::new_err(format!("{e} (scripts/setup.sh installs the PJRT CPU plugin)"))),
     }
 }
 
@@ -83,9 +69,7 @@ pub fn kernel_error(e: torchtpu_kernels::Error) -> PyErr {
     };
     match e {
         _ if memory => PyMemoryError::new_err(e.to_string()),
-        Error::Shape(_) | Error::Config(_) | Error::Argument(_) => {
-            PyValueError::new_err(e.to_string())
-        }
+        Error::Shape(_) | Error::Config(_) | Error::Argument(_) => PyValueError::new_err(e.to_string()),
         Error::Dtype(_) => PyTypeError::new_err(e.to_string()),
         other => PyRuntimeError::new_err(other.to_string()),
     }
@@ -116,10 +100,7 @@ pub fn prepared(
         Ok(Arc::new(Prepared::new(&traced, backend)?))
     });
     let c = c.map_err(kernel_error)?;
-    CACHE
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(key, c.clone());
+    CACHE.lock().unwrap_or_else(|p| p.into_inner()).insert(key, c.clone());
     Ok(c)
 }
 
@@ -132,14 +113,10 @@ pub fn run(py: Python<'_>, c: &Prepared, inputs: &[&[u8]]) -> PyResult<Vec<Py<Py
 
 /// Outputs as DLPack capsules over their memory (`torch.from_dlpack` takes them).
 pub fn capsules(py: Python<'_>, outputs: Vec<HostOutput>) -> PyResult<Vec<Py<PyAny>>> {
-    outputs
-        .into_iter()
-        .map(|o| dlpack::capsule(py, o))
-        .collect()
+    outputs.into_iter().map(|o| dlpack::capsule(py, o)).collect()
 }
 
 /// The chip called `name` (`v5e`...), or a `ValueError` listing the known ones.
 pub fn chip(name: &str) -> PyResult<Chip> {
-    name.parse()
-        .map_err(|e: torchtpu_runtime::UnknownChip| PyValueError::new_err(e.to_string()))
+    name.parse().map_err(|e: torchtpu_runtime::UnknownChip| PyValueError::new_err(e.to_string()))
 }

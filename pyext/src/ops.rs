@@ -20,9 +20,7 @@ static OPS: OnceLock<&'static [&'static dyn AnyOp]> = OnceLock::new();
 /// module `m`.
 pub fn add_ops(m: &Bound<'_, PyModule>, ops: &'static [&'static dyn AnyOp]) -> PyResult<()> {
     if OPS.set(ops).is_err() && OPS.get().is_some_and(|known| !std::ptr::eq(*known, ops)) {
-        return Err(PyRuntimeError::new_err(
-            "an extension module serves one list of ops",
-        ));
+        return Err(PyRuntimeError::new_err("an extension module serves one list of ops"));
     }
     m.add_function(wrap_pyfunction!(op_names, m)?)?;
     m.add_function(wrap_pyfunction!(op_signature, m)?)?;
@@ -41,17 +39,13 @@ fn find(name: &str) -> PyResult<&'static dyn AnyOp> {
 }
 
 fn problem(name: &str, json: &str) -> PyResult<serde_json::Value> {
-    serde_json::from_str(json)
-        .map_err(|e| PyValueError::new_err(format!("{name}: the problem is not JSON: {e}")))
+    serde_json::from_str(json).map_err(|e| PyValueError::new_err(format!("{name}: the problem is not JSON: {e}")))
 }
 
 type Types = Vec<(Vec<usize>, String)>;
 
 fn described(types: Vec<ValueType>) -> Types {
-    types
-        .into_iter()
-        .map(|t| (t.shape, t.dtype.to_string()))
-        .collect()
+    types.into_iter().map(|t| (t.shape, t.dtype.to_string())).collect()
 }
 
 /// The names of the ops this module serves.
@@ -65,9 +59,7 @@ pub fn op_names() -> Vec<&'static str> {
 pub fn op_signature(name: &str, problem_json: &str) -> PyResult<(Types, Types)> {
     guard(|| {
         let op = find(name)?;
-        let (inputs, outputs) = op
-            .signature(&problem(name, problem_json)?)
-            .map_err(kernel_error)?;
+        let (inputs, outputs) = op.signature(&problem(name, problem_json)?).map_err(kernel_error)?;
         Ok((described(inputs), described(outputs)))
     })
 }
@@ -75,27 +67,14 @@ pub fn op_signature(name: &str, problem_json: &str) -> PyResult<(Types, Types)> 
 /// Runs op `name` on `problem_json` over `operands` (contiguous CPU tensors, each checked
 /// against the op's operand types): DLPack capsules of its outputs.
 #[pyfunction]
-pub fn op_run(
-    py: Python<'_>,
-    name: &str,
-    problem_json: &str,
-    operands: Vec<Bound<'_, PyAny>>,
-) -> PyResult<Vec<Py<PyAny>>> {
+pub fn op_run(py: Python<'_>, name: &str, problem_json: &str, operands: Vec<Bound<'_, PyAny>>) -> PyResult<Vec<Py<PyAny>>> {
     guard(|| {
         let op = find(name)?;
         let value = problem(name, problem_json)?;
         let (types, _) = op.signature(&value).map_err(kernel_error)?;
-        let tensors = operands
-            .iter()
-            .enumerate()
-            .map(|(i, t)| Tensor::from_py(&format!("{name} operand {i}"), t))
-            .collect::<PyResult<Vec<_>>>()?;
+        let tensors = operands.iter().enumerate().map(|(i, t)| Tensor::from_py(&format!("{name} operand {i}"), t)).collect::<PyResult<Vec<_>>>()?;
         if tensors.len() != types.len() {
-            return Err(PyValueError::new_err(format!(
-                "{name} takes {} operands; got {}",
-                types.len(),
-                tensors.len()
-            )));
+            return Err(PyValueError::new_err(format!("{name} takes {} operands; got {}", types.len(), tensors.len())));
         }
         for (i, (t, want)) in tensors.iter().zip(&types).enumerate() {
             t.expect(&format!("{name} operand {i}"), &want.shape, want.dtype)?;
@@ -103,36 +82,12 @@ pub fn op_run(
         // An empty problem runs no kernel: its outputs come from the host, from its inputs.
         if op.is_empty(&value).map_err(kernel_error)? {
             // SAFETY: as for the kernel run below.
-            let inputs = unsafe {
-                tensors
-                    .iter()
-                    .zip(&types)
-                    .map(|(t, ty)| torchtpu_exec::from_bytes(t.bytes(), ty))
-                    .collect::<Result<Vec<_>, _>>()
-            };
-            let outputs = op
-                .empty_outputs(&value, &inputs.map_err(crate::exec_error)?)
-                .map_err(kernel_error)?;
-            return crate::capsules(
-                py,
-                outputs
-                    .iter()
-                    .map(|a| {
-                        torchtpu_exec::HostOutput::owned(a.value_type(), torchtpu_exec::to_bytes(a))
-                    })
-                    .collect(),
-            );
+            let inputs = unsafe { tensors.iter().zip(&types).map(|(t, ty)| torchtpu_exec::from_bytes(t.bytes(), ty)).collect::<Result<Vec<_>, _>>() };
+            let outputs = op.empty_outputs(&value, &inputs.map_err(crate::exec_error)?).map_err(kernel_error)?;
+            return crate::capsules(py, outputs.iter().map(|a| torchtpu_exec::HostOutput::owned(a.value_type(), torchtpu_exec::to_bytes(a))).collect());
         }
         // The key is the problem as serde_json prints it: one spelling per problem.
-        let c = prepared(
-            py,
-            format!("op/{name}/{value}"),
-            |backend| {
-                op.call(&value, None, torchtpu_kernels::tables::target_of(backend))
-                    .map(|(call, _)| call)
-            },
-            || types.clone(),
-        )?;
+        let c = prepared(py, format!("op/{name}/{value}"), |backend| op.call(&value, None, torchtpu_kernels::tables::target_of(backend)).map(|(call, _)| call), || types.clone())?;
         // SAFETY: every operand checked against the op's types above; the Python caller holds
         // the tensors for the duration of the call.
         unsafe {
@@ -149,8 +104,7 @@ pub fn op_tpu_module(name: &str, problem_json: &str, chip_name: &str) -> PyResul
     guard(|| {
         let op = find(name)?;
         let chip = crate::chip(chip_name)?;
-        op.tpu_module(&problem(name, problem_json)?, chip)
-            .map_err(kernel_error)
+        op.tpu_module(&problem(name, problem_json)?, chip).map_err(kernel_error)
     })
 }
 
@@ -161,9 +115,7 @@ pub fn op_config(name: &str, problem_json: &str) -> PyResult<String> {
     guard(|| {
         let op = find(name)?;
         let target = torchtpu_kernels::tables::target_of(crate::backend()?);
-        let config = op
-            .config(&problem(name, problem_json)?, target)
-            .map_err(kernel_error)?;
+        let config = op.config(&problem(name, problem_json)?, target).map_err(kernel_error)?;
         Ok(config.to_string())
     })
 }

@@ -17,20 +17,13 @@ impl Tensor {
     /// Reads `t` (named `name` in errors) and checks it is a contiguous CPU tensor of a dtype
     /// our kernels take.
     pub fn from_py(name: &str, t: &Bound<'_, PyAny>) -> PyResult<Tensor> {
-        let device: String = t
-            .getattr("device")
-            .and_then(|d| d.getattr("type"))
-            .and_then(|d| d.extract())
-            .map_err(|_| PyTypeError::new_err(format!("{name} must be a torch.Tensor")))?;
+        let device: String =
+            t.getattr("device").and_then(|d| d.getattr("type")).and_then(|d| d.extract()).map_err(|_| PyTypeError::new_err(format!("{name} must be a torch.Tensor")))?;
         if device != "cpu" {
-            return Err(PyValueError::new_err(format!(
-                "{name} is on `{device}`; the torchtpu CPU kernels take CPU tensors"
-            )));
+            return Err(PyValueError::new_err(format!("{name} is on `{device}`; the torchtpu CPU kernels take CPU tensors")));
         }
         if !t.call_method0("is_contiguous")?.extract::<bool>()? {
-            return Err(PyValueError::new_err(format!(
-                "{name} is not contiguous; call .contiguous() first"
-            )));
+            return Err(PyValueError::new_err(format!("{name} is not contiguous; call .contiguous() first")));
         }
         let dtype_name: String = t.getattr("dtype")?.str()?.extract()?;
         let dtype = match dtype_name.as_str() {
@@ -55,10 +48,7 @@ impl Tensor {
     /// Checks the tensor's shape and dtype; `name` is the argument's, for the error.
     pub fn expect(&self, name: &str, shape: &[usize], dtype: DType) -> PyResult<()> {
         if self.shape != shape || self.dtype != dtype {
-            return Err(PyValueError::new_err(format!(
-                "{name} must be {dtype} {shape:?}; got {} {:?}",
-                self.dtype, self.shape
-            )));
+            return Err(PyValueError::new_err(format!("{name} must be {dtype} {shape:?}; got {} {:?}", self.dtype, self.shape)));
         }
         Ok(())
     }

@@ -19,10 +19,7 @@ pub fn compile_for_tpu(py: Python<'_>, module: &str, chip_name: &str) -> PyResul
         let chip = chip(chip_name)?;
         py.detach(|| {
             let compiler = TpuCompiler::shared().map_err(|e| e.to_string())?;
-            compiler
-                .compile(chip, module)
-                .map(|c| c.code_size_bytes)
-                .map_err(|e| e.to_string())
+            compiler.compile(chip, module).map(|c| c.code_size_bytes).map_err(|e| e.to_string())
         })
         .map_err(PyRuntimeError::new_err)
     })

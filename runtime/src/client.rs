@@ -177,11 +177,7 @@ impl Client {
     fn buffer_from_host(&self, data: &[u8], element_type: ElementType, dims: &[usize], semantics: i32) -> Result<(Buffer, *mut c_void)> {
         let n: usize = dims.iter().product();
         if data.len() != n * element_type.size_bytes() {
-            return Err(Error::Invalid(format!(
-                "{} bytes do not make a {element_type:?} array of shape {dims:?} ({} bytes)",
-                data.len(),
-                n * element_type.size_bytes()
-            )));
+            return Err(Error::Invalid(format!("{} bytes do not make a {element_type:?} array of shape {dims:?} ({} bytes)", data.len(), n * element_type.size_bytes())));
         }
         let dims64: Vec<i64> = dims.iter().map(|&d| d as i64).collect();
         let mut args = ffi::BufferFromHostArgs::new();
@@ -270,10 +266,7 @@ impl Executable {
         exec.output_lists = output_lists.as_ptr();
         exec.device_complete_events = done.as_mut_ptr();
         self.inner.plugin.call(Slot::LoadedExecutableExecute, "LoadedExecutable_Execute", &mut exec)?;
-        let results: Vec<Buffer> = outputs
-            .into_iter()
-            .map(|raw| Buffer { client: self.client.clone(), raw, element_type: ElementType::F32, dims: Vec::new() })
-            .collect();
+        let results: Vec<Buffer> = outputs.into_iter().map(|raw| Buffer { client: self.client.clone(), raw, element_type: ElementType::F32, dims: Vec::new() }).collect();
         if !done[0].is_null() {
             self.client.await_event(done[0])?;
         }

@@ -22,11 +22,7 @@ fn in_site_packages(relative: &str) -> Option<PathBuf> {
 pub fn libtpu() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("TORCHTPU_LIBTPU") {
         let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(Error::PluginNotFound { kind: "tpu".into(), hint: format!("TORCHTPU_LIBTPU={} is not a file", p.display()) })
-        };
+        return if p.is_file() { Ok(p) } else { Err(Error::PluginNotFound { kind: "tpu".into(), hint: format!("TORCHTPU_LIBTPU={} is not a file", p.display()) }) };
     }
     in_site_packages("libtpu/libtpu.so").ok_or_else(|| Error::PluginNotFound {
         kind: "tpu".into(),
@@ -50,14 +46,8 @@ pub fn cuda_plugin() -> Result<PathBuf> {
 fn plugin_from(kind: &str, var: &str, relative: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(var) {
         let p = PathBuf::from(p);
-        return if p.is_file() {
-            Ok(p)
-        } else {
-            Err(Error::PluginNotFound { kind: kind.into(), hint: format!("{var}={} is not a file", p.display()) })
-        };
+        return if p.is_file() { Ok(p) } else { Err(Error::PluginNotFound { kind: kind.into(), hint: format!("{var}={} is not a file", p.display()) }) };
     }
-    in_site_packages(relative).ok_or_else(|| Error::PluginNotFound {
-        kind: kind.into(),
-        hint: format!("no {relative} in the setup venv; run `bash scripts/setup.sh`, or set {var} to the plugin's .so"),
-    })
+    in_site_packages(relative)
+        .ok_or_else(|| Error::PluginNotFound { kind: kind.into(), hint: format!("no {relative} in the setup venv; run `bash scripts/setup.sh`, or set {var} to the plugin's .so") })
 }

@@ -61,11 +61,10 @@ impl Plugin {
         // Unloading a PJRT plugin crashes at exit: keep it mapped for the life of the process.
         let flags = libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE;
         // SAFETY: loading a shared library runs its initializers; a PJRT plugin is meant to be loaded so.
-        let lib = unsafe { libloading::os::unix::Library::open(Some(&canonical), flags) }
-            .map_err(|e| Error::PluginLoad { path: canonical.clone(), message: e.to_string() })?;
+        let lib = unsafe { libloading::os::unix::Library::open(Some(&canonical), flags) }.map_err(|e| Error::PluginLoad { path: canonical.clone(), message: e.to_string() })?;
         // SAFETY: `GetPjrtApi` is the C entry point every PJRT plugin exports, with this signature.
-        let get_api: libloading::os::unix::Symbol<unsafe extern "C" fn() -> *const u8> = unsafe { lib.get(b"GetPjrtApi\0") }
-            .map_err(|_| broken("it has no `GetPjrtApi` symbol; is it a PJRT plugin?".into()))?;
+        let get_api: libloading::os::unix::Symbol<unsafe extern "C" fn() -> *const u8> =
+            unsafe { lib.get(b"GetPjrtApi\0") }.map_err(|_| broken("it has no `GetPjrtApi` symbol; is it a PJRT plugin?".into()))?;
         if let Some(kind) = non_tpu_kind {
             // SAFETY: only looking the symbol up; it is never called.
             if unsafe { lib.get::<unsafe extern "C" fn()>(b"GetLibtpuSdkApi\0") }.is_ok() {

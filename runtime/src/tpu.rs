@@ -52,11 +52,7 @@ pub fn rust_location(message: &str) -> Option<SourceLocation> {
             continue;
         }
         let file_start = message[..file_end].rfind(|c: char| c.is_whitespace() || "\"'(".contains(c)).map_or(0, |i| i + 1);
-        return Some(SourceLocation {
-            file: message[file_start..file_end].to_string(),
-            line: rest[..n_line].parse().ok()?,
-            column: col[..n_col].parse().ok()?,
-        });
+        return Some(SourceLocation { file: message[file_start..file_end].to_string(), line: rest[..n_line].parse().ok()?, column: col[..n_col].parse().ok()? });
     }
     None
 }

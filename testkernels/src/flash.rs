@@ -89,10 +89,7 @@ impl Flash {
 
 impl Example for Flash {
     fn name(&self) -> String {
-        format!(
-            "flash_attention/{}/b{}h{}s{}d{}/bq{}bk{}",
-            self.dtype, self.batch, self.heads, self.seq, self.head_dim, self.block_q, self.block_k
-        )
+        format!("flash_attention/{}/b{}h{}s{}d{}/bq{}bk{}", self.dtype, self.batch, self.heads, self.seq, self.head_dim, self.block_q, self.block_k)
     }
 
     fn call(&self) -> PallasCall {

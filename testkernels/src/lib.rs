@@ -11,8 +11,8 @@ pub mod softmax;
 use ndarray::ArrayD;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
-use torchtpu_dsl::ir::ValueType;
 pub use torchtpu_dsl::accuracy::{relative_error, tolerance};
+use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 
 /// One acceptance problem: a kernel at one shape, block shape and dtype.
@@ -93,15 +93,7 @@ pub fn configure(family: &str, dtype: DType, settings: &[(String, usize)]) -> Re
         "add" => Box::new(add::Add { rows: v("rows"), cols: v("cols"), block: (v("br"), v("bc")), dtype }),
         "matmul" => Box::new(matmul::Matmul { m: v("m"), n: v("n"), k: v("k"), block: (v("bm"), v("bn"), v("bk")), dtype }),
         "softmax" => Box::new(softmax::Softmax { rows: v("rows"), cols: v("cols"), block_rows: v("br"), dtype }),
-        "flash_attention" => Box::new(flash::Flash {
-            batch: v("batch"),
-            heads: v("heads"),
-            seq: v("seq"),
-            head_dim: v("head_dim"),
-            block_q: v("bq"),
-            block_k: v("bk"),
-            dtype,
-        }),
+        "flash_attention" => Box::new(flash::Flash { batch: v("batch"), heads: v("heads"), seq: v("seq"), head_dim: v("head_dim"), block_q: v("bq"), block_k: v("bk"), dtype }),
         "row_stats" => Box::new(row_stats::RowStats { rows: v("rows"), chunks: v("chunks"), block_rows: v("br"), dtype }),
         _ => Box::new(gather::Gather { pages: v("pages"), dim: v("dim"), indices: v("indices"), dtype }),
     })

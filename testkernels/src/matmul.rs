@@ -10,13 +10,7 @@ use torchtpu_dsl::ir::ValueType;
 use crate::{random_arrays, Example};
 
 #[tpu_kernel]
-pub fn matmul<T: Float>(
-    x: &Ref<T>,
-    y: &Ref<T>,
-    z: &mut Ref<T>,
-    acc: &mut Scratch<f32>,
-    k_total: usize,
-) {
+pub fn matmul<T: Float>(x: &Ref<T>, y: &Ref<T>, z: &mut Ref<T>, acc: &mut Scratch<f32>, k_total: usize) {
     let k = program_id(2);
     if k == 0 {
         acc.store(zeros());

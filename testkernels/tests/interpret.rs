@@ -14,10 +14,7 @@ fn seeded_rng() -> (StdRng, u64) {
 fn check(example: &dyn Example, checked: bool) {
     let (mut rng, seed) = seeded_rng();
     let inputs = example.random_inputs(&mut rng);
-    let outputs = example
-        .call()
-        .interpret_with(&inputs, InterpretOptions { checked })
-        .unwrap_or_else(|e| panic!("{} (checked: {checked}): {e}", example.name()));
+    let outputs = example.call().interpret_with(&inputs, InterpretOptions { checked }).unwrap_or_else(|e| panic!("{} (checked: {checked}): {e}", example.name()));
     let reference = example.reference(&inputs);
     assert_eq!(outputs.len(), reference.len(), "{}", example.name());
     for (i, (out, r)) in outputs.iter().zip(&reference).enumerate() {

@@ -76,11 +76,19 @@ fn slice_view_mut<'a, E>(a: &'a mut ArrayD<E>, sel: &[Sel]) -> ArrayViewMutD<'a,
 }
 
 fn nan_max(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() { f32::NAN } else { a.max(b) }
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.max(b)
+    }
 }
 
 fn nan_min(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() { f32::NAN } else { a.min(b) }
+    if a.is_nan() || b.is_nan() {
+        f32::NAN
+    } else {
+        a.min(b)
+    }
 }
 
 fn zip_f(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32 + Sync) -> ArrayD<f32> {
@@ -461,9 +469,7 @@ fn compare(op: CmpOp, a: &Tensor, b: &Tensor) -> Tensor {
 fn cast(x: &Tensor, to: DType) -> Tensor {
     match (&x.data, to) {
         (Data::F(a), d) if d.is_float() => Tensor::float(d, a.mapv(|v| round_f32(d, v))),
-        (Data::F(a), d) if d.is_int() => {
-            Tensor::int(d, a.mapv(|v| if d == DType::I8 { v as i8 as i32 } else { v as i32 }))
-        }
+        (Data::F(a), d) if d.is_int() => Tensor::int(d, a.mapv(|v| if d == DType::I8 { v as i8 as i32 } else { v as i32 })),
         (Data::F(a), _) => Tensor::boolean(a.mapv(|v| v != 0.0)),
         (Data::I(a), d) if d.is_float() => Tensor::float(d, a.mapv(|v| v as f32)),
         (Data::I(a), d) if d.is_int() => Tensor::int(d, a.mapv(|v| wrap_i32(d, v))),

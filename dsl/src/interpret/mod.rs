@@ -57,17 +57,26 @@ impl PallasCall {
 fn grid_points(bounds: &[usize]) -> Vec<Vec<usize>> {
     let mut out = vec![Vec::new()];
     for &b in bounds {
-        out = out.into_iter().flat_map(|p| (0..b).map(move |i| {
-            let mut q = p.clone();
-            q.push(i);
-            q
-        })).collect();
+        out = out
+            .into_iter()
+            .flat_map(|p| {
+                (0..b).map(move |i| {
+                    let mut q = p.clone();
+                    q.push(i);
+                    q
+                })
+            })
+            .collect();
     }
     out
 }
 
 fn poison_value(checked: bool) -> f64 {
-    if checked { f64::NAN } else { 0.0 }
+    if checked {
+        f64::NAN
+    } else {
+        0.0
+    }
 }
 
 /// Block indices of every operand at every grid point: `[operand][flat grid index]`.
@@ -210,7 +219,13 @@ impl TracedCall {
                 let dims = op.block_dims();
                 let in_range = block.iter().zip(&dims).zip(&op.array.shape).all(|((&b, &d), &n)| b >= 0 && (b as usize) * d < n);
                 if !in_range {
-                    return Err(Error::BlockOutOfRange { kernel: self.kernel.name().into(), operand: op.name.clone(), grid_index: p.clone(), block, array_shape: op.array.shape.clone() });
+                    return Err(Error::BlockOutOfRange {
+                        kernel: self.kernel.name().into(),
+                        operand: op.name.clone(),
+                        grid_index: p.clone(),
+                        block,
+                        array_shape: op.array.shape.clone(),
+                    });
                 }
                 per_point.push(block.iter().map(|&b| b as usize).collect());
             }
@@ -330,10 +345,15 @@ type Writers = Mutex<HashMap<(usize, Vec<usize>), (usize, Vec<usize>)>>;
 
 /// The element range a block covers along each dim, clipped to the array: (start, valid len).
 fn block_extent(op: &BlockOperand, block: &[usize]) -> Vec<(usize, usize)> {
-    op.block_dims().iter().zip(block).zip(&op.array.shape).map(|((&d, &b), &n)| {
-        let start = b * d;
-        (start, d.min(n.saturating_sub(start)))
-    }).collect()
+    op.block_dims()
+        .iter()
+        .zip(block)
+        .zip(&op.array.shape)
+        .map(|((&d, &b), &n)| {
+            let start = b * d;
+            (start, d.min(n.saturating_sub(start)))
+        })
+        .collect()
 }
 
 /// Whether the part of an output block that lands inside the array holds a NaN.

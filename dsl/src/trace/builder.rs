@@ -33,9 +33,7 @@ thread_local! {
 pub(crate) fn with<R>(f: impl FnOnce(&mut Builder) -> R) -> R {
     BUILDERS.with(|b| {
         let mut stack = b.borrow_mut();
-        let builder = stack
-            .last_mut()
-            .expect("torchtpu: a traced value was used outside of a kernel or index-map trace");
+        let builder = stack.last_mut().expect("torchtpu: a traced value was used outside of a kernel or index-map trace");
         f(builder)
     })
 }
@@ -49,15 +47,8 @@ pub(crate) fn trace_func<R>(
     args: &[(Type, Loc)],
     body: impl FnOnce(&[ValueId]) -> R,
 ) -> Result<(Func, R), Error> {
-    let mut builder = Builder {
-        kernel: kernel.to_string(),
-        func_name: func_name.to_string(),
-        values: Vec::new(),
-        regions: vec![Region::default()],
-        error: None,
-        grid_rank,
-        in_kernel,
-    };
+    let mut builder =
+        Builder { kernel: kernel.to_string(), func_name: func_name.to_string(), values: Vec::new(), regions: vec![Region::default()], error: None, grid_rank, in_kernel };
     let arg_ids: Vec<ValueId> = args.iter().map(|(t, l)| builder.new_value(t.clone(), *l)).collect();
     builder.regions[0].args = arg_ids.clone();
     BUILDERS.with(|b| b.borrow_mut().push(builder));

@@ -108,7 +108,18 @@ impl IfCondition for Scalar<bool> {
     type Scope = TracedIf;
     #[track_caller]
     fn scope(self) -> TracedIf {
-        TracedIf { cond: self.id, loc: Loc::caller(), inits: Vec::new(), restore_pos: 0, then_yields: None, yields: Vec::new(), n_value: 0, then_region: None, results: Vec::new(), result_pos: 0 }
+        TracedIf {
+            cond: self.id,
+            loc: Loc::caller(),
+            inits: Vec::new(),
+            restore_pos: 0,
+            then_yields: None,
+            yields: Vec::new(),
+            n_value: 0,
+            then_region: None,
+            results: Vec::new(),
+            result_pos: 0,
+        }
     }
 }
 
@@ -213,10 +224,13 @@ impl TracedIf {
                     return then_yields.clone();
                 }
             }
-            let results: Vec<ValueId> = then_yields.iter().map(|&t| {
-                let ty = b.ty(t).clone();
-                b.new_value(ty, loc)
-            }).collect();
+            let results: Vec<ValueId> = then_yields
+                .iter()
+                .map(|&t| {
+                    let ty = b.ty(t).clone();
+                    b.new_value(ty, loc)
+                })
+                .collect();
             b.push_op(Op { kind: OpKind::If { cond, then_region, else_region }, results: results.clone(), loc });
             results
         });
@@ -348,10 +362,14 @@ impl TracedFor {
                 let loc = self.loc;
                 let (iv, args) = builder::with(|b| {
                     let iv = b.new_value(Type::Value(ValueType::scalar(DType::I32)), loc);
-                    let args: Vec<ValueId> = self.inits.iter().map(|&i| {
-                        let t = b.ty(i).clone();
-                        b.new_value(t, loc)
-                    }).collect();
+                    let args: Vec<ValueId> = self
+                        .inits
+                        .iter()
+                        .map(|&i| {
+                            let t = b.ty(i).clone();
+                            b.new_value(t, loc)
+                        })
+                        .collect();
                     let mut region_args = vec![iv];
                     region_args.extend(&args);
                     b.begin_region(region_args);
@@ -391,10 +409,13 @@ impl TracedFor {
                 }
             }
             let Some(body) = close_region(b, yields, loc) else { return inits };
-            let results: Vec<ValueId> = inits.iter().map(|&i| {
-                let t = b.ty(i).clone();
-                b.new_value(t, loc)
-            }).collect();
+            let results: Vec<ValueId> = inits
+                .iter()
+                .map(|&i| {
+                    let t = b.ty(i).clone();
+                    b.new_value(t, loc)
+                })
+                .collect();
             b.push_op(Op { kind: OpKind::For { lo, hi, inits, body }, results: results.clone(), loc });
             results
         });

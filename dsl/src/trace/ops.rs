@@ -33,11 +33,7 @@ impl Builder {
         }
         match broadcast_shapes(&t.shape, shape) {
             Some(s) if s == shape => self.push(OpKind::Broadcast { x }, ValueType::new(t.dtype, shape), loc),
-            _ => self.fail(
-                loc,
-                format!("cannot broadcast a value of shape {} to shape {}", shape_str(&t.shape), shape_str(shape)),
-                ValueType::new(t.dtype, shape),
-            ),
+            _ => self.fail(loc, format!("cannot broadcast a value of shape {} to shape {}", shape_str(&t.shape), shape_str(shape)), ValueType::new(t.dtype, shape)),
         }
     }
 
@@ -78,9 +74,7 @@ impl Builder {
             return self.fail(loc, msg, ValueType::new(DType::Bool, ta.shape));
         }
         match self.broadcast_all(&[lhs, rhs], op.name(), loc) {
-            Some((v, shape)) => {
-                self.push(OpKind::Compare { op, lhs: v[0], rhs: v[1] }, ValueType::new(DType::Bool, shape), loc)
-            }
+            Some((v, shape)) => self.push(OpKind::Compare { op, lhs: v[0], rhs: v[1] }, ValueType::new(DType::Bool, shape), loc),
             None => self.new_value(crate::ir::Type::Value(ValueType::new(DType::Bool, ta.shape)), loc),
         }
     }
@@ -94,11 +88,7 @@ impl Builder {
             return self.fail(loc, format!("select: branches have dtypes {} and {}", ta.dtype, tb.dtype), ta);
         }
         match self.broadcast_all(&[cond, on_true, on_false], "select", loc) {
-            Some((v, shape)) => self.push(
-                OpKind::Select { cond: v[0], on_true: v[1], on_false: v[2] },
-                ValueType::new(ta.dtype, shape),
-                loc,
-            ),
+            Some((v, shape)) => self.push(OpKind::Select { cond: v[0], on_true: v[1], on_false: v[2] }, ValueType::new(ta.dtype, shape), loc),
             None => self.new_value(crate::ir::Type::Value(ta), loc),
         }
     }

@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::ops::{Range, RangeFull};
 
 use crate::dtype::{DType, Element};
-use crate::ir::{Index, Literal, Loc, MemorySpace, OpKind, Offset, Op, Type, ValueId, ValueType};
+use crate::ir::{Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, Type, ValueId, ValueType};
 use crate::trace::builder::{self, Builder};
 use crate::trace::values::{Scalar, Tile};
 

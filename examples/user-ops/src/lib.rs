@@ -3,12 +3,12 @@
 //! tuned tables (`tables/`) and, through the Python extension below, PyTorch
 //! (`user_ops/__init__.py`).
 
-use torchtpu::ndarray::{self, ArrayD};
-use torchtpu::serde::{Deserialize, Serialize};
 use torchtpu::kernels::op::check_float_dtype;
 use torchtpu::kernels::tables::{self, Tables};
 use torchtpu::kernels::Error;
+use torchtpu::ndarray::{self, ArrayD};
 use torchtpu::prelude::*;
+use torchtpu::serde::{Deserialize, Serialize};
 
 #[tpu_kernel]
 fn softcap_forward<T: Float>(x: &Ref<T>, y: &mut Ref<T>, cap: f32) {

@@ -1,10 +1,10 @@
 //! The user's ops against their f64 reference on the interpreter (checked) and PJRT CPU, at
 //! ragged shapes; every tuned table entry compiles for its target; the command line serves them.
 
-use torchtpu::rand::{self, SeedableRng};
 use torchtpu::dsl::accuracy::{relative_error, tolerance};
 use torchtpu::kernels::op;
 use torchtpu::prelude::*;
+use torchtpu::rand::{self, SeedableRng};
 use user_ops::{Problem, Softcap};
 
 #[test]
