@@ -88,20 +88,12 @@ fn kernel_func(call: &TracedCall, form: Form) -> Result<String> {
     }
     let n_pf = call.prefetch.len();
     let operands: Vec<_> = call.inputs.iter().chain(&call.outputs).collect();
-    for (slot, &arg) in body.args.iter().enumerate() {
-        let Some(kernel_view) = body.ref_type(arg) else { continue };
-        let (memref, squeezed) = if slot >= n_pf && slot < n_pf + operands.len() {
-            let op = operands[slot - n_pf];
-            let full = RefType { dtype: kernel_view.dtype, shape: op.block_dims(), space: MemorySpace::Vmem };
-            (full, op.block_shape.iter().map(Option::is_none).collect())
-        } else {
-            (kernel_view.clone(), vec![false; kernel_view.shape.len()])
-        };
+    for layout in call.ref_layouts() {
         let name = format!("%arg{}", params.len());
-        params.push((name.clone(), memref_type(&memref)));
-        e.names.insert(arg, name);
-        e.squeezed.insert(arg, squeezed);
-        e.refs.insert(arg, memref);
+        params.push((name.clone(), memref_type(&layout.memref)));
+        e.names.insert(layout.arg, name);
+        e.squeezed.insert(layout.arg, layout.squeezed);
+        e.refs.insert(layout.arg, layout.memref);
     }
     let windows: Vec<String> =
         operands.iter().enumerate().map(|(i, op)| format!("{{transform_indices = @transform_{i}, window_bounds = {}}}", i64_array(op.block_dims()))).collect();

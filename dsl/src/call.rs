@@ -503,6 +503,15 @@ pub struct ScratchOperand {
     pub ty: RefType,
 }
 
+/// A ref argument of a kernel body as the TPU lays it out (see [`TracedCall::ref_layouts`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RefLayout {
+    pub arg: ValueId,
+    pub memref: RefType,
+    /// Per memref dim: whether the kernel's view drops it (a `None` block dim; always index 0).
+    pub squeezed: Vec<bool>,
+}
+
 /// A call traced for concrete operand types: all the interpreter and the code generators need.
 #[derive(Clone, Debug)]
 pub struct TracedCall {
@@ -525,9 +534,33 @@ impl TracedCall {
         self.grid.iter().product()
     }
 
-    /// Every way the call's blocks break the TPU's tiling rules (empty where it fits a TPU).
+    /// Every way the call breaks the TPU's tiling rules (empty where it fits a TPU): blocks off
+    /// the (8, 128) tiling, and dynamic offsets not provably a whole number of tiles.
     pub fn tiling_violations(&self) -> Vec<String> {
-        self.inputs.iter().chain(&self.outputs).filter_map(BlockOperand::tiling_violation).collect()
+        let blocks = self.inputs.iter().chain(&self.outputs).filter_map(BlockOperand::tiling_violation);
+        blocks.chain(crate::addressing::unaligned_offsets(self)).collect()
+    }
+
+    /// The memory each ref argument of the body addresses: its full block (squeezed dims as 1)
+    /// for operands, its own shape otherwise, and which of its dims the kernel does not see.
+    pub fn ref_layouts(&self) -> Vec<RefLayout> {
+        let n_pf = self.prefetch.len();
+        let operands: Vec<_> = self.inputs.iter().chain(&self.outputs).collect();
+        let body = &self.body;
+        let mut out = Vec::new();
+        for (slot, &arg) in body.args.iter().enumerate() {
+            let Some(kernel_view) = body.ref_type(arg) else { continue };
+            let layout = match slot.checked_sub(n_pf).and_then(|i| operands.get(i)) {
+                Some(op) => RefLayout {
+                    arg,
+                    memref: RefType { dtype: kernel_view.dtype, shape: op.block_dims(), space: MemorySpace::Vmem },
+                    squeezed: op.block_shape.iter().map(Option::is_none).collect(),
+                },
+                None => RefLayout { arg, memref: kernel_view.clone(), squeezed: vec![false; kernel_view.shape.len()] },
+            };
+            out.push(layout);
+        }
+        out
     }
 
     /// The types of the call's operands, in order: scalar-prefetch arrays, then inputs.

@@ -6,6 +6,7 @@
 //! generators, and [`PallasCall::interpret`] runs it on the CPU.
 
 pub mod accuracy;
+mod addressing;
 pub mod call;
 pub mod dtype;
 pub mod error;
@@ -18,7 +19,9 @@ mod printer;
 pub mod trace;
 pub mod verify;
 
-pub use call::{sublanes, BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem, LANES, MIN_SUBLANES};
+pub use call::{
+    sublanes, BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, RefLayout, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem, LANES, MIN_SUBLANES,
+};
 pub use dtype::{DType, DotOperand, Element, Float, Int, Numeric};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

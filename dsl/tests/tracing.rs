@@ -141,11 +141,11 @@ fn logical_operators_mix_rust_and_traced_values() {
 fn located(x: &Ref<f32>, y: &mut Ref<f32>) {
     let mut t = x.load();
     for _ in 0..program_id(0) {
-        // <- for line
+        // ^ for line
         t = t + 1.0;
     }
     if program_id(0) > 2 {
-        // <- if line
+        // ^ if line
         t = t * 2.0;
     }
     y.store(t);
@@ -167,9 +167,10 @@ fn emitted_ops_carry_the_line_of_the_rust_expression() {
         };
         lines.insert(name, op.loc.line);
     });
-    assert_eq!(lines["for"], line_of("// <- for line"));
-    assert_eq!(lines["if"], line_of("// <- if line"));
-    assert_eq!(lines["compare"], line_of("// <- if line"));
+    // Each marker is on the line below the expression it marks.
+    assert_eq!(lines["for"], line_of("// ^ for line") - 1);
+    assert_eq!(lines["if"], line_of("// ^ if line") - 1);
+    assert_eq!(lines["compare"], line_of("// ^ if line") - 1);
 }
 
 #[test]
