@@ -8,6 +8,7 @@ pub mod matmul;
 pub mod op;
 pub mod registry;
 pub mod rms_norm;
+pub mod rope;
 pub mod rows;
 pub mod tables;
 

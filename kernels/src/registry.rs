@@ -16,6 +16,7 @@ use crate::layer_norm::LayerNormOp;
 use crate::matmul::MatmulOp;
 use crate::op::{self, Op, Tuning};
 use crate::rms_norm::RmsNormOp;
+use crate::rope::RopeOp;
 use crate::tables::TableTarget;
 use crate::Error;
 
@@ -116,6 +117,8 @@ pub fn ops() -> &'static [&'static dyn AnyOp] {
         &Registered(LayerNormOp::Backward),
         &Registered(GluOp::Forward),
         &Registered(GluOp::Backward),
+        &Registered(RopeOp::Forward),
+        &Registered(RopeOp::Backward),
     ];
     OPS
 }

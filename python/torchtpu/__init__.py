@@ -2,7 +2,8 @@
 
 ``import torchtpu`` registers ``torch.ops.torchtpu.flash_attention``,
 ``torch.ops.torchtpu.matmul``, ``torch.ops.torchtpu.rms_norm``, ``torch.ops.torchtpu.layer_norm`` and the gated linear units
-(``torchtpu.swiglu``, ``torchtpu.geglu``) (torch also imports this package by itself through its
+(``torchtpu.swiglu``, ``torchtpu.geglu``), rotary embeddings (``torchtpu.rope``,
+``torchtpu.apply_rotary_pos_emb``) (torch also imports this package by itself through its
 ``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
 """
@@ -19,6 +20,7 @@ from torchtpu import ops as _ops  # noqa: E402
 from torchtpu import library  # noqa: E402
 from torchtpu import glu as _glu  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
+from torchtpu import rope as _rope  # noqa: E402
 from torchtpu import tpu  # noqa: E402
 
 #: Every registered Rust op as ``torch.ops.torchtpu_ops.<op>(operands, problem)``, no Python each.
@@ -30,5 +32,7 @@ rms_norm = _norm.rms_norm
 layer_norm = _norm.layer_norm
 swiglu = _glu.swiglu
 geglu = _glu.geglu
+rope = _rope.rope
+apply_rotary_pos_emb = _rope.apply_rotary_pos_emb
 
-__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "library", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "rope", "apply_rotary_pos_emb", "library", "tpu"]

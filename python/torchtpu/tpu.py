@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu import _torchtpu, glu, norm, ops
+from torchtpu import _torchtpu, glu, norm, ops, rope
 from torchtpu.library import check_tensor
 from torchtpu.ops import _check_attention
 
@@ -123,6 +123,8 @@ def register() -> bool:
     torch.library.register_kernel(norm.layer_norm_backward, "tpu", norm._layer_backward)
     torch.library.register_kernel(glu.glu_forward, "tpu", glu._forward)
     torch.library.register_kernel(glu.glu_backward, "tpu", glu._backward)
+    torch.library.register_kernel(rope.rope_forward, "tpu", rope._forward)
+    torch.library.register_kernel(rope.rope_backward, "tpu", rope._backward)
     _registered = True
     return True
 
