@@ -5,6 +5,8 @@ cd "$(dirname "$0")/.."
 # Formatting is part of the code (rustfmt.toml): a change that is not rustfmt-clean fails here.
 cargo fmt --all --check
 (cd examples/user-ops && cargo fmt --all --check)
+# And so is clippy (clippy.toml): a warning fails the run.
+cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
 # The README's quick start, run as written.
 cargo run --locked --quiet --example quickstart > /dev/null

@@ -126,11 +126,12 @@ fn solve(rows: &[[f64; 4]], y: &[f64], mask: &[bool; 4], scale: &[f64; 4]) -> Op
         if a[i][i].abs() < 1e-12 {
             return None;
         }
-        for r in 0..n {
+        let pivot = a[i].clone();
+        for (r, row) in a.iter_mut().enumerate() {
             if r != i {
-                let f = a[r][i] / a[i][i];
-                for c in i..=n {
-                    a[r][c] -= f * a[i][c];
+                let f = row[i] / pivot[i];
+                for (x, p) in row[i..=n].iter_mut().zip(&pivot[i..=n]) {
+                    *x -= f * p;
                 }
             }
         }

@@ -172,6 +172,7 @@ impl<'a> Emitter<'a> {
 
     /// One single-result (or no-result) op. `pretty` is the custom syntax after `%r = `;
     /// `generic` is `(name, attrs)` for the stable form.
+    #[allow(clippy::too_many_arguments)]
     fn op(&mut self, result: Option<&str>, pretty: String, name: &str, operands: &[(String, String)], attrs: &[String], result_ty: Option<&str>, l: Loc) {
         let lhs = result.map(|r| format!("{r} = ")).unwrap_or_default();
         let text = match self.form {
@@ -220,7 +221,7 @@ impl<'a> Emitter<'a> {
         self.constant(&i.to_string(), "index", l)
     }
 
-    fn to_index(&mut self, v: ValueId, l: Loc) -> String {
+    fn index_value(&mut self, v: ValueId, l: Loc) -> String {
         let r = self.fresh();
         let src = self.name(v);
         self.op(Some(&r), format!("arith.index_cast {src} : i32 to index"), "arith.index_cast", &[(src, "i32".into())], &[], Some("index"), l);
@@ -256,7 +257,7 @@ impl<'a> Emitter<'a> {
             };
             offsets.push(match start {
                 Offset::Static(s) => self.index_const(s, l),
-                Offset::Dynamic(v) => self.to_index(v, l),
+                Offset::Dynamic(v) => self.index_value(v, l),
             });
             shape.push(len);
         }

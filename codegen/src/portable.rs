@@ -512,7 +512,7 @@ impl<'a> Emitter<'a> {
                 self.line(&format!("^bb0({a}: {stt}, {b}: {stt}):"));
                 self.depth += 1;
                 let s = self.op(combine, &[(&a, &stt), (&b, &stt)], &[], &stt);
-                self.ret(&[s], &[stt.clone()]);
+                self.ret(&[s], std::slice::from_ref(&stt));
                 self.depth -= 1;
                 self.line(&format!("}}) {{dimensions = {}}} : ({}, {stt}) -> {rtt}", i64_array(&[*axis]), tensor_type(&xt)));
                 res

@@ -260,7 +260,7 @@ impl Executable {
         let mut exec = ffi::ExecuteArgs::new();
         exec.executable = self.inner.raw;
         exec.options = &options;
-        exec.argument_lists = arg_lists.as_ptr() as *const *const *mut c_void;
+        exec.argument_lists = arg_lists.as_ptr();
         exec.num_devices = 1;
         exec.num_args = raw_args.len();
         exec.output_lists = output_lists.as_ptr();

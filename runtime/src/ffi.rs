@@ -76,6 +76,9 @@ macro_rules! args {
             $(pub $field: $ty,)*
             _reserved: [usize; RESERVED_WORDS],
         }
+        // `new`, not `Default`: the value is not a neutral default but the one form a PJRT
+        // call accepts (zeroed, `struct_size` set).
+        #[allow(clippy::new_without_default)]
         impl $name {
             /// Zeroed, with `struct_size` set: the form every PJRT call expects.
             pub fn new() -> Self {

@@ -17,6 +17,7 @@ pub const MASK_VALUE: f32 = -0.7 * f32::MAX;
 pub const LANES: usize = 128;
 
 #[tpu_kernel]
+#[allow(clippy::too_many_arguments)]
 pub fn flash_attention<T: Float>(
     q: &Ref<T>,
     k: &Ref<T>,

@@ -130,7 +130,7 @@ impl TracedCall {
         let sequential: Vec<usize> = (0..self.grid.len()).filter(|&a| self.semantics[a] != Semantics::Parallel).collect();
         let tasks = grid_points(&parallel.iter().map(|&a| self.grid[a]).collect::<Vec<_>>());
         let steps = grid_points(&sequential.iter().map(|&a| self.grid[a]).collect::<Vec<_>>());
-        let writers: Mutex<HashMap<(usize, Vec<usize>), (usize, Vec<usize>)>> = Mutex::new(HashMap::new());
+        let writers: Writers = Mutex::new(HashMap::new());
 
         let run_task = |(task_id, task): (usize, &Vec<usize>)| -> Result<()> {
             let mut program = Program::new(self, &inputs, &prefetch, options, trace_poison);
