@@ -1,11 +1,16 @@
 """Our PyTorch ops against PyTorch's own CPU kernels, side by side in one run.
 
-    ~/.cache/torchtpu/venv/bin/python benches/torch_ops.py [--reps N]
+    ~/.cache/torchtpu/venv/bin/python benches/torch_ops.py [--reps N] [--only NAME]
 
-Measures torch.ops.torchtpu.flash_attention against scaled_dot_product_attention (1x8x2048x128
-causal f32, forward and forward+backward) and torch.ops.torchtpu.matmul against torch.matmul
-(1024^3 f32, forward and forward+backward). Each pair alternates run by run so both see the
-same machine state; reports medians and the ratio ours / PyTorch's.
+Each case is an op of ours and the PyTorch code it replaces, at a realistic shape, forward
+(under no_grad) and forward+backward (the gradients of every input that takes one): attention
+(1x8x2048x128 causal) against scaled_dot_product_attention, matmul (1024^3) against
+torch.matmul, RMS and layer norm (4096x4096) against F.rms_norm / F.layer_norm, SwiGLU and
+GeGLU (4096x11008) against F.silu(g) * u / F.gelu(g) * u, the fused gated projection
+(1024x2048 -> 5632) against F.silu(F.linear(x, Wg)) * F.linear(x, Wu), RoPE (1x32x4096x128) against HF's
+q * cos + rotate_half(q) * sin, and the fused linear cross-entropy (2048 tokens x 1024 hidden x
+32768 vocab) against F.cross_entropy(h @ W.T, t). All f32. Each pair alternates run by run so
+both see the same machine state; reports medians and the ratio ours / PyTorch's.
 """
 
 import argparse
@@ -31,56 +36,63 @@ def median_ms(fns, reps):
     return [statistics.median(ts) for ts in times]
 
 
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def cases():
+    """(name, ours, theirs, inputs): ``ours`` and ``theirs`` map the inputs to one tensor."""
+    q, k, v = (torch.randn(1, 8, 2048, 128) for _ in range(3))
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    x, w, bias = torch.randn(4096, 4096), torch.randn(4096), torch.randn(4096)
+    gate, up = torch.randn(4096, 11008), torch.randn(4096, 11008)
+    xm, w_gate, w_up = torch.randn(1024, 2048), torch.randn(5632, 2048) / 45, torch.randn(5632, 2048) / 45
+    xq = torch.randn(1, 32, 4096, 128)
+    angles = torch.arange(4096)[:, None] * (1.0 / 10000.0 ** (torch.arange(0, 128, 2) / 128))
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    h, lm_head = torch.randn(2048, 1024), torch.randn(32768, 1024) / 32
+    target = torch.randint(0, 32768, (2048,))
+    return [
+        ("attention 1x8x2048x128 causal", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
+        ("matmul 1024^3", torchtpu.matmul, torch.matmul, (a, b)),
+        ("rms_norm 4096x4096", lambda x, w: torchtpu.rms_norm(x, (4096,), w), lambda x, w: F.rms_norm(x, (4096,), w), (x, w)),
+        ("layer_norm 4096x4096", lambda x, w, b: torchtpu.layer_norm(x, (4096,), w, b), lambda x, w, b: F.layer_norm(x, (4096,), w, b), (x, w, bias)),
+        ("swiglu 4096x11008", torchtpu.swiglu, lambda g, u: F.silu(g) * u, (gate, up)),
+        ("geglu 4096x11008", torchtpu.geglu, lambda g, u: F.gelu(g) * u, (gate, up)),
+        ("glu_linear 1024x2048->5632 silu", torchtpu.glu_linear, lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), (xm, w_gate, w_up)),
+        ("rope 1x32x4096x128", lambda x: torchtpu.apply_rotary_pos_emb(x, x, cos, sin)[0], lambda x: x * cos + _rotate_half(x) * sin, (xq,)),
+        ("linear_cross_entropy 2048x1024x32768", lambda h, w: torchtpu.linear_cross_entropy(h, w, target), lambda h, w: F.cross_entropy(h @ w.T, target), (h, lm_head)),
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--only", help="run the cases whose name contains this")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'problem':<44} {'torchtpu ms':>12} {'pytorch ms':>12} {'ratio':>7}")
+    print(f"{'problem (f32)':<48} {'torchtpu ms':>12} {'pytorch ms':>12} {'ratio':>7}")
+    for name, ours, theirs, inputs in cases():
+        if args.only and args.only not in name:
+            continue
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        grad = torch.randn_like(theirs(*inputs))
 
-    q, k, v = (torch.randn(1, 8, 2048, 128, requires_grad=True) for _ in range(3))
-    grad = torch.randn(1, 8, 2048, 128)
+        def forward(fn):
+            def run():
+                with torch.no_grad():
+                    fn(*inputs)
 
-    def ours_fwd():
-        with torch.no_grad():
-            torchtpu.flash_attention(q, k, v, causal=True)
+            return run
 
-    def sdpa_fwd():
-        with torch.no_grad():
-            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        def train(fn):
+            return lambda: torch.autograd.grad(fn(*leaves), leaves, grad)
 
-    def ours_train():
-        torch.autograd.grad(torchtpu.flash_attention(q, k, v, causal=True), (q, k, v), grad)
-
-    def sdpa_train():
-        torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
-
-    a, b = torch.randn(1024, 1024, requires_grad=True), torch.randn(1024, 1024, requires_grad=True)
-    g = torch.randn(1024, 1024)
-
-    def ours_mm():
-        with torch.no_grad():
-            torchtpu.matmul(a, b)
-
-    def torch_mm():
-        with torch.no_grad():
-            torch.matmul(a, b)
-
-    def ours_mm_train():
-        torch.autograd.grad(torchtpu.matmul(a, b), (a, b), g)
-
-    def torch_mm_train():
-        torch.autograd.grad(torch.matmul(a, b), (a, b), g)
-
-    for name, ours, theirs in [
-        ("attention 1x8x2048x128 causal f32 forward", ours_fwd, sdpa_fwd),
-        ("attention 1x8x2048x128 causal f32 fwd+bwd", ours_train, sdpa_train),
-        ("matmul 1024^3 f32 forward", ours_mm, torch_mm),
-        ("matmul 1024^3 f32 fwd+bwd", ours_mm_train, torch_mm_train),
-    ]:
-        mine, pytorch = median_ms([ours, theirs], args.reps)
-        print(f"{name:<44} {mine:>12.1f} {pytorch:>12.1f} {mine / pytorch:>6.2f}x", flush=True)
+        for how, wrap in (("forward", forward), ("fwd+bwd", train)):
+            mine, pytorch = median_ms([wrap(ours), wrap(theirs)], args.reps)
+            print(f"{name + ' ' + how:<48} {mine:>12.1f} {pytorch:>12.1f} {mine / pytorch:>6.2f}x", flush=True)
 
 
 if __name__ == "__main__":

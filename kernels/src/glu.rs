@@ -53,7 +53,7 @@ fn erf(x: Tile<f32>) -> Tile<f32> {
 
 /// `act(x)` and `act'(x)`.
 #[tpu_fn]
-fn activation(act: Activation, x: Tile<f32>) -> (Tile<f32>, Tile<f32>) {
+pub(crate) fn activation(act: Activation, x: Tile<f32>) -> (Tile<f32>, Tile<f32>) {
     match act {
         Activation::Silu => {
             let s = x.sigmoid();

@@ -3,7 +3,9 @@
 
 pub mod flash;
 pub mod glu;
+pub mod glu_linear;
 pub mod layer_norm;
+pub mod linear_cross_entropy;
 pub mod matmul;
 pub mod op;
 pub mod registry;

@@ -12,7 +12,9 @@ use torchtpu_runtime::Chip;
 
 use crate::flash::{FlashOp, FlashPass};
 use crate::glu::GluOp;
+use crate::glu_linear::GluLinearOp;
 use crate::layer_norm::LayerNormOp;
+use crate::linear_cross_entropy::LinearCrossEntropyOp;
 use crate::matmul::MatmulOp;
 use crate::op::{self, Op, Tuning};
 use crate::rms_norm::RmsNormOp;
@@ -117,8 +119,12 @@ pub fn ops() -> &'static [&'static dyn AnyOp] {
         &Registered(LayerNormOp::Backward),
         &Registered(GluOp::Forward),
         &Registered(GluOp::Backward),
+        &Registered(GluLinearOp),
         &Registered(RopeOp::Forward),
         &Registered(RopeOp::Backward),
+        &Registered(LinearCrossEntropyOp::Forward),
+        &Registered(LinearCrossEntropyOp::BackwardDh),
+        &Registered(LinearCrossEntropyOp::BackwardDw),
     ];
     OPS
 }

@@ -2,8 +2,9 @@
 
 ``import torchtpu`` registers ``torch.ops.torchtpu.flash_attention``,
 ``torch.ops.torchtpu.matmul``, ``torch.ops.torchtpu.rms_norm``, ``torch.ops.torchtpu.layer_norm`` and the gated linear units
-(``torchtpu.swiglu``, ``torchtpu.geglu``), rotary embeddings (``torchtpu.rope``,
-``torchtpu.apply_rotary_pos_emb``) (torch also imports this package by itself through its
+(``torchtpu.swiglu``, ``torchtpu.geglu``, fused with their projections in
+``torchtpu.glu_linear``), rotary embeddings (``torchtpu.rope``,
+``torchtpu.apply_rotary_pos_emb``) and the fused LM-head loss (``torchtpu.linear_cross_entropy``) (torch also imports this package by itself through its
 ``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
 """
@@ -18,6 +19,7 @@ def _autoload() -> None:
 # run its backend autoload, which looks this hook up on the partly imported package.
 from torchtpu import ops as _ops  # noqa: E402
 from torchtpu import library  # noqa: E402
+from torchtpu import cross_entropy as _cross_entropy  # noqa: E402
 from torchtpu import glu as _glu  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
 from torchtpu import rope as _rope  # noqa: E402
@@ -32,7 +34,9 @@ rms_norm = _norm.rms_norm
 layer_norm = _norm.layer_norm
 swiglu = _glu.swiglu
 geglu = _glu.geglu
+glu_linear = _glu.glu_linear
 rope = _rope.rope
 apply_rotary_pos_emb = _rope.apply_rotary_pos_emb
+linear_cross_entropy = _cross_entropy.linear_cross_entropy
 
-__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "rope", "apply_rotary_pos_emb", "library", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "library", "tpu"]

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu import _torchtpu, glu, norm, ops, rope
+from torchtpu import _torchtpu, cross_entropy, glu, norm, ops, rope
 from torchtpu.library import check_tensor
 from torchtpu.ops import _check_attention
 
@@ -123,8 +123,13 @@ def register() -> bool:
     torch.library.register_kernel(norm.layer_norm_backward, "tpu", norm._layer_backward)
     torch.library.register_kernel(glu.glu_forward, "tpu", glu._forward)
     torch.library.register_kernel(glu.glu_backward, "tpu", glu._backward)
+    torch.library.register_kernel(glu.glu_linear_forward, "tpu", glu._glu_linear)
+    torch.library.register_kernel(glu.glu_linear_train, "tpu", glu._glu_linear_saving)
     torch.library.register_kernel(rope.rope_forward, "tpu", rope._forward)
     torch.library.register_kernel(rope.rope_backward, "tpu", rope._backward)
+    torch.library.register_kernel(cross_entropy.linear_cross_entropy_forward, "tpu", cross_entropy._forward)
+    torch.library.register_kernel(cross_entropy.linear_cross_entropy_backward_h, "tpu", cross_entropy._backward_h)
+    torch.library.register_kernel(cross_entropy.linear_cross_entropy_backward_weight, "tpu", cross_entropy._backward_weight)
     _registered = True
     return True
 
