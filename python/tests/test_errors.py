@@ -14,18 +14,18 @@ def qkv(b=1, h=4, hk=2, sq=16, sk=16, d=8, dtype=torch.float32):
 
 def test_attention_rejects_bad_input():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"q must be \[batch, heads, seq, head_dim\]"):
+    with pytest.raises(ValueError, match=r"must be \[batch, heads, seq, head_dim\]"):
         torchtpu.flash_attention(q[0], k, v)
     with pytest.raises(ValueError, match="grouped-query attention needs q's heads to be a multiple"):
         torchtpu.flash_attention(*qkv(h=4, hk=3))
     with pytest.raises(ValueError, match="k and v must both be"):
         torchtpu.flash_attention(q, k, v[:, :, :8])
-    with pytest.raises(TypeError, match="torch.float64; torchtpu's kernels take torch.float32 or torch.bfloat16"):
+    with pytest.raises(TypeError, match="torch.float64; torchtpu's kernels take torch.float32 or torch.bfloat16 or torch.float16"):
         torchtpu.flash_attention(*qkv(dtype=torch.float64))
     with pytest.raises(TypeError, match="must share a dtype"):
         torchtpu.flash_attention(q, k.bfloat16(), v)
-    with pytest.raises(ValueError, match=r"k is not contiguous.*\.contiguous\(\)"):
-        torchtpu.flash_attention(q, k.transpose(2, 3).contiguous().transpose(2, 3), v)
+    with pytest.raises(ValueError, match=r"k is not contiguous.*\.contiguous\(\)"):  # the raw op; torchtpu.flash_attention copies
+        torch.ops.torchtpu.flash_attention_forward(q, k.transpose(2, 3).contiguous().transpose(2, 3), v, False, 1.0, None, None)
     with pytest.raises(ValueError, match="all tensors must be on one device"):
         torchtpu.flash_attention(q, k.to("meta"), v)
     with pytest.raises(ValueError, match=r"segment_ids must be \[batch, seq\] = \[1, 16\]"):
@@ -40,14 +40,16 @@ def test_matmul_rejects_bad_input():
     a, b = torch.randn(8, 4), torch.randn(4, 3)
     with pytest.raises(ValueError, match="a's last dimension must equal b's second-to-last"):
         torchtpu.matmul(a, b.T.contiguous())
-    with pytest.raises(ValueError, match="matmul takes"):
-        torchtpu.matmul(a[0], b)
-    with pytest.raises(ValueError, match="same batch"):
+    with pytest.raises(ValueError, match="matmul takes"):  # the raw op; torchtpu.matmul is torch.matmul's
+        torch.ops.torchtpu.matmul(a[0], b)
+    with pytest.raises(ValueError, match="do not broadcast"):
         torchtpu.matmul(torch.randn(2, 8, 4), torch.randn(3, 4, 3))
+    with pytest.raises(ValueError, match="at least 1 dimension"):
+        torchtpu.matmul(torch.tensor(1.0), b)
     with pytest.raises(TypeError, match="torch.int32"):
         torchtpu.matmul(a.int(), b.int())
     with pytest.raises(ValueError, match="not contiguous"):
-        torchtpu.matmul(a, torch.randn(3, 4).T)
+        torch.ops.torchtpu.matmul(a, torch.randn(3, 4).T)
     with pytest.raises(ValueError, match="one device"):
         torchtpu.matmul(a, b.to("meta"))
 

@@ -145,7 +145,7 @@ def test_attention_property(b, hk, group, sq, sk, d, dtype, causal, segments, tr
         if segments == "huge":
             ids_q = ids_q + 2**40
             ids_k = ids_k + 2**40
-    invalid = dtype in (torch.float16, torch.float64) or (transposed and not q.is_contiguous()) or (segments == "huge" and (ids_q.numel() or ids_k.numel()))
+    invalid = dtype == torch.float64 or (segments == "huge" and (ids_q.numel() or ids_k.numel()))
     try:
         out = torchtpu.flash_attention(q, k, v, causal=causal, sm_scale=scale, segment_ids=ids_q, kv_segment_ids=ids_k)
     except (TypeError, ValueError) as e:
@@ -156,7 +156,7 @@ def test_attention_property(b, hk, group, sq, sk, d, dtype, causal, segments, tr
     want = _reference_attention(q, k, v, causal, eff_scale, ids_q, ids_k)
     assert out.shape == want.shape
     assert torch.equal(out.isnan(), want.isnan())
-    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    tol = {torch.bfloat16: 3e-2, torch.float16: 3e-3}.get(dtype, 1e-4)
     torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), atol=tol, rtol=tol)
 
 
@@ -176,7 +176,7 @@ def test_matmul_property(m, n, k, batch, dtype, transposed_b, poison, seed):
     a, b = (a.to(dtype), b.to(dtype)) if dtype != torch.int32 else (a.int(), b.int())
     if transposed_b:
         b = b.mT.contiguous().mT
-    invalid = dtype in (torch.float16, torch.int32) or not b.is_contiguous()
+    invalid = dtype == torch.int32  # f16 is computed in f32; strided operands are copied
     try:
         out = torchtpu.matmul(a, b)
     except (TypeError, ValueError) as e:
@@ -185,5 +185,5 @@ def test_matmul_property(m, n, k, batch, dtype, transposed_b, poison, seed):
     assert not invalid, "invalid input accepted"
     want = a.double() @ b.double()
     assert torch.equal(out.isnan(), want.isnan())
-    tol = (3e-2 if dtype == torch.bfloat16 else 1e-4) * max(k, 1) ** 0.5
+    tol = {torch.bfloat16: 3e-2, torch.float16: 2e-3}.get(dtype, 1e-4) * max(k, 1) ** 0.5
     torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), atol=tol, rtol=tol)

@@ -29,7 +29,7 @@ from torchtpu import tpu  # noqa: E402
 OPS = library.register_ops(library._torchtpu, "torchtpu_ops")
 
 flash_attention = _ops.flash_attention
-matmul = _ops.matmul
+matmul = _ops.matmul_like_torch
 rms_norm = _norm.rms_norm
 layer_norm = _norm.layer_norm
 swiglu = _glu.swiglu

@@ -7,6 +7,7 @@ kernels), the way ``aten::scaled_dot_product_attention`` sits over its flash ker
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -163,17 +164,56 @@ torch.library.define(
 )
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+#: What the public functions take beyond the kernels' dtypes: f16, computed in f32 (as a TPU
+#: would in bf16/f32) and returned as f16.
+_PUBLIC_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _upcast(t: Tensor) -> Tensor:
+    return t.float() if t.dtype == torch.float16 else t
+
+
+def _attention_layout(q: Tensor, k: Tensor, v: Tensor):
+    """q, k, v as the kernels take them — ``[batch, heads, seq, head_dim]``, contiguous, f32 or
+    bf16 — and how to give the output back the inputs' form. SDPA's ``[..., L, E]``: 3-D inputs
+    are one head; more leading dims fold into the batch. Strided inputs (a projection's output
+    viewed per head) are copied once."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, _PUBLIC_DTYPES)
+    if not q.dim() == k.dim() == v.dim() or q.dim() < 3:
+        raise ValueError(f"q, k and v must be [batch, heads, seq, head_dim] like scaled_dot_product_attention's ([..., seq, head_dim], at least 3-D, one rank); got shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    lead = q.shape[:-3]
+    dtype = q.dtype
+
+    def kernel_form(t: Tensor) -> Tensor:
+        if t.dim() == 3:
+            t = t.unsqueeze(1)
+        elif t.dim() > 4:
+            if t.shape[:-3] != lead:
+                raise ValueError(f"q, k and v must share their leading dims {list(lead)}; got {list(t.shape)}")
+            t = t.reshape(math.prod(lead), *t.shape[-3:])
+        return _upcast(t).contiguous()
+
+    def restore(out: Tensor) -> Tensor:
+        out = out.to(dtype)
+        if q.dim() == 3:
+            return out.squeeze(1)
+        return out.reshape(*lead, *out.shape[1:]) if q.dim() > 4 else out
+
+    return kernel_form(q), kernel_form(k), kernel_form(v), restore
+
+
 @torch.library.impl("torchtpu::flash_attention", "CompositeImplicitAutograd")
 def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, kv_segment_ids=None):
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
+    q, k, v, restore = _attention_layout(q, k, v)
     if sm_scale is None:
-        # The default reads q's head_dim: check q first so bad input gets our error. With
-        # head_dim 0 every score is 0 whatever the scale.
-        _check_attention(q, k, v, segment_ids, kv_segment_ids)
+        # With head_dim 0 every score is 0 whatever the scale.
         sm_scale = 1.0 / float(q.shape[-1]) ** 0.5 if q.shape[-1] else 1.0
     out, _ = torch.ops.torchtpu.flash_attention_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids)
-    return out
+    return restore(out)
 
 
 def flash_attention(
@@ -186,8 +226,10 @@ def flash_attention(
     segment_ids: Optional[Tensor] = None,
     kv_segment_ids: Optional[Tensor] = None,
 ) -> Tensor:
-    """Flash attention over ``[batch, heads, seq, head_dim]`` tensors, like
-    ``torch.nn.functional.scaled_dot_product_attention``.
+    """Flash attention over ``[batch, heads, seq, head_dim]`` tensors (or SDPA's other ranks:
+    ``[batch, seq, head_dim]``, or more leading dims), like
+    ``torch.nn.functional.scaled_dot_product_attention``: any strides, f32, bf16 or f16 (f16
+    computed in f32 and returned as f16).
 
     ``causal`` masks keys after each query (top-left aligned, as SDPA's ``is_causal``);
     ``sm_scale`` defaults to ``1/sqrt(head_dim)``; k and v may have fewer heads than q (a
@@ -251,3 +293,39 @@ def _matmul_backward(ctx, grad):
 
 
 matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
+
+
+def matmul_like_torch(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.matmul(a, b)`` on our kernel: 1-D operands, ``[..., m, k] @ [k, n]`` folded into
+    one ``[(...·m), k] @ [k, n]`` call, batch dims broadcast, any strides (a strided operand is
+    copied once), f32, bf16 or f16 (f16 computed in f32 and returned as f16); with gradients."""
+    check_tensor("a", a, _PUBLIC_DTYPES)
+    check_tensor("b", b, _PUBLIC_DTYPES)
+    if a.dim() == 0 or b.dim() == 0:
+        raise ValueError(f"both arguments to matmul need at least 1 dimension; got {a.dim()}D and {b.dim()}D")
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must share a dtype; got {a.dtype} and {b.dtype}")
+    dtype = a.dtype
+    a2 = a.unsqueeze(0) if a.dim() == 1 else a
+    b2 = b.unsqueeze(-1) if b.dim() == 1 else b
+    if a2.shape[-1] != b2.shape[-2]:
+        raise ValueError(f"a is {tuple(a.shape)} and b {tuple(b.shape)}: a's last dimension must equal b's second-to-last")
+    a2, b2 = _upcast(a2), _upcast(b2)
+    if b2.dim() == 2:
+        rows = math.prod(a2.shape[:-1])  # explicit: -1 is ambiguous for 0 elements
+        out = torch.ops.torchtpu.matmul(a2.reshape(rows, a2.shape[-1]).contiguous(), b2.contiguous())
+        out = out.reshape(*a2.shape[:-1], b2.shape[-1])
+    else:
+        try:
+            batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        except RuntimeError:
+            raise ValueError(f"a is {tuple(a.shape)} and b {tuple(b.shape)}: their batch dims {list(a2.shape[:-2])} and {list(b2.shape[:-2])} do not broadcast") from None
+        count = math.prod(batch)
+        a3 = a2.expand(*batch, *a2.shape[-2:]).reshape(count, *a2.shape[-2:]).contiguous()
+        b3 = b2.expand(*batch, *b2.shape[-2:]).reshape(count, *b2.shape[-2:]).contiguous()
+        out = torch.ops.torchtpu.matmul(a3, b3).reshape(*batch, a2.shape[-2], b2.shape[-1])
+    if a.dim() == 1:
+        out = out.squeeze(-2)
+    if b.dim() == 1:
+        out = out.squeeze(-1)
+    return out.to(dtype)
