@@ -24,6 +24,7 @@ from torchtpu import glu as _glu  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
 from torchtpu import rope as _rope  # noqa: E402
 from torchtpu import tpu  # noqa: E402
+from torchtpu.routing import drop_in  # noqa: E402
 
 #: Every registered Rust op as ``torch.ops.torchtpu_ops.<op>(operands, problem)``, no Python each.
 OPS = library.register_ops(library._torchtpu, "torchtpu_ops")
@@ -39,4 +40,4 @@ rope = _rope.rope
 apply_rotary_pos_emb = _rope.apply_rotary_pos_emb
 linear_cross_entropy = _cross_entropy.linear_cross_entropy
 
-__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "library", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "drop_in", "library", "tpu"]

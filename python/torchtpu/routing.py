@@ -1,0 +1,136 @@
+"""Drop-in routing: PyTorch code runs on our kernels without changing a call site.
+
+Under ``with torchtpu.drop_in() as routed:``, calls to ``F.scaled_dot_product_attention``,
+``torch.matmul`` / ``@`` / ``torch.mm`` / ``torch.bmm`` / ``F.linear``, ``F.rms_norm`` and
+``F.layer_norm`` that our kernels can serve go to them; the rest (an attention mask, dropout,
+f64, a device we do not serve, arguments our functions refuse...) fall through to PyTorch
+unchanged. ``routed.hits`` counts
+the calls each route took, ``routed.fallbacks`` the ones it passed on, by reason. It is a
+``TorchFunctionMode``, so it works in eager and under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from torchtpu import norm, ops
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_DEVICES = ("cpu", "tpu")
+
+
+def _why_not(*tensors: Optional[Tensor]) -> Optional[str]:
+    """Why our kernels cannot take these tensors, or None if they can."""
+    present = [t for t in tensors if t is not None]
+    if not all(isinstance(t, Tensor) for t in present):
+        return "not a tensor"
+    if any(t.dtype not in _FLOATS for t in present):
+        return "dtype"
+    if any(t.device.type not in _DEVICES for t in present) or len({t.device for t in present}) > 1:
+        return "device"
+    if any(t.is_sparse or t.is_nested for t in present):
+        return "layout"
+    if len({t.dtype for t in present}) > 1:
+        return "mixed dtypes"
+    return None
+
+
+def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if attn_mask is not None:
+        return "attn_mask"
+    if dropout_p:
+        return "dropout"
+    why = _why_not(query, key, value)
+    if why:
+        return why
+    if query.dim() < 3 or not query.dim() == key.dim() == value.dim() or value.shape[-1] != query.shape[-1]:
+        return "shape"
+    if query.dim() != 4 and query.shape[:-2] != key.shape[:-2]:
+        return "shape"
+    if query.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
+        return "shape"
+    return ops.flash_attention(query, key, value, causal=bool(is_causal), sm_scale=scale)
+
+
+def _matmul(a, b):
+    why = _why_not(a, b)
+    if why:
+        return why
+    if a.dim() == 0 or b.dim() == 0:
+        return "shape"
+    return ops.matmul_like_torch(a, b)
+
+
+def _mm(a, b):
+    return _matmul(a, b) if getattr(a, "dim", lambda: 0)() == 2 and getattr(b, "dim", lambda: 0)() == 2 else "shape"
+
+
+def _bmm(a, b):
+    return _matmul(a, b) if getattr(a, "dim", lambda: 0)() == 3 and getattr(b, "dim", lambda: 0)() == 3 else "shape"
+
+
+def _linear(input, weight, bias=None):
+    why = _why_not(input, weight, bias)
+    if why:
+        return why
+    if input.dim() == 0 or weight.dim() != 2:
+        return "shape"
+    out = ops.matmul_like_torch(input, weight.T)
+    return out + bias if bias is not None else out
+
+
+def _rms_norm(input, normalized_shape, weight=None, eps=None):
+    why = _why_not(input, weight)
+    return why or norm.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    why = _why_not(input, weight, bias)
+    return why or norm.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+#: Each routed torch function, its name in the counts, and our implementation: it returns the
+#: result, or a string saying why it passes the call on.
+_ROUTES: dict[Callable, tuple[str, Callable]] = {
+    F.scaled_dot_product_attention: ("scaled_dot_product_attention", _attention),
+    torch.matmul: ("matmul", _matmul),
+    Tensor.__matmul__: ("matmul", _matmul),
+    Tensor.matmul: ("matmul", _matmul),  # what `a @ b` reaches a mode as
+    torch.mm: ("mm", _mm),
+    torch.bmm: ("bmm", _bmm),
+    F.linear: ("linear", _linear),
+    F.rms_norm: ("rms_norm", _rms_norm),
+    F.layer_norm: ("layer_norm", _layer_norm),
+}
+
+
+class drop_in(TorchFunctionMode):
+    """Routes what our kernels serve to them while active (see the module's doc)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hits: collections.Counter = collections.Counter()
+        self.fallbacks: collections.Counter = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        route = _ROUTES.get(func)
+        if route is not None:
+            name, ours = route
+            try:
+                result = ours(*args, **kwargs)
+            except (TypeError, ValueError) as e:
+                # Arguments we do not take (or that PyTorch itself would refuse): PyTorch
+                # decides, so the user gets exactly its result or its error.
+                result = f"refused: {e}"
+            if not isinstance(result, str):
+                self.hits[name] += 1
+                return result
+            self.fallbacks[f"{name}: {result}"] += 1
+        return func(*args, **kwargs)
