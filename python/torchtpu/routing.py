@@ -49,12 +49,14 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     why = _why_not(query, key, value)
     if why:
         return why
-    if query.dim() < 3 or not query.dim() == key.dim() == value.dim() or value.shape[-1] != query.shape[-1]:
-        return "shape"
+    if query.dim() < 3 or not query.dim() == key.dim() == value.dim():
+        return "rank"
+    if value.shape[-1] != query.shape[-1]:
+        return "v head dim"
     if query.dim() != 4 and query.shape[:-2] != key.shape[:-2]:
-        return "shape"
+        return "batch dims"
     if query.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
-        return "shape"
+        return "heads"
     return ops.flash_attention(query, key, value, causal=bool(is_causal), sm_scale=scale)
 
 
@@ -80,7 +82,7 @@ def _linear(input, weight, bias=None):
     if why:
         return why
     if input.dim() == 0 or weight.dim() != 2:
-        return "shape"
+        return "1-D weight" if weight.dim() == 1 else "shape"
     out = ops.matmul_like_torch(input, weight.T)
     return out + bias if bias is not None else out
 

@@ -1,0 +1,63 @@
+"""PyTorch's own OpInfo sample inputs for matmul, mm, bmm, F.linear and
+F.scaled_dot_product_attention, run under torchtpu.drop_in(): every sample our kernels serve
+agrees with PyTorch in forward and backward; the rest fall through for a documented reason
+(see the README): an attention mask, dropout, a v head dim other than q's, q/k/v of different
+ranks (batch dims broadcast), or a 1-D weight for F.linear. bf16 and f16 results are held to no worse than PyTorch's own low-precision CPU
+result against f64."""
+
+import pytest
+import torch
+from torch.testing._internal.common_methods_invocations import op_db
+
+import torchtpu
+
+OPS = {o.name: o for o in op_db if o.name in ("matmul", "mm", "bmm", "nn.functional.linear", "nn.functional.scaled_dot_product_attention")}
+#: Why a sample may fall through to PyTorch (the routing's reasons).
+DOCUMENTED = ("attn_mask", "dropout", "v head dim", "rank", "1-D weight")
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def _outputs_and_grads(op, sample, grad_seed, cast=None):
+    """The op's output on the sample (its tensors cast to ``cast`` first, as fresh leaves) and
+    the gradients of a random weighting of it for every input that takes one."""
+    def leaf(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.detach().to(cast).requires_grad_(t.requires_grad) if cast is not None else t
+
+    inputs = [leaf(t) for t in (sample.input, *sample.args)]
+    kwargs = {k: leaf(v) for k, v in sample.kwargs.items()}
+    torch.manual_seed(0)
+    out = op.op(*inputs, **kwargs)
+    leaves = [t for t in (*inputs, *kwargs.values()) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not leaves:
+        return out, []
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64).to(out.dtype)
+    return out, list(torch.autograd.grad(out, leaves, weight, allow_unused=True))
+
+
+def _error(got, want):
+    return float((got.double() - want).abs().max()) if got.numel() else 0.0
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_opinfo_samples_run_on_our_kernels_or_fall_through_for_a_documented_reason(name, dtype):
+    op = OPS[name]
+    served = 0
+    for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
+        with torchtpu.drop_in() as routed:
+            got = _outputs_and_grads(op, sample, i)
+        if not routed.hits:
+            assert routed.fallbacks and all(any(d in reason for d in DOCUMENTED) for reason in routed.fallbacks), f"sample {i}: {dict(routed.fallbacks)}"
+            continue
+        served += 1
+        exact = _outputs_and_grads(op, sample, i, cast=torch.float64)
+        theirs = _outputs_and_grads(op, sample, i)
+        for what, ours_t, want, torch_t in zip(["forward", *(f"grad {k}" for k in range(len(got[1])))], [got[0], *got[1]], [exact[0], *exact[1]], [theirs[0], *theirs[1]]):
+            if want is None:
+                continue
+            tol = TOL[dtype]["atol"] + TOL[dtype]["rtol"] * float(want.abs().max()) if want.numel() else 0.0
+            # As close to f64 as PyTorch's own result in this dtype, or within the dtype's tolerance.
+            assert _error(ours_t, want) <= max(2 * _error(torch_t, want), tol), f"sample {i} {what}: ours {_error(ours_t, want):.3g}, torch {_error(torch_t, want):.3g}, tolerance {tol:.3g}"
+    assert served > 0
