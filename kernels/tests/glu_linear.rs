@@ -2,9 +2,10 @@
 //! ragged rows, columns and K, every activation, with and without the saved projections, f32 and
 //! bf16, on the interpreter (checked) and PJRT CPU; compiled by libtpu for every chip.
 
+mod common;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::DType;
 use torchtpu_exec::Backend;
 use torchtpu_kernels::glu::Activation;
@@ -20,19 +21,8 @@ fn matches_f64_on_every_backend() {
         for dtype in [DType::F32, DType::BF16] {
             for (activation, save) in [(Activation::Silu, false), (Activation::Gelu, true), (Activation::GeluTanh, false)] {
                 let p = GluLinearProblem { rows, n, k, dtype, activation, save };
-                let o = GluLinearOp;
-                let inputs = o.random_inputs(&p, &mut rng);
-                let want = o.reference(&p, &inputs);
-                let small = o.fit(&p, GluLinearConfig { bm: 16, bn: 128, bk: 128 });
-                let checked = o.call(&p, &small).expect("call").interpret_checked(&inputs).expect("interprets");
-                let on_cpu = op::run(&o, &p, None, &inputs, Backend::Cpu).expect("runs on PJRT CPU");
-                for (how, outputs) in [("interpreter", checked), ("PJRT CPU", on_cpu)] {
-                    assert_eq!(outputs.len(), want.len());
-                    for (i, (got, w)) in outputs.iter().zip(&want).enumerate() {
-                        let err = relative_error(got, w);
-                        assert!(err <= 4.0 * tolerance(dtype), "{p:?} output {i} on {how} (seed {seed}): {err:e}");
-                    }
-                }
+                let inputs = GluLinearOp.random_inputs(&p, &mut rng);
+                common::assert_matches_f64(&GluLinearOp, &p, GluLinearConfig { bm: 16, bn: 128, bk: 128 }, &inputs, dtype, 4.0, seed);
             }
         }
     }

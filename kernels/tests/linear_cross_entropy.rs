@@ -8,7 +8,6 @@ use ndarray::Array2;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::{DType, HostArray};
 use torchtpu_exec::Backend;
 use torchtpu_kernels::linear_cross_entropy::{reference_logit_gradient, reference_lse, LinearCrossEntropyConfig, LinearCrossEntropyOp, LinearCrossEntropyProblem};
@@ -27,17 +26,7 @@ fn statistics_and_gradients_match_f64_on_every_backend() {
                 let p = LinearCrossEntropyProblem { tokens, hidden, vocab, dtype, label_smoothing };
                 for o in OPS {
                     let inputs = o.random_inputs(&p, &mut rng);
-                    let want = o.reference(&p, &inputs);
-                    let small = o.fit(&p, LinearCrossEntropyConfig { block_tokens: 16, block_vocab: 128 });
-                    let checked = o.call(&p, &small).expect("call").interpret_checked(&inputs).expect("interprets");
-                    let on_cpu = op::run(&o, &p, None, &inputs, Backend::Cpu).expect("runs on PJRT CPU");
-                    for (how, outputs) in [("interpreter", checked), ("PJRT CPU", on_cpu)] {
-                        assert_eq!(outputs.len(), want.len());
-                        for (i, (got, w)) in outputs.iter().zip(&want).enumerate() {
-                            let err = relative_error(got, w);
-                            assert!(err <= 4.0 * tolerance(dtype), "{o:?} {p:?} output {i} on {how} (seed {seed}): {err:e}");
-                        }
-                    }
+                    common::assert_matches_f64(&o, &p, LinearCrossEntropyConfig { block_tokens: 16, block_vocab: 128 }, &inputs, dtype, 4.0, seed);
                 }
             }
         }

@@ -9,7 +9,6 @@ use ndarray::{Array3, Array4};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
-use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::{DType, HostArray};
 use torchtpu_exec::Backend;
 use torchtpu_kernels::op::{self, Op};
@@ -26,14 +25,7 @@ fn forward_and_backward_match_f64_on_every_backend() {
             let p = RopeProblem { batch, heads, seq, dim, dtype, shared_positions };
             for o in [RopeOp::Forward, RopeOp::Backward] {
                 let inputs = o.random_inputs(&p, &mut rng);
-                let want = o.reference(&p, &inputs);
-                let small = o.fit(&p, RowsConfig { block_rows: 16 });
-                let checked = o.call(&p, &small).expect("call").interpret_checked(&inputs).expect("interprets");
-                let on_cpu = op::run(&o, &p, None, &inputs, Backend::Cpu).expect("runs on PJRT CPU");
-                for (how, outputs) in [("interpreter", checked), ("PJRT CPU", on_cpu)] {
-                    let err = relative_error(&outputs[0], &want[0]);
-                    assert!(err <= 2.0 * tolerance(dtype), "{o:?} {p:?} on {how} (seed {seed}): {err:e}");
-                }
+                common::assert_matches_f64(&o, &p, RowsConfig { block_rows: 16 }, &inputs, dtype, 2.0, seed);
             }
         }
     }

@@ -1,4 +1,5 @@
-//! What the kernel tests share.
+//! What the kernel tests share (each test binary uses what it needs of it).
+#![allow(dead_code)]
 
 use ndarray::{Array, Dimension};
 
@@ -16,5 +17,30 @@ pub fn assert_gradient<D: Dimension>(what: &str, loss: impl Fn(&Array<f64, D>) -
         };
         let fd = (nudged(h) - nudged(-h)) / (2.0 * h);
         assert!((fd - want).abs() < tolerance, "{what}, element {k}: finite differences {fd}, gradient {want}");
+    }
+}
+
+/// Asserts that `o` on `p` agrees with its f64 reference on `inputs`, output by output, within
+/// `factor` times the dtype's tolerance: on the checked interpreter at the (small, ragged) config
+/// `small`, and on PJRT CPU at the config a call would get. `seed` is reported on failure.
+pub fn assert_matches_f64<O: torchtpu_kernels::op::Op>(
+    o: &O,
+    p: &O::Problem,
+    small: O::Config,
+    inputs: &[torchtpu_dsl::HostArray],
+    dtype: torchtpu_dsl::DType,
+    factor: f64,
+    seed: u64,
+) {
+    use torchtpu_dsl::accuracy::{relative_error, tolerance};
+    let want = o.reference(p, inputs);
+    let checked = o.call(p, &o.fit(p, small)).expect("call").interpret_checked(inputs).expect("interprets");
+    let on_cpu = torchtpu_kernels::op::run(o, p, None, inputs, torchtpu_exec::Backend::Cpu).expect("runs on PJRT CPU");
+    for (how, outputs) in [("interpreter", checked), ("PJRT CPU", on_cpu)] {
+        assert_eq!(outputs.len(), want.len(), "{} on {how}: output count", o.name());
+        for (i, (got, w)) in outputs.iter().zip(&want).enumerate() {
+            let err = relative_error(got, w);
+            assert!(err <= factor * tolerance(dtype), "{} {p:?} output {i} on {how} (seed {seed}): {err:e}", o.name());
+        }
     }
 }
