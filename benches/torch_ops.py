@@ -66,7 +66,7 @@ def cases():
         ("swiglu 4096x11008", torchtpu.swiglu, lambda g, u: F.silu(g) * u, (gate, up)),
         ("geglu 4096x11008", torchtpu.geglu, lambda g, u: F.gelu(g) * u, (gate, up)),
         ("glu_linear 1024x2048->5632 silu", torchtpu.glu_linear, lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), (xm, w_gate, w_up)),
-        ("rope 1x32x4096x128", lambda x: torchtpu.apply_rotary_pos_emb(x, x, cos, sin)[0], lambda x: x * cos + _rotate_half(x) * sin, (xq,)),
+        ("rope 1x32x4096x128", lambda x: torch.ops.torchtpu.rope_forward(x, cos, sin), lambda x: x * cos + _rotate_half(x) * sin, (xq,)),
         ("linear_cross_entropy 2048x1024x32768", lambda h, w: torchtpu.linear_cross_entropy(h, w, target), lambda h, w: F.cross_entropy(h @ w.T, target), (h, lm_head)),
     ]
 
