@@ -82,6 +82,8 @@ def test_every_target_ignored_or_no_tokens_gives_what_torch_gives():
     assert loss == 0
     loss.backward()
     assert empty.grad.shape == (0, 8)
+    no_hidden = torchtpu.linear_cross_entropy(torch.zeros(3, 0), torch.zeros(5, 0), torch.tensor([0, 4, 2]))
+    torch.testing.assert_close(no_hidden, F.cross_entropy(torch.zeros(3, 5), torch.tensor([0, 4, 2])))
 
 
 def test_opcheck(rng):

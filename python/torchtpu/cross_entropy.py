@@ -11,6 +11,8 @@ logits block by block; memory stays O(tokens × block) beyond the inputs and the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -153,5 +155,6 @@ def linear_cross_entropy(input: Tensor, weight: Tensor, target: Tensor, *, ignor
     check_tensor("input", input)
     if input.dim() < 1 or not isinstance(target, Tensor) or target.shape != input.shape[:-1]:
         raise ValueError(f"target must have input's shape without its last dim, {list(input.shape[:-1])}; got {list(getattr(target, 'shape', []))}")
-    loss, _ = torch.ops.torchtpu.linear_cross_entropy(input.reshape(-1, input.shape[-1]).contiguous(), weight.contiguous(), target.reshape(-1), ignore_index, float(label_smoothing), reduction)
+    tokens = math.prod(input.shape[:-1])  # explicit: -1 is ambiguous for 0 elements
+    loss, _ = torch.ops.torchtpu.linear_cross_entropy(input.reshape(tokens, input.shape[-1]).contiguous(), weight.contiguous(), target.reshape(tokens), ignore_index, float(label_smoothing), reduction)
     return loss.reshape(target.shape) if reduction == "none" else loss

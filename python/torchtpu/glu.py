@@ -173,7 +173,7 @@ def glu_linear(x: Tensor, w_gate: Tensor, w_up: Tensor, activation: str = "silu"
     ``gelu_tanh`` (GeGLU). x is ``[..., k]``, the weights ``[n, k]``. When a gradient is
     wanted the projections are kept for the backward; otherwise they never reach memory."""
     check_tensor("x", x)
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() >= 1 else x
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if x.dim() >= 1 else x  # -1 is ambiguous for 0 elements
     if torch.is_grad_enabled() and (x.requires_grad or w_gate.requires_grad or w_up.requires_grad):
         out = torch.ops.torchtpu.glu_linear_train(rows.contiguous(), w_gate.contiguous(), w_up.contiguous(), activation)[0]
     else:
