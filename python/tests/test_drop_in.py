@@ -73,3 +73,19 @@ def test_attention_takes_sdpas_other_ranks(rng, shape):
     q, k, v = (torch.randn(*shape, generator=rng) for _ in range(3))
     out = torchtpu.flash_attention(q, k, v)
     torch.testing.assert_close(out.double(), F.scaled_dot_product_attention(q.double(), k.double(), v.double()), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dv", [8, 24, 0])
+def test_attention_takes_a_v_head_dim_other_than_qs(rng, dv):
+    q, k = torch.randn(2, 4, 19, 16, generator=rng, requires_grad=True), torch.randn(2, 2, 23, 16, generator=rng, requires_grad=True)
+    v = torch.randn(2, 2, 23, dv, generator=rng, requires_grad=True)
+    out = torchtpu.flash_attention(q, k, v, causal=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = F.scaled_dot_product_attention(q64, k64, v64, is_causal=True, enable_gqa=True)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(want.shape, generator=rng, dtype=torch.float64)
+    out.backward(grad.float())
+    want.backward(grad)
+    for ours, theirs in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-5, rtol=1e-5)

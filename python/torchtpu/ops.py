@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from torchtpu.library import RustOp, check_tensor, dtype_name, same_device
@@ -212,8 +213,16 @@ def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, 
     if sm_scale is None:
         # With head_dim 0 every score is 0 whatever the scale.
         sm_scale = 1.0 / float(q.shape[-1]) ** 0.5 if q.shape[-1] else 1.0
+    # The kernels take one head dim. A v head dim other than q/k's (SDPA allows it) is padded
+    # with zeros: zero columns of q and k add nothing to the scores, zero columns of v give
+    # output columns that are sliced off; gradients flow through the pad and the slice.
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv > d:
+        q, k = (F.pad(t, (0, dv - d)) for t in (q, k))
+    elif dv < d:
+        v = F.pad(v, (0, d - dv))
     out, _ = torch.ops.torchtpu.flash_attention_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids)
-    return restore(out)
+    return restore(out[..., :dv] if out.shape[-1] != dv else out)
 
 
 def flash_attention(
@@ -229,7 +238,7 @@ def flash_attention(
     """Flash attention over ``[batch, heads, seq, head_dim]`` tensors (or SDPA's other ranks:
     ``[batch, seq, head_dim]``, or more leading dims), like
     ``torch.nn.functional.scaled_dot_product_attention``: any strides, f32, bf16 or f16 (f16
-    computed in f32 and returned as f16).
+    computed in f32 and returned as f16), and v's head dim may differ from q's and k's.
 
     ``causal`` masks keys after each query (top-left aligned, as SDPA's ``is_causal``);
     ``sm_scale`` defaults to ``1/sqrt(head_dim)``; k and v may have fewer heads than q (a

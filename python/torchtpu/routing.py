@@ -51,8 +51,6 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
         return why
     if query.dim() < 3 or not query.dim() == key.dim() == value.dim():
         return "rank"
-    if value.shape[-1] != query.shape[-1]:
-        return "v head dim"
     if query.dim() != 4 and query.shape[:-2] != key.shape[:-2]:
         return "batch dims"
     if query.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
