@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
+use torchtpu_dsl::call::memref_access;
 use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, ReduceOp, RefType, Region, Type, UnaryOp, ValueId, ValueType};
 use torchtpu_dsl::{DType, Semantics, TracedCall};
 
@@ -246,15 +247,8 @@ impl<'a> Emitter<'a> {
     fn access(&mut self, r: ValueId, index: &[Index], l: Loc) -> (Vec<String>, Vec<usize>) {
         let squeezed = self.squeezed.get(&r).cloned().unwrap_or_default();
         let memref = self.refs.get(&r).cloned().expect("refs are function arguments");
-        let mut ix = index.iter();
         let (mut offsets, mut shape) = (Vec::new(), Vec::new());
-        for (d, &sq) in memref.shape.iter().zip(&squeezed) {
-            let item = if sq { Index::Point(Offset::Static(0)) } else { ix.next().copied().unwrap_or(Index::Full) };
-            let (start, len) = match item {
-                Index::Full => (Offset::Static(0), *d),
-                Index::Slice { start, len } => (start, len),
-                Index::Point(o) => (o, 1),
-            };
+        for (start, len) in memref_access(&memref.shape, &squeezed, index) {
             offsets.push(match start {
                 Offset::Static(s) => self.index_const(s, l),
                 Offset::Dynamic(v) => self.index_value(v, l),

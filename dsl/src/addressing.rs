@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 
-use crate::call::{RefLayout, TracedCall, LANES, MIN_SUBLANES};
+use crate::call::{memref_access, RefLayout, TracedCall, LANES, MIN_SUBLANES};
 use crate::ir::{BinaryOp, Func, Index, Literal, Loc, Offset, OpKind, ValueId};
 
 /// What is known about an i32 scalar at trace time.
@@ -132,24 +132,8 @@ pub(crate) fn unaligned_offsets(call: &TracedCall) -> Vec<String> {
     out
 }
 
-/// The memref's (offset, accessed extent) per dim, as `mosaic.rs` addresses it.
-fn memref_access(layout: &RefLayout, index: &[Index]) -> Vec<(Offset, usize)> {
-    let mut items = index.iter();
-    layout
-        .memref
-        .shape
-        .iter()
-        .zip(&layout.squeezed)
-        .map(|(&extent, &squeezed)| match if squeezed { Index::Point(Offset::Static(0)) } else { items.next().copied().unwrap_or(Index::Full) } {
-            Index::Full => (Offset::Static(0), extent),
-            Index::Slice { start, len } => (start, len),
-            Index::Point(o) => (o, 1),
-        })
-        .collect()
-}
-
 fn check_access(body: &Func, layout: &RefLayout, index: &[Index], known: &HashMap<ValueId, Known>, loc: Loc) -> Vec<String> {
-    let access = memref_access(layout, index);
+    let access = memref_access(&layout.memref.shape, &layout.squeezed, index);
     let rank = access.len();
     let shape = &layout.memref.shape;
     let wide_32bit = layout.memref.dtype.size_bytes() == 4;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ir::{Func, Literal, Loc, MemorySpace, RefType, Type, ValueId, ValueType};
+use crate::ir::{Func, Index, Literal, Loc, MemorySpace, Offset, RefType, Type, ValueId, ValueType};
 use crate::kernel::{KernelDef, ParamKind};
 use crate::trace::builder::{self, trace_func};
 use crate::trace::refs::Prefetch;
@@ -501,6 +501,21 @@ pub fn sublanes(dtype: DType) -> usize {
 pub struct ScratchOperand {
     pub name: String,
     pub ty: RefType,
+}
+
+/// What a load or store with `index` addresses in a memref of `shape` (whose `squeezed` dims
+/// the kernel does not see, always at 0): per dim, its start and extent.
+pub fn memref_access(shape: &[usize], squeezed: &[bool], index: &[Index]) -> Vec<(Offset, usize)> {
+    let mut items = index.iter();
+    shape
+        .iter()
+        .zip(squeezed)
+        .map(|(&extent, &squeezed)| match if squeezed { Index::Point(Offset::Static(0)) } else { items.next().copied().unwrap_or(Index::Full) } {
+            Index::Full => (Offset::Static(0), extent),
+            Index::Slice { start, len } => (start, len),
+            Index::Point(o) => (o, 1),
+        })
+        .collect()
 }
 
 /// A ref argument of a kernel body as the TPU lays it out (see [`TracedCall::ref_layouts`]).

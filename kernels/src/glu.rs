@@ -9,6 +9,7 @@ use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 
+use crate::blocks;
 use crate::op::{self, Op};
 use crate::rows;
 use crate::tables::TableTarget;
@@ -109,10 +110,6 @@ pub struct GluConfig {
     pub block_cols: usize,
 }
 
-fn powers_of_two(from: usize, to: usize) -> impl Iterator<Item = usize> {
-    std::iter::successors(Some(from), |b| b.checked_mul(2)).take_while(move |&b| b <= to)
-}
-
 /// The f64 activation and its derivative, written from the definitions: the reference.
 pub fn reference_activation(act: Activation, x: f64) -> (f64, f64) {
     match act {
@@ -178,14 +175,13 @@ impl Op for GluOp {
     fn space(&self, p: &GluProblem) -> SearchSpace {
         let rows = p.rows.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(8, 1024);
         let cols = p.dim.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(LANES, 4096);
-        SearchSpace::new().param("block_rows", powers_of_two(8, rows)).param("block_cols", powers_of_two(LANES, cols))
+        SearchSpace::new().param("block_rows", blocks::powers_of_two(8, rows)).param("block_cols", blocks::powers_of_two(LANES, cols))
     }
     /// Whole rows up to 16384 columns (a ragged column block costs the CPU path 4× at 11008
     /// columns), at most a MiB of f32 per block (the backward's five fit v4's scoped VMEM).
     fn default_config(&self, p: &GluProblem) -> GluConfig {
         let block_cols = if p.dim <= 16384 { p.dim.max(1) } else { 4096 };
-        let per_block = (1usize << 18) / block_cols;
-        let block_rows = if per_block == 0 { 8 } else { 1 << per_block.ilog2() }.clamp(8, 512);
+        let block_rows = blocks::largest_power_of_two_at_most((1usize << 18) / block_cols).clamp(8, 512);
         self.fit(p, GluConfig { block_rows, block_cols })
     }
     /// Rows a multiple of the dtype's sublanes (or all of them), columns of whole lanes (or the
@@ -194,10 +190,7 @@ impl Op for GluOp {
         if c.block_rows == 0 || c.block_cols == 0 {
             return self.default_config(p);
         }
-        let tile = sublanes(p.dtype);
-        let block_rows = c.block_rows.min(p.rows.div_ceil(tile).saturating_mul(tile)).div_ceil(tile).saturating_mul(tile).max(tile);
-        let block_cols = if c.block_cols >= p.dim { p.dim } else { c.block_cols.div_ceil(LANES).saturating_mul(LANES) };
-        GluConfig { block_rows, block_cols }
+        GluConfig { block_rows: blocks::whole_tiles(c.block_rows, p.rows, sublanes(p.dtype)), block_cols: blocks::whole_tiles_or_span(c.block_cols, p.dim, LANES) }
     }
     fn call(&self, p: &GluProblem, c: &GluConfig) -> Result<PallasCall, Error> {
         self.check(p)?;

@@ -12,6 +12,7 @@ use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 
+use crate::blocks;
 use crate::glu::{activation, reference_activation, Activation};
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
@@ -134,8 +135,7 @@ impl Op for GluLinearOp {
         if c.bm == 0 || c.bn == 0 || c.bk == 0 {
             return self.default_config(p);
         }
-        let block = |len: usize, preferred: usize, tile: usize| preferred.div_ceil(tile).saturating_mul(tile).min(len.div_ceil(tile).saturating_mul(tile)).max(tile);
-        GluLinearConfig { bm: block(p.rows, c.bm, sublanes(p.dtype)), bn: block(p.n, c.bn, LANES), bk: block(p.k, c.bk, LANES) }
+        GluLinearConfig { bm: blocks::whole_tiles(c.bm, p.rows, sublanes(p.dtype)), bn: blocks::whole_tiles(c.bn, p.n, LANES), bk: blocks::whole_tiles(c.bk, p.k, LANES) }
     }
     fn call(&self, p: &GluLinearProblem, c: &GluLinearConfig) -> Result<PallasCall, Error> {
         self.check(p)?;

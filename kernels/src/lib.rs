@@ -1,6 +1,7 @@
 //! The kernels people call — flash attention (forward and backward), matmul, RMS and layer norm, gated linear units — written
 //! with `#[tpu_kernel]`, each an [`op::Op`], with a Rust API that runs them on any backend.
 
+pub mod blocks;
 pub mod flash;
 pub mod glu;
 pub mod glu_linear;

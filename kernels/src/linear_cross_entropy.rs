@@ -16,6 +16,7 @@ use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 
+use crate::blocks;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
 use crate::Error;
@@ -187,18 +188,6 @@ pub struct LinearCrossEntropyConfig {
     pub block_vocab: usize,
 }
 
-fn powers_of_two(from: usize, to: usize) -> impl Iterator<Item = usize> {
-    std::iter::successors(Some(from), |b| b.checked_mul(2)).take_while(move |&b| b <= to)
-}
-
-fn largest_power_of_two_at_most(n: usize) -> usize {
-    if n == 0 {
-        0
-    } else {
-        1 << (usize::BITS - 1 - n.leading_zeros())
-    }
-}
-
 impl Op for LinearCrossEntropyOp {
     type Problem = LinearCrossEntropyProblem;
     type Config = LinearCrossEntropyConfig;
@@ -237,13 +226,13 @@ impl Op for LinearCrossEntropyOp {
     fn space(&self, p: &LinearCrossEntropyProblem) -> SearchSpace {
         let tokens = p.tokens.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(32, 512);
         let vocab = p.vocab.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(LANES, 2048);
-        SearchSpace::new().param("block_tokens", powers_of_two(32, tokens)).param("block_vocab", powers_of_two(LANES, vocab))
+        SearchSpace::new().param("block_tokens", blocks::powers_of_two(32, tokens)).param("block_vocab", blocks::powers_of_two(LANES, vocab))
     }
     /// h and W blocks (double-buffered) in about 8 MiB: a quarter of the rows for tokens.
     fn default_config(&self, p: &LinearCrossEntropyProblem) -> LinearCrossEntropyConfig {
         let rows = (4usize << 20) / p.hidden.max(1).saturating_mul(p.dtype.size_bytes());
-        let block_tokens = largest_power_of_two_at_most(rows / 4).clamp(8, 256);
-        let block_vocab = largest_power_of_two_at_most(rows.saturating_sub(block_tokens)).clamp(LANES, 2048);
+        let block_tokens = blocks::largest_power_of_two_at_most(rows / 4).clamp(8, 256);
+        let block_vocab = blocks::largest_power_of_two_at_most(rows.saturating_sub(block_tokens)).clamp(LANES, 2048);
         self.fit(p, LinearCrossEntropyConfig { block_tokens, block_vocab })
     }
     /// Tokens a multiple of the dtype's sublanes, vocab entries of whole lanes (or all of them);
@@ -252,10 +241,10 @@ impl Op for LinearCrossEntropyOp {
         if c.block_tokens == 0 || c.block_vocab == 0 {
             return self.default_config(p);
         }
-        let tile = sublanes(p.dtype);
-        let block_tokens = c.block_tokens.min(p.tokens.div_ceil(tile).saturating_mul(tile)).div_ceil(tile).saturating_mul(tile).max(tile);
-        let block_vocab = if c.block_vocab >= p.vocab { p.vocab } else { c.block_vocab.div_ceil(LANES).saturating_mul(LANES) };
-        LinearCrossEntropyConfig { block_tokens, block_vocab }
+        LinearCrossEntropyConfig {
+            block_tokens: blocks::whole_tiles(c.block_tokens, p.tokens, sublanes(p.dtype)),
+            block_vocab: blocks::whole_tiles_or_span(c.block_vocab, p.vocab, LANES),
+        }
     }
     fn call(&self, p: &LinearCrossEntropyProblem, c: &LinearCrossEntropyConfig) -> Result<PallasCall, Error> {
         self.check(p)?;

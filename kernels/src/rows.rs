@@ -8,6 +8,7 @@ use torchtpu_autotune::SearchSpace;
 use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::sublanes;
 
+use crate::blocks;
 use crate::tables::{self, TableTarget};
 use crate::Error;
 
@@ -37,7 +38,7 @@ pub const TUNING_EPS: f64 = 1e-6;
 /// Powers of two from 8 rows up to the first covering `rows` (at most 2048).
 pub fn space(rows: usize) -> SearchSpace {
     let top = rows.checked_next_power_of_two().unwrap_or(usize::MAX).clamp(8, 2048);
-    SearchSpace::new().param("block_rows", std::iter::successors(Some(8usize), |b| Some(b * 2)).take_while(|&b| b <= top))
+    SearchSpace::new().param("block_rows", blocks::powers_of_two(8, top))
 }
 
 /// About a MiB of f32 per block (rows × dim), at most 512 rows; fitted.
@@ -52,8 +53,7 @@ pub fn fit(rows: usize, dim: usize, dtype: DType, c: RowsConfig) -> RowsConfig {
     if c.block_rows == 0 {
         return default_config(rows, dim, dtype);
     }
-    let block = c.block_rows.min(rows.div_ceil(tile).saturating_mul(tile));
-    RowsConfig { block_rows: block.div_ceil(tile).saturating_mul(tile).max(tile) }
+    RowsConfig { block_rows: blocks::whole_tiles(c.block_rows, rows, tile) }
 }
 
 /// The bucket of a row problem: its dim rounded up to a power of two, and its dtype.
