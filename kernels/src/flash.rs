@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use torchtpu_autotune::problem::block_candidates;
 use torchtpu_autotune::SearchSpace;
 
+use crate::masking::zero_outside;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
 use crate::Error;
@@ -25,6 +26,14 @@ use crate::Error;
 /// kv segment ids are replicated across the fewest sublanes a TPU block may have: laid out
 /// `[b, SUBLANES, sk]`.
 const SUBLANES: usize = torchtpu_dsl::MIN_SUBLANES;
+
+/// The factor that carries a running softmax sum from row maximum `m_prev` to `m_next`. Equal
+/// maxima rescale by 1, which also keeps a row that has seen nothing yet (-inf before and
+/// after) from rescaling by exp(NaN).
+#[tpu_fn]
+pub(crate) fn online_rescale(m_prev: Tile<f32>, m_next: Tile<f32>) -> Tile<f32> {
+    select(m_prev == m_next, 1.0, (m_prev - m_next).exp())
+}
 
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
@@ -44,7 +53,7 @@ fn flash_forward<T: Float>(
     use_segments: bool,
     kv_len: usize,
 ) {
-    let (bq, d) = (q.shape()[0], q.shape()[1]);
+    let bq = q.shape()[0];
     let bk = k.shape()[0];
     let (qi, kj) = (program_id(2), program_id(3));
     if kj == 0 {
@@ -69,8 +78,7 @@ fn flash_forward<T: Float>(
         }
         let mut vb = v.load();
         if kv_len % bk != 0 {
-            let v_rows = iota::<i32>([bk, d], 0) + k_start;
-            vb = select(v_rows < kv_len as i32, vb, 0.0);
+            vb = zero_outside(vb, 0, k_start, kv_len);
         }
         // Masked scores are -inf, not Pallas' finite mask value, so that only visible scores
         // set the row maximum: a row whose visible scores are all -inf (an inf input) keeps
@@ -79,9 +87,7 @@ fn flash_forward<T: Float>(
         let m_prev = m_scratch.load_at((.., 0..1));
         let l_prev = l_scratch.load_at((.., 0..1));
         let m_next = maximum(m_prev, s.max_keepdims(1));
-        // Equal maxima rescale by 1; this also keeps a row that has seen nothing yet
-        // (m = -inf before and after) from rescaling by exp(NaN).
-        let alpha = select(m_prev == m_next, 1.0, (m_prev - m_next).exp());
+        let alpha = online_rescale(m_prev, m_next);
         let p = select(visible, (s - m_next).exp(), 0.0);
         let l_next = alpha * l_prev + p.sum_keepdims(1);
         acc_scratch.store(acc_scratch.load() * alpha + dot(p.cast::<T>(), vb));

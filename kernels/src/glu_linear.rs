@@ -14,6 +14,7 @@ use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 
 use crate::blocks;
 use crate::glu::{activation, reference_activation, Activation};
+use crate::masking::zero_outside;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
 use crate::Error;
@@ -29,13 +30,12 @@ fn accumulate<T: Float>(x: &Ref<T>, w_gate: &Ref<T>, w_up: &Ref<T>, gate_acc: &m
     }
     let mut xb = x.load();
     let (mut gb, mut ub) = (w_gate.load(), w_up.load());
-    let (bm, bk, bn) = (xb.shape()[0], xb.shape()[1], gb.shape()[0]);
+    let bk = xb.shape()[1];
     if k_len % bk != 0 {
         let k0 = kk * bk as i32;
-        xb = select(iota::<i32>([bm, bk], 1) + k0 < k_len as i32, xb, 0.0);
-        let inside = iota::<i32>([bn, bk], 1) + k0 < k_len as i32;
-        gb = select(inside, gb, 0.0);
-        ub = select(inside, ub, 0.0);
+        xb = zero_outside(xb, 1, k0, k_len);
+        gb = zero_outside(gb, 1, k0, k_len);
+        ub = zero_outside(ub, 1, k0, k_len);
     }
     gate_acc.store(gate_acc.load() + dot_nt(xb, gb));
     up_acc.store(up_acc.load() + dot_nt(xb, ub));

@@ -7,6 +7,7 @@ pub mod glu;
 pub mod glu_linear;
 pub mod layer_norm;
 pub mod linear_cross_entropy;
+pub mod masking;
 pub mod matmul;
 pub mod op;
 pub mod registry;

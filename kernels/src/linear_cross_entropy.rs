@@ -17,6 +17,8 @@ use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 
 use crate::blocks;
+use crate::flash::online_rescale;
+use crate::masking::zero_outside;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
 use crate::Error;
@@ -51,8 +53,7 @@ fn forward_kernel<T: Float>(
     let masked = select(real, z, f32::NEG_INFINITY);
     let m_prev = m_scratch.load_at((.., 0..1));
     let m_next = maximum(m_prev, masked.max_keepdims(1));
-    // As in attention: equal maxima rescale by 1, so a row that has seen only -inf stays NaN-free.
-    let alpha = select(m_prev == m_next, 1.0, (m_prev - m_next).exp());
+    let alpha = online_rescale(m_prev, m_next);
     let p = select(real, (masked - m_next).exp(), 0.0);
     let l_next = alpha * l_scratch.load_at((.., 0..1)) + p.sum_keepdims(1);
     let hit = select(cols == targets.load(), z, 0.0).sum_keepdims(1);
@@ -97,14 +98,6 @@ fn logit_gradient<T: Float>(
     select(dropped, 0.0, dz)
 }
 
-/// `x`'s rows from `row0` on that lie inside `rows`, the others 0: the padding of a partial block
-/// must not reach a product that sums over it.
-#[tpu_fn]
-fn rows_inside<T: Float>(x: Tile<T>, row0: Scalar<i32>, rows: usize) -> Tile<T> {
-    let inside = iota::<i32>([x.shape()[0], x.shape()[1]], 0) + row0 < rows as i32;
-    select(inside, x, 0.0)
-}
-
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
 fn dh_kernel<T: Float>(
@@ -125,7 +118,7 @@ fn dh_kernel<T: Float>(
         acc.store(zeros());
     }
     let (row0, col0) = (i * bn as i32, j * bv as i32);
-    let w_block = rows_inside(w.load(), col0, vocab);
+    let w_block = zero_outside(w.load(), 0, col0, vocab);
     let dz = logit_gradient(h.load(), w_block, targets.load(), lse.load(), scale.load(), row0, col0, tokens, vocab, label_smoothing);
     acc.store(acc.load() + dot(dz.cast::<T>(), w_block));
     if j == num_programs(1) - 1 {
@@ -153,7 +146,7 @@ fn dw_kernel<T: Float>(
         acc.store(zeros());
     }
     let (row0, col0) = (i * bn as i32, j * bv as i32);
-    let h_block = rows_inside(h.load(), row0, tokens);
+    let h_block = zero_outside(h.load(), 0, row0, tokens);
     let dz = logit_gradient(h_block, w.load(), targets.load(), lse.load(), scale.load(), row0, col0, tokens, vocab, label_smoothing);
     acc.store(acc.load() + dot_tn(dz.cast::<T>(), h_block));
     if i == num_programs(1) - 1 {

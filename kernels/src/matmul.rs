@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use torchtpu_autotune::problem::block_candidates;
 use torchtpu_autotune::SearchSpace;
 
+use crate::masking::zero_outside;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
 use crate::Error;
@@ -24,14 +25,12 @@ fn matmul_kernel<T: Float>(a: &Ref<T>, b: &Ref<T>, c: &mut Ref<T>, acc: &mut Scr
     }
     let mut ab = a.load();
     let mut bb = b.load();
-    let (bm, bk) = (ab.shape()[0], ab.shape()[1]);
-    let b_shape = bb.shape();
+    let bk = ab.shape()[1];
     if k_len % bk != 0 {
         // The last K block overhangs: its padding must not reach the valid outputs.
         let k0 = kk * bk as i32;
-        ab = select(iota::<i32>([bm, bk], 1) + k0 < k_len as i32, ab, 0.0);
-        let k_dim = if transpose_b { 1 } else { 0 };
-        bb = select(iota::<i32>(&b_shape, k_dim) + k0 < k_len as i32, bb, 0.0);
+        ab = zero_outside(ab, 1, k0, k_len);
+        bb = zero_outside(bb, if transpose_b { 1 } else { 0 }, k0, k_len);
     }
     let product = if transpose_b { dot_nt(ab, bb) } else { dot(ab, bb) };
     acc.store(acc.load() + product);

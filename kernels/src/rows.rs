@@ -9,19 +9,18 @@ use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::sublanes;
 
 use crate::blocks;
+use crate::masking::zero_outside;
 use crate::tables::{self, TableTarget};
 use crate::Error;
 
 /// `part` (a row block's per-element contributions) summed over its rows, leaving out the rows
-/// of block `i` past `rows`: the last block's padding holds whatever memory follows (NaN, say),
-/// and a select, not a product with 0, keeps it out. For gradients reduced across row blocks.
+/// of block `i` past `rows` ([`zero_outside`]). For gradients reduced across row blocks.
 #[tpu_fn]
 pub fn sum_valid_rows(part: Tile<f32>, i: Scalar<i32>, rows: usize) -> Tile<f32> {
-    let (br, d) = (part.shape()[0], part.shape()[1]);
+    let br = part.shape()[0];
     let mut kept = part;
     if rows % br != 0 {
-        let row = iota::<i32>([br, d], 0) + i * br as i32;
-        kept = select(row < rows as i32, part, 0.0);
+        kept = zero_outside(part, 0, i * br as i32, rows);
     }
     kept.sum_keepdims(0)
 }
