@@ -1,6 +1,6 @@
 //! A cost estimate computed from the IR, for the compiler's scheduler and our autotuner.
 
-use torchtpu_dsl::ir::{Func, Literal, OpKind, Region, UnaryOp};
+use torchtpu_dsl::ir::{Func, Literal, OpKind, Region};
 use torchtpu_dsl::TracedCall;
 
 /// Work of the whole call (every program), in Pallas' `CostEstimate` terms.
@@ -9,10 +9,6 @@ pub struct CostEstimate {
     pub flops: u64,
     pub transcendentals: u64,
     pub bytes_accessed: u64,
-}
-
-fn is_transcendental(u: UnaryOp) -> bool {
-    matches!(u, UnaryOp::Exp | UnaryOp::Exp2 | UnaryOp::Log | UnaryOp::Tanh | UnaryOp::Logistic | UnaryOp::Sin | UnaryOp::Cos | UnaryOp::Rsqrt | UnaryOp::Sqrt)
 }
 
 /// The value of a constant i32 op defining `v`, if it is one (to count loop trips).
@@ -45,13 +41,21 @@ fn region_cost(func: &Func, region: &Region) -> (u64, u64) {
             }
             OpKind::Unary { op: u, .. } => {
                 let n = elems(op.results[0]);
-                if is_transcendental(*u) {
+                if u.def().transcendental {
                     trans += n;
                 } else {
                     flops += n;
                 }
             }
-            OpKind::Binary { .. } | OpKind::Compare { .. } | OpKind::Select { .. } => flops += elems(op.results[0]),
+            OpKind::Binary { op: b, .. } => {
+                let n = elems(op.results[0]);
+                if b.def().transcendental {
+                    trans += n;
+                } else {
+                    flops += n;
+                }
+            }
+            OpKind::Compare { .. } | OpKind::Select { .. } => flops += elems(op.results[0]),
             OpKind::Reduce { x, .. } => flops += elems(*x),
             OpKind::If { then_region, else_region, .. } => {
                 let (a, b) = (region_cost(func, then_region), region_cost(func, else_region));

@@ -8,8 +8,9 @@ pub enum Error {
     #[error("{loc}: in kernel `{kernel}`: cannot lower to {target}: {message}")]
     Unsupported { kernel: String, target: &'static str, loc: Loc, message: String },
 
-    /// Blocks a TPU cannot tile; each violation starts with the Rust line of its `BlockSpec`.
-    #[error("kernel `{kernel}` does not fit a TPU's (sublane, lane) tiling: {}", violations.join("; "))]
+    /// Blocks a TPU cannot tile, offsets it cannot prove aligned, dtypes it cannot hold; each
+    /// violation starts with the Rust line responsible.
+    #[error("kernel `{kernel}` does not fit a TPU: {}", violations.join("; "))]
     Tiling { kernel: String, violations: Vec<String> },
 
     /// The call itself is invalid (for example an index map that steps past an array).

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use torchtpu_dsl::call::memref_access;
+use torchtpu_dsl::elementwise::{Compose, Lowering, Predicate};
 use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, ReduceOp, RefType, Region, Type, UnaryOp, ValueId, ValueType};
 use torchtpu_dsl::{DType, Semantics, TracedCall};
 
@@ -43,6 +44,60 @@ pub fn module(call: &TracedCall, form: Form) -> Result<String> {
 /// The kernel's symbol name in the module.
 pub fn kernel_symbol(call: &TracedCall) -> String {
     symbol(&call.name)
+}
+
+/// The emitter seen by a composite: elementwise ops on values of one type.
+struct Composer<'e, 'a> {
+    e: &'e mut Emitter<'a>,
+    t: ValueType,
+    l: Loc,
+    error: Option<Error>,
+}
+
+impl Composer<'_, '_> {
+    fn keep(&mut self, r: Result<String>) -> String {
+        r.unwrap_or_else(|e| {
+            self.error.get_or_insert(e);
+            String::new()
+        })
+    }
+}
+
+impl Compose for Composer<'_, '_> {
+    fn unary(&mut self, op: UnaryOp, x: &str) -> String {
+        let r = self.e.unary_of(op, x, &self.t.clone(), self.l);
+        self.keep(r)
+    }
+
+    fn binary(&mut self, op: BinaryOp, a: &str, b: &str) -> String {
+        let r = self.e.binary_of(op, a, b, &self.t.clone(), self.l);
+        self.keep(r)
+    }
+
+    fn constant(&mut self, value: Literal) -> String {
+        self.e.splat(value, &self.t.clone(), self.l)
+    }
+
+    fn compare(&mut self, op: CmpOp, a: &str, b: &str) -> String {
+        let r = self.e.compare_of(op, a, b, &self.t.clone(), self.l);
+        self.keep(r)
+    }
+
+    fn select(&mut self, cond: &str, a: &str, b: &str) -> String {
+        let t = self.t.clone();
+        self.e.select_of(cond, a, b, &t, self.l)
+    }
+
+    fn logical_not(&mut self, mask: &str) -> String {
+        let t = ValueType::new(DType::Bool, self.t.shape.clone());
+        let ones = self.e.splat(Literal::Bool(true), &t, self.l);
+        self.e.simple("arith.xori", &[mask.to_string(), ones], &value_type(&t), &[], self.l)
+    }
+
+    fn target_op(&mut self, name: &str, args: &[&str]) -> String {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        self.e.simple(name, &args, &value_type(&self.t), &Emitter::attrs_of(name, self.t.dtype), self.l)
+    }
 }
 
 /// A name and MLIR type per SSA value, and the text being written.
@@ -363,15 +418,12 @@ impl<'a> Emitter<'a> {
                 self.set(op.results[0], r);
             }
             OpKind::Compare { op: c, lhs, rhs } => {
-                let r = self.compare(*c, *lhs, *rhs, l);
+                let r = self.compare(*c, *lhs, *rhs, l)?;
                 self.set(op.results[0], r);
             }
             OpKind::Select { cond, on_true, on_false } => {
-                let (c, a, b) = (self.name(*cond), self.name(*on_true), self.name(*on_false));
-                let (ct, ty) = (self.ty(*cond), self.ty(*on_true));
-                let r = self.fresh();
-                let pretty_ty = if self.vt(*cond).shape.is_empty() { ty.clone() } else { format!("{ct}, {ty}") };
-                self.op(Some(&r), format!("arith.select {c}, {a}, {b} : {pretty_ty}"), "arith.select", &[(c, ct), (a, ty.clone()), (b, ty.clone())], &[], Some(&ty), l);
+                let (c, a, b, t) = (self.name(*cond), self.name(*on_true), self.name(*on_false), self.vt(*on_true));
+                let r = self.select_of(&c, &a, &b, &t, l);
                 self.set(op.results[0], r);
             }
             OpKind::Cast { x } => {
@@ -457,11 +509,114 @@ impl<'a> Emitter<'a> {
                 let r = if rt.dtype == DType::I32 { r } else { self.convert("arith.sitofp", &r, &it, &rt, l) };
                 self.set(op.results[0], r);
             }
+            OpKind::Roll { x, shift, axis } => {
+                let t = self.vt(*x);
+                let n = t.shape.get(*axis).copied().unwrap_or(1).max(1) as i64;
+                let amount = match self.func.constant_value(*shift) {
+                    Some(Literal::Int(s)) => self.constant(&s.rem_euclid(n).to_string(), "i32", l),
+                    _ => {
+                        let s = self.name(*shift);
+                        self.euclidean_rem(&s, n, l)
+                    }
+                };
+                let (src, ty) = (self.name(*x), value_type(&t));
+                let r = self.fresh();
+                self.op(
+                    Some(&r),
+                    format!("tpu.dynamic_rotate {src} by {amount} dim {axis} : {ty}, i32 -> {ty}"),
+                    "tpu.dynamic_rotate",
+                    &[(src, ty.clone()), (amount, "i32".into())],
+                    &[format!("dimension = {axis} : si32")],
+                    Some(&ty),
+                    l,
+                );
+                self.set(op.results[0], r);
+            }
+            OpKind::Slice { x, start } => {
+                let (from, to) = (self.vt(*x), self.vt(op.results[0]));
+                let (src, ft, tt) = (self.name(*x), value_type(&from), value_type(&to));
+                let list = |v: &[usize]| format!("[{}]", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "));
+                let attrs = [format!("offsets = {}", list(start)), format!("sizes = {}", list(&to.shape)), format!("strides = {}", list(&vec![1; to.shape.len()]))];
+                let r = self.fresh();
+                self.op(
+                    Some(&r),
+                    format!("vector.extract_strided_slice {src} {{{}}} : {ft} to {tt}", attrs.join(", ")),
+                    "vector.extract_strided_slice",
+                    &[(src, ft)],
+                    &attrs,
+                    Some(&tt),
+                    l,
+                );
+                self.set(op.results[0], r);
+            }
+            OpKind::Concat { xs, axis } => {
+                let operands: Vec<(String, String)> = xs.iter().map(|&x| (self.name(x), self.ty(x))).collect();
+                let rt = self.ty(op.results[0]);
+                let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
+                let types: Vec<&str> = operands.iter().map(|(_, t)| t.as_str()).collect();
+                let r = self.fresh();
+                let pretty = format!("tpu.concatenate {} in {axis} : {} -> {rt}", names.join(", "), types.join(", "));
+                self.op(Some(&r), pretty, "tpu.concatenate", &operands, &[format!("dimension = {axis} : i32")], Some(&rt), l);
+                self.set(op.results[0], r);
+            }
+            OpKind::Transpose { x, perm } => {
+                let (src, ft, tt) = (self.name(*x), self.ty(*x), self.ty(op.results[0]));
+                let listed: Vec<String> = perm.iter().map(|p| p.to_string()).collect();
+                let r = self.fresh();
+                let attr = format!("permutation = {}", i64_array(perm.iter().copied()));
+                self.op(Some(&r), format!("tpu.transpose {src}, [{}] : {ft} -> {tt}", listed.join(", ")), "tpu.transpose", &[(src, ft)], &[attr], Some(&tt), l);
+                self.set(op.results[0], r);
+            }
+            OpKind::Bitcast { x } => {
+                let (from, to) = (self.vt(*x), self.vt(op.results[0]));
+                let r = self.convert("arith.bitcast", &self.name(*x), &from, &to, l);
+                self.set(op.results[0], r);
+            }
+            OpKind::AssumeMultiple { x, multiple } => {
+                let (src, ty) = (self.name(*x), self.ty(*x));
+                let r = self.fresh();
+                self.op(
+                    Some(&r),
+                    format!("tpu.assume_multiple {src}, {multiple} : {ty}"),
+                    "tpu.assume_multiple",
+                    &[(src, ty.clone())],
+                    &[format!("multiple = {multiple} : i32")],
+                    Some(&ty),
+                    l,
+                );
+                self.set(op.results[0], r);
+            }
             OpKind::If { cond, then_region, else_region } => self.emit_if(op, *cond, then_region, else_region)?,
             OpKind::For { lo, hi, inits, body } => self.emit_for(op, *lo, *hi, inits, body)?,
             OpKind::Yield { .. } => {}
         }
         Ok(())
+    }
+
+    /// `s mod n` in `0..n` for an i32 scalar `s`, of either sign.
+    fn euclidean_rem(&mut self, s: &str, n: i64, l: Loc) -> String {
+        let nc = self.constant(&n.to_string(), "i32", l);
+        let r = self.simple("arith.remsi", &[s.to_string(), nc.clone()], "i32", &[], l);
+        let shifted = self.simple("arith.addi", &[r, nc.clone()], "i32", &Self::overflow(), l);
+        self.simple("arith.remsi", &[shifted, nc], "i32", &[], l)
+    }
+
+    /// `arith.select` of values of type `t` by a bool of `t`'s shape.
+    fn select_of(&mut self, c: &str, a: &str, b: &str, t: &ValueType, l: Loc) -> String {
+        let ct = value_type(&ValueType::new(DType::Bool, t.shape.clone()));
+        let ty = value_type(t);
+        let r = self.fresh();
+        let pretty_ty = if t.shape.is_empty() { ty.clone() } else { format!("{ct}, {ty}") };
+        self.op(
+            Some(&r),
+            format!("arith.select {c}, {a}, {b} : {pretty_ty}"),
+            "arith.select",
+            &[(c.into(), ct), (a.into(), ty.clone()), (b.into(), ty.clone())],
+            &[],
+            Some(&ty),
+            l,
+        );
+        r
     }
 
     fn convert(&mut self, name: &str, x: &str, from: &ValueType, to: &ValueType, l: Loc) -> String {
@@ -486,115 +641,83 @@ impl<'a> Emitter<'a> {
         vec!["overflowFlags = #arith.overflow<none>".into()]
     }
 
+    /// The attributes an `arith`/`math` op carries: fast-math flags on floats, overflow flags
+    /// on the integer ops that can wrap.
+    fn attrs_of(name: &str, dtype: DType) -> Vec<String> {
+        match name {
+            "arith.addi" | "arith.subi" | "arith.muli" | "arith.shli" => Self::overflow(),
+            _ if dtype.is_float() => Self::fastmath(),
+            _ => Vec::new(),
+        }
+    }
+
     fn unary(&mut self, u: UnaryOp, x: ValueId, l: Loc) -> Result<String> {
-        let t = self.vt(x);
-        let ty = value_type(&t);
-        let src = self.name(x);
-        let float = t.dtype.is_float();
-        let math = |name: &str| (name.to_string(), Self::fastmath());
-        let (name, attrs) = match (u, float) {
-            (UnaryOp::Neg, true) => math("arith.negf"),
-            (UnaryOp::Exp, true) => math("math.exp"),
-            (UnaryOp::Exp2, true) => math("math.exp2"),
-            (UnaryOp::Log, true) => math("math.log"),
-            (UnaryOp::Sqrt, true) => math("math.sqrt"),
-            (UnaryOp::Rsqrt, true) => math("math.rsqrt"),
-            (UnaryOp::Tanh, true) => math("math.tanh"),
-            (UnaryOp::Abs, true) => math("math.absf"),
-            (UnaryOp::Sin, true) => math("math.sin"),
-            (UnaryOp::Cos, true) => math("math.cos"),
-            (UnaryOp::Floor, true) => math("math.floor"),
-            (UnaryOp::Ceil, true) => math("math.ceil"),
-            (UnaryOp::Abs, false) => ("math.absi".to_string(), Vec::new()),
-            (UnaryOp::Logistic, true) => {
-                // 1 / (1 + exp(-x)): Mosaic has no logistic op.
-                let neg = self.simple("arith.negf", &[src], &ty, &Self::fastmath(), l);
-                let e = self.simple("math.exp", &[neg], &ty, &Self::fastmath(), l);
-                let one = self.splat(Literal::Float(1.0), &t, l);
-                let d = self.simple("arith.addf", &[one.clone(), e], &ty, &Self::fastmath(), l);
-                return Ok(self.simple("arith.divf", &[one, d], &ty, &Self::fastmath(), l));
-            }
-            (UnaryOp::Neg, false) => {
-                let zero = self.splat(Literal::Int(0), &t, l);
-                return Ok(self.simple("arith.subi", &[zero, src], &ty, &Self::overflow(), l));
-            }
-            (UnaryOp::Not, false) => {
-                let ones = if t.dtype == DType::Bool { Literal::Bool(true) } else { Literal::Int(-1) };
-                let c = self.splat(ones, &t, l);
-                return Ok(self.simple("arith.xori", &[src, c], &ty, &[], l));
-            }
-            _ => return Err(self.unsupported(l, format!("`{}` of {}", u.name(), t.dtype))),
-        };
-        Ok(self.simple(&name, &[src], &ty, &attrs, l))
+        let (src, t) = (self.name(x), self.vt(x));
+        self.unary_of(u, &src, &t, l)
+    }
+
+    fn unary_of(&mut self, u: UnaryOp, src: &str, t: &ValueType, l: Loc) -> Result<String> {
+        let Some(forms) = u.def().lowerings(t.dtype) else { return Err(self.unsupported(l, format!("`{}` of {}", u.name(), t.dtype))) };
+        if forms.mosaic_widened {
+            return self.widened(&[src], t, l, |e, xs, wide| e.unary_of(u, &xs[0], wide, l));
+        }
+        match forms.mosaic {
+            Lowering::Op(name) => Ok(self.simple(name, &[src.to_string()], &value_type(t), &Self::attrs_of(name, t.dtype), l)),
+            Lowering::Composite(build) => self.composite(t, l, |c| build(c, src)),
+        }
     }
 
     fn binary(&mut self, b: BinaryOp, lhs: ValueId, rhs: ValueId, l: Loc) -> Result<String> {
-        let t = self.vt(lhs);
-        let ty = value_type(&t);
-        let (a, c) = (self.name(lhs), self.name(rhs));
-        let float = t.dtype.is_float();
-        let (name, attrs) = match (b, float) {
-            (BinaryOp::Add, true) => ("arith.addf", Self::fastmath()),
-            (BinaryOp::Sub, true) => ("arith.subf", Self::fastmath()),
-            (BinaryOp::Mul, true) => ("arith.mulf", Self::fastmath()),
-            (BinaryOp::Div, true) => ("arith.divf", Self::fastmath()),
-            (BinaryOp::Rem, true) => ("arith.remf", Self::fastmath()),
-            (BinaryOp::Max, true) => ("arith.maximumf", Self::fastmath()),
-            (BinaryOp::Min, true) => ("arith.minimumf", Self::fastmath()),
-            (BinaryOp::Pow, true) => ("math.powf", Self::fastmath()),
-            (BinaryOp::Add, false) => ("arith.addi", Self::overflow()),
-            (BinaryOp::Sub, false) => ("arith.subi", Self::overflow()),
-            (BinaryOp::Mul, false) => ("arith.muli", Self::overflow()),
-            (BinaryOp::Div, false) => ("arith.divsi", Vec::new()),
-            (BinaryOp::Rem, false) => ("arith.remsi", Vec::new()),
-            (BinaryOp::Max, false) if t.dtype == DType::Bool => ("arith.ori", Vec::new()),
-            (BinaryOp::Min, false) if t.dtype == DType::Bool => ("arith.andi", Vec::new()),
-            (BinaryOp::Max, false) => ("arith.maxsi", Vec::new()),
-            (BinaryOp::Min, false) => ("arith.minsi", Vec::new()),
-            (BinaryOp::And, false) => ("arith.andi", Vec::new()),
-            (BinaryOp::Or, false) => ("arith.ori", Vec::new()),
-            (BinaryOp::Xor, false) => ("arith.xori", Vec::new()),
-            _ => return Err(self.unsupported(l, format!("`{}` of {}", b.name(), t.dtype))),
-        };
-        Ok(self.simple(name, &[a, c], &ty, &attrs, l))
+        let (a, c, t) = (self.name(lhs), self.name(rhs), self.vt(lhs));
+        self.binary_of(b, &a, &c, &t, l)
     }
 
-    fn compare(&mut self, c: CmpOp, lhs: ValueId, rhs: ValueId, l: Loc) -> String {
-        let t = self.vt(lhs);
-        let ty = value_type(&t);
+    fn binary_of(&mut self, b: BinaryOp, a: &str, c: &str, t: &ValueType, l: Loc) -> Result<String> {
+        let Some(forms) = b.def().lowerings(t.dtype) else { return Err(self.unsupported(l, format!("`{}` of {}", b.name(), t.dtype))) };
+        if forms.mosaic_widened {
+            return self.widened(&[a, c], t, l, |e, xs, wide| e.binary_of(b, &xs[0], &xs[1], wide, l));
+        }
+        match forms.mosaic {
+            Lowering::Op(name) => Ok(self.simple(name, &[a.to_string(), c.to_string()], &value_type(t), &Self::attrs_of(name, t.dtype), l)),
+            Lowering::Composite(build) => self.composite(t, l, |comp| build(comp, a, c)),
+        }
+    }
+
+    /// Runs a composite's builder on values of type `t`; the first error any part hits.
+    fn composite(&mut self, t: &ValueType, l: Loc, build: impl FnOnce(&mut dyn Compose) -> String) -> Result<String> {
+        let mut c = Composer { e: self, t: t.clone(), l, error: None };
+        let r = build(&mut c);
+        c.error.map_or(Ok(r), Err)
+    }
+
+    fn compare(&mut self, c: CmpOp, lhs: ValueId, rhs: ValueId, l: Loc) -> Result<String> {
+        let (a, b, t) = (self.name(lhs), self.name(rhs), self.vt(lhs));
+        self.compare_of(c, &a, &b, &t, l)
+    }
+
+    fn compare_of(&mut self, c: CmpOp, a: &str, b: &str, t: &ValueType, l: Loc) -> Result<String> {
+        let ty = value_type(t);
         let out = value_type(&ValueType::new(DType::Bool, t.shape.clone()));
-        let (a, b) = (self.name(lhs), self.name(rhs));
-        let (name, pred, code) = if t.dtype.is_float() {
-            let (p, n) = match c {
-                CmpOp::Eq => ("oeq", 1),
-                CmpOp::Gt => ("ogt", 2),
-                CmpOp::Ge => ("oge", 3),
-                CmpOp::Lt => ("olt", 4),
-                CmpOp::Le => ("ole", 5),
-                CmpOp::Ne => ("une", 13),
-            };
-            ("arith.cmpf", p, n)
-        } else {
-            let unsigned = t.dtype == DType::Bool;
-            let (p, n) = match (c, unsigned) {
-                (CmpOp::Eq, _) => ("eq", 0),
-                (CmpOp::Ne, _) => ("ne", 1),
-                (CmpOp::Lt, false) => ("slt", 2),
-                (CmpOp::Le, false) => ("sle", 3),
-                (CmpOp::Gt, false) => ("sgt", 4),
-                (CmpOp::Ge, false) => ("sge", 5),
-                (CmpOp::Lt, true) => ("ult", 6),
-                (CmpOp::Le, true) => ("ule", 7),
-                (CmpOp::Gt, true) => ("ugt", 8),
-                (CmpOp::Ge, true) => ("uge", 9),
-            };
-            ("arith.cmpi", p, n)
+        let (pred, code) = match c.mosaic(t.dtype) {
+            Predicate::Is(pred, code) => (pred, code),
+            Predicate::Composite(build) => return self.composite(t, l, |comp| build(comp, a, b)),
         };
-        let mut attrs = if name == "arith.cmpf" { Self::fastmath() } else { Vec::new() };
+        let name = if t.dtype.is_float() { "arith.cmpf" } else { "arith.cmpi" };
+        let mut attrs = Self::attrs_of(name, t.dtype);
         attrs.push(format!("predicate = {code} : i64"));
         let r = self.fresh();
-        self.op(Some(&r), format!("{name} {pred}, {a}, {b} : {ty}"), name, &[(a, ty.clone()), (b, ty.clone())], &attrs, Some(&out), l);
-        r
+        self.op(Some(&r), format!("{name} {pred}, {a}, {b} : {ty}"), name, &[(a.to_string(), ty.clone()), (b.to_string(), ty.clone())], &attrs, Some(&out), l);
+        Ok(r)
+    }
+
+    /// `op` computed on `xs` widened to the 32-bit type of their class, narrowed back.
+    fn widened(&mut self, xs: &[&str], t: &ValueType, l: Loc, op: impl FnOnce(&mut Self, &[String], &ValueType) -> Result<String>) -> Result<String> {
+        let float = t.dtype.is_float();
+        let wide = ValueType::new(if float { DType::F32 } else { DType::I32 }, t.shape.clone());
+        let (ext, trunc) = if float { ("arith.extf", "arith.truncf") } else { ("arith.extsi", "arith.trunci") };
+        let wide_xs: Vec<String> = xs.iter().map(|x| self.convert(ext, x, t, &wide, l)).collect();
+        let r = op(self, &wide_xs, &wide)?;
+        Ok(self.convert(trunc, &r, &wide, t, l))
     }
 
     fn cast(&mut self, x: ValueId, to: ValueType, l: Loc) -> Result<String> {
@@ -623,14 +746,7 @@ impl<'a> Emitter<'a> {
             _ if t == DType::Bool => {
                 let zero = if f.is_float() { Literal::Float(0.0) } else { Literal::Int(0) };
                 let z = self.splat(zero, &from, l);
-                let ty = value_type(&from);
-                let out = value_type(&to);
-                let (name, pred, code, attrs) = if f.is_float() { ("arith.cmpf", "une", 13, Self::fastmath()) } else { ("arith.cmpi", "ne", 1, Vec::new()) };
-                let mut attrs = attrs;
-                attrs.push(format!("predicate = {code} : i64"));
-                let r = self.fresh();
-                self.op(Some(&r), format!("{name} {pred}, {src}, {z} : {ty}"), name, &[(src, ty.clone()), (z, ty)], &attrs, Some(&out), l);
-                return Ok(r);
+                return self.compare_of(CmpOp::Ne, &src, &z, &from, l);
             }
             _ => return Err(self.unsupported(l, format!("cast from {f} to {t}"))),
         };

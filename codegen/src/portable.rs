@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
+use torchtpu_dsl::elementwise::{Compose, Lowering};
 use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, UnaryOp, ValueId, ValueType};
 use torchtpu_dsl::{DType, TracedCall};
 
@@ -112,6 +113,62 @@ fn i64_array(v: &[usize]) -> String {
 struct RefValue {
     name: String,
     ty: ValueType,
+}
+
+/// The emitter seen by a composite: elementwise ops on values of one type.
+struct Composer<'e, 'a> {
+    e: &'e mut Emitter<'a>,
+    t: ValueType,
+    l: Loc,
+    error: Option<Error>,
+}
+
+impl Composer<'_, '_> {
+    fn keep(&mut self, r: Result<String>) -> String {
+        r.unwrap_or_else(|e| {
+            self.error.get_or_insert(e);
+            String::new()
+        })
+    }
+}
+
+impl Compose for Composer<'_, '_> {
+    fn unary(&mut self, op: UnaryOp, x: &str) -> String {
+        let r = self.e.unary_of(op, x, &self.t.clone(), self.l);
+        self.keep(r)
+    }
+
+    fn binary(&mut self, op: BinaryOp, a: &str, b: &str) -> String {
+        let r = self.e.binary_of(op, a, b, &self.t.clone(), self.l);
+        self.keep(r)
+    }
+
+    fn constant(&mut self, value: Literal) -> String {
+        let t = self.t.clone();
+        self.e.splat(value, &t)
+    }
+
+    fn compare(&mut self, op: CmpOp, a: &str, b: &str) -> String {
+        let t = self.t.clone();
+        self.e.compare_of(op, a, b, &t)
+    }
+
+    fn select(&mut self, cond: &str, a: &str, b: &str) -> String {
+        let tt = tensor_type(&self.t);
+        let ct = tensor_type(&ValueType::new(DType::Bool, self.t.shape.clone()));
+        self.e.op("stablehlo.select", &[(cond, &ct), (a, &tt), (b, &tt)], &[], &tt)
+    }
+
+    fn logical_not(&mut self, mask: &str) -> String {
+        let ct = tensor_type(&ValueType::new(DType::Bool, self.t.shape.clone()));
+        self.e.op("stablehlo.not", &[(mask, &ct)], &[], &ct)
+    }
+
+    fn target_op(&mut self, name: &str, args: &[&str]) -> String {
+        let tt = tensor_type(&self.t);
+        let operands: Vec<(&str, &str)> = args.iter().map(|a| (*a, tt.as_str())).collect();
+        self.e.op(name, &operands, &[], &tt)
+    }
 }
 
 struct Emitter<'a> {
@@ -409,66 +466,16 @@ impl<'a> Emitter<'a> {
                 return Ok(());
             }
             OpKind::Unary { op: u, x } => {
-                let xt = tensor_type(&Self::vt(func, *x));
-                let x = name(scope, x);
-                let opname = match u {
-                    UnaryOp::Neg => "stablehlo.negate",
-                    UnaryOp::Exp => "stablehlo.exponential",
-                    UnaryOp::Log => "stablehlo.log",
-                    UnaryOp::Sqrt => "stablehlo.sqrt",
-                    UnaryOp::Rsqrt => "stablehlo.rsqrt",
-                    UnaryOp::Tanh => "stablehlo.tanh",
-                    UnaryOp::Logistic => "stablehlo.logistic",
-                    UnaryOp::Abs => "stablehlo.abs",
-                    UnaryOp::Sin => "stablehlo.sine",
-                    UnaryOp::Cos => "stablehlo.cosine",
-                    UnaryOp::Floor => "stablehlo.floor",
-                    UnaryOp::Ceil => "stablehlo.ceil",
-                    UnaryOp::Not => "stablehlo.not",
-                    UnaryOp::Exp2 => {
-                        let t = rt.clone().expect("unary ops have a result");
-                        let ln2 = self.splat(Literal::Float(std::f64::consts::LN_2), &t);
-                        let scaled = self.op("stablehlo.multiply", &[(&x, &xt), (&ln2, &xt)], &[], &xt);
-                        let v = self.op("stablehlo.exponential", &[(&scaled, &xt)], &[], &xt);
-                        scope.names.insert(op.results[0], v);
-                        return Ok(());
-                    }
-                };
-                self.op(opname, &[(&x, &xt)], &[], &rtt)
+                let t = Self::vt(func, *x);
+                self.unary_of(*u, &name(scope, x), &t, op.loc)?
             }
             OpKind::Binary { op: b, lhs, rhs } => {
-                let t = rt.clone().expect("binary ops have a result");
-                let boolean = t.dtype == DType::Bool;
-                let opname = match b {
-                    BinaryOp::Add => "stablehlo.add",
-                    BinaryOp::Sub => "stablehlo.subtract",
-                    BinaryOp::Mul => "stablehlo.multiply",
-                    BinaryOp::Div => "stablehlo.divide",
-                    BinaryOp::Rem => "stablehlo.remainder",
-                    BinaryOp::Max if boolean => "stablehlo.or",
-                    BinaryOp::Min if boolean => "stablehlo.and",
-                    BinaryOp::Max => "stablehlo.maximum",
-                    BinaryOp::Min => "stablehlo.minimum",
-                    BinaryOp::Pow => "stablehlo.power",
-                    BinaryOp::And => "stablehlo.and",
-                    BinaryOp::Or => "stablehlo.or",
-                    BinaryOp::Xor => "stablehlo.xor",
-                };
-                let (a, c) = (name(scope, lhs), name(scope, rhs));
-                self.op(opname, &[(&a, &rtt), (&c, &rtt)], &[], &rtt)
+                let t = Self::vt(func, *lhs);
+                self.binary_of(*b, &name(scope, lhs), &name(scope, rhs), &t, op.loc)?
             }
             OpKind::Compare { op: c, lhs, rhs } => {
-                let at = Self::vt(func, *lhs);
-                let d = match c {
-                    CmpOp::Eq => "EQ",
-                    CmpOp::Ne => "NE",
-                    CmpOp::Lt => "LT",
-                    CmpOp::Le => "LE",
-                    CmpOp::Gt => "GT",
-                    CmpOp::Ge => "GE",
-                };
-                let (a, b, att) = (name(scope, lhs), name(scope, rhs), tensor_type(&at));
-                self.op("stablehlo.compare", &[(&a, &att), (&b, &att)], &[direction(d), compare_type(at.dtype)], &rtt)
+                let t = Self::vt(func, *lhs);
+                self.compare_of(*c, &name(scope, lhs), &name(scope, rhs), &t)
             }
             OpKind::Select { cond, on_true, on_false } => {
                 let ct = tensor_type(&Self::vt(func, *cond));
@@ -526,6 +533,30 @@ impl<'a> Emitter<'a> {
                 self.op("stablehlo.dot_general", &[(&a, &lt), (&b, &rht)], &[dims], &rtt)
             }
             OpKind::Iota { dim } => self.op("stablehlo.iota", &[], &[format!("iota_dimension = {dim} : i64")], &rtt),
+            OpKind::Roll { x, shift, axis } => {
+                let t = Self::vt(func, *x);
+                self.roll(&name(scope, x), &t, &name(scope, shift), *axis)
+            }
+            OpKind::Slice { x, start } => {
+                let (t, out) = (Self::vt(func, *x), rt.clone().expect("slices have a result"));
+                let limit: Vec<usize> = start.iter().zip(&out.shape).map(|(s, l)| s + l).collect();
+                self.slice(&name(scope, x), &t, start, &limit)
+            }
+            OpKind::Concat { xs, axis } => {
+                let types: Vec<String> = xs.iter().map(|&x| tensor_type(&Self::vt(func, x))).collect();
+                let names: Vec<String> = xs.iter().map(|x| name(scope, x)).collect();
+                let operands: Vec<(&str, &str)> = names.iter().zip(&types).map(|(n, t)| (n.as_str(), t.as_str())).collect();
+                self.op("stablehlo.concatenate", &operands, &[format!("dimension = {axis} : i64")], &rtt)
+            }
+            OpKind::Transpose { x, perm } => {
+                let xt = tensor_type(&Self::vt(func, *x));
+                self.op("stablehlo.transpose", &[(&name(scope, x), &xt)], &[format!("permutation = {}", i64_array(perm))], &rtt)
+            }
+            OpKind::Bitcast { x } => {
+                let xt = tensor_type(&Self::vt(func, *x));
+                self.op("stablehlo.bitcast_convert", &[(&name(scope, x), &xt)], &[], &rtt)
+            }
+            OpKind::AssumeMultiple { x, .. } => name(scope, x),
             OpKind::If { cond, then_region, else_region } => return self.emit_if(func, op, *cond, then_region, else_region, scope),
             OpKind::For { lo, hi, inits, body } => return self.emit_for(func, op, *lo, *hi, inits, body, scope),
             OpKind::Yield { .. } => return Err(self.unsupported(op.loc, "a yield outside a region")),
@@ -534,6 +565,58 @@ impl<'a> Emitter<'a> {
             scope.names.insert(r, value);
         }
         Ok(())
+    }
+
+    /// `x` rotated by the i32 scalar `shift` along `axis`, as `jnp.roll`: the window of
+    /// `concat(x, x)` that starts at `(n - shift mod n) mod n`.
+    fn roll(&mut self, x: &str, t: &ValueType, shift: &str, axis: usize) -> String {
+        let n = t.shape.get(axis).copied().unwrap_or(1).max(1);
+        let i32t = tensor_type(&ValueType::scalar(DType::I32));
+        let nc = self.constant(&n.to_string(), &i32t);
+        let r = self.i32_binary("stablehlo.remainder", shift, &nc);
+        let r = self.i32_binary("stablehlo.add", &r, &nc);
+        let s = self.i32_binary("stablehlo.remainder", &r, &nc);
+        let back = self.i32_binary("stablehlo.subtract", &nc, &s);
+        let start = self.i32_binary("stablehlo.remainder", &back, &nc);
+        let mut doubled = t.clone();
+        if let Some(d) = doubled.shape.get_mut(axis) {
+            *d *= 2;
+        }
+        let tt = tensor_type(t);
+        let xx = self.op("stablehlo.concatenate", &[(x, &tt), (x, &tt)], &[format!("dimension = {axis} : i64")], &tensor_type(&doubled));
+        let zero = self.constant("0", &i32t);
+        let offsets: Vec<String> = (0..t.shape.len()).map(|d| if d == axis { start.clone() } else { zero.clone() }).collect();
+        self.dynamic_slice(&xx, &doubled, &offsets, &t.shape)
+    }
+
+    fn unary_of(&mut self, u: UnaryOp, x: &str, t: &ValueType, l: Loc) -> Result<String> {
+        let Some(forms) = u.def().lowerings(t.dtype) else { return Err(self.unsupported(l, format!("`{}` of {}", u.name(), t.dtype))) };
+        let tt = tensor_type(t);
+        match forms.stablehlo {
+            Lowering::Op(name) => Ok(self.op(name, &[(x, &tt)], &[], &tt)),
+            Lowering::Composite(build) => self.composite(t, l, |c| build(c, x)),
+        }
+    }
+
+    fn binary_of(&mut self, b: BinaryOp, x: &str, y: &str, t: &ValueType, l: Loc) -> Result<String> {
+        let Some(forms) = b.def().lowerings(t.dtype) else { return Err(self.unsupported(l, format!("`{}` of {}", b.name(), t.dtype))) };
+        let tt = tensor_type(t);
+        match forms.stablehlo {
+            Lowering::Op(name) => Ok(self.op(name, &[(x, &tt), (y, &tt)], &[], &tt)),
+            Lowering::Composite(build) => self.composite(t, l, |c| build(c, x, y)),
+        }
+    }
+
+    fn compare_of(&mut self, c: CmpOp, x: &str, y: &str, t: &ValueType) -> String {
+        let (tt, out) = (tensor_type(t), tensor_type(&ValueType::new(DType::Bool, t.shape.clone())));
+        self.op("stablehlo.compare", &[(x, &tt), (y, &tt)], &[direction(c.def().stablehlo), compare_type(t.dtype)], &out)
+    }
+
+    /// Runs a composite's builder on values of type `t`; the first error any part hits.
+    fn composite(&mut self, t: &ValueType, l: Loc, build: impl FnOnce(&mut dyn Compose) -> String) -> Result<String> {
+        let mut c = Composer { e: self, t: t.clone(), l, error: None };
+        let r = build(&mut c);
+        c.error.map_or(Ok(r), Err)
     }
 
     fn mutable_state(scope: &Scope) -> (Vec<String>, Vec<String>) {

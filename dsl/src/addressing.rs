@@ -98,6 +98,14 @@ fn knowledge(call: &TracedCall) -> HashMap<ValueId, Known> {
             OpKind::NumPrograms { axis } => call.grid.get(*axis).map_or(Known::Multiple(1), |&n| Known::Const(n as i64)),
             OpKind::Binary { op: bin, lhs, rhs } => combine(*bin, get(lhs, &known), get(rhs, &known)),
             OpKind::Cast { x } => get(x, &known),
+            OpKind::AssumeMultiple { x, multiple } => match get(x, &known) {
+                Known::Const(c) => Known::Const(c),
+                // Known to be a multiple of both: of their least common multiple.
+                k => {
+                    let (a, b) = (k.multiple().max(1), u64::from(*multiple));
+                    multiple_of(a / gcd(a, b) * b)
+                }
+            },
             OpKind::Select { on_true, on_false, .. } => match (get(on_true, &known), get(on_false, &known)) {
                 (a, b) if a == b => a,
                 (a, b) => multiple_of(gcd(a.multiple(), b.multiple())),

@@ -553,7 +553,16 @@ impl TracedCall {
     /// the (8, 128) tiling, and dynamic offsets not provably a whole number of tiles.
     pub fn tiling_violations(&self) -> Vec<String> {
         let blocks = self.inputs.iter().chain(&self.outputs).filter_map(BlockOperand::tiling_violation);
-        blocks.chain(crate::addressing::unaligned_offsets(self)).collect()
+        blocks.chain(crate::addressing::unaligned_offsets(self)).chain(self.non_tpu_dtype()).collect()
+    }
+
+    /// The first value or ref of a dtype a TPU cannot hold, if any.
+    fn non_tpu_dtype(&self) -> Option<String> {
+        let info = self.body.values.iter().find(|v| match &v.ty {
+            crate::ir::Type::Value(t) => !t.dtype.on_tpu(),
+            crate::ir::Type::Ref(r) => !r.dtype.on_tpu(),
+        })?;
+        Some(format!("{}: a {} has a dtype a TPU cannot load or compute (Mosaic has no f16 vectors on any chip); use bf16 or f32 (the CPU backends run f16)", info.loc, info.ty))
     }
 
     /// The memory each ref argument of the body addresses: its full block (squeezed dims as 1)

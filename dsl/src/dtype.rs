@@ -25,6 +25,12 @@ impl DType {
         matches!(self, DType::I32 | DType::I8)
     }
 
+    /// Whether a TPU holds this dtype in VMEM and vector registers. Mosaic cannot load f16
+    /// on any chip (libtpu: "Invalid vector type for load"; `exec/tests/conformance.rs`).
+    pub fn on_tpu(self) -> bool {
+        self != DType::F16
+    }
+
     /// Size of one element in memory, in bytes (bool is stored as one byte).
     pub fn size_bytes(self) -> usize {
         match self {

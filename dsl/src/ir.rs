@@ -201,49 +201,65 @@ impl fmt::Display for Index {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum UnaryOp {
-    Neg,
-    Exp,
-    Exp2,
-    Log,
-    Sqrt,
-    Rsqrt,
-    Tanh,
-    Logistic,
-    Abs,
-    Sin,
-    Cos,
-    Floor,
-    Ceil,
-    /// Logical not for bool, bitwise not for integers.
-    Not,
+/// Declares an op enum with `ALL`, every variant in order, so tables over ops (the
+/// conformance matrix, the docs) cannot miss one.
+macro_rules! op_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident),* $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name { $($(#[$vm])* $v),* }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v),*];
+        }
+    };
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum BinaryOp {
-    Add,
-    Sub,
-    Mul,
-    Div,
-    Rem,
-    Max,
-    Min,
-    Pow,
-    And,
-    Or,
-    Xor,
-}
+op_enum!(
+    /// Elementwise ops of one operand; their semantics and lowerings are in [`crate::elementwise`].
+    UnaryOp {
+        Neg,
+        Exp,
+        Exp2,
+        Log,
+        Sqrt,
+        Rsqrt,
+        Tanh,
+        Logistic,
+        Erf,
+        Abs,
+        Sin,
+        Cos,
+        Floor,
+        Ceil,
+        /// Logical not for bool, bitwise not for integers.
+        Not,
+    }
+);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum CmpOp {
-    Eq,
-    Ne,
-    Lt,
-    Le,
-    Gt,
-    Ge,
-}
+op_enum!(
+    /// Elementwise ops of two operands of one dtype; see [`crate::elementwise`].
+    BinaryOp {
+        Add,
+        Sub,
+        Mul,
+        Div,
+        Rem,
+        Max,
+        Min,
+        Pow,
+        And,
+        Or,
+        Xor,
+        ShiftLeft,
+        ShiftRightArithmetic,
+        ShiftRightLogical,
+    }
+);
+
+op_enum!(
+    /// Comparisons; see [`crate::elementwise`].
+    CmpOp { Eq, Ne, Lt, Le, Gt, Ge }
+);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
@@ -252,23 +268,14 @@ pub enum ReduceOp {
     Min,
 }
 
-macro_rules! lower_names {
-    ($($t:ty { $($v:ident => $s:literal),* $(,)? })*) => {$(
-        impl $t {
-            pub fn name(self) -> &'static str {
-                match self { $(Self::$v => $s),* }
-            }
+impl ReduceOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
         }
-    )*};
-}
-lower_names! {
-    UnaryOp { Neg => "neg", Exp => "exp", Exp2 => "exp2", Log => "log", Sqrt => "sqrt",
-              Rsqrt => "rsqrt", Tanh => "tanh", Logistic => "logistic", Abs => "abs",
-              Sin => "sin", Cos => "cos", Floor => "floor", Ceil => "ceil", Not => "not" }
-    BinaryOp { Add => "add", Sub => "sub", Mul => "mul", Div => "div", Rem => "rem",
-               Max => "max", Min => "min", Pow => "pow", And => "and", Or => "or", Xor => "xor" }
-    CmpOp { Eq => "eq", Ne => "ne", Lt => "lt", Le => "le", Gt => "gt", Ge => "ge" }
-    ReduceOp { Sum => "sum", Max => "max", Min => "min" }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -336,6 +343,37 @@ pub enum OpKind {
     Iota {
         dim: usize,
     },
+    /// `x` rotated along `axis` as `jnp.roll`: element `i` moves to `(i + shift) mod n`, for
+    /// an i32 scalar `shift` of any sign.
+    Roll {
+        x: ValueId,
+        shift: ValueId,
+        axis: usize,
+    },
+    /// The window of `x` starting at `start`, of the result's shape.
+    Slice {
+        x: ValueId,
+        start: Vec<usize>,
+    },
+    /// `xs` joined along `axis`.
+    Concat {
+        xs: Vec<ValueId>,
+        axis: usize,
+    },
+    /// `x` with its axes permuted: the result's axis `i` is `x`'s axis `perm[i]`.
+    Transpose {
+        x: ValueId,
+        perm: Vec<usize>,
+    },
+    /// `x`'s bits read as the result's dtype, of the same width.
+    Bitcast {
+        x: ValueId,
+    },
+    /// `x`, which the kernel promises is a multiple of `multiple` (the interpreter checks).
+    AssumeMultiple {
+        x: ValueId,
+        multiple: u32,
+    },
     If {
         cond: ValueId,
         then_region: Region,
@@ -385,7 +423,17 @@ impl Op {
                 index_values(index, &mut out);
                 out.push(*value);
             }
-            Unary { x, .. } | Cast { x } | Broadcast { x } | Reshape { x } | Reduce { x, .. } => out.push(*x),
+            Unary { x, .. }
+            | Cast { x }
+            | Broadcast { x }
+            | Reshape { x }
+            | Reduce { x, .. }
+            | Slice { x, .. }
+            | Transpose { x, .. }
+            | Bitcast { x }
+            | AssumeMultiple { x, .. } => out.push(*x),
+            Roll { x, shift, .. } => out.extend([*x, *shift]),
+            Concat { xs, .. } => out.extend(xs),
             Binary { lhs, rhs, .. } | Compare { lhs, rhs, .. } | Dot { lhs, rhs, .. } => out.extend([*lhs, *rhs]),
             Select { cond, on_true, on_false } => out.extend([*cond, *on_true, *on_false]),
             If { cond, .. } => out.push(*cond),
@@ -446,6 +494,19 @@ impl Func {
 
     pub fn loc(&self, v: ValueId) -> Loc {
         self.values[v.index()].loc
+    }
+
+    /// The literal `v` is, where a constant op defines it.
+    pub fn constant_value(&self, v: ValueId) -> Option<Literal> {
+        let mut found = None;
+        self.walk(&mut |op| {
+            if let (OpKind::Constant(lit), Some(&r)) = (&op.kind, op.results.first()) {
+                if r == v {
+                    found = Some(*lit);
+                }
+            }
+        });
+        found
     }
 
     /// Visits every op, depth first, in program order.

@@ -9,6 +9,7 @@ pub mod accuracy;
 mod addressing;
 pub mod call;
 pub mod dtype;
+pub mod elementwise;
 pub mod error;
 pub mod host;
 pub mod interpret;
@@ -30,13 +31,13 @@ pub use interpret::InterpretOptions;
 pub use kernel::{KernelDef, ParamKind, ParamSig};
 pub use torchtpu_macros::{tpu_fn, tpu_kernel};
 pub use trace::refs::{ds, full, zeros, Fill, IntoIndex, Ix, Prefetch, Ref, Scratch, Storable};
-pub use trace::values::{dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, program_id, select, Scalar, Tile};
+pub use trace::values::{concatenate, dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, program_id, select, Scalar, Tile};
 
 /// Everything a kernel author needs: `use torchtpu_dsl::prelude::*;`.
 pub mod prelude {
     pub use crate::call::Semantics::{Arbitrary, Parallel};
     pub use crate::{
-        bf16, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, program_id, select, tpu_fn, tpu_kernel, zeros, BlockSpec, DType, Element, Float,
-        HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile, Vmem,
+        bf16, concatenate, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, program_id, select, tpu_fn, tpu_kernel, zeros, BlockSpec, DType, Element,
+        Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile, Vmem,
     };
 }

@@ -63,6 +63,12 @@ fn print_op(func: &Func, op: &Op, depth: usize, out: &mut String) -> fmt::Result
         Reduce { op: r, x, axis } => write!(out, "reduce_{} {x} axis {axis}", r.name())?,
         Dot { lhs, rhs, transpose_lhs, transpose_rhs } => write!(out, "dot {lhs}{}, {rhs}{}", if *transpose_lhs { "ᵀ" } else { "" }, if *transpose_rhs { "ᵀ" } else { "" })?,
         Iota { dim } => write!(out, "iota dim {dim}")?,
+        Roll { x, shift, axis } => write!(out, "roll {x} by {shift} axis {axis}")?,
+        Slice { x, start } => write!(out, "slice {x} at {start:?}")?,
+        Concat { xs, axis } => write!(out, "concat {} axis {axis}", list(xs))?,
+        Transpose { x, perm } => write!(out, "transpose {x} {perm:?}")?,
+        Bitcast { x } => write!(out, "bitcast {x}")?,
+        AssumeMultiple { x, multiple } => write!(out, "assume_multiple {x}, {multiple}")?,
         Yield { values } => write!(out, "yield {}", list(values))?,
         If { cond, then_region, else_region } => {
             writeln!(out, "if {cond} {{")?;

@@ -215,6 +215,59 @@ impl Verifier<'_> {
                     return Err(self.err(loc, format!("iota along {dim} of {r}")));
                 }
             }
+            OpKind::Roll { x, shift, axis } => {
+                let (a, r) = (self.vt(*x, loc)?, self.result_vt(op)?);
+                same(a, r, "roll operand vs result")?;
+                same(self.vt(*shift, loc)?, &ValueType::scalar(DType::I32), "roll shift")?;
+                if *axis >= a.shape.len() {
+                    return Err(self.err(loc, format!("roll along axis {axis} of {a}")));
+                }
+            }
+            OpKind::Slice { x, start } => {
+                let (a, r) = (self.vt(*x, loc)?, self.result_vt(op)?);
+                let fits = start.len() == a.shape.len() && r.shape.len() == a.shape.len() && start.iter().zip(&r.shape).zip(&a.shape).all(|((s, l), d)| s + l <= *d);
+                if a.dtype != r.dtype || !fits {
+                    return Err(self.err(loc, format!("slice of {a} at {start:?} cannot give {r}")));
+                }
+            }
+            OpKind::Concat { xs, axis } => {
+                let r = self.result_vt(op)?;
+                let mut along = 0;
+                for &x in xs {
+                    let a = self.vt(x, loc)?;
+                    let mut expected = r.shape.clone();
+                    if let (Some(e), Some(&n)) = (expected.get_mut(*axis), a.shape.get(*axis)) {
+                        *e = n;
+                        along += n;
+                    }
+                    same(a, &ValueType::new(r.dtype, expected), "concatenated operand")?;
+                }
+                if xs.is_empty() || r.shape.get(*axis) != Some(&along) {
+                    return Err(self.err(loc, format!("concatenation along {axis} cannot give {r}")));
+                }
+            }
+            OpKind::Transpose { x, perm } => {
+                let (a, r) = (self.vt(*x, loc)?, self.result_vt(op)?);
+                let mut sorted = perm.clone();
+                sorted.sort_unstable();
+                let shape: Vec<usize> = perm.iter().filter_map(|&p| a.shape.get(p).copied()).collect();
+                if sorted != (0..a.shape.len()).collect::<Vec<_>>() || ValueType::new(a.dtype, shape) != *r {
+                    return Err(self.err(loc, format!("transpose {perm:?} of {a} cannot give {r}")));
+                }
+            }
+            OpKind::Bitcast { x } => {
+                let (a, r) = (self.vt(*x, loc)?, self.result_vt(op)?);
+                if a.shape != r.shape || a.dtype.size_bytes() != r.dtype.size_bytes() || a.dtype == DType::Bool || r.dtype == DType::Bool {
+                    return Err(self.err(loc, format!("bitcast of {a} to {r}")));
+                }
+            }
+            OpKind::AssumeMultiple { x, multiple } => {
+                let a = self.vt(*x, loc)?;
+                same(a, self.result_vt(op)?, "assume_multiple operand vs result")?;
+                if a.dtype != DType::I32 || *multiple == 0 {
+                    return Err(self.err(loc, format!("assume_multiple of {a} by {multiple}")));
+                }
+            }
             OpKind::If { cond, then_region, else_region } => {
                 same(self.vt(*cond, loc)?, &ValueType::scalar(DType::Bool), "if condition")?;
                 let types: Vec<Type> = op.results.iter().map(|&r| self.func.ty(r).clone()).collect();

@@ -6,6 +6,7 @@ use std::rc::Rc;
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Ix2, Slice, Zip};
 
 use crate::dtype::DType;
+use crate::elementwise::{nan_max, nan_min};
 use crate::error::{Error, Result};
 use crate::interpret::tensor::{round_f32, wrap_i32, Data, Tensor};
 use crate::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, UnaryOp, ValueId};
@@ -73,30 +74,6 @@ fn slice_view_mut<'a, E>(a: &'a mut ArrayD<E>, sel: &[Sel]) -> ArrayViewMutD<'a,
         }
     }
     v
-}
-
-fn nan_max(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() {
-        f32::NAN
-    } else {
-        a.max(b)
-    }
-}
-
-fn nan_min(a: f32, b: f32) -> f32 {
-    if a.is_nan() || b.is_nan() {
-        f32::NAN
-    } else {
-        a.min(b)
-    }
-}
-
-fn zip_f(a: &ArrayD<f32>, b: &ArrayD<f32>, f: impl Fn(f32, f32) -> f32 + Sync) -> ArrayD<f32> {
-    Zip::from(a).and(b).map_collect(|&x, &y| f(x, y))
-}
-
-fn zip_i(a: &ArrayD<i32>, b: &ArrayD<i32>, f: impl Fn(i32, i32) -> i32) -> ArrayD<i32> {
-    Zip::from(a).and(b).map_collect(|&x, &y| f(x, y))
 }
 
 fn dot_i32(a: ndarray::ArrayView2<i32>, b: ndarray::ArrayView2<i32>) -> ndarray::Array2<i32> {
@@ -300,6 +277,69 @@ impl<'f> Eval<'f> {
                     Tensor::int(dtype, iota(&shape, dim, |i| i as i32))
                 }
             }
+            OpKind::Roll { x, shift, axis } => {
+                let x = self.get(*x);
+                let shift = self.get(*shift).scalar_i64().ok_or_else(|| ctx.runtime(loc, "roll shift is not an i32 scalar"))?;
+                let n = x.shape().get(*axis).copied().unwrap_or(0);
+                let s = usize::try_from(shift.rem_euclid(n.max(1) as i64)).unwrap_or(0);
+                each_data(x, |d| {
+                    Ok(match d {
+                        Data::F(a) => Data::F(roll(a, Axis(*axis), s)),
+                        Data::I(a) => Data::I(roll(a, Axis(*axis), s)),
+                        Data::B(a) => Data::B(roll(a, Axis(*axis), s)),
+                    })
+                })?
+            }
+            OpKind::Slice { x, start } => {
+                let shape = self.result_shape(op);
+                let sel: Vec<Sel> = start.iter().zip(&shape).map(|(&start, &len)| Sel { start, len, point: false }).collect();
+                each_data(self.get(*x), |d| {
+                    Ok(match d {
+                        Data::F(a) => Data::F(slice_view(a, &sel).to_owned()),
+                        Data::I(a) => Data::I(slice_view(a, &sel).to_owned()),
+                        Data::B(a) => Data::B(slice_view(a, &sel).to_owned()),
+                    })
+                })?
+            }
+            OpKind::Concat { xs, axis } => {
+                let parts: Vec<Rc<Tensor>> = xs.iter().map(|&x| self.get(x).clone()).collect();
+                let ax = Axis(*axis);
+                let err = |e: ndarray::ShapeError| ctx.runtime(loc, format!("concatenate: {e}"));
+                let dtype = parts.first().map_or(DType::F32, |p| p.dtype);
+                macro_rules! join {
+                    ($v:ident) => {{
+                        let views: Vec<_> = parts.iter().filter_map(|p| if let Data::$v(a) = &p.data { Some(a.view()) } else { None }).collect();
+                        if views.len() != parts.len() {
+                            return Err(ctx.runtime(loc, "concatenated tiles differ in storage class"));
+                        }
+                        Data::$v(ndarray::concatenate(ax, &views).map_err(err)?)
+                    }};
+                }
+                let data = match parts.first().map(|p| &p.data) {
+                    Some(Data::F(_)) => join!(F),
+                    Some(Data::I(_)) => join!(I),
+                    Some(Data::B(_)) => join!(B),
+                    None => return Err(ctx.runtime(loc, "concatenation of no tiles")),
+                };
+                Tensor { dtype, data }
+            }
+            OpKind::Transpose { x, perm } => each_data(self.get(*x), |d| {
+                Ok(match d {
+                    Data::F(a) => Data::F(a.view().permuted_axes(perm.clone()).as_standard_layout().into_owned()),
+                    Data::I(a) => Data::I(a.view().permuted_axes(perm.clone()).as_standard_layout().into_owned()),
+                    Data::B(a) => Data::B(a.view().permuted_axes(perm.clone()).as_standard_layout().into_owned()),
+                })
+            })?,
+            OpKind::Bitcast { x } => bitcast(self.get(*x), self.result_dtype(op)).ok_or_else(|| ctx.runtime(loc, "bitcast between dtypes of different widths"))?,
+            OpKind::AssumeMultiple { x, multiple } => {
+                let t = self.get(*x);
+                if let Data::I(a) = &t.data {
+                    if let Some(v) = a.iter().find(|&&v| v % *multiple as i32 != 0) {
+                        return Err(ctx.runtime(loc, format!("the kernel promised a multiple of {multiple} (`multiple_of`), but the value is {v}")));
+                    }
+                }
+                Tensor::clone(t)
+            }
             OpKind::If { cond, then_region, else_region } => {
                 let c = self.get(*cond).scalar_bool().ok_or_else(|| ctx.runtime(loc, "`if` condition is not a bool scalar"))?;
                 let yields = self.region(ctx, if c { then_region } else { else_region }, refs, checked)?;
@@ -331,93 +371,90 @@ impl<'f> Eval<'f> {
     }
 
     fn unary(&self, ctx: &Ctx, op: UnaryOp, x: &Tensor, loc: Loc) -> Result<Tensor> {
-        use UnaryOp::*;
+        let def = op.def();
+        let undefined = || ctx.runtime(loc, format!("`{}` of {}", def.name, x.dtype));
         Ok(match &x.data {
-            Data::F(a) => {
-                let f: fn(f32) -> f32 = match op {
-                    Neg => |v| -v,
-                    Exp => f32::exp,
-                    Exp2 => f32::exp2,
-                    Log => f32::ln,
-                    Sqrt => f32::sqrt,
-                    Rsqrt => |v| 1.0 / v.sqrt(),
-                    Tanh => f32::tanh,
-                    Logistic => |v| 1.0 / (1.0 + (-v).exp()),
-                    Abs => f32::abs,
-                    Sin => f32::sin,
-                    Cos => f32::cos,
-                    Floor => f32::floor,
-                    Ceil => f32::ceil,
-                    Not => return Err(ctx.runtime(loc, "`not` of a float")),
-                };
-                Tensor::float(x.dtype, a.mapv(f))
-            }
-            Data::I(a) => {
-                let f: fn(i32) -> i32 = match op {
-                    Neg => i32::wrapping_neg,
-                    Abs => i32::wrapping_abs,
-                    Not => |v| !v,
-                    _ => return Err(ctx.runtime(loc, format!("`{}` of an integer", op.name()))),
-                };
-                Tensor::int(x.dtype, a.mapv(f))
-            }
-            Data::B(a) => match op {
-                Not => Tensor::boolean(a.mapv(|v| !v)),
-                _ => return Err(ctx.runtime(loc, format!("`{}` of a bool", op.name()))),
-            },
+            Data::F(a) => Tensor::float(x.dtype, a.mapv(def.float.ok_or_else(undefined)?.eval)),
+            Data::I(a) => Tensor::int(x.dtype, a.mapv(def.int.ok_or_else(undefined)?.eval)),
+            Data::B(a) => Tensor::boolean(a.mapv(def.boolean.ok_or_else(undefined)?.eval)),
         })
     }
 
     fn binary(&self, ctx: &Ctx, op: BinaryOp, a: &Tensor, b: &Tensor, loc: Loc) -> Result<Tensor> {
-        use BinaryOp::*;
+        let def = op.def();
+        let undefined = || ctx.runtime(loc, format!("`{}` of {}", def.name, a.dtype));
         Ok(match (&a.data, &b.data) {
             (Data::F(x), Data::F(y)) => {
-                let r = match op {
-                    Add => zip_f(x, y, |p, q| p + q),
-                    Sub => zip_f(x, y, |p, q| p - q),
-                    Mul => zip_f(x, y, |p, q| p * q),
-                    Div => zip_f(x, y, |p, q| p / q),
-                    Rem => zip_f(x, y, |p, q| p % q),
-                    Max => zip_f(x, y, nan_max),
-                    Min => zip_f(x, y, nan_min),
-                    Pow => zip_f(x, y, f32::powf),
-                    And | Or | Xor => return Err(ctx.runtime(loc, format!("`{}` of floats", op.name()))),
-                };
-                Tensor::float(a.dtype, r)
+                let f = def.float.ok_or_else(undefined)?.eval;
+                Tensor::float(a.dtype, Zip::from(x).and(y).map_collect(|&p, &q| f(p, q)))
             }
             (Data::I(x), Data::I(y)) => {
-                if matches!(op, Div | Rem) && y.iter().any(|&v| v == 0) {
-                    return Err(ctx.runtime(loc, format!("integer `{}` by zero", op.name())));
+                let f = def.int.ok_or_else(undefined)?.eval;
+                let mut outside = None;
+                let r = Zip::from(x).and(y).map_collect(|&p, &q| {
+                    f(p, q).unwrap_or_else(|why| {
+                        outside.get_or_insert(why);
+                        0
+                    })
+                });
+                if let Some(why) = outside {
+                    return Err(ctx.runtime(loc, format!("`{}`: {why}", def.name)));
                 }
-                let r = match op {
-                    Add => zip_i(x, y, i32::wrapping_add),
-                    Sub => zip_i(x, y, i32::wrapping_sub),
-                    Mul => zip_i(x, y, i32::wrapping_mul),
-                    Div => zip_i(x, y, i32::wrapping_div),
-                    Rem => zip_i(x, y, i32::wrapping_rem),
-                    Max => zip_i(x, y, i32::max),
-                    Min => zip_i(x, y, i32::min),
-                    And => zip_i(x, y, |p, q| p & q),
-                    Or => zip_i(x, y, |p, q| p | q),
-                    Xor => zip_i(x, y, |p, q| p ^ q),
-                    Pow => zip_i(x, y, |p, q| p.wrapping_pow(q.max(0) as u32)),
-                };
                 Tensor::int(a.dtype, r)
             }
             (Data::B(x), Data::B(y)) => {
-                let f: fn(bool, bool) -> bool = match op {
-                    And => |p, q| p & q,
-                    Or => |p, q| p | q,
-                    Xor => |p, q| p ^ q,
-                    Max => |p, q| p | q,
-                    Min => |p, q| p & q,
-                    _ => return Err(ctx.runtime(loc, format!("`{}` of bools", op.name()))),
-                };
+                let f = def.boolean.ok_or_else(undefined)?.eval;
                 Tensor::boolean(Zip::from(x).and(y).map_collect(|&p, &q| f(p, q)))
             }
-            _ => return Err(ctx.runtime(loc, format!("`{}` of mismatched storage", op.name()))),
+            _ => return Err(ctx.runtime(loc, format!("`{}` of mismatched storage", def.name))),
         })
     }
+}
+
+/// `a` rotated by `s` (less than its extent) along `axis`: element `i` moves to `i + s`, wrapping.
+fn roll<E: Clone>(a: &ArrayD<E>, axis: Axis, s: usize) -> ArrayD<E> {
+    let n = a.len_of(axis);
+    let mut out = a.clone();
+    out.slice_axis_mut(axis, Slice::from(s..n)).assign(&a.slice_axis(axis, Slice::from(0..n - s)));
+    out.slice_axis_mut(axis, Slice::from(0..s)).assign(&a.slice_axis(axis, Slice::from(n - s..n)));
+    out
+}
+
+/// `x` with its data replaced by `f`'s, dtype kept.
+fn each_data(x: &Tensor, f: impl FnOnce(&Data) -> Result<Data>) -> Result<Tensor> {
+    Ok(Tensor { dtype: x.dtype, data: f(&x.data)? })
+}
+
+/// A value's bits as an unsigned integer of its width.
+fn to_bits(dtype: DType, v: f32) -> u32 {
+    match dtype {
+        DType::BF16 => u32::from(half::bf16::from_f32(v).to_bits()),
+        DType::F16 => u32::from(half::f16::from_f32(v).to_bits()),
+        _ => v.to_bits(),
+    }
+}
+
+fn from_bits(dtype: DType, bits: u32) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_bits(bits as u16).to_f32(),
+        DType::F16 => half::f16::from_bits(bits as u16).to_f32(),
+        _ => f32::from_bits(bits),
+    }
+}
+
+/// `x`'s bits read as `to` (of the same width), or `None` for widths that differ.
+fn bitcast(x: &Tensor, to: DType) -> Option<Tensor> {
+    if x.dtype.size_bytes() != to.size_bytes() {
+        return None;
+    }
+    let from = x.dtype;
+    Some(match (&x.data, to.is_float()) {
+        (Data::F(a), true) => Tensor::float(to, a.mapv(|v| from_bits(to, to_bits(from, v)))),
+        (Data::F(a), false) => Tensor::int(to, a.mapv(|v| to_bits(from, v) as i32)),
+        (Data::I(a), true) => Tensor::float(to, a.mapv(|v| from_bits(to, v as u32))),
+        (Data::I(a), false) => Tensor::int(to, a.clone()),
+        (Data::B(_), _) => return None,
+    })
 }
 
 /// `a` broadcast to `shape`, materialized (a generic element-by-element copy of a broadcast
@@ -446,20 +483,14 @@ fn iota<E: Copy>(shape: &[usize], dim: usize, cast: impl Fn(usize) -> E) -> Arra
 }
 
 fn compare(op: CmpOp, a: &Tensor, b: &Tensor) -> Tensor {
-    fn cmp<E: PartialOrd + Copy>(op: CmpOp, x: &ArrayD<E>, y: &ArrayD<E>) -> ArrayD<bool> {
-        Zip::from(x).and(y).map_collect(|p, q| match op {
-            CmpOp::Eq => p == q,
-            CmpOp::Ne => p != q,
-            CmpOp::Lt => p < q,
-            CmpOp::Le => p <= q,
-            CmpOp::Gt => p > q,
-            CmpOp::Ge => p >= q,
-        })
+    let holds = op.def().eval;
+    fn cmp<E: PartialOrd + Copy>(holds: fn(Option<std::cmp::Ordering>) -> bool, x: &ArrayD<E>, y: &ArrayD<E>) -> ArrayD<bool> {
+        Zip::from(x).and(y).map_collect(|p, q| holds(p.partial_cmp(q)))
     }
     let out = match (&a.data, &b.data) {
-        (Data::F(x), Data::F(y)) => cmp(op, x, y),
-        (Data::I(x), Data::I(y)) => cmp(op, x, y),
-        (Data::B(x), Data::B(y)) => cmp(op, x, y),
+        (Data::F(x), Data::F(y)) => cmp(holds, x, y),
+        (Data::I(x), Data::I(y)) => cmp(holds, x, y),
+        (Data::B(x), Data::B(y)) => cmp(holds, x, y),
         // The verifier rules out mixed storage; compare false rather than panic.
         _ => ArrayD::from_elem(a.shape(), false),
     };

@@ -102,7 +102,7 @@ impl TracedCall {
             // target refuses it the same way).
             let violations = self.tiling_violations();
             if !violations.is_empty() {
-                return Err(Error::Spec { kernel: kernel.into(), message: format!("does not fit a TPU's (sublane, lane) tiling: {}", violations.join("; ")) });
+                return Err(Error::Spec { kernel: kernel.into(), message: format!("does not fit a TPU: {}", violations.join("; ")) });
             }
         }
         let n_prefetch = self.prefetch.len();

@@ -21,6 +21,11 @@ pub fn broadcast_shapes(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     Some(out)
 }
 
+fn undefined_for(op: &str, dtype: DType, takes: &[DType]) -> String {
+    let takes: Vec<String> = takes.iter().map(|d| d.to_string()).collect();
+    format!("`{op}` is not defined for {dtype}; it takes {}", takes.join(", "))
+}
+
 fn shape_str(s: &[usize]) -> String {
     format!("{s:?}")
 }
@@ -61,6 +66,10 @@ impl Builder {
             let msg = format!("`{}` of {} and {}: dtypes differ; cast one side first", op.name(), ta.dtype, tb.dtype);
             return self.fail(loc, msg, ta);
         }
+        let def = op.def();
+        if def.lowerings(ta.dtype).is_none() {
+            return self.fail(loc, undefined_for(def.name, ta.dtype, &def.dtypes()), ta);
+        }
         match self.broadcast_all(&[lhs, rhs], op.name(), loc) {
             Some((v, shape)) => self.push(OpKind::Binary { op, lhs: v[0], rhs: v[1] }, ValueType::new(ta.dtype, shape), loc),
             None => self.new_value(crate::ir::Type::Value(ta), loc),
@@ -95,13 +104,9 @@ impl Builder {
 
     pub(crate) fn unary(&mut self, op: UnaryOp, x: ValueId, loc: Loc) -> ValueId {
         let t = self.vty(x);
-        let ok = match op {
-            UnaryOp::Neg | UnaryOp::Abs => t.dtype != DType::Bool,
-            UnaryOp::Not => t.dtype == DType::Bool || t.dtype.is_int(),
-            _ => t.dtype.is_float(),
-        };
-        if !ok {
-            return self.fail(loc, format!("`{}` is not defined for {}", op.name(), t.dtype), t);
+        let def = op.def();
+        if def.lowerings(t.dtype).is_none() {
+            return self.fail(loc, undefined_for(def.name, t.dtype, &def.dtypes()), t);
         }
         self.push(OpKind::Unary { op, x }, t, loc)
     }
@@ -170,6 +175,95 @@ impl Builder {
             return self.fail(loc, msg, ValueType::new(dtype, shape));
         }
         self.push(OpKind::Iota { dim }, ValueType::new(dtype, shape), loc)
+    }
+
+    pub(crate) fn roll(&mut self, x: ValueId, shift: ValueId, axis: usize, loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        if axis >= t.shape.len() {
+            return self.fail(
+                loc,
+                format!("roll along axis {axis} of a value of shape {}; a tile of rank {} has axes 0..{}", shape_str(&t.shape), t.shape.len(), t.shape.len()),
+                t,
+            );
+        }
+        let st = self.vty(shift);
+        if st != ValueType::scalar(DType::I32) {
+            return self.fail(loc, format!("roll: the shift must be an i32 scalar, not {st}"), t);
+        }
+        self.push(OpKind::Roll { x, shift, axis }, t, loc)
+    }
+
+    pub(crate) fn slice(&mut self, x: ValueId, start: &[usize], shape: &[usize], loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        let out = ValueType::new(t.dtype, shape);
+        let fits =
+            start.len() == t.shape.len() && shape.len() == t.shape.len() && start.iter().zip(shape).zip(&t.shape).all(|((s, l), d)| s.checked_add(*l).is_some_and(|e| e <= *d));
+        if !fits {
+            return self.fail(loc, format!("slice of shape {} at {} does not fit in a value of shape {}", shape_str(shape), shape_str(start), shape_str(&t.shape)), out);
+        }
+        if shape == t.shape {
+            return x;
+        }
+        self.push(OpKind::Slice { x, start: start.to_vec() }, out, loc)
+    }
+
+    pub(crate) fn concat(&mut self, xs: &[ValueId], axis: usize, loc: Loc) -> ValueId {
+        let types: Vec<ValueType> = xs.iter().map(|&x| self.vty(x)).collect();
+        let Some(first) = types.first().cloned() else { return self.fail(loc, "concatenate of no tiles", ValueType::scalar(DType::F32)) };
+        if axis >= first.shape.len() {
+            return self.fail(loc, format!("concatenate along axis {axis} of values of rank {}", first.shape.len()), first);
+        }
+        let mut shape = first.shape.clone();
+        shape[axis] = 0;
+        for t in &types {
+            let mut other = t.shape.clone();
+            if let Some(a) = other.get_mut(axis) {
+                *a = 0;
+            }
+            if t.dtype != first.dtype || other != shape {
+                let all: Vec<String> = types.iter().map(|t| t.to_string()).collect();
+                return self.fail(loc, format!("concatenate along axis {axis}: values {} differ in dtype or in a dim other than {axis}", all.join(", ")), first);
+            }
+        }
+        shape[axis] = types.iter().map(|t| t.shape[axis]).sum();
+        if xs.len() == 1 {
+            return xs[0];
+        }
+        self.push(OpKind::Concat { xs: xs.to_vec(), axis }, ValueType::new(first.dtype, shape), loc)
+    }
+
+    pub(crate) fn transpose(&mut self, x: ValueId, perm: &[usize], loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        let mut sorted = perm.to_vec();
+        sorted.sort_unstable();
+        if sorted != (0..t.shape.len()).collect::<Vec<_>>() {
+            return self.fail(loc, format!("transpose by {perm:?} of a rank-{} value: the permutation must list each of 0..{} once", t.shape.len(), t.shape.len()), t);
+        }
+        if perm.iter().enumerate().all(|(i, &p)| i == p) {
+            return x;
+        }
+        let shape: Vec<usize> = perm.iter().map(|&p| t.shape[p]).collect();
+        self.push(OpKind::Transpose { x, perm: perm.to_vec() }, ValueType::new(t.dtype, shape), loc)
+    }
+
+    pub(crate) fn bitcast(&mut self, x: ValueId, dtype: DType, loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        let out = ValueType::new(dtype, t.shape.clone());
+        if t.dtype.size_bytes() != dtype.size_bytes() || t.dtype == DType::Bool || dtype == DType::Bool {
+            return self.fail(loc, format!("bitcast from {} to {dtype}: only dtypes of one width (f32 and i32; bf16 and f16) share bits", t.dtype), out);
+        }
+        if t.dtype == dtype {
+            return x;
+        }
+        self.push(OpKind::Bitcast { x }, out, loc)
+    }
+
+    pub(crate) fn assume_multiple(&mut self, x: ValueId, multiple: u32, loc: Loc) -> ValueId {
+        let t = self.vty(x);
+        if multiple == 0 {
+            return self.fail(loc, "multiple_of(0): a value is a multiple of a positive number", t);
+        }
+        self.push(OpKind::AssumeMultiple { x, multiple }, t, loc)
     }
 
     pub(crate) fn splat(&mut self, lit: Literal, dtype: DType, shape: &[usize], loc: Loc) -> ValueId {

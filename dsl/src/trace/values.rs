@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::ops::{Add, BitAnd, BitOr, BitXor, Div, Mul, Neg, Not, Rem, Sub};
 
 use crate::dtype::{DType, DotOperand, Element, Float, Int, Numeric};
-use crate::ir::{BinaryOp, Literal, Loc, ReduceOp, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, CmpOp, Literal, Loc, ReduceOp, UnaryOp, ValueId};
 use crate::trace::builder;
 
 /// A traced value of rank 0: a program id, a loop index, a scalar loaded from SMEM.
@@ -186,18 +186,33 @@ macro_rules! unary_operators {
         impl<T: Numeric> Neg for $ty<T> {
             type Output = $ty<T>;
             #[track_caller]
-            fn neg(self) -> $ty<T> { self.unary(UnaryOp::Neg) }
+            fn neg(self) -> $ty<T> { self.unary_op(UnaryOp::Neg) }
         }
         impl<T: Logical> Not for $ty<T> {
             type Output = $ty<T>;
             #[track_caller]
-            fn not(self) -> $ty<T> { self.unary(UnaryOp::Not) }
+            fn not(self) -> $ty<T> { self.unary_op(UnaryOp::Not) }
         }
         impl<T: Element> $ty<T> {
+            /// Applies the elementwise op `op` (what the named methods call), for code generic
+            /// over ops; a trace error where `op` is not defined for `T`.
             #[track_caller]
-            fn unary(self, op: UnaryOp) -> $ty<T> {
+            pub fn unary_op(self, op: UnaryOp) -> $ty<T> {
                 let loc = Loc::caller();
                 $ty::from_id(builder::with(|b| b.unary(op, self.id, loc)))
+            }
+
+            /// `self op rhs` for the elementwise op `op`, for code generic over ops.
+            #[track_caller]
+            pub fn binary_op(self, op: BinaryOp, rhs: $ty<T>) -> $ty<T> {
+                binary(self, rhs, op)
+            }
+
+            /// `self op rhs` for the comparison `op`, for code generic over comparisons.
+            #[track_caller]
+            pub fn compare_op(self, op: CmpOp, rhs: $ty<T>) -> $ty<bool> {
+                let loc = Loc::caller();
+                $ty::from_id(builder::with(|b| b.compare(op, self.id, rhs.id, loc)))
             }
 
             /// Converts to element type `U` (rounding, truncating toward zero for float to int).
@@ -208,20 +223,39 @@ macro_rules! unary_operators {
             }
         }
         impl<T: Float> $ty<T> {
-            #[track_caller] pub fn exp(self) -> Self { self.unary(UnaryOp::Exp) }
-            #[track_caller] pub fn exp2(self) -> Self { self.unary(UnaryOp::Exp2) }
-            #[track_caller] pub fn log(self) -> Self { self.unary(UnaryOp::Log) }
-            #[track_caller] pub fn sqrt(self) -> Self { self.unary(UnaryOp::Sqrt) }
-            #[track_caller] pub fn rsqrt(self) -> Self { self.unary(UnaryOp::Rsqrt) }
-            #[track_caller] pub fn tanh(self) -> Self { self.unary(UnaryOp::Tanh) }
-            #[track_caller] pub fn sigmoid(self) -> Self { self.unary(UnaryOp::Logistic) }
-            #[track_caller] pub fn sin(self) -> Self { self.unary(UnaryOp::Sin) }
-            #[track_caller] pub fn cos(self) -> Self { self.unary(UnaryOp::Cos) }
-            #[track_caller] pub fn floor(self) -> Self { self.unary(UnaryOp::Floor) }
-            #[track_caller] pub fn ceil(self) -> Self { self.unary(UnaryOp::Ceil) }
+            #[track_caller] pub fn exp(self) -> Self { self.unary_op(UnaryOp::Exp) }
+            #[track_caller] pub fn exp2(self) -> Self { self.unary_op(UnaryOp::Exp2) }
+            #[track_caller] pub fn log(self) -> Self { self.unary_op(UnaryOp::Log) }
+            #[track_caller] pub fn sqrt(self) -> Self { self.unary_op(UnaryOp::Sqrt) }
+            #[track_caller] pub fn rsqrt(self) -> Self { self.unary_op(UnaryOp::Rsqrt) }
+            #[track_caller] pub fn tanh(self) -> Self { self.unary_op(UnaryOp::Tanh) }
+            #[track_caller] pub fn sigmoid(self) -> Self { self.unary_op(UnaryOp::Logistic) }
+            #[track_caller] pub fn sin(self) -> Self { self.unary_op(UnaryOp::Sin) }
+            #[track_caller] pub fn cos(self) -> Self { self.unary_op(UnaryOp::Cos) }
+            #[track_caller] pub fn floor(self) -> Self { self.unary_op(UnaryOp::Floor) }
+            #[track_caller] pub fn ceil(self) -> Self { self.unary_op(UnaryOp::Ceil) }
+            #[track_caller] pub fn erf(self) -> Self { self.unary_op(UnaryOp::Erf) }
+        }
+        impl $ty<i32> {
+            /// `self << amount`; amounts outside `0..32` are unspecified on a TPU (the
+            /// interpreter reports them).
+            #[track_caller]
+            pub fn shift_left<R>(self, amount: R) -> <Self as Elementwise<R>>::Output where Self: Elementwise<R> {
+                binary(self, amount, BinaryOp::ShiftLeft)
+            }
+            /// `self >> amount`, filling with the sign bit (Rust's `>>` on `i32`).
+            #[track_caller]
+            pub fn shift_right_arithmetic<R>(self, amount: R) -> <Self as Elementwise<R>>::Output where Self: Elementwise<R> {
+                binary(self, amount, BinaryOp::ShiftRightArithmetic)
+            }
+            /// `self >> amount`, filling with zeros (Rust's `>>` on `u32`).
+            #[track_caller]
+            pub fn shift_right_logical<R>(self, amount: R) -> <Self as Elementwise<R>>::Output where Self: Elementwise<R> {
+                binary(self, amount, BinaryOp::ShiftRightLogical)
+            }
         }
         impl<T: Numeric> $ty<T> {
-            #[track_caller] pub fn abs(self) -> Self { self.unary(UnaryOp::Abs) }
+            #[track_caller] pub fn abs(self) -> Self { self.unary_op(UnaryOp::Abs) }
         }
     )*};
 }
@@ -297,6 +331,37 @@ impl<T: Element> Tile<T> {
         Tile::from_id(builder::with(|b| b.broadcast_to(self.id, shape.as_ref(), loc)))
     }
 
+    /// Rotates along `axis` as `jnp.roll` (and Pallas' `pltpu.roll`): element `i` moves to
+    /// `(i + shift) mod n`. `shift` is an `i32` or a traced `Scalar<i32>`, of either sign; on a
+    /// TPU this is one lane or sublane rotate (`tpu.dynamic_rotate`).
+    #[track_caller]
+    pub fn roll(self, shift: impl Shift, axis: usize) -> Tile<T> {
+        let loc = Loc::caller();
+        let s = shift.shift_id(loc);
+        Tile::from_id(builder::with(|b| b.roll(self.id, s, axis, loc)))
+    }
+
+    /// The static window of `shape` at `start` (numpy's `x[s0:s0+n0, s1:s1+n1]`).
+    #[track_caller]
+    pub fn slice(self, start: impl AsRef<[usize]>, shape: impl AsRef<[usize]>) -> Tile<T> {
+        let loc = Loc::caller();
+        Tile::from_id(builder::with(|b| b.slice(self.id, start.as_ref(), shape.as_ref(), loc)))
+    }
+
+    /// Permutes the axes: the result's axis `i` is this tile's axis `perm[i]`.
+    #[track_caller]
+    pub fn transpose(self, perm: impl AsRef<[usize]>) -> Tile<T> {
+        let loc = Loc::caller();
+        Tile::from_id(builder::with(|b| b.transpose(self.id, perm.as_ref(), loc)))
+    }
+
+    /// The same bits read as `U`, of the same width (f32 and i32).
+    #[track_caller]
+    pub fn bitcast<U: Element>(self) -> Tile<U> {
+        let loc = Loc::caller();
+        Tile::from_id(builder::with(|b| b.bitcast(self.id, U::DTYPE, loc)))
+    }
+
     /// Inserts an axis of length 1 at `axis` (numpy's `x[:, None]` for `axis = 1`).
     #[track_caller]
     pub fn expand_dims(self, axis: usize) -> Tile<T> {
@@ -346,6 +411,59 @@ reductions! {
     sum, sum_keepdims, ReduceOp::Sum, "Sum over `axis`, which is removed.";
     max, max_keepdims, ReduceOp::Max, "Maximum over `axis` (NaN-propagating), which is removed.";
     min, min_keepdims, ReduceOp::Min, "Minimum over `axis` (NaN-propagating), which is removed.";
+}
+
+impl<T: Float> Tile<T> {
+    /// The mean over `axis`, which is removed.
+    #[track_caller]
+    pub fn mean(self, axis: usize) -> Tile<T> {
+        let n = self.shape().get(axis).copied().unwrap_or(1);
+        self.sum(axis) / n as f32
+    }
+
+    /// The mean over `axis`, kept with length 1.
+    #[track_caller]
+    pub fn mean_keepdims(self, axis: usize) -> Tile<T> {
+        let n = self.shape().get(axis).copied().unwrap_or(1);
+        self.sum_keepdims(axis) / n as f32
+    }
+}
+
+/// What `roll` takes as a shift: a literal or a traced scalar.
+#[doc(hidden)]
+pub trait Shift {
+    fn shift_id(self, loc: Loc) -> ValueId;
+}
+
+impl Shift for i32 {
+    fn shift_id(self, loc: Loc) -> ValueId {
+        builder::with(|b| b.constant(Literal::Int(self as i64), DType::I32, loc))
+    }
+}
+
+impl Shift for Scalar<i32> {
+    fn shift_id(self, _: Loc) -> ValueId {
+        self.id
+    }
+}
+
+impl Scalar<i32> {
+    /// This value, which the kernel promises is a multiple of `multiple` (Pallas'
+    /// `pl.multiple_of`): lets a TPU prove offsets built from it aligned. The interpreter checks
+    /// the promise.
+    #[track_caller]
+    pub fn multiple_of(self, multiple: u32) -> Scalar<i32> {
+        let loc = Loc::caller();
+        Scalar::from_id(builder::with(|b| b.assume_multiple(self.id, multiple, loc)))
+    }
+}
+
+/// `tiles` joined along `axis` (they agree in every other dim).
+#[track_caller]
+pub fn concatenate<T: Element>(tiles: &[Tile<T>], axis: usize) -> Tile<T> {
+    let loc = Loc::caller();
+    let ids: Vec<ValueId> = tiles.iter().map(|t| t.id).collect();
+    Tile::from_id(builder::with(|b| b.concat(&ids, axis, loc)))
 }
 
 /// Picks `on_true` where `cond` holds, else `on_false`, broadcasting all three.

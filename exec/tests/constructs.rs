@@ -1,0 +1,258 @@
+//! The tile constructs beyond elementwise ops (roll, slicing, concatenation, transposition,
+//! bitcast, mean, `multiple_of`): each against an independent reference written here, on the
+//! interpreter and PJRT CPU, and compiled by libtpu for every chip.
+
+use ndarray::{ArrayD, Axis, IxDyn};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use torchtpu_codegen::{lower, Target};
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::prelude::*;
+use torchtpu_exec::{Backend, Compiled};
+use torchtpu_runtime::{Chip, TpuCompiler};
+
+#[tpu_kernel]
+fn roll_static<T: Element>(x: &Ref<T>, y: &mut Ref<T>, shift: i32, axis: usize) {
+    y.store(x.load().roll(shift, axis));
+}
+
+/// Program `i` rolls the whole input by `i * step + offset`, a traced shift.
+#[tpu_kernel]
+fn roll_traced<T: Element>(x: &Ref<T>, y: &mut Ref<T>, step: i32, offset: i32, axis: usize) {
+    y.store(x.load().roll(program_id(0) * step + offset, axis));
+}
+
+#[tpu_kernel]
+fn window<T: Element>(x: &Ref<T>, y: &mut Ref<T>, start: [usize; 2], shape: [usize; 2]) {
+    let w = x.load().slice(start, shape);
+    y.store(concatenate(&[w, w], 1).slice([0, 0], y.shape()));
+}
+
+#[tpu_kernel]
+fn joined<T: Element>(a: &Ref<T>, b: &Ref<T>, y: &mut Ref<T>, axis: usize) {
+    y.store(concatenate(&[a.load(), b.load()], axis));
+}
+
+#[tpu_kernel]
+fn transposed<T: Element>(x: &Ref<T>, y: &mut Ref<T>) {
+    y.store(x.load().transpose([1, 0]));
+}
+
+#[tpu_kernel]
+fn float_bits(x: &Ref<f32>, y: &mut Ref<i32>) {
+    y.store(x.load().bitcast::<i32>().shift_right_logical(23));
+}
+
+#[tpu_kernel]
+fn from_bits(x: &Ref<i32>, y: &mut Ref<f32>) {
+    y.store(x.load().bitcast::<f32>());
+}
+
+#[tpu_kernel]
+fn row_mean<T: Float>(x: &Ref<T>, y: &mut Ref<T>) {
+    let m = x.load().mean_keepdims(1);
+    y.store(m.broadcast_to(y.shape()));
+}
+
+/// Program `i` copies the 128 lanes at `offsets[i]`, promised a multiple of 128 when `promise`.
+#[tpu_kernel]
+fn lanes_at(offsets: &Prefetch<i32>, x: &Ref<f32>, y: &mut Ref<f32>, promise: bool) {
+    let at = offsets.get([program_id(0)]);
+    let at = if promise { at.multiple_of(128) } else { at };
+    y.store(x.load_at((.., ds(at, 128))));
+}
+
+/// A problem: the call, its operands, and the outputs computed independently in f64.
+struct Case {
+    name: String,
+    call: PallasCall,
+    inputs: Vec<HostArray>,
+    want: Vec<ArrayD<f64>>,
+    dtype: DType,
+}
+
+fn random(rng: &mut StdRng, dtype: DType, shape: &[usize]) -> HostArray {
+    let a = ArrayD::from_shape_simple_fn(shape.to_vec(), || if dtype.is_float() { rng.random_range(-4.0..4.0) } else { f64::from(rng.random_range(-1000..1000)) });
+    HostArray::from_f64(dtype, &a)
+}
+
+/// `jnp.roll`: output `i` along `axis` is input `(i - shift) mod n`.
+fn np_roll(x: &ArrayD<f64>, shift: i64, axis: usize) -> ArrayD<f64> {
+    let n = x.shape()[axis] as i64;
+    ArrayD::from_shape_fn(x.raw_dim(), |ix| {
+        let mut src = ix.clone();
+        src[axis] = (ix[axis] as i64 - shift).rem_euclid(n) as usize;
+        x[src]
+    })
+}
+
+fn spec(shape: [usize; 2]) -> BlockSpec {
+    BlockSpec::new(shape, |[_i]| (0, 0))
+}
+
+fn cases(rng: &mut StdRng) -> Vec<Case> {
+    let mut out = Vec::new();
+    let shape = [16, 256];
+    for dtype in [DType::F32, DType::BF16, DType::I32] {
+        for axis in [0, 1] {
+            for shift in [0, 1, 5, 127, 128, -1, -300, 1000] {
+                let kernel = match dtype {
+                    DType::BF16 => roll_static::kernel::<bf16>(shift, axis),
+                    DType::I32 => roll_static::kernel::<i32>(shift, axis),
+                    _ => roll_static::kernel::<f32>(shift, axis),
+                };
+                let x = random(rng, dtype, &shape);
+                let want = vec![np_roll(&x.to_f64(), i64::from(shift), axis)];
+                let call = PallasCall::new(kernel).grid([1]).in_specs([spec(shape)]).out_specs([spec(shape)]).out_shapes([shape]);
+                out.push(Case { name: format!("roll {dtype} by {shift} along {axis}"), call, inputs: vec![x], want, dtype });
+            }
+            // A traced shift: program i rolls by i * 37 - 60, covering negative and large shifts.
+            let (step, offset, programs) = (37, -60, 4);
+            let kernel = match dtype {
+                DType::BF16 => roll_traced::kernel::<bf16>(step, offset, axis),
+                DType::I32 => roll_traced::kernel::<i32>(step, offset, axis),
+                _ => roll_traced::kernel::<f32>(step, offset, axis),
+            };
+            let x = random(rng, dtype, &shape);
+            let xf = x.to_f64();
+            let parts: Vec<ArrayD<f64>> = (0..programs).map(|i| np_roll(&xf, i64::from(i * step + offset), axis)).collect();
+            let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+            let want = vec![ndarray::concatenate(Axis(0), &views).expect("same shapes")];
+            let call = PallasCall::new(kernel)
+                .grid([programs as usize])
+                .in_specs([spec(shape)])
+                .out_specs([BlockSpec::new(shape, |[i]| (i, 0))])
+                .out_shapes([[shape[0] * programs as usize, shape[1]]]);
+            out.push(Case { name: format!("roll {dtype} by a traced shift along {axis}"), call, inputs: vec![x], want, dtype });
+        }
+        // A window at an unaligned offset, joined with itself and cut to 128 lanes.
+        for (start, wshape) in [([8, 0], [8, 128]), ([3, 127], [5, 1]), ([0, 64], [16, 64])] {
+            let kernel = match dtype {
+                DType::BF16 => window::kernel::<bf16>(start, wshape),
+                DType::I32 => window::kernel::<i32>(start, wshape),
+                _ => window::kernel::<f32>(start, wshape),
+            };
+            let x = random(rng, dtype, &shape);
+            let xf = x.to_f64();
+            let oshape = [wshape[0], (2 * wshape[1]).min(128)];
+            let want = vec![ArrayD::from_shape_fn(IxDyn(&oshape), |ix| xf[[start[0] + ix[0], start[1] + ix[1] % wshape[1]]])];
+            let call = PallasCall::new(kernel).grid([1]).in_specs([spec(shape)]).out_specs([spec(oshape)]).out_shapes([oshape]);
+            out.push(Case { name: format!("slice {dtype} {wshape:?} at {start:?}"), call, inputs: vec![x], want, dtype });
+        }
+        for axis in [0, 1] {
+            let kernel = match dtype {
+                DType::BF16 => joined::kernel::<bf16>(axis),
+                DType::I32 => joined::kernel::<i32>(axis),
+                _ => joined::kernel::<f32>(axis),
+            };
+            let (a, b) = (random(rng, dtype, &shape), random(rng, dtype, &shape));
+            let want = vec![ndarray::concatenate(Axis(axis), &[a.to_f64().view(), b.to_f64().view()]).expect("same shapes")];
+            let oshape = if axis == 0 { [32, 256] } else { [16, 512] };
+            let call = PallasCall::new(kernel).grid([1]).in_specs([spec(shape), spec(shape)]).out_specs([spec(oshape)]).out_shapes([oshape]);
+            out.push(Case { name: format!("concatenate {dtype} along {axis}"), call, inputs: vec![a, b], want, dtype });
+        }
+        let kernel = match dtype {
+            DType::BF16 => transposed::kernel::<bf16>(),
+            DType::I32 => transposed::kernel::<i32>(),
+            _ => transposed::kernel::<f32>(),
+        };
+        let tshape = [128, 256];
+        let x = random(rng, dtype, &tshape);
+        let want = vec![x.to_f64().reversed_axes().as_standard_layout().into_owned()];
+        let call = PallasCall::new(kernel).grid([1]).in_specs([spec(tshape)]).out_specs([spec([256, 128])]).out_shapes([[256, 128]]);
+        out.push(Case { name: format!("transpose {dtype}"), call, inputs: vec![x], want, dtype });
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        let kernel = if dtype == DType::BF16 { row_mean::kernel::<bf16>() } else { row_mean::kernel::<f32>() };
+        let x = random(rng, dtype, &shape);
+        let xf = x.to_f64();
+        let means = xf.mean_axis(Axis(1)).expect("non-empty");
+        let want = vec![ArrayD::from_shape_fn(IxDyn(&shape), |ix| means[ix[0]])];
+        let call = PallasCall::new(kernel).grid([1]).in_specs([spec(shape)]).out_specs([spec(shape)]).out_shapes([shape]);
+        out.push(Case { name: format!("mean {dtype}"), call, inputs: vec![x], want, dtype });
+    }
+    let x = random(rng, DType::F32, &shape);
+    let bits: Vec<f64> = x.to_f64().iter().map(|&v| f64::from((v as f32).to_bits() >> 23)).collect();
+    let call = PallasCall::new(float_bits::kernel()).grid([1]).in_specs([spec(shape)]).out_specs([spec(shape)]).out_shapes([shape]);
+    out.push(Case { name: "bitcast f32 to i32".into(), call, inputs: vec![x], want: vec![ArrayD::from_shape_vec(IxDyn(&shape), bits).expect("shape")], dtype: DType::I32 });
+    let ints = ArrayD::from_shape_simple_fn(IxDyn(&shape), || rng.random_range(0x3f00_0000..0x4100_0000));
+    let want = vec![ints.mapv(|b: i32| f64::from(f32::from_bits(b as u32)))];
+    let call = PallasCall::new(from_bits::kernel()).grid([1]).in_specs([spec(shape)]).out_specs([spec(shape)]).out_shapes([shape]);
+    out.push(Case { name: "bitcast i32 to f32".into(), call, inputs: vec![HostArray::from(ints)], want, dtype: DType::F32 });
+    out
+}
+
+#[test]
+fn constructs_match_their_references_on_both_cpu_backends_and_compile_for_every_chip() {
+    let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required for these tests (run scripts/setup.sh): {e}"));
+    let seed: u64 = std::env::var("TORCHTPU_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut failures = Vec::new();
+    for case in cases(&mut rng) {
+        let types: Vec<ValueType> = case.inputs.iter().map(HostArray::value_type).collect();
+        let traced = match case.call.trace(&types) {
+            Ok(t) => t,
+            Err(e) => {
+                failures.push(format!("{}: {e}", case.name));
+                continue;
+            }
+        };
+        let tol = torchtpu_dsl::accuracy::tolerance(case.dtype);
+        let interpreted = case.call.interpret_checked(&case.inputs).map_err(|e| e.to_string());
+        let cpu = Compiled::new(&traced, Backend::Cpu).and_then(|c| c.run(&case.inputs)).map_err(|e| e.to_string());
+        for (backend, out) in [("interpreter", interpreted), ("PJRT CPU", cpu)] {
+            match out {
+                Ok(o) => {
+                    let err = torchtpu_dsl::accuracy::relative_error(&o[0], &case.want[0]);
+                    if err > tol {
+                        failures.push(format!("{} on the {backend}: error {err:e} > {tol:e}", case.name));
+                    }
+                }
+                Err(e) => failures.push(format!("{} on the {backend}: {e}", case.name)),
+            }
+        }
+        match lower(&traced, Target::TpuStableHlo) {
+            Ok(module) => {
+                for chip in Chip::ALL {
+                    if let Err(e) = compiler.compile(chip, &module) {
+                        failures.push(format!("{} for {chip}: {}", case.name, e.message));
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("{}: lower() refuses it: {e}", case.name)),
+        }
+    }
+    assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
+}
+
+fn lanes_at_call(promise: bool) -> PallasCall {
+    PallasCall::new(lanes_at::kernel(promise)).grid([3]).in_specs([spec([8, 512])]).out_specs([BlockSpec::new([8, 128], |[i]| (0, i))]).out_shapes([[8, 384]])
+}
+
+#[test]
+fn multiple_of_lets_a_tpu_address_lanes_at_offsets_read_from_memory() {
+    let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required for these tests (run scripts/setup.sh): {e}"));
+    let offsets = HostArray::from(ndarray::arr1(&[256, 0, 384]).into_dyn());
+    let x = HostArray::from_f64(DType::F32, &ArrayD::from_shape_fn(IxDyn(&[8, 512]), |ix| (ix[0] * 1000 + ix[1]) as f64));
+    let types = [offsets.value_type(), x.value_type()];
+    let want = ArrayD::from_shape_fn(IxDyn(&[8, 384]), |ix| (ix[0] * 1000 + [256, 0, 384][ix[1] / 128] + ix[1] % 128) as f64);
+    for promise in [false, true] {
+        let call = lanes_at_call(promise);
+        let traced = call.trace(&types).expect("traces");
+        let ours = lower(&traced, Target::TpuStableHlo);
+        assert_eq!(ours.is_ok(), promise, "promise {promise}: {:?}", ours.err().map(|e| e.to_string()));
+        if let Ok(module) = ours {
+            for chip in Chip::ALL {
+                assert!(compiler.compile(chip, &module).is_ok(), "{chip}");
+            }
+        }
+        let inputs = [offsets.clone(), x.clone()];
+        for out in [call.interpret(&inputs).expect("interprets"), Compiled::new(&traced, Backend::Cpu).and_then(|c| c.run(&inputs)).expect("runs on PJRT CPU")] {
+            assert_eq!(out[0].to_f64(), want);
+        }
+    }
+    // A broken promise is the interpreter's error, at the kernel's line.
+    let bad = [HostArray::from(ndarray::arr1(&[256, 64, 384]).into_dyn()), x];
+    let err = lanes_at_call(true).interpret(&bad).expect_err("64 is not a multiple of 128").to_string();
+    assert!(err.contains("multiple of 128") && err.contains("value is 64") && err.contains("constructs.rs"), "{err}");
+}
