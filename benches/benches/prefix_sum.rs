@@ -1,6 +1,6 @@
-//! A running sum along lanes (4096 × 128 f32, 256-row blocks) three ways: a scan of lane
-//! rolls, a triangular matmul, and rolls emulated through a double-width scratch. Times each
-//! on the interpreter, and prints each one's TPU code size from libtpu for every chip.
+//! A running sum along lanes (4096 × 128 f32) three ways: a scan of lane rolls, a triangular
+//! matmul, and rolls emulated through a double-width scratch. Times each on the interpreter at
+//! 8- and 256-row blocks, and prints each one's TPU code size from libtpu for every chip.
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use rand::rngs::StdRng;
@@ -12,8 +12,8 @@ use torchtpu_testkernels::Example;
 
 const SCANS: [Scan; 3] = [Scan::Roll, Scan::Matmul, Scan::Scratch];
 
-fn problem(scan: Scan) -> PrefixSum {
-    PrefixSum { rows: 4096, block_rows: 256, scan }
+fn problem(scan: Scan, block_rows: usize) -> PrefixSum {
+    PrefixSum { rows: 4096, block_rows, scan }
 }
 
 fn code_sizes() {
@@ -22,7 +22,7 @@ fn code_sizes() {
         return;
     };
     for scan in SCANS {
-        let p = problem(scan);
+        let p = problem(scan, 256);
         let traced = p.call().trace(&p.operand_types()).expect("traces");
         let module = lower(&traced, Target::TpuStableHlo).expect("lowers");
         let sizes: Vec<String> = Chip::ALL
@@ -38,13 +38,15 @@ fn code_sizes() {
 
 fn prefix_sum(c: &mut Criterion) {
     code_sizes();
-    let mut group = c.benchmark_group("prefix_sum_4096x128_f32_b256/interpret");
+    let mut group = c.benchmark_group("prefix_sum_4096x128_f32/interpret");
     group.sample_size(20);
-    for scan in SCANS {
-        let p = problem(scan);
-        let inputs = p.random_inputs(&mut StdRng::seed_from_u64(0));
-        let call = p.call();
-        group.bench_function(format!("{scan:?}"), |b| b.iter(|| call.interpret(&inputs).expect("runs")));
+    for block_rows in [8, 256] {
+        for scan in SCANS {
+            let p = problem(scan, block_rows);
+            let inputs = p.random_inputs(&mut StdRng::seed_from_u64(0));
+            let call = p.call();
+            group.bench_function(format!("b{block_rows}/{scan:?}"), |b| b.iter(|| call.interpret(&inputs).expect("runs")));
+        }
     }
     group.finish();
 }

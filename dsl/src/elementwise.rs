@@ -89,6 +89,8 @@ pub type BinaryForm<E> = Form<E, BinaryComposite>;
 pub type FloatBinary = BinaryForm<fn(f32, f32) -> f32>;
 pub type IntBinary = BinaryForm<fn(i32, i32) -> IntResult>;
 pub type BoolBinary = BinaryForm<fn(bool, bool) -> bool>;
+pub type UnaryEvals = Evals<fn(f32) -> f32, fn(i32) -> i32, fn(bool) -> bool>;
+pub type BinaryEvals = Evals<fn(f32, f32) -> f32, fn(i32, i32) -> IntResult, fn(bool, bool) -> bool>;
 
 pub struct UnaryDef {
     pub name: &'static str,
@@ -125,7 +127,32 @@ fn takes<E, C: Copy>(form: &Option<Form<E, C>>, dtype: DType) -> Option<Lowering
     Some(Lowerings { mosaic, mosaic_widened, stablehlo: f.stablehlo })
 }
 
+/// The scalar functions of a def as constants (`None` where the class is undefined), for
+/// code that must see them at compile time (the interpreter's loops inline them).
+pub struct Evals<F, I, B> {
+    pub float: Option<F>,
+    pub int: Option<I>,
+    pub boolean: Option<B>,
+}
+
 impl UnaryDef {
+    pub const fn evals(&self) -> UnaryEvals {
+        Evals {
+            float: match self.float {
+                Some(f) => Some(f.eval),
+                None => None,
+            },
+            int: match self.int {
+                Some(f) => Some(f.eval),
+                None => None,
+            },
+            boolean: match self.boolean {
+                Some(f) => Some(f.eval),
+                None => None,
+            },
+        }
+    }
+
     /// The lowerings for `dtype`, or `None` where the op is not defined for it.
     pub fn lowerings(&self, dtype: DType) -> Option<Lowerings<UnaryComposite>> {
         match Class::of(dtype) {
@@ -142,6 +169,23 @@ impl UnaryDef {
 }
 
 impl BinaryDef {
+    pub const fn evals(&self) -> BinaryEvals {
+        Evals {
+            float: match self.float {
+                Some(f) => Some(f.eval),
+                None => None,
+            },
+            int: match self.int {
+                Some(f) => Some(f.eval),
+                None => None,
+            },
+            boolean: match self.boolean {
+                Some(f) => Some(f.eval),
+                None => None,
+            },
+        }
+    }
+
     /// The lowerings for `dtype`, or `None` where the op is not defined for it.
     pub fn lowerings(&self, dtype: DType) -> Option<Lowerings<BinaryComposite>> {
         match Class::of(dtype) {
@@ -264,8 +308,11 @@ fn bool_not(c: &mut dyn Compose, x: &str) -> String {
 }
 
 impl UnaryOp {
-    pub fn def(self) -> UnaryDef {
-        let op = |name, transcendental, float| UnaryDef { name, transcendental, float, int: None, boolean: None };
+    #[inline(always)]
+    pub const fn def(self) -> UnaryDef {
+        const fn op(name: &'static str, transcendental: bool, float: Option<UnaryForm<f32>>) -> UnaryDef {
+            UnaryDef { name, transcendental, float, int: None, boolean: None }
+        }
         match self {
             UnaryOp::Neg => UnaryDef {
                 name: "neg",
@@ -329,14 +376,17 @@ impl UnaryOp {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         self.def().name
     }
 }
 
 impl BinaryOp {
-    pub fn def(self) -> BinaryDef {
-        let arith = |name, float, int, boolean| BinaryDef { name, transcendental: false, float, int, boolean };
+    #[inline(always)]
+    pub const fn def(self) -> BinaryDef {
+        const fn arith(name: &'static str, float: Option<FloatBinary>, int: Option<IntBinary>, boolean: Option<BoolBinary>) -> BinaryDef {
+            BinaryDef { name, transcendental: false, float, int, boolean }
+        }
         match self {
             BinaryOp::Add => arith("add", float_binary(|a, b| a + b, "arith.addf", "stablehlo.add"), int_arith(|a, b| Ok(a.wrapping_add(b)), "arith.addi", "stablehlo.add"), None),
             BinaryOp::Sub => {
@@ -414,7 +464,7 @@ impl BinaryOp {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         self.def().name
     }
 }
@@ -442,7 +492,8 @@ pub struct CmpDef {
 }
 
 impl CmpOp {
-    pub fn def(self) -> CmpDef {
+    #[inline(always)]
+    pub const fn def(self) -> CmpDef {
         use Ordering::*;
         use Predicate::{Composite, Is};
         match self {
@@ -515,7 +566,7 @@ impl CmpOp {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         self.def().name
     }
 

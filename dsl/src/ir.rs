@@ -201,6 +201,12 @@ impl fmt::Display for Index {
     }
 }
 
+/// Code run once per variant of an op enum, the variant being `ALL[I]`.
+pub trait Specialized<E> {
+    type Out;
+    fn run<const I: usize>(self) -> Self::Out;
+}
+
 /// Declares an op enum with `ALL`, every variant in order, so tables over ops (the
 /// conformance matrix, the docs) cannot miss one.
 macro_rules! op_enum {
@@ -210,6 +216,13 @@ macro_rules! op_enum {
         pub enum $name { $($(#[$vm])* $v),* }
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$v),*];
+
+            /// Runs `v` compiled once per variant, with the variant a compile-time constant
+            /// (`$name::ALL[I]`): the interpreter's loops inline the op's scalar function.
+            #[inline(always)]
+            pub fn specialize<V: Specialized<$name>>(self, v: V) -> V::Out {
+                match self { $($name::$v => v.run::<{ $name::$v as usize }>()),* }
+            }
         }
     };
 }

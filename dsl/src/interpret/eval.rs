@@ -9,7 +9,7 @@ use crate::dtype::DType;
 use crate::elementwise::{nan_max, nan_min};
 use crate::error::{Error, Result};
 use crate::interpret::tensor::{round_f32, wrap_i32, Data, Tensor};
-use crate::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Specialized, Type, UnaryOp, ValueId};
 
 /// A ref's memory during interpretation, with an initialization mask in checked mode.
 #[derive(Clone, Debug)]
@@ -210,9 +210,9 @@ impl<'f> Eval<'f> {
                 buf.last_store = Some(loc);
                 return Ok(());
             }
-            OpKind::Unary { op: u, x } => self.unary(ctx, *u, self.get(*x), loc)?,
-            OpKind::Binary { op: b, lhs, rhs } => self.binary(ctx, *b, self.get(*lhs), self.get(*rhs), loc)?,
-            OpKind::Compare { op: c, lhs, rhs } => compare(*c, self.get(*lhs), self.get(*rhs)),
+            OpKind::Unary { op: u, x } => u.specialize(UnaryRun { ctx, x: self.get(*x), loc })?,
+            OpKind::Binary { op: b, lhs, rhs } => b.specialize(BinaryRun { ctx, a: self.get(*lhs), b: self.get(*rhs), loc })?,
+            OpKind::Compare { op: c, lhs, rhs } => c.specialize(CompareRun { a: self.get(*lhs), b: self.get(*rhs) }),
             OpKind::Select { cond, on_true, on_false } => {
                 let (c, a, b) = (self.get(*cond), self.get(*on_true), self.get(*on_false));
                 let Data::B(c) = &c.data else { return Err(ctx.runtime(loc, "select condition is not bool")) };
@@ -369,55 +369,140 @@ impl<'f> Eval<'f> {
         self.set(op.results[0], t);
         Ok(())
     }
+}
 
-    fn unary(&self, ctx: &Ctx, op: UnaryOp, x: &Tensor, loc: Loc) -> Result<Tensor> {
-        let def = op.def();
-        let undefined = || ctx.runtime(loc, format!("`{}` of {}", def.name, x.dtype));
+struct UnaryRun<'a> {
+    ctx: &'a Ctx<'a>,
+    x: &'a Tensor,
+    loc: Loc,
+}
+
+/// The scalar function of one class of an op, named as a constant inside its loop so that
+/// every op's loop is its own monomorphic, inlined and vectorizable copy (a function pointer
+/// passed in stays an indirect call per element). Classes the op lacks are refused before the
+/// loop; their stand-in is never called.
+macro_rules! scalar_fn {
+    ($op:ident, $i:ident, $class:ident, $stand_in:expr) => {
+        const {
+            match $op::ALL[$i].def().evals().$class {
+                Some(f) => f,
+                None => $stand_in,
+            }
+        }
+    };
+}
+
+/// An error for a class the op does not define, before its loop runs.
+macro_rules! defined_or {
+    ($op:ident, $i:ident, $class:ident, $undefined:expr) => {
+        if const { $op::ALL[$i].def().evals().$class.is_none() } {
+            return Err($undefined);
+        }
+    };
+}
+
+impl Specialized<UnaryOp> for UnaryRun<'_> {
+    type Out = Result<Tensor>;
+    #[inline(always)]
+    fn run<const I: usize>(self) -> Result<Tensor> {
+        let (ctx, x, loc) = (self.ctx, self.x, self.loc);
+        let undefined = || ctx.runtime(loc, format!("`{}` of {}", const { UnaryOp::ALL[I].name() }, x.dtype));
         Ok(match &x.data {
-            Data::F(a) => Tensor::float(x.dtype, a.mapv(def.float.ok_or_else(undefined)?.eval)),
-            Data::I(a) => Tensor::int(x.dtype, a.mapv(def.int.ok_or_else(undefined)?.eval)),
-            Data::B(a) => Tensor::boolean(a.mapv(def.boolean.ok_or_else(undefined)?.eval)),
+            Data::F(a) => {
+                defined_or!(UnaryOp, I, float, undefined());
+                Tensor::float(x.dtype, a.mapv(|v| scalar_fn!(UnaryOp, I, float, |v| v)(v)))
+            }
+            Data::I(a) => {
+                defined_or!(UnaryOp, I, int, undefined());
+                Tensor::int(x.dtype, a.mapv(|v| scalar_fn!(UnaryOp, I, int, |v| v)(v)))
+            }
+            Data::B(a) => {
+                defined_or!(UnaryOp, I, boolean, undefined());
+                Tensor::boolean(a.mapv(|v| scalar_fn!(UnaryOp, I, boolean, |v| v)(v)))
+            }
         })
     }
+}
 
-    fn binary(&self, ctx: &Ctx, op: BinaryOp, a: &Tensor, b: &Tensor, loc: Loc) -> Result<Tensor> {
-        let def = op.def();
-        let undefined = || ctx.runtime(loc, format!("`{}` of {}", def.name, a.dtype));
+struct BinaryRun<'a> {
+    ctx: &'a Ctx<'a>,
+    a: &'a Tensor,
+    b: &'a Tensor,
+    loc: Loc,
+}
+
+impl Specialized<BinaryOp> for BinaryRun<'_> {
+    type Out = Result<Tensor>;
+    #[inline(always)]
+    fn run<const I: usize>(self) -> Result<Tensor> {
+        let (ctx, a, b, loc) = (self.ctx, self.a, self.b, self.loc);
+        let name = const { BinaryOp::ALL[I].name() };
+        let undefined = || ctx.runtime(loc, format!("`{name}` of {}", a.dtype));
         Ok(match (&a.data, &b.data) {
             (Data::F(x), Data::F(y)) => {
-                let f = def.float.ok_or_else(undefined)?.eval;
-                Tensor::float(a.dtype, Zip::from(x).and(y).map_collect(|&p, &q| f(p, q)))
+                defined_or!(BinaryOp, I, float, undefined());
+                Tensor::float(a.dtype, Zip::from(x).and(y).map_collect(|&p, &q| scalar_fn!(BinaryOp, I, float, |p, _| p)(p, q)))
             }
             (Data::I(x), Data::I(y)) => {
-                let f = def.int.ok_or_else(undefined)?.eval;
+                defined_or!(BinaryOp, I, int, undefined());
                 let mut outside = None;
                 let r = Zip::from(x).and(y).map_collect(|&p, &q| {
-                    f(p, q).unwrap_or_else(|why| {
+                    scalar_fn!(BinaryOp, I, int, |p, _| Ok(p))(p, q).unwrap_or_else(|why| {
                         outside.get_or_insert(why);
                         0
                     })
                 });
                 if let Some(why) = outside {
-                    return Err(ctx.runtime(loc, format!("`{}`: {why}", def.name)));
+                    return Err(ctx.runtime(loc, format!("`{name}`: {why}")));
                 }
                 Tensor::int(a.dtype, r)
             }
             (Data::B(x), Data::B(y)) => {
-                let f = def.boolean.ok_or_else(undefined)?.eval;
-                Tensor::boolean(Zip::from(x).and(y).map_collect(|&p, &q| f(p, q)))
+                defined_or!(BinaryOp, I, boolean, undefined());
+                Tensor::boolean(Zip::from(x).and(y).map_collect(|&p, &q| scalar_fn!(BinaryOp, I, boolean, |p, _| p)(p, q)))
             }
-            _ => return Err(ctx.runtime(loc, format!("`{}` of mismatched storage", def.name))),
+            _ => return Err(ctx.runtime(loc, format!("`{name}` of mismatched storage"))),
         })
     }
 }
 
+struct CompareRun<'a> {
+    a: &'a Tensor,
+    b: &'a Tensor,
+}
+
+impl Specialized<CmpOp> for CompareRun<'_> {
+    type Out = Tensor;
+    #[inline(always)]
+    fn run<const I: usize>(self) -> Tensor {
+        fn cmp<E: PartialOrd + Copy, const I: usize>(x: &ArrayD<E>, y: &ArrayD<E>) -> ArrayD<bool> {
+            Zip::from(x).and(y).map_collect(|p, q| const { CmpOp::ALL[I].def().eval }(p.partial_cmp(q)))
+        }
+        let out = match (&self.a.data, &self.b.data) {
+            (Data::F(x), Data::F(y)) => cmp::<_, I>(x, y),
+            (Data::I(x), Data::I(y)) => cmp::<_, I>(x, y),
+            (Data::B(x), Data::B(y)) => cmp::<_, I>(x, y),
+            // The verifier rules out mixed storage; compare false rather than panic.
+            _ => ArrayD::from_elem(self.a.shape(), false),
+        };
+        Tensor::boolean(out)
+    }
+}
+
 /// `a` rotated by `s` (less than its extent) along `axis`: element `i` moves to `i + s`, wrapping.
-fn roll<E: Clone>(a: &ArrayD<E>, axis: Axis, s: usize) -> ArrayD<E> {
-    let n = a.len_of(axis);
-    let mut out = a.clone();
-    out.slice_axis_mut(axis, Slice::from(s..n)).assign(&a.slice_axis(axis, Slice::from(0..n - s)));
-    out.slice_axis_mut(axis, Slice::from(0..s)).assign(&a.slice_axis(axis, Slice::from(n - s..n)));
-    out
+fn roll<E: Copy>(a: &ArrayD<E>, axis: Axis, s: usize) -> ArrayD<E> {
+    let a = a.as_standard_layout();
+    let (n, inner): (usize, usize) = (a.len_of(axis), a.shape()[axis.0 + 1..].iter().product());
+    let (Some(src), false) = (a.as_slice(), a.is_empty()) else { return a.into_owned() };
+    // In row-major order each run of `n * inner` elements is one line along `axis`: its last
+    // `s` positions move to the front.
+    let mut out = Vec::with_capacity(src.len());
+    for line in src.chunks(n * inner) {
+        let (head, tail) = line.split_at((n - s) * inner);
+        out.extend_from_slice(tail);
+        out.extend_from_slice(head);
+    }
+    ArrayD::from_shape_vec(a.raw_dim(), out).unwrap_or_else(|_| a.into_owned())
 }
 
 /// `x` with its data replaced by `f`'s, dtype kept.
@@ -480,21 +565,6 @@ fn iota<E: Copy>(shape: &[usize], dim: usize, cast: impl Fn(usize) -> E) -> Arra
         }
     }
     ArrayD::from_shape_vec(shape, data).expect("iota fills exactly the shape's elements")
-}
-
-fn compare(op: CmpOp, a: &Tensor, b: &Tensor) -> Tensor {
-    let holds = op.def().eval;
-    fn cmp<E: PartialOrd + Copy>(holds: fn(Option<std::cmp::Ordering>) -> bool, x: &ArrayD<E>, y: &ArrayD<E>) -> ArrayD<bool> {
-        Zip::from(x).and(y).map_collect(|p, q| holds(p.partial_cmp(q)))
-    }
-    let out = match (&a.data, &b.data) {
-        (Data::F(x), Data::F(y)) => cmp(holds, x, y),
-        (Data::I(x), Data::I(y)) => cmp(holds, x, y),
-        (Data::B(x), Data::B(y)) => cmp(holds, x, y),
-        // The verifier rules out mixed storage; compare false rather than panic.
-        _ => ArrayD::from_elem(a.shape(), false),
-    };
-    Tensor::boolean(out)
 }
 
 fn cast(x: &Tensor, to: DType) -> Tensor {
