@@ -504,12 +504,14 @@ impl<'a> Emitter<'a> {
                 let st = ValueType::scalar(xt.dtype);
                 let stt = tensor_type(&st);
                 let float = xt.dtype.is_float();
-                let (init, combine) = match r {
-                    ReduceOp::Sum => (zero(xt.dtype), "stablehlo.add"),
-                    ReduceOp::Max if float => (Literal::Float(f64::NEG_INFINITY), "stablehlo.maximum"),
-                    ReduceOp::Min if float => (Literal::Float(f64::INFINITY), "stablehlo.minimum"),
-                    ReduceOp::Max => (Literal::Int(i32::MIN as i64), "stablehlo.maximum"),
-                    ReduceOp::Min => (Literal::Int(i32::MAX as i64), "stablehlo.minimum"),
+                let init = match r {
+                    ReduceOp::Sum => zero(xt.dtype),
+                    ReduceOp::Max if float => Literal::Float(f64::NEG_INFINITY),
+                    ReduceOp::Min if float => Literal::Float(f64::INFINITY),
+                    ReduceOp::Max if xt.dtype == DType::Bool => Literal::Bool(false),
+                    ReduceOp::Min if xt.dtype == DType::Bool => Literal::Bool(true),
+                    ReduceOp::Max => Literal::Int(i32::MIN as i64),
+                    ReduceOp::Min => Literal::Int(i32::MAX as i64),
                 };
                 let init = self.splat(init, &st);
                 let x = name(scope, x);
@@ -518,7 +520,9 @@ impl<'a> Emitter<'a> {
                 self.line(&format!("{res} = \"stablehlo.reduce\"({x}, {init}) ({{"));
                 self.line(&format!("^bb0({a}: {stt}, {b}: {stt}):"));
                 self.depth += 1;
-                let s = self.op(combine, &[(&a, &stt), (&b, &stt)], &[], &stt);
+                // The elementwise op's own form: a float max or min keeps a NaN, which XLA
+                // CPU's `maximum` reducer drops.
+                let s = self.binary_of(r.combiner(xt.dtype), &a, &b, &st, op.loc)?;
                 self.ret(&[s], std::slice::from_ref(&stt));
                 self.depth -= 1;
                 self.line(&format!("}}) {{dimensions = {}}} : ({}, {stt}) -> {rtt}", i64_array(&[*axis]), tensor_type(&xt)));

@@ -477,6 +477,18 @@ pub enum Predicate {
     Composite(BinaryComposite),
 }
 
+impl crate::ir::ReduceOp {
+    /// The elementwise op a reduction folds with, for values of `dtype`.
+    pub const fn combiner(self, dtype: DType) -> BinaryOp {
+        match (self, dtype) {
+            (crate::ir::ReduceOp::Sum, DType::Bool) => BinaryOp::Or,
+            (crate::ir::ReduceOp::Sum, _) => BinaryOp::Add,
+            (crate::ir::ReduceOp::Max, _) => BinaryOp::Max,
+            (crate::ir::ReduceOp::Min, _) => BinaryOp::Min,
+        }
+    }
+}
+
 /// A comparison: its semantics on an ordering (`None` where a NaN makes the operands
 /// unordered) and its forms in each dialect.
 pub struct CmpDef {

@@ -256,3 +256,30 @@ fn multiple_of_lets_a_tpu_address_lanes_at_offsets_read_from_memory() {
     let err = lanes_at_call(true).interpret(&bad).expect_err("64 is not a multiple of 128").to_string();
     assert!(err.contains("multiple of 128") && err.contains("value is 64") && err.contains("constructs.rs"), "{err}");
 }
+
+#[tpu_kernel]
+fn row_extrema(x: &Ref<f32>, y: &mut Ref<f32>) {
+    let t = x.load();
+    y.store_at((.., 0..128), t.max_keepdims(1).broadcast_to([8, 128]));
+    y.store_at((.., 128..256), t.min_keepdims(1).broadcast_to([8, 128]));
+}
+
+#[test]
+fn max_and_min_reductions_propagate_nan_on_both_cpu_backends() {
+    let x = ArrayD::from_shape_fn(IxDyn(&[8, 128]), |ix| if ix[1] == ix[0] * 7 && ix[0] % 2 == 1 { f64::NAN } else { (ix[0] * 128 + ix[1]) as f64 });
+    let x = HostArray::from_f64(DType::F32, &x);
+    let call = PallasCall::new(row_extrema::kernel()).grid([1]).in_specs([spec([8, 128])]).out_specs([spec([8, 256])]).out_shapes([[8, 256]]);
+    let traced = call.trace(&[x.value_type()]).expect("traces");
+    let outs = [call.interpret(std::slice::from_ref(&x)).expect("interprets"), Compiled::new(&traced, Backend::Cpu).and_then(|c| c.run(std::slice::from_ref(&x))).expect("runs")];
+    for (backend, out) in ["interpreter", "PJRT CPU"].iter().zip(&outs) {
+        let out = out[0].to_f64();
+        for r in 0..8 {
+            let (max, min) = (out[[r, 0]], out[[r, 128]]);
+            if r % 2 == 1 {
+                assert!(max.is_nan() && min.is_nan(), "{backend} row {r}: max {max}, min {min}");
+            } else {
+                assert_eq!((max, min), ((r * 128 + 127) as f64, (r * 128) as f64), "{backend} row {r}");
+            }
+        }
+    }
+}
