@@ -586,6 +586,18 @@ impl<'a> Emitter<'a> {
                 );
                 self.set(op.results[0], r);
             }
+            OpKind::PrngSeed { seeds } => {
+                let operands: Vec<(String, String)> = seeds.iter().map(|&s| (self.name(s), "i32".to_string())).collect();
+                let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
+                let types = vec!["i32"; names.len()].join(", ");
+                self.op(None, format!("\"tpu.prng_set_seed_32\"({}) : ({types}) -> ()", names.join(", ")), "tpu.prng_set_seed_32", &operands, &[], None, l);
+            }
+            OpKind::PrngRandomBits => {
+                let ty = self.ty(op.results[0]);
+                let r = self.fresh();
+                self.op(Some(&r), format!("\"tpu.prng_random_bits\"() : () -> {ty}"), "tpu.prng_random_bits", &[], &[], Some(&ty), l);
+                self.set(op.results[0], r);
+            }
             OpKind::If { cond, then_region, else_region } => self.emit_if(op, *cond, then_region, else_region)?,
             OpKind::For { lo, hi, inits, body } => self.emit_for(op, *lo, *hi, inits, body)?,
             OpKind::Yield { .. } => {}

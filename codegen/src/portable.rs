@@ -10,7 +10,7 @@ use std::fmt::Write;
 
 use torchtpu_dsl::elementwise::{Compose, Lowering};
 use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, UnaryOp, ValueId, ValueType};
-use torchtpu_dsl::{DType, TracedCall};
+use torchtpu_dsl::{random, DType, TracedCall};
 
 use crate::error::{Error, Result};
 use crate::mlir::{float_literal, symbol, tensor_type};
@@ -113,6 +113,57 @@ fn i64_array(v: &[usize]) -> String {
 struct RefValue {
     name: String,
     ty: ValueType,
+}
+
+/// The key and counter of the random number generator, threaded through the body like a
+/// ref the kernel writes; a `ValueId` no IR value has.
+const PRNG_STATE: ValueId = ValueId(u32::MAX);
+
+fn prng_state_type() -> ValueType {
+    ValueType::new(DType::I32, [2])
+}
+
+/// StableHLO i32 values of one shape as the generator's wrapping u32 words.
+struct Words<'e, 'a> {
+    e: &'e mut Emitter<'a>,
+    shape: Vec<usize>,
+}
+
+impl Words<'_, '_> {
+    fn t(&self) -> String {
+        tensor_type(&ValueType::new(DType::I32, self.shape.clone()))
+    }
+
+    fn splat_scalar(&mut self, x: &str) -> String {
+        let (st, t) = (tensor_type(&ValueType::scalar(DType::I32)), self.t());
+        self.e.op("stablehlo.broadcast_in_dim", &[(x, &st)], &["broadcast_dimensions = array<i64>".into()], &t)
+    }
+
+    fn binary(&mut self, name: &str, a: &str, b: &str) -> String {
+        let t = self.t();
+        self.e.op(name, &[(a, &t), (b, &t)], &[], &t)
+    }
+}
+
+impl random::U32Ops for Words<'_, '_> {
+    type V = String;
+    fn constant(&mut self, c: u32) -> String {
+        let t = self.t();
+        self.e.constant(&(c as i32).to_string(), &t)
+    }
+    fn xor(&mut self, a: &String, b: &String) -> String {
+        self.binary("stablehlo.xor", a, b)
+    }
+    fn add(&mut self, a: &String, b: &String) -> String {
+        self.binary("stablehlo.add", a, b)
+    }
+    fn mul(&mut self, a: &String, b: &String) -> String {
+        self.binary("stablehlo.multiply", a, b)
+    }
+    fn shr(&mut self, a: &String, by: u32) -> String {
+        let by = self.constant(by);
+        self.binary("stablehlo.shift_right_logical", a, &by)
+    }
 }
 
 /// The emitter seen by a composite: elementwise ops on values of one type.
@@ -359,6 +410,14 @@ impl<'a> Emitter<'a> {
             scope.refs.insert(id, RefValue { name: args[1 + n_out + s].clone(), ty: ValueType::new(sc.ty.dtype, sc.ty.shape.clone()) });
             scope.mutable.push(id);
         }
+        let mut uses_prng = false;
+        body.walk(&mut |op| uses_prng |= matches!(op.kind, OpKind::PrngSeed { .. }));
+        if uses_prng {
+            // Each program starts unseeded (the tracer makes kernels seed before drawing).
+            let state = self.splat(Literal::Int(0), &prng_state_type());
+            scope.refs.insert(PRNG_STATE, RefValue { name: state, ty: prng_state_type() });
+            scope.mutable.push(PRNG_STATE);
+        }
         self.region(body, &body.body, &mut scope)?;
         let mut results = Vec::new();
         for (o, op) in call.outputs.iter().enumerate() {
@@ -561,6 +620,33 @@ impl<'a> Emitter<'a> {
                 self.op("stablehlo.bitcast_convert", &[(&name(scope, x), &xt)], &[], &rtt)
             }
             OpKind::AssumeMultiple { x, .. } => name(scope, x),
+            OpKind::PrngSeed { seeds } => {
+                let seeds: Vec<String> = seeds.iter().map(|s| name(scope, s)).collect();
+                let key = random::seed_key(&mut Words { e: self, shape: Vec::new() }, &seeds);
+                let zero = self.constant("0", &tensor_type(&ValueType::scalar(DType::I32)));
+                let state = self.prng_state(&key, &zero);
+                scope.refs.insert(PRNG_STATE, RefValue { name: state, ty: prng_state_type() });
+                return Ok(());
+            }
+            OpKind::PrngRandomBits => {
+                let t = rt.clone().expect("random bits have a result");
+                let state = scope.refs[&PRNG_STATE].name.clone();
+                let (key, counter) = (self.prng_part(&state, 0), self.prng_part(&state, 1));
+                // Element indices in row-major order, as the interpreter numbers them.
+                let n = t.num_elements();
+                let flat = ValueType::new(DType::I32, [n]);
+                let iota = self.op("stablehlo.iota", &[], &["iota_dimension = 0 : i64".into()], &tensor_type(&flat));
+                let element = self.reshape(&iota, &flat, &t);
+                let mut words = Words { e: self, shape: t.shape.clone() };
+                let (key_t, counter_t) = (words.splat_scalar(&key), words.splat_scalar(&counter));
+                let bits = random::bits(&mut words, &key_t, &counter_t, &element);
+                let i32t = tensor_type(&ValueType::scalar(DType::I32));
+                let nc = self.constant(&(n as u32 as i32).to_string(), &i32t);
+                let next = self.i32_binary("stablehlo.add", &counter, &nc);
+                let state = self.prng_state(&key, &next);
+                scope.refs.insert(PRNG_STATE, RefValue { name: state, ty: prng_state_type() });
+                bits
+            }
             OpKind::If { cond, then_region, else_region } => return self.emit_if(func, op, *cond, then_region, else_region, scope),
             OpKind::For { lo, hi, inits, body } => return self.emit_for(func, op, *lo, *hi, inits, body, scope),
             OpKind::Yield { .. } => return Err(self.unsupported(op.loc, "a yield outside a region")),
@@ -569,6 +655,20 @@ impl<'a> Emitter<'a> {
             scope.names.insert(r, value);
         }
         Ok(())
+    }
+
+    /// The generator state `[key, counter]`.
+    fn prng_state(&mut self, key: &str, counter: &str) -> String {
+        let (st, one) = (tensor_type(&ValueType::scalar(DType::I32)), tensor_type(&ValueType::new(DType::I32, [1])));
+        let k = self.op("stablehlo.reshape", &[(key, &st)], &[], &one);
+        let c = self.op("stablehlo.reshape", &[(counter, &st)], &[], &one);
+        self.op("stablehlo.concatenate", &[(&k, &one), (&c, &one)], &["dimension = 0 : i64".into()], &tensor_type(&prng_state_type()))
+    }
+
+    /// Word `i` of the generator state, as a scalar.
+    fn prng_part(&mut self, state: &str, i: usize) -> String {
+        let part = self.slice(state, &prng_state_type(), &[i], &[i + 1]);
+        self.reshape(&part, &ValueType::new(DType::I32, [1]), &ValueType::scalar(DType::I32))
     }
 
     /// `x` rotated by the i32 scalar `shift` along `axis`, as `jnp.roll`: the window of

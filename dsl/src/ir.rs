@@ -387,6 +387,13 @@ pub enum OpKind {
         x: ValueId,
         multiple: u32,
     },
+    /// Seeds the core's random number generator from i32 scalars (Pallas' `prng_seed`).
+    PrngSeed {
+        seeds: Vec<ValueId>,
+    },
+    /// An i32 tile of random bits from the generator (Pallas' `prng_random_bits`); see
+    /// [`crate::random`] for what the CPU backends compute.
+    PrngRandomBits,
     If {
         cond: ValueId,
         then_region: Region,
@@ -426,7 +433,8 @@ impl Op {
             }
         };
         match &self.kind {
-            Constant(_) | ProgramId { .. } | NumPrograms { .. } | Iota { .. } => {}
+            Constant(_) | ProgramId { .. } | NumPrograms { .. } | Iota { .. } | PrngRandomBits => {}
+            PrngSeed { seeds } => out.extend(seeds),
             Load { src, index } => {
                 out.push(*src);
                 index_values(index, &mut out);

@@ -17,6 +17,7 @@ pub mod ir;
 pub mod kernel;
 pub mod memory;
 mod printer;
+pub mod random;
 pub mod trace;
 pub mod verify;
 
@@ -31,13 +32,15 @@ pub use interpret::InterpretOptions;
 pub use kernel::{KernelDef, ParamKind, ParamSig};
 pub use torchtpu_macros::{tpu_fn, tpu_kernel};
 pub use trace::refs::{ds, full, zeros, Fill, IntoIndex, Ix, Prefetch, Ref, Scratch, Storable};
-pub use trace::values::{concatenate, dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, program_id, select, Scalar, Tile};
+pub use trace::values::{
+    concatenate, dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_uniform, select, Scalar, Tile,
+};
 
 /// Everything a kernel author needs: `use torchtpu_dsl::prelude::*;`.
 pub mod prelude {
     pub use crate::call::Semantics::{Arbitrary, Parallel};
     pub use crate::{
-        bf16, concatenate, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, program_id, select, tpu_fn, tpu_kernel, zeros, BlockSpec, DType, Element,
-        Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile, Vmem,
+        bf16, concatenate, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_uniform, select, tpu_fn,
+        tpu_kernel, zeros, BlockSpec, DType, Element, Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile, Vmem,
     };
 }

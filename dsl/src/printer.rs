@@ -69,6 +69,8 @@ fn print_op(func: &Func, op: &Op, depth: usize, out: &mut String) -> fmt::Result
         Transpose { x, perm } => write!(out, "transpose {x} {perm:?}")?,
         Bitcast { x } => write!(out, "bitcast {x}")?,
         AssumeMultiple { x, multiple } => write!(out, "assume_multiple {x}, {multiple}")?,
+        PrngSeed { seeds } => write!(out, "prng_seed {}", list(seeds))?,
+        PrngRandomBits => write!(out, "prng_random_bits")?,
         Yield { values } => write!(out, "yield {}", list(values))?,
         If { cond, then_region, else_region } => {
             writeln!(out, "if {cond} {{")?;

@@ -268,6 +268,20 @@ impl Verifier<'_> {
                     return Err(self.err(loc, format!("assume_multiple of {a} by {multiple}")));
                 }
             }
+            OpKind::PrngSeed { seeds } => {
+                if seeds.is_empty() || !op.results.is_empty() {
+                    return Err(self.err(loc, "prng_seed takes at least one seed and gives nothing"));
+                }
+                for &s in seeds {
+                    same(self.vt(s, loc)?, &ValueType::scalar(DType::I32), "prng seed")?;
+                }
+            }
+            OpKind::PrngRandomBits => {
+                let r = self.result_vt(op)?;
+                if r.dtype != DType::I32 || r.is_scalar() {
+                    return Err(self.err(loc, format!("prng_random_bits gives an i32 tile, not {r}")));
+                }
+            }
             OpKind::If { cond, then_region, else_region } => {
                 same(self.vt(*cond, loc)?, &ValueType::scalar(DType::Bool), "if condition")?;
                 let types: Vec<Type> = op.results.iter().map(|&r| self.func.ty(r).clone()).collect();

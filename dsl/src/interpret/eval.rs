@@ -10,6 +10,7 @@ use crate::elementwise::{nan_max, nan_min};
 use crate::error::{Error, Result};
 use crate::interpret::tensor::{round_f32, wrap_i32, Data, Tensor};
 use crate::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Specialized, Type, UnaryOp, ValueId};
+use crate::random;
 
 /// A ref's memory during interpretation, with an initialization mask in checked mode.
 #[derive(Clone, Debug)]
@@ -40,6 +41,8 @@ pub(crate) struct Eval<'f> {
     func: &'f Func,
     vals: Vec<Option<Rc<Tensor>>>,
     ref_slot: HashMap<ValueId, usize>,
+    /// The random number generator's key and counter, once a program seeds it.
+    prng: Option<(u32, u32)>,
 }
 
 /// One axis of a resolved access: `len` elements from `start`, dropped if `point`.
@@ -84,7 +87,7 @@ fn dot_i32(a: ndarray::ArrayView2<i32>, b: ndarray::ArrayView2<i32>) -> ndarray:
 impl<'f> Eval<'f> {
     pub fn new(func: &'f Func) -> Self {
         let ref_slot = func.args.iter().filter(|a| matches!(func.ty(**a), Type::Ref(_))).enumerate().map(|(i, &a)| (a, i)).collect();
-        Eval { func, vals: vec![None; func.values.len()], ref_slot }
+        Eval { func, vals: vec![None; func.values.len()], ref_slot, prng: None }
     }
 
     fn get(&self, v: ValueId) -> &Rc<Tensor> {
@@ -106,6 +109,7 @@ impl<'f> Eval<'f> {
 
     /// Runs the function with `args` bound to the non-ref arguments, in order; returns its results.
     pub fn run(&mut self, ctx: &Ctx, refs: &mut [RefBuf], args: Vec<Tensor>, checked: bool) -> Result<Vec<Rc<Tensor>>> {
+        self.prng = None;
         let value_args: Vec<ValueId> = self.func.args.iter().copied().filter(|a| !self.ref_slot.contains_key(a)).collect();
         for (id, t) in value_args.into_iter().zip(args) {
             self.set(id, t);
@@ -339,6 +343,19 @@ impl<'f> Eval<'f> {
                     }
                 }
                 Tensor::clone(t)
+            }
+            OpKind::PrngSeed { seeds } => {
+                let seeds: Vec<u32> = seeds.iter().map(|&v| self.get(v).scalar_i64().unwrap_or(0) as u32).collect();
+                self.prng = Some((random::seed_key(&mut random::Numbers, &seeds), 0));
+                return Ok(());
+            }
+            OpKind::PrngRandomBits => {
+                let Some((key, counter)) = self.prng else { return Err(ctx.runtime(loc, "prng_random_bits before prng_seed in this program: seed the generator first")) };
+                let shape = self.result_shape(op);
+                let n: usize = shape.iter().product();
+                let bits: Vec<i32> = (0..n).map(|e| random::bits(&mut random::Numbers, &key, &counter, &(e as u32)) as i32).collect();
+                self.prng = Some((key, counter.wrapping_add(n as u32)));
+                Tensor::int(DType::I32, ArrayD::from_shape_vec(shape, bits).map_err(|e| ctx.runtime(loc, format!("random bits: {e}")))?)
             }
             OpKind::If { cond, then_region, else_region } => {
                 let c = self.get(*cond).scalar_bool().ok_or_else(|| ctx.runtime(loc, "`if` condition is not a bool scalar"))?;

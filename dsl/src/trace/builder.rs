@@ -19,6 +19,8 @@ pub(crate) struct Builder {
     grid_rank: usize,
     /// Ops that need a kernel context (program_id, loads...) are rejected in index maps.
     in_kernel: bool,
+    /// Whether a `prng_seed` has been traced: random bits before one are an error.
+    pub(crate) seeded: bool,
 }
 
 thread_local! {
@@ -47,8 +49,16 @@ pub(crate) fn trace_func<R>(
     args: &[(Type, Loc)],
     body: impl FnOnce(&[ValueId]) -> R,
 ) -> Result<(Func, R), Error> {
-    let mut builder =
-        Builder { kernel: kernel.to_string(), func_name: func_name.to_string(), values: Vec::new(), regions: vec![Region::default()], error: None, grid_rank, in_kernel };
+    let mut builder = Builder {
+        kernel: kernel.to_string(),
+        func_name: func_name.to_string(),
+        values: Vec::new(),
+        regions: vec![Region::default()],
+        error: None,
+        grid_rank,
+        in_kernel,
+        seeded: false,
+    };
     let arg_ids: Vec<ValueId> = args.iter().map(|(t, l)| builder.new_value(t.clone(), *l)).collect();
     builder.regions[0].args = arg_ids.clone();
     BUILDERS.with(|b| b.borrow_mut().push(builder));

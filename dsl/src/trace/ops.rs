@@ -266,6 +266,44 @@ impl Builder {
         self.push(OpKind::AssumeMultiple { x, multiple }, t, loc)
     }
 
+    pub(crate) fn prng_seed(&mut self, seeds: &[ValueId], loc: Loc) {
+        if !self.in_kernel() {
+            self.fail_silent(loc, "prng_seed is only available in a kernel body");
+            return;
+        }
+        if seeds.is_empty() {
+            self.fail_silent(loc, "prng_seed takes at least one seed");
+            return;
+        }
+        for &s in seeds {
+            let t = self.vty(s);
+            if t != ValueType::scalar(DType::I32) {
+                self.fail_silent(loc, format!("prng_seed: seeds are i32 scalars, not {t}"));
+                return;
+            }
+        }
+        self.seeded = true;
+        self.push_op(crate::ir::Op { kind: OpKind::PrngSeed { seeds: seeds.to_vec() }, results: Vec::new(), loc });
+    }
+
+    pub(crate) fn prng_random_bits(&mut self, shape: &[usize], loc: Loc) -> ValueId {
+        let t = ValueType::new(DType::I32, shape);
+        if !self.in_kernel() {
+            return self.fail(loc, "prng_random_bits is only available in a kernel body", t);
+        }
+        if shape.is_empty() {
+            return self.fail(loc, "prng_random_bits gives a tile: pass a shape of rank 1 or more", t);
+        }
+        if !self.seeded {
+            return self.fail(
+                loc,
+                "prng_random_bits before any prng_seed: seed the generator first (e.g. `prng_seed(&[seed, program_id(0)])`), so the bits are a function of the seeds",
+                t,
+            );
+        }
+        self.push(OpKind::PrngRandomBits, t, loc)
+    }
+
     pub(crate) fn splat(&mut self, lit: Literal, dtype: DType, shape: &[usize], loc: Loc) -> ValueId {
         let c = self.constant(lit, dtype, loc);
         self.broadcast_to(c, shape, loc)

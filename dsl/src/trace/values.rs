@@ -458,6 +458,31 @@ impl Scalar<i32> {
     }
 }
 
+/// Seeds the core's random number generator (Pallas' `pltpu.prng_seed`). Bits drawn after
+/// it are a function of the seeds; seed each program differently (with its `program_id`) for
+/// different streams.
+#[track_caller]
+pub fn prng_seed(seeds: &[Scalar<i32>]) {
+    let loc = Loc::caller();
+    let ids: Vec<ValueId> = seeds.iter().map(|s| s.id).collect();
+    builder::with(|b| b.prng_seed(&ids, loc));
+}
+
+/// A tile of random bits (Pallas' `pltpu.prng_random_bits`); each call draws new ones. On a
+/// TPU the hardware generator; on the CPU backends the generator of [`crate::random`].
+#[track_caller]
+pub fn prng_random_bits(shape: impl AsRef<[usize]>) -> Tile<i32> {
+    let loc = Loc::caller();
+    Tile::from_id(builder::with(|b| b.prng_random_bits(shape.as_ref(), loc)))
+}
+
+/// A tile of floats uniform in [0, 1): the top 23 random bits as a mantissa.
+#[track_caller]
+pub fn random_uniform(shape: impl AsRef<[usize]>) -> Tile<f32> {
+    let bits = prng_random_bits(shape).shift_right_logical(9) | 0x3f80_0000;
+    bits.bitcast::<f32>() - 1.0
+}
+
 /// `tiles` joined along `axis` (they agree in every other dim).
 #[track_caller]
 pub fn concatenate<T: Element>(tiles: &[Tile<T>], axis: usize) -> Tile<T> {
