@@ -18,11 +18,13 @@ pub fn value_type(t: &ValueType) -> String {
 }
 
 pub fn memref_type(r: &RefType) -> String {
-    let space = match r.space {
-        MemorySpace::Vmem => "vmem",
-        MemorySpace::Smem => "smem",
+    let (space, element) = match r.space {
+        MemorySpace::Vmem => ("vmem", r.dtype.mlir_name()),
+        MemorySpace::Smem => ("smem", r.dtype.mlir_name()),
+        MemorySpace::Any => ("any", r.dtype.mlir_name()),
+        MemorySpace::Semaphore => ("semaphore_mem", "!tpu.dma_semaphore"),
     };
-    format!("memref<{}{}, #tpu.memory_space<{space}>>", dims(&r.shape), r.dtype.mlir_name())
+    format!("memref<{}{element}, #tpu.memory_space<{space}>>", dims(&r.shape))
 }
 
 pub fn tensor_type(t: &ValueType) -> String {

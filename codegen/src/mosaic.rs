@@ -7,7 +7,7 @@ use std::fmt::Write;
 
 use torchtpu_dsl::call::memref_access;
 use torchtpu_dsl::elementwise::{Compose, Lowering, Predicate};
-use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, ReduceOp, RefType, Region, Type, UnaryOp, ValueId, ValueType};
+use torchtpu_dsl::ir::{BinaryOp, CmpOp, DmaCopy, Func, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, ReduceOp, RefType, Region, Type, UnaryOp, ValueId, ValueType};
 use torchtpu_dsl::{DType, Semantics, TracedCall};
 
 use crate::error::{Error, Result};
@@ -35,7 +35,10 @@ pub fn module(call: &TracedCall, form: Form) -> Result<String> {
     }
     out.push_str(&kernel_func(call, form)?);
     for (i, op) in call.inputs.iter().chain(&call.outputs).enumerate() {
-        out.push_str(&transform_func(call, &op.index_map, i, form)?);
+        // An operand left in HBM has no window, hence no transform (as Pallas emits it).
+        if op.space != MemorySpace::Any {
+            out.push_str(&transform_func(call, &op.index_map, i, form)?);
+        }
     }
     out.push_str("}\n");
     Ok(out)
@@ -151,8 +154,14 @@ fn kernel_func(call: &TracedCall, form: Form) -> Result<String> {
         e.squeezed.insert(layout.arg, layout.squeezed);
         e.refs.insert(layout.arg, layout.memref);
     }
-    let windows: Vec<String> =
-        operands.iter().enumerate().map(|(i, op)| format!("{{transform_indices = @transform_{i}, window_bounds = {}}}", i64_array(op.block_dims()))).collect();
+    let windows: Vec<String> = operands
+        .iter()
+        .enumerate()
+        .map(|(i, op)| match op.space {
+            MemorySpace::Any => "{}".to_string(),
+            _ => format!("{{transform_indices = @transform_{i}, window_bounds = {}}}", i64_array(op.block_dims())),
+        })
+        .collect();
     let attrs = [
         format!("dimension_semantics = [{}]", call.semantics.iter().map(|&s| semantics(s)).collect::<Vec<_>>().join(", ")),
         format!("iteration_bounds = {}", i64_array(call.grid.iter().copied())),
@@ -586,6 +595,26 @@ impl<'a> Emitter<'a> {
                 );
                 self.set(op.results[0], r);
             }
+            OpKind::DmaStart(c) => {
+                let (src, dst, sem) = self.dma_operands(c, l);
+                let operands = [src, dst, sem];
+                // The readable form is parsed with libtpu's current dialect, whose enqueue_dma
+                // has one more optional operand (subcore_id) than serialization version 11.
+                let pretty = format!(
+                    "\"tpu.enqueue_dma\"({}, {}, {}) <{{operandSegmentSizes = array<i32: 1, 0, 1, 1, 0, 0, 0>, priority = 0 : i32}}> : ({}, {}, {}) -> ()",
+                    operands[0].0, operands[1].0, operands[2].0, operands[0].1, operands[1].1, operands[2].1
+                );
+                self.op(None, pretty, "tpu.enqueue_dma", &operands, &["operandSegmentSizes = array<i32: 1, 0, 1, 1, 0, 0>".into(), "priority = 0 : i32".into()], None, l);
+            }
+            OpKind::DmaWait(c) => {
+                let (src, dst, sem) = self.dma_operands(c, l);
+                let operands = [sem, src, dst];
+                let pretty = format!(
+                    "\"tpu.wait_dma2\"({}, {}, {}) <{{operandSegmentSizes = array<i32: 1, 1, 1, 0, 0>}}> : ({}, {}, {}) -> ()",
+                    operands[0].0, operands[1].0, operands[2].0, operands[0].1, operands[1].1, operands[2].1
+                );
+                self.op(None, pretty, "tpu.wait_dma2", &operands, &["operandSegmentSizes = array<i32: 1, 1, 1, 0, 0>".into()], None, l);
+            }
             OpKind::PrngSeed { seeds } => {
                 let operands: Vec<(String, String)> = seeds.iter().map(|&s| (self.name(s), "i32".to_string())).collect();
                 let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
@@ -603,6 +632,68 @@ impl<'a> Emitter<'a> {
             OpKind::Yield { .. } => {}
         }
         Ok(())
+    }
+
+    /// The source, destination and semaphore of a copy as memref views (name, type).
+    fn dma_operands(&mut self, c: &DmaCopy, l: Loc) -> ((String, String), (String, String), (String, String)) {
+        let src = self.memref_view(c.src, &c.src_index, l);
+        let dst = self.memref_view(c.dst, &c.dst_index, l);
+        let sem = self.memref_view(c.sem, &c.sem_index, l);
+        (src, dst, sem)
+    }
+
+    /// The region `index` selects in ref `r`, as a memref (`tpu.memref_slice`, then
+    /// `tpu.memref_squeeze` for axes indexed with one position), by name and type.
+    fn memref_view(&mut self, r: ValueId, index: &[Index], l: Loc) -> (String, String) {
+        let memref = self.refs.get(&r).cloned().expect("refs are function arguments");
+        let (src, ty) = (self.name(r), memref_type(&memref));
+        if index.iter().all(|ix| matches!(ix, Index::Full)) {
+            return (src, ty);
+        }
+        let squeezed = self.squeezed.get(&r).cloned().unwrap_or_default();
+        let access = memref_access(&memref.shape, &squeezed, index);
+        let starts: Vec<String> = access
+            .iter()
+            .map(|(start, _)| match start {
+                Offset::Static(s) => self.constant(&s.to_string(), "i32", l),
+                Offset::Dynamic(v) => self.name(*v),
+            })
+            .collect();
+        let sliced = RefType { dtype: memref.dtype, shape: access.iter().map(|&(_, len)| len).collect(), space: memref.space };
+        let sliced_ty = memref_type(&sliced);
+        let mut operands = vec![(src.clone(), ty.clone())];
+        operands.extend(starts.iter().map(|s| (s.clone(), "i32".to_string())));
+        let segments = format!("operandSegmentSizes = array<i32: 1, {}, 0>", starts.len());
+        let r_slice = self.fresh();
+        let types: Vec<&str> = operands.iter().map(|(_, t)| t.as_str()).collect();
+        let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
+        self.op(
+            Some(&r_slice),
+            format!("\"tpu.memref_slice\"({}) <{{{segments}}}> : ({}) -> {sliced_ty}", names.join(", "), types.join(", ")),
+            "tpu.memref_slice",
+            &operands,
+            std::slice::from_ref(&segments),
+            Some(&sliced_ty),
+            l,
+        );
+        // Axes the index points at, and axes the kernel never saw, are squeezed away.
+        let kept: Vec<usize> = {
+            let mut items = index.iter();
+            squeezed
+                .iter()
+                .zip(&sliced.shape)
+                .filter_map(|(&sq, &len)| if sq { None } else { Some((items.next(), len)) })
+                .filter(|(ix, _)| !matches!(ix, Some(Index::Point(_))))
+                .map(|(_, len)| len)
+                .collect()
+        };
+        if kept.len() == sliced.shape.len() {
+            return (r_slice, sliced_ty);
+        }
+        let squeezed_ty = memref_type(&RefType { dtype: memref.dtype, shape: kept, space: memref.space });
+        let r = self.fresh();
+        self.op(Some(&r), format!("\"tpu.memref_squeeze\"({r_slice}) : ({sliced_ty}) -> {squeezed_ty}"), "tpu.memref_squeeze", &[(r_slice, sliced_ty)], &[], Some(&squeezed_ty), l);
+        (r, squeezed_ty)
     }
 
     /// `s mod n` in `0..n` for an i32 scalar `s`, of either sign.

@@ -620,6 +620,21 @@ impl<'a> Emitter<'a> {
                 self.op("stablehlo.bitcast_convert", &[(&name(scope, x), &xt)], &[], &rtt)
             }
             OpKind::AssumeMultiple { x, .. } => name(scope, x),
+            // A copy lands at once: the interpreter's checked mode holds kernels to waiting
+            // before they read its destination, so nothing can observe the difference.
+            OpKind::DmaStart(c) => {
+                let src = scope.refs[&c.src].clone();
+                let (offsets, sizes, whole) = self.access(&c.src_index, &src.ty.shape, scope);
+                let data = if whole { src.name.clone() } else { self.dynamic_slice(&src.name, &src.ty, &offsets, &sizes) };
+                let dst = scope.refs[&c.dst].clone();
+                let (offsets, dst_sizes, whole) = self.access(&c.dst_index, &dst.ty.shape, scope);
+                let region = ValueType::new(dst.ty.dtype, dst_sizes);
+                let v = self.reshape(&data, &ValueType::new(src.ty.dtype, sizes), &region);
+                let updated = if whole { self.reshape(&v, &region, &dst.ty) } else { self.dynamic_update_slice(&dst.name, &dst.ty, &v, &region, &offsets) };
+                scope.refs.insert(c.dst, RefValue { name: updated, ty: dst.ty });
+                return Ok(());
+            }
+            OpKind::DmaWait(_) => return Ok(()),
             OpKind::PrngSeed { seeds } => {
                 let seeds: Vec<String> = seeds.iter().map(|s| name(scope, s)).collect();
                 let key = random::seed_key(&mut Words { e: self, shape: Vec::new() }, &seeds);

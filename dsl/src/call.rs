@@ -116,6 +116,8 @@ pub struct BlockSpec {
     /// `None`: the whole array is one block.
     block_shape: Option<Vec<Option<usize>>>,
     index_map: Arc<IndexMapFn>,
+    /// `Vmem` (blocks copied in and out by the pipeline) or `Any` (left in HBM).
+    space: MemorySpace,
     loc: Loc,
 }
 
@@ -133,19 +135,46 @@ impl BlockSpec {
     /// A block of `shape`, placed by `index_map` (grid indices to block indices).
     #[track_caller]
     pub fn new<const N: usize, R: BlockIndices>(shape: impl IntoBlockShape, index_map: impl Fn([Scalar<i32>; N]) -> R + Send + Sync + 'static) -> Self {
-        BlockSpec { block_shape: Some(shape.into_block_shape()), index_map: Arc::new(move |g, _| Ok(index_map(grid_array(g)?).into_block_indices())), loc: Loc::caller() }
+        BlockSpec {
+            block_shape: Some(shape.into_block_shape()),
+            index_map: Arc::new(move |g, _| Ok(index_map(grid_array(g)?).into_block_indices())),
+            space: MemorySpace::Vmem,
+            loc: Loc::caller(),
+        }
     }
 
     /// Like [`BlockSpec::new`], with the scalar-prefetch tables passed to the index map.
     #[track_caller]
     pub fn with_prefetch<const N: usize, R: BlockIndices>(shape: impl IntoBlockShape, index_map: impl Fn([Scalar<i32>; N], &[Prefetch<i32>]) -> R + Send + Sync + 'static) -> Self {
-        BlockSpec { block_shape: Some(shape.into_block_shape()), index_map: Arc::new(move |g, p| Ok(index_map(grid_array(g)?, p).into_block_indices())), loc: Loc::caller() }
+        BlockSpec {
+            block_shape: Some(shape.into_block_shape()),
+            index_map: Arc::new(move |g, p| Ok(index_map(grid_array(g)?, p).into_block_indices())),
+            space: MemorySpace::Vmem,
+            loc: Loc::caller(),
+        }
     }
 
     /// The whole array as one block, the same for every program.
     #[track_caller]
     pub fn whole() -> Self {
-        BlockSpec { block_shape: None, index_map: Arc::new(|_, _| Ok(Vec::new())), loc: Loc::caller() }
+        BlockSpec { block_shape: None, index_map: Arc::new(|_, _| Ok(Vec::new())), space: MemorySpace::Vmem, loc: Loc::caller() }
+    }
+
+    /// The whole array left in HBM (Pallas' `memory_space=ANY`): the kernel moves the parts it
+    /// needs into scratch with `async_copy`, and cannot load from it directly.
+    #[track_caller]
+    pub fn any() -> Self {
+        BlockSpec { block_shape: None, index_map: Arc::new(|_, _| Ok(Vec::new())), space: MemorySpace::Any, loc: Loc::caller() }
+    }
+}
+
+/// `n` DMA semaphores as scratch, for a `&mut Scratch<DmaSemaphore>` parameter.
+pub struct DmaSemaphores;
+
+impl DmaSemaphores {
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new(n: usize) -> ScratchSpec {
+        ScratchSpec { shape: vec![n], space: MemorySpace::Semaphore }
     }
 }
 
@@ -341,6 +370,9 @@ impl PallasCall {
             if s.shape.contains(&0) {
                 return Err(self.spec_error(format!("scratch `{}` has an empty shape {:?}", p.name, s.shape)));
             }
+            if s.space == MemorySpace::Semaphore && p.dtype != DType::I32 {
+                return Err(self.spec_error(format!("scratch `{}` is DMA semaphores (`DmaSemaphores::new`): declare it `&mut Scratch<DmaSemaphore>`", p.name)));
+            }
             scratch.push(ScratchOperand { name: p.name.to_string(), ty: RefType { dtype: p.dtype, shape: s.shape.clone(), space: s.space } });
         }
         for &(i, o) in &self.aliases {
@@ -356,7 +388,7 @@ impl PallasCall {
         let mut canonical: Vec<(Type, Loc)> = Vec::new();
         canonical.extend(prefetch_refs.iter().map(|r| (Type::Ref(r.clone()), k.loc())));
         for op in inputs.iter().chain(&outputs) {
-            canonical.push((Type::Ref(RefType { dtype: op.array.dtype, shape: op.kernel_block_shape(), space: MemorySpace::Vmem }), k.loc()));
+            canonical.push((Type::Ref(RefType { dtype: op.array.dtype, shape: op.kernel_block_shape(), space: op.space }), k.loc()));
         }
         canonical.extend(scratch.iter().map(|s| (Type::Ref(s.ty.clone()), k.loc())));
         let order = [ParamKind::Prefetch, ParamKind::Input, ParamKind::Output, ParamKind::Scratch];
@@ -423,7 +455,7 @@ impl PallasCall {
         })?;
         index_map.results = results.map_err(at)?;
         verify(&index_map)?;
-        Ok(BlockOperand { name: name.to_string(), array, block_shape, index_map, loc: spec.loc })
+        Ok(BlockOperand { name: name.to_string(), array, block_shape, index_map, space: spec.space, loc: spec.loc })
     }
 }
 
@@ -443,6 +475,8 @@ pub struct BlockOperand {
     pub block_shape: Vec<Option<usize>>,
     /// Grid indices (then prefetch refs) to block indices, one per array dim.
     pub index_map: Func,
+    /// `Vmem` for a pipelined block, `Any` for an array left in HBM (its block is the whole).
+    pub space: MemorySpace,
     /// Where its `BlockSpec` was written.
     pub loc: Loc,
 }
@@ -577,7 +611,7 @@ impl TracedCall {
             let layout = match slot.checked_sub(n_pf).and_then(|i| operands.get(i)) {
                 Some(op) => RefLayout {
                     arg,
-                    memref: RefType { dtype: kernel_view.dtype, shape: op.block_dims(), space: MemorySpace::Vmem },
+                    memref: RefType { dtype: kernel_view.dtype, shape: op.block_dims(), space: op.space },
                     squeezed: op.block_shape.iter().map(Option::is_none).collect(),
                 },
                 None => RefLayout { arg, memref: kernel_view.clone(), squeezed: vec![false; kernel_view.shape.len()] },

@@ -120,6 +120,15 @@ element!(i32, I32, Int, Numeric);
 element!(i8, I8, Int, Numeric);
 element!(bool, Bool,);
 
+/// The element of a DMA semaphore scratch (`&mut Scratch<DmaSemaphore>`, declared in the call
+/// with `DmaSemaphores::new(n)`): only copies and waits use it. Its count is held as an i32.
+#[derive(Clone, Copy, Debug)]
+pub struct DmaSemaphore;
+
+impl Element for DmaSemaphore {
+    const DTYPE: DType = DType::I32;
+}
+
 impl DotOperand for f32 {
     type Acc = f32;
 }

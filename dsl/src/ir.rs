@@ -81,6 +81,10 @@ pub enum MemorySpace {
     Vmem,
     /// Scalar memory: scalar prefetch tables and scalar scratch.
     Smem,
+    /// Left where it is (HBM), unblocked (Pallas' `memory_space=ANY`): reached only by copies.
+    Any,
+    /// DMA semaphores: what a copy signals and a wait consumes.
+    Semaphore,
 }
 
 impl fmt::Display for MemorySpace {
@@ -88,6 +92,8 @@ impl fmt::Display for MemorySpace {
         f.write_str(match self {
             MemorySpace::Vmem => "vmem",
             MemorySpace::Smem => "smem",
+            MemorySpace::Any => "any",
+            MemorySpace::Semaphore => "semaphore",
         })
     }
 }
@@ -291,6 +297,36 @@ impl ReduceOp {
     }
 }
 
+/// An asynchronous copy between two ref regions, signalling one DMA semaphore (Pallas'
+/// `make_async_copy(src.at[...], dst.at[...], sem.at[...])`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DmaCopy {
+    pub src: ValueId,
+    pub src_index: Vec<Index>,
+    pub dst: ValueId,
+    pub dst_index: Vec<Index>,
+    /// A ref of DMA semaphores, indexed down to one.
+    pub sem: ValueId,
+    pub sem_index: Vec<Index>,
+}
+
+impl DmaCopy {
+    fn operands(&self, out: &mut Vec<ValueId>) {
+        for (r, index) in [(self.src, &self.src_index), (self.dst, &self.dst_index), (self.sem, &self.sem_index)] {
+            out.push(r);
+            out.extend(dynamic_offsets(index));
+        }
+    }
+}
+
+/// The traced values an index reads.
+pub fn dynamic_offsets(index: &[Index]) -> impl Iterator<Item = ValueId> + '_ {
+    index.iter().filter_map(|ix| match ix {
+        Index::Slice { start: Offset::Dynamic(v), .. } | Index::Point(Offset::Dynamic(v)) => Some(*v),
+        _ => None,
+    })
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum OpKind {
     Constant(Literal),
@@ -394,6 +430,10 @@ pub enum OpKind {
     /// An i32 tile of random bits from the generator (Pallas' `prng_random_bits`); see
     /// [`crate::random`] for what the CPU backends compute.
     PrngRandomBits,
+    /// Starts a copy; it lands by the matching `DmaWait`.
+    DmaStart(DmaCopy),
+    /// Waits for a copy started with the same source, destination and semaphore.
+    DmaWait(DmaCopy),
     If {
         cond: ValueId,
         then_region: Region,
@@ -424,17 +464,11 @@ impl Op {
     pub fn operands(&self) -> Vec<ValueId> {
         use OpKind::*;
         let mut out = Vec::new();
-        let index_values = |index: &[Index], out: &mut Vec<ValueId>| {
-            for ix in index {
-                match ix {
-                    Index::Slice { start: Offset::Dynamic(v), .. } | Index::Point(Offset::Dynamic(v)) => out.push(*v),
-                    _ => {}
-                }
-            }
-        };
+        let index_values = |index: &[Index], out: &mut Vec<ValueId>| out.extend(dynamic_offsets(index));
         match &self.kind {
             Constant(_) | ProgramId { .. } | NumPrograms { .. } | Iota { .. } | PrngRandomBits => {}
             PrngSeed { seeds } => out.extend(seeds),
+            DmaStart(copy) | DmaWait(copy) => copy.operands(&mut out),
             Load { src, index } => {
                 out.push(*src);
                 index_values(index, &mut out);

@@ -22,16 +22,17 @@ pub mod trace;
 pub mod verify;
 
 pub use call::{
-    sublanes, BlockIndex, BlockOperand, BlockSpec, Operand, PallasCall, RefLayout, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem, LANES, MIN_SUBLANES,
+    sublanes, BlockIndex, BlockOperand, BlockSpec, DmaSemaphores, Operand, PallasCall, RefLayout, ScratchOperand, ScratchSpec, Semantics, Smem, TracedCall, Vmem, LANES,
+    MIN_SUBLANES,
 };
-pub use dtype::{DType, DotOperand, Element, Float, Int, Numeric};
+pub use dtype::{DType, DmaSemaphore, DotOperand, Element, Float, Int, Numeric};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
 pub use host::{HostArray, HostElement};
 pub use interpret::InterpretOptions;
 pub use kernel::{KernelDef, ParamKind, ParamSig};
 pub use torchtpu_macros::{tpu_fn, tpu_kernel};
-pub use trace::refs::{ds, full, zeros, Fill, IntoIndex, Ix, Prefetch, Ref, Scratch, Storable};
+pub use trace::refs::{async_copy, ds, full, zeros, AsyncCopy, Fill, IntoIndex, Ix, Prefetch, Ref, Scratch, Storable, Window};
 pub use trace::values::{
     concatenate, dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_uniform, select, Scalar, Tile,
 };
@@ -40,7 +41,8 @@ pub use trace::values::{
 pub mod prelude {
     pub use crate::call::Semantics::{Arbitrary, Parallel};
     pub use crate::{
-        bf16, concatenate, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_uniform, select, tpu_fn,
-        tpu_kernel, zeros, BlockSpec, DType, Element, Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem, Tile, Vmem,
+        async_copy, bf16, concatenate, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_uniform,
+        select, tpu_fn, tpu_kernel, zeros, BlockSpec, DType, DmaSemaphore, DmaSemaphores, Element, Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem,
+        Tile, Vmem,
     };
 }

@@ -71,6 +71,17 @@ fn print_op(func: &Func, op: &Op, depth: usize, out: &mut String) -> fmt::Result
         AssumeMultiple { x, multiple } => write!(out, "assume_multiple {x}, {multiple}")?,
         PrngSeed { seeds } => write!(out, "prng_seed {}", list(seeds))?,
         PrngRandomBits => write!(out, "prng_random_bits")?,
+        DmaStart(c) | DmaWait(c) => write!(
+            out,
+            "{} {}{} -> {}{} signalling {}{}",
+            if matches!(op.kind, DmaStart(_)) { "dma_start" } else { "dma_wait" },
+            c.src,
+            index(&c.src_index),
+            c.dst,
+            index(&c.dst_index),
+            c.sem,
+            index(&c.sem_index)
+        )?,
         Yield { values } => write!(out, "yield {}", list(values))?,
         If { cond, then_region, else_region } => {
             writeln!(out, "if {cond} {{")?;

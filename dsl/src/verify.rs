@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ir::{Func, Index, Loc, Offset, Op, OpKind, Region, Type, ValueId, ValueType};
+use crate::ir::{Func, Index, Loc, MemorySpace, Offset, Op, OpKind, Region, Type, ValueId, ValueType};
 use crate::trace::broadcast_shapes;
 
 struct Verifier<'a> {
@@ -266,6 +266,21 @@ impl Verifier<'_> {
                 same(a, self.result_vt(op)?, "assume_multiple operand vs result")?;
                 if a.dtype != DType::I32 || *multiple == 0 {
                     return Err(self.err(loc, format!("assume_multiple of {a} by {multiple}")));
+                }
+            }
+            OpKind::DmaStart(c) | OpKind::DmaWait(c) => {
+                let refs = [(c.src, &c.src_index), (c.dst, &c.dst_index), (c.sem, &c.sem_index)];
+                let mut regions = Vec::new();
+                for (r, index) in refs {
+                    let t = self.func.ref_type(r).ok_or_else(|| self.err(loc, "a copy between values, not refs"))?;
+                    regions.push((t.clone(), self.index(index, &t.shape, loc)?));
+                }
+                let [(src, src_shape), (dst, dst_shape), (sem, sem_shape)] = &regions[..] else { unreachable!("three refs") };
+                if src.dtype != dst.dtype || src_shape != dst_shape {
+                    return Err(self.err(loc, format!("a copy of {src_shape:?} {} into {dst_shape:?} {}", src.dtype, dst.dtype)));
+                }
+                if sem.space != MemorySpace::Semaphore || !sem_shape.is_empty() {
+                    return Err(self.err(loc, "a copy signals one DMA semaphore"));
                 }
             }
             OpKind::PrngSeed { seeds } => {

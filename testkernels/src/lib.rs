@@ -5,6 +5,7 @@ pub mod add;
 pub mod flash;
 pub mod gather;
 pub mod matmul;
+pub mod paged_gather;
 pub mod prefix_sum;
 pub mod row_stats;
 pub mod softmax;
@@ -120,6 +121,7 @@ pub fn acceptance_set() -> Vec<Box<dyn Example>> {
         v.push(Box::new(flash::Flash { batch: 2, heads: 1, seq: 200, head_dim: 32, block_q: 64, block_k: 32, dtype }));
         v.push(Box::new(row_stats::RowStats { rows: 40, chunks: 3, block_rows: 16, dtype }));
         v.push(Box::new(gather::Gather { pages: 50, dim: 128, indices: 17, dtype }));
+        v.push(Box::new(paged_gather::PagedGather { pages: 40, page_rows: 16, dim: 128, gathered: 9, dtype }));
     }
     for scan in [prefix_sum::Scan::Roll, prefix_sum::Scan::Matmul, prefix_sum::Scan::Scratch] {
         v.push(Box::new(prefix_sum::PrefixSum { rows: 40, block_rows: 16, scan }));

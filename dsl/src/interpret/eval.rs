@@ -43,6 +43,19 @@ pub(crate) struct Eval<'f> {
     ref_slot: HashMap<ValueId, usize>,
     /// The random number generator's key and counter, once a program seeds it.
     prng: Option<(u32, u32)>,
+    /// Copies started and not yet waited for; they may span grid steps.
+    in_flight: Vec<InFlight>,
+}
+
+/// A started copy: the data it read, where it lands at its wait, and what it signals.
+#[derive(Debug)]
+struct InFlight {
+    /// The semaphore ref's slot and the element signalled.
+    sem: (usize, Vec<usize>),
+    dst: usize,
+    dst_sel: Vec<Sel>,
+    data: Tensor,
+    loc: Loc,
 }
 
 /// One axis of a resolved access: `len` elements from `start`, dropped if `point`.
@@ -87,7 +100,7 @@ fn dot_i32(a: ndarray::ArrayView2<i32>, b: ndarray::ArrayView2<i32>) -> ndarray:
 impl<'f> Eval<'f> {
     pub fn new(func: &'f Func) -> Self {
         let ref_slot = func.args.iter().filter(|a| matches!(func.ty(**a), Type::Ref(_))).enumerate().map(|(i, &a)| (a, i)).collect();
-        Eval { func, vals: vec![None; func.values.len()], ref_slot, prng: None }
+        Eval { func, vals: vec![None; func.values.len()], ref_slot, prng: None, in_flight: Vec::new() }
     }
 
     fn get(&self, v: ValueId) -> &Rc<Tensor> {
@@ -161,6 +174,47 @@ impl<'f> Eval<'f> {
         self.ref_slot[&r]
     }
 
+    /// A ref's slot and the region `index` selects in it.
+    fn ref_region(&self, ctx: &Ctx, refs: &[RefBuf], r: ValueId, index: &[Index], loc: Loc) -> Result<(usize, Vec<Sel>)> {
+        let slot = self.slot(r);
+        let sel = self.resolve(ctx, slot, index, refs[slot].data.shape(), loc)?;
+        Ok((slot, sel))
+    }
+
+    /// Checked mode: touching memory a copy in flight will write (or is reading) is a race.
+    fn check_not_in_flight(&self, ctx: &Ctx, slot: usize, sel: &[Sel], what: &str, loc: Loc) -> Result<()> {
+        match self.in_flight.iter().find(|f| f.dst == slot && overlaps(&f.dst_sel, sel)) {
+            Some(f) => Err(ctx.runtime(
+                loc,
+                format!(
+                    "{what} `{}`{} while the copy into it started at {} is in flight: wait for the copy first (on a TPU this reads or overwrites memory the DMA is still writing)",
+                    ctx.ref_names.get(slot).cloned().unwrap_or_default(),
+                    describe(sel),
+                    f.loc
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// After the last grid step of a core: a copy never waited for leaves its semaphore
+    /// signalled (and its data unaccounted for).
+    pub fn finish(&self, ctx: &Ctx) -> Result<()> {
+        match self.in_flight.first() {
+            Some(f) => Err(ctx.runtime(
+                f.loc,
+                format!(
+                    "the copy into `{}`{} started here was never waited for: its semaphore `{}`{:?} is left non-zero at the kernel's end; wait for every copy you start",
+                    ctx.ref_names.get(f.dst).cloned().unwrap_or_default(),
+                    describe(&f.dst_sel),
+                    ctx.ref_names.get(f.sem.0).cloned().unwrap_or_default(),
+                    f.sem.1
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn op(&mut self, ctx: &Ctx, op: &'f Op, refs: &mut [RefBuf], checked: bool) -> Result<()> {
         let loc = op.loc;
         let t = match &op.kind {
@@ -176,42 +230,54 @@ impl<'f> Eval<'f> {
             OpKind::NumPrograms { axis } => Tensor::int(DType::I32, ArrayD::from_elem(vec![], ctx.grid[*axis] as i32)),
             OpKind::Load { src, index } => {
                 let slot = self.slot(*src);
-                let buf = &refs[slot];
-                let sel = self.resolve(ctx, slot, index, buf.data.shape(), loc)?;
-                if let Some(init) = &buf.init {
-                    if slice_view(init, &sel).iter().any(|&i| !i) {
-                        let region: Vec<String> = sel.iter().map(|s| if s.point { s.start.to_string() } else { format!("{}..{}", s.start, s.start + s.len) }).collect();
-                        return Err(Error::UninitializedRead {
-                            kernel: ctx.kernel.to_string(),
-                            operand: ctx.ref_names.get(slot).cloned().unwrap_or_default(),
-                            grid_index: ctx.grid_index.to_vec(),
-                            loc,
-                            region: format!("[{}]", region.join(", ")),
-                        });
-                    }
+                let sel = self.resolve(ctx, slot, index, refs[slot].data.shape(), loc)?;
+                if checked {
+                    self.check_not_in_flight(ctx, slot, &sel, "reads", loc)?;
                 }
-                let dtype = buf.data.dtype;
-                match &buf.data.data {
-                    Data::F(a) => Tensor { dtype, data: Data::F(slice_view(a, &sel).to_owned()) },
-                    Data::I(a) => Tensor { dtype, data: Data::I(slice_view(a, &sel).to_owned()) },
-                    Data::B(a) => Tensor { dtype, data: Data::B(slice_view(a, &sel).to_owned()) },
+                read_region(ctx, &refs[slot], slot, &sel, loc)?
+            }
+            OpKind::DmaStart(c) => {
+                let (src, src_sel) = self.ref_region(ctx, refs, c.src, &c.src_index, loc)?;
+                let (dst, dst_sel) = self.ref_region(ctx, refs, c.dst, &c.dst_index, loc)?;
+                let (sem, sem_sel) = self.ref_region(ctx, refs, c.sem, &c.sem_index, loc)?;
+                if checked {
+                    self.check_not_in_flight(ctx, src, &src_sel, "copies from", loc)?;
+                    self.check_not_in_flight(ctx, dst, &dst_sel, "starts another copy into", loc)?;
                 }
+                let data = read_region(ctx, &refs[src], src, &src_sel, loc)?;
+                self.in_flight.push(InFlight { sem: (sem, sem_sel.iter().map(|s| s.start).collect()), dst, dst_sel, data, loc });
+                return Ok(());
+            }
+            OpKind::DmaWait(c) => {
+                let (dst, dst_sel) = self.ref_region(ctx, refs, c.dst, &c.dst_index, loc)?;
+                let (sem, sem_sel) = self.ref_region(ctx, refs, c.sem, &c.sem_index, loc)?;
+                let key = (sem, sem_sel.iter().map(|s| s.start).collect::<Vec<_>>());
+                let matches = |f: &InFlight| f.sem == key && f.dst == dst && same_region(&f.dst_sel, &dst_sel);
+                let Some(i) = self.in_flight.iter().position(matches) else {
+                    let name = |slot: usize| ctx.ref_names.get(slot).cloned().unwrap_or_default();
+                    return Err(ctx.runtime(
+                        loc,
+                        format!(
+                            "waits for a copy into `{}`{} signalling `{}`{:?}, but none is in flight: a wait without a start (on a TPU it would hang)",
+                            name(dst),
+                            describe(&dst_sel),
+                            name(sem),
+                            key.1
+                        ),
+                    ));
+                };
+                let landed = self.in_flight.remove(i);
+                write_region(ctx, &mut refs[dst], &dst_sel, &landed.data, loc)?;
+                return Ok(());
             }
             OpKind::Store { dst, index, value } => {
                 let slot = self.slot(*dst);
                 let sel = self.resolve(ctx, slot, index, refs[slot].data.shape(), loc)?;
+                if checked {
+                    self.check_not_in_flight(ctx, slot, &sel, "writes", loc)?;
+                }
                 let v = self.get(*value).clone();
-                let buf = &mut refs[slot];
-                match (&mut buf.data.data, &v.data) {
-                    (Data::F(a), Data::F(x)) => slice_view_mut(a, &sel).assign(x),
-                    (Data::I(a), Data::I(x)) => slice_view_mut(a, &sel).assign(x),
-                    (Data::B(a), Data::B(x)) => slice_view_mut(a, &sel).assign(x),
-                    _ => return Err(ctx.runtime(loc, "store of a value whose storage class differs from the ref's")),
-                }
-                if let Some(init) = &mut buf.init {
-                    slice_view_mut(init, &sel).fill(true);
-                }
-                buf.last_store = Some(loc);
+                write_region(ctx, &mut refs[slot], &sel, &v, loc)?;
                 return Ok(());
             }
             OpKind::Unary { op: u, x } => u.specialize(UnaryRun { ctx, x: self.get(*x), loc })?,
@@ -504,6 +570,56 @@ impl Specialized<CmpOp> for CompareRun<'_> {
         };
         Tensor::boolean(out)
     }
+}
+
+/// `[0..8, 3]`: a region as indexing would write it.
+fn describe(sel: &[Sel]) -> String {
+    let parts: Vec<String> = sel.iter().map(|s| if s.point { s.start.to_string() } else { format!("{}..{}", s.start, s.start + s.len) }).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+fn overlaps(a: &[Sel], b: &[Sel]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.start < y.start + y.len && y.start < x.start + x.len)
+}
+
+fn same_region(a: &[Sel], b: &[Sel]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.start == y.start && x.len == y.len)
+}
+
+/// The region `sel` of a ref; in checked mode, an error where it holds memory nothing wrote.
+fn read_region(ctx: &Ctx, buf: &RefBuf, slot: usize, sel: &[Sel], loc: Loc) -> Result<Tensor> {
+    if let Some(init) = &buf.init {
+        if slice_view(init, sel).iter().any(|&i| !i) {
+            return Err(Error::UninitializedRead {
+                kernel: ctx.kernel.to_string(),
+                operand: ctx.ref_names.get(slot).cloned().unwrap_or_default(),
+                grid_index: ctx.grid_index.to_vec(),
+                loc,
+                region: describe(sel),
+            });
+        }
+    }
+    let dtype = buf.data.dtype;
+    Ok(match &buf.data.data {
+        Data::F(a) => Tensor { dtype, data: Data::F(slice_view(a, sel).to_owned()) },
+        Data::I(a) => Tensor { dtype, data: Data::I(slice_view(a, sel).to_owned()) },
+        Data::B(a) => Tensor { dtype, data: Data::B(slice_view(a, sel).to_owned()) },
+    })
+}
+
+/// Writes `v` into the region `sel` of a ref and marks it written.
+fn write_region(ctx: &Ctx, buf: &mut RefBuf, sel: &[Sel], v: &Tensor, loc: Loc) -> Result<()> {
+    match (&mut buf.data.data, &v.data) {
+        (Data::F(a), Data::F(x)) => slice_view_mut(a, sel).assign(x),
+        (Data::I(a), Data::I(x)) => slice_view_mut(a, sel).assign(x),
+        (Data::B(a), Data::B(x)) => slice_view_mut(a, sel).assign(x),
+        _ => return Err(ctx.runtime(loc, "a write of a value whose storage class differs from the ref's")),
+    }
+    if let Some(init) = &mut buf.init {
+        slice_view_mut(init, sel).fill(true);
+    }
+    buf.last_store = Some(loc);
+    Ok(())
 }
 
 /// `a` rotated by `s` (less than its extent) along `axis`: element `i` moves to `i + s`, wrapping.

@@ -250,6 +250,8 @@ struct Program<'a> {
     filled_by: Vec<Vec<usize>>,
     /// Checked mode with NaN-free inputs: a NaN written back to an output came from poison.
     trace_poison: bool,
+    /// The grid index of the last step run, for errors found after it.
+    last_step: Vec<usize>,
 }
 
 impl<'a> Program<'a> {
@@ -267,7 +269,18 @@ impl<'a> Program<'a> {
             names.push(s.name.clone());
         }
         let n = call.inputs.len() + call.outputs.len();
-        Program { call, inputs, options, eval: Eval::new(&call.body), refs, names, current: vec![None; n], filled_by: vec![Vec::new(); call.outputs.len()], trace_poison }
+        Program {
+            call,
+            inputs,
+            options,
+            eval: Eval::new(&call.body),
+            refs,
+            names,
+            current: vec![None; n],
+            filled_by: vec![Vec::new(); call.outputs.len()],
+            trace_poison,
+            last_step: Vec::new(),
+        }
     }
 
     fn step(&mut self, gi: &[usize], flat: usize, table: &BlockTable, outputs: &[Mutex<Tensor>], writers: &Writers, task: usize) -> Result<()> {
@@ -297,6 +310,7 @@ impl<'a> Program<'a> {
         }
         let ctx = Ctx { kernel: call.kernel.name(), grid: &call.grid, grid_index: gi, ref_names: &self.names };
         self.eval.run(&ctx, &mut self.refs, Vec::new(), self.options.checked)?;
+        self.last_step = gi.to_vec();
         Ok(())
     }
 
@@ -334,6 +348,9 @@ impl<'a> Program<'a> {
     }
 
     fn flush_all(&mut self, outputs: &[Mutex<Tensor>], writers: &Writers, task: usize) -> Result<()> {
+        let call = self.call;
+        let ctx = Ctx { kernel: call.kernel.name(), grid: &call.grid, grid_index: &self.last_step, ref_names: &self.names };
+        self.eval.finish(&ctx)?;
         for o in 0..self.call.outputs.len() {
             self.flush(o, outputs, writers, task)?;
         }

@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::ops::{Range, RangeFull};
 
 use crate::dtype::{DType, Element};
-use crate::ir::{Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, Type, ValueId, ValueType};
+use crate::ir::{DmaCopy, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, Type, ValueId, ValueType};
 use crate::trace::builder::{self, Builder};
 use crate::trace::values::{Scalar, Tile};
 
@@ -182,8 +182,26 @@ impl Builder {
                 Ix::Point(s) => index.push(Index::Point(offset(self, s, 1)?)),
             }
         }
-        if rt.space == MemorySpace::Smem && !shape.is_empty() {
-            let msg = format!("vector access to an SMEM ref of shape {:?}: SMEM holds scalars, so index every axis with one element", rt.shape);
+        Some((index, shape))
+    }
+
+    /// Resolves an index for a load or store, which only VMEM and (element by element) SMEM
+    /// refs take.
+    fn resolve_access(&mut self, r: ValueId, ix: &[Ix], loc: Loc) -> Option<(Vec<Index>, Vec<usize>)> {
+        let (index, shape) = self.resolve_index(r, ix, loc)?;
+        let Type::Ref(rt) = self.ty(r).clone() else { return None };
+        let refusal = match rt.space {
+            MemorySpace::Smem if !shape.is_empty() => {
+                Some(format!("vector access to an SMEM ref of shape {:?}: SMEM holds scalars, so index every axis with one element", rt.shape))
+            }
+            MemorySpace::Any => Some(
+                "this ref is left in HBM (`BlockSpec::any()`): copy the part you need into VMEM scratch with `async_copy(src.at(..), dst.at(..), sem.at(..))` and read that"
+                    .to_string(),
+            ),
+            MemorySpace::Semaphore => Some("DMA semaphores are only signalled and waited on by copies (`async_copy`), not read or written".to_string()),
+            _ => None,
+        };
+        if let Some(msg) = refusal {
             self.fail_silent(loc, msg);
             return None;
         }
@@ -191,7 +209,7 @@ impl Builder {
     }
 
     pub(crate) fn load(&mut self, r: ValueId, ix: &[Ix], dtype: DType, loc: Loc) -> ValueId {
-        match self.resolve_index(r, ix, loc) {
+        match self.resolve_access(r, ix, loc) {
             Some((index, shape)) => self.push(OpKind::Load { src: r, index }, ValueType::new(dtype, shape), loc),
             None => self.new_value(Type::Value(ValueType::scalar(dtype)), loc),
         }
@@ -211,7 +229,7 @@ impl Builder {
 
 /// Stores `value` into `r[ix]`: resolves the region, builds the value for its shape, then the store.
 fn store<T, S: Storable<T>>(r: ValueId, ix: &[Ix], value: S, loc: Loc) {
-    let Some((index, shape)) = builder::with(|b| b.resolve_index(r, ix, loc)) else { return };
+    let Some((index, shape)) = builder::with(|b| b.resolve_access(r, ix, loc)) else { return };
     let v = value.value_for(&shape, loc);
     builder::with(|b| b.push_store(r, index, &shape, v, loc));
 }
@@ -233,6 +251,14 @@ macro_rules! ref_type {
             /// The ref's static shape (for an operand: its block shape, squeezed dims removed).
             pub fn shape(&self) -> Vec<usize> {
                 builder::with(|b| b.vty(self.id).shape)
+            }
+
+            /// A region of the ref, for a copy (`async_copy`).
+            #[track_caller]
+            pub fn at(&self, index: impl IntoIndex) -> Window {
+                let loc = Loc::caller();
+                let ix = index.into_index();
+                builder::with(|b| b.window(self.id, &ix, loc))
             }
 
             /// One element, as a scalar: every axis indexed with one position.
@@ -308,5 +334,86 @@ impl<T: Element> Scratch<T> {
     #[track_caller]
     pub fn set(&mut self, index: impl IntoIndex, value: Scalar<T>) {
         self.store_at(index, value)
+    }
+}
+
+/// A region of a ref: one side of a copy, or (one element of a semaphore ref) what it signals.
+#[derive(Clone, Debug)]
+pub struct Window {
+    r: ValueId,
+    index: Vec<Index>,
+    /// `None` where resolving the index failed (the trace error is recorded).
+    shape: Option<Vec<usize>>,
+}
+
+impl Builder {
+    fn window(&mut self, r: ValueId, ix: &[Ix], loc: Loc) -> Window {
+        match self.resolve_index(r, ix, loc) {
+            Some((index, shape)) => Window { r, index, shape: Some(shape) },
+            None => Window { r, index: Vec::new(), shape: None },
+        }
+    }
+
+    fn dma(&mut self, copy: &AsyncCopy, start: bool, loc: Loc) {
+        let (src, dst, sem) = (&copy.src, &copy.dst, &copy.sem);
+        let (Some(src_shape), Some(dst_shape), Some(sem_shape)) = (&src.shape, &dst.shape, &sem.shape) else { return };
+        let space = |b: &Builder, w: &Window| match b.ty(w.r) {
+            Type::Ref(rt) => Some((rt.space, rt.dtype)),
+            Type::Value(_) => None,
+        };
+        let (Some((src_space, src_dtype)), Some((dst_space, dst_dtype)), Some((sem_space, _))) = (space(self, src), space(self, dst), space(self, sem)) else {
+            self.fail_silent(loc, "async_copy takes regions of refs");
+            return;
+        };
+        let problem = if sem_space != MemorySpace::Semaphore {
+            Some("the third argument of async_copy is one DMA semaphore: `sems.at(i)` of a `&mut Scratch<DmaSemaphore>` declared with `DmaSemaphores::new(n)`".to_string())
+        } else if !sem_shape.is_empty() {
+            Some(format!("a copy signals one DMA semaphore: index every axis of the semaphore ref (this selects shape {sem_shape:?})"))
+        } else if [src_space, dst_space].iter().any(|&s| matches!(s, MemorySpace::Semaphore | MemorySpace::Smem)) {
+            Some("copies move data between HBM (`BlockSpec::any()`) and VMEM refs".to_string())
+        } else if src_dtype != dst_dtype || src_shape != dst_shape {
+            Some(format!("async_copy from a {src_shape:?} {src_dtype} region into a {dst_shape:?} {dst_dtype} one: the two sides must match"))
+        } else {
+            None
+        };
+        if let Some(msg) = problem {
+            self.fail_silent(loc, msg);
+            return;
+        }
+        let c = DmaCopy { src: src.r, src_index: src.index.clone(), dst: dst.r, dst_index: dst.index.clone(), sem: sem.r, sem_index: sem.index.clone() };
+        let kind = if start { OpKind::DmaStart(c) } else { OpKind::DmaWait(c) };
+        self.push_op(Op { kind, results: Vec::new(), loc });
+    }
+}
+
+/// A copy from `src` to `dst` that signals `sem` (Pallas' `pltpu.make_async_copy`): `start()`
+/// it, do other work, then `wait()` before reading `dst`. Either side may be a ref left in HBM
+/// (`BlockSpec::any()`) or VMEM; the interpreter's checked mode reports a wait without a start,
+/// a read of `dst` before its wait, and a copy never waited for.
+#[derive(Clone, Debug)]
+pub struct AsyncCopy {
+    src: Window,
+    dst: Window,
+    sem: Window,
+}
+
+/// Describes a copy; nothing moves until [`AsyncCopy::start`].
+pub fn async_copy(src: Window, dst: Window, sem: Window) -> AsyncCopy {
+    AsyncCopy { src, dst, sem }
+}
+
+impl AsyncCopy {
+    /// Starts the copy.
+    #[track_caller]
+    pub fn start(&self) {
+        let loc = Loc::caller();
+        builder::with(|b| b.dma(self, true, loc));
+    }
+
+    /// Waits until the copy has landed in `dst`.
+    #[track_caller]
+    pub fn wait(&self) {
+        let loc = Loc::caller();
+        builder::with(|b| b.dma(self, false, loc));
     }
 }
