@@ -2,7 +2,7 @@
 //! guided search fits to measured times.
 
 use torchtpu_codegen::cost;
-use torchtpu_dsl::ir::{OpKind, Region};
+use torchtpu_dsl::ir::{MemorySpace, OpKind, Region};
 use torchtpu_dsl::{DType, TracedCall};
 use torchtpu_runtime::Chip;
 
@@ -45,6 +45,10 @@ pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
     let mut sliced = 0.0;
     let mut vmem = 0.0;
     for (op, indices) in operands.iter().zip(&blocks) {
+        // An operand left in HBM takes no VMEM; what the kernel copies in is its scratch.
+        if op.space == MemorySpace::Any {
+            continue;
+        }
         let block_bytes = (op.block_dims().iter().product::<usize>() * op.array.dtype.size_bytes()) as f64;
         vmem += 2.0 * tile_padded_bytes(&op.block_dims(), op.array.dtype) as f64;
         sliced += block_bytes * call.num_programs() as f64;
@@ -54,7 +58,7 @@ pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
         };
         hbm += block_bytes * fetches as f64;
     }
-    for s in &call.scratch {
+    for s in call.scratch.iter().filter(|s| s.ty.space == MemorySpace::Vmem) {
         vmem += tile_padded_bytes(&s.ty.shape, s.ty.dtype) as f64;
     }
     Ok(Features { steps: call.num_programs() as f64, flops: estimate.flops as f64, hbm_bytes: hbm, sliced_bytes: sliced, vmem_bytes: vmem })
