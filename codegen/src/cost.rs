@@ -62,6 +62,14 @@ fn region_cost(func: &Func, region: &Region) -> (u64, u64) {
                 flops += a.0.max(b.0);
                 trans += a.1.max(b.1);
             }
+            // Its trip count is data: counted as one pass.
+            OpKind::While { cond, body, .. } => {
+                for r in [cond, body] {
+                    let (f, t) = region_cost(func, r);
+                    flops += f;
+                    trans += t;
+                }
+            }
             OpKind::For { lo, hi, body, .. } => {
                 let trips = match (constant_of(func, region, *lo), constant_of(func, region, *hi)) {
                     (Some(l), Some(h)) => (h - l).max(0) as u64,

@@ -629,6 +629,7 @@ impl<'a> Emitter<'a> {
             }
             OpKind::If { cond, then_region, else_region } => self.emit_if(op, *cond, then_region, else_region)?,
             OpKind::For { lo, hi, inits, body } => self.emit_for(op, *lo, *hi, inits, body)?,
+            OpKind::While { inits, cond, body } => self.emit_while(op, inits, cond, body)?,
             OpKind::Yield { .. } => {}
         }
         Ok(())
@@ -961,6 +962,46 @@ impl<'a> Emitter<'a> {
         self.nested(body, &types, l)?;
         let operand_types: Vec<String> = ["i32".to_string(), "i32".into(), "i32".into()].into_iter().chain(types.iter().cloned()).collect();
         self.close_region_op(&pad, &operand_types, &types, l);
+        for (r, n) in op.results.iter().zip(names) {
+            self.set(*r, n);
+        }
+        Ok(())
+    }
+
+    /// `scf.while`, in the generic syntax in both forms (`stable_mosaic.` prefixed in the
+    /// stable one): the condition region passes the carried values on to the body unchanged.
+    fn emit_while(&mut self, op: &'a Op, inits: &[ValueId], cond: &'a Region, body: &'a Region) -> Result<()> {
+        let l = op.loc;
+        let prefix = if self.form == Form::Stable { "stable_mosaic." } else { "" };
+        let types: Vec<String> = inits.iter().map(|&i| self.ty(i)).collect();
+        let init_names: Vec<String> = inits.iter().map(|&i| self.name(i)).collect();
+        let (lhs, names) = self.results_of(op);
+        let pad = "  ".repeat(self.depth);
+        let _ = writeln!(self.out, "{pad}{lhs}\"{prefix}scf.while\"({}) ({{", init_names.join(", "));
+        for (i, region) in [cond, body].into_iter().enumerate() {
+            let args: Vec<String> = region.args.iter().map(|_| self.fresh()).collect();
+            for (a, n) in region.args.iter().zip(&args) {
+                self.set(*a, n.clone());
+            }
+            let block_args: Vec<String> = args.iter().zip(&types).map(|(a, t)| format!("{a}: {t}")).collect();
+            let _ = writeln!(self.out, "{pad}^bb0({}):", block_args.join(", "));
+            self.depth += 1;
+            let yielded = self.region_ops(region)?;
+            let text = if i == 0 {
+                let c = yielded.first().cloned().unwrap_or_default();
+                let operand_types: Vec<String> = std::iter::once("i1".to_string()).chain(types.iter().cloned()).collect();
+                format!("\"{prefix}scf.condition\"({}) : ({}) -> ()", std::iter::once(c).chain(args.iter().cloned()).collect::<Vec<_>>().join(", "), operand_types.join(", "))
+            } else {
+                format!("\"{prefix}scf.yield\"({}) : ({}) -> ()", yielded.join(", "), types.join(", "))
+            };
+            self.line(&text, l);
+            self.depth -= 1;
+            if i == 0 {
+                let _ = writeln!(self.out, "{pad}}}, {{");
+            }
+        }
+        let rt = format!("({})", types.join(", "));
+        let _ = writeln!(self.out, "{pad}}}) : ({}) -> {rt}{}", types.join(", "), loc(l));
         for (r, n) in op.results.iter().zip(names) {
             self.set(*r, n);
         }

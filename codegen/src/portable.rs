@@ -664,6 +664,7 @@ impl<'a> Emitter<'a> {
             }
             OpKind::If { cond, then_region, else_region } => return self.emit_if(func, op, *cond, then_region, else_region, scope),
             OpKind::For { lo, hi, inits, body } => return self.emit_for(func, op, *lo, *hi, inits, body, scope),
+            OpKind::While { inits, cond, body } => return self.emit_while(func, op, inits, cond, body, scope),
             OpKind::Yield { .. } => return Err(self.unsupported(op.loc, "a yield outside a region")),
         };
         if let Some(r) = result {
@@ -774,6 +775,51 @@ impl<'a> Emitter<'a> {
             scope.names.insert(res, format!("{r}#{i}"));
         }
         let after: Vec<String> = (0..ref_types.len()).map(|i| format!("{r}#{}", op.results.len() + i)).collect();
+        Self::set_mutable(scope, &after);
+        Ok(())
+    }
+
+    /// `stablehlo.while` over the carried values and the refs the body writes; the condition
+    /// region reads the refs as they stand.
+    fn emit_while(&mut self, func: &Func, op: &Op, inits: &[ValueId], cond: &Region, body: &Region, scope: &mut Scope) -> Result<()> {
+        let (refs_now, ref_types) = Self::mutable_state(scope);
+        let mut types: Vec<String> = inits.iter().map(|&i| tensor_type(&Self::vt(func, i))).collect();
+        types.extend(ref_types.iter().cloned());
+        if types.is_empty() {
+            return Err(self.unsupported(op.loc, "a traced `while` that carries nothing and writes no ref never changes its condition"));
+        }
+        let mut init_names: Vec<String> = inits.iter().map(|i| scope.names[i].clone()).collect();
+        init_names.extend(refs_now);
+        let n = inits.len();
+        let w = self.fresh();
+        let pred = tensor_type(&ValueType::scalar(DType::Bool));
+        self.line(&format!("{w}:{} = \"stablehlo.while\"({}) ({{", types.len(), init_names.join(", ")));
+        for (i, region) in [cond, body].into_iter().enumerate() {
+            let args: Vec<String> = types.iter().map(|_| self.fresh()).collect();
+            self.line(&format!("^bb0({}):", typed(&args, &types)));
+            self.depth += 1;
+            for (a, name) in region.args.iter().zip(&args) {
+                scope.names.insert(*a, name.clone());
+            }
+            Self::set_mutable(scope, &args[n..]);
+            let yielded = self.region(func, region, scope)?;
+            if i == 0 {
+                self.ret(&yielded, std::slice::from_ref(&pred));
+            } else {
+                let mut carried = yielded;
+                carried.extend(Self::mutable_state(scope).0);
+                self.ret(&carried, &types);
+            }
+            self.depth -= 1;
+            if i == 0 {
+                self.line("}, {");
+            }
+        }
+        self.line(&format!("}}) : ({}) -> ({})", types.join(", "), types.join(", ")));
+        for (i, &r) in op.results.iter().enumerate() {
+            scope.names.insert(r, format!("{w}#{i}"));
+        }
+        let after: Vec<String> = (0..ref_types.len()).map(|i| format!("{w}#{}", n + i)).collect();
         Self::set_mutable(scope, &after);
         Ok(())
     }

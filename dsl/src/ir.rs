@@ -446,7 +446,15 @@ pub enum OpKind {
         inits: Vec<ValueId>,
         body: Region,
     },
-    /// Ends an `If` or `For` region with the values it passes on.
+    /// `while cond(carried) { carried = body(carried) }`: both regions take the carried values
+    /// as arguments; `cond` yields one bool scalar and only computes (no stores, copies or
+    /// random bits), `body` yields the next carried values.
+    While {
+        inits: Vec<ValueId>,
+        cond: Region,
+        body: Region,
+    },
+    /// Ends an `If`, `For` or `While` region with the values it passes on.
     Yield {
         values: Vec<ValueId>,
     },
@@ -496,6 +504,7 @@ impl Op {
                 out.extend([*lo, *hi]);
                 out.extend(inits);
             }
+            While { inits, .. } => out.extend(inits),
             Yield { values } => out.extend(values),
         }
         out
@@ -505,6 +514,7 @@ impl Op {
         match &self.kind {
             OpKind::If { then_region, else_region, .. } => vec![then_region, else_region],
             OpKind::For { body, .. } => vec![body],
+            OpKind::While { cond, body, .. } => vec![cond, body],
             _ => Vec::new(),
         }
     }

@@ -90,6 +90,13 @@ fn print_op(func: &Func, op: &Op, depth: usize, out: &mut String) -> fmt::Result
             print_region(func, else_region, depth + 1, out)?;
             write!(out, "{pad}}}")?;
         }
+        While { inits, cond, body } => {
+            writeln!(out, "while ({}) carrying ({}) {{", list(&cond.args), list(inits))?;
+            print_region(func, cond, depth + 1, out)?;
+            writeln!(out, "{pad}}} do ({}) {{", list(&body.args))?;
+            print_region(func, body, depth + 1, out)?;
+            write!(out, "{pad}}}")?;
+        }
         For { lo, hi, inits, body } => {
             let args = list(&body.args);
             writeln!(out, "for ({args}) in {lo}..{hi} carrying ({}) {{", list(inits))?;

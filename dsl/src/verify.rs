@@ -303,6 +303,15 @@ impl Verifier<'_> {
                 self.region(then_region, &[], Some(&types), &[])?;
                 self.region(else_region, &[], Some(&types), &[])?;
             }
+            OpKind::While { inits, cond, body } => {
+                let types: Vec<Type> = inits.iter().map(|&i| self.func.ty(i).clone()).collect();
+                let result_types: Vec<Type> = op.results.iter().map(|&r| self.func.ty(r).clone()).collect();
+                if types != result_types {
+                    return Err(self.err(loc, "loop results differ from its carried values"));
+                }
+                self.region(cond, &types, Some(&[Type::Value(ValueType::scalar(DType::Bool))]), &[])?;
+                self.region(body, &types, Some(&types), &[])?;
+            }
             OpKind::For { lo, hi, inits, body } => {
                 for b in [lo, hi] {
                     same(self.vt(*b, loc)?, &ValueType::scalar(DType::I32), "loop bound")?;

@@ -283,3 +283,64 @@ fn max_and_min_reductions_propagate_nan_on_both_cpu_backends() {
         }
     }
 }
+
+/// Program `p` sums the first `chunks[p]` 128-lane chunks of its rows, one traced `while`
+/// iteration per chunk, and counts the halvings of `chunks[p]` down to 1 in another.
+#[tpu_kernel]
+fn ragged_sum(chunks: &Prefetch<i32>, x: &Ref<f32>, y: &mut Ref<f32>) {
+    let n = chunks.get([program_id(0)]);
+    let mut i = Scalar::<i32>::constant(0);
+    let mut acc = Tile::<f32>::full([8, 128], 0.0);
+    while i < n {
+        acc = acc + x.load_at((.., ds(i * 128, 128)));
+        i = i + 1;
+    }
+    let mut m = n;
+    let mut halvings = Scalar::<i32>::constant(0);
+    while m > 1 {
+        m = m / 2;
+        halvings = halvings + 1;
+    }
+    y.store_at((.., 0..128), acc);
+    y.store_at((.., 128..256), Tile::<f32>::full([8, 128], 0.0) + halvings.cast::<f32>());
+}
+
+#[test]
+fn a_traced_while_runs_as_many_times_as_its_condition_holds_on_every_backend() {
+    let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required for these tests (run scripts/setup.sh): {e}"));
+    let chunks = [0, 1, 3, 4, 7];
+    let x = ArrayD::from_shape_fn(IxDyn(&[8, 1024]), |ix| ((ix[0] * 7 + ix[1] * 13) % 17) as f64 - 8.0);
+    let inputs = [HostArray::from(ndarray::arr1(&chunks).into_dyn()), HostArray::from_f64(DType::F32, &x)];
+    let call = PallasCall::new(ragged_sum::kernel())
+        .grid([chunks.len()])
+        .in_specs([spec([8, 1024])])
+        .out_specs([BlockSpec::new([8, 256], |[p]| (0, p))])
+        .out_shapes([[8, 256 * chunks.len()]]);
+    let want = ArrayD::from_shape_fn(IxDyn(&[8, 256 * chunks.len()]), |ix| {
+        let (p, lane) = (ix[1] / 256, ix[1] % 256);
+        let n = chunks[p] as usize;
+        if lane < 128 {
+            (0..n).map(|c| x[[ix[0], c * 128 + lane]]).sum()
+        } else {
+            f64::from((n.max(1) as f64).log2().floor() as i32)
+        }
+    });
+    let traced = call.trace(&inputs.iter().map(HostArray::value_type).collect::<Vec<_>>()).expect("traces");
+    for (backend, out) in [
+        ("interpreter", call.interpret_checked(&inputs)),
+        (
+            "PJRT CPU",
+            Compiled::new(&traced, Backend::Cpu).and_then(|c| c.run(&inputs)).map_err(|e| torchtpu_dsl::Error::Input { kernel: "ragged_sum".into(), message: e.to_string() }),
+        ),
+    ] {
+        assert_eq!(out.unwrap_or_else(|e| panic!("{backend}: {e}"))[0].to_f64(), want, "{backend}");
+    }
+    for form in [torchtpu_codegen::Form::Stable, torchtpu_codegen::Form::Pretty] {
+        let module = torchtpu_codegen::stablehlo::tpu_custom_call(&traced, form).expect("lowers");
+        for chip in Chip::ALL {
+            if let Err(e) = compiler.compile(chip, &module) {
+                panic!("{chip} {form:?}: {}", e.message);
+            }
+        }
+    }
+}

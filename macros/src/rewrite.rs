@@ -135,6 +135,12 @@ impl VisitMut for Rewriter {
                 Some(ts) => ts,
                 None => return,
             },
+            Expr::While(w) => {
+                if matches!(*w.cond, Expr::Let(_)) {
+                    return;
+                }
+                self.expand_while(w)
+            }
             _ => return,
         };
         *e = Expr::Verbatim(new);
@@ -183,6 +189,40 @@ impl Rewriter {
                 let #v = #s.finish(#t, #el);
                 #( #vars = #s.result(#vars); )*
                 #v
+            }
+        }
+    }
+
+    /// `while cond { body }`: a plain Rust loop when `cond` is a `bool`, a `While` op when it
+    /// is a `Scalar<bool>` (the scope is picked from the condition's type, through a closure
+    /// that is never called).
+    fn expand_while(&mut self, w: &syn::ExprWhile) -> TokenStream {
+        let span = w.while_token.span();
+        let dsl = &respan(&self.dsl, span);
+        let (cond, body, label) = (&w.cond, &w.body, &w.label);
+        let vars = carried(&|c| {
+            c.visit_expr(&w.cond);
+            c.visit_block(&w.body);
+        });
+        let s = self.fresh("while");
+        quote_spanned! {span=>
+            {
+                let mut #s = #dsl::trace::control::while_scope(|| #cond);
+                #( #s.carry(&#vars); )*
+                #label loop {
+                    #s.begin_condition();
+                    #( #vars = #s.enter_condition(#vars); )*
+                    if !#s.test(#cond) {
+                        break;
+                    }
+                    #( #vars = #s.enter_body(#vars); )*
+                    #body
+                    #( #s.yield_(&#vars); )*
+                    if #s.traced() {
+                        break;
+                    }
+                }
+                #( #vars = #s.result(#vars); )*
             }
         }
     }

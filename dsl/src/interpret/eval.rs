@@ -12,6 +12,9 @@ use crate::interpret::tensor::{round_f32, wrap_i32, Data, Tensor};
 use crate::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Specialized, Type, UnaryOp, ValueId};
 use crate::random;
 
+/// Iterations after which a traced `while` counts as an infinite loop: far past any kernel's.
+const MAX_WHILE_ITERATIONS: u64 = 1 << 24;
+
 /// A ref's memory during interpretation, with an initialization mask in checked mode.
 #[derive(Clone, Debug)]
 pub(crate) struct RefBuf {
@@ -428,6 +431,34 @@ impl<'f> Eval<'f> {
                 let yields = self.region(ctx, if c { then_region } else { else_region }, refs, checked)?;
                 for (&r, y) in op.results.iter().zip(yields) {
                     self.vals[r.index()] = Some(y);
+                }
+                return Ok(());
+            }
+            OpKind::While { inits, cond, body } => {
+                let mut carried: Vec<Rc<Tensor>> = inits.iter().map(|&i| self.get(i).clone()).collect();
+                let mut iterations = 0u64;
+                loop {
+                    for (&a, c) in cond.args.iter().zip(&carried) {
+                        self.vals[a.index()] = Some(c.clone());
+                    }
+                    let go = self.region(ctx, cond, refs, checked)?;
+                    if !go.first().and_then(|c| c.scalar_bool()).ok_or_else(|| ctx.runtime(loc, "`while` condition is not a bool scalar"))? {
+                        break;
+                    }
+                    iterations += 1;
+                    if iterations > MAX_WHILE_ITERATIONS {
+                        return Err(ctx.runtime(
+                            loc,
+                            format!("this traced `while` ran {MAX_WHILE_ITERATIONS} iterations without its condition turning false: an infinite loop? (it would hang a TPU)"),
+                        ));
+                    }
+                    for (&a, c) in body.args.iter().zip(carried.drain(..)) {
+                        self.vals[a.index()] = Some(c);
+                    }
+                    carried = self.region(ctx, body, refs, checked)?;
+                }
+                for (&r, c) in op.results.iter().zip(carried) {
+                    self.vals[r.index()] = Some(c);
                 }
                 return Ok(());
             }

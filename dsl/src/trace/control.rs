@@ -437,6 +437,205 @@ impl TracedFor {
     }
 }
 
+/// The condition of a `while`: `bool` stays a Rust loop, `Scalar<bool>` becomes a `While` op.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be the condition of a `while` in a kernel",
+    note = "use a `bool` (a loop run at trace time) or a `Scalar<bool>` (a traced loop)"
+)]
+pub trait WhileCondition {
+    type Scope;
+    #[track_caller]
+    fn scope() -> Self::Scope;
+}
+
+impl WhileCondition for bool {
+    type Scope = StaticWhile;
+    fn scope() -> StaticWhile {
+        StaticWhile
+    }
+}
+
+impl WhileCondition for Scalar<bool> {
+    type Scope = TracedWhile;
+    #[track_caller]
+    fn scope() -> TracedWhile {
+        TracedWhile { loc: Loc::caller(), inits: Vec::new(), args: Vec::new(), pos: 0, cond: None, yields: Vec::new(), results: Vec::new(), result_pos: 0, depth: 0, done: false }
+    }
+}
+
+/// Picks the scope from the type `condition` returns; the closure is never called.
+#[doc(hidden)]
+#[track_caller]
+pub fn while_scope<C: WhileCondition>(_condition: impl FnOnce() -> C) -> C::Scope {
+    C::scope()
+}
+
+/// A `while` on a Rust `bool`: an ordinary loop at trace time.
+#[doc(hidden)]
+pub struct StaticWhile;
+
+#[doc(hidden)]
+impl StaticWhile {
+    pub fn carry<V>(&mut self, _: &V) {}
+    pub fn begin_condition(&mut self) {}
+    pub fn enter_condition<V>(&mut self, v: V) -> V {
+        v
+    }
+    pub fn test(&mut self, c: bool) -> bool {
+        c
+    }
+    pub fn enter_body<V>(&mut self, v: V) -> V {
+        v
+    }
+    pub fn yield_<V>(&mut self, _: &V) {}
+    pub fn traced(&self) -> bool {
+        false
+    }
+    pub fn result<V>(&mut self, v: V) -> V {
+        v
+    }
+}
+
+/// A `while` on a traced condition: the condition and the body are each traced once into
+/// the regions of a `While` op.
+#[doc(hidden)]
+pub struct TracedWhile {
+    loc: Loc,
+    inits: Vec<ValueId>,
+    /// The arguments of the region being traced.
+    args: Vec<ValueId>,
+    pos: usize,
+    cond: Option<Region>,
+    yields: Vec<ValueId>,
+    results: Vec<ValueId>,
+    result_pos: usize,
+    depth: usize,
+    done: bool,
+}
+
+#[doc(hidden)]
+impl TracedWhile {
+    pub fn carry<V: Carry>(&mut self, v: &V) {
+        v.collect_ids(&mut self.inits)
+    }
+
+    /// Opens a region whose arguments stand for the carried values.
+    fn open(&mut self) {
+        let (loc, inits) = (self.loc, self.inits.clone());
+        self.args = builder::with(|b| {
+            let args: Vec<ValueId> = inits
+                .iter()
+                .map(|&i| {
+                    let t = b.ty(i).clone();
+                    b.new_value(t, loc)
+                })
+                .collect();
+            b.begin_region(args.clone());
+            self.depth = b.region_depth();
+            args
+        });
+        self.pos = 0;
+    }
+
+    /// Opens the condition's region, before the condition is evaluated in it.
+    pub fn begin_condition(&mut self) {
+        self.open();
+    }
+
+    pub fn enter_condition<V: Carry>(&mut self, v: V) -> V {
+        rebuild_from(v, &self.args, &mut self.pos)
+    }
+
+    /// Closes the condition's region and opens the body's; true once.
+    pub fn test(&mut self, c: Scalar<bool>) -> bool {
+        let loc = self.loc;
+        let cond = builder::with(|b| {
+            let t = b.vty(c.id);
+            if t != ValueType::scalar(DType::Bool) {
+                b.fail_silent(loc, format!("a traced `while` condition is a bool scalar, not {t}"));
+            }
+            let region = close_region(b, vec![c.id], loc)?;
+            let mut effects = false;
+            let func_like = Region { args: Vec::new(), ops: region.ops.clone() };
+            walk_region(&func_like, &mut |op| {
+                effects |= matches!(op.kind, OpKind::Store { .. } | OpKind::DmaStart(_) | OpKind::DmaWait(_) | OpKind::PrngSeed { .. } | OpKind::PrngRandomBits)
+            });
+            if effects {
+                b.fail_silent(loc, "a traced `while` condition only computes: move stores, copies and random draws into the loop body");
+            }
+            Some(region)
+        });
+        self.cond = cond;
+        self.open();
+        true
+    }
+
+    pub fn enter_body<V: Carry>(&mut self, v: V) -> V {
+        rebuild_from(v, &self.args, &mut self.pos)
+    }
+
+    pub fn yield_<V: Carry>(&mut self, v: &V) {
+        v.collect_ids(&mut self.yields)
+    }
+
+    /// Closes the body and emits the `While` op; the Rust loop around it runs once.
+    pub fn traced(&mut self) -> bool {
+        self.close();
+        true
+    }
+
+    fn close(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let loc = self.loc;
+        let (yields, inits, depth, cond) = (std::mem::take(&mut self.yields), self.inits.clone(), self.depth, self.cond.take());
+        self.results = builder::with(|b| {
+            while b.region_depth() > depth {
+                b.end_region();
+            }
+            if yields.len() != inits.len() {
+                b.fail_silent(loc, "`break` and `continue` are not supported in a loop with a traced condition");
+                b.end_region();
+                return inits;
+            }
+            for (y, i) in yields.iter().zip(&inits) {
+                let (yt, it) = (b.vty(*y), b.vty(*i));
+                if yt != it {
+                    b.fail_silent(loc, format!("a value carried through this traced loop changes type from {it} to {yt}"));
+                }
+            }
+            let Some(body) = close_region(b, yields, loc) else { return inits };
+            let Some(cond) = cond else { return inits };
+            let results: Vec<ValueId> = inits
+                .iter()
+                .map(|&i| {
+                    let t = b.ty(i).clone();
+                    b.new_value(t, loc)
+                })
+                .collect();
+            b.push_op(Op { kind: OpKind::While { inits, cond, body }, results: results.clone(), loc });
+            results
+        });
+    }
+
+    pub fn result<V: Carry>(&mut self, v: V) -> V {
+        // Reached early only when the body broke out of the Rust loop.
+        self.close();
+        rebuild_from(v, &self.results, &mut self.result_pos)
+    }
+}
+
+fn walk_region<'a>(r: &'a Region, f: &mut impl FnMut(&'a Op)) {
+    for op in &r.ops {
+        f(op);
+        for sub in op.regions() {
+            walk_region(sub, f);
+        }
+    }
+}
+
 /// `==` and `!=` as the macro emits them: `bool` on Rust values, traced on traced ones.
 pub trait TraceEq<Rhs> {
     type Output;
