@@ -2,6 +2,7 @@
 //! StableHLO `tpu_custom_call` for the TPU compiler; IR → portable StableHLO for any PJRT
 //! backend; and a cost estimate from the IR.
 
+mod compose;
 pub mod cost;
 pub mod error;
 mod mlir;

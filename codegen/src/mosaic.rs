@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use torchtpu_dsl::call::memref_access;
-use torchtpu_dsl::elementwise::{Compose, Lowering, Predicate};
+use torchtpu_dsl::elementwise::{Lowering, Predicate};
 use torchtpu_dsl::ir::{BinaryOp, CmpOp, DmaCopy, Func, Index, Literal, Loc, MemorySpace, Offset, Op, OpKind, ReduceOp, RefType, Region, Type, UnaryOp, ValueId, ValueType};
 use torchtpu_dsl::{DType, Semantics, TracedCall};
 
+use crate::compose::{composite, Primitives};
 use crate::error::{Error, Result};
 use crate::mlir::{float_literal, loc, memref_type, symbol, value_type};
 
@@ -49,57 +50,30 @@ pub fn kernel_symbol(call: &TracedCall) -> String {
     symbol(&call.name)
 }
 
-/// The emitter seen by a composite: elementwise ops on values of one type.
-struct Composer<'e, 'a> {
-    e: &'e mut Emitter<'a>,
-    t: ValueType,
-    l: Loc,
-    error: Option<Error>,
-}
-
-impl Composer<'_, '_> {
-    fn keep(&mut self, r: Result<String>) -> String {
-        r.unwrap_or_else(|e| {
-            self.error.get_or_insert(e);
-            String::new()
-        })
+impl Primitives for Emitter<'_> {
+    fn unary_of(&mut self, op: UnaryOp, x: &str, t: &ValueType, l: Loc) -> Result<String> {
+        Emitter::unary_of(self, op, x, t, l)
     }
-}
-
-impl Compose for Composer<'_, '_> {
-    fn unary(&mut self, op: UnaryOp, x: &str) -> String {
-        let r = self.e.unary_of(op, x, &self.t.clone(), self.l);
-        self.keep(r)
+    fn binary_of(&mut self, op: BinaryOp, a: &str, b: &str, t: &ValueType, l: Loc) -> Result<String> {
+        Emitter::binary_of(self, op, a, b, t, l)
     }
-
-    fn binary(&mut self, op: BinaryOp, a: &str, b: &str) -> String {
-        let r = self.e.binary_of(op, a, b, &self.t.clone(), self.l);
-        self.keep(r)
+    fn compare_of(&mut self, op: CmpOp, a: &str, b: &str, t: &ValueType, l: Loc) -> Result<String> {
+        Emitter::compare_of(self, op, a, b, t, l)
     }
-
-    fn constant(&mut self, value: Literal) -> String {
-        self.e.splat(value, &self.t.clone(), self.l)
+    fn splat_of(&mut self, value: Literal, t: &ValueType, l: Loc) -> String {
+        self.splat(value, t, l)
     }
-
-    fn compare(&mut self, op: CmpOp, a: &str, b: &str) -> String {
-        let r = self.e.compare_of(op, a, b, &self.t.clone(), self.l);
-        self.keep(r)
+    fn select_of(&mut self, cond: &str, a: &str, b: &str, t: &ValueType, l: Loc) -> String {
+        Emitter::select_of(self, cond, a, b, t, l)
     }
-
-    fn select(&mut self, cond: &str, a: &str, b: &str) -> String {
-        let t = self.t.clone();
-        self.e.select_of(cond, a, b, &t, self.l)
+    fn logical_not_of(&mut self, mask: &str, t: &ValueType, l: Loc) -> String {
+        let t = ValueType::new(DType::Bool, t.shape.clone());
+        let ones = self.splat(Literal::Bool(true), &t, l);
+        self.simple("arith.xori", &[mask.to_string(), ones], &value_type(&t), &[], l)
     }
-
-    fn logical_not(&mut self, mask: &str) -> String {
-        let t = ValueType::new(DType::Bool, self.t.shape.clone());
-        let ones = self.e.splat(Literal::Bool(true), &t, self.l);
-        self.e.simple("arith.xori", &[mask.to_string(), ones], &value_type(&t), &[], self.l)
-    }
-
-    fn target_op(&mut self, name: &str, args: &[&str]) -> String {
+    fn target_op_of(&mut self, name: &str, args: &[&str], t: &ValueType, l: Loc) -> String {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-        self.e.simple(name, &args, &value_type(&self.t), &Emitter::attrs_of(name, self.t.dtype), self.l)
+        self.simple(name, &args, &value_type(t), &Emitter::attrs_of(name, t.dtype), l)
     }
 }
 
@@ -767,7 +741,7 @@ impl<'a> Emitter<'a> {
         }
         match forms.mosaic {
             Lowering::Op(name) => Ok(self.simple(name, &[src.to_string()], &value_type(t), &Self::attrs_of(name, t.dtype), l)),
-            Lowering::Composite(build) => self.composite(t, l, |c| build(c, src)),
+            Lowering::Composite(build) => composite(self, t, l, |c| build(c, src)),
         }
     }
 
@@ -783,15 +757,8 @@ impl<'a> Emitter<'a> {
         }
         match forms.mosaic {
             Lowering::Op(name) => Ok(self.simple(name, &[a.to_string(), c.to_string()], &value_type(t), &Self::attrs_of(name, t.dtype), l)),
-            Lowering::Composite(build) => self.composite(t, l, |comp| build(comp, a, c)),
+            Lowering::Composite(build) => composite(self, t, l, |comp| build(comp, a, c)),
         }
-    }
-
-    /// Runs a composite's builder on values of type `t`; the first error any part hits.
-    fn composite(&mut self, t: &ValueType, l: Loc, build: impl FnOnce(&mut dyn Compose) -> String) -> Result<String> {
-        let mut c = Composer { e: self, t: t.clone(), l, error: None };
-        let r = build(&mut c);
-        c.error.map_or(Ok(r), Err)
     }
 
     fn compare(&mut self, c: CmpOp, lhs: ValueId, rhs: ValueId, l: Loc) -> Result<String> {
@@ -804,7 +771,7 @@ impl<'a> Emitter<'a> {
         let out = value_type(&ValueType::new(DType::Bool, t.shape.clone()));
         let (pred, code) = match c.mosaic(t.dtype) {
             Predicate::Is(pred, code) => (pred, code),
-            Predicate::Composite(build) => return self.composite(t, l, |comp| build(comp, a, b)),
+            Predicate::Composite(build) => return composite(self, t, l, |comp| build(comp, a, b)),
         };
         let name = if t.dtype.is_float() { "arith.cmpf" } else { "arith.cmpi" };
         let mut attrs = Self::attrs_of(name, t.dtype);

@@ -8,10 +8,11 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use torchtpu_dsl::elementwise::{Compose, Lowering};
+use torchtpu_dsl::elementwise::Lowering;
 use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, UnaryOp, ValueId, ValueType};
 use torchtpu_dsl::{random, DType, TracedCall};
 
+use crate::compose::{composite, Primitives};
 use crate::error::{Error, Result};
 use crate::mlir::{float_literal, symbol, tensor_type};
 
@@ -166,59 +167,32 @@ impl random::U32Ops for Words<'_, '_> {
     }
 }
 
-/// The emitter seen by a composite: elementwise ops on values of one type.
-struct Composer<'e, 'a> {
-    e: &'e mut Emitter<'a>,
-    t: ValueType,
-    l: Loc,
-    error: Option<Error>,
-}
-
-impl Composer<'_, '_> {
-    fn keep(&mut self, r: Result<String>) -> String {
-        r.unwrap_or_else(|e| {
-            self.error.get_or_insert(e);
-            String::new()
-        })
+impl Primitives for Emitter<'_> {
+    fn unary_of(&mut self, op: UnaryOp, x: &str, t: &ValueType, l: Loc) -> Result<String> {
+        Emitter::unary_of(self, op, x, t, l)
     }
-}
-
-impl Compose for Composer<'_, '_> {
-    fn unary(&mut self, op: UnaryOp, x: &str) -> String {
-        let r = self.e.unary_of(op, x, &self.t.clone(), self.l);
-        self.keep(r)
+    fn binary_of(&mut self, op: BinaryOp, a: &str, b: &str, t: &ValueType, l: Loc) -> Result<String> {
+        Emitter::binary_of(self, op, a, b, t, l)
     }
-
-    fn binary(&mut self, op: BinaryOp, a: &str, b: &str) -> String {
-        let r = self.e.binary_of(op, a, b, &self.t.clone(), self.l);
-        self.keep(r)
+    fn compare_of(&mut self, op: CmpOp, a: &str, b: &str, t: &ValueType, _: Loc) -> Result<String> {
+        Ok(Emitter::compare_of(self, op, a, b, t))
     }
-
-    fn constant(&mut self, value: Literal) -> String {
-        let t = self.t.clone();
-        self.e.splat(value, &t)
+    fn splat_of(&mut self, value: Literal, t: &ValueType, _: Loc) -> String {
+        self.splat(value, t)
     }
-
-    fn compare(&mut self, op: CmpOp, a: &str, b: &str) -> String {
-        let t = self.t.clone();
-        self.e.compare_of(op, a, b, &t)
+    fn select_of(&mut self, cond: &str, a: &str, b: &str, t: &ValueType, _: Loc) -> String {
+        let tt = tensor_type(t);
+        let ct = tensor_type(&ValueType::new(DType::Bool, t.shape.clone()));
+        self.op("stablehlo.select", &[(cond, &ct), (a, &tt), (b, &tt)], &[], &tt)
     }
-
-    fn select(&mut self, cond: &str, a: &str, b: &str) -> String {
-        let tt = tensor_type(&self.t);
-        let ct = tensor_type(&ValueType::new(DType::Bool, self.t.shape.clone()));
-        self.e.op("stablehlo.select", &[(cond, &ct), (a, &tt), (b, &tt)], &[], &tt)
+    fn logical_not_of(&mut self, mask: &str, t: &ValueType, _: Loc) -> String {
+        let ct = tensor_type(&ValueType::new(DType::Bool, t.shape.clone()));
+        self.op("stablehlo.not", &[(mask, &ct)], &[], &ct)
     }
-
-    fn logical_not(&mut self, mask: &str) -> String {
-        let ct = tensor_type(&ValueType::new(DType::Bool, self.t.shape.clone()));
-        self.e.op("stablehlo.not", &[(mask, &ct)], &[], &ct)
-    }
-
-    fn target_op(&mut self, name: &str, args: &[&str]) -> String {
-        let tt = tensor_type(&self.t);
+    fn target_op_of(&mut self, name: &str, args: &[&str], t: &ValueType, _: Loc) -> String {
+        let tt = tensor_type(t);
         let operands: Vec<(&str, &str)> = args.iter().map(|a| (*a, tt.as_str())).collect();
-        self.e.op(name, &operands, &[], &tt)
+        self.op(name, &operands, &[], &tt)
     }
 }
 
@@ -714,7 +688,7 @@ impl<'a> Emitter<'a> {
         let tt = tensor_type(t);
         match forms.stablehlo {
             Lowering::Op(name) => Ok(self.op(name, &[(x, &tt)], &[], &tt)),
-            Lowering::Composite(build) => self.composite(t, l, |c| build(c, x)),
+            Lowering::Composite(build) => composite(self, t, l, |c| build(c, x)),
         }
     }
 
@@ -723,20 +697,13 @@ impl<'a> Emitter<'a> {
         let tt = tensor_type(t);
         match forms.stablehlo {
             Lowering::Op(name) => Ok(self.op(name, &[(x, &tt), (y, &tt)], &[], &tt)),
-            Lowering::Composite(build) => self.composite(t, l, |c| build(c, x, y)),
+            Lowering::Composite(build) => composite(self, t, l, |c| build(c, x, y)),
         }
     }
 
     fn compare_of(&mut self, c: CmpOp, x: &str, y: &str, t: &ValueType) -> String {
         let (tt, out) = (tensor_type(t), tensor_type(&ValueType::new(DType::Bool, t.shape.clone())));
         self.op("stablehlo.compare", &[(x, &tt), (y, &tt)], &[direction(c.def().stablehlo), compare_type(t.dtype)], &out)
-    }
-
-    /// Runs a composite's builder on values of type `t`; the first error any part hits.
-    fn composite(&mut self, t: &ValueType, l: Loc, build: impl FnOnce(&mut dyn Compose) -> String) -> Result<String> {
-        let mut c = Composer { e: self, t: t.clone(), l, error: None };
-        let r = build(&mut c);
-        c.error.map_or(Ok(r), Err)
     }
 
     fn mutable_state(scope: &Scope) -> (Vec<String>, Vec<String>) {

@@ -89,24 +89,19 @@ pub type BinaryForm<E> = Form<E, BinaryComposite>;
 pub type FloatBinary = BinaryForm<fn(f32, f32) -> f32>;
 pub type IntBinary = BinaryForm<fn(i32, i32) -> IntResult>;
 pub type BoolBinary = BinaryForm<fn(bool, bool) -> bool>;
-pub type UnaryEvals = Evals<fn(f32) -> f32, fn(i32) -> i32, fn(bool) -> bool>;
-pub type BinaryEvals = Evals<fn(f32, f32) -> f32, fn(i32, i32) -> IntResult, fn(bool, bool) -> bool>;
 
-pub struct UnaryDef {
+/// An op's definition: its name, whether it counts as a transcendental, and its form for each
+/// storage class it takes (`E*` are the scalar functions' types, `C` the composites').
+pub struct OpDef<F, I, B, C> {
     pub name: &'static str,
     pub transcendental: bool,
-    pub float: Option<UnaryForm<f32>>,
-    pub int: Option<UnaryForm<i32>>,
-    pub boolean: Option<UnaryForm<bool>>,
+    pub float: Option<Form<F, C>>,
+    pub int: Option<Form<I, C>>,
+    pub boolean: Option<Form<B, C>>,
 }
 
-pub struct BinaryDef {
-    pub name: &'static str,
-    pub transcendental: bool,
-    pub float: Option<FloatBinary>,
-    pub int: Option<IntBinary>,
-    pub boolean: Option<BoolBinary>,
-}
+pub type UnaryDef = OpDef<fn(f32) -> f32, fn(i32) -> i32, fn(bool) -> bool, UnaryComposite>;
+pub type BinaryDef = OpDef<fn(f32, f32) -> f32, fn(i32, i32) -> IntResult, fn(bool, bool) -> bool, BinaryComposite>;
 
 /// The lowerings of an op for one dtype, whatever its class.
 #[derive(Clone, Copy)]
@@ -135,59 +130,20 @@ pub struct Evals<F, I, B> {
     pub boolean: Option<B>,
 }
 
-impl UnaryDef {
-    pub const fn evals(&self) -> UnaryEvals {
-        Evals {
-            float: match self.float {
-                Some(f) => Some(f.eval),
-                None => None,
-            },
-            int: match self.int {
-                Some(f) => Some(f.eval),
-                None => None,
-            },
-            boolean: match self.boolean {
-                Some(f) => Some(f.eval),
-                None => None,
-            },
-        }
-    }
-
-    /// The lowerings for `dtype`, or `None` where the op is not defined for it.
-    pub fn lowerings(&self, dtype: DType) -> Option<Lowerings<UnaryComposite>> {
-        match Class::of(dtype) {
-            Class::Float => takes(&self.float, dtype),
-            Class::Int => takes(&self.int, dtype),
-            Class::Bool => takes(&self.boolean, dtype),
-        }
-    }
-
-    /// Every dtype the op is defined for.
-    pub fn dtypes(&self) -> Vec<DType> {
-        [self.float.map(|f| f.dtypes), self.int.map(|f| f.dtypes), self.boolean.map(|f| f.dtypes)].into_iter().flatten().flatten().copied().collect()
+const fn eval_of<E: Copy, C: Copy>(form: Option<Form<E, C>>) -> Option<E> {
+    match form {
+        Some(f) => Some(f.eval),
+        None => None,
     }
 }
 
-impl BinaryDef {
-    pub const fn evals(&self) -> BinaryEvals {
-        Evals {
-            float: match self.float {
-                Some(f) => Some(f.eval),
-                None => None,
-            },
-            int: match self.int {
-                Some(f) => Some(f.eval),
-                None => None,
-            },
-            boolean: match self.boolean {
-                Some(f) => Some(f.eval),
-                None => None,
-            },
-        }
+impl<F: Copy, I: Copy, B: Copy, C: Copy> OpDef<F, I, B, C> {
+    pub const fn evals(&self) -> Evals<F, I, B> {
+        Evals { float: eval_of(self.float), int: eval_of(self.int), boolean: eval_of(self.boolean) }
     }
 
     /// The lowerings for `dtype`, or `None` where the op is not defined for it.
-    pub fn lowerings(&self, dtype: DType) -> Option<Lowerings<BinaryComposite>> {
+    pub fn lowerings(&self, dtype: DType) -> Option<Lowerings<C>> {
         match Class::of(dtype) {
             Class::Float => takes(&self.float, dtype),
             Class::Int => takes(&self.int, dtype),

@@ -254,6 +254,35 @@ fn close_region(b: &mut Builder, yields: Vec<ValueId>, loc: Loc) -> Option<Regio
     r
 }
 
+/// Closes a traced loop's body region (at `depth`) with `yields`, checking them against the
+/// carried `inits`; returns the region and fresh values for the loop's results.
+fn close_loop_body(b: &mut Builder, yields: Vec<ValueId>, inits: &[ValueId], depth: usize, loc: Loc, traced: &str) -> Option<(Region, Vec<ValueId>)> {
+    // A `break` or `return` skipped the yields; regions opened inside were left open too.
+    while b.region_depth() > depth {
+        b.end_region();
+    }
+    if yields.len() != inits.len() {
+        b.fail_silent(loc, format!("`break` and `continue` are not supported in a loop with {traced}"));
+        b.end_region();
+        return None;
+    }
+    for (y, i) in yields.iter().zip(inits) {
+        let (yt, it) = (b.vty(*y), b.vty(*i));
+        if yt != it {
+            b.fail_silent(loc, format!("a value carried through this traced loop changes type from {it} to {yt}"));
+        }
+    }
+    let body = close_region(b, yields, loc)?;
+    let results = inits
+        .iter()
+        .map(|&i| {
+            let t = b.ty(i).clone();
+            b.new_value(t, loc)
+        })
+        .collect();
+    Some((body, results))
+}
+
 /// The bounds of a `for` loop: Rust integers stay a Rust loop, a traced bound makes a `For` op.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be the bounds of a `for` loop in a kernel",
@@ -393,29 +422,7 @@ impl TracedFor {
         let yields = std::mem::take(&mut self.yields);
         let (lo, hi, inits, depth) = (self.lo, self.hi, self.inits.clone(), self.depth);
         self.results = builder::with(|b| {
-            // A `break` or `return` skipped the yields; regions opened inside were left open too.
-            while b.region_depth() > depth {
-                b.end_region();
-            }
-            if yields.len() != inits.len() {
-                b.fail_silent(loc, "`break` and `continue` are not supported in a loop with traced bounds");
-                b.end_region();
-                return inits;
-            }
-            for (y, i) in yields.iter().zip(&inits) {
-                let (yt, it) = (b.vty(*y), b.vty(*i));
-                if yt != it {
-                    b.fail_silent(loc, format!("a value carried through this traced loop changes type from {it} to {yt}"));
-                }
-            }
-            let Some(body) = close_region(b, yields, loc) else { return inits };
-            let results: Vec<ValueId> = inits
-                .iter()
-                .map(|&i| {
-                    let t = b.ty(i).clone();
-                    b.new_value(t, loc)
-                })
-                .collect();
+            let Some((body, results)) = close_loop_body(b, yields, &inits, depth, loc, "traced bounds") else { return inits };
             b.push_op(Op { kind: OpKind::For { lo, hi, inits, body }, results: results.clone(), loc });
             results
         });
@@ -592,29 +599,8 @@ impl TracedWhile {
         let loc = self.loc;
         let (yields, inits, depth, cond) = (std::mem::take(&mut self.yields), self.inits.clone(), self.depth, self.cond.take());
         self.results = builder::with(|b| {
-            while b.region_depth() > depth {
-                b.end_region();
-            }
-            if yields.len() != inits.len() {
-                b.fail_silent(loc, "`break` and `continue` are not supported in a loop with a traced condition");
-                b.end_region();
-                return inits;
-            }
-            for (y, i) in yields.iter().zip(&inits) {
-                let (yt, it) = (b.vty(*y), b.vty(*i));
-                if yt != it {
-                    b.fail_silent(loc, format!("a value carried through this traced loop changes type from {it} to {yt}"));
-                }
-            }
-            let Some(body) = close_region(b, yields, loc) else { return inits };
+            let Some((body, results)) = close_loop_body(b, yields, &inits, depth, loc, "a traced condition") else { return inits };
             let Some(cond) = cond else { return inits };
-            let results: Vec<ValueId> = inits
-                .iter()
-                .map(|&i| {
-                    let t = b.ty(i).clone();
-                    b.new_value(t, loc)
-                })
-                .collect();
             b.push_op(Op { kind: OpKind::While { inits, cond, body }, results: results.clone(), loc });
             results
         });
