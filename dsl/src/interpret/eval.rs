@@ -1,6 +1,6 @@
 //! Evaluates one traced function (a program of the kernel, or an index map) on tensors.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
 use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Ix2, Slice, Zip};
@@ -48,6 +48,9 @@ pub(crate) struct Eval<'f> {
     prng: Option<(u32, u32)>,
     /// Copies started and not yet waited for; they may span grid steps.
     in_flight: Vec<InFlight>,
+    /// Scalars broadcast only into elementwise ops: kept as scalars, which those ops broadcast
+    /// as they read (filling a tile with one value first would cost a pass over memory).
+    lazy_splats: HashSet<ValueId>,
 }
 
 /// A started copy: the data it read, where it lands at its wait, and what it signals.
@@ -103,7 +106,7 @@ fn dot_i32(a: ndarray::ArrayView2<i32>, b: ndarray::ArrayView2<i32>) -> ndarray:
 impl<'f> Eval<'f> {
     pub fn new(func: &'f Func) -> Self {
         let ref_slot = func.args.iter().filter(|a| matches!(func.ty(**a), Type::Ref(_))).enumerate().map(|(i, &a)| (a, i)).collect();
-        Eval { func, vals: vec![None; func.values.len()], ref_slot, prng: None, in_flight: Vec::new() }
+        Eval { func, vals: vec![None; func.values.len()], ref_slot, prng: None, in_flight: Vec::new(), lazy_splats: lazy_splats(func) }
     }
 
     fn get(&self, v: ValueId) -> &Rc<Tensor> {
@@ -284,20 +287,31 @@ impl<'f> Eval<'f> {
                 return Ok(());
             }
             OpKind::Unary { op: u, x } => u.specialize(UnaryRun { ctx, x: self.get(*x), loc })?,
-            OpKind::Binary { op: b, lhs, rhs } => b.specialize(BinaryRun { ctx, a: self.get(*lhs), b: self.get(*rhs), loc })?,
-            OpKind::Compare { op: c, lhs, rhs } => c.specialize(CompareRun { a: self.get(*lhs), b: self.get(*rhs) }),
+            OpKind::Binary { op: b, lhs, rhs } => b.specialize(BinaryRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: &self.result_shape(op), loc })?,
+            OpKind::Compare { op: c, lhs, rhs } => c.specialize(CompareRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: &self.result_shape(op), loc })?,
             OpKind::Select { cond, on_true, on_false } => {
                 let (c, a, b) = (self.get(*cond), self.get(*on_true), self.get(*on_false));
+                let shape = self.result_shape(op);
                 let Data::B(c) = &c.data else { return Err(ctx.runtime(loc, "select condition is not bool")) };
+                let c = view_as(ctx, c, &shape, loc)?;
+                fn pick<E: Copy>(ctx: &Ctx, c: ArrayViewD<bool>, x: &ArrayD<E>, y: &ArrayD<E>, shape: &[usize], loc: Loc) -> Result<ArrayD<E>> {
+                    let scalar = |a: &ArrayD<E>| if a.ndim() == 0 && !shape.is_empty() { a.first().copied() } else { None };
+                    Ok(match (scalar(x), scalar(y)) {
+                        (None, Some(q)) => Zip::from(c).and(view_as(ctx, x, shape, loc)?).map_collect(|&c, &p| if c { p } else { q }),
+                        (Some(p), None) => Zip::from(c).and(view_as(ctx, y, shape, loc)?).map_collect(|&c, &q| if c { p } else { q }),
+                        _ => Zip::from(c).and(view_as(ctx, x, shape, loc)?).and(view_as(ctx, y, shape, loc)?).map_collect(|&c, &x, &y| if c { x } else { y }),
+                    })
+                }
                 let data = match (&a.data, &b.data) {
-                    (Data::F(x), Data::F(y)) => Data::F(Zip::from(c).and(x).and(y).map_collect(|&c, &x, &y| if c { x } else { y })),
-                    (Data::I(x), Data::I(y)) => Data::I(Zip::from(c).and(x).and(y).map_collect(|&c, &x, &y| if c { x } else { y })),
-                    (Data::B(x), Data::B(y)) => Data::B(Zip::from(c).and(x).and(y).map_collect(|&c, &x, &y| if c { x } else { y })),
+                    (Data::F(x), Data::F(y)) => Data::F(pick(ctx, c, x, y, &shape, loc)?),
+                    (Data::I(x), Data::I(y)) => Data::I(pick(ctx, c, x, y, &shape, loc)?),
+                    (Data::B(x), Data::B(y)) => Data::B(pick(ctx, c, x, y, &shape, loc)?),
                     _ => return Err(ctx.runtime(loc, "select branches differ in storage class")),
                 };
                 Tensor { dtype: a.dtype, data }
             }
             OpKind::Cast { x } => cast(self.get(*x), self.result_dtype(op)),
+            OpKind::Broadcast { x } if self.lazy_splats.contains(&op.results[0]) => Tensor::clone(self.get(*x)),
             OpKind::Broadcast { x } => {
                 let shape = self.result_shape(op);
                 let x = self.get(*x);
@@ -542,6 +556,8 @@ struct BinaryRun<'a> {
     ctx: &'a Ctx<'a>,
     a: &'a Tensor,
     b: &'a Tensor,
+    /// The result's shape: an operand may be a lazily broadcast scalar.
+    shape: &'a [usize],
     loc: Loc,
 }
 
@@ -549,23 +565,23 @@ impl Specialized<BinaryOp> for BinaryRun<'_> {
     type Out = Result<Tensor>;
     #[inline(always)]
     fn run<const I: usize>(self) -> Result<Tensor> {
-        let (ctx, a, b, loc) = (self.ctx, self.a, self.b, self.loc);
+        let (ctx, a, b, shape, loc) = (self.ctx, self.a, self.b, self.shape, self.loc);
         let name = const { BinaryOp::ALL[I].name() };
         let undefined = || ctx.runtime(loc, format!("`{name}` of {}", a.dtype));
         Ok(match (&a.data, &b.data) {
             (Data::F(x), Data::F(y)) => {
                 defined_or!(BinaryOp, I, float, undefined());
-                Tensor::float(a.dtype, Zip::from(x).and(y).map_collect(|&p, &q| scalar_fn!(BinaryOp, I, float, |p, _| p)(p, q)))
+                Tensor::float(a.dtype, zip2(ctx, x, y, shape, loc, |p, q| scalar_fn!(BinaryOp, I, float, |p, _| p)(p, q))?)
             }
             (Data::I(x), Data::I(y)) => {
                 defined_or!(BinaryOp, I, int, undefined());
                 let mut outside = None;
-                let r = Zip::from(x).and(y).map_collect(|&p, &q| {
+                let r = zip2(ctx, x, y, shape, loc, |p, q| {
                     scalar_fn!(BinaryOp, I, int, |p, _| Ok(p))(p, q).unwrap_or_else(|why| {
                         outside.get_or_insert(why);
                         0
                     })
-                });
+                })?;
                 if let Some(why) = outside {
                     return Err(ctx.runtime(loc, format!("`{name}`: {why}")));
                 }
@@ -573,7 +589,7 @@ impl Specialized<BinaryOp> for BinaryRun<'_> {
             }
             (Data::B(x), Data::B(y)) => {
                 defined_or!(BinaryOp, I, boolean, undefined());
-                Tensor::boolean(Zip::from(x).and(y).map_collect(|&p, &q| scalar_fn!(BinaryOp, I, boolean, |p, _| p)(p, q)))
+                Tensor::boolean(zip2(ctx, x, y, shape, loc, |p, q| scalar_fn!(BinaryOp, I, boolean, |p, _| p)(p, q))?)
             }
             _ => return Err(ctx.runtime(loc, format!("`{name}` of mismatched storage"))),
         })
@@ -581,26 +597,78 @@ impl Specialized<BinaryOp> for BinaryRun<'_> {
 }
 
 struct CompareRun<'a> {
+    ctx: &'a Ctx<'a>,
     a: &'a Tensor,
     b: &'a Tensor,
+    shape: &'a [usize],
+    loc: Loc,
 }
 
 impl Specialized<CmpOp> for CompareRun<'_> {
-    type Out = Tensor;
+    type Out = Result<Tensor>;
     #[inline(always)]
-    fn run<const I: usize>(self) -> Tensor {
-        fn cmp<E: PartialOrd + Copy, const I: usize>(x: &ArrayD<E>, y: &ArrayD<E>) -> ArrayD<bool> {
-            Zip::from(x).and(y).map_collect(|p, q| const { CmpOp::ALL[I].def().eval }(p.partial_cmp(q)))
+    fn run<const I: usize>(self) -> Result<Tensor> {
+        fn cmp<E: PartialOrd + Copy, const I: usize>(ctx: &Ctx, x: &ArrayD<E>, y: &ArrayD<E>, shape: &[usize], loc: Loc) -> Result<ArrayD<bool>> {
+            zip2(ctx, x, y, shape, loc, |p, q| const { CmpOp::ALL[I].def().eval }(p.partial_cmp(&q)))
         }
+        let (ctx, shape, loc) = (self.ctx, self.shape, self.loc);
         let out = match (&self.a.data, &self.b.data) {
-            (Data::F(x), Data::F(y)) => cmp::<_, I>(x, y),
-            (Data::I(x), Data::I(y)) => cmp::<_, I>(x, y),
-            (Data::B(x), Data::B(y)) => cmp::<_, I>(x, y),
-            // The verifier rules out mixed storage; compare false rather than panic.
-            _ => ArrayD::from_elem(self.a.shape(), false),
+            (Data::F(x), Data::F(y)) => cmp::<_, I>(ctx, x, y, shape, loc)?,
+            (Data::I(x), Data::I(y)) => cmp::<_, I>(ctx, x, y, shape, loc)?,
+            (Data::B(x), Data::B(y)) => cmp::<_, I>(ctx, x, y, shape, loc)?,
+            _ => return Err(ctx.runtime(loc, "comparison of mismatched storage")),
         };
-        Tensor::boolean(out)
+        Ok(Tensor::boolean(out))
     }
+}
+
+/// `f` over `x` and `y` at `shape`, where either may be a lazily broadcast scalar: a map over
+/// the other then (a zero-stride view would cost the loop its vectorization).
+#[inline(always)]
+fn zip2<A: Copy, B: Copy, R>(ctx: &Ctx, x: &ArrayD<A>, y: &ArrayD<B>, shape: &[usize], loc: Loc, mut f: impl FnMut(A, B) -> R) -> Result<ArrayD<R>> {
+    match (x.ndim() == 0 && !shape.is_empty(), y.ndim() == 0 && !shape.is_empty()) {
+        (false, true) => {
+            let q = y.first().copied().ok_or_else(|| ctx.runtime(loc, "an empty scalar"))?;
+            Ok(view_as(ctx, x, shape, loc)?.map(|&p| f(p, q)))
+        }
+        (true, false) => {
+            let p = x.first().copied().ok_or_else(|| ctx.runtime(loc, "an empty scalar"))?;
+            Ok(view_as(ctx, y, shape, loc)?.map(|&q| f(p, q)))
+        }
+        _ => Ok(Zip::from(view_as(ctx, x, shape, loc)?).and(view_as(ctx, y, shape, loc)?).map_collect(|&p, &q| f(p, q))),
+    }
+}
+
+/// `a` viewed at `shape`: itself, or a lazily broadcast scalar.
+fn view_as<'a, E>(ctx: &Ctx, a: &'a ArrayD<E>, shape: &[usize], loc: Loc) -> Result<ArrayViewD<'a, E>> {
+    if a.shape() == shape {
+        return Ok(a.view());
+    }
+    a.broadcast(shape).ok_or_else(|| ctx.runtime(loc, format!("an operand of shape {:?} where {shape:?} is expected", a.shape())))
+}
+
+/// The results of scalar-to-tile broadcasts that only elementwise ops (which broadcast as they
+/// read) consume.
+fn lazy_splats(func: &Func) -> HashSet<ValueId> {
+    let mut candidates = HashSet::new();
+    func.walk(&mut |op| {
+        if let OpKind::Broadcast { x } = op.kind {
+            if func.value_type(x).is_some_and(|t| t.is_scalar()) {
+                candidates.extend(op.results.first());
+            }
+        }
+    });
+    func.walk(&mut |op| {
+        if !matches!(op.kind, OpKind::Binary { .. } | OpKind::Compare { .. } | OpKind::Select { .. }) {
+            for v in op.operands() {
+                candidates.remove(&v);
+            }
+        }
+    });
+    for r in &func.results {
+        candidates.remove(r);
+    }
+    candidates
 }
 
 /// `[0..8, 3]`: a region as indexing would write it.
@@ -723,10 +791,13 @@ fn iota<E: Copy>(shape: &[usize], dim: usize, cast: impl Fn(usize) -> E) -> Arra
     let inner: usize = shape[dim + 1..].iter().product();
     let outer: usize = shape[..dim].iter().product();
     let mut data = Vec::with_capacity(outer * shape[dim] * inner);
+    // One line along `dim` and below, copied for each index above it.
+    let mut line = Vec::with_capacity(shape[dim] * inner);
+    for i in 0..shape[dim] {
+        line.extend(std::iter::repeat_n(cast(i), inner));
+    }
     for _ in 0..outer {
-        for i in 0..shape[dim] {
-            data.extend(std::iter::repeat_n(cast(i), inner));
-        }
+        data.extend_from_slice(&line);
     }
     ArrayD::from_shape_vec(shape, data).expect("iota fills exactly the shape's elements")
 }
