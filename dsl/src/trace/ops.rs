@@ -198,6 +198,9 @@ impl Builder {
         let out = ValueType::new(t.dtype, shape);
         let fits =
             start.len() == t.shape.len() && shape.len() == t.shape.len() && start.iter().zip(shape).zip(&t.shape).all(|((s, l), d)| s.checked_add(*l).is_some_and(|e| e <= *d));
+        if shape.contains(&0) {
+            return self.fail(loc, format!("a slice of shape {} holds no elements; a tile has at least one along each axis", shape_str(shape)), out);
+        }
         if !fits {
             return self.fail(loc, format!("slice of shape {} at {} does not fit in a value of shape {}", shape_str(shape), shape_str(start), shape_str(&t.shape)), out);
         }
