@@ -1,4 +1,4 @@
-//! The conformance matrix: every elementwise op, on every dtype its definition claims, on edge
+//! The conformance matrix: every elementwise op and cast, on every dtype it claims, on edge
 //! values (0, ±0, ±1, ±inf, NaN, subnormals, the largest finite, integer min/max), run by the
 //! interpreter and by PJRT CPU against an f64 (or exact integer) reference written here, and
 //! compiled by libtpu for every chip. The table it measures is `docs/conformance.md`; run with
@@ -51,11 +51,22 @@ fn compare_bool_kernel(a: &Ref<i32>, b: &Ref<i32>, y: &mut Ref<i32>, op: CmpOp) 
     y.store(a.load().cast::<bool>().compare_op(op, b.load().cast::<bool>()).cast::<i32>());
 }
 
+/// `cast::<U>()` from any dtype to any other; operands and results travel as in the others.
+#[tpu_kernel]
+fn cast_kernel<T: Element, U: Element>(x: &Ref<T>, y: &mut Ref<U>, through_bool: bool) {
+    let v = x.load();
+    y.store(if through_bool { v.cast::<bool>().cast::<U>() } else { v.cast::<U>() });
+}
+
+const DTYPES: [DType; 6] = [DType::F32, DType::BF16, DType::F16, DType::I32, DType::I8, DType::Bool];
+
 #[derive(Clone, Copy, Debug)]
 enum Op {
     Unary(UnaryOp),
     Binary(BinaryOp),
     Compare(CmpOp),
+    /// A conversion to this dtype.
+    Cast(DType),
 }
 
 impl Op {
@@ -64,12 +75,20 @@ impl Op {
             Op::Unary(u) => u.name(),
             Op::Binary(b) => b.name(),
             Op::Compare(c) => c.name(),
+            Op::Cast(to) => match to {
+                DType::F32 => "cast to f32",
+                DType::BF16 => "cast to bf16",
+                DType::F16 => "cast to f16",
+                DType::I32 => "cast to i32",
+                DType::I8 => "cast to i8",
+                DType::Bool => "cast to bool",
+            },
         }
     }
 
     fn arity(self) -> usize {
         match self {
-            Op::Unary(_) => 1,
+            Op::Unary(_) | Op::Cast(_) => 1,
             _ => 2,
         }
     }
@@ -78,7 +97,17 @@ impl Op {
         match self {
             Op::Unary(u) => u.def().dtypes(),
             Op::Binary(b) => b.def().dtypes(),
-            Op::Compare(_) => vec![DType::F32, DType::BF16, DType::F16, DType::I32, DType::I8, DType::Bool],
+            Op::Compare(_) => DTYPES.to_vec(),
+            Op::Cast(to) => DTYPES.into_iter().filter(|&d| d != to).collect(),
+        }
+    }
+
+    /// The dtype of the result for operands of `dtype`.
+    fn result(self, dtype: DType) -> DType {
+        match self {
+            Op::Cast(to) => to,
+            Op::Compare(_) => DType::Bool,
+            _ => dtype,
         }
     }
 
@@ -106,7 +135,29 @@ fn kernel(op: Op, dtype: DType) -> KernelDef {
             }
         };
     }
+    macro_rules! cast {
+        ($t:ty, $through:expr) => {
+            match op {
+                Op::Cast(DType::F32) => cast_kernel::kernel::<$t, f32>($through),
+                Op::Cast(DType::BF16) => cast_kernel::kernel::<$t, bf16>($through),
+                Op::Cast(DType::F16) => cast_kernel::kernel::<$t, f16>($through),
+                Op::Cast(DType::I8) => cast_kernel::kernel::<$t, i8>($through),
+                _ => cast_kernel::kernel::<$t, i32>($through),
+            }
+        };
+    }
+    if let Op::Cast(to) = op {
+        let through = dtype == DType::Bool || to == DType::Bool;
+        return match dtype {
+            DType::F32 => cast!(f32, through),
+            DType::BF16 => cast!(bf16, through),
+            DType::F16 => cast!(f16, through),
+            DType::I8 => cast!(i8, through),
+            DType::I32 | DType::Bool => cast!(i32, through),
+        };
+    }
     match (op, dtype) {
+        (Op::Cast(_), _) => unreachable!("handled above"),
         (Op::Unary(u), DType::Bool) => unary_bool_kernel::kernel(u),
         (Op::Binary(b), DType::Bool) => binary_bool_kernel::kernel(b),
         (Op::Compare(c), DType::Bool) => compare_bool_kernel::kernel(c),
@@ -224,6 +275,25 @@ fn reference(op: Op, dtype: DType, args: &[f64]) -> Option<f64> {
             BinaryOp::ShiftRightLogical => wrap(((a as u32) >> b) as i64),
             BinaryOp::Pow => return None,
         },
+        Op::Cast(to) => {
+            let v = match (dtype, to) {
+                (_, DType::Bool) => f64::from(u8::from(x != 0.0)),
+                (DType::Bool, _) => x,
+                (_, t) if t.is_float() => t.round(x),
+                (f, t) if f.is_float() => {
+                    // Outside the integer range (NaN, inf, too large) a conversion is unspecified.
+                    let (lo, hi) = if t == DType::I8 { (-128.0, 127.0) } else { (f64::from(i32::MIN), f64::from(i32::MAX)) };
+                    let v = x.trunc();
+                    if !(lo..=hi).contains(&v) {
+                        return None;
+                    }
+                    v
+                }
+                (_, DType::I8) => f64::from(x as i64 as i8),
+                _ => x,
+            };
+            return Some(v);
+        }
         Op::Compare(c) => {
             let holds = match c {
                 CmpOp::Eq => x == y,
@@ -325,7 +395,7 @@ fn first_mismatch(op: Op, backend: &str, dtype: DType, tuples: &[Vec<f64>], out:
     let out = out.to_f64();
     tuples.iter().zip(out.iter()).find_map(|(t, &got)| {
         let want = accepted(op, dtype, t);
-        let off = !want.iter().any(|&w| close(dtype, got, w, op.ulps())) && deviation(op, backend, dtype, t).is_none();
+        let off = !want.iter().any(|&w| close(op.result(dtype), got, w, op.ulps())) && deviation(op, backend, dtype, t).is_none();
         off.then(|| format!("{} of {t:?}: got {got:e}, want {want:?}", op.name()))
     })
 }
@@ -368,7 +438,8 @@ fn tpu_cell(row: &Row, r: &Result<(), String>) -> &'static str {
 }
 
 fn all_ops() -> Vec<Op> {
-    UnaryOp::ALL.iter().map(|&u| Op::Unary(u)).chain(BinaryOp::ALL.iter().map(|&b| Op::Binary(b))).chain(CmpOp::ALL.iter().map(|&c| Op::Compare(c))).collect()
+    let ops = UnaryOp::ALL.iter().map(|&u| Op::Unary(u)).chain(BinaryOp::ALL.iter().map(|&b| Op::Binary(b))).chain(CmpOp::ALL.iter().map(|&c| Op::Compare(c)));
+    ops.chain(DTYPES.into_iter().map(Op::Cast)).collect()
 }
 
 fn table(rows: &[Row]) -> String {
@@ -383,14 +454,15 @@ fn table(rows: &[Row]) -> String {
     let _ = writeln!(s, "0, ±0, ±1, ±0.5, ±2, 3, ±0.1, ±10, 20, ±88, ±1e4, the largest finite, the smallest normal, a subnormal, ±π, ±inf and NaN for floats;");
     let _ = writeln!(s, "0, ±1, ±2, 3, ±7, 31, 32, 33, ±100, ±12345, 65536 and the extremes for integers. References are f64 or exact integers, computed in the test;");
     let _ = writeln!(s, "floats may differ by the ulps shown, and subnormals may flush to zero (TPUs and XLA CPU do). Operands outside an op's domain");
-    let _ = writeln!(s, "(integer division by zero, shift amounts outside 0..32) are errors in the interpreter and unspecified on a TPU.");
+    let _ = writeln!(s, "(integer division by zero, shift amounts outside 0..32) are errors in the interpreter and unspecified on a TPU; so is a float");
+    let _ = writeln!(s, "cast to an integer type of NaN, ±inf or a value outside its range. Casts convert between every pair of dtypes (bool as 0/1, `!= 0` into bool).");
     let _ = writeln!(s, "A ✓ under a chip means libtpu compiles the op for it; \"refused\" means libtpu cannot, and `lower()` says so first.");
     let _ = writeln!(s);
     let chips: Vec<String> = Chip::ALL.iter().map(|c| c.to_string()).collect();
     let _ = writeln!(s, "| op | dtype | ulps | interpreter | PJRT CPU | {} |", chips.join(" | "));
     let _ = writeln!(s, "|---|---|---|---|---|{}", "---|".repeat(chips.len()));
     for r in rows {
-        let ulps = if r.dtype.is_float() && !matches!(r.op, Op::Compare(_)) { format!("{}", r.op.ulps()) } else { "exact".into() };
+        let ulps = if r.op.result(r.dtype).is_float() { format!("{}", r.op.ulps()) } else { "exact".into() };
         let tpu: Vec<&str> = r.tpu.iter().map(|t| tpu_cell(r, t)).collect();
         let _ =
             writeln!(s, "| `{}` | {} | {ulps} | {} | {} | {} |", r.op.name(), r.dtype, cpu_cell(r, "interpreter", &r.interpret), cpu_cell(r, "PJRT CPU", &r.cpu), tpu.join(" | "));
