@@ -413,6 +413,9 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
                     report.seconds,
                     if report.cache_hit { " (from the cache)" } else { "" },
                 );
+                if !report.decision.is_empty() {
+                    println!("decided: {}", report.decision);
+                }
             }
             if let Some(path) = plot {
                 std::fs::write(&path, report.svg()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::report::TuneReport;
 
 /// Bumped when the file format changes; older files are then stale.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything a result depends on.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -7,6 +7,7 @@ pub mod model;
 pub mod problem;
 pub mod report;
 pub mod space;
+pub mod stats;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -125,6 +126,8 @@ pub struct TuneOptions<'a> {
     pub progress: Option<&'a (dyn Fn(Progress) + Sync)>,
     /// Where results are cached; default [`cache::default_dir`].
     pub cache_dir: Option<std::path::PathBuf>,
+    /// Confirmation runs for candidates that cannot be told apart from the fastest.
+    pub confirmation: stats::Confirmation,
 }
 
 impl Default for TuneOptions<'_> {
@@ -138,6 +141,7 @@ impl Default for TuneOptions<'_> {
             time_per_candidate: Duration::from_millis(300),
             progress: None,
             cache_dir: None,
+            confirmation: stats::Confirmation::default(),
         }
     }
 }
@@ -281,17 +285,34 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
             candidates.iter().map(|c| format!("  {}: {:?}", c.config, c.outcome)).collect::<Vec<_>>().join("\n")
         )));
     }
-    let evaluated = match device {
-        Device::Chip(chip) => rank_for_chip(chip, &prepared, opts)?,
+    let (evaluated, decided) = match device {
+        Device::Chip(chip) => (rank_for_chip(chip, &prepared, opts)?, None),
         Device::Pjrt(backend) => measure(backend, t, &prepared, &inputs, opts, &mut rng)?,
     };
     candidates.extend(evaluated);
     let default = t.default_config();
-    let best = candidates
+    let fastest = candidates
         .iter()
         .filter_map(|c| c.outcome.ms().map(|ms| (c, ms)))
         .min_by(|a, b| a.1.total_cmp(&b.1))
         .ok_or_else(|| Error::Invalid(format!("every candidate of {} failed on {device}", t.kernel())))?;
+    let (best, tied, decision) = match decided {
+        Some(d) => {
+            let decision = if d.tied.is_empty() {
+                format!("separated: the best's 95% interval clears every other candidate's ({} confirmation rounds)", d.rounds)
+            } else {
+                format!(
+                    "tie: {} candidates could not be told apart after {} confirmation rounds; chose the smallest VMEM footprint, then the first in the search space's order",
+                    d.tied.len(),
+                    d.rounds
+                )
+            };
+            warnings.extend(d.noise_warning);
+            let best = candidates.iter().find(|c| c.config == d.best).and_then(|c| c.outcome.ms().map(|ms| (c, ms))).unwrap_or(fastest);
+            (best, d.tied, decision)
+        }
+        None => (fastest, Vec::new(), "predicted: ranked by the roofline model over the candidates libtpu compiles".into()),
+    };
     let report = TuneReport {
         kernel: t.kernel(),
         problem: t.problem(),
@@ -307,6 +328,8 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
         candidates,
         seconds: start.elapsed().as_secs_f64(),
         warnings,
+        tied,
+        decision,
     };
     if opts.use_cache {
         if let Err(w) = cache::store(&cache_dir, &key, &report) {
@@ -352,20 +375,24 @@ fn compiler_reason(message: &str) -> String {
 }
 
 /// Times one compiled candidate: one run against the limit, then repetitions adapted to
-/// the time target, rotating through the operand sets.
-fn time_one(compiled: &Compiled, sets: &[Vec<torchtpu_runtime::Buffer>], opts: &TuneOptions, reps_scale: usize) -> Outcome {
+/// the time target, rotating through the operand sets. The repetitions' times, or why not.
+fn time_one(compiled: &Compiled, sets: &[Vec<torchtpu_runtime::Buffer>], opts: &TuneOptions) -> Result<Vec<f64>, String> {
     let first = Instant::now();
-    if let Err(e) = compiled.execute(&sets[0]) {
-        return Outcome::Failed { reason: e.to_string() };
-    }
+    compiled.execute(&sets[0]).map_err(|e| e.to_string())?;
     let once = first.elapsed();
     if once > opts.time_limit {
-        return Outcome::Failed { reason: format!("one run took {:.0} ms, over the {} ms limit", once.as_secs_f64() * 1e3, opts.time_limit.as_millis()) };
+        return Err(format!("one run took {:.0} ms, over the {} ms limit", once.as_secs_f64() * 1e3, opts.time_limit.as_millis()));
     }
-    let reps = ((opts.time_per_candidate.as_secs_f64() / once.as_secs_f64().max(1e-6)) as usize).clamp(5, 25) * reps_scale;
-    match compiled.time(sets, 1, reps) {
-        Ok(t) => Outcome::Timed { median_ms: t.median_ms, spread: t.spread() },
-        Err(e) => Outcome::Failed { reason: e.to_string() },
+    let reps = ((opts.time_per_candidate.as_secs_f64() / once.as_secs_f64().max(1e-6)) as usize).clamp(5, 25);
+    compiled.sample(sets, 1, reps).map_err(|e| e.to_string())
+}
+
+/// A timed candidate's outcome from its repetitions.
+fn timed(samples: &[f64]) -> Outcome {
+    let t = torchtpu_exec::Timing::from_samples(samples.to_vec());
+    match stats::Summary::of(samples) {
+        Some(s) => Outcome::Timed { median_ms: s.median_ms, spread: t.spread(), ci_low_ms: s.ci_low_ms, ci_high_ms: s.ci_high_ms, samples: s.samples },
+        None => Outcome::Failed { reason: "no finite timing".into() },
     }
 }
 
@@ -377,7 +404,7 @@ fn budget(opts: &TuneOptions, feasible: usize) -> usize {
     }
 }
 
-fn measure(backend: Backend, t: &dyn Tunable, prepared: &[Prepared], inputs: &[HostArray], opts: &TuneOptions, rng: &mut StdRng) -> Result<Vec<Candidate>> {
+fn measure(backend: Backend, t: &dyn Tunable, prepared: &[Prepared], inputs: &[HostArray], opts: &TuneOptions, rng: &mut StdRng) -> Result<(Vec<Candidate>, Option<Decided>)> {
     // A second operand set, so that repeated runs do not all hit warm caches.
     let second = t.random_inputs(rng);
     let n = prepared.len();
@@ -388,12 +415,17 @@ fn measure(backend: Backend, t: &dyn Tunable, prepared: &[Prepared], inputs: &[H
         idx.par_iter().map(|&i| (i, Compiled::new(&prepared[i].traced, backend).map_err(|e| e.to_string()))).collect()
     };
     let mut done = 0;
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); n];
     let mut run = |i: usize, compiled: Result<Compiled, String>, outcomes: &mut Vec<Option<Outcome>>| {
         let outcome = match compiled.and_then(|c| {
             let sets = vec![c.upload(inputs).map_err(|e| e.to_string())?, c.upload(&second).map_err(|e| e.to_string())?];
-            Ok(time_one(&c, &sets, opts, 1))
+            time_one(&c, &sets, opts)
         }) {
-            Ok(o) => o,
+            Ok(times) => {
+                let o = timed(&times);
+                samples[i] = times;
+                o
+            }
             Err(e) => Outcome::Failed { reason: e },
         };
         done += 1;
@@ -456,18 +488,38 @@ fn measure(backend: Backend, t: &dyn Tunable, prepared: &[Prepared], inputs: &[H
             }
         }
     }
-    // Re-time the top three with twice the repetitions: one lucky run must not win.
-    let mut ranked: Vec<usize> = (0..n).filter(|&i| outcomes[i].as_ref().and_then(Outcome::ms).is_some()).collect();
-    ranked.sort_by(|&a, &b| outcomes[a].as_ref().and_then(Outcome::ms).unwrap_or(f64::MAX).total_cmp(&outcomes[b].as_ref().and_then(Outcome::ms).unwrap_or(f64::MAX)));
-    for &i in ranked.iter().take(3) {
-        if let Ok(c) = Compiled::new(&prepared[i].traced, backend) {
-            if let (Ok(a), Ok(b)) = (c.upload(inputs), c.upload(&second)) {
-                let o = time_one(&c, &[a, b], opts, 2);
-                if o.ms().is_some() {
-                    outcomes[i] = Some(o);
-                }
-            }
+    // Candidates the fastest cannot be told apart from get more runs, until it separates or
+    // the rounds end; a tie left is resolved by the rule (smaller VMEM footprint, then the
+    // space's order), so that every run that sees the same tie picks the same winner.
+    let rule = |i: usize| (prepared[i].features.vmem_bytes, i);
+    let time_more = |i: usize, reps: usize| -> Vec<f64> {
+        let Ok(c) = Compiled::new(&prepared[i].traced, backend) else { return Vec::new() };
+        let (Ok(a), Ok(b)) = (c.upload(inputs), c.upload(&second)) else { return Vec::new() };
+        c.sample(&[a, b], 1, reps).unwrap_or_default()
+    };
+    let verdict = stats::confirm(&mut samples, time_more, rule, opts.confirmation);
+    for (i, s) in samples.iter().enumerate() {
+        if !s.is_empty() && outcomes[i].as_ref().is_some_and(|o| o.ms().is_some()) {
+            outcomes[i] = Some(timed(s));
         }
     }
-    Ok(prepared.iter().zip(outcomes).map(|(p, o)| Candidate { config: p.config.clone(), outcome: o.unwrap_or(Outcome::NotEvaluated), features: Some(p.features) }).collect())
+    let candidates =
+        prepared.iter().zip(outcomes).map(|(p, o)| Candidate { config: p.config.clone(), outcome: o.unwrap_or(Outcome::NotEvaluated), features: Some(p.features) }).collect();
+    Ok((
+        candidates,
+        verdict.map(|v| Decided {
+            best: prepared[v.ranking.best].config.clone(),
+            tied: v.ranking.tied.iter().map(|&i| prepared[i].config.clone()).collect(),
+            rounds: v.rounds,
+            noise_warning: v.noise_warning,
+        }),
+    ))
+}
+
+/// What confirming decided, by config.
+struct Decided {
+    best: Config,
+    tied: Vec<Config>,
+    rounds: usize,
+    noise_warning: Option<String>,
 }

@@ -9,8 +9,18 @@ use crate::space::Config;
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
-    /// Timed on a device: median and (max - min) / median of the repetitions.
-    Timed { median_ms: f64, spread: f64 },
+    /// Timed on a device: median and (max - min) / median of the repetitions, and a 95%
+    /// confidence interval for the median (see [`crate::stats`]).
+    Timed {
+        median_ms: f64,
+        spread: f64,
+        #[serde(default)]
+        ci_low_ms: f64,
+        #[serde(default)]
+        ci_high_ms: f64,
+        #[serde(default)]
+        samples: usize,
+    },
     /// Ranked without hardware: roofline prediction for a chip, from a successful compile.
     Predicted { ms: f64, code_size_bytes: i64 },
     /// Rejected before timing, with the reason (constraint, tiling, VMEM, or the compiler's).
@@ -54,9 +64,17 @@ pub struct TuneReport {
     pub cache_hit: bool,
     pub candidates: Vec<Candidate>,
     pub seconds: f64,
-    /// Things the user should know that did not stop tuning (a corrupt cache file, say).
+    /// Things the user should know that did not stop tuning (a corrupt cache file, a machine
+    /// too noisy to rank).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Candidates whose timings could not be told apart from the best's (the best included),
+    /// when there were several: the winner among them is the tie rule's.
+    #[serde(default)]
+    pub tied: Vec<Config>,
+    /// How the winner was decided.
+    #[serde(default)]
+    pub decision: String,
 }
 
 impl TuneReport {
@@ -82,6 +100,9 @@ impl TuneReport {
             "candidates": self.candidates.len(),
             "cache_hit": self.cache_hit,
             "seconds": self.seconds,
+            "tied": self.tied.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "decision": self.decision,
+            "warnings": self.warnings,
         })
     }
 
@@ -106,7 +127,10 @@ impl TuneReport {
                 ""
             };
             let (time, status) = match &c.outcome {
-                Outcome::Timed { median_ms, spread } => (format!("{median_ms:.3}"), format!("timed (spread {:.0}%){mark}", spread * 100.0)),
+                Outcome::Timed { median_ms, spread, ci_low_ms, ci_high_ms, samples } => {
+                    let tie = if self.tied.contains(&c.config) { ", tied" } else { "" };
+                    (format!("{median_ms:.3}"), format!("timed: 95% CI {ci_low_ms:.3}..{ci_high_ms:.3} over {samples} runs (spread {:.0}%){tie}{mark}", spread * 100.0))
+                }
                 Outcome::Predicted { ms, code_size_bytes } => (format!("{ms:.4}"), format!("predicted, compiled ({code_size_bytes} B){mark}")),
                 Outcome::Pruned { reason } => ("-".into(), format!("pruned: {reason}")),
                 Outcome::Failed { reason } => ("-".into(), format!("failed: {reason}")),

@@ -192,6 +192,12 @@ impl Compiled {
     /// Device time of one execution: `warmup` runs, then the median (and spread) of `reps`,
     /// rotating through `operand_sets` so that caches do not flatter small problems.
     pub fn time(&self, operand_sets: &[Vec<Buffer>], warmup: usize, reps: usize) -> Result<Timing> {
+        Ok(Timing::from_samples(self.sample(operand_sets, warmup, reps)?))
+    }
+
+    /// The milliseconds of each of `reps` executions after `warmup`, as [`Compiled::time`]
+    /// runs them.
+    pub fn sample(&self, operand_sets: &[Vec<Buffer>], warmup: usize, reps: usize) -> Result<Vec<f64>> {
         if operand_sets.is_empty() || reps == 0 {
             return Err(Error::Input("timing needs at least one operand set and one repetition".into()));
         }
@@ -204,7 +210,7 @@ impl Compiled {
             self.execute(&operand_sets[i % operand_sets.len()])?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
-        Ok(Timing::from_samples(times))
+        Ok(times)
     }
 }
 
