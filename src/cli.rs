@@ -384,13 +384,17 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
             let device: Device = device.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
             let strategy: Strategy = strategy.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
             let problem = tunable(ops, &kernel, dtype, &set)?;
+            // Drawn only when stderr is a terminal (indicatif hides it otherwise).
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(indicatif::ProgressStyle::with_template("[{pos}/{len}] {bar:30} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
             let progress = |p: Progress| {
-                let ms = p.ms.map_or("-".to_string(), |m| format!("{m:.3} ms"));
-                eprint!("\r\x1b[2K[{}/{}] {}  {ms}", p.done, p.total, p.config);
+                bar.set_length(p.total as u64);
+                bar.set_position(p.done as u64);
+                bar.set_message(format!("{}  {}", p.config, p.ms.map_or("-".to_string(), |m| format!("{m:.3} ms"))));
             };
             let opts = TuneOptions { strategy, budget, use_cache: !no_cache, progress: Some(&progress), ..TuneOptions::default() };
             let report = tune(problem.as_ref(), device, &opts).map_err(|e| e.to_string())?;
-            eprintln!();
+            bar.finish_and_clear();
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
@@ -418,7 +422,8 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
                 }
             }
             if let Some(path) = plot {
-                std::fs::write(&path, report.svg()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                let picture = report.plot_svg()?;
+                std::fs::write(&path, picture).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
             Ok(true)
         }

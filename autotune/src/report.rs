@@ -141,32 +141,197 @@ impl TuneReport {
         s
     }
 
-    /// A bar chart of time per evaluated configuration, fastest at the top.
-    pub fn svg(&self) -> String {
+    /// The report as a picture: a heatmap when the space has two tunables (time per cell,
+    /// pruned cells with their reason, the winner and the default outlined), else bars with
+    /// the 95% interval of each timed candidate.
+    pub fn plot_svg(&self) -> Result<String, String> {
+        self.heatmap_svg().unwrap_or_else(|| self.svg())
+    }
+
+    /// A heatmap over the space's two tunables, or `None` for another number of them.
+    pub fn heatmap_svg(&self) -> Option<Result<String, String>> {
+        use plotters::prelude::*;
+        let names: Vec<&str> = self.candidates.first()?.config.0.iter().map(|(n, _)| n.as_str()).collect();
+        let [xn, yn] = names[..] else { return None };
+        let axis = |name: &str| -> Vec<usize> {
+            let mut v: Vec<usize> = self.candidates.iter().filter_map(|c| c.config.get(name)).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let (xs, ys) = (axis(xn), axis(yn));
+        let times: Vec<f64> = self.candidates.iter().filter_map(|c| c.outcome.ms()).collect();
+        let (lo, hi) = times.iter().fold((f64::MAX, f64::MIN), |(a, b), &t| (a.min(t), b.max(t)));
+        let (cell_w, cell_h, left, top) = (118i32, 46i32, 120i32, 70i32);
+        let (w, h) = (left + cell_w * xs.len() as i32 + 30, top + cell_h * ys.len() as i32 + 110);
+        let predicted = self.candidates.iter().any(|c| matches!(c.outcome, Outcome::Predicted { .. }));
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (w as u32, h as u32)).into_drawing_area();
+            let font = |size: i32| ("monospace", size).into_font();
+            let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
+                root.fill(&WHITE)?;
+                let unit = if predicted { "predicted ms" } else { "median ms" };
+                root.draw(&Text::new(format!("{} {} on {} ({}): {unit}", self.kernel, self.problem, self.device, self.strategy), (10, 20), font(13)))?;
+                root.draw(&Text::new(format!("{xn} →"), (left, top - 24), font(12)))?;
+                root.draw(&Text::new(format!("{yn} ↓"), (10, top - 24), font(12)))?;
+                for (i, x) in xs.iter().enumerate() {
+                    root.draw(&Text::new(x.to_string(), (left + cell_w * i as i32 + 6, top - 8), font(11)))?;
+                }
+                for (j, y) in ys.iter().enumerate() {
+                    root.draw(&Text::new(y.to_string(), (10, top + cell_h * j as i32 + cell_h / 2), font(11)))?;
+                }
+                for c in &self.candidates {
+                    let (Some(x), Some(y)) = (c.config.get(xn), c.config.get(yn)) else { continue };
+                    let (Some(i), Some(j)) = (xs.iter().position(|&v| v == x), ys.iter().position(|&v| v == y)) else { continue };
+                    let (x0, y0) = (left + cell_w * i as i32, top + cell_h * j as i32);
+                    let (fill, label, note) = match &c.outcome {
+                        o @ (Outcome::Timed { .. } | Outcome::Predicted { .. }) => {
+                            let t = o.ms().unwrap_or(hi);
+                            // Fast green to slow red, on a log scale of time.
+                            let f = if hi > lo { ((t / lo).ln() / (hi / lo).ln()).clamp(0.0, 1.0) } else { 0.0 };
+                            let color = RGBColor((60.0 + 190.0 * f) as u8, (190.0 - 120.0 * f) as u8, 90);
+                            let note = match o {
+                                Outcome::Timed { ci_low_ms, ci_high_ms, .. } => format!("{ci_low_ms:.2}..{ci_high_ms:.2}"),
+                                _ => String::new(),
+                            };
+                            (color, format!("{t:.3}"), note)
+                        }
+                        Outcome::Pruned { reason } => (RGBColor(215, 215, 215), "pruned".into(), reason.split(':').next().unwrap_or("").chars().take(16).collect()),
+                        Outcome::Failed { .. } => (RGBColor(240, 200, 200), "failed".into(), String::new()),
+                        Outcome::NotEvaluated => (RGBColor(245, 245, 245), "-".into(), String::new()),
+                    };
+                    root.draw(&Rectangle::new([(x0, y0), (x0 + cell_w - 2, y0 + cell_h - 2)], fill.filled()))?;
+                    root.draw(&Text::new(label, (x0 + 6, y0 + 18), font(12)))?;
+                    root.draw(&Text::new(note, (x0 + 6, y0 + 34), font(9)))?;
+                    let outline = if c.config == self.best_config {
+                        Some(RGBColor(0, 90, 0))
+                    } else if c.config == self.default_config {
+                        Some(RGBColor(200, 110, 0))
+                    } else {
+                        None
+                    };
+                    if let Some(color) = outline {
+                        root.draw(&Rectangle::new([(x0, y0), (x0 + cell_w - 2, y0 + cell_h - 2)], color.stroke_width(3)))?;
+                    }
+                }
+                let foot = top + cell_h * ys.len() as i32 + 24;
+                root.draw(&Text::new("dark green outline: best; orange outline: default; grey: pruned (reason below the label)", (10, foot), font(11)))?;
+                root.draw(&Text::new(format!("decided: {}", self.decision.chars().take(110).collect::<String>()), (10, foot + 18), font(11)))?;
+                root.present()?;
+                Ok(())
+            };
+            if let Err(e) = draw() {
+                return Some(Err(format!("drawing the heatmap: {e}")));
+            }
+        }
+        Some(Ok(svg))
+    }
+
+    /// A bar chart of time per evaluated configuration, fastest at the top, with the 95%
+    /// interval of each timed one as an error bar.
+    pub fn svg(&self) -> Result<String, String> {
+        use plotters::prelude::*;
         let mut bars: Vec<(&Candidate, f64)> = self.candidates.iter().filter_map(|c| c.outcome.ms().map(|ms| (c, ms))).collect();
         bars.sort_by(|a, b| a.1.total_cmp(&b.1));
-        let max = bars.iter().map(|b| b.1).fold(f64::MIN_POSITIVE, f64::max);
-        let (row, left, width) = (18.0, 230.0, 420.0);
-        let height = 60.0 + row * bars.len() as f64;
+        let interval = |c: &Candidate| match c.outcome {
+            Outcome::Timed { ci_low_ms, ci_high_ms, samples, .. } if samples > 0 => Some((ci_low_ms, ci_high_ms)),
+            _ => None,
+        };
+        let max = bars.iter().map(|(c, ms)| interval(c).map_or(*ms, |(_, hi)| hi.max(*ms))).fold(f64::MIN_POSITIVE, f64::max);
+        let (row, left, width) = (18i32, 230i32, 420.0);
+        let height = 60 + row * bars.len() as i32;
         let unit = if self.device.starts_with('v') || self.device.starts_with("tpu7") { "predicted ms" } else { "ms" };
-        let mut s = String::new();
-        let _ = writeln!(s, r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{height}" font-family="monospace" font-size="11">"#, left + width + 90.0);
-        let _ = writeln!(s, r#"<text x="10" y="20" font-size="13">{} {} on {} ({}): {unit} per configuration</text>"#, self.kernel, self.problem, self.device, self.strategy);
-        for (i, (c, ms)) in bars.iter().enumerate() {
-            let y = 40.0 + row * i as f64;
-            let w = (ms / max * width).max(1.0);
-            let color = if c.config == self.best_config {
-                "#2a9d5c"
-            } else if c.config == self.default_config {
-                "#d08020"
-            } else {
-                "#4a78b0"
+        let x_of = |ms: f64| left + (ms / max * width) as i32;
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, ((left + width as i32 + 110) as u32, height as u32)).into_drawing_area();
+            let font = |size: i32| ("monospace", size).into_font();
+            let draw = || -> Result<(), Box<dyn std::error::Error + '_>> {
+                root.fill(&WHITE)?;
+                root.draw(&Text::new(format!("{} {} on {} ({}): {unit} per configuration", self.kernel, self.problem, self.device, self.strategy), (10, 20), font(13)))?;
+                for (i, (c, ms)) in bars.iter().enumerate() {
+                    let y = 40 + row * i as i32;
+                    let color = if c.config == self.best_config {
+                        RGBColor(0x2a, 0x9d, 0x5c)
+                    } else if c.config == self.default_config {
+                        RGBColor(0xd0, 0x80, 0x20)
+                    } else {
+                        RGBColor(0x4a, 0x78, 0xb0)
+                    };
+                    let label = c.config.to_string();
+                    root.draw(&Text::new(label.clone(), (left - 8 - 7 * label.len() as i32, y + 12), font(11)))?;
+                    root.draw(&Rectangle::new([(left, y), (x_of(*ms).max(left + 1), y + row - 4)], color.filled()))?;
+                    if let Some((lo, hi)) = interval(c) {
+                        let mid = y + (row - 4) / 2;
+                        root.draw(&PathElement::new(vec![(x_of(lo), mid), (x_of(hi), mid)], BLACK.stroke_width(1)))?;
+                        for x in [x_of(lo), x_of(hi)] {
+                            root.draw(&PathElement::new(vec![(x, mid - 4), (x, mid + 4)], BLACK.stroke_width(1)))?;
+                        }
+                    }
+                    root.draw(&Text::new(format!("{ms:.3}"), (x_of(interval(c).map_or(*ms, |(_, hi)| hi.max(*ms))) + 4, y + 12), font(11)))?;
+                }
+                root.present()?;
+                Ok(())
             };
-            let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="end">{}</text>"#, left - 6.0, y + 12.0, c.config);
-            let _ = writeln!(s, r#"<rect x="{left}" y="{y}" width="{w:.1}" height="{}" fill="{color}"/>"#, row - 4.0);
-            let _ = writeln!(s, r#"<text x="{:.1}" y="{}">{ms:.3}</text>"#, left + w + 4.0, y + 12.0);
+            draw().map_err(|e| format!("drawing the bar chart: {e}"))?;
         }
-        s.push_str("</svg>\n");
-        s
+        Ok(svg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(bq: usize, bk: usize) -> Config {
+        Config(vec![("bq".into(), bq), ("bk".into(), bk)])
+    }
+
+    fn report() -> TuneReport {
+        let timed = |ms: f64| Outcome::Timed { median_ms: ms, spread: 0.1, ci_low_ms: ms * 0.95, ci_high_ms: ms * 1.05, samples: 11 };
+        let candidates = vec![
+            Candidate { config: config(128, 128), outcome: timed(4.0), features: None },
+            Candidate { config: config(128, 256), outcome: timed(3.25), features: None },
+            Candidate { config: config(256, 128), outcome: Outcome::Pruned { reason: "VMEM model: 40 MiB".into() }, features: None },
+            Candidate { config: config(256, 256), outcome: timed(5.5), features: None },
+        ];
+        TuneReport {
+            kernel: "k".into(),
+            problem: "p".into(),
+            device: "cpu".into(),
+            strategy: "exhaustive".into(),
+            best_config: config(128, 256),
+            best_time_ms: 3.25,
+            default_config: config(128, 128),
+            default_time_ms: Some(4.0),
+            evaluated: 3,
+            pruned: 1,
+            cache_hit: false,
+            candidates,
+            seconds: 1.0,
+            warnings: Vec::new(),
+            tied: Vec::new(),
+            decision: "separated".into(),
+        }
+    }
+
+    #[test]
+    fn two_tunables_draw_a_heatmap_with_every_cell() {
+        let svg = report().heatmap_svg().expect("two tunables").expect("draws");
+        assert!(svg.starts_with("<svg") && svg.matches("<rect").count() >= 4, "{svg}");
+        for text in ["3.250", "4.000", "5.500", "pruned", "VMEM model", "bq", "bk", "decided: separated"] {
+            assert!(svg.contains(text), "missing {text}");
+        }
+    }
+
+    #[test]
+    fn other_spaces_draw_bars() {
+        let mut r = report();
+        for c in &mut r.candidates {
+            c.config.0.truncate(1);
+        }
+        assert!(r.heatmap_svg().is_none());
+        assert!(r.plot_svg().expect("draws").contains("<rect"));
     }
 }
