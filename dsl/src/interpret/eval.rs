@@ -287,8 +287,8 @@ impl<'f> Eval<'f> {
                 return Ok(());
             }
             OpKind::Unary { op: u, x } => u.specialize(UnaryRun { ctx, x: self.get(*x), loc })?,
-            OpKind::Binary { op: b, lhs, rhs } => b.specialize(BinaryRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: &self.result_shape(op), loc })?,
-            OpKind::Compare { op: c, lhs, rhs } => c.specialize(CompareRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: &self.result_shape(op), loc })?,
+            OpKind::Binary { op: b, lhs, rhs } => b.specialize(PairRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: &self.result_shape(op), loc })?,
+            OpKind::Compare { op: c, lhs, rhs } => c.specialize(PairRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: &self.result_shape(op), loc })?,
             OpKind::Select { cond, on_true, on_false } => {
                 let (c, a, b) = (self.get(*cond), self.get(*on_true), self.get(*on_false));
                 let shape = self.result_shape(op);
@@ -552,7 +552,8 @@ impl Specialized<UnaryOp> for UnaryRun<'_> {
     }
 }
 
-struct BinaryRun<'a> {
+/// The operands of a binary op or a comparison.
+struct PairRun<'a> {
     ctx: &'a Ctx<'a>,
     a: &'a Tensor,
     b: &'a Tensor,
@@ -561,7 +562,7 @@ struct BinaryRun<'a> {
     loc: Loc,
 }
 
-impl Specialized<BinaryOp> for BinaryRun<'_> {
+impl Specialized<BinaryOp> for PairRun<'_> {
     type Out = Result<Tensor>;
     #[inline(always)]
     fn run<const I: usize>(self) -> Result<Tensor> {
@@ -596,15 +597,7 @@ impl Specialized<BinaryOp> for BinaryRun<'_> {
     }
 }
 
-struct CompareRun<'a> {
-    ctx: &'a Ctx<'a>,
-    a: &'a Tensor,
-    b: &'a Tensor,
-    shape: &'a [usize],
-    loc: Loc,
-}
-
-impl Specialized<CmpOp> for CompareRun<'_> {
+impl Specialized<CmpOp> for PairRun<'_> {
     type Out = Result<Tensor>;
     #[inline(always)]
     fn run<const I: usize>(self) -> Result<Tensor> {
