@@ -77,6 +77,14 @@ impl Primitives for Emitter<'_> {
     }
 }
 
+/// An op in MLIR's generic syntax: `"name"(operands) attrs : (types) -> result`, where `attrs`
+/// is written as given (` {...}` for attributes, ` <{...}>` for properties).
+fn generic(name: &str, operands: &[(String, String)], attrs: &str, result_ty: Option<&str>) -> String {
+    let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
+    let types: Vec<&str> = operands.iter().map(|(_, t)| t.as_str()).collect();
+    format!("\"{name}\"({}){attrs} : ({}) -> {}", names.join(", "), types.join(", "), result_ty.unwrap_or("()"))
+}
+
 /// A name and MLIR type per SSA value, and the text being written.
 struct Emitter<'a> {
     call: &'a TracedCall,
@@ -217,11 +225,8 @@ impl<'a> Emitter<'a> {
         let text = match self.form {
             Form::Pretty => format!("{lhs}{pretty}"),
             Form::Stable => {
-                let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
-                let types: Vec<&str> = operands.iter().map(|(_, t)| t.as_str()).collect();
                 let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{}}}", attrs.join(", ")) };
-                let results = result_ty.map_or("()".to_string(), |t| t.to_string());
-                format!("{lhs}\"stable_mosaic.{name}\"({}){attrs} : ({}) -> {results}", names.join(", "), types.join(", "))
+                format!("{lhs}{}", generic(&format!("stable_mosaic.{name}"), operands, &attrs, result_ty))
             }
         };
         self.line(&text, l);
@@ -574,31 +579,24 @@ impl<'a> Emitter<'a> {
                 let operands = [src, dst, sem];
                 // The readable form is parsed with libtpu's current dialect, whose enqueue_dma
                 // has one more optional operand (subcore_id) than serialization version 11.
-                let pretty = format!(
-                    "\"tpu.enqueue_dma\"({}, {}, {}) <{{operandSegmentSizes = array<i32: 1, 0, 1, 1, 0, 0, 0>, priority = 0 : i32}}> : ({}, {}, {}) -> ()",
-                    operands[0].0, operands[1].0, operands[2].0, operands[0].1, operands[1].1, operands[2].1
-                );
+                let pretty = generic("tpu.enqueue_dma", &operands, " <{operandSegmentSizes = array<i32: 1, 0, 1, 1, 0, 0, 0>, priority = 0 : i32}>", None);
                 self.op(None, pretty, "tpu.enqueue_dma", &operands, &["operandSegmentSizes = array<i32: 1, 0, 1, 1, 0, 0>".into(), "priority = 0 : i32".into()], None, l);
             }
             OpKind::DmaWait(c) => {
                 let (src, dst, sem) = self.dma_operands(c, l);
                 let operands = [sem, src, dst];
-                let pretty = format!(
-                    "\"tpu.wait_dma2\"({}, {}, {}) <{{operandSegmentSizes = array<i32: 1, 1, 1, 0, 0>}}> : ({}, {}, {}) -> ()",
-                    operands[0].0, operands[1].0, operands[2].0, operands[0].1, operands[1].1, operands[2].1
-                );
-                self.op(None, pretty, "tpu.wait_dma2", &operands, &["operandSegmentSizes = array<i32: 1, 1, 1, 0, 0>".into()], None, l);
+                let segments = "operandSegmentSizes = array<i32: 1, 1, 1, 0, 0>";
+                let pretty = generic("tpu.wait_dma2", &operands, &format!(" <{{{segments}}}>"), None);
+                self.op(None, pretty, "tpu.wait_dma2", &operands, &[segments.into()], None, l);
             }
             OpKind::PrngSeed { seeds } => {
                 let operands: Vec<(String, String)> = seeds.iter().map(|&s| (self.name(s), "i32".to_string())).collect();
-                let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
-                let types = vec!["i32"; names.len()].join(", ");
-                self.op(None, format!("\"tpu.prng_set_seed_32\"({}) : ({types}) -> ()", names.join(", ")), "tpu.prng_set_seed_32", &operands, &[], None, l);
+                self.op(None, generic("tpu.prng_set_seed_32", &operands, "", None), "tpu.prng_set_seed_32", &operands, &[], None, l);
             }
             OpKind::PrngRandomBits => {
                 let ty = self.ty(op.results[0]);
                 let r = self.fresh();
-                self.op(Some(&r), format!("\"tpu.prng_random_bits\"() : () -> {ty}"), "tpu.prng_random_bits", &[], &[], Some(&ty), l);
+                self.op(Some(&r), generic("tpu.prng_random_bits", &[], "", Some(&ty)), "tpu.prng_random_bits", &[], &[], Some(&ty), l);
                 self.set(op.results[0], r);
             }
             OpKind::If { cond, then_region, else_region } => self.emit_if(op, *cond, then_region, else_region)?,
@@ -640,17 +638,8 @@ impl<'a> Emitter<'a> {
         operands.extend(starts.iter().map(|s| (s.clone(), "i32".to_string())));
         let segments = format!("operandSegmentSizes = array<i32: 1, {}, 0>", starts.len());
         let r_slice = self.fresh();
-        let types: Vec<&str> = operands.iter().map(|(_, t)| t.as_str()).collect();
-        let names: Vec<&str> = operands.iter().map(|(n, _)| n.as_str()).collect();
-        self.op(
-            Some(&r_slice),
-            format!("\"tpu.memref_slice\"({}) <{{{segments}}}> : ({}) -> {sliced_ty}", names.join(", "), types.join(", ")),
-            "tpu.memref_slice",
-            &operands,
-            std::slice::from_ref(&segments),
-            Some(&sliced_ty),
-            l,
-        );
+        let pretty = generic("tpu.memref_slice", &operands, &format!(" <{{{segments}}}>"), Some(&sliced_ty));
+        self.op(Some(&r_slice), pretty, "tpu.memref_slice", &operands, std::slice::from_ref(&segments), Some(&sliced_ty), l);
         // Axes the index points at, and axes the kernel never saw, are squeezed away.
         let kept: Vec<usize> = {
             let mut items = index.iter();
@@ -667,7 +656,8 @@ impl<'a> Emitter<'a> {
         }
         let squeezed_ty = memref_type(&RefType { dtype: memref.dtype, shape: kept, space: memref.space });
         let r = self.fresh();
-        self.op(Some(&r), format!("\"tpu.memref_squeeze\"({r_slice}) : ({sliced_ty}) -> {squeezed_ty}"), "tpu.memref_squeeze", &[(r_slice, sliced_ty)], &[], Some(&squeezed_ty), l);
+        let operands = [(r_slice, sliced_ty)];
+        self.op(Some(&r), generic("tpu.memref_squeeze", &operands, "", Some(&squeezed_ty)), "tpu.memref_squeeze", &operands, &[], Some(&squeezed_ty), l);
         (r, squeezed_ty)
     }
 

@@ -482,20 +482,11 @@ impl<'a> Emitter<'a> {
             OpKind::ProgramId { axis } => scope.grid[*axis].clone(),
             OpKind::NumPrograms { axis } => self.constant(&self.call.grid[*axis].to_string(), &rtt),
             OpKind::Load { src, index } => {
-                let r = scope.refs[src].clone();
-                let (offsets, sizes, whole) = self.access(index, &r.ty.shape, scope);
-                let loaded = if whole { r.name.clone() } else { self.dynamic_slice(&r.name, &r.ty, &offsets, &sizes) };
-                let t = rt.clone().expect("loads have a result");
-                self.reshape(&loaded, &ValueType::new(r.ty.dtype, sizes), &t)
+                let (loaded, region) = self.read_ref(*src, index, scope);
+                self.reshape(&loaded, &region, rt.as_ref().expect("loads have a result"))
             }
             OpKind::Store { dst, index, value } => {
-                let r = scope.refs[dst].clone();
-                let (offsets, sizes, whole) = self.access(index, &r.ty.shape, scope);
-                let vt = Self::vt(func, *value);
-                let region = ValueType::new(r.ty.dtype, sizes);
-                let v = self.reshape(&name(scope, value), &vt, &region);
-                let updated = if whole { self.reshape(&v, &region, &r.ty) } else { self.dynamic_update_slice(&r.name, &r.ty, &v, &region, &offsets) };
-                scope.refs.insert(*dst, RefValue { name: updated, ty: r.ty });
+                self.write_ref(*dst, index, &name(scope, value), &Self::vt(func, *value), scope);
                 return Ok(());
             }
             OpKind::Unary { op: u, x } => {
@@ -511,9 +502,8 @@ impl<'a> Emitter<'a> {
                 self.compare_of(*c, &name(scope, lhs), &name(scope, rhs), &t)
             }
             OpKind::Select { cond, on_true, on_false } => {
-                let ct = tensor_type(&Self::vt(func, *cond));
-                let (c, a, b) = (name(scope, cond), name(scope, on_true), name(scope, on_false));
-                self.op("stablehlo.select", &[(&c, &ct), (&a, &rtt), (&b, &rtt)], &[], &rtt)
+                let t = rt.clone().expect("selects have a result");
+                self.select_of(&name(scope, cond), &name(scope, on_true), &name(scope, on_false), &t, op.loc)
             }
             OpKind::Cast { x } => {
                 let xt = tensor_type(&Self::vt(func, *x));
@@ -597,15 +587,8 @@ impl<'a> Emitter<'a> {
             // A copy lands at once: the interpreter's checked mode holds kernels to waiting
             // before they read its destination, so nothing can observe the difference.
             OpKind::DmaStart(c) => {
-                let src = scope.refs[&c.src].clone();
-                let (offsets, sizes, whole) = self.access(&c.src_index, &src.ty.shape, scope);
-                let data = if whole { src.name.clone() } else { self.dynamic_slice(&src.name, &src.ty, &offsets, &sizes) };
-                let dst = scope.refs[&c.dst].clone();
-                let (offsets, dst_sizes, whole) = self.access(&c.dst_index, &dst.ty.shape, scope);
-                let region = ValueType::new(dst.ty.dtype, dst_sizes);
-                let v = self.reshape(&data, &ValueType::new(src.ty.dtype, sizes), &region);
-                let updated = if whole { self.reshape(&v, &region, &dst.ty) } else { self.dynamic_update_slice(&dst.name, &dst.ty, &v, &region, &offsets) };
-                scope.refs.insert(c.dst, RefValue { name: updated, ty: dst.ty });
+                let (data, region) = self.read_ref(c.src, &c.src_index, scope);
+                self.write_ref(c.dst, &c.dst_index, &data, &region, scope);
                 return Ok(());
             }
             OpKind::DmaWait(_) => return Ok(()),
@@ -645,6 +628,26 @@ impl<'a> Emitter<'a> {
             scope.names.insert(r, value);
         }
         Ok(())
+    }
+
+    /// The region `index` selects in ref `r`, with its type (point axes kept, as length 1).
+    fn read_ref(&mut self, r: ValueId, index: &[Index], scope: &Scope) -> (String, ValueType) {
+        let r = scope.refs[&r].clone();
+        let (offsets, sizes, whole) = self.access(index, &r.ty.shape, scope);
+        let region = ValueType::new(r.ty.dtype, sizes);
+        let read = if whole { r.name } else { self.dynamic_slice(&r.name, &r.ty, &offsets, &region.shape) };
+        (read, region)
+    }
+
+    /// Writes the value `v` (of type `vt`, with the region's elements) into the region `index`
+    /// selects in ref `r`: the ref's value in `scope` becomes the updated one.
+    fn write_ref(&mut self, r: ValueId, index: &[Index], v: &str, vt: &ValueType, scope: &mut Scope) {
+        let dst = scope.refs[&r].clone();
+        let (offsets, sizes, whole) = self.access(index, &dst.ty.shape, scope);
+        let region = ValueType::new(dst.ty.dtype, sizes);
+        let v = self.reshape(v, vt, &region);
+        let updated = if whole { self.reshape(&v, &region, &dst.ty) } else { self.dynamic_update_slice(&dst.name, &dst.ty, &v, &region, &offsets) };
+        scope.refs.insert(r, RefValue { name: updated, ty: dst.ty });
     }
 
     /// The generator state `[key, counter]`.

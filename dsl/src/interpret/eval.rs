@@ -37,6 +37,11 @@ impl Ctx<'_> {
     fn runtime(&self, loc: Loc, message: impl Into<String>) -> Error {
         Error::Runtime { kernel: self.kernel.to_string(), grid_index: self.grid_index.to_vec(), loc, message: message.into() }
     }
+
+    /// The name of the ref in `slot`, for messages.
+    fn ref_name(&self, slot: usize) -> String {
+        self.ref_names.get(slot).cloned().unwrap_or_default()
+    }
 }
 
 /// The interpreter for one function; reusable across programs to keep its value table.
@@ -57,7 +62,8 @@ pub(crate) struct Eval<'f> {
 #[derive(Debug)]
 struct InFlight {
     /// The semaphore ref's slot and the element signalled.
-    sem: (usize, Vec<usize>),
+    sem: usize,
+    sem_sel: Vec<Sel>,
     dst: usize,
     dst_sel: Vec<Sel>,
     data: Tensor,
@@ -123,7 +129,12 @@ impl<'f> Eval<'f> {
     }
 
     fn result_shape(&self, op: &Op) -> Vec<usize> {
-        self.func.value_type(op.results[0]).map_or_else(Vec::new, |t| t.shape.clone())
+        self.result_dims(op).to_vec()
+    }
+
+    /// The result's shape, borrowed from the function (no allocation on the hot path).
+    fn result_dims(&self, op: &Op) -> &'f [usize] {
+        self.func.value_type(op.results[0]).map_or(&[], |t| &t.shape[..])
     }
 
     /// Runs the function with `args` bound to the non-ref arguments, in order; returns its results.
@@ -165,7 +176,7 @@ impl<'f> Eval<'f> {
             if start < 0 || start as usize + len > dim {
                 return Err(Error::OutOfBounds {
                     kernel: ctx.kernel.to_string(),
-                    operand: ctx.ref_names.get(slot).cloned().unwrap_or_default(),
+                    operand: ctx.ref_name(slot),
                     grid_index: ctx.grid_index.to_vec(),
                     loc,
                     detail: format!("axis {axis}: elements {start}..{} of extent {dim} (ref shape {shape:?})", start + len as i64),
@@ -194,7 +205,7 @@ impl<'f> Eval<'f> {
                 loc,
                 format!(
                     "{what} `{}`{} while the copy into it started at {} is in flight: wait for the copy first (on a TPU this reads or overwrites memory the DMA is still writing)",
-                    ctx.ref_names.get(slot).cloned().unwrap_or_default(),
+                    ctx.ref_name(slot),
                     describe(sel),
                     f.loc
                 ),
@@ -210,11 +221,11 @@ impl<'f> Eval<'f> {
             Some(f) => Err(ctx.runtime(
                 f.loc,
                 format!(
-                    "the copy into `{}`{} started here was never waited for: its semaphore `{}`{:?} is left non-zero at the kernel's end; wait for every copy you start",
-                    ctx.ref_names.get(f.dst).cloned().unwrap_or_default(),
+                    "the copy into `{}`{} started here was never waited for: its semaphore `{}`{} is left non-zero at the kernel's end; wait for every copy you start",
+                    ctx.ref_name(f.dst),
                     describe(&f.dst_sel),
-                    ctx.ref_names.get(f.sem.0).cloned().unwrap_or_default(),
-                    f.sem.1
+                    ctx.ref_name(f.sem),
+                    describe(&f.sem_sel)
                 ),
             )),
             None => Ok(()),
@@ -235,8 +246,7 @@ impl<'f> Eval<'f> {
             OpKind::ProgramId { axis } => Tensor::int(DType::I32, ArrayD::from_elem(vec![], ctx.grid_index[*axis] as i32)),
             OpKind::NumPrograms { axis } => Tensor::int(DType::I32, ArrayD::from_elem(vec![], ctx.grid[*axis] as i32)),
             OpKind::Load { src, index } => {
-                let slot = self.slot(*src);
-                let sel = self.resolve(ctx, slot, index, refs[slot].data.shape(), loc)?;
+                let (slot, sel) = self.ref_region(ctx, refs, *src, index, loc)?;
                 if checked {
                     self.check_not_in_flight(ctx, slot, &sel, "reads", loc)?;
                 }
@@ -251,24 +261,22 @@ impl<'f> Eval<'f> {
                     self.check_not_in_flight(ctx, dst, &dst_sel, "starts another copy into", loc)?;
                 }
                 let data = read_region(ctx, &refs[src], src, &src_sel, loc)?;
-                self.in_flight.push(InFlight { sem: (sem, sem_sel.iter().map(|s| s.start).collect()), dst, dst_sel, data, loc });
+                self.in_flight.push(InFlight { sem, sem_sel, dst, dst_sel, data, loc });
                 return Ok(());
             }
             OpKind::DmaWait(c) => {
                 let (dst, dst_sel) = self.ref_region(ctx, refs, c.dst, &c.dst_index, loc)?;
                 let (sem, sem_sel) = self.ref_region(ctx, refs, c.sem, &c.sem_index, loc)?;
-                let key = (sem, sem_sel.iter().map(|s| s.start).collect::<Vec<_>>());
-                let matches = |f: &InFlight| f.sem == key && f.dst == dst && same_region(&f.dst_sel, &dst_sel);
+                let matches = |f: &InFlight| f.sem == sem && same_region(&f.sem_sel, &sem_sel) && f.dst == dst && same_region(&f.dst_sel, &dst_sel);
                 let Some(i) = self.in_flight.iter().position(matches) else {
-                    let name = |slot: usize| ctx.ref_names.get(slot).cloned().unwrap_or_default();
                     return Err(ctx.runtime(
                         loc,
                         format!(
-                            "waits for a copy into `{}`{} signalling `{}`{:?}, but none is in flight: a wait without a start (on a TPU it would hang)",
-                            name(dst),
+                            "waits for a copy into `{}`{} signalling `{}`{}, but none is in flight: a wait without a start (on a TPU it would hang)",
+                            ctx.ref_name(dst),
                             describe(&dst_sel),
-                            name(sem),
-                            key.1
+                            ctx.ref_name(sem),
+                            describe(&sem_sel)
                         ),
                     ));
                 };
@@ -277,8 +285,7 @@ impl<'f> Eval<'f> {
                 return Ok(());
             }
             OpKind::Store { dst, index, value } => {
-                let slot = self.slot(*dst);
-                let sel = self.resolve(ctx, slot, index, refs[slot].data.shape(), loc)?;
+                let (slot, sel) = self.ref_region(ctx, refs, *dst, index, loc)?;
                 if checked {
                     self.check_not_in_flight(ctx, slot, &sel, "writes", loc)?;
                 }
@@ -287,13 +294,13 @@ impl<'f> Eval<'f> {
                 return Ok(());
             }
             OpKind::Unary { op: u, x } => u.specialize(UnaryRun { ctx, x: self.get(*x), loc })?,
-            OpKind::Binary { op: b, lhs, rhs } => b.specialize(PairRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: &self.result_shape(op), loc })?,
-            OpKind::Compare { op: c, lhs, rhs } => c.specialize(PairRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: &self.result_shape(op), loc })?,
+            OpKind::Binary { op: b, lhs, rhs } => b.specialize(PairRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: self.result_dims(op), loc })?,
+            OpKind::Compare { op: c, lhs, rhs } => c.specialize(PairRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: self.result_dims(op), loc })?,
             OpKind::Select { cond, on_true, on_false } => {
                 let (c, a, b) = (self.get(*cond), self.get(*on_true), self.get(*on_false));
-                let shape = self.result_shape(op);
+                let shape = self.result_dims(op);
                 let Data::B(c) = &c.data else { return Err(ctx.runtime(loc, "select condition is not bool")) };
-                let c = view_as(ctx, c, &shape, loc)?;
+                let c = view_as(ctx, c, shape, loc)?;
                 fn pick<E: Copy>(ctx: &Ctx, c: ArrayViewD<bool>, x: &ArrayD<E>, y: &ArrayD<E>, shape: &[usize], loc: Loc) -> Result<ArrayD<E>> {
                     let scalar = |a: &ArrayD<E>| if a.ndim() == 0 && !shape.is_empty() { a.first().copied() } else { None };
                     Ok(match (scalar(x), scalar(y)) {
@@ -303,9 +310,9 @@ impl<'f> Eval<'f> {
                     })
                 }
                 let data = match (&a.data, &b.data) {
-                    (Data::F(x), Data::F(y)) => Data::F(pick(ctx, c, x, y, &shape, loc)?),
-                    (Data::I(x), Data::I(y)) => Data::I(pick(ctx, c, x, y, &shape, loc)?),
-                    (Data::B(x), Data::B(y)) => Data::B(pick(ctx, c, x, y, &shape, loc)?),
+                    (Data::F(x), Data::F(y)) => Data::F(pick(ctx, c, x, y, shape, loc)?),
+                    (Data::I(x), Data::I(y)) => Data::I(pick(ctx, c, x, y, shape, loc)?),
+                    (Data::B(x), Data::B(y)) => Data::B(pick(ctx, c, x, y, shape, loc)?),
                     _ => return Err(ctx.runtime(loc, "select branches differ in storage class")),
                 };
                 Tensor { dtype: a.dtype, data }
@@ -378,15 +385,8 @@ impl<'f> Eval<'f> {
                 })?
             }
             OpKind::Slice { x, start } => {
-                let shape = self.result_shape(op);
-                let sel: Vec<Sel> = start.iter().zip(&shape).map(|(&start, &len)| Sel { start, len, point: false }).collect();
-                each_data(self.get(*x), |d| {
-                    Ok(match d {
-                        Data::F(a) => Data::F(slice_view(a, &sel).to_owned()),
-                        Data::I(a) => Data::I(slice_view(a, &sel).to_owned()),
-                        Data::B(a) => Data::B(slice_view(a, &sel).to_owned()),
-                    })
-                })?
+                let sel: Vec<Sel> = start.iter().zip(self.result_dims(op)).map(|(&start, &len)| Sel { start, len, point: false }).collect();
+                sliced(self.get(*x), &sel)
             }
             OpKind::Concat { xs, axis } => {
                 let parts: Vec<Rc<Tensor>> = xs.iter().map(|&x| self.get(x).clone()).collect();
@@ -682,21 +682,20 @@ fn same_region(a: &[Sel], b: &[Sel]) -> bool {
 fn read_region(ctx: &Ctx, buf: &RefBuf, slot: usize, sel: &[Sel], loc: Loc) -> Result<Tensor> {
     if let Some(init) = &buf.init {
         if slice_view(init, sel).iter().any(|&i| !i) {
-            return Err(Error::UninitializedRead {
-                kernel: ctx.kernel.to_string(),
-                operand: ctx.ref_names.get(slot).cloned().unwrap_or_default(),
-                grid_index: ctx.grid_index.to_vec(),
-                loc,
-                region: describe(sel),
-            });
+            return Err(Error::UninitializedRead { kernel: ctx.kernel.to_string(), operand: ctx.ref_name(slot), grid_index: ctx.grid_index.to_vec(), loc, region: describe(sel) });
         }
     }
-    let dtype = buf.data.dtype;
-    Ok(match &buf.data.data {
-        Data::F(a) => Tensor { dtype, data: Data::F(slice_view(a, sel).to_owned()) },
-        Data::I(a) => Tensor { dtype, data: Data::I(slice_view(a, sel).to_owned()) },
-        Data::B(a) => Tensor { dtype, data: Data::B(slice_view(a, sel).to_owned()) },
-    })
+    Ok(sliced(&buf.data, sel))
+}
+
+/// The region `sel` of `t`, copied out.
+fn sliced(t: &Tensor, sel: &[Sel]) -> Tensor {
+    let data = match &t.data {
+        Data::F(a) => Data::F(slice_view(a, sel).to_owned()),
+        Data::I(a) => Data::I(slice_view(a, sel).to_owned()),
+        Data::B(a) => Data::B(slice_view(a, sel).to_owned()),
+    };
+    Tensor { dtype: t.dtype, data }
 }
 
 /// Writes `v` into the region `sel` of a ref and marks it written.
