@@ -43,7 +43,7 @@ fn the_cli_fills_the_cache_the_ops_read() {
     let best = config(&summary);
     let get = |k: &str| best.iter().find(|(n, _)| n == k).map(|&(_, v)| v).expect("tunable");
     let shape = AttentionShape { batch: 1, heads: 1, kv_heads: 1, q_len: 200, kv_len: 200, head_dim: 64 };
-    let opts = AttentionOptions { causal: true, sm_scale: Some(0.125), block: None };
+    let opts = AttentionOptions { causal: true, sm_scale: Some(0.125), block: None, ..Default::default() };
     let chosen = with_tuned_block(shape, DType::F32, opts, torchtpu_exec::Backend::Cpu).block;
     assert_eq!(chosen, Some((get("bq").min(200), get("bk").min(200))));
     let _ = std::fs::remove_dir_all(&cache);

@@ -88,7 +88,7 @@ fn attention(c: &mut Criterion) {
     };
     let (q, k, v, d_o) = (arr(&mut rng), arr(&mut rng), arr(&mut rng), arr(&mut rng));
     let seg = [HostArray::from(Array3::<i32>::zeros((1, 2048, 128))), HostArray::from(Array3::<i32>::zeros((1, 8, 2048)))];
-    let untuned = AttentionOptions { causal: true, sm_scale: None, block: None };
+    let untuned = AttentionOptions { causal: true, sm_scale: None, block: None, ..Default::default() };
     let opts = with_tuned_block(SHAPE, DType::F32, untuned, Backend::Cpu);
     let (dkv_opts, dq_opts) = with_tuned_backward_blocks(SHAPE, DType::F32, untuned, Backend::Cpu);
     let fwd = forward_call(SHAPE, DType::F32, opts, false).expect("forward");

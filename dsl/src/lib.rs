@@ -34,15 +34,16 @@ pub use kernel::{KernelDef, ParamKind, ParamSig};
 pub use torchtpu_macros::{tpu_fn, tpu_kernel};
 pub use trace::refs::{async_copy, ds, full, zeros, AsyncCopy, Fill, IntoIndex, Ix, Prefetch, Ref, Scratch, Storable, Window};
 pub use trace::values::{
-    concatenate, dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_uniform, select, Scalar, Tile,
+    concatenate, dot, dot_nt, dot_tn, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_bits_at, random_key, random_uniform, select,
+    Scalar, Tile,
 };
 
 /// Everything a kernel author needs: `use torchtpu_dsl::prelude::*;`.
 pub mod prelude {
     pub use crate::call::Semantics::{Arbitrary, Parallel};
     pub use crate::{
-        async_copy, bf16, concatenate, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_uniform,
-        select, tpu_fn, tpu_kernel, zeros, BlockSpec, DType, DmaSemaphore, DmaSemaphores, Element, Float, HostArray, PallasCall, Prefetch, Ref, Scalar, Scratch, Semantics, Smem,
-        Tile, Vmem,
+        async_copy, bf16, concatenate, dot, dot_nt, dot_tn, ds, f16, full, iota, maximum, minimum, num_programs, pow, prng_random_bits, prng_seed, program_id, random_bits_at,
+        random_key, random_uniform, select, tpu_fn, tpu_kernel, zeros, BlockSpec, DType, DmaSemaphore, DmaSemaphores, Element, Float, HostArray, PallasCall, Prefetch, Ref, Scalar,
+        Scratch, Semantics, Smem, Tile, Vmem,
     };
 }

@@ -35,6 +35,110 @@ pub(crate) fn online_rescale(m_prev: Tile<f32>, m_next: Tile<f32>) -> Tile<f32> 
     select(m_prev == m_next, 1.0, (m_prev - m_next).exp())
 }
 
+/// Which scores a query row sees, fixed when a kernel is built: the kv length, the causal
+/// mask with its diagonal's offset (0 is top-left, SDPA's `is_causal`; `kv_len - q_len` is
+/// bottom-right, where the last query sees the last key), segment ids, and an additive bias
+/// whose -inf entries hide a key (SDPA's boolean mask becomes one).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Masking {
+    causal: Option<i32>,
+    segments: bool,
+    bias: bool,
+    q_len: usize,
+    kv_len: usize,
+}
+
+impl Masking {
+    fn of(p: &FlashProblem) -> Masking {
+        let s = p.shape;
+        Masking { causal: p.causal.then(|| p.causal_offset()), segments: p.segments, bias: p.bias.is_some(), q_len: s.q_len, kv_len: s.kv_len }
+    }
+}
+
+/// Whether any score of the q block at `q_start` (of `bq` rows) and the kv block at `k_start`
+/// can be visible: causally, a kv block entirely right of the block's last row's diagonal
+/// contributes nothing.
+#[tpu_fn]
+fn block_visible(q_start: Scalar<i32>, k_start: Scalar<i32>, bq: usize, m: Masking) -> Scalar<bool> {
+    match m.causal {
+        Some(offset) => k_start <= q_start + (bq as i32 - 1 + offset),
+        None => k_start < m.kv_len as i32,
+    }
+}
+
+/// The scaled scores of a q block against a kv block (plus the bias), and which of them are
+/// visible. Rows past `q_len` are only masked where `mask_rows` (the backward sums over them).
+struct Scores {
+    s: Tile<f32>,
+    visible: Tile<bool>,
+}
+
+#[tpu_fn]
+#[allow(clippy::too_many_arguments)]
+fn scores<T: Float>(
+    qb: Tile<T>,
+    kb: Tile<T>,
+    q_segments: &Ref<i32>,
+    kv_segments: &Ref<i32>,
+    bias: &Ref<f32>,
+    q_start: Scalar<i32>,
+    k_start: Scalar<i32>,
+    sm_scale: f32,
+    m: Masking,
+    mask_rows: bool,
+) -> Scores {
+    let (bq, bk) = (qb.shape()[0], kb.shape()[0]);
+    let mut s = dot_nt(qb, kb) * sm_scale;
+    let rows = iota::<i32>([bq, bk], 0) + q_start;
+    let cols = iota::<i32>([bq, bk], 1) + k_start;
+    let mut visible = cols < m.kv_len as i32;
+    if mask_rows {
+        visible = visible & (rows < m.q_len as i32);
+    }
+    if let Some(offset) = m.causal {
+        visible = visible & (rows + offset >= cols);
+    }
+    if m.segments {
+        visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
+    }
+    if m.bias {
+        // `!=` is unordered: a NaN bias stays visible and reaches the output, as in SDPA.
+        let b = bias.load();
+        s = s + b;
+        visible = visible & (b != f32::NEG_INFINITY);
+    }
+    Scores { s, visible }
+}
+
+/// The dropout threshold of `rate` on 24 random bits: an element is kept when its bits are at
+/// least this, with probability `1 - threshold / 2^24` (`rate` to within 2^-24).
+pub fn dropout_threshold(rate: f64) -> i32 {
+    (rate.clamp(0.0, 1.0) * f64::from(1 << 24)).round() as i32
+}
+
+/// Which scores dropout keeps, for query `head` (`batch * heads + head`) and the global rows
+/// and columns of a block: a function of the seed and the element's position alone
+/// ([`random_bits_at`] on the counter `row * kv_len + col`, keyed by the seed and the head), so
+/// that the backward kernels, at their own blocks, drop what the forward dropped.
+#[tpu_fn]
+fn dropout_keep(seed: &Ref<i32>, head: Scalar<i32>, q_start: Scalar<i32>, k_start: Scalar<i32>, shape: [usize; 2], kv_len: usize, rate: f32) -> Tile<bool> {
+    let key = random_key(&[seed.load_at((0..1, 0..1)), head.broadcast_to([1, 1])]);
+    let rows = iota::<i32>(shape, 0) + q_start;
+    let cols = iota::<i32>(shape, 1) + k_start;
+    let bits = random_bits_at(key, rows * kv_len as i32 + cols);
+    bits.shift_right_logical(8) >= dropout_threshold(f64::from(rate))
+}
+
+/// Whether dropout keeps the score of query `head`'s row `row` at key `col`: what
+/// [`dropout_keep`] computes in a kernel, on the host (for references and tests).
+pub fn dropout_keeps(seed: i32, head: usize, row: usize, col: usize, kv_len: usize, rate: f64) -> bool {
+    use torchtpu_dsl::random::{bits, seed_key, Numbers};
+    let key = seed_key(&mut Numbers, &[seed as u32, head as u32]);
+    let counter = (row as u32).wrapping_mul(kv_len as u32).wrapping_add(col as u32);
+    let b = bits(&mut Numbers, &key, &0, &counter);
+    (b >> 8) as i32 >= dropout_threshold(rate)
+}
+
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
 fn flash_forward<T: Float>(
@@ -43,15 +147,16 @@ fn flash_forward<T: Float>(
     v: &Ref<T>,
     q_segments: &Ref<i32>,
     kv_segments: &Ref<i32>,
+    bias: &Ref<f32>,
+    seed: &Ref<i32>,
     o: &mut Ref<T>,
     lse: &mut Ref<f32>,
     m_scratch: &mut Scratch<f32>,
     l_scratch: &mut Scratch<f32>,
     acc_scratch: &mut Scratch<f32>,
     sm_scale: f32,
-    causal: bool,
-    use_segments: bool,
-    kv_len: usize,
+    masking: Masking,
+    dropout: f32,
 ) {
     let bq = q.shape()[0];
     let bk = k.shape()[0];
@@ -63,33 +168,28 @@ fn flash_forward<T: Float>(
     }
     let q_start = qi * bq as i32;
     let k_start = kj * bk as i32;
-    // Causal: a kv block entirely right of this q block's last row contributes nothing.
-    let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
-    if block_visible {
-        let s = dot_nt(q.load(), k.load()) * sm_scale;
-        let rows = iota::<i32>([bq, bk], 0) + q_start;
-        let cols = iota::<i32>([bq, bk], 1) + k_start;
-        let mut visible = cols < kv_len as i32;
-        if causal {
-            visible = visible & (rows >= cols);
-        }
-        if use_segments {
-            visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
-        }
+    if block_visible(q_start, k_start, bq, masking) {
+        let sc = scores(q.load(), k.load(), q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking, false);
         let mut vb = v.load();
-        if kv_len % bk != 0 {
-            vb = zero_outside(vb, 0, k_start, kv_len);
+        if masking.kv_len % bk != 0 {
+            vb = zero_outside(vb, 0, k_start, masking.kv_len);
         }
         // Masked scores are -inf, not Pallas' finite mask value, so that only visible scores
         // set the row maximum: a row whose visible scores are all -inf (an inf input) keeps
         // m = -inf, and its p = exp(-inf - -inf) is NaN, as SDPA's softmax gives.
-        let s = select(visible, s, f32::NEG_INFINITY);
+        let s = select(sc.visible, sc.s, f32::NEG_INFINITY);
         let m_prev = m_scratch.load_at((.., 0..1));
         let l_prev = l_scratch.load_at((.., 0..1));
         let m_next = maximum(m_prev, s.max_keepdims(1));
         let alpha = online_rescale(m_prev, m_next);
-        let p = select(visible, (s - m_next).exp(), 0.0);
+        let mut p = select(sc.visible, (s - m_next).exp(), 0.0);
         let l_next = alpha * l_prev + p.sum_keepdims(1);
+        if dropout > 0.0 {
+            // The sum normalizes the undropped probabilities; only what reaches v is dropped.
+            let head = program_id(0) * num_programs(1) + program_id(1);
+            let keep = dropout_keep(seed, head, q_start, k_start, [bq, bk], masking.kv_len, dropout);
+            p = select(keep, p * (1.0 / (1.0 - dropout)), 0.0);
+        }
         acc_scratch.store(acc_scratch.load() * alpha + dot(p.cast::<T>(), vb));
         m_scratch.store(m_next.broadcast_to([bq, LANES]));
         l_scratch.store(l_next.broadcast_to([bq, LANES]));
@@ -97,9 +197,10 @@ fn flash_forward<T: Float>(
     if kj == num_programs(3) - 1 {
         let l = l_scratch.load_at((.., 0..1));
         let m = m_scratch.load_at((.., 0..1));
-        // A row that sees no key at all (segments, padding) has l = 0: zeros and lse = -inf
-        // (as SDPA). A NaN that reached the row (from q, k, v or sm_scale) makes l NaN and
-        // stays NaN: hence `l == 0` (ordered; Mosaic has no unordered compare) picks zeros.
+        // A row that sees no key at all (segments, padding, a mask) has l = 0: zeros and
+        // lse = -inf (as SDPA). A NaN that reached the row (from q, k, v or sm_scale) makes l
+        // NaN and stays NaN: hence `l == 0` (ordered; Mosaic has no unordered compare) picks
+        // zeros.
         let acc = acc_scratch.load();
         o.store(select(l == 0.0, acc * 0.0, acc / l).cast());
         lse.store(m + l.log());
@@ -110,6 +211,10 @@ fn flash_forward<T: Float>(
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AttentionOptions {
     pub causal: bool,
+    /// Causal alignment: false is top-left (SDPA's `is_causal`: query `i` sees keys `..=i`),
+    /// true bottom-right (flash-attn's and KV-cache decoding's: the last query sees the last
+    /// key; query `i` sees keys `..=i + kv_len - q_len`, none where that is negative).
+    pub bottom_right: bool,
     /// Default `1 / sqrt(head_dim)`.
     pub sm_scale: Option<f32>,
     /// (block_q, block_k); default picks a safe size for the shapes.
@@ -211,7 +316,8 @@ fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: Attenti
 /// The problem of `shape` in `dtype` with `opts`' mask and scale, and the config `opts` names,
 /// if any.
 fn problem_and_config(shape: AttentionShape, dtype: DType, opts: AttentionOptions, segments: bool) -> (FlashProblem, Option<FlashConfig>) {
-    let problem = FlashProblem { shape, dtype, causal: opts.causal, segments, sm_scale: opts.sm_scale.map(f64::from) };
+    let problem =
+        FlashProblem { shape, dtype, causal: opts.causal, bottom_right: opts.bottom_right, segments, sm_scale: opts.sm_scale.map(f64::from), ..FlashProblem::plain(shape, dtype) };
     (problem, opts.block.map(|(bq, bk)| FlashConfig { bq, bk }))
 }
 
@@ -224,22 +330,66 @@ fn block_for(len: usize, preferred: usize) -> usize {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlashOp(pub FlashPass);
 
-/// One attention call: shapes, dtype, causal mask, whether segment ids are given, and the
-/// softmax scale (default `1 / sqrt(head_dim)`).
+/// One attention call: shapes, dtype, causal mask and its alignment, whether segment ids are
+/// given, the additive bias (SDPA's `attn_mask`) and whether its gradient is wanted, the
+/// dropout rate, and the softmax scale (default `1 / sqrt(head_dim)`). Fields after `causal`
+/// may be left out (plain attention).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FlashProblem {
     #[serde(flatten)]
     pub shape: AttentionShape,
     pub dtype: DType,
     pub causal: bool,
+    #[serde(default)]
+    pub bottom_right: bool,
+    #[serde(default)]
     pub segments: bool,
-    #[serde(with = "op::float::option")]
+    #[serde(default)]
+    pub bias: Option<BiasShape>,
+    /// Whether the dQ kernel also returns the bias's gradient `[b, h, sq, sk]` (f32).
+    #[serde(default)]
+    pub bias_grad: bool,
+    /// The probability of dropping each attention weight (seeded by the seed operand).
+    #[serde(default, with = "op::float")]
+    pub dropout_p: f64,
+    #[serde(default, with = "op::float::option")]
     pub sm_scale: Option<f64>,
 }
 
+/// An additive attention bias `[batch, heads, q_len, kv_len]` (f32), its batch and heads each
+/// the problem's or 1 (broadcast; the query and key dims are never broadcast).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BiasShape {
+    pub batch: usize,
+    pub heads: usize,
+}
+
 impl FlashProblem {
-    fn options(&self, c: &FlashConfig) -> AttentionOptions {
-        AttentionOptions { causal: self.causal, sm_scale: self.sm_scale.map(|s| s as f32), block: Some((c.bq, c.bk)) }
+    /// Attention over `shape` in `dtype` with no mask, bias or dropout.
+    pub fn plain(shape: AttentionShape, dtype: DType) -> FlashProblem {
+        FlashProblem { shape, dtype, causal: false, bottom_right: false, segments: false, bias: None, bias_grad: false, dropout_p: 0.0, sm_scale: None }
+    }
+
+    /// How far right of top-left the causal diagonal lies: query `i` sees keys `..=i + offset`.
+    pub fn causal_offset(&self) -> i32 {
+        if self.bottom_right {
+            (self.shape.kv_len as i64 - self.shape.q_len as i64).clamp(i32::MIN.into(), i32::MAX.into()) as i32
+        } else {
+            0
+        }
+    }
+
+    /// The masks and bias as the f64 references take them, read from the operands (segment
+    /// ids, bias, seed) at `at`, the index of the first of them.
+    fn reference_masks<'a>(&self, inputs: &[HostArray], f: &'a [ArrayD<f64>], at: usize) -> ReferenceMasks<'a> {
+        let segments = inputs.get(at).zip(inputs.get(at + 1)).and_then(|(qs, ks)| segment_ids_of(self, qs, ks));
+        let seed = f.get(at + 3).and_then(|s| s.iter().next()).map_or(0, |&s| s as i32);
+        ReferenceMasks {
+            segments,
+            causal: self.causal.then(|| i64::from(self.causal_offset())),
+            bias: self.bias.and(f.get(at + 2)),
+            dropout: (self.dropout_p > 0.0).then_some((seed, self.dropout_p)),
+        }
     }
 
     fn scale(&self) -> f64 {
@@ -274,11 +424,24 @@ impl Op for FlashOp {
     }
     fn example(&self) -> FlashProblem {
         let shape = AttentionShape { batch: 1, heads: 8, kv_heads: 8, q_len: 2048, kv_len: 2048, head_dim: 128 };
-        FlashProblem { shape, dtype: DType::F32, causal: true, segments: false, sm_scale: None }
+        FlashProblem { causal: true, ..FlashProblem::plain(shape, DType::F32) }
     }
     fn check(&self, p: &FlashProblem) -> Result<(), Error> {
         p.shape.check()?;
-        check_dtype(p.dtype)
+        check_dtype(p.dtype)?;
+        if !(0.0..=1.0).contains(&p.dropout_p) {
+            return Err(Error::Shape(format!("dropout_p must be a probability in [0, 1]; got {}", p.dropout_p)));
+        }
+        if p.bias_grad && p.bias.is_none() {
+            return Err(Error::Shape("bias_grad asks for the gradient of a bias, but the problem has none (bias: null)".into()));
+        }
+        if let Some(b) = p.bias {
+            let s = p.shape;
+            if ![1, s.batch].contains(&b.batch) || ![1, s.heads].contains(&b.heads) {
+                return Err(Error::Shape(format!("the bias's batch and heads must each be 1 or the problem's ({} and {}); got {} and {}", s.batch, s.heads, b.batch, b.heads)));
+            }
+        }
+        Ok(())
     }
     /// The scale does not change which blocks are fastest, nor do segment ids (their mask
     /// costs the same at every block).
@@ -299,21 +462,34 @@ impl Op for FlashOp {
         if c.bq == 0 || c.bk == 0 {
             return self.default_config(p);
         }
-        FlashConfig { bq: block_for(p.shape.q_len, c.bq), bk: block_for(p.shape.kv_len, c.bk) }
+        let kv_len = p.shape.kv_len;
+        // kv segment ids and the bias hold a kv block along lanes: a TPU takes a multiple of
+        // 128 lanes, or the whole length.
+        let bk = if p.segments || p.bias.is_some() {
+            if c.bk >= kv_len {
+                kv_len
+            } else {
+                c.bk.next_multiple_of(LANES).min(kv_len)
+            }
+        } else {
+            block_for(kv_len, c.bk)
+        };
+        FlashConfig { bq: block_for(p.shape.q_len, c.bq), bk }
     }
     fn call(&self, p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall, Error> {
         match self.0 {
-            FlashPass::Forward => forward_call(p.shape, p.dtype, p.options(c), p.segments),
-            pass => backward_call(pass, p.shape, p.dtype, p.options(c), p.segments),
+            FlashPass::Forward => problem_forward_call(p, c),
+            pass => problem_backward_call(pass, p, c),
         }
     }
     fn operand_types(&self, p: &FlashProblem) -> Vec<ValueType> {
         match self.0 {
-            FlashPass::Forward => forward_operand_types(p.shape, p.dtype, p.segments),
-            _ => backward_operand_types(p.shape, p.dtype, p.segments),
+            FlashPass::Forward => problem_operand_types(p, false),
+            _ => problem_operand_types(p, true),
         }
     }
-    /// Forward: o like q, the log-sum-exp f32 `[b, h, sq, 1]`; dK/dV: like k and v; dQ: like q.
+    /// Forward: o like q, the log-sum-exp f32 `[b, h, sq, 1]`; dK/dV: like k and v; dQ: like
+    /// q, and with `bias_grad` the bias's gradient (f32 `[b, h, sq, sk]`).
     fn output_types(&self, p: &FlashProblem) -> Vec<ValueType> {
         let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim } = p.shape;
         let q = ValueType::new(p.dtype, [batch, heads, q_len, head_dim]);
@@ -321,31 +497,31 @@ impl Op for FlashOp {
         match self.0 {
             FlashPass::Forward => vec![q, ValueType::new(DType::F32, [batch, heads, q_len, 1])],
             FlashPass::BackwardDkv => vec![kv.clone(), kv],
+            FlashPass::BackwardDq if p.bias_grad => vec![q, ValueType::new(DType::F32, [batch, heads, q_len, kv_len])],
             FlashPass::BackwardDq => vec![q],
         }
     }
     fn is_empty(&self, p: &FlashProblem) -> bool {
         p.shape.is_empty()
     }
-    /// Zeros; the forward's log-sum-exp is [`empty_lse`]'s (segment ids read from the operands).
+    /// Zeros; the forward's log-sum-exp is [`empty_lse`]'s (masks read from the operands).
     fn empty_outputs(&self, p: &FlashProblem, inputs: &[HostArray]) -> Vec<HostArray> {
         let mut out: Vec<HostArray> = self.output_types(p).iter().map(|t| HostArray::from_f64(t.dtype, &ArrayD::zeros(t.shape.clone()))).collect();
-        if let (FlashPass::Forward, [_, _, _, qs, ks]) = (self.0, inputs) {
-            let segments = segment_ids_of(p, qs, ks);
-            let lse = empty_lse(p.shape, p.causal, segments.as_ref().map(|(q, k)| (q.view(), k.view())));
+        if self.0 == FlashPass::Forward {
+            let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
+            let lse = empty_lse(p.shape, &p.reference_masks(inputs, &f, 3));
             out[1] = HostArray::from(lse.insert_axis(Axis(3)));
         }
         out
     }
-    /// Random q, k, v (and dO); for the backward kernels, o and the log-sum-exp of the
-    /// forward on them, as the backward assumes.
+    /// Random q, k, v (and dO, and a bias); for the backward kernels, o and the log-sum-exp of
+    /// the forward on them, as the backward assumes.
     fn random_inputs(&self, p: &FlashProblem, rng: &mut StdRng) -> Vec<HostArray> {
         let types = self.operand_types(p);
         let mut inputs: Vec<HostArray> = types.iter().map(|t| op::random_operand(rng, t)).collect();
-        if self.0 != FlashPass::Forward && inputs.len() == 8 {
-            let f = |i: usize| inputs[i].to_f64();
-            let segments = segment_ids_of(p, &inputs[6], &inputs[7]);
-            let (o, lse) = reference(&f(0), &f(1), &f(2), segments.as_ref().map(|(q, k)| (q, k)), p.causal, p.scale());
+        if self.0 != FlashPass::Forward && inputs.len() == 10 {
+            let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
+            let (o, lse) = reference_masked(&f[0], &f[1], &f[2], &p.reference_masks(&inputs, &f, 6), p.scale());
             inputs[3] = HostArray::from_f64(p.dtype, &o.into_dyn());
             inputs[5] = HostArray::from_f64(DType::F32, &lse.insert_axis(Axis(3)).into_dyn());
         }
@@ -353,23 +529,24 @@ impl Op for FlashOp {
     }
     fn reference(&self, p: &FlashProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
         let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
-        let (n, segs) = if self.0 == FlashPass::Forward { (5, (3, 4)) } else { (8, (6, 7)) };
+        let (n, at) = if self.0 == FlashPass::Forward { (7, 3) } else { (10, 6) };
         if f.len() != n {
             return Vec::new();
         }
-        let segments = segment_ids_of(p, &inputs[segs.0], &inputs[segs.1]);
-        let segments = segments.as_ref().map(|(q, k)| (q, k));
+        let masks = p.reference_masks(inputs, &f, at);
         match self.0 {
             FlashPass::Forward => {
-                let (o, lse) = reference(&f[0], &f[1], &f[2], segments, p.causal, p.scale());
+                let (o, lse) = reference_masked(&f[0], &f[1], &f[2], &masks, p.scale());
                 vec![o.into_dyn(), lse.insert_axis(Axis(3)).into_dyn()]
             }
             pass => {
-                let (dq, dk, dv) = reference_backward(&f[0], &f[1], &f[2], &f[4], segments, p.causal, p.scale());
+                let grads = reference_backward_masked(&f[0], &f[1], &f[2], &f[4], &masks, p.scale());
                 if pass == FlashPass::BackwardDkv {
-                    vec![dk.into_dyn(), dv.into_dyn()]
+                    vec![grads.dk.into_dyn(), grads.dv.into_dyn()]
+                } else if p.bias_grad {
+                    vec![grads.dq.into_dyn(), grads.dbias.into_dyn()]
                 } else {
-                    vec![dq.into_dyn()]
+                    vec![grads.dq.into_dyn()]
                 }
             }
         }
@@ -383,7 +560,7 @@ impl Op for FlashOp {
             for &seq in sizes {
                 for causal in [true, false] {
                     let shape = AttentionShape { batch: 1, heads, kv_heads: heads, q_len: seq, kv_len: seq, head_dim: 128 };
-                    out.push(FlashProblem { shape, dtype, causal, segments: false, sm_scale: None });
+                    out.push(FlashProblem { causal, ..FlashProblem::plain(shape, dtype) });
                 }
             }
         }
@@ -398,38 +575,69 @@ fn check_dtype(dtype: DType) -> Result<(), Error> {
 /// The kv block q block `i` reads at step `j`. Causally, blocks right of the diagonal are
 /// skipped by the kernel; reading the last visible block again instead means the pipeline
 /// issues no copy for them (on a TPU, half the kv traffic of causal attention).
-fn causal_kv_block(causal: bool, bq: usize, bk: usize, i: Scalar<i32>, j: Scalar<i32>) -> Scalar<i32> {
-    if !causal {
+fn causal_kv_block(causal: Option<i32>, bq: usize, bk: usize, i: Scalar<i32>, j: Scalar<i32>) -> Scalar<i32> {
+    let Some(offset) = causal else {
         return j;
-    }
-    minimum(j, (i * bq as i32 + (bq as i32 - 1)) / bk as i32)
+    };
+    minimum(j, maximum((i * bq as i32 + (bq as i32 - 1 + offset)) / bk as i32, 0))
 }
 
 /// The q block kv block `j` reads at step `i` of the dK/dV kernel: causally, q blocks above
 /// the diagonal are skipped, and read as the first visible one (or the last q block when
 /// none is) so they cost no copy.
-fn causal_q_block(causal: bool, bq: usize, bk: usize, q_blocks: usize, i: Scalar<i32>, j: Scalar<i32>) -> Scalar<i32> {
-    if !causal {
+fn causal_q_block(causal: Option<i32>, bq: usize, bk: usize, q_blocks: usize, i: Scalar<i32>, j: Scalar<i32>) -> Scalar<i32> {
+    let Some(offset) = causal else {
         return i;
-    }
-    minimum(maximum(i, j * bk as i32 / bq as i32), q_blocks as i32 - 1)
+    };
+    minimum(maximum(i, (j * bk as i32 - offset) / bq as i32), q_blocks as i32 - 1)
 }
 
-/// The forward call: operands q, k, v, q segment ids `[b, sq, 128]`, kv segment ids
-/// `[b, 8, sk]` (i32, replicated across lanes/sublanes); outputs o and lse `[b, h, sq, 1]`.
-pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
-    shape.check_for_kernel()?;
-    let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = shape;
-    let (bq, bk) = check_block(opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512))))?;
-    let scale = opts.sm_scale.unwrap_or(1.0 / (d as f32).sqrt());
-    let kernel = match dtype {
-        DType::F32 => flash_forward::kernel::<f32>(scale, opts.causal, use_segments, kv_len),
-        DType::BF16 => flash_forward::kernel::<bf16>(scale, opts.causal, use_segments, kv_len),
+/// The shape of the bias operand where there is none: one tile, never read.
+const UNUSED_BIAS: [usize; 4] = [1, 1, SUBLANES, LANES];
+
+/// The seed operand: one tile of i32, its first element the seed (the rest unread).
+const SEED: [usize; 2] = [SUBLANES, LANES];
+
+/// The spec of the bias operand or its gradient for a kernel with an `N`-dim grid, whose
+/// program reads q block `q_block(idx)`, kv block `kv_block(idx)` of batch `batch(idx)` and
+/// query head `head(idx)`: a broadcast batch or head reads index 0.
+fn bias_spec<const N: usize>(
+    p: &FlashProblem,
+    c: &FlashConfig,
+    at: impl Fn([Scalar<i32>; N]) -> (Scalar<i32>, Scalar<i32>, Scalar<i32>, Scalar<i32>) + Send + Sync + 'static,
+) -> BlockSpec {
+    let Some(b) = p.bias else {
+        return BlockSpec::new([None, None, Some(SUBLANES), Some(LANES)], |_: [Scalar<i32>; N]| (0, 0, 0, 0));
+    };
+    let (whole_batch, whole_heads) = (b.batch > 1 || p.shape.batch == 1, b.heads > 1 || p.shape.heads == 1);
+    BlockSpec::new([None, None, Some(c.bq), Some(c.bk)], move |idx: [Scalar<i32>; N]| {
+        let (batch, head, i, j) = at(idx);
+        (if whole_batch { batch } else { batch * 0 }, if whole_heads { head } else { head * 0 }, i, j)
+    })
+}
+
+/// The kernels' comptime values for `p` at `c`: blocks, scale, masks, dropout rate.
+fn kernel_params(p: &FlashProblem, c: &FlashConfig) -> Result<(usize, usize, f32, Masking, f32), Error> {
+    p.shape.check_for_kernel()?;
+    let (bq, bk) = check_block((c.bq, c.bk))?;
+    let scale = p.sm_scale.map_or(1.0 / (p.shape.head_dim as f32).sqrt(), |s| s as f32);
+    Ok((bq, bk, scale, Masking::of(p), p.dropout_p as f32))
+}
+
+/// The forward call for `p` at `c`: operands q, k, v, q segment ids `[b, sq, 128]`, kv segment
+/// ids `[b, 8, sk]` (i32, replicated across lanes/sublanes), the bias, the seed; outputs o and
+/// lse `[b, h, sq, 1]` (see [`problem_operand_types`]).
+fn problem_forward_call(p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall, Error> {
+    let (bq, bk, scale, masking, dropout) = kernel_params(p, c)?;
+    let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = p.shape;
+    let kernel = match p.dtype {
+        DType::F32 => flash_forward::kernel::<f32>(scale, masking, dropout),
+        DType::BF16 => flash_forward::kernel::<bf16>(scale, masking, dropout),
         other => return Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
     };
     let group = (heads / kv_heads) as i32;
-    let kv_block = move |i, j| causal_kv_block(opts.causal, bq, bk, i, j);
-    let (q_segments, kv_segments) = segment_specs::<4>(use_segments, || {
+    let kv_block = move |i, j| causal_kv_block(masking.causal, bq, bk, i, j);
+    let (q_segments, kv_segments) = segment_specs::<4>(p.segments, || {
         (BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_block(i, j))))
     });
     Ok(PallasCall::new(kernel)
@@ -441,11 +649,20 @@ pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions,
             BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, i, j]| (b, h / group, kv_block(i, j), 0)),
             q_segments,
             kv_segments,
+            bias_spec::<4>(p, c, move |[b, h, i, j]| (b, h, i, kv_block(i, j))),
+            BlockSpec::whole(),
         ])
         .out_specs([BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)), BlockSpec::new([None, None, Some(bq), Some(1)], |[b, h, i, _]| (b, h, i, 0))])
         .out_shapes([vec![batch, heads, q_len, d], vec![batch, heads, q_len, 1]])
         .scratch([Vmem::new([bq, LANES]), Vmem::new([bq, LANES]), Vmem::new([bq, d])])
         .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary]))
+}
+
+/// The forward call without bias or dropout: operands q, k, v and the segment ids (see
+/// [`forward_operand_types`]); outputs o and lse `[b, h, sq, 1]`.
+pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
+    let (problem, config) = problem_and_config(shape, dtype, opts, use_segments);
+    problem_forward_call(&problem, &config.unwrap_or(FlashConfig { bq: block_for(shape.q_len, 512), bk: block_for(shape.kv_len, 512) }))
 }
 
 fn shape_of(q: &HostArray, k: &HostArray, v: &HostArray) -> Result<AttentionShape, Error> {
@@ -511,23 +728,71 @@ fn segment_operands(shape: AttentionShape, segments: Option<(&ndarray::Array2<i3
     Ok([HostArray::from(qs), HostArray::from(ks)])
 }
 
-/// The log-sum-exp of an empty attention problem ([`AttentionShape::is_empty`]), where no
-/// kernel runs: -inf for a row that sees no key; with `head_dim` 0 every score is 0, so a
-/// row's log-sum-exp is the log of how many keys it sees.
-pub fn empty_lse(shape: AttentionShape, causal: bool, segments: Option<(ArrayView2<i32>, ArrayView2<i32>)>) -> Array3<f32> {
-    let AttentionShape { batch, heads, q_len, kv_len, .. } = shape;
-    Array3::from_shape_fn((batch, heads, q_len), |(b, _, i)| {
-        let visible = (0..kv_len).filter(|&j| (!causal || j <= i) && segments.is_none_or(|(qs, ks)| qs.get((b, i)) == ks.get((b, j)))).count();
-        if visible == 0 {
-            f32::NEG_INFINITY
-        } else {
-            (visible as f32).ln()
+/// The masks, bias and dropout of an attention problem as the f64 references (and the empty
+/// problems' log-sum-exp) take them: segment ids `[b, sq]` and `[b, sk]`, the causal
+/// diagonal's offset, the bias `[b or 1, h or 1, sq, sk]`, and dropout's seed and rate.
+#[derive(Clone, Debug, Default)]
+pub struct ReferenceMasks<'a> {
+    pub segments: Option<(ndarray::Array2<i32>, ndarray::Array2<i32>)>,
+    pub causal: Option<i64>,
+    pub bias: Option<&'a ArrayD<f64>>,
+    pub dropout: Option<(i32, f64)>,
+}
+
+impl ReferenceMasks<'_> {
+    /// Whether query `i` of batch `b`, head `h` sees key `j`, and the bias on its score.
+    fn visible(&self, b: usize, h: usize, i: usize, j: usize) -> Option<f64> {
+        if self.causal.is_some_and(|offset| j as i64 > i as i64 + offset) {
+            return None;
         }
+        if self.segments.as_ref().is_some_and(|(qs, ks)| qs.get((b, i)) != ks.get((b, j))) {
+            return None;
+        }
+        let bias = self.bias.map_or(0.0, |a| {
+            let (bb, bh) = (a.shape()[0], a.shape()[1]);
+            a.get([if bb == 1 { 0 } else { b }, if bh == 1 { 0 } else { h }, i, j].as_slice()).copied().unwrap_or(0.0)
+        });
+        (bias != f64::NEG_INFINITY).then_some(bias)
+    }
+
+    /// The factor dropout applies to the weight of query `i` (batch `b`, head `h` of `heads`)
+    /// on key `j`: 0 if dropped, `1 / (1 - rate)` if kept.
+    fn dropout_factor(&self, b: usize, h: usize, heads: usize, i: usize, j: usize, kv_len: usize) -> f64 {
+        match self.dropout {
+            Some((seed, rate)) if rate > 0.0 => {
+                if dropout_keeps(seed, b * heads + h, i, j, kv_len, rate) {
+                    1.0 / (1.0 - rate)
+                } else {
+                    0.0
+                }
+            }
+            _ => 1.0,
+        }
+    }
+}
+
+/// The log-sum-exp of an empty attention problem ([`AttentionShape::is_empty`]), where no
+/// kernel runs: -inf for a row that sees no key; with `head_dim` 0 every score is its bias
+/// (0 without one), so a row's log-sum-exp is that of the biases of the keys it sees.
+pub fn empty_lse(shape: AttentionShape, masks: &ReferenceMasks) -> Array3<f32> {
+    let AttentionShape { batch, heads, q_len, kv_len, .. } = shape;
+    Array3::from_shape_fn((batch, heads, q_len), |(b, h, i)| {
+        let scores: Vec<f64> = (0..kv_len).filter_map(|j| masks.visible(b, h, i, j)).collect();
+        log_sum_exp(&scores) as f32
     })
 }
 
+fn log_sum_exp(x: &[f64]) -> f64 {
+    let m = x.iter().fold(f64::NEG_INFINITY, |a, &s| a.max(s));
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + x.iter().map(|s| (s - m).exp()).sum::<f64>().ln()
+}
+
 /// Attention output and log-sum-exp (`[b, h, sq]`, f32) of q, k, v on `backend`; empty
-/// problems give zeros (and the log-sum-exp of [`empty_lse`]) without running a kernel.
+/// problems give zeros (and the log-sum-exp of [`empty_lse`]) without running a kernel. A bias
+/// or dropout: [`FlashOp`] through [`op::run`].
 pub fn forward(
     q: &HostArray,
     k: &HostArray,
@@ -538,14 +803,11 @@ pub fn forward(
 ) -> Result<(HostArray, Array3<f32>), Error> {
     let shape = shape_of(q, k, v)?;
     check_dtype(q.dtype())?;
-    if shape.is_empty() {
-        let o = HostArray::from_f64(q.dtype(), &ArrayD::zeros(q.shape().to_vec()));
-        return Ok((o, empty_lse(shape, opts.causal, segments.map(|(q, k)| (q.view(), k.view())))));
-    }
-    let opts = with_tuned_block(shape, q.dtype(), opts, backend);
-    let call = forward_call(shape, q.dtype(), opts, segments.is_some())?;
+    let (problem, explicit) = problem_and_config(shape, q.dtype(), opts, segments.is_some());
     let [qs, ks] = segment_operands(shape, segments)?;
-    let mut out = torchtpu_exec::run(&call, backend, &[q.clone(), k.clone(), v.clone(), qs, ks])?;
+    let bias = HostArray::from_f64(DType::F32, &ArrayD::zeros(UNUSED_BIAS.to_vec()));
+    let seed = HostArray::from(ndarray::Array2::<i32>::zeros(SEED));
+    let mut out = op::run(&FlashOp(FlashPass::Forward), &problem, explicit.as_ref(), &[q.clone(), k.clone(), v.clone(), qs, ks, bias, seed], backend)?;
     let lse = out.pop().and_then(|l| l.into_array::<f32>().ok()).ok_or_else(|| Error::Shape("the kernel returned no f32 lse".into()))?;
     let lse = lse.index_axis_move(Axis(3), 0).into_dimensionality().map_err(|e| Error::Shape(e.to_string()))?;
     let o = out.pop().ok_or_else(|| Error::Shape("the kernel returned no output".into()))?;
@@ -562,27 +824,31 @@ pub fn reference(
     causal: bool,
     sm_scale: f64,
 ) -> (Array4<f64>, Array3<f64>) {
+    reference_masked(q, k, v, &ReferenceMasks { segments: segments.map(|(q, k)| (q.clone(), k.clone())), causal: causal.then_some(0), ..Default::default() }, sm_scale)
+}
+
+/// [`reference`] with every mask: a bias, bottom-right causal alignment, dropout.
+pub fn reference_masked(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, masks: &ReferenceMasks, sm_scale: f64) -> (Array4<f64>, Array3<f64>) {
     let (b, h, sq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
-    let (hk, sk) = (k.shape()[1], k.shape()[2]);
+    let (hk, sk, dv) = (k.shape()[1], k.shape()[2], v.shape()[3]);
     let group = (h / hk.max(1)).max(1);
-    let mut out = Array4::zeros((b, h, sq, d));
+    let mut out = Array4::zeros((b, h, sq, dv));
     let mut lse = Array3::from_elem((b, h, sq), f64::NEG_INFINITY);
     for bi in 0..b {
         for hi in 0..h {
             let kh = hi / group;
             for i in 0..sq {
-                let visible = |j: usize| (!causal || j <= i) && segments.is_none_or(|(qs, ks)| qs[[bi, i]] == ks[[bi, j]]);
-                let scores: Vec<(usize, f64)> =
-                    (0..sk).filter(|&j| visible(j)).map(|j| (j, (0..d).map(|c| q[[bi, hi, i, c]] * k[[bi, kh, j, c]]).sum::<f64>() * sm_scale)).collect();
+                let scores: Vec<(usize, f64)> = (0..sk)
+                    .filter_map(|j| masks.visible(bi, hi, i, j).map(|bias| (j, (0..d).map(|c| q[[bi, hi, i, c]] * k[[bi, kh, j, c]]).sum::<f64>() * sm_scale + bias)))
+                    .collect();
                 if scores.is_empty() {
                     continue;
                 }
-                let m = scores.iter().fold(f64::NEG_INFINITY, |a, &(_, s)| a.max(s));
-                let total: f64 = scores.iter().map(|&(_, s)| (s - m).exp()).sum();
-                lse[[bi, hi, i]] = m + total.ln();
+                let row_lse = log_sum_exp(&scores.iter().map(|&(_, s)| s).collect::<Vec<_>>());
+                lse[[bi, hi, i]] = row_lse;
                 for &(j, s) in &scores {
-                    let p = (s - m).exp() / total;
-                    for c in 0..d {
+                    let p = (s - row_lse).exp() * masks.dropout_factor(bi, hi, h, i, j, sk);
+                    for c in 0..dv {
                         out[[bi, hi, i, c]] += p * v[[bi, kh, j, c]];
                     }
                 }
@@ -593,15 +859,14 @@ pub fn reference(
 }
 
 /// What both backward kernels start from for one (q block, kv block) pair: the q, o, dO, k
-/// and v blocks with their ragged rows zeroed, and which scores are visible (in bounds,
-/// causal, same segment).
+/// and v blocks with their ragged rows zeroed, the scores and which of them are visible.
 struct BackwardBlocks<T: Float> {
     q: Tile<T>,
     o: Tile<T>,
     d_o: Tile<T>,
     k: Tile<T>,
     v: Tile<T>,
-    visible: Tile<bool>,
+    scores: Scores,
 }
 
 #[tpu_fn]
@@ -614,38 +879,67 @@ fn backward_blocks<T: Float>(
     d_o: &Ref<T>,
     q_segments: &Ref<i32>,
     kv_segments: &Ref<i32>,
+    bias: &Ref<f32>,
     q_start: Scalar<i32>,
     k_start: Scalar<i32>,
-    causal: bool,
-    use_segments: bool,
-    q_len: usize,
-    kv_len: usize,
+    sm_scale: f32,
+    m: Masking,
 ) -> BackwardBlocks<T> {
     let (bq, d) = (q.shape()[0], q.shape()[1]);
     let bk = k.shape()[0];
     let (mut qb, mut ob, mut dob) = (q.load(), o.load(), d_o.load());
-    if q_len % bq != 0 {
-        let real = iota::<i32>([bq, d], 0) + q_start < q_len as i32;
+    if m.q_len % bq != 0 {
+        let real = iota::<i32>([bq, d], 0) + q_start < m.q_len as i32;
         qb = select(real, qb, 0.0);
         ob = select(real, ob, 0.0);
         dob = select(real, dob, 0.0);
     }
     let (mut kb, mut vb) = (k.load(), v.load());
-    if kv_len % bk != 0 {
-        let real = iota::<i32>([bk, d], 0) + k_start < kv_len as i32;
+    if m.kv_len % bk != 0 {
+        let real = iota::<i32>([bk, d], 0) + k_start < m.kv_len as i32;
         kb = select(real, kb, 0.0);
         vb = select(real, vb, 0.0);
     }
-    let rows = iota::<i32>([bq, bk], 0) + q_start;
-    let cols = iota::<i32>([bq, bk], 1) + k_start;
-    let mut visible = (rows < q_len as i32) & (cols < kv_len as i32);
-    if causal {
-        visible = visible & (rows >= cols);
+    let sc = scores(qb, kb, q_segments, kv_segments, bias, q_start, k_start, sm_scale, m, true);
+    BackwardBlocks { q: qb, o: ob, d_o: dob, k: kb, v: vb, scores: sc }
+}
+
+/// The backward's probabilities of one block pair, and dP with dropout's mask applied to it
+/// (and to the probabilities that reach dV): (P, the dropped P, dP).
+struct Probabilities {
+    p: Tile<f32>,
+    p_dropped: Tile<f32>,
+    dp: Tile<f32>,
+}
+
+#[tpu_fn]
+#[allow(clippy::too_many_arguments)]
+fn probabilities<T: Float>(
+    b: &BackwardBlocks<T>,
+    lse: &Ref<f32>,
+    seed: &Ref<i32>,
+    head: Scalar<i32>,
+    q_start: Scalar<i32>,
+    k_start: Scalar<i32>,
+    kv_len: usize,
+    dropout: f32,
+) -> Probabilities {
+    let p = select(b.scores.visible, (b.scores.s - lse.load()).exp(), 0.0);
+    let mut dp = dot_nt(b.d_o, b.v);
+    let mut p_dropped = p;
+    if dropout > 0.0 {
+        let keep = dropout_keep(seed, head, q_start, k_start, [b.q.shape()[0], b.k.shape()[0]], kv_len, dropout);
+        let inv = 1.0 / (1.0 - dropout);
+        p_dropped = select(keep, p * inv, 0.0);
+        dp = select(keep, dp * inv, 0.0);
     }
-    if use_segments {
-        visible = visible & (q_segments.load_at((.., 0..1)) == kv_segments.load_at((0..1, ..)));
-    }
-    BackwardBlocks { q: qb, o: ob, d_o: dob, k: kb, v: vb, visible }
+    Probabilities { p, p_dropped, dp }
+}
+
+/// dS (the gradient of the scores, and of the bias) from P and dP: `P ∘ (dP - rowsum(dO ∘ O))`.
+#[tpu_fn]
+fn score_gradient<T: Float>(b: &BackwardBlocks<T>, pr: &Probabilities) -> Tile<f32> {
+    pr.p * (pr.dp - (b.o.cast::<f32>() * b.d_o.cast::<f32>()).sum_keepdims(1))
 }
 
 #[tpu_kernel]
@@ -659,15 +953,15 @@ fn flash_backward_dkv<T: Float>(
     lse: &Ref<f32>,
     q_segments: &Ref<i32>,
     kv_segments: &Ref<i32>,
+    bias: &Ref<f32>,
+    seed: &Ref<i32>,
     dk: &mut Ref<T>,
     dv: &mut Ref<T>,
     dk_acc: &mut Scratch<f32>,
     dv_acc: &mut Scratch<f32>,
     sm_scale: f32,
-    causal: bool,
-    use_segments: bool,
-    q_len: usize,
-    kv_len: usize,
+    masking: Masking,
+    dropout: f32,
 ) {
     let bq = q.shape()[0];
     let bk = k.shape()[0];
@@ -678,22 +972,51 @@ fn flash_backward_dkv<T: Float>(
     }
     let q_start = i * bq as i32;
     let k_start = j * bk as i32;
-    let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
-    if block_visible {
-        let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, q_start, k_start, causal, use_segments, q_len, kv_len);
-        let s = dot_nt(b.q, b.k) * sm_scale;
-        let p = select(b.visible, (s - lse.load()).exp(), 0.0);
-        // Keep dV before dP: the other order keeps more blocks live, and 1024×1024 f32
+    if block_visible(q_start, k_start, bq, masking) {
+        let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking);
+        let head = program_id(0) * (num_programs(1) * num_programs(3)) + program_id(1) * num_programs(3) + g;
+        let pr = probabilities(&b, lse, seed, head, q_start, k_start, masking.kv_len, dropout);
+        // Keep dV before dS: the other order keeps more blocks live, and 1024×1024 f32
         // blocks then overflow v5e's scoped VMEM.
-        dv_acc.store(dv_acc.load() + dot_tn(p.cast::<T>(), b.d_o));
-        let dp = dot_nt(b.d_o, b.v);
-        let ds = p * (dp - (b.o.cast::<f32>() * b.d_o.cast::<f32>()).sum_keepdims(1));
+        dv_acc.store(dv_acc.load() + dot_tn(pr.p_dropped.cast::<T>(), b.d_o));
+        let ds = score_gradient(&b, &pr);
         dk_acc.store(dk_acc.load() + dot_tn(ds.cast::<T>(), b.q) * sm_scale);
     }
     if g == num_programs(3) - 1 && i == num_programs(4) - 1 {
         dk.store(dk_acc.load().cast());
         dv.store(dv_acc.load().cast());
     }
+}
+
+/// dS and the k block of one dQ program's block pair: what both dQ kernels accumulate.
+struct DqStep<T: Float> {
+    ds: Tile<f32>,
+    k: Tile<T>,
+}
+
+#[tpu_fn]
+#[allow(clippy::too_many_arguments)]
+fn dq_step<T: Float>(
+    q: &Ref<T>,
+    k: &Ref<T>,
+    v: &Ref<T>,
+    o: &Ref<T>,
+    d_o: &Ref<T>,
+    lse: &Ref<f32>,
+    q_segments: &Ref<i32>,
+    kv_segments: &Ref<i32>,
+    bias: &Ref<f32>,
+    seed: &Ref<i32>,
+    q_start: Scalar<i32>,
+    k_start: Scalar<i32>,
+    sm_scale: f32,
+    masking: Masking,
+    dropout: f32,
+) -> DqStep<T> {
+    let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking);
+    let head = program_id(0) * num_programs(1) + program_id(1);
+    let pr = probabilities(&b, lse, seed, head, q_start, k_start, masking.kv_len, dropout);
+    DqStep { ds: score_gradient(&b, &pr), k: b.k }
 }
 
 #[tpu_kernel]
@@ -707,55 +1030,82 @@ fn flash_backward_dq<T: Float>(
     lse: &Ref<f32>,
     q_segments: &Ref<i32>,
     kv_segments: &Ref<i32>,
+    bias: &Ref<f32>,
+    seed: &Ref<i32>,
     dq: &mut Ref<T>,
     dq_acc: &mut Scratch<f32>,
     sm_scale: f32,
-    causal: bool,
-    use_segments: bool,
-    q_len: usize,
-    kv_len: usize,
+    masking: Masking,
+    dropout: f32,
 ) {
-    let bq = q.shape()[0];
-    let bk = k.shape()[0];
     let (i, j) = (program_id(2), program_id(3));
     if j == 0 {
         dq_acc.store(zeros());
     }
-    let q_start = i * bq as i32;
-    let k_start = j * bk as i32;
-    let block_visible = if causal { k_start <= q_start + (bq as i32 - 1) } else { k_start < kv_len as i32 };
-    if block_visible {
-        let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, q_start, k_start, causal, use_segments, q_len, kv_len);
-        let s = dot_nt(b.q, b.k) * sm_scale;
-        let p = select(b.visible, (s - lse.load()).exp(), 0.0);
-        let dp = dot_nt(b.d_o, b.v);
-        let ds = p * (dp - (b.o.cast::<f32>() * b.d_o.cast::<f32>()).sum_keepdims(1));
-        dq_acc.store(dq_acc.load() + dot(ds.cast::<T>(), b.k) * sm_scale);
+    let q_start = i * q.shape()[0] as i32;
+    let k_start = j * k.shape()[0] as i32;
+    if block_visible(q_start, k_start, q.shape()[0], masking) {
+        let st = dq_step(q, k, v, o, d_o, lse, q_segments, kv_segments, bias, seed, q_start, k_start, sm_scale, masking, dropout);
+        dq_acc.store(dq_acc.load() + dot(st.ds.cast::<T>(), st.k) * sm_scale);
     }
     if j == num_programs(3) - 1 {
         dq.store(dq_acc.load().cast());
     }
 }
 
-/// The two backward calls (dK/dV, then dQ), both at `opts`' block. Operands of both: q, k,
-/// v, o, dO, lse `[b, h, sq, 1]`, q and kv segment ids (as for [`forward_call`]).
-pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<(PallasCall, PallasCall), Error> {
-    Ok((backward_call(FlashPass::BackwardDkv, shape, dtype, opts, use_segments)?, backward_call(FlashPass::BackwardDq, shape, dtype, opts, use_segments)?))
+/// [`flash_backward_dq`] that also writes the bias's gradient, dS, block by block (zeros for
+/// the blocks the causal mask skips).
+#[tpu_kernel]
+#[allow(clippy::too_many_arguments)]
+fn flash_backward_dq_bias<T: Float>(
+    q: &Ref<T>,
+    k: &Ref<T>,
+    v: &Ref<T>,
+    o: &Ref<T>,
+    d_o: &Ref<T>,
+    lse: &Ref<f32>,
+    q_segments: &Ref<i32>,
+    kv_segments: &Ref<i32>,
+    bias: &Ref<f32>,
+    seed: &Ref<i32>,
+    dq: &mut Ref<T>,
+    d_bias: &mut Ref<f32>,
+    dq_acc: &mut Scratch<f32>,
+    sm_scale: f32,
+    masking: Masking,
+    dropout: f32,
+) {
+    let (i, j) = (program_id(2), program_id(3));
+    if j == 0 {
+        dq_acc.store(zeros());
+    }
+    let q_start = i * q.shape()[0] as i32;
+    let k_start = j * k.shape()[0] as i32;
+    let visible = block_visible(q_start, k_start, q.shape()[0], masking);
+    if visible {
+        let st = dq_step(q, k, v, o, d_o, lse, q_segments, kv_segments, bias, seed, q_start, k_start, sm_scale, masking, dropout);
+        dq_acc.store(dq_acc.load() + dot(st.ds.cast::<T>(), st.k) * sm_scale);
+        d_bias.store(st.ds);
+    }
+    if !visible {
+        d_bias.store(zeros());
+    }
+    if j == num_programs(3) - 1 {
+        dq.store(dq_acc.load().cast());
+    }
 }
 
-/// One backward kernel's call (`pass` is [`FlashPass::BackwardDkv`] or
-/// [`FlashPass::BackwardDq`]); operands as for [`backward_calls`].
-pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
-    shape.check_for_kernel()?;
-    let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = shape;
-    let (bq, bk) = check_block(opts.block.unwrap_or((block_for(q_len, 512), block_for(kv_len, 512))))?;
-    let scale = opts.sm_scale.unwrap_or(1.0 / (d as f32).sqrt());
-    let causal = opts.causal;
-    let kernel = match (pass, dtype) {
-        (FlashPass::BackwardDkv, DType::F32) => flash_backward_dkv::kernel::<f32>(scale, causal, use_segments, q_len, kv_len),
-        (FlashPass::BackwardDkv, DType::BF16) => flash_backward_dkv::kernel::<bf16>(scale, causal, use_segments, q_len, kv_len),
-        (FlashPass::BackwardDq, DType::F32) => flash_backward_dq::kernel::<f32>(scale, causal, use_segments, q_len, kv_len),
-        (FlashPass::BackwardDq, DType::BF16) => flash_backward_dq::kernel::<bf16>(scale, causal, use_segments, q_len, kv_len),
+/// One backward kernel's call for `p` at `c`; operands as [`problem_operand_types`] gives.
+fn problem_backward_call(pass: FlashPass, p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall, Error> {
+    let (bq, bk, scale, masking, dropout) = kernel_params(p, c)?;
+    let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = p.shape;
+    let kernel = match (pass, p.dtype) {
+        (FlashPass::BackwardDkv, DType::F32) => flash_backward_dkv::kernel::<f32>(scale, masking, dropout),
+        (FlashPass::BackwardDkv, DType::BF16) => flash_backward_dkv::kernel::<bf16>(scale, masking, dropout),
+        (FlashPass::BackwardDq, DType::F32) if p.bias_grad => flash_backward_dq_bias::kernel::<f32>(scale, masking, dropout),
+        (FlashPass::BackwardDq, DType::BF16) if p.bias_grad => flash_backward_dq_bias::kernel::<bf16>(scale, masking, dropout),
+        (FlashPass::BackwardDq, DType::F32) => flash_backward_dq::kernel::<f32>(scale, masking, dropout),
+        (FlashPass::BackwardDq, DType::BF16) => flash_backward_dq::kernel::<bf16>(scale, masking, dropout),
         (FlashPass::Forward, _) => return Err(Error::Shape("backward_call builds the backward kernels; the forward is forward_call".into())),
         (_, other) => return Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
     };
@@ -765,10 +1115,10 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
     let kv_block = [None, None, Some(bk), Some(d)];
     let lse_block = [None, None, Some(bq), Some(1)];
     let q_blocks = q_len.div_ceil(bq);
-    let q_at = move |i, j| causal_q_block(causal, bq, bk, q_blocks, i, j);
-    let kv_at = move |i, j| causal_kv_block(causal, bq, bk, i, j);
+    let q_at = move |i, j| causal_q_block(masking.causal, bq, bk, q_blocks, i, j);
+    let kv_at = move |i, j| causal_kv_block(masking.causal, bq, bk, i, j);
     if pass == FlashPass::BackwardDkv {
-        let (q_segments, kv_segments) = segment_specs::<5>(use_segments, || {
+        let (q_segments, kv_segments) = segment_specs::<5>(p.segments, || {
             (
                 BlockSpec::new([None, Some(bq), Some(LANES)], move |[b, _, j, _, i]| (b, q_at(i, j), 0)),
                 BlockSpec::new([None, Some(SUBLANES), Some(bk)], |[b, _, j, _, _]| (b, 0, j)),
@@ -777,7 +1127,7 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
         // One program per kv block, reducing over every q head of its group and every q block.
         return Ok(PallasCall::new(kernel)
             .name("flash_attention_backward_dkv")
-            .grid([batch, kv_heads, kv_len.div_ceil(bk), group, q_len.div_ceil(bq)])
+            .grid([batch, kv_heads, kv_len.div_ceil(bk), group, q_blocks])
             .in_specs([
                 BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
                 BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
@@ -787,18 +1137,26 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
                 BlockSpec::new(lse_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
                 q_segments,
                 kv_segments,
+                bias_spec::<5>(p, c, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), j)),
+                BlockSpec::whole(),
             ])
             .out_specs([BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)), BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0))])
             .out_shapes([vec![batch, kv_heads, kv_len, d], vec![batch, kv_heads, kv_len, d]])
             .scratch([Vmem::new([bk, d]), Vmem::new([bk, d])])
             .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary, Arbitrary]));
     }
-    let (q_segments, kv_segments) = segment_specs::<4>(use_segments, || {
+    let (q_segments, kv_segments) = segment_specs::<4>(p.segments, || {
         (BlockSpec::new([None, Some(bq), Some(LANES)], |[b, _, i, _]| (b, i, 0)), BlockSpec::new([None, Some(SUBLANES), Some(bk)], move |[b, _, i, j]| (b, 0, kv_at(i, j))))
     });
+    let mut out_specs = vec![BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0))];
+    let mut out_shapes = vec![vec![batch, heads, q_len, d]];
+    if p.bias_grad {
+        out_specs.push(BlockSpec::new([None, None, Some(bq), Some(bk)], |[b, h, i, j]| (b, h, i, j)));
+        out_shapes.push(vec![batch, heads, q_len, kv_len]);
+    }
     Ok(PallasCall::new(kernel)
         .name("flash_attention_backward_dq")
-        .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
+        .grid([batch, heads, q_blocks, kv_len.div_ceil(bk)])
         .in_specs([
             BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new(kv_block, move |[b, h, i, j]| (b, h / gi, kv_at(i, j), 0)),
@@ -808,11 +1166,27 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
             BlockSpec::new(lse_block, |[b, h, i, _]| (b, h, i, 0)),
             q_segments,
             kv_segments,
+            bias_spec::<4>(p, c, move |[b, h, i, j]| (b, h, i, kv_at(i, j))),
+            BlockSpec::whole(),
         ])
-        .out_specs([BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0))])
-        .out_shapes([vec![batch, heads, q_len, d]])
+        .out_specs(out_specs)
+        .out_shapes(out_shapes)
         .scratch([Vmem::new([bq, d])])
         .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary]))
+}
+
+/// The two backward calls (dK/dV, then dQ) without bias or dropout, both at `opts`' block.
+/// Operands of both: q, k, v, o, dO, lse `[b, h, sq, 1]`, the segment ids, a bias and a seed
+/// (placeholders: see [`backward_operand_types`]).
+pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<(PallasCall, PallasCall), Error> {
+    Ok((backward_call(FlashPass::BackwardDkv, shape, dtype, opts, use_segments)?, backward_call(FlashPass::BackwardDq, shape, dtype, opts, use_segments)?))
+}
+
+/// One backward kernel's call (`pass` is [`FlashPass::BackwardDkv`] or
+/// [`FlashPass::BackwardDq`]); operands as for [`backward_calls`].
+pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
+    let (problem, config) = problem_and_config(shape, dtype, opts, use_segments);
+    problem_backward_call(pass, &problem, &config.unwrap_or(FlashConfig { bq: block_for(shape.q_len, 512), bk: block_for(shape.kv_len, 512) }))
 }
 
 /// The forward for `shape`, lowered for `chip` with its tuned block: a StableHLO module
@@ -845,15 +1219,27 @@ pub fn tuned_backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType,
     op::tuned_call(&FlashOp(pass), &problem, explicit.as_ref(), backend)
 }
 
-/// The backward kernels' operand types: q, k, v, o, dO, lse, then the laid-out segment ids.
-pub fn backward_operand_types(s: AttentionShape, dtype: DType, use_segments: bool) -> Vec<ValueType> {
-    let mut types = forward_operand_types(s, dtype, use_segments);
-    let segs = types.split_off(3);
-    types.push(types[0].clone());
-    types.push(types[0].clone());
-    types.push(ValueType::new(DType::F32, [s.batch, s.heads, s.q_len, 1]));
-    types.extend(segs);
+/// The kernels' operand types for `p`: q, k, v (the backward's then o, dO and the lse
+/// `[b, h, sq, 1]` f32), the laid-out segment ids ([`segment_types`]), the bias (f32
+/// `[b or 1, h or 1, sq, sk]`, or a placeholder tile), the seed (an i32 tile, its first
+/// element read).
+pub fn problem_operand_types(p: &FlashProblem, backward: bool) -> Vec<ValueType> {
+    let s = p.shape;
+    let q = ValueType::new(p.dtype, [s.batch, s.heads, s.q_len, s.head_dim]);
+    let kv = ValueType::new(p.dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]);
+    let mut types = vec![q.clone(), kv.clone(), kv];
+    if backward {
+        types.extend([q.clone(), q, ValueType::new(DType::F32, [s.batch, s.heads, s.q_len, 1])]);
+    }
+    types.extend(segment_types(s, p.segments));
+    types.push(ValueType::new(DType::F32, p.bias.map_or(UNUSED_BIAS, |b| [b.batch, b.heads, s.q_len, s.kv_len])));
+    types.push(ValueType::new(DType::I32, SEED));
     types
+}
+
+/// The backward kernels' operand types without bias or dropout (see [`problem_operand_types`]).
+pub fn backward_operand_types(s: AttentionShape, dtype: DType, use_segments: bool) -> Vec<ValueType> {
+    problem_operand_types(&FlashProblem { segments: use_segments, ..FlashProblem::plain(s, dtype) }, true)
 }
 
 /// The forward compiled for `shape` on a device backend, with its tuned block: upload,
@@ -863,19 +1249,13 @@ pub fn compiled_forward(shape: AttentionShape, dtype: DType, opts: AttentionOpti
     op::compiled(&FlashOp(FlashPass::Forward), &problem, explicit.as_ref(), backend)
 }
 
-/// The forward's operand types: q, k, v, then the laid-out segment ids.
+/// The forward's operand types without bias or dropout (see [`problem_operand_types`]).
 pub fn forward_operand_types(s: AttentionShape, dtype: DType, use_segments: bool) -> Vec<ValueType> {
-    let [q_segments, kv_segments] = segment_types(s, use_segments);
-    vec![
-        ValueType::new(dtype, [s.batch, s.heads, s.q_len, s.head_dim]),
-        ValueType::new(dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]),
-        ValueType::new(dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]),
-        q_segments,
-        kv_segments,
-    ]
+    problem_operand_types(&FlashProblem { segments: use_segments, ..FlashProblem::plain(s, dtype) }, false)
 }
 
-/// Gradients (dq, dk, dv) of attention given its output `o`, log-sum-exp and the output's gradient.
+/// Gradients (dq, dk, dv) of attention given its output `o`, log-sum-exp and the output's
+/// gradient. A bias or dropout: [`FlashOp`] through [`op::run`].
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &HostArray,
@@ -897,21 +1277,18 @@ pub fn backward(
         return Err(Error::Shape(format!("lse must be [{}, {}, {}]; got {:?}", shape.batch, shape.heads, shape.q_len, lse.dim())));
     }
     check_dtype(q.dtype())?;
-    if shape.is_empty() {
-        let zeros = |a: &HostArray| HostArray::from_f64(a.dtype(), &ArrayD::zeros(a.shape().to_vec()));
-        return Ok((zeros(q), zeros(k), zeros(v)));
-    }
-    let dkv_call = tuned_backward_call(FlashPass::BackwardDkv, shape, q.dtype(), opts, segments.is_some(), backend)?;
-    let dq_call = tuned_backward_call(FlashPass::BackwardDq, shape, q.dtype(), opts, segments.is_some(), backend)?;
+    let (problem, explicit) = problem_and_config(shape, q.dtype(), opts, segments.is_some());
     let [qs, ks] = segment_operands(shape, segments)?;
     let lse4 = HostArray::from(lse.clone().insert_axis(Axis(3)));
-    let operands = [q.clone(), k.clone(), v.clone(), o.clone(), d_o.clone(), lse4, qs, ks];
-    let mut dkv = torchtpu_exec::run(&dkv_call, backend, &operands)?;
-    let mut dq = torchtpu_exec::run(&dq_call, backend, &operands)?;
+    let bias = HostArray::from_f64(DType::F32, &ArrayD::zeros(UNUSED_BIAS.to_vec()));
+    let seed = HostArray::from(ndarray::Array2::<i32>::zeros(SEED));
+    let operands = [q.clone(), k.clone(), v.clone(), o.clone(), d_o.clone(), lse4, qs, ks, bias, seed];
+    let mut dkv = op::run(&FlashOp(FlashPass::BackwardDkv), &problem, explicit.as_ref(), &operands, backend)?;
+    let dq = op::run(&FlashOp(FlashPass::BackwardDq), &problem, explicit.as_ref(), &operands, backend)?;
     let missing = || Error::Shape("a backward kernel returned too few outputs".into());
     let dv = dkv.pop().ok_or_else(missing)?;
     let dk = dkv.pop().ok_or_else(missing)?;
-    Ok((dq.pop().ok_or_else(missing)?, dk, dv))
+    Ok((dq.into_iter().next().ok_or_else(missing)?, dk, dv))
 }
 
 /// Gradients of attention in f64, written independently of the kernels: (dq, dk, dv).
@@ -925,37 +1302,59 @@ pub fn reference_backward(
     causal: bool,
     sm_scale: f64,
 ) -> (Array4<f64>, Array4<f64>, Array4<f64>) {
+    let g = reference_backward_masked(
+        q,
+        k,
+        v,
+        d_o,
+        &ReferenceMasks { segments: segments.map(|(q, k)| (q.clone(), k.clone())), causal: causal.then_some(0), ..Default::default() },
+        sm_scale,
+    );
+    (g.dq, g.dk, g.dv)
+}
+
+/// The gradients of attention with respect to q, k, v and the bias (`[b, h, sq, sk]`, before
+/// any broadcast is summed).
+pub struct Gradients {
+    pub dq: Array4<f64>,
+    pub dk: Array4<f64>,
+    pub dv: Array4<f64>,
+    pub dbias: Array4<f64>,
+}
+
+/// [`reference_backward`] with every mask, and the bias's gradient.
+pub fn reference_backward_masked(q: &ArrayD<f64>, k: &ArrayD<f64>, v: &ArrayD<f64>, d_o: &ArrayD<f64>, masks: &ReferenceMasks, sm_scale: f64) -> Gradients {
     let (b, h, sq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
-    let (hk, sk) = (k.shape()[1], k.shape()[2]);
+    let (hk, sk, dv_dim) = (k.shape()[1], k.shape()[2], v.shape()[3]);
     let group = (h / hk.max(1)).max(1);
-    let mut dq = Array4::zeros((b, h, sq, d));
-    let mut dk = Array4::zeros((b, hk, sk, d));
-    let mut dv = Array4::zeros((b, hk, sk, d));
+    let mut g = Gradients { dq: Array4::zeros((b, h, sq, d)), dk: Array4::zeros((b, hk, sk, d)), dv: Array4::zeros((b, hk, sk, dv_dim)), dbias: Array4::zeros((b, h, sq, sk)) };
     for bi in 0..b {
         for hi in 0..h {
             let kh = hi / group;
             for i in 0..sq {
-                let visible = |j: usize| (!causal || j <= i) && segments.is_none_or(|(qs, ks)| qs[[bi, i]] == ks[[bi, j]]);
-                let js: Vec<usize> = (0..sk).filter(|&j| visible(j)).collect();
-                if js.is_empty() {
+                let seen: Vec<(usize, f64)> = (0..sk).filter_map(|j| masks.visible(bi, hi, i, j).map(|bias| (j, bias))).collect();
+                if seen.is_empty() {
                     continue;
                 }
-                let s: Vec<f64> = js.iter().map(|&j| (0..d).map(|c| q[[bi, hi, i, c]] * k[[bi, kh, j, c]]).sum::<f64>() * sm_scale).collect();
-                let m = s.iter().fold(f64::NEG_INFINITY, |a, &x| a.max(x));
-                let total: f64 = s.iter().map(|x| (x - m).exp()).sum();
-                let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / total).collect();
-                let dp: Vec<f64> = js.iter().map(|&j| (0..d).map(|c| d_o[[bi, hi, i, c]] * v[[bi, kh, j, c]]).sum()).collect();
+                let s: Vec<f64> = seen.iter().map(|&(j, bias)| (0..d).map(|c| q[[bi, hi, i, c]] * k[[bi, kh, j, c]]).sum::<f64>() * sm_scale + bias).collect();
+                let row_lse = log_sum_exp(&s);
+                let p: Vec<f64> = s.iter().map(|x| (x - row_lse).exp()).collect();
+                let keep: Vec<f64> = seen.iter().map(|&(j, _)| masks.dropout_factor(bi, hi, h, i, j, sk)).collect();
+                let dp: Vec<f64> = seen.iter().zip(&keep).map(|(&(j, _), f)| f * (0..dv_dim).map(|c| d_o[[bi, hi, i, c]] * v[[bi, kh, j, c]]).sum::<f64>()).collect();
                 let row: f64 = p.iter().zip(&dp).map(|(a, b)| a * b).sum();
-                for (n, &j) in js.iter().enumerate() {
+                for (n, &(j, _)) in seen.iter().enumerate() {
                     let ds = p[n] * (dp[n] - row);
+                    g.dbias[[bi, hi, i, j]] = ds;
+                    for c in 0..dv_dim {
+                        g.dv[[bi, kh, j, c]] += p[n] * keep[n] * d_o[[bi, hi, i, c]];
+                    }
                     for c in 0..d {
-                        dv[[bi, kh, j, c]] += p[n] * d_o[[bi, hi, i, c]];
-                        dq[[bi, hi, i, c]] += ds * k[[bi, kh, j, c]] * sm_scale;
-                        dk[[bi, kh, j, c]] += ds * q[[bi, hi, i, c]] * sm_scale;
+                        g.dq[[bi, hi, i, c]] += ds * k[[bi, kh, j, c]] * sm_scale;
+                        g.dk[[bi, kh, j, c]] += ds * q[[bi, hi, i, c]] * sm_scale;
                     }
                 }
             }
         }
     }
-    (dq, dk, dv)
+    g
 }

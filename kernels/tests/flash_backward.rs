@@ -68,7 +68,7 @@ fn check(case: &Case, backend: Backend, seed: u64) {
         (ids(s.q_len), ids(s.kv_len))
     });
     let seg = seg.as_ref().map(|(a, b)| (a, b));
-    let opts = AttentionOptions { causal: case.causal, sm_scale: None, block: case.block };
+    let opts = AttentionOptions { causal: case.causal, sm_scale: None, block: case.block, ..Default::default() };
     let (o, lse) = forward(&q, &k, &v, seg, opts, backend).expect("forward");
     let (dq, dk, dv) = backward(&q, &k, &v, &o, &lse, &d_o, seg, opts, backend).unwrap_or_else(|e| panic!("{s:?} on {backend}: {e}"));
     let scale = 1.0 / (s.head_dim as f64).sqrt();
@@ -105,7 +105,7 @@ fn backward_matches_the_reference_on_the_interpreter_and_pjrt_cpu() {
 #[test]
 fn backward_passes_the_interpreters_checked_mode() {
     let s = AttentionShape { batch: 1, heads: 2, kv_heads: 1, q_len: 50, kv_len: 70, head_dim: 16 };
-    let (dkv, dq) = backward_calls(s, DType::F32, AttentionOptions { causal: true, sm_scale: None, block: Some((32, 32)) }, false).expect("calls");
+    let (dkv, dq) = backward_calls(s, DType::F32, AttentionOptions { causal: true, sm_scale: None, block: Some((32, 32)), ..Default::default() }, false).expect("calls");
     let mut rng = StdRng::seed_from_u64(seed());
     let mut arr = |shape: &[usize]| HostArray::from_f64(DType::F32, &normal(&mut rng, shape));
     let operands = vec![
@@ -117,6 +117,8 @@ fn backward_passes_the_interpreters_checked_mode() {
         arr(&[1, 2, 50, 1]),
         HostArray::from(ndarray::Array3::<i32>::zeros((1, 50, 128))),
         HostArray::from(ndarray::Array3::<i32>::zeros((1, 8, 70))),
+        HostArray::from(ndarray::Array4::<f32>::zeros((1, 1, 8, 128))),
+        HostArray::from(ndarray::Array2::<i32>::zeros((8, 128))),
     ];
     for call in [dkv, dq] {
         let out = call.interpret_checked(&operands).expect("no uninitialized reads");
@@ -133,7 +135,7 @@ fn backward_compiles_with_libtpu_for_every_chip() {
         (AttentionShape { batch: 2, heads: 4, kv_heads: 4, q_len: 1000, kv_len: 777, head_dim: 64 }, DType::F32, (128, 128), false, false),
     ] {
         // An explicit block: the modules are the same whichever chip they are lowered for.
-        let opts = AttentionOptions { causal, sm_scale: None, block: Some(block) };
+        let opts = AttentionOptions { causal, sm_scale: None, block: Some(block), ..Default::default() };
         let (dkv, dq) = backward_tpu_modules(shape, dtype, opts, segs, Chip::V5e).expect("lowers");
         for (name, module) in [("dkv", &dkv), ("dq", &dq)] {
             for chip in Chip::ALL {

@@ -60,7 +60,7 @@ fn check(case: &Case, backend: Backend, seed: u64) {
         (qs, ks)
     });
     let seg_refs = seg.as_ref().map(|(a, b)| (a, b));
-    let opts = AttentionOptions { causal: case.causal, sm_scale: None, block: case.block };
+    let opts = AttentionOptions { causal: case.causal, sm_scale: None, block: case.block, ..Default::default() };
     let (o, lse) = forward(&q, &k, &v, seg_refs, opts, backend).unwrap_or_else(|e| panic!("{:?} on {backend}: {e}", s));
     let scale = 1.0 / (s.head_dim as f64).sqrt();
     let (want_o, want_lse) = reference(&q.to_f64(), &k.to_f64(), &v.to_f64(), seg_refs, case.causal, scale);
@@ -116,7 +116,7 @@ fn forward_matches_the_reference_on_pjrt_cpu() {
 fn forward_passes_the_interpreters_checked_mode() {
     // Checked mode poisons padding with NaN: ragged kv blocks must be fully masked.
     let s = AttentionShape { batch: 1, heads: 2, kv_heads: 1, q_len: 70, kv_len: 90, head_dim: 32 };
-    let call = forward_call(s, DType::F32, AttentionOptions { causal: false, sm_scale: None, block: Some((32, 64)) }, false).expect("call");
+    let call = forward_call(s, DType::F32, AttentionOptions { causal: false, sm_scale: None, block: Some((32, 64)), ..Default::default() }, false).expect("call");
     let mut rng = StdRng::seed_from_u64(seed());
     let operands = vec![
         random(&mut rng, DType::F32, &[1, 2, 70, 32]),
@@ -124,6 +124,8 @@ fn forward_passes_the_interpreters_checked_mode() {
         random(&mut rng, DType::F32, &[1, 1, 90, 32]),
         HostArray::from(ndarray::Array3::<i32>::zeros((1, 70, 128))),
         HostArray::from(ndarray::Array3::<i32>::zeros((1, 8, 90))),
+        HostArray::from(ndarray::Array4::<f32>::zeros((1, 1, 8, 128))),
+        HostArray::from(ndarray::Array2::<i32>::zeros((8, 128))),
     ];
     let out = call.interpret_checked(&operands).expect("no uninitialized reads");
     assert!(out[0].to_f64().iter().all(|x| x.is_finite()));
@@ -150,7 +152,7 @@ fn forward_compiles_with_libtpu_for_every_chip() {
         (AttentionShape { batch: 1, heads: 2, kv_heads: 1, q_len: 128, kv_len: 4096, head_dim: 128 }, DType::BF16, (128, 1024), true, false),
     ] {
         // An explicit block: the module is the same whichever chip it is lowered for.
-        let module = forward_tpu_module(shape, dtype, AttentionOptions { causal, sm_scale: None, block: Some(block) }, segs, Chip::V5e).expect("lowers");
+        let module = forward_tpu_module(shape, dtype, AttentionOptions { causal, sm_scale: None, block: Some(block), ..Default::default() }, segs, Chip::V5e).expect("lowers");
         for chip in Chip::ALL {
             if let Err(e) = compiler.compile(chip, &module) {
                 failures.push(format!("{shape:?} {dtype} on {chip}: {e}"));

@@ -267,7 +267,7 @@ proptest! {
             (a, b) => Some((a.unwrap_or(8), b.unwrap_or(8))),
         };
         let zero_block = block.is_some_and(|(a, b)| a == 0 || b == 0);
-        let opts = AttentionOptions { causal, sm_scale: None, block };
+        let opts = AttentionOptions { causal, sm_scale: None, block, ..Default::default() };
         match flash::forward(&q, &k, &v, segments, opts, Backend::Interpret) {
             Err(e) => prop_assert!(zero_block && !s.is_empty(), "unexpected error: {e}"),
             Ok((o, _)) => {

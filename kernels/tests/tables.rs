@@ -65,7 +65,7 @@ fn every_target_has_a_table_covering_its_buckets() {
 fn calls_use_their_buckets_table_entry_else_a_default() {
     // 1×4×1000×128 causal f32 falls in the s1024 bucket of the CPU table.
     let shape = AttentionShape { batch: 1, heads: 4, kv_heads: 4, q_len: 1000, kv_len: 1000, head_dim: 128 };
-    let opts = AttentionOptions { causal: true, sm_scale: None, block: None };
+    let opts = AttentionOptions { causal: true, sm_scale: None, block: None, ..Default::default() };
     let fitted = |op: &str| {
         let c: FlashConfig = serde_json::from_value(entry(TableTarget::Cpu, op, "s1024d128/causal/f32").expect("the cpu table has the bucket").clone()).expect("a config");
         (c.bq.min(1000usize.div_ceil(8) * 8), c.bk.min(1000usize.div_ceil(8) * 8))
@@ -90,7 +90,7 @@ fn lowered_tpu_modules_and_device_buffer_runs() {
     use torchtpu_kernels::{flash, matmul};
     use torchtpu_runtime::Chip;
     let shape = AttentionShape { batch: 1, heads: 4, kv_heads: 2, q_len: 1024, kv_len: 1024, head_dim: 128 };
-    let opts = AttentionOptions { causal: true, sm_scale: None, block: None };
+    let opts = AttentionOptions { causal: true, sm_scale: None, block: None, ..Default::default() };
     let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
     let fwd = flash::forward_tpu_module(shape, torchtpu_dsl::DType::BF16, opts, true, Chip::V6e).expect("lowers");
     assert!(fwd.contains("tpu_custom_call"));

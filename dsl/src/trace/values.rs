@@ -483,6 +483,48 @@ pub fn random_uniform(shape: impl AsRef<[usize]>) -> Tile<f32> {
     bits.bitcast::<f32>() - 1.0
 }
 
+/// The tiles of the kernel being traced, as the u32 words of [`crate::random`]'s functions
+/// (an `i32` tile holds the bits; its arithmetic wraps as `u32`'s does).
+struct TracedWords;
+
+impl crate::random::U32Ops for TracedWords {
+    type V = Tile<i32>;
+    fn constant(&mut self, c: u32) -> Tile<i32> {
+        Tile::full([1, 1], c as i32)
+    }
+    fn xor(&mut self, a: &Tile<i32>, b: &Tile<i32>) -> Tile<i32> {
+        *a ^ *b
+    }
+    fn add(&mut self, a: &Tile<i32>, b: &Tile<i32>) -> Tile<i32> {
+        *a + *b
+    }
+    fn mul(&mut self, a: &Tile<i32>, b: &Tile<i32>) -> Tile<i32> {
+        *a * *b
+    }
+    fn shr(&mut self, a: &Tile<i32>, by: u32) -> Tile<i32> {
+        a.shift_right_logical(by as i32)
+    }
+}
+
+/// The key of a stateless random stream (for [`random_bits_at`]): a function of `seeds`
+/// alone, each a tile of one element (or tiles that broadcast together).
+#[track_caller]
+pub fn random_key(seeds: &[Tile<i32>]) -> Tile<i32> {
+    crate::random::seed_key(&mut TracedWords, seeds)
+}
+
+/// Random bits for each element of `counters` under `key`: a function of the two alone, the
+/// same on every backend and whatever the blocking (a counter-based generator, as
+/// `jax.random` is), so that two kernels, or two block sizes, regenerate the same bits for the
+/// same counters. The bits are those [`crate::random`]'s generator gives with the counter at 0.
+/// [`prng_random_bits`] instead draws a TPU's hardware generator, which is faster there but
+/// sequential, and not reproduced off the TPU.
+#[track_caller]
+pub fn random_bits_at(key: Tile<i32>, counters: Tile<i32>) -> Tile<i32> {
+    let zero = Tile::full([1, 1], 0);
+    crate::random::bits(&mut TracedWords, &key, &zero, &counters)
+}
+
 /// `tiles` joined along `axis` (they agree in every other dim).
 #[track_caller]
 pub fn concatenate<T: Element>(tiles: &[Tile<T>], axis: usize) -> Tile<T> {
