@@ -14,10 +14,22 @@ def qkv(b=1, h=4, hk=2, sq=16, sk=16, d=8, dtype=torch.float32):
 
 def test_attention_rejects_bad_input():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"must be \[batch, heads, seq, head_dim\]"):
-        torchtpu.flash_attention(q[0], k, v)
-    with pytest.raises(ValueError, match="grouped-query attention needs q's heads to be a multiple"):
+    with pytest.raises(ValueError, match=r"must be \[\.\.\., seq, head_dim\] with a batch dim"):
+        torchtpu.flash_attention(q[0, 0], k, v)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        torchtpu.flash_attention(*qkv(b=2)[:1], *qkv(b=3)[1:])
+    with pytest.raises(ValueError, match="q's a multiple of k/v's"):
         torchtpu.flash_attention(*qkv(h=4, hk=3))
+    with pytest.raises(ValueError, match="pass enable_gqa=True"):
+        torchtpu.flash_attention(q, k, v, enable_gqa=False)
+    with pytest.raises(ValueError, match=r"attn_mask \[3, 16\] does not broadcast to the attention scores \[1, 4, 16, 16\]"):
+        torchtpu.flash_attention(q, k, v, attn_mask=torch.ones(3, 16, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be boolean or floating point"):
+        torchtpu.flash_attention(q, k, v, attn_mask=torch.ones(16, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"dropout_p must be a probability in \[0, 1\]; got 1.5"):
+        torchtpu.flash_attention(q, k, v, dropout_p=1.5)
+    with pytest.raises(ValueError, match="causal must be False, True, 'top_left' or 'bottom_right'"):
+        torchtpu.flash_attention(q, k, v, causal="lower_right")
     with pytest.raises(ValueError, match="k and v must both be"):
         torchtpu.flash_attention(q, k, v[:, :, :8])
     with pytest.raises(TypeError, match="torch.float64; torchtpu's kernels take torch.float32 or torch.bfloat16 or torch.float16"):
@@ -60,7 +72,7 @@ def test_errors_under_fake_tensors():
 
     with FakeTensorMode():
         q, k, v = qkv(h=4, hk=3)
-        with pytest.raises(ValueError, match="grouped-query"):
+        with pytest.raises(ValueError, match="multiple of k/v's"):
             torchtpu.flash_attention(q, k, v)
         with pytest.raises(ValueError, match="second-to-last"):
             torchtpu.matmul(torch.randn(8, 4), torch.randn(5, 3))

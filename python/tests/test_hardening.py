@@ -89,9 +89,16 @@ def test_bad_input_to_the_native_module_is_a_python_error():
         run({**problem, "dtype": "i32"}, q.int(), q.int(), q.int(), seg, seg)
     with pytest.raises(ValueError, match="grouped-query"):
         run({**problem, "heads": 3}, torch.randn(1, 3, 8, 16), q, q, seg, seg)
+    bias, seed = torch.zeros(1, 1, 8, 128), torch.zeros(8, 128, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"operand 3 must be i32 \[1, 8, 128\]"):
-        run(problem, q, q, q, q, seg)
-    with pytest.raises(ValueError, match="takes 5 operands"):
+        run(problem, q, q, q, q, seg, bias, seed)
+    with pytest.raises(ValueError, match=r"operand 6 must be i32 \[8, 128\]"):
+        run(problem, q, q, q, seg, seg, bias, bias)
+    with pytest.raises(ValueError, match="dropout_p must be a probability"):
+        run({**problem, "dropout_p": 2.0}, q, q, q, seg, seg, bias, seed)
+    with pytest.raises(ValueError, match="the bias's batch and heads must each be 1 or the problem's"):
+        run({**problem, "bias": {"batch": 1, "heads": 3}}, q, q, q, seg, seg, bias, seed)
+    with pytest.raises(ValueError, match="takes 7 operands"):
         run(problem, q, q, q)
     with pytest.raises(ValueError, match="not a flash_attention problem"):
         run({"batch": -1}, q)

@@ -1,20 +1,47 @@
 """PyTorch's own OpInfo sample inputs for matmul, mm, bmm, F.linear and
 F.scaled_dot_product_attention, run under torchtpu.drop_in(): every sample our kernels serve
 agrees with PyTorch in forward and backward; the rest fall through for a documented reason
-(see the README): an attention mask, dropout, q/k/v of different ranks (batch dims
-broadcast), or a 1-D weight for F.linear. bf16 and f16 results are held to no worse than PyTorch's own low-precision CPU
-result against f64."""
+(see the README): a 1-D weight for F.linear. bf16 and f16 results are held to no worse than
+PyTorch's own low-precision CPU result against f64. Samples with dropout are compared with
+SDPA in f64 dropping what torchtpu's generator drops (``dropout_reference``, written
+independently): PyTorch's own dropout draws other weights."""
+
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from dropout_reference import keep_mask, seed_after
 from torch.testing._internal.common_methods_invocations import op_db
 
 import torchtpu
 
 OPS = {o.name: o for o in op_db if o.name in ("matmul", "mm", "bmm", "nn.functional.linear", "nn.functional.scaled_dot_product_attention")}
 #: Why a sample may fall through to PyTorch (the routing's reasons).
-DOCUMENTED = ("attn_mask", "dropout", "rank", "1-D weight")
+DOCUMENTED = ("1-D weight",)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
+
+
+def _sdpa_with_our_dropout(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """SDPA with its weights dropped where torchtpu drops them when the OpInfo's op runs it (its
+    ``wrapper_set_seed`` seeds PyTorch with 42 first): the inputs broadcast to one batch shape,
+    each (batch, head) keyed as the kernels key it."""
+    rank = max(t.dim() for t in (query, key, value))
+    q, k, v = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    lead = torch.broadcast_shapes(*(t.shape[:-2] for t in (q, k, v)))
+    q, k, v = (t.expand(*lead, *t.shape[-2:]) for t in (q, k, v))
+    sq, sk = q.shape[-2], k.shape[-2]
+    keep = keep_mask(seed_after(42), math.prod(lead), sq, sk, dropout_p).reshape(*lead, sq, sk)
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        s = s.masked_fill(~torch.ones(sq, sk, dtype=torch.bool).tril(), float("-inf"))
+    if attn_mask is not None:
+        s = s + attn_mask if attn_mask.dtype != torch.bool else s.masked_fill(~attn_mask, float("-inf"))
+    return (F.softmax(s, dim=-1) * keep.to(s.dtype) / (1.0 - dropout_p)) @ v
+
+
+class _Reference:
+    op = staticmethod(_sdpa_with_our_dropout)
 
 
 def _outputs_and_grads(op, sample, grad_seed, cast=None):
@@ -52,8 +79,10 @@ def test_opinfo_samples_run_on_our_kernels_or_fall_through_for_a_documented_reas
             assert routed.fallbacks and all(any(d in reason for d in DOCUMENTED) for reason in routed.fallbacks), f"sample {i}: {dict(routed.fallbacks)}"
             continue
         served += 1
-        exact = _outputs_and_grads(op, sample, i, cast=torch.float64)
-        theirs = _outputs_and_grads(op, sample, i)
+        # With dropout, the computation PyTorch's SDPA would make had it dropped our weights.
+        same = _Reference if sample.kwargs.get("dropout_p", 0.0) > 0 else op
+        exact = _outputs_and_grads(same, sample, i, cast=torch.float64)
+        theirs = _outputs_and_grads(same, sample, i)
         for what, ours_t, want, torch_t in zip(["forward", *(f"grad {k}" for k in range(len(got[1])))], [got[0], *got[1]], [exact[0], *exact[1]], [theirs[0], *theirs[1]]):
             if want is None:
                 continue

@@ -28,7 +28,7 @@ def tensor_type(shape, dtype):
 def test_attention_kernels_registered_for_a_call(dtype):
     q, k, v = meta(2, 8, 1024, 128, dtype=dtype), meta(2, 2, 1000, 128, dtype=dtype), meta(2, 2, 1000, 128, dtype=dtype)
     fwd, dkv, dq = tpu.flash_attention_kernels(q, k, v, True, 0.125, True, chip="v6e")
-    assert fwd.inputs == (((2, 8, 1024, 128), dtype), ((2, 2, 1000, 128), dtype), ((2, 2, 1000, 128), dtype), ((2, 1024, 128), torch.int32), ((2, 8, 1000), torch.int32))
+    assert fwd.inputs == (((2, 8, 1024, 128), dtype), ((2, 2, 1000, 128), dtype), ((2, 2, 1000, 128), dtype), ((2, 1024, 128), torch.int32), ((2, 8, 1000), torch.int32), ((1, 1, 8, 128), torch.float32), ((8, 128), torch.int32))
     assert fwd.outputs == (((2, 8, 1024, 128), dtype), ((2, 8, 1024, 1), torch.float32))
     assert dkv.outputs == (((2, 2, 1000, 128), dtype),) * 2
     assert dq.outputs == (((2, 8, 1024, 128), dtype),)

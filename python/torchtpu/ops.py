@@ -27,7 +27,7 @@ def _check_contiguous(**tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name} is not contiguous (strides {t.stride()}); call .contiguous() first")
 
 
-def _check_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]) -> None:
+def _check_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor], bias: Optional[Tensor] = None, dropout_p: float = 0.0) -> None:
     """Shape, dtype and device checks, shared by the real and the fake implementations."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t)
@@ -49,7 +49,14 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, segment_ids: Optional[Tens
                 raise TypeError(f"{name} must be an integer tensor (int32 or int64); got {t.dtype}")
             if tuple(t.shape) != want:
                 raise ValueError(f"{name} must be [batch, seq] = {list(want)}; got {list(t.shape)}")
-    same_device(q=q, k=k, v=v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    if bias is not None:
+        if bias.dtype != torch.float32:
+            raise TypeError(f"bias must be float32 (an additive mask; -inf hides a key); got {bias.dtype}")
+        if bias.dim() != 4 or bias.shape[0] not in (1, b) or bias.shape[1] not in (1, h) or tuple(bias.shape[2:]) != (sq, sk):
+            raise ValueError(f"bias must be [1 or {b}, 1 or {h}, {sq}, {sk}] for q {tuple(q.shape)} and k {tuple(k.shape)}; got {list(bias.shape)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a probability in [0, 1]; got {dropout_p}")
+    same_device(q=q, k=k, v=v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, bias=bias)
 
 
 _I32 = torch.iinfo(torch.int32)
@@ -66,56 +73,87 @@ def _segments_i32(segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor
     return segment_ids.to(torch.int32).contiguous(), kv_segment_ids.to(torch.int32).contiguous()
 
 
-def _attention_problem(q: Tensor, k: Tensor, causal: bool, sm_scale: float, segment_ids: Optional[Tensor]) -> dict:
+def _attention_problem(q: Tensor, k: Tensor, causal: bool, sm_scale: float, segment_ids: Optional[Tensor], bias: Optional[Tensor] = None, bias_grad: bool = False, bottom_right: bool = False, dropout_p: float = 0.0) -> dict:
     b, h, sq, d = (int(x) for x in q.shape)
     hk, sk = int(k.shape[1]), int(k.shape[2])
     shape = {"batch": b, "heads": h, "kv_heads": hk, "q_len": sq, "kv_len": sk, "head_dim": d}
-    return {**shape, "dtype": dtype_name(q.dtype), "causal": bool(causal), "segments": segment_ids is not None, "sm_scale": float(sm_scale)}
+    return {
+        **shape,
+        "dtype": dtype_name(q.dtype),
+        "causal": bool(causal),
+        "bottom_right": bool(bottom_right),
+        "segments": segment_ids is not None,
+        "bias": None if bias is None else {"batch": int(bias.shape[0]), "heads": int(bias.shape[1])},
+        "bias_grad": bool(bias_grad),
+        "dropout_p": float(dropout_p),
+        "sm_scale": float(sm_scale),
+    }
 
 
-def _segment_operands(op: RustOp, problem: dict, like: Tensor, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]) -> list:
-    """The segment-id operands in the layout the op's signature gives (ids broadcast across
-    it: ``[b, sq, lanes]`` and ``[b, sublanes, sk]``), or its placeholders without ids."""
+def _mask_operands(op: RustOp, problem: dict, like: Tensor, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor], bias: Optional[Tensor], seed: Optional[Tensor]) -> list:
+    """The segment-id, bias and seed operands in the layout the op's signature gives (ids
+    broadcast across ``[b, sq, lanes]`` and ``[b, sublanes, sk]``, the seed in a tile's first
+    element), or its placeholders for what is not given."""
     inputs, _ = op.signature(problem)
-    (q_shape, _), (kv_shape, _) = inputs[-2], inputs[-1]
+    (q_shape, _), (kv_shape, _), (bias_shape, _), (seed_shape, _) = inputs[-4:]
+    zeros = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=like.device)  # noqa: E731
     if segment_ids is None:
-        return [torch.zeros(q_shape, dtype=torch.int32, device=like.device), torch.zeros(kv_shape, dtype=torch.int32, device=like.device)]
-    qs, ks = _segments_i32(segment_ids, kv_segment_ids)
-    return [qs[:, :, None].expand(q_shape).contiguous(), ks[:, None, :].expand(kv_shape).contiguous()]
+        segments = [zeros(q_shape, torch.int32), zeros(kv_shape, torch.int32)]
+    else:
+        qs, ks = _segments_i32(segment_ids, kv_segment_ids)
+        segments = [qs[:, :, None].expand(q_shape).contiguous(), ks[:, None, :].expand(kv_shape).contiguous()]
+    bias = zeros(bias_shape, torch.float32) if bias is None else bias.contiguous()
+    seed = zeros(seed_shape, torch.int32) if seed is None else seed.to(torch.int32).reshape(-1)[:1].expand(seed_shape).contiguous()
+    return [*segments, bias, seed]
 
 
-def _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids):
-    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+def _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias, bottom_right, dropout_p, seed):
+    _check_attention(q, k, v, segment_ids, kv_segment_ids, bias, dropout_p)
     _check_contiguous(q=q, k=k, v=v)
-    problem = _attention_problem(q, k, causal, sm_scale, segment_ids)
-    out, lse = _FORWARD(problem, [q, k, v, *_segment_operands(_FORWARD, problem, q, segment_ids, kv_segment_ids)])
+    problem = _attention_problem(q, k, causal, sm_scale, segment_ids, bias, False, bottom_right, dropout_p)
+    out, lse = _FORWARD(problem, [q, k, v, *_mask_operands(_FORWARD, problem, q, segment_ids, kv_segment_ids, bias, seed)])
     return out, lse.view(q.shape[:3])
 
 
-def _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids):
-    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+def _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids, bias, bias_grad, bottom_right, dropout_p, seed):
+    _check_attention(q, k, v, segment_ids, kv_segment_ids, bias, dropout_p)
     _check_contiguous(q=q, k=k, v=v, out=out, grad_out=grad_out, lse=lse)
-    problem = _attention_problem(q, k, causal, sm_scale, segment_ids)
+    bias_grad = bool(bias_grad) and bias is not None
+    problem = _attention_problem(q, k, causal, sm_scale, segment_ids, bias, bias_grad, bottom_right, dropout_p)
     want = tuple(q.shape[:3])
     if lse.dtype != torch.float32 or tuple(lse.shape) not in (want, (*want, 1)):
         raise ValueError(f"lse must be float32 {list(want)}; got {lse.dtype} {list(lse.shape)}")
-    operands = [q, k, v, out, grad_out, lse.reshape(*want, 1), *_segment_operands(_DQ, problem, q, segment_ids, kv_segment_ids)]
+    operands = [q, k, v, out, grad_out, lse.reshape(*want, 1), *_mask_operands(_DQ, problem, q, segment_ids, kv_segment_ids, bias, seed)]
     dk, dv = _DKV(problem, operands)
-    (dq,) = _DQ(problem, operands)
-    return dq, dk, dv
+    dq, *d_bias = _DQ(problem, operands)
+    return dq, dk, dv, (d_bias[0] if d_bias else q.new_empty(0, dtype=torch.float32))
 
 
 @torch.library.custom_op("torchtpu::flash_attention_forward", mutates_args=(), device_types="cpu")
 def flash_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float, segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor]
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool,
+    sm_scale: float,
+    segment_ids: Optional[Tensor],
+    kv_segment_ids: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    bottom_right: bool = False,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """Attention output and its log-sum-exp (f32 ``[batch, heads, q_seq]``)."""
-    return _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids)
+    """Attention output and its log-sum-exp (f32 ``[batch, heads, q_seq]``). ``bias`` is an
+    additive f32 mask ``[1 or batch, 1 or heads, q_seq, kv_seq]`` (-inf hides a key; a row
+    with every key hidden gives zeros); ``bottom_right`` aligns the causal diagonal to the last
+    key; dropout drops each weight with probability ``dropout_p``, as a function of ``seed``
+    (an int tensor, its first element read) and the weight's position."""
+    return _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias, bottom_right, dropout_p, seed)
 
 
 @flash_attention_forward.register_fake
-def _(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids):
-    _check_attention(q, k, v, segment_ids, kv_segment_ids)
+def _(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias=None, bottom_right=False, dropout_p=0.0, seed=None):
+    _check_attention(q, k, v, segment_ids, kv_segment_ids, bias, dropout_p)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -131,29 +169,44 @@ def flash_attention_backward(
     sm_scale: float,
     segment_ids: Optional[Tensor],
     kv_segment_ids: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq, dk, dv) of attention from its output, log-sum-exp and output gradient."""
-    return _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids)
+    bias: Optional[Tensor] = None,
+    bias_grad: bool = False,
+    bottom_right: bool = False,
+    dropout_p: float = 0.0,
+    seed: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv, dbias) of attention from its output, log-sum-exp and output
+    gradient. dbias is ``[batch, heads, q_seq, kv_seq]`` (f32, before any broadcast of the bias
+    is summed) with ``bias_grad``, else empty."""
+    return _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids, bias, bias_grad, bottom_right, dropout_p, seed)
 
 
 @flash_attention_backward.register_fake
-def _(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids):
-    _check_attention(q, k, v, segment_ids, kv_segment_ids)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids, bias=None, bias_grad=False, bottom_right=False, dropout_p=0.0, seed=None):
+    _check_attention(q, k, v, segment_ids, kv_segment_ids, bias, dropout_p)
+    d_bias = q.new_empty((*q.shape[:3], k.shape[2]), dtype=torch.float32) if bias_grad and bias is not None else q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_bias
 
 
 def _forward_setup_context(ctx, inputs, output):
-    q, k, v, causal, sm_scale, segment_ids, kv_segment_ids = inputs
+    q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias, bottom_right, dropout_p, seed = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, segment_ids, kv_segment_ids)
-    ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids, kv_segment_ids, bias, seed)
+    ctx.causal, ctx.sm_scale, ctx.bottom_right, ctx.dropout_p = causal, sm_scale, bottom_right, dropout_p
 
 
 def _forward_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, segment_ids, kv_segment_ids = ctx.saved_tensors
-    dq, dk, dv = torch.ops.torchtpu.flash_attention_backward(q, k, v, out, grad_out.contiguous(), lse, ctx.causal, ctx.sm_scale, segment_ids, kv_segment_ids)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, segment_ids, kv_segment_ids, bias, seed = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[7]
+    dq, dk, dv, d_bias = torch.ops.torchtpu.flash_attention_backward(
+        q, k, v, out, grad_out.contiguous(), lse, ctx.causal, ctx.sm_scale, segment_ids, kv_segment_ids, bias, bias_grad, ctx.bottom_right, ctx.dropout_p, seed
+    )
+    if bias_grad:
+        # The bias broadcast over batch or heads: its gradient sums over them.
+        dims = [i for i in (0, 1) if bias.shape[i] == 1 and d_bias.shape[i] != 1]
+        d_bias = d_bias.sum(dims, keepdim=True) if dims else d_bias
+    return dq, dk, dv, None, None, None, None, (d_bias if bias_grad else None), None, None, None
 
 
 flash_attention_forward.register_autograd(_forward_backward, setup_context=_forward_setup_context)
@@ -161,7 +214,8 @@ flash_attention_forward.register_autograd(_forward_backward, setup_context=_forw
 
 torch.library.define(
     "torchtpu::flash_attention",
-    "(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? sm_scale=None, Tensor? segment_ids=None, Tensor? kv_segment_ids=None) -> Tensor",
+    "(Tensor q, Tensor k, Tensor v, *, bool causal=False, float? sm_scale=None, Tensor? segment_ids=None, Tensor? kv_segment_ids=None, "
+    "Tensor? attn_mask=None, float dropout_p=0.0, bool bottom_right=False, bool enable_gqa=True) -> Tensor",
 )
 
 
@@ -175,41 +229,98 @@ def _upcast(t: Tensor) -> Tensor:
     return t.float() if t.dtype == torch.float16 else t
 
 
-def _attention_layout(q: Tensor, k: Tensor, v: Tensor):
+def _attention_layout(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = True):
     """q, k, v as the kernels take them — ``[batch, heads, seq, head_dim]``, contiguous, f32 or
-    bf16 — and how to give the output back the inputs' form. SDPA's ``[..., L, E]``: 3-D inputs
-    are one head; more leading dims fold into the batch. Strided inputs (a projection's output
-    viewed per head) are copied once."""
+    bf16 — and how to give the output back in SDPA's form. SDPA's ``[..., L, E]``: inputs of
+    different ranks are padded with leading 1s, their batch dims (all before the heads)
+    broadcast and folded into one; 3-D inputs are one head. Heads broadcast too (one q head
+    over k/v's); fewer k/v heads than q's, a divisor, is grouped-query attention. Strided
+    inputs (a projection's output viewed per head) are copied once."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, _PUBLIC_DTYPES)
-    if not q.dim() == k.dim() == v.dim() or q.dim() < 3:
-        raise ValueError(f"q, k and v must be [batch, heads, seq, head_dim] like scaled_dot_product_attention's ([..., seq, head_dim], at least 3-D, one rank); got shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
-    lead = q.shape[:-3]
+    if min(q.dim(), k.dim(), v.dim()) < 3:
+        raise ValueError(f"q, k and v must be [..., seq, head_dim] with a batch dim, like scaled_dot_product_attention's ([batch, heads, seq, head_dim], or [batch, seq, head_dim]); got shapes {tuple(q.shape)}, {tuple(k.shape)} and {tuple(v.shape)}")
+    rank = max(q.dim(), k.dim(), v.dim())
+    q, k, v = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (q, k, v))
+    if rank == 3:
+        q, k, v = (t.unsqueeze(1) for t in (q, k, v))
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"the batch dims of q {list(q.shape[:-3])}, k {list(k.shape[:-3])} and v {list(v.shape[:-3])} do not broadcast") from None
+    hq, hk = q.shape[-3], k.shape[-3]
+    if v.shape[-3] != hk:
+        raise ValueError(f"k and v must have the same number of heads; got {hk} and {v.shape[-3]}")
+    if hq != hk and not (hk == 1 or hq == 1 or (enable_gqa and hk and hq % hk == 0)):
+        why = "" if enable_gqa else " (fewer k/v heads than q heads is grouped-query attention: pass enable_gqa=True)"
+        raise ValueError(f"q has {hq} heads and k/v {hk}: they must be equal, one of them 1, or q's a multiple of k/v's{why}")
+    heads = max(hq, hk) if hq == 1 else hq
     dtype = q.dtype
+    batch = math.prod(lead)
 
-    def kernel_form(t: Tensor) -> Tensor:
-        if t.dim() == 3:
-            t = t.unsqueeze(1)
-        elif t.dim() > 4:
-            if t.shape[:-3] != lead:
-                raise ValueError(f"q, k and v must share their leading dims {list(lead)}; got {list(t.shape)}")
-            t = t.reshape(math.prod(lead), *t.shape[-3:])
+    def kernel_form(t: Tensor, h: int) -> Tensor:
+        t = t.expand(*lead, h, *t.shape[-2:]).reshape(batch, h, *t.shape[-2:])
         return _upcast(t).contiguous()
+
+    kv_heads = hk if hq != 1 else heads
 
     def restore(out: Tensor) -> Tensor:
         out = out.to(dtype)
-        if q.dim() == 3:
+        if rank == 3:
             return out.squeeze(1)
-        return out.reshape(*lead, *out.shape[1:]) if q.dim() > 4 else out
+        return out.reshape(*lead, *out.shape[1:])
 
-    return kernel_form(q), kernel_form(k), kernel_form(v), restore
+    return kernel_form(q, heads), kernel_form(k, kv_heads), kernel_form(v, kv_heads), restore, (lead, rank)
+
+
+def _bias_layout(attn_mask: Tensor, lead, rank: int, heads: int, q_len: int, kv_len: int) -> Tensor:
+    """SDPA's ``attn_mask`` (boolean: True takes part; or additive float), broadcastable to the
+    scores ``[..., L, S]``, as the kernels' f32 bias ``[batch or 1, heads or 1, L, S]``
+    (-inf where a boolean mask is False). Differentiable: autograd sums a broadcast."""
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a tensor (boolean or float), not {type(attn_mask).__name__}")
+    if attn_mask.dtype == torch.bool:
+        bias = torch.zeros(attn_mask.shape, dtype=torch.float32, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask.is_floating_point():
+        bias = attn_mask.float()
+    else:
+        raise TypeError(f"attn_mask must be boolean or floating point, not {attn_mask.dtype}")
+    if bias.dim() > rank:
+        raise ValueError(f"attn_mask has {bias.dim()} dims, more than the attention's {rank}")
+    bias = bias.reshape((1,) * (rank - bias.dim()) + tuple(bias.shape))
+    if rank == 3:
+        bias = bias.unsqueeze(1)
+    try:
+        scores = (*lead, heads, q_len, kv_len)
+        torch.broadcast_shapes(bias.shape, scores)
+    except RuntimeError:
+        raise ValueError(f"attn_mask {list(attn_mask.shape)} does not broadcast to the attention scores {list(scores)}") from None
+    batch_dims = bias.shape[:-3]
+    if all(n == 1 for n in batch_dims):
+        bias = bias.reshape(1, *bias.shape[-3:])
+    else:
+        bias = bias.expand(*lead, *bias.shape[-3:]).reshape(math.prod(lead), *bias.shape[-3:])
+    return bias.expand(bias.shape[0], bias.shape[1], q_len, kv_len).contiguous()
+
+
+#: Where the public function's ``causal`` says the diagonal lies.
+_CAUSAL = {False: (False, False), True: (True, False), "top_left": (True, False), "bottom_right": (True, True)}
+
+
+def _dropout_seed(device) -> Tensor:
+    """A seed for dropout from PyTorch's default generator: ``torch.manual_seed`` makes a
+    dropout run repeatable."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(device)
 
 
 @torch.library.impl("torchtpu::flash_attention", "CompositeImplicitAutograd")
-def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, kv_segment_ids=None):
+def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, kv_segment_ids=None, attn_mask=None, dropout_p=0.0, bottom_right=False, enable_gqa=True):
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
-    q, k, v, restore = _attention_layout(q, k, v)
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a probability in [0, 1]; got {dropout_p}")
+    q, k, v, restore, (lead, rank) = _attention_layout(q, k, v, enable_gqa)
+    bias = None if attn_mask is None else _bias_layout(attn_mask, lead, rank, q.shape[1], q.shape[2], k.shape[2])
     if sm_scale is None:
         # With head_dim 0 every score is 0 whatever the scale.
         sm_scale = 1.0 / float(q.shape[-1]) ** 0.5 if q.shape[-1] else 1.0
@@ -221,7 +332,8 @@ def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, 
         q, k = (F.pad(t, (0, dv - d)) for t in (q, k))
     elif dv < d:
         v = F.pad(v, (0, d - dv))
-    out, _ = torch.ops.torchtpu.flash_attention_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids)
+    seed = _dropout_seed(q.device) if dropout_p > 0 else None
+    out, _ = torch.ops.torchtpu.flash_attention_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias, bottom_right, float(dropout_p), seed)
     return restore(out[..., :dv] if out.shape[-1] != dv else out)
 
 
@@ -230,23 +342,38 @@ def flash_attention(
     k: Tensor,
     v: Tensor,
     *,
-    causal: bool = False,
+    causal=False,
     sm_scale: Optional[float] = None,
     segment_ids: Optional[Tensor] = None,
     kv_segment_ids: Optional[Tensor] = None,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    enable_gqa: bool = True,
 ) -> Tensor:
-    """Flash attention over ``[batch, heads, seq, head_dim]`` tensors (or SDPA's other ranks:
-    ``[batch, seq, head_dim]``, or more leading dims), like
-    ``torch.nn.functional.scaled_dot_product_attention``: any strides, f32, bf16 or f16 (f16
-    computed in f32 and returned as f16), and v's head dim may differ from q's and k's.
+    """Flash attention with ``torch.nn.functional.scaled_dot_product_attention``'s semantics
+    over ``[batch, heads, seq, head_dim]`` tensors, or SDPA's other forms: ``[batch, seq,
+    head_dim]``, more leading dims, ranks that differ (batch dims broadcast); any strides;
+    f32, bf16 or f16 (f16 computed in f32 and returned as f16); v's head dim may differ from
+    q's and k's.
 
-    ``causal`` masks keys after each query (top-left aligned, as SDPA's ``is_causal``);
+    ``causal`` masks keys after each query: ``True`` or ``"top_left"`` as SDPA's
+    ``is_causal`` (query ``i`` sees keys ``..=i``), ``"bottom_right"`` as flash-attn and
+    KV-cache decoding (the last query sees the last key). ``attn_mask`` is SDPA's: boolean
+    (True takes part) or additive float, broadcastable to ``[..., q_seq, kv_seq]``, with its
+    gradient when it requires one; a query that sees no key gives zeros, as SDPA does.
+    ``dropout_p`` drops attention weights as SDPA does in training, from PyTorch's default
+    generator (``torch.manual_seed`` repeats a run; the dropped weights are not PyTorch's own).
     ``sm_scale`` defaults to ``1/sqrt(head_dim)``; k and v may have fewer heads than q (a
     divisor: grouped-query attention); ``segment_ids`` (``[batch, q_seq]``, with
     ``kv_segment_ids`` ``[batch, kv_seq]`` when the lengths differ) restrict each query to keys
     of its own segment (packed sequences).
     """
-    return torch.ops.torchtpu.flash_attention(q, k, v, causal=causal, sm_scale=sm_scale, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+    if causal not in _CAUSAL:
+        raise ValueError(f"causal must be False, True, 'top_left' or 'bottom_right'; got {causal!r}")
+    is_causal, bottom_right = _CAUSAL[causal]
+    return torch.ops.torchtpu.flash_attention(
+        q, k, v, causal=is_causal, sm_scale=sm_scale, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, attn_mask=attn_mask, dropout_p=float(dropout_p), bottom_right=bottom_right, enable_gqa=enable_gqa
+    )
 
 
 def _check_matmul(a: Tensor, b: Tensor) -> None:

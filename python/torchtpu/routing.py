@@ -2,9 +2,9 @@
 
 Under ``with torchtpu.drop_in() as routed:``, calls to ``F.scaled_dot_product_attention``,
 ``torch.matmul`` / ``@`` / ``torch.mm`` / ``torch.bmm`` / ``F.linear``, ``F.rms_norm`` and
-``F.layer_norm`` that our kernels can serve go to them; the rest (an attention mask, dropout,
-f64, a device we do not serve, arguments our functions refuse...) fall through to PyTorch
-unchanged. ``routed.hits`` counts
+``F.layer_norm`` that our kernels can serve go to them — attention with its masks (boolean,
+additive, ``CausalBias``), dropout and broadcast batch dims included; the rest (f64, a device
+we do not serve, arguments our functions refuse...) fall through to PyTorch unchanged. ``routed.hits`` counts
 the calls each route took, ``routed.fallbacks`` the ones it passed on, by reason. It is a
 ``TorchFunctionMode``, so it works in eager and under ``torch.compile``.
 """
@@ -41,21 +41,36 @@ def _why_not(*tensors: Optional[Tensor]) -> Optional[str]:
     return None
 
 
+def _causal_bias(attn_mask) -> Optional[str]:
+    """The alignment a ``torch.nn.attention.bias.CausalBias`` mask stands for, or None."""
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    return {CausalVariant.UPPER_LEFT: "top_left", CausalVariant.LOWER_RIGHT: "bottom_right"}.get(attn_mask.variant)
+
+
 def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    if attn_mask is not None:
-        return "attn_mask"
-    if dropout_p:
-        return "dropout"
+    causal = bool(is_causal)
+    alignment = _causal_bias(attn_mask)
+    if alignment is not None:
+        if is_causal:
+            return "causal bias and is_causal"
+        attn_mask, causal = None, alignment
     why = _why_not(query, key, value)
     if why:
         return why
-    if query.dim() < 3 or not query.dim() == key.dim() == value.dim():
+    if attn_mask is not None:
+        # SDPA takes a boolean mask, or a float one in the query's dtype.
+        if not isinstance(attn_mask, Tensor) or attn_mask.dtype not in (torch.bool, query.dtype):
+            return "attn_mask dtype"
+        if attn_mask.device != query.device or attn_mask.is_sparse or attn_mask.is_nested:
+            return "attn_mask device"
+    if min(query.dim(), key.dim(), value.dim()) < 3:
         return "rank"
-    if query.dim() != 4 and query.shape[:-2] != key.shape[:-2]:
-        return "batch dims"
-    if query.dim() == 4 and query.shape[1] != key.shape[1] and not enable_gqa:
-        return "heads"
-    return ops.flash_attention(query, key, value, causal=bool(is_causal), sm_scale=scale)
+    return ops.flash_attention(query, key, value, causal=causal, sm_scale=scale, attn_mask=attn_mask, dropout_p=dropout_p, enable_gqa=enable_gqa)
 
 
 def _matmul(a, b):
