@@ -89,3 +89,18 @@ def test_attention_takes_a_v_head_dim_other_than_qs(rng, dv):
     want.backward(grad)
     for ours, theirs in ((q, q64), (k, k64), (v, v64)):
         torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_a_transposed_weight_is_read_in_place():
+    # `x @ W.T` (F.linear's form) is the kernel's transposed-operand matmul: no copy of W.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def ops_of(f, *args):
+        return [str(n.target) for n in make_fx(f)(*args).graph.nodes if n.op == "call_function"]
+
+    x, bx, w, bw = torch.randn(4, 16), torch.randn(3, 4, 16), torch.randn(8, 16), torch.randn(3, 8, 16)
+    assert "aten.clone.default" not in ops_of(lambda x, w: torchtpu.ops.matmul_like_torch(x, w.T), x, w)
+    assert "aten.clone.default" not in ops_of(lambda x, w: torchtpu.ops.matmul_like_torch(x, w.mT), bx, bw)
+    assert "aten.clone.default" in ops_of(lambda x, w: torchtpu.ops.matmul_like_torch(x, w[:, ::2].T), torch.randn(4, 8), w)
+    for a, b in ((x, w.T), (bx, bw.mT)):
+        torch.testing.assert_close(torchtpu.ops.matmul_like_torch(a, b), a @ b)

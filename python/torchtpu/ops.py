@@ -376,7 +376,7 @@ def flash_attention(
     )
 
 
-def _check_matmul(a: Tensor, b: Tensor) -> None:
+def _check_matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> None:
     check_tensor("a", a)
     check_tensor("b", b)
     if a.dtype != b.dtype:
@@ -385,56 +385,72 @@ def _check_matmul(a: Tensor, b: Tensor) -> None:
         raise ValueError(f"matmul takes [m, k] @ [k, n] or [batch, m, k] @ [batch, k, n]; got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dim() == 3 and a.shape[0] != b.shape[0]:
         raise ValueError(f"a and b must have the same batch; got {a.shape[0]} and {b.shape[0]}")
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"a is {tuple(a.shape)} and b {tuple(b.shape)}: a's last dimension must equal b's second-to-last")
+    if a.shape[-1] != b.shape[-1 if transpose_b else -2]:
+        which = "last (b is given transposed, [n, k])" if transpose_b else "second-to-last"
+        raise ValueError(f"a is {tuple(a.shape)} and b {tuple(b.shape)}: a's last dimension must equal b's {which}")
     same_device(a=a, b=b)
 
 
-def _matmul_problem(a: Tensor, b: Tensor) -> dict:
-    _check_matmul(a, b)
+def _matmul_problem(a: Tensor, b: Tensor, transpose_b: bool = False) -> dict:
+    _check_matmul(a, b, transpose_b)
     batch = int(a.shape[0]) if a.dim() == 3 else None
-    return {"batch": batch, "m": int(a.shape[-2]), "n": int(b.shape[-1]), "k": int(a.shape[-1]), "dtype": dtype_name(a.dtype), "transpose_b": False}
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    return {"batch": batch, "m": int(a.shape[-2]), "n": int(n), "k": int(a.shape[-1]), "dtype": dtype_name(a.dtype), "transpose_b": bool(transpose_b)}
 
 
-def _matmul(a, b):
-    problem = _matmul_problem(a, b)
+def _matmul(a, b, transpose_b):
+    problem = _matmul_problem(a, b, transpose_b)
     _check_contiguous(a=a, b=b)
     (out,) = _MATMUL(problem, [a, b])
     return out
 
 
 @torch.library.custom_op("torchtpu::matmul", mutates_args=(), device_types="cpu")
-def matmul(a: Tensor, b: Tensor) -> Tensor:
+def matmul(a: Tensor, b: Tensor, transpose_b: bool = False) -> Tensor:
     """``a @ b`` for ``[m, k] @ [k, n]`` or batched ``[batch, m, k] @ [batch, k, n]``, f32 or
-    bf16 (accumulated in f32)."""
-    return _matmul(a, b)
+    bf16 (accumulated in f32); with ``transpose_b``, ``a @ bᵀ`` for b given as ``[(batch,) n,
+    k]`` (an ``nn.Linear`` weight), read in place."""
+    return _matmul(a, b, transpose_b)
 
 
 @matmul.register_fake
-def _(a, b):
-    _check_matmul(a, b)
-    return a.new_empty((*a.shape[:-1], b.shape[-1]))
+def _(a, b, transpose_b=False):
+    _check_matmul(a, b, transpose_b)
+    return a.new_empty((*a.shape[:-1], b.shape[-2] if transpose_b else b.shape[-1]))
 
 
 def _matmul_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    a, b, transpose_b = inputs
+    ctx.save_for_backward(a, b)
+    ctx.transpose_b = transpose_b
 
 
 def _matmul_backward(ctx, grad):
     a, b = ctx.saved_tensors
     grad = grad.contiguous()
-    grad_a = torch.ops.torchtpu.matmul(grad, b.mT.contiguous()) if ctx.needs_input_grad[0] else None
-    grad_b = torch.ops.torchtpu.matmul(a.mT.contiguous(), grad) if ctx.needs_input_grad[1] else None
-    return grad_a, grad_b
+    grad_a = grad_b = None
+    # C = A·B: dA = dC·Bᵀ (B read transposed in place), dB = Aᵀ·dC. C = A·Bᵀ (B stored
+    # [n, k]): dA = dC·B, dB = dCᵀ·A.
+    if ctx.needs_input_grad[0]:
+        grad_a = torch.ops.torchtpu.matmul(grad, b, not ctx.transpose_b)
+    if ctx.needs_input_grad[1]:
+        grad_b = torch.ops.torchtpu.matmul(grad.mT.contiguous(), a) if ctx.transpose_b else torch.ops.torchtpu.matmul(a.mT.contiguous(), grad)
+    return grad_a, grad_b, None
 
 
 matmul.register_autograd(_matmul_backward, setup_context=_matmul_setup_context)
 
 
+def _stored_transposed(t: Tensor) -> bool:
+    """Whether ``t`` is the transpose of a contiguous tensor (``W.T``, ``x.mT``) and not itself
+    contiguous: our kernel then reads it in place as a transposed operand."""
+    return t.dim() >= 2 and not t.is_contiguous() and t.mT.is_contiguous()
+
+
 def matmul_like_torch(a: Tensor, b: Tensor) -> Tensor:
     """``torch.matmul(a, b)`` on our kernel: 1-D operands, ``[..., m, k] @ [k, n]`` folded into
-    one ``[(...·m), k] @ [k, n]`` call, batch dims broadcast, any strides (a strided operand is
-    copied once), f32, bf16 or f16 (f16 computed in f32 and returned as f16); with gradients."""
+    one ``[(...·m), k] @ [k, n]`` call, batch dims broadcast, any strides (a transposed b, such
+    as ``W.T``, is read in place; another strided operand is copied once), f32, bf16 or f16 (f16 computed in f32 and returned as f16); with gradients."""
     check_tensor("a", a, _PUBLIC_DTYPES)
     check_tensor("b", b, _PUBLIC_DTYPES)
     if a.dim() == 0 or b.dim() == 0:
@@ -449,7 +465,11 @@ def matmul_like_torch(a: Tensor, b: Tensor) -> Tensor:
     a2, b2 = _upcast(a2), _upcast(b2)
     if b2.dim() == 2:
         rows = math.prod(a2.shape[:-1])  # explicit: -1 is ambiguous for 0 elements
-        out = torch.ops.torchtpu.matmul(a2.reshape(rows, a2.shape[-1]).contiguous(), b2.contiguous())
+        a_rows = a2.reshape(rows, a2.shape[-1]).contiguous()
+        if _stored_transposed(b2):
+            out = torch.ops.torchtpu.matmul(a_rows, b2.mT, True)
+        else:
+            out = torch.ops.torchtpu.matmul(a_rows, b2.contiguous())
         out = out.reshape(*a2.shape[:-1], b2.shape[-1])
     else:
         try:
@@ -458,8 +478,12 @@ def matmul_like_torch(a: Tensor, b: Tensor) -> Tensor:
             raise ValueError(f"a is {tuple(a.shape)} and b {tuple(b.shape)}: their batch dims {list(a2.shape[:-2])} and {list(b2.shape[:-2])} do not broadcast") from None
         count = math.prod(batch)
         a3 = a2.expand(*batch, *a2.shape[-2:]).reshape(count, *a2.shape[-2:]).contiguous()
-        b3 = b2.expand(*batch, *b2.shape[-2:]).reshape(count, *b2.shape[-2:]).contiguous()
-        out = torch.ops.torchtpu.matmul(a3, b3).reshape(*batch, a2.shape[-2], b2.shape[-1])
+        if _stored_transposed(b2) and b2.shape[:-2] == batch:
+            out = torch.ops.torchtpu.matmul(a3, b2.mT.reshape(count, b2.shape[-1], b2.shape[-2]), True)
+        else:
+            b3 = b2.expand(*batch, *b2.shape[-2:]).reshape(count, *b2.shape[-2:]).contiguous()
+            out = torch.ops.torchtpu.matmul(a3, b3)
+        out = out.reshape(*batch, a2.shape[-2], b2.shape[-1])
     if a.dim() == 1:
         out = out.squeeze(-2)
     if b.dim() == 1:
