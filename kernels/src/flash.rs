@@ -612,7 +612,8 @@ fn bias_spec<const N: usize>(
     let (whole_batch, whole_heads) = (b.batch > 1 || p.shape.batch == 1, b.heads > 1 || p.shape.heads == 1);
     BlockSpec::new([None, None, Some(c.bq), Some(c.bk)], move |idx: [Scalar<i32>; N]| {
         let (batch, head, i, j) = at(idx);
-        (if whole_batch { batch } else { batch * 0 }, if whole_heads { head } else { head * 0 }, i, j)
+        let zero = Scalar::<i32>::constant(0);
+        (if whole_batch { batch } else { zero }, if whole_heads { head } else { zero }, i, j)
     })
 }
 
