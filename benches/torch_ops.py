@@ -4,9 +4,9 @@
 
 Each case is an op of ours and the PyTorch code it replaces, at a realistic shape, forward
 (under no_grad) and forward+backward (the gradients of every input that takes one): attention
-(1x8x2048x128 causal, contiguous and as a projection's strided per-head view) against
-scaled_dot_product_attention, matmul (1024^3, and [4, 512, 1024] @ [1024, 1024]) against
-torch.matmul, RMS and layer norm (4096x4096) against F.rms_norm / F.layer_norm, SwiGLU and
+(1x8x2048x128 causal, contiguous and as a projection's strided per-head view; with a key-padding
+mask; causal with dropout 0.1) against scaled_dot_product_attention, matmul (1024^3, and
+[4, 512, 1024] @ [1024, 1024]) against torch.matmul, x @ W.T against F.linear, RMS and layer norm (4096x4096) against F.rms_norm / F.layer_norm, SwiGLU and
 GeGLU (4096x11008) against F.silu(g) * u / F.gelu(g) * u, the fused gated projection
 (1024x2048 -> 5632) against F.silu(F.linear(x, Wg)) * F.linear(x, Wu), RoPE (1x32x4096x128) against HF's
 q * cos + rotate_half(q) * sin, and the fused linear cross-entropy (2048 tokens x 1024 hidden x
@@ -46,6 +46,8 @@ def cases():
     """(name, ours, theirs, inputs): ``ours`` and ``theirs`` map the inputs to one tensor."""
     q, k, v = (torch.randn(1, 8, 2048, 128) for _ in range(3))
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    padding = torch.ones(1, 1, 1, 2048, dtype=torch.bool)
+    padding[..., 1748:] = False  # the last 300 keys are padding
     qs, ks, vs = (t.view(1, 2048, 8, 128).transpose(1, 2) for t in torch.randn(1, 2048, 3 * 1024).split(1024, dim=-1))
     acts = torch.randn(4, 512, 1024)
     x, w, bias = torch.randn(4096, 4096), torch.randn(4096), torch.randn(4096)
@@ -59,8 +61,11 @@ def cases():
     return [
         ("attention 1x8x2048x128 causal", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
         ("attention from a projection's strided view", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (qs, ks, vs)),
+        ("attention 1x8x2048x128 key-padding mask", lambda q, k, v: torchtpu.flash_attention(q, k, v, attn_mask=padding), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=padding), (q, k, v)),
+        ("attention 1x8x2048x128 causal dropout 0.1", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True, dropout_p=0.1), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1), (q, k, v)),
         ("matmul 1024^3", torchtpu.matmul, torch.matmul, (a, b)),
         ("matmul [4, 512, 1024] @ [1024, 1024]", torchtpu.matmul, torch.matmul, (acts, b)),
+        ("linear [4, 512, 1024] x W[1024, 1024].T", lambda x, w: torchtpu.matmul(x, w.T), F.linear, (acts, b)),
         ("rms_norm 4096x4096", lambda x, w: torchtpu.rms_norm(x, (4096,), w), lambda x, w: F.rms_norm(x, (4096,), w), (x, w)),
         ("layer_norm 4096x4096", lambda x, w, b: torchtpu.layer_norm(x, (4096,), w, b), lambda x, w, b: F.layer_norm(x, (4096,), w, b), (x, w, bias)),
         ("swiglu 4096x11008", torchtpu.swiglu, lambda g, u: F.silu(g) * u, (gate, up)),

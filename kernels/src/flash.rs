@@ -905,12 +905,22 @@ fn backward_blocks<T: Float>(
     BackwardBlocks { q: qb, o: ob, d_o: dob, k: kb, v: vb, scores: sc }
 }
 
-/// The backward's probabilities of one block pair, and dP with dropout's mask applied to it
-/// (and to the probabilities that reach dV): (P, the dropped P, dP).
+/// The backward's probabilities of one block pair, and dropout's keep mask where there is
+/// dropout: what reaches dV and dP is [`Probabilities::dropped`].
 struct Probabilities {
     p: Tile<f32>,
-    p_dropped: Tile<f32>,
-    dp: Tile<f32>,
+    keep: Option<Tile<bool>>,
+    rate: f32,
+}
+
+impl Probabilities {
+    /// `x` with dropout applied: dropped entries 0, kept ones scaled by `1 / (1 - rate)`.
+    fn dropped(&self, x: Tile<f32>) -> Tile<f32> {
+        match self.keep {
+            Some(keep) => select(keep, x * (1.0 / (1.0 - self.rate)), 0.0),
+            None => x,
+        }
+    }
 }
 
 #[tpu_fn]
@@ -923,24 +933,18 @@ fn probabilities<T: Float>(
     q_start: Scalar<i32>,
     k_start: Scalar<i32>,
     kv_len: usize,
-    dropout: f32,
+    rate: f32,
 ) -> Probabilities {
     let p = select(b.scores.visible, (b.scores.s - lse.load()).exp(), 0.0);
-    let mut dp = dot_nt(b.d_o, b.v);
-    let mut p_dropped = p;
-    if dropout > 0.0 {
-        let keep = dropout_keep(seed, head, q_start, k_start, [b.q.shape()[0], b.k.shape()[0]], kv_len, dropout);
-        let inv = 1.0 / (1.0 - dropout);
-        p_dropped = select(keep, p * inv, 0.0);
-        dp = select(keep, dp * inv, 0.0);
-    }
-    Probabilities { p, p_dropped, dp }
+    let keep = (rate > 0.0).then(|| dropout_keep(seed, head, q_start, k_start, [b.q.shape()[0], b.k.shape()[0]], kv_len, rate));
+    Probabilities { p, keep, rate }
 }
 
-/// dS (the gradient of the scores, and of the bias) from P and dP: `P ∘ (dP - rowsum(dO ∘ O))`.
+/// dS (the gradient of the scores, and of the bias) from P and dP (dropout applied):
+/// `P ∘ (dP - rowsum(dO ∘ O))`.
 #[tpu_fn]
-fn score_gradient<T: Float>(b: &BackwardBlocks<T>, pr: &Probabilities) -> Tile<f32> {
-    pr.p * (pr.dp - (b.o.cast::<f32>() * b.d_o.cast::<f32>()).sum_keepdims(1))
+fn score_gradient<T: Float>(b: &BackwardBlocks<T>, p: Tile<f32>, dp: Tile<f32>) -> Tile<f32> {
+    p * (dp - (b.o.cast::<f32>() * b.d_o.cast::<f32>()).sum_keepdims(1))
 }
 
 #[tpu_kernel]
@@ -977,10 +981,10 @@ fn flash_backward_dkv<T: Float>(
         let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking);
         let head = program_id(0) * (num_programs(1) * num_programs(3)) + program_id(1) * num_programs(3) + g;
         let pr = probabilities(&b, lse, seed, head, q_start, k_start, masking.kv_len, dropout);
-        // Keep dV before dS: the other order keeps more blocks live, and 1024×1024 f32
+        // Keep dV before dP: the other order keeps more blocks live, and 1024×1024 f32
         // blocks then overflow v5e's scoped VMEM.
-        dv_acc.store(dv_acc.load() + dot_tn(pr.p_dropped.cast::<T>(), b.d_o));
-        let ds = score_gradient(&b, &pr);
+        dv_acc.store(dv_acc.load() + dot_tn(pr.dropped(pr.p).cast::<T>(), b.d_o));
+        let ds = score_gradient(&b, pr.p, pr.dropped(dot_nt(b.d_o, b.v)));
         dk_acc.store(dk_acc.load() + dot_tn(ds.cast::<T>(), b.q) * sm_scale);
     }
     if g == num_programs(3) - 1 && i == num_programs(4) - 1 {
@@ -1017,7 +1021,7 @@ fn dq_step<T: Float>(
     let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking);
     let head = program_id(0) * num_programs(1) + program_id(1);
     let pr = probabilities(&b, lse, seed, head, q_start, k_start, masking.kv_len, dropout);
-    DqStep { ds: score_gradient(&b, &pr), k: b.k }
+    DqStep { ds: score_gradient(&b, pr.p, pr.dropped(dot_nt(b.d_o, b.v))), k: b.k }
 }
 
 #[tpu_kernel]

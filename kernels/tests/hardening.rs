@@ -177,11 +177,11 @@ fn shapes_too_large_to_run_are_errors_before_anything_is_allocated() {
 }
 
 #[test]
-fn attention_without_segments_costs_no_memory_per_position_for_them() {
+fn attention_without_segments_or_bias_costs_no_memory_per_position_for_them() {
     let long = shape(1, 1, 1, 1 << 20, 1 << 20, 8);
     let types = flash::forward_operand_types(long, DType::F32, false);
-    let segment_bytes: usize = types[3..].iter().map(|t| t.size_bytes()).sum();
-    assert_eq!(segment_bytes, 2 * 8 * 128 * 4, "one placeholder tile each, whatever the length");
+    let placeholder_bytes: usize = types[3..].iter().map(|t| t.size_bytes()).sum();
+    assert_eq!(placeholder_bytes, 4 * 8 * 128 * 4, "one tile each for the segment ids, the bias and the seed, whatever the length");
     let (qs, ks) = flash::segment_layout(long, None).expect("placeholders");
     assert_eq!(qs.len() + ks.len(), 2 * 8 * 128);
 }
