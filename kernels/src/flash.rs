@@ -354,6 +354,78 @@ pub struct FlashProblem {
     pub dropout_p: f64,
     #[serde(default, with = "op::float::option")]
     pub sm_scale: Option<f64>,
+    #[serde(default)]
+    pub q_layout: HeadLayout,
+    #[serde(default)]
+    pub k_layout: HeadLayout,
+    #[serde(default)]
+    pub v_layout: HeadLayout,
+}
+
+/// Where the heads of q, k or v lie in memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadLayout {
+    /// `[batch, heads, seq, head_dim]`, contiguous.
+    #[default]
+    Bhsd,
+    /// Rows `[batch, seq, width · head_dim]` holding `width` heads side by side, this operand's
+    /// from head `offset` on: a projection's output viewed per head without a copy
+    /// (`x.view(b, s, h, d).transpose(1, 2)`; q, k and v of a fused qkv projection each at
+    /// their own offset). A TPU reads a head's `head_dim` lanes of a row as one block: it needs
+    /// `head_dim` a multiple of 128, or one head per row.
+    Bshd { width: usize, offset: usize },
+}
+
+impl HeadLayout {
+    /// The operand's shape for `heads` heads of `seq` rows.
+    fn shape(self, batch: usize, heads: usize, seq: usize, head_dim: usize) -> Vec<usize> {
+        match self {
+            HeadLayout::Bhsd => vec![batch, heads, seq, head_dim],
+            HeadLayout::Bshd { width, .. } => vec![batch, seq, width.saturating_mul(head_dim)],
+        }
+    }
+
+    /// `a`, this layout's operand, as `[batch, heads, seq, head_dim]`; None if `a` is not one.
+    fn to_bhsd(self, a: &ArrayD<f64>, heads: usize, head_dim: usize) -> Option<ArrayD<f64>> {
+        let HeadLayout::Bshd { width, offset } = self else {
+            return Some(a.clone());
+        };
+        let (b, s) = (*a.shape().first()?, *a.shape().get(1)?);
+        let rows = a.as_standard_layout().into_owned().into_shape_with_order((b, s, width, head_dim)).ok()?;
+        let heads = rows.slice(ndarray::s![.., .., offset..offset.checked_add(heads)?.min(width), ..]).permuted_axes([0, 2, 1, 3]);
+        Some(heads.as_standard_layout().into_owned().into_dyn())
+    }
+
+    fn check(self, what: &str, heads: usize, head_dim: usize) -> Result<(), Error> {
+        let HeadLayout::Bshd { width, offset } = self else {
+            return Ok(());
+        };
+        if offset.checked_add(heads).is_none_or(|end| end > width) {
+            return Err(Error::Shape(format!("{what}'s {heads} heads from head {offset} do not fit rows of {width} heads")));
+        }
+        if head_dim % LANES != 0 && width != 1 {
+            return Err(Error::Shape(format!(
+                "{what} read in place from rows of {width} heads needs a head_dim that is a multiple of {LANES} (a TPU reads lanes in 128s); got {head_dim}: pass it contiguous"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The spec of a `rows × head_dim` block of head `head` at row block `row_block` (of
+    /// `at`'s grid index) in this layout.
+    fn block<const N: usize>(self, rows: usize, head_dim: usize, at: impl Fn([Scalar<i32>; N]) -> (Scalar<i32>, Scalar<i32>, Scalar<i32>) + Send + Sync + 'static) -> BlockSpec {
+        match self {
+            HeadLayout::Bhsd => BlockSpec::new([None, None, Some(rows), Some(head_dim)], move |idx| {
+                let (b, head, i) = at(idx);
+                (b, head, i, 0)
+            }),
+            HeadLayout::Bshd { offset, .. } => BlockSpec::new([None, Some(rows), Some(head_dim)], move |idx| {
+                let (b, head, i) = at(idx);
+                (b, i, head + offset as i32)
+            }),
+        }
+    }
 }
 
 /// An additive attention bias `[batch, heads, q_len, kv_len]` (f32), its batch and heads each
@@ -367,7 +439,30 @@ pub struct BiasShape {
 impl FlashProblem {
     /// Attention over `shape` in `dtype` with no mask, bias or dropout.
     pub fn plain(shape: AttentionShape, dtype: DType) -> FlashProblem {
-        FlashProblem { shape, dtype, causal: false, bottom_right: false, segments: false, bias: None, bias_grad: false, dropout_p: 0.0, sm_scale: None }
+        FlashProblem {
+            shape,
+            dtype,
+            causal: false,
+            bottom_right: false,
+            segments: false,
+            bias: None,
+            bias_grad: false,
+            dropout_p: 0.0,
+            sm_scale: None,
+            q_layout: HeadLayout::Bhsd,
+            k_layout: HeadLayout::Bhsd,
+            v_layout: HeadLayout::Bhsd,
+        }
+    }
+
+    /// q, k and v of `f` (the operands, in order) as `[batch, heads, seq, head_dim]`.
+    fn qkv_bhsd(&self, f: &[ArrayD<f64>]) -> Option<[ArrayD<f64>; 3]> {
+        let s = self.shape;
+        Some([
+            self.q_layout.to_bhsd(f.first()?, s.heads, s.head_dim)?,
+            self.k_layout.to_bhsd(f.get(1)?, s.kv_heads, s.head_dim)?,
+            self.v_layout.to_bhsd(f.get(2)?, s.kv_heads, s.head_dim)?,
+        ])
     }
 
     /// How far right of top-left the causal diagonal lies: query `i` sees keys `..=i + offset`.
@@ -432,6 +527,10 @@ impl Op for FlashOp {
         if !(0.0..=1.0).contains(&p.dropout_p) {
             return Err(Error::Shape(format!("dropout_p must be a probability in [0, 1]; got {}", p.dropout_p)));
         }
+        let s = p.shape;
+        p.q_layout.check("q", s.heads, s.head_dim)?;
+        p.k_layout.check("k", s.kv_heads, s.head_dim)?;
+        p.v_layout.check("v", s.kv_heads, s.head_dim)?;
         if p.bias_grad && p.bias.is_none() {
             return Err(Error::Shape("bias_grad asks for the gradient of a bias, but the problem has none (bias: null)".into()));
         }
@@ -444,9 +543,9 @@ impl Op for FlashOp {
         Ok(())
     }
     /// The scale does not change which blocks are fastest, nor do segment ids (their mask
-    /// costs the same at every block).
+    /// costs the same at every block) or where the heads lie.
     fn tuning_problem(&self, p: &FlashProblem) -> FlashProblem {
-        FlashProblem { sm_scale: None, segments: false, ..*p }
+        FlashProblem { sm_scale: None, segments: false, q_layout: HeadLayout::Bhsd, k_layout: HeadLayout::Bhsd, v_layout: HeadLayout::Bhsd, ..*p }
     }
     fn bucket(&self, p: &FlashProblem) -> String {
         let s = p.shape;
@@ -519,9 +618,9 @@ impl Op for FlashOp {
     fn random_inputs(&self, p: &FlashProblem, rng: &mut StdRng) -> Vec<HostArray> {
         let types = self.operand_types(p);
         let mut inputs: Vec<HostArray> = types.iter().map(|t| op::random_operand(rng, t)).collect();
-        if self.0 != FlashPass::Forward && inputs.len() == 10 {
-            let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
-            let (o, lse) = reference_masked(&f[0], &f[1], &f[2], &p.reference_masks(&inputs, &f, 6), p.scale());
+        let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
+        if let (true, 10, Some([q, k, v])) = (self.0 != FlashPass::Forward, inputs.len(), p.qkv_bhsd(&f)) {
+            let (o, lse) = reference_masked(&q, &k, &v, &p.reference_masks(&inputs, &f, 6), p.scale());
             inputs[3] = HostArray::from_f64(p.dtype, &o.into_dyn());
             inputs[5] = HostArray::from_f64(DType::F32, &lse.insert_axis(Axis(3)).into_dyn());
         }
@@ -530,17 +629,17 @@ impl Op for FlashOp {
     fn reference(&self, p: &FlashProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
         let f: Vec<ArrayD<f64>> = inputs.iter().map(HostArray::to_f64).collect();
         let (n, at) = if self.0 == FlashPass::Forward { (7, 3) } else { (10, 6) };
-        if f.len() != n {
+        let (true, Some([q, k, v])) = (f.len() == n, p.qkv_bhsd(&f)) else {
             return Vec::new();
-        }
+        };
         let masks = p.reference_masks(inputs, &f, at);
         match self.0 {
             FlashPass::Forward => {
-                let (o, lse) = reference_masked(&f[0], &f[1], &f[2], &masks, p.scale());
+                let (o, lse) = reference_masked(&q, &k, &v, &masks, p.scale());
                 vec![o.into_dyn(), lse.insert_axis(Axis(3)).into_dyn()]
             }
             pass => {
-                let grads = reference_backward_masked(&f[0], &f[1], &f[2], &f[4], &masks, p.scale());
+                let grads = reference_backward_masked(&q, &k, &v, &f[4], &masks, p.scale());
                 if pass == FlashPass::BackwardDkv {
                     vec![grads.dk.into_dyn(), grads.dv.into_dyn()]
                 } else if p.bias_grad {
@@ -645,9 +744,9 @@ fn problem_forward_call(p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall,
         .name("flash_attention_forward")
         .grid([batch, heads, q_len.div_ceil(bq), kv_len.div_ceil(bk)])
         .in_specs([
-            BlockSpec::new([None, None, Some(bq), Some(d)], |[b, h, i, _]| (b, h, i, 0)),
-            BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, i, j]| (b, h / group, kv_block(i, j), 0)),
-            BlockSpec::new([None, None, Some(bk), Some(d)], move |[b, h, i, j]| (b, h / group, kv_block(i, j), 0)),
+            p.q_layout.block(bq, d, |[b, h, i, _]| (b, h, i)),
+            p.k_layout.block(bk, d, move |[b, h, i, j]| (b, h / group, kv_block(i, j))),
+            p.v_layout.block(bk, d, move |[b, h, i, j]| (b, h / group, kv_block(i, j))),
             q_segments,
             kv_segments,
             bias_spec::<4>(p, c, move |[b, h, i, j]| (b, h, i, kv_block(i, j))),
@@ -1134,9 +1233,9 @@ fn problem_backward_call(pass: FlashPass, p: &FlashProblem, c: &FlashConfig) -> 
             .name("flash_attention_backward_dkv")
             .grid([batch, kv_heads, kv_len.div_ceil(bk), group, q_blocks])
             .in_specs([
-                BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
-                BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
-                BlockSpec::new(kv_block, |[b, h, j, _, _]| (b, h, j, 0)),
+                p.q_layout.block(bq, d, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j))),
+                p.k_layout.block(bk, d, |[b, h, j, _, _]| (b, h, j)),
+                p.v_layout.block(bk, d, |[b, h, j, _, _]| (b, h, j)),
                 BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
                 BlockSpec::new(q_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
                 BlockSpec::new(lse_block, move |[b, h, j, g, i]| (b, h * gi + g, q_at(i, j), 0)),
@@ -1163,9 +1262,9 @@ fn problem_backward_call(pass: FlashPass, p: &FlashProblem, c: &FlashConfig) -> 
         .name("flash_attention_backward_dq")
         .grid([batch, heads, q_blocks, kv_len.div_ceil(bk)])
         .in_specs([
-            BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
-            BlockSpec::new(kv_block, move |[b, h, i, j]| (b, h / gi, kv_at(i, j), 0)),
-            BlockSpec::new(kv_block, move |[b, h, i, j]| (b, h / gi, kv_at(i, j), 0)),
+            p.q_layout.block(bq, d, |[b, h, i, _]| (b, h, i)),
+            p.k_layout.block(bk, d, move |[b, h, i, j]| (b, h / gi, kv_at(i, j))),
+            p.v_layout.block(bk, d, move |[b, h, i, j]| (b, h / gi, kv_at(i, j))),
             BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new(q_block, |[b, h, i, _]| (b, h, i, 0)),
             BlockSpec::new(lse_block, |[b, h, i, _]| (b, h, i, 0)),
@@ -1224,15 +1323,15 @@ pub fn tuned_backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType,
     op::tuned_call(&FlashOp(pass), &problem, explicit.as_ref(), backend)
 }
 
-/// The kernels' operand types for `p`: q, k, v (the backward's then o, dO and the lse
+/// The kernels' operand types for `p`: q, k, v in their layouts (the backward's then o, dO and the lse
 /// `[b, h, sq, 1]` f32), the laid-out segment ids ([`segment_types`]), the bias (f32
 /// `[b or 1, h or 1, sq, sk]`, or a placeholder tile), the seed (an i32 tile, its first
 /// element read).
 pub fn problem_operand_types(p: &FlashProblem, backward: bool) -> Vec<ValueType> {
     let s = p.shape;
     let q = ValueType::new(p.dtype, [s.batch, s.heads, s.q_len, s.head_dim]);
-    let kv = ValueType::new(p.dtype, [s.batch, s.kv_heads, s.kv_len, s.head_dim]);
-    let mut types = vec![q.clone(), kv.clone(), kv];
+    let in_layout = |layout: HeadLayout, heads, seq| ValueType::new(p.dtype, layout.shape(s.batch, heads, seq, s.head_dim));
+    let mut types = vec![in_layout(p.q_layout, s.heads, s.q_len), in_layout(p.k_layout, s.kv_heads, s.kv_len), in_layout(p.v_layout, s.kv_heads, s.kv_len)];
     if backward {
         types.extend([q.clone(), q, ValueType::new(DType::F32, [s.batch, s.heads, s.q_len, 1])]);
     }

@@ -2,8 +2,8 @@
 //! or heads, -inf entries hiding keys, whole rows hidden) and its gradient, bottom-right causal
 //! alignment (fewer and more queries than keys), and dropout. The f64 reference's gradients
 //! are checked by finite differences, then every kernel against the reference on the checked
-//! interpreter and PJRT CPU at two block sizes, on fresh random inputs; and libtpu compiles
-//! each variant for every chip.
+//! interpreter and PJRT CPU at two block sizes, on fresh random inputs; q, k and v read in
+//! place from a fused projection's rows; and libtpu compiles each variant for every chip.
 
 mod common;
 
@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use torchtpu_dsl::{DType, HostArray};
 use torchtpu_kernels::flash::{
-    dropout_keeps, reference_backward_masked, reference_masked, AttentionShape, BiasShape, FlashConfig, FlashOp, FlashPass, FlashProblem, ReferenceMasks,
+    dropout_keeps, reference_backward_masked, reference_masked, AttentionShape, BiasShape, FlashConfig, FlashOp, FlashPass, FlashProblem, HeadLayout, ReferenceMasks,
 };
 use torchtpu_kernels::op::{self, Op};
 use torchtpu_runtime::{Chip, TpuCompiler};
@@ -180,12 +180,61 @@ fn every_kernel_matches_the_reference_with_bias_bottom_right_causal_and_dropout(
 }
 
 #[test]
+fn q_k_v_read_in_place_from_a_fused_projection_match_the_reference() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    // One [b, s, (h + 2 hk) d] array, as `x @ W_qkv.T` gives: q, k and v are its column ranges.
+    let (h, hk, d) = (4, 2, 128);
+    let width = h + 2 * hk;
+    let shape = AttentionShape { batch: 2, heads: h, kv_heads: hk, q_len: 40, kv_len: 40, head_dim: d };
+    let problem = FlashProblem {
+        causal: true,
+        dropout_p: 0.2,
+        q_layout: HeadLayout::Bshd { width, offset: 0 },
+        k_layout: HeadLayout::Bshd { width, offset: h },
+        v_layout: HeadLayout::Bshd { width, offset: h + hk },
+        ..FlashProblem::plain(shape, DType::F32)
+    };
+    let qkv = HostArray::from_f64(DType::F32, &normal(&mut rng, &[2, 40, width * d]));
+    let forward_op = FlashOp(FlashPass::Forward);
+    let mut inputs = forward_op.random_inputs(&problem, &mut rng);
+    for operand in &mut inputs[..3] {
+        *operand = qkv.clone();
+    }
+    inputs[6] = HostArray::from(Array2::from_elem((8, 128), rng.random::<i32>()));
+    // The reference reads the same heads from the contiguous layout.
+    let contiguous = |range: std::ops::Range<usize>| {
+        let rows = qkv.to_f64().into_shape_with_order((2, 40, width, d)).expect("rows");
+        HostArray::from_f64(DType::F32, &rows.slice(ndarray::s![.., .., range, ..]).permuted_axes([0, 2, 1, 3]).as_standard_layout().into_owned().into_dyn())
+    };
+    let plain = FlashProblem { q_layout: HeadLayout::Bhsd, k_layout: HeadLayout::Bhsd, v_layout: HeadLayout::Bhsd, ..problem };
+    let plain_inputs = [vec![contiguous(0..h), contiguous(h..h + hk), contiguous(h + hk..width)], inputs[3..].to_vec()].concat();
+    let want = forward_op.reference(&plain, &plain_inputs);
+    assert_eq!(forward_op.reference(&problem, &inputs), want, "the reference reads the layouts' heads");
+    let d_o = HostArray::from_f64(DType::F32, &normal(&mut rng, &[2, h, 40, d]));
+    let (o, lse) = (HostArray::from_f64(DType::F32, &want[0]), HostArray::from_f64(DType::F32, &want[1]));
+    let backward_inputs = [&inputs[..3], &[o, d_o, lse], &inputs[3..]].concat();
+    for c in [FlashConfig { bq: 16, bk: 8 }, FlashConfig { bq: 40, bk: 40 }] {
+        common::assert_matches_f64(&forward_op, &problem, c, &inputs, DType::F32, 1.0, seed);
+        for pass in [FlashPass::BackwardDkv, FlashPass::BackwardDq] {
+            common::assert_matches_f64(&FlashOp(pass), &problem, c, &backward_inputs, DType::F32, 2.0, seed);
+        }
+    }
+    let narrow = FlashProblem { shape: AttentionShape { head_dim: 64, ..shape }, ..problem };
+    let err = op::run(&forward_op, &narrow, None, &inputs, torchtpu_exec::Backend::Interpret).expect_err("64 lanes of a wider row");
+    assert!(err.to_string().contains("multiple of 128"), "{err}");
+}
+
+#[test]
 fn masked_variants_compile_with_libtpu_for_every_chip() {
     let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
     let shape = AttentionShape { batch: 2, heads: 8, kv_heads: 2, q_len: 512, kv_len: 1024, head_dim: 128 };
     let mut failures = Vec::new();
-    for (dtype, bias) in [(DType::BF16, Some(BiasShape { batch: 1, heads: 8 })), (DType::F32, None)] {
-        let problem = FlashProblem { causal: true, bottom_right: true, bias, bias_grad: bias.is_some(), dropout_p: 0.1, ..FlashProblem::plain(shape, dtype) };
+    let fused = |offset| HeadLayout::Bshd { width: 12, offset };
+    for (dtype, bias, in_place) in [(DType::BF16, Some(BiasShape { batch: 1, heads: 8 }), false), (DType::F32, None, true)] {
+        let (q_layout, k_layout, v_layout) = if in_place { (fused(0), fused(8), fused(10)) } else { Default::default() };
+        let problem =
+            FlashProblem { causal: true, bottom_right: true, bias, bias_grad: bias.is_some(), dropout_p: 0.1, q_layout, k_layout, v_layout, ..FlashProblem::plain(shape, dtype) };
         for pass in FlashPass::ALL {
             let module = op::tpu_module(&FlashOp(pass), &problem, Some(&FlashConfig { bq: 256, bk: 256 }), Chip::V5e).expect("lowers");
             for chip in Chip::ALL {
