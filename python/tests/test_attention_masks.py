@@ -163,3 +163,31 @@ def test_compiles_fullgraph_with_mask_and_dropout(rng):
     assert got.shape == want.shape and torch.isfinite(got).all()
     got.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fused_projections_heads_are_read_in_place(rng, dtype):
+    # q, k, v straight from one qkv projection, viewed per head (head_dim 128): no copy.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    b, s, h, hk, d = 2, 48, 4, 2, 128
+    qkv = randn(rng, b, s, (h + 2 * hk) * d, dtype=dtype, requires_grad=True)
+
+    def heads(qkv):
+        q, k, v = qkv.split([h * d, hk * d, hk * d], dim=-1)
+        return q.view(b, s, h, d).transpose(1, 2), k.view(b, s, hk, d).transpose(1, 2), v.view(b, s, hk, d).transpose(1, 2)
+
+    def attention(qkv):
+        return torchtpu.flash_attention(*heads(qkv), causal=True)
+
+    traced = make_fx(attention)(qkv.detach())
+    assert "aten.clone.default" not in [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
+    out = attention(qkv)
+    leaf = qkv.detach().double().requires_grad_()
+    want = F.scaled_dot_product_attention(*heads(leaf), is_causal=True, enable_gqa=True)
+    check(out, want, (qkv,), (leaf,), randn(rng, b, h, s, d), dtype, "in place")
+    # A head_dim the kernels cannot read in place (64 lanes of wider rows) is copied once.
+    narrow = randn(rng, b, s, 3 * 64 * 2).view(b, s, 6, 64).transpose(1, 2)
+    traced = make_fx(lambda t: torchtpu.flash_attention(t, t, t))(narrow)
+    assert "aten.clone.default" in [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
+    torch.testing.assert_close(torchtpu.flash_attention(narrow, narrow, narrow), F.scaled_dot_product_attention(narrow, narrow, narrow), atol=1e-5, rtol=1e-4)

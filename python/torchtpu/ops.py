@@ -73,12 +73,63 @@ def _segments_i32(segment_ids: Optional[Tensor], kv_segment_ids: Optional[Tensor
     return segment_ids.to(torch.int32).contiguous(), kv_segment_ids.to(torch.int32).contiguous()
 
 
-def _attention_problem(q: Tensor, k: Tensor, causal: bool, sm_scale: float, segment_ids: Optional[Tensor], bias: Optional[Tensor] = None, bias_grad: bool = False, bottom_right: bool = False, dropout_p: float = 0.0) -> dict:
+_LANES = 128
+
+
+def _head_layout(t: Tensor):
+    """``(rows, layout)`` when ``t`` (``[b, h, s, d]``) is heads lying side by side in rows
+    ``[b, s, width · d]`` — a projection's output viewed per head, ``x.view(b, s, h,
+    d).transpose(1, 2)``, or q, k or v of a fused qkv projection — that the kernels read in
+    place: ``rows`` a view of that memory, ``layout`` the problem's ``HeadLayout``. None
+    otherwise (then the kernels take ``t`` contiguous)."""
+    if t.dim() != 4 or t.numel() == 0 or t.is_contiguous() or t.dtype not in _KERNEL_DTYPES:
+        return None
+    b, h, s, d = t.shape
+    sb, sh, ss, sd = t.stride()
+    if sd != 1 or sh != d or ss % d or (b > 1 and sb != s * ss):
+        return None
+    width = ss // d
+    start = t.storage_offset()
+    offset, within = divmod(start % ss, d)
+    # A TPU reads a head's d lanes of a row as one block: d a multiple of 128, or one head a row.
+    if within or offset + h > width or (d % _LANES and width != 1):
+        return None
+    base = start - offset * d
+    if base + b * s * ss > t.untyped_storage().nbytes() // t.element_size():
+        return None
+    return t.as_strided((b, s, ss), (s * ss, ss, 1), base), {"bshd": {"width": width, "offset": offset}}
+
+
+def _operand(name: str, t: Tensor):
+    """``t`` as the kernels read it: in place (see :func:`_head_layout`) or contiguous, with
+    its layout; else the error a user of the raw op sees."""
+    in_place = _head_layout(t)
+    if in_place is not None:
+        return in_place
+    _check_contiguous(**{name: t})
+    return t, "bhsd"
+
+
+def _attention_problem(
+    q: Tensor,
+    k: Tensor,
+    causal: bool,
+    sm_scale: float,
+    segment_ids: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    bias_grad: bool = False,
+    bottom_right: bool = False,
+    dropout_p: float = 0.0,
+    layouts=("bhsd", "bhsd", "bhsd"),
+) -> dict:
     b, h, sq, d = (int(x) for x in q.shape)
     hk, sk = int(k.shape[1]), int(k.shape[2])
     shape = {"batch": b, "heads": h, "kv_heads": hk, "q_len": sq, "kv_len": sk, "head_dim": d}
     return {
         **shape,
+        "q_layout": layouts[0],
+        "k_layout": layouts[1],
+        "v_layout": layouts[2],
         "dtype": dtype_name(q.dtype),
         "causal": bool(causal),
         "bottom_right": bool(bottom_right),
@@ -109,21 +160,22 @@ def _mask_operands(op: RustOp, problem: dict, like: Tensor, segment_ids: Optiona
 
 def _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias, bottom_right, dropout_p, seed):
     _check_attention(q, k, v, segment_ids, kv_segment_ids, bias, dropout_p)
-    _check_contiguous(q=q, k=k, v=v)
-    problem = _attention_problem(q, k, causal, sm_scale, segment_ids, bias, False, bottom_right, dropout_p)
-    out, lse = _FORWARD(problem, [q, k, v, *_mask_operands(_FORWARD, problem, q, segment_ids, kv_segment_ids, bias, seed)])
+    (qr, ql), (kr, kl), (vr, vl) = _operand("q", q), _operand("k", k), _operand("v", v)
+    problem = _attention_problem(q, k, causal, sm_scale, segment_ids, bias, False, bottom_right, dropout_p, (ql, kl, vl))
+    out, lse = _FORWARD(problem, [qr, kr, vr, *_mask_operands(_FORWARD, problem, q, segment_ids, kv_segment_ids, bias, seed)])
     return out, lse.view(q.shape[:3])
 
 
 def _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids, bias, bias_grad, bottom_right, dropout_p, seed):
     _check_attention(q, k, v, segment_ids, kv_segment_ids, bias, dropout_p)
-    _check_contiguous(q=q, k=k, v=v, out=out, grad_out=grad_out, lse=lse)
+    (qr, ql), (kr, kl), (vr, vl) = _operand("q", q), _operand("k", k), _operand("v", v)
+    _check_contiguous(out=out, grad_out=grad_out, lse=lse)
     bias_grad = bool(bias_grad) and bias is not None
-    problem = _attention_problem(q, k, causal, sm_scale, segment_ids, bias, bias_grad, bottom_right, dropout_p)
+    problem = _attention_problem(q, k, causal, sm_scale, segment_ids, bias, bias_grad, bottom_right, dropout_p, (ql, kl, vl))
     want = tuple(q.shape[:3])
     if lse.dtype != torch.float32 or tuple(lse.shape) not in (want, (*want, 1)):
         raise ValueError(f"lse must be float32 {list(want)}; got {lse.dtype} {list(lse.shape)}")
-    operands = [q, k, v, out, grad_out, lse.reshape(*want, 1), *_mask_operands(_DQ, problem, q, segment_ids, kv_segment_ids, bias, seed)]
+    operands = [qr, kr, vr, out, grad_out, lse.reshape(*want, 1), *_mask_operands(_DQ, problem, q, segment_ids, kv_segment_ids, bias, seed)]
     dk, dv = _DKV(problem, operands)
     dq, *d_bias = _DQ(problem, operands)
     return dq, dk, dv, (d_bias[0] if d_bias else q.new_empty(0, dtype=torch.float32))
@@ -235,7 +287,8 @@ def _attention_layout(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = True):
     different ranks are padded with leading 1s, their batch dims (all before the heads)
     broadcast and folded into one; 3-D inputs are one head. Heads broadcast too (one q head
     over k/v's); fewer k/v heads than q's, a divisor, is grouped-query attention. Strided
-    inputs (a projection's output viewed per head) are copied once."""
+    inputs are read in place where the kernels can (a projection's output viewed per head with
+    a head_dim that is a multiple of 128: see :func:`_head_layout`), else copied once."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, _PUBLIC_DTYPES)
     if min(q.dim(), k.dim(), v.dim()) < 3:
@@ -259,8 +312,8 @@ def _attention_layout(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool = True):
     batch = math.prod(lead)
 
     def kernel_form(t: Tensor, h: int) -> Tensor:
-        t = t.expand(*lead, h, *t.shape[-2:]).reshape(batch, h, *t.shape[-2:])
-        return _upcast(t).contiguous()
+        t = _upcast(t.expand(*lead, h, *t.shape[-2:]).reshape(batch, h, *t.shape[-2:]))
+        return t if _head_layout(t) is not None else t.contiguous()
 
     kv_heads = hk if hq != 1 else heads
 
