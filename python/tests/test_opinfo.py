@@ -1,7 +1,6 @@
 """PyTorch's own OpInfo sample inputs for matmul, mm, bmm, F.linear and
 F.scaled_dot_product_attention, run under torchtpu.drop_in(): every sample our kernels serve
-agrees with PyTorch in forward and backward; the rest fall through for a documented reason
-(see the README): a 1-D weight for F.linear. bf16 and f16 results are held to no worse than
+agrees with PyTorch in forward and backward, and every sample is served. bf16 and f16 results are held to no worse than
 PyTorch's own low-precision CPU result against f64. Samples with dropout are compared with
 SDPA in f64 dropping what torchtpu's generator drops (``dropout_reference``, written
 independently): PyTorch's own dropout draws other weights."""
@@ -17,8 +16,6 @@ from torch.testing._internal.common_methods_invocations import op_db
 import torchtpu
 
 OPS = {o.name: o for o in op_db if o.name in ("matmul", "mm", "bmm", "nn.functional.linear", "nn.functional.scaled_dot_product_attention")}
-#: Why a sample may fall through to PyTorch (the routing's reasons).
-DOCUMENTED = ("1-D weight",)
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=5e-3, rtol=5e-3)}
 
 
@@ -69,15 +66,13 @@ def _error(got, want):
 
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("name", sorted(OPS))
-def test_opinfo_samples_run_on_our_kernels_or_fall_through_for_a_documented_reason(name, dtype):
+def test_every_opinfo_sample_runs_on_our_kernels_and_agrees_with_pytorch(name, dtype):
     op = OPS[name]
     served = 0
     for i, sample in enumerate(op.sample_inputs("cpu", dtype, requires_grad=True)):
         with torchtpu.drop_in() as routed:
             got = _outputs_and_grads(op, sample, i)
-        if not routed.hits:
-            assert routed.fallbacks and all(any(d in reason for d in DOCUMENTED) for reason in routed.fallbacks), f"sample {i}: {dict(routed.fallbacks)}"
-            continue
+        assert routed.hits and not routed.fallbacks, f"sample {i} fell through: {dict(routed.fallbacks)}"
         served += 1
         # With dropout, the computation PyTorch's SDPA would make had it dropped our weights.
         same = _Reference if sample.kwargs.get("dropout_p", 0.0) > 0 else op

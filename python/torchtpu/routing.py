@@ -94,9 +94,10 @@ def _linear(input, weight, bias=None):
     why = _why_not(input, weight, bias)
     if why:
         return why
-    if input.dim() == 0 or weight.dim() != 2:
-        return "1-D weight" if weight.dim() == 1 else "shape"
-    out = ops.matmul_like_torch(input, weight.T)
+    if input.dim() == 0 or weight.dim() not in (1, 2):
+        return "shape"
+    # A 1-D weight is one output feature without its dim: x @ w, as F.linear gives.
+    out = ops.matmul_like_torch(input, weight.T if weight.dim() == 2 else weight)
     return out + bias if bias is not None else out
 
 
