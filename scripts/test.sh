@@ -2,6 +2,8 @@
 # Runs every test: the Rust workspace's, the README's quick start, and the Python package's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# What the tests need, installed on first use (idempotent: quick once done).
+bash scripts/deps.sh
 # Formatting is part of the code (rustfmt.toml): a change that is not rustfmt-clean fails here.
 cargo fmt --all --check
 (cd examples/user-ops && cargo fmt --all --check)

@@ -197,7 +197,7 @@ mod tests {
             .collect();
         let s = Surrogate::fit(&samples).expect("fits");
         let probe = Features { flops: 5e9, steps: 50.0, sliced_bytes: 1e6, ..Default::default() };
-        assert!((s.predict(&probe) - truth(&probe)).abs() < 1e-6 * truth(&probe), "{} vs {}", s.predict(&probe), truth(&probe));
+        assert!(approx::relative_eq!(s.predict(&probe), truth(&probe), max_relative = 1e-6), "{} vs {}", s.predict(&probe), truth(&probe));
     }
 
     #[test]

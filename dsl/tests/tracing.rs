@@ -111,7 +111,7 @@ fn traced_for_carries_two_values() {
     let want = input().mapv(|t| t + 2.0 * t * t + t * t * t);
     let got = run(&one_block_call(traced_loop::kernel(), 3), &input());
     for (g, w) in got.iter().zip(&want) {
-        assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        assert!(approx::relative_eq!(g, w, epsilon = 1e-4, max_relative = 1e-4), "{g} vs {w}");
     }
 }
 

@@ -54,7 +54,7 @@ fn run_to_host_gives_outputs_on_every_backend() {
         for out in [&first[0], &second[0]] {
             let got: Vec<f32> = out.bytes().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             let exp: Vec<f32> = want.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            assert!(got.iter().zip(&exp).all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs().max(1.0)), "{backend}");
+            assert!(got.iter().zip(&exp).all(|(x, y)| approx::relative_eq!(x, y, epsilon = 1e-4, max_relative = 1e-4)), "{backend}");
         }
         let err = prepared.run_to_host(&[&a]).err().expect("a missing operand");
         assert!(err.to_string().contains("expected 2 operands"), "{err}");

@@ -81,7 +81,7 @@ fn bits_and_uniforms_are_uniformly_distributed() {
     assert!(uniform.iter().all(|&u| (0.0..1.0).contains(&u)));
     let mean = uniform.iter().map(|&u| f64::from(u)).sum::<f64>() / m;
     let var = uniform.iter().map(|&u| (f64::from(u) - mean).powi(2)).sum::<f64>() / m;
-    assert!((mean - 0.5).abs() < 0.01 && (var - 1.0 / 12.0).abs() < 0.005, "mean {mean}, variance {var}");
+    assert!(approx::abs_diff_eq!(mean, 0.5, epsilon = 0.01) && approx::abs_diff_eq!(var, 1.0 / 12.0, epsilon = 0.005), "mean {mean}, variance {var}");
     let mut bins = [0f64; 64];
     for &u in &uniform {
         bins[((u * 64.0) as usize).min(63)] += 1.0;

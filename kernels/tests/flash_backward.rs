@@ -37,11 +37,11 @@ fn the_f64_reference_gradients_agree_with_finite_differences() {
         (loss(&plus[0], &plus[1], &plus[2]) - loss(&minus[0], &minus[1], &minus[2])) / (2.0 * h)
     };
     for ix in [[0, 0, 0, 0], [0, 1, 3, 2], [0, 1, 4, 1]] {
-        assert!((fd(0, &ix) - dq[ix]).abs() < 1e-6, "dq{ix:?}: {} vs {}", fd(0, &ix), dq[ix]);
+        assert!(approx::abs_diff_eq!(fd(0, &ix), dq[ix], epsilon = 1e-6), "dq{ix:?}: {} vs {}", fd(0, &ix), dq[ix]);
     }
     for ix in [[0, 0, 0, 0], [0, 0, 4, 2], [0, 0, 5, 1]] {
-        assert!((fd(1, &ix) - dk[ix]).abs() < 1e-6, "dk{ix:?}: {} vs {}", fd(1, &ix), dk[ix]);
-        assert!((fd(2, &ix) - dv[ix]).abs() < 1e-6, "dv{ix:?}: {} vs {}", fd(2, &ix), dv[ix]);
+        assert!(approx::abs_diff_eq!(fd(1, &ix), dk[ix], epsilon = 1e-6), "dk{ix:?}: {} vs {}", fd(1, &ix), dk[ix]);
+        assert!(approx::abs_diff_eq!(fd(2, &ix), dv[ix], epsilon = 1e-6), "dv{ix:?}: {} vs {}", fd(2, &ix), dv[ix]);
     }
 }
 

@@ -47,12 +47,12 @@ fn reference_derivatives_agree_with_finite_differences() {
         for x in [-5.0, -2.5, -1.0, -0.3, 0.0, 0.4, 1.0, 2.2, 5.0] {
             let fd = (reference_activation(activation, x + h).0 - reference_activation(activation, x - h).0) / (2.0 * h);
             let derivative = reference_activation(activation, x).1;
-            assert!((fd - derivative).abs() < 1e-8, "{activation:?} at {x}: {fd} vs {derivative}");
+            assert!(approx::abs_diff_eq!(fd, derivative, epsilon = 1e-8), "{activation:?} at {x}: {fd} vs {derivative}");
         }
     }
     // The series erf against values known to 1e-15 (Abramowitz and Stegun, table 7.1).
     for (x, erf) in [(0.5, 0.520_499_877_813_047), (1.0, 0.842_700_792_949_715), (2.0, 0.995_322_265_018_953), (3.5, 0.999_999_256_901_628)] {
-        assert!((libm_erf(x) - erf).abs() < 1e-12 && (libm_erf(-x) + erf).abs() < 1e-12, "erf({x}) = {}", libm_erf(x));
+        assert!(approx::abs_diff_eq!(libm_erf(x), erf, epsilon = 1e-12) && approx::abs_diff_eq!(libm_erf(-x), -erf, epsilon = 1e-12), "erf({x}) = {}", libm_erf(x));
     }
 }
 

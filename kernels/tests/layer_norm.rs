@@ -82,7 +82,7 @@ fn reference_gradients_agree_with_finite_differences() {
     common::assert_gradient("dx", |x| loss(x, &w), &x, &dx, 1e-5);
     common::assert_gradient("dw", |w| loss(&x, w), &w, &dw, 1e-5);
     for j in 0..dim {
-        assert!((db[j] - dy.column(j).sum()).abs() < 1e-12, "db[{j}]");
+        assert!(approx::abs_diff_eq!(db[j], dy.column(j).sum(), epsilon = 1e-12), "db[{j}]");
     }
 }
 

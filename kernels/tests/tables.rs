@@ -112,5 +112,7 @@ fn lowered_tpu_modules_and_device_buffer_runs() {
     let got = torchtpu_exec::download(&out[0], &torchtpu_dsl::ir::ValueType::new(torchtpu_dsl::DType::F32, [64, 32])).expect("downloads");
     let want = a.dot(&b);
     let got = got.into_array::<f32>().expect("f32");
-    assert!(got.iter().zip(want.iter()).all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs().max(1.0)));
+    for (&x, &y) in got.iter().zip(want.iter()) {
+        approx::assert_relative_eq!(x, y, epsilon = 1e-4, max_relative = 1e-4);
+    }
 }

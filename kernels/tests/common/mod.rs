@@ -16,7 +16,7 @@ pub fn assert_gradient<D: Dimension>(what: &str, loss: impl Fn(&Array<f64, D>) -
             loss(&a)
         };
         let fd = (nudged(h) - nudged(-h)) / (2.0 * h);
-        assert!((fd - want).abs() < tolerance, "{what}, element {k}: finite differences {fd}, gradient {want}");
+        assert!(approx::abs_diff_eq!(fd, want, epsilon = tolerance), "{what}, element {k}: finite differences {fd}, gradient {want}");
     }
 }
 

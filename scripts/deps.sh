@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing torchtpu need, from pinned versions: the Rust
+# crates (Cargo.lock) and a venv with the pinned Python packages (requirements.txt: libtpu,
+# the PJRT CPU plugin, torch, maturin, pytest). Idempotent and quick once done: the venv
+# remembers the requirements it holds, so a later call installs nothing unless they changed.
+# Downloads are cached under ~/.cache (and cargo's own ~/.cargo), never inside the repo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "deps: cargo not found; install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+cargo fetch --locked --quiet
+
+# Python side: a venv of our own, so the pinned versions never fight the system's.
+VENV="${TORCHTPU_VENV:-$HOME/.cache/torchtpu/venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+STAMP="$VENV/.torchtpu-requirements.sha256"
+WANT="$(sha256sum requirements.txt | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$HOME/.cache/pip" -r requirements.txt
+    echo "$WANT" > "$STAMP"
+fi
