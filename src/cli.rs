@@ -156,6 +156,11 @@ enum Command {
         /// Ignore and do not update the on-disk cache.
         #[arg(long)]
         no_cache: bool,
+        /// Times measured elsewhere (on the chip a deviceless ranking is for), a JSON object
+        /// of config to milliseconds (`{"bm=512,bn=512,bk=512": 0.81, ...}`): shown beside
+        /// the ranking's times, in the plot, and summarized as their agreement.
+        #[arg(long)]
+        measured: Option<std::path::PathBuf>,
     },
     /// Regenerate the ops' tuned tables (`<dir>/<target>.json`): deviceless ranking
     /// for TPU chips, measured on the PJRT CPU plugin for `cpu`.
@@ -249,6 +254,12 @@ struct Accuracy {
     relative: f64,
     absolute: f64,
     tolerance: f64,
+}
+
+/// A `--measured` file: a JSON object of config to milliseconds.
+fn read_measured(path: &std::path::Path) -> Result<std::collections::BTreeMap<String, f64>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the measured times {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{} must be a JSON object of config to milliseconds, like {{\"bq=512,bk=512\": 1.25}}: {e}", path.display()))
 }
 
 fn parse_settings(set: &[String]) -> Result<Vec<(String, String)>, String> {
@@ -380,7 +391,8 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
             let sel = Selected::new(ops, &kernel, dtype, &set)?;
             run_selected(&sel, backend, seed.unwrap_or_else(|| rand::rng().random()), json)
         }
-        Command::Tune { kernel, device, dtype, set, strategy, budget, json, plot, no_cache } => {
+        Command::Tune { kernel, device, dtype, set, strategy, budget, json, plot, no_cache, measured } => {
+            let measured = measured.map(|path| read_measured(&path)).transpose()?;
             let device: Device = device.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
             let strategy: Strategy = strategy.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
             let problem = tunable(ops, &kernel, dtype, &set)?;
@@ -393,8 +405,14 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
                 bar.set_message(format!("{}  {}", p.config, p.ms.map_or("-".to_string(), |m| format!("{m:.3} ms"))));
             };
             let opts = TuneOptions { strategy, budget, use_cache: !no_cache, progress: Some(&progress), ..TuneOptions::default() };
-            let report = tune(problem.as_ref(), device, &opts).map_err(|e| e.to_string())?;
+            let mut report = tune(problem.as_ref(), device, &opts).map_err(|e| e.to_string())?;
             bar.finish_and_clear();
+            if let Some(measured) = &measured {
+                if report.cache_hit {
+                    report.warnings.push("the result came from the cache, which keeps no candidates to compare with the measured times: tune with --no-cache".into());
+                }
+                report.attach_measurements(measured)?;
+            }
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
@@ -419,6 +437,9 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
                 );
                 if !report.decision.is_empty() {
                     println!("decided: {}", report.decision);
+                }
+                if let Some(a) = report.agreement() {
+                    println!("{}", torchtpu_autotune::report::agreement_line(&a));
                 }
             }
             if let Some(path) = plot {

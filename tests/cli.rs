@@ -125,6 +125,24 @@ fn tune_ranks_for_a_chip_and_answers_the_second_time_from_the_cache() {
     let (second, _) = tune(&[]);
     assert_eq!(second["cache_hit"], true);
     assert_eq!(second["best_config"], first["best_config"]);
+    // Times measured on the chip, beside the prediction: here the predicted best measured slower.
+    let best = first["best_config"].as_str().expect("best").to_string();
+    let ranked: Vec<&str> = table.lines().filter(|l| l.contains("predicted, compiled")).filter_map(|l| l.split_whitespace().next()).collect();
+    let other = ranked.iter().find(|c| **c != best).expect("another compiled candidate").to_string();
+    let measured = cache.join("measured.json");
+    std::fs::write(&measured, serde_json::json!({ best.clone(): 2.0, other: 1.0 }).to_string()).expect("writes");
+    let (third, table) = tune(&["--no-cache", "--measured", measured.to_str().expect("utf-8")]);
+    assert_eq!(third["agreement"]["compared"], 2, "{third}");
+    assert_eq!(third["agreement"]["best_measured_rank"], 2, "{third}");
+    assert!(table.contains("measured 2.0000 ms"), "{table}");
+    std::fs::write(&measured, "[1, 2]").expect("writes");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_torchtpu"))
+        .args(["tune", "matmul", "--device", "v6e", "--measured", measured.to_str().expect("utf-8")])
+        .env("TORCHTPU_CACHE_DIR", &cache)
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be a JSON object of config to milliseconds"));
     let _ = std::fs::remove_dir_all(&cache);
 }
 

@@ -158,7 +158,7 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
     let mut ok = Vec::new();
     let mut pruned = Vec::new();
     for config in space.iter() {
-        let prune = |reason: String, f: Option<Features>| Candidate { config: config.clone(), outcome: Outcome::Pruned { reason }, features: f };
+        let prune = |reason: String, f: Option<Features>| Candidate { config: config.clone(), outcome: Outcome::Pruned { reason }, features: f, measured_ms: None };
         if let Some(reason) = space.violation(&config) {
             pruned.push(prune(format!("constraint: {reason}"), None));
             continue;
@@ -359,7 +359,7 @@ fn rank_for_chip(chip: Chip, prepared: &[Prepared], opts: &TuneOptions) -> Resul
             if let Some(cb) = opts.progress {
                 cb(Progress { done: n, total: prepared.len(), config: &p.config, ms: outcome.ms() });
             }
-            Candidate { config: p.config.clone(), outcome, features: Some(p.features) }
+            Candidate { config: p.config.clone(), outcome, features: Some(p.features), measured_ms: None }
         })
         .collect())
 }
@@ -503,8 +503,11 @@ fn measure(backend: Backend, t: &dyn Tunable, prepared: &[Prepared], inputs: &[H
             outcomes[i] = Some(timed(s));
         }
     }
-    let candidates =
-        prepared.iter().zip(outcomes).map(|(p, o)| Candidate { config: p.config.clone(), outcome: o.unwrap_or(Outcome::NotEvaluated), features: Some(p.features) }).collect();
+    let candidates = prepared
+        .iter()
+        .zip(outcomes)
+        .map(|(p, o)| Candidate { config: p.config.clone(), outcome: o.unwrap_or(Outcome::NotEvaluated), features: Some(p.features), measured_ms: None })
+        .collect();
     Ok((
         candidates,
         verdict.map(|v| Decided {

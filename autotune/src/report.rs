@@ -46,6 +46,53 @@ pub struct Candidate {
     pub config: Config,
     pub outcome: Outcome,
     pub features: Option<Features>,
+    /// A time measured elsewhere for this config (on the chip a deviceless ranking predicts
+    /// for): see [`TuneReport::attach_measurements`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured_ms: Option<f64>,
+}
+
+/// How a ranking's times compare with times measured for the same candidates.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Agreement {
+    /// Candidates with both a time of the report's and a measured one.
+    pub compared: usize,
+    /// Spearman's rank correlation of the two (1: the same order; ties share their mean rank).
+    pub spearman: f64,
+    /// Where the report's best ranks among the measured times (1: the measured fastest).
+    pub best_measured_rank: usize,
+    /// The median of measured / the report's time: how far off the absolute times are.
+    pub median_ratio: f64,
+}
+
+/// Ranks 1..n of `x` (ties get their mean rank).
+fn ranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut r = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        for &k in &order[i..=j] {
+            r[k] = (i + j) as f64 / 2.0 + 1.0;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Pearson's correlation of the ranks of `a` and `b`; None for fewer than two pairs or a
+/// constant side.
+fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let (va, vb): (f64, f64) = (ra.iter().map(|x| (x - ma).powi(2)).sum(), rb.iter().map(|y| (y - mb).powi(2)).sum());
+    (ra.len() >= 2 && va > 0.0 && vb > 0.0).then(|| cov / (va * vb).sqrt())
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -77,7 +124,44 @@ pub struct TuneReport {
     pub decision: String,
 }
 
+/// A config as people write it (`bq = 512, bk=1024`), for matching: no spaces.
+fn config_key(text: &str) -> String {
+    text.chars().filter(|c| !c.is_whitespace()).collect()
+}
+
 impl TuneReport {
+    /// Attaches times measured elsewhere — typically on the chip a deviceless ranking predicted
+    /// for — to the candidates they name (`"bq=512,bk=1024"` → ms), so that the report shows
+    /// the prediction beside the measurement. A config the report does not hold, or a time
+    /// that is not a positive number, is an error naming it.
+    pub fn attach_measurements(&mut self, measured: &std::collections::BTreeMap<String, f64>) -> Result<(), String> {
+        let mut by_key: std::collections::HashMap<String, &mut Candidate> = self.candidates.iter_mut().map(|c| (config_key(&c.config.to_string()), c)).collect();
+        for (config, &ms) in measured {
+            if !(ms.is_finite() && ms > 0.0) {
+                return Err(format!("the measured time of `{config}` must be a positive number of ms; got {ms}"));
+            }
+            let Some(c) = by_key.get_mut(&config_key(config)) else {
+                let known: Vec<String> = self.candidates.iter().take(6).map(|c| c.config.to_string()).collect();
+                return Err(format!("`{config}` is not a candidate of this search space (they read like {})", known.join("; ")));
+            };
+            c.measured_ms = Some(ms);
+        }
+        Ok(())
+    }
+
+    /// How the report's times agree with the attached measurements (see
+    /// [`TuneReport::attach_measurements`]); None with fewer than two to compare.
+    pub fn agreement(&self) -> Option<Agreement> {
+        let pairs: Vec<(&Candidate, f64, f64)> = self.candidates.iter().filter_map(|c| Some((c, c.outcome.ms()?, c.measured_ms?))).collect();
+        let (ours, measured): (Vec<f64>, Vec<f64>) = pairs.iter().map(|&(_, a, b)| (a, b)).unzip();
+        let spearman = spearman(&ours, &measured)?;
+        let best = pairs.iter().find(|(c, _, _)| c.config == self.best_config).map(|&(_, _, m)| m)?;
+        let best_measured_rank = 1 + measured.iter().filter(|&&m| m < best).count();
+        let ratios: Vec<f64> = pairs.iter().map(|&(_, a, b)| b / a).collect();
+        let median_ratio = crate::stats::Summary::of(&ratios).map_or(f64::NAN, |s| s.median_ms);
+        Some(Agreement { compared: pairs.len(), spearman, best_measured_rank, median_ratio })
+    }
+
     /// default time / best time, when the default was measured.
     pub fn speedup(&self) -> Option<f64> {
         self.default_time_ms.map(|d| d / self.best_time_ms)
@@ -103,6 +187,7 @@ impl TuneReport {
             "tied": self.tied.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
             "decision": self.decision,
             "warnings": self.warnings,
+            "agreement": self.agreement(),
         })
     }
 
@@ -131,7 +216,10 @@ impl TuneReport {
                     let tie = if self.tied.contains(&c.config) { ", tied" } else { "" };
                     (format!("{median_ms:.3}"), format!("timed: 95% CI {ci_low_ms:.3}..{ci_high_ms:.3} over {samples} runs (spread {:.0}%){tie}{mark}", spread * 100.0))
                 }
-                Outcome::Predicted { ms, code_size_bytes } => (format!("{ms:.4}"), format!("predicted, compiled ({code_size_bytes} B){mark}")),
+                Outcome::Predicted { ms, code_size_bytes } => {
+                    let measured = c.measured_ms.map_or(String::new(), |m| format!("; measured {m:.4} ms"));
+                    (format!("{ms:.4}"), format!("predicted, compiled ({code_size_bytes} B){measured}{mark}"))
+                }
                 Outcome::Pruned { reason } => ("-".into(), format!("pruned: {reason}")),
                 Outcome::Failed { reason } => ("-".into(), format!("failed: {reason}")),
                 Outcome::NotEvaluated => ("-".into(), "not evaluated".into()),
@@ -191,8 +279,9 @@ impl TuneReport {
                             // Fast green to slow red, on a log scale of time.
                             let f = if hi > lo { ((t / lo).ln() / (hi / lo).ln()).clamp(0.0, 1.0) } else { 0.0 };
                             let color = RGBColor((60.0 + 190.0 * f) as u8, (190.0 - 120.0 * f) as u8, 90);
-                            let note = match o {
-                                Outcome::Timed { ci_low_ms, ci_high_ms, .. } => format!("{ci_low_ms:.2}..{ci_high_ms:.2}"),
+                            let note = match (o, c.measured_ms) {
+                                (_, Some(m)) => format!("measured {m:.3}"),
+                                (Outcome::Timed { ci_low_ms, ci_high_ms, .. }, None) => format!("{ci_low_ms:.2}..{ci_high_ms:.2}"),
                                 _ => String::new(),
                             };
                             (color, format!("{t:.3}"), note)
@@ -218,6 +307,9 @@ impl TuneReport {
                 let foot = top + cell_h * ys.len() as i32 + 24;
                 root.draw(&Text::new("dark green outline: best; orange outline: default; grey: pruned (reason below the label)", (10, foot), font(11)))?;
                 root.draw(&Text::new(format!("decided: {}", self.decision.chars().take(110).collect::<String>()), (10, foot + 18), font(11)))?;
+                if let Some(a) = self.agreement() {
+                    root.draw(&Text::new(agreement_line(&a), (10, foot + 36), font(11)))?;
+                }
                 root.present()?;
                 Ok(())
             };
@@ -238,7 +330,7 @@ impl TuneReport {
             Outcome::Timed { ci_low_ms, ci_high_ms, samples, .. } if samples > 0 => Some((ci_low_ms, ci_high_ms)),
             _ => None,
         };
-        let max = bars.iter().map(|(c, ms)| interval(c).map_or(*ms, |(_, hi)| hi.max(*ms))).fold(f64::MIN_POSITIVE, f64::max);
+        let max = bars.iter().map(|(c, ms)| interval(c).map_or(*ms, |(_, hi)| hi.max(*ms)).max(c.measured_ms.unwrap_or(0.0))).fold(f64::MIN_POSITIVE, f64::max);
         let (row, left, width) = (18i32, 230i32, 420.0);
         let height = 60 + row * bars.len() as i32;
         let unit = if self.device.starts_with('v') || self.device.starts_with("tpu7") { "predicted ms" } else { "ms" };
@@ -269,7 +361,13 @@ impl TuneReport {
                             root.draw(&PathElement::new(vec![(x, mid - 4), (x, mid + 4)], BLACK.stroke_width(1)))?;
                         }
                     }
-                    root.draw(&Text::new(format!("{ms:.3}"), (x_of(interval(c).map_or(*ms, |(_, hi)| hi.max(*ms))) + 4, y + 12), font(11)))?;
+                    if let Some(m) = c.measured_ms {
+                        // The measured time as a black tick across the bar.
+                        let x = x_of(m.min(max));
+                        root.draw(&PathElement::new(vec![(x, y - 1), (x, y + row - 3)], BLACK.stroke_width(2)))?;
+                    }
+                    let measured = c.measured_ms.map_or(String::new(), |m| format!(" (measured {m:.3})"));
+                    root.draw(&Text::new(format!("{ms:.3}{measured}"), (x_of(interval(c).map_or(*ms, |(_, hi)| hi.max(*ms))) + 4, y + 12), font(11)))?;
                 }
                 root.present()?;
                 Ok(())
@@ -278,6 +376,14 @@ impl TuneReport {
         }
         Ok(svg)
     }
+}
+
+/// One line saying how a ranking agrees with measured times.
+pub fn agreement_line(a: &Agreement) -> String {
+    format!(
+        "against {} measured: rank correlation {:.2}, the best ranks #{} measured, measured / ours {:.2}x (median)",
+        a.compared, a.spearman, a.best_measured_rank, a.median_ratio
+    )
 }
 
 #[cfg(test)]
@@ -291,10 +397,10 @@ mod tests {
     fn report() -> TuneReport {
         let timed = |ms: f64| Outcome::Timed { median_ms: ms, spread: 0.1, ci_low_ms: ms * 0.95, ci_high_ms: ms * 1.05, samples: 11 };
         let candidates = vec![
-            Candidate { config: config(128, 128), outcome: timed(4.0), features: None },
-            Candidate { config: config(128, 256), outcome: timed(3.25), features: None },
-            Candidate { config: config(256, 128), outcome: Outcome::Pruned { reason: "VMEM model: 40 MiB".into() }, features: None },
-            Candidate { config: config(256, 256), outcome: timed(5.5), features: None },
+            Candidate { config: config(128, 128), outcome: timed(4.0), features: None, measured_ms: None },
+            Candidate { config: config(128, 256), outcome: timed(3.25), features: None, measured_ms: None },
+            Candidate { config: config(256, 128), outcome: Outcome::Pruned { reason: "VMEM model: 40 MiB".into() }, features: None, measured_ms: None },
+            Candidate { config: config(256, 256), outcome: timed(5.5), features: None, measured_ms: None },
         ];
         TuneReport {
             kernel: "k".into(),
@@ -314,6 +420,36 @@ mod tests {
             tied: Vec::new(),
             decision: "separated".into(),
         }
+    }
+
+    #[test]
+    fn measured_times_sit_beside_predicted_ones_with_their_agreement() {
+        let predicted = |ms: f64| Outcome::Predicted { ms, code_size_bytes: 1000 };
+        let mut r = report();
+        for (c, ms) in r.candidates.iter_mut().zip([1.0, 2.0, 0.0, 3.0]) {
+            if ms > 0.0 {
+                c.outcome = predicted(ms);
+            }
+        }
+        r.best_config = config(128, 128);
+        // Predicted order 1, 2, 3; measured 2.0, 1.5, 6.0: one swap at the top.
+        let measured = [("bq=128,bk=128", 2.0), ("bq = 128, bk = 256", 1.5), ("bq=256,bk=256", 6.0)].map(|(k, v)| (k.to_string(), v)).into_iter().collect();
+        r.attach_measurements(&measured).expect("every config is a candidate");
+        let a = r.agreement().expect("three to compare");
+        assert_eq!((a.compared, a.best_measured_rank), (3, 2));
+        // Ranks (1, 2, 3) against (2, 1, 3): 1 - 6 Σd² / (n (n² - 1)) = 1 - 6·2/24.
+        assert!((a.spearman - 0.5).abs() < 1e-12, "{}", a.spearman);
+        assert!((a.median_ratio - 2.0).abs() < 1e-12, "ratios 2, 0.75, 2: {}", a.median_ratio);
+        assert!(r.table().contains("measured 1.5000 ms"), "{}", r.table());
+        let svg = r.heatmap_svg().expect("two tunables").expect("draws");
+        assert!(svg.contains("measured 6.000") && svg.contains("rank correlation 0.50"), "{svg}");
+        assert!(r.svg().expect("bars").contains("(measured 2.000)"));
+        assert_eq!(r.summary_json()["agreement"]["best_measured_rank"], 2);
+
+        let unknown = [("bq=64,bk=64".to_string(), 1.0)].into_iter().collect();
+        assert!(r.attach_measurements(&unknown).expect_err("not a candidate").contains("`bq=64,bk=64` is not a candidate"));
+        let negative = [("bq=128,bk=128".to_string(), -1.0)].into_iter().collect();
+        assert!(r.attach_measurements(&negative).expect_err("negative").contains("positive number"));
     }
 
     #[test]
