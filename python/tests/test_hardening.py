@@ -194,3 +194,59 @@ def test_matmul_property(m, n, k, batch, dtype, transposed_b, poison, seed):
     assert torch.equal(out.isnan(), want.isnan())
     tol = {torch.bfloat16: 3e-2, torch.float16: 2e-3}.get(dtype, 1e-4) * max(k, 1) ** 0.5
     torch.testing.assert_close(out.double().nan_to_num(), want.nan_to_num(), atol=tol, rtol=tol)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    b=st.integers(0, 2), h=st.integers(1, 3), sq=dims, sk=dims, d=st.sampled_from([1, 8, 16]),
+    q_rank=st.sampled_from([3, 4]), kv_rank=st.sampled_from([3, 4]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    causal=st.sampled_from([False, True, "top_left", "bottom_right"] * 3 + ["lower_right", 1]),
+    mask_kind=st.sampled_from([None, "bool", "float"] * 3 + ["int", "misshapen"]), mask_dims=st.lists(st.booleans(), min_size=4, max_size=4),
+    mask_rank=st.integers(1, 4), dropout_p=st.sampled_from([0.0] * 9 + [-0.1, 1.5, float("nan")]), seed=st.integers(0, 2**31),
+)
+def test_sdpa_signature_property(b, h, sq, sk, d, q_rank, kv_rank, dtype, causal, mask_kind, mask_dims, mask_rank, dropout_p, seed):
+    """SDPA's arguments — ranks that differ, masks of every broadcast (and shapes that do not
+    broadcast), both causal alignments, bad dropout rates and causal values — give SDPA's
+    result in f64, or a ValueError/TypeError for what SDPA would refuse too."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = lambda rank, s: (b, h, s, d) if rank == 4 else (b * h, s, d)  # noqa: E731
+    if q_rank != kv_rank:
+        shape = lambda rank, s: (b, h, s, d) if rank == 4 else (h, s, d)  # noqa: E731  (3-D broadcasts over the batch)
+    q, k, v = (torch.randn(*shape(r, s), generator=gen).to(dtype) for r, s in ((q_rank, sq), (kv_rank, sk), (kv_rank, sk)))
+    scores = torch.broadcast_shapes(q.shape[:-1] + (1,), k.shape[:-2] + (1, sk))
+    full = scores[-4:] if len(scores) >= 4 else scores
+    mask_shape = tuple(n if keep else 1 for n, keep in zip((1,) * (4 - len(full)) + tuple(full), mask_dims))[4 - mask_rank :]
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(mask_shape, generator=gen) > 0.3
+    elif mask_kind == "float":
+        mask = torch.randn(mask_shape, generator=gen).masked_fill(torch.rand(mask_shape, generator=gen) < 0.2, float("-inf")).to(dtype)
+    elif mask_kind == "int":
+        mask = torch.ones(mask_shape, dtype=torch.int32)
+    elif mask_kind == "misshapen":
+        mask = torch.ones(sq + 2, sk, dtype=torch.bool)
+    invalid = causal not in (False, True, "top_left", "bottom_right") or mask_kind in ("int", "misshapen") or not 0.0 <= dropout_p <= 1.0
+    try:
+        out = torchtpu.flash_attention(q, k, v, causal=causal, attn_mask=mask, dropout_p=dropout_p)
+    except (TypeError, ValueError) as e:
+        assert invalid, f"valid input refused: {e}"
+        return
+    assert not invalid, "invalid input accepted"
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    bias = torch.zeros(sq, sk, dtype=torch.float64)
+    if causal:
+        offset = sk - sq if causal == "bottom_right" else 0
+        bias = bias.masked_fill(torch.ones(sq, sk, dtype=torch.bool).tril(offset).logical_not(), float("-inf"))
+    if mask is not None:
+        bias = bias + (mask.double() if mask.dtype != torch.bool else torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, float("-inf")))
+    # SDPA written out (F.scaled_dot_product_attention keeps q's shape for empty broadcasts,
+    # where matmul's broadcasting, and ours, give the broadcast one); a row that sees no key is 0.
+    s = q64 @ k64.transpose(-1, -2) / d**0.5 + bias
+    hidden = torch.isneginf(s).all(-1, keepdim=True)
+    want = torch.where(hidden, 0.0, torch.softmax(s.masked_fill(hidden, 0.0), -1)) @ v64
+    # A mask's extra leading dims of size 1 do not grow the output (SDPA's rule).
+    want = want.reshape(want.shape[want.dim() - max(q.dim(), k.dim()) :])
+    assert out.shape == want.shape and out.dtype == dtype
+    tol = {torch.bfloat16: 3e-2, torch.float16: 3e-3}.get(dtype, 1e-4)
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)

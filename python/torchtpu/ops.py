@@ -339,15 +339,21 @@ def _bias_layout(attn_mask: Tensor, lead, rank: int, heads: int, q_len: int, kv_
     else:
         raise TypeError(f"attn_mask must be boolean or floating point, not {attn_mask.dtype}")
     if bias.dim() > rank:
-        raise ValueError(f"attn_mask has {bias.dim()} dims, more than the attention's {rank}")
+        # Extra leading dims of size 1 broadcast away, as in SDPA; others would grow the output.
+        extra = bias.shape[: bias.dim() - rank]
+        if any(n != 1 for n in extra):
+            raise ValueError(f"attn_mask {list(attn_mask.shape)} has more dims than the attention's {rank}, and its extra leading dims {list(extra)} are not 1")
+        bias = bias.reshape(bias.shape[bias.dim() - rank :])
     bias = bias.reshape((1,) * (rank - bias.dim()) + tuple(bias.shape))
     if rank == 3:
         bias = bias.unsqueeze(1)
+    scores = (*lead, heads, q_len, kv_len)
     try:
-        scores = (*lead, heads, q_len, kv_len)
-        torch.broadcast_shapes(bias.shape, scores)
+        fits = torch.broadcast_shapes(bias.shape, scores) == torch.Size(scores)
     except RuntimeError:
-        raise ValueError(f"attn_mask {list(attn_mask.shape)} does not broadcast to the attention scores {list(scores)}") from None
+        fits = False
+    if not fits:
+        raise ValueError(f"attn_mask {list(attn_mask.shape)} does not broadcast to the attention scores {list(scores)}")
     batch_dims = bias.shape[:-3]
     if all(n == 1 for n in batch_dims):
         bias = bias.reshape(1, *bias.shape[-3:])
