@@ -7,6 +7,7 @@
 ``torchtpu.apply_rotary_pos_emb``) and the fused LM-head loss (``torchtpu.linear_cross_entropy``) (torch also imports this package by itself through its
 ``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
+On DTensors they run sharded (``torchtpu.sharding``).
 """
 
 
@@ -23,6 +24,7 @@ from torchtpu import cross_entropy as _cross_entropy  # noqa: E402
 from torchtpu import glu as _glu  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
 from torchtpu import rope as _rope  # noqa: E402
+from torchtpu import sharding  # noqa: E402
 from torchtpu import tpu  # noqa: E402
 from torchtpu.routing import drop_in  # noqa: E402
 
@@ -40,4 +42,4 @@ rope = _rope.rope
 apply_rotary_pos_emb = _rope.apply_rotary_pos_emb
 linear_cross_entropy = _cross_entropy.linear_cross_entropy
 
-__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "drop_in", "library", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "drop_in", "library", "sharding", "tpu"]
