@@ -121,12 +121,28 @@ pub fn dropout_threshold(rate: f64) -> i32 {
 /// ([`random_bits_at`] on the counter `row * kv_len + col`, keyed by the seed and the head), so
 /// that the backward kernels, at their own blocks, drop what the forward dropped.
 #[tpu_fn]
-fn dropout_keep(seed: &Ref<i32>, head: Scalar<i32>, q_start: Scalar<i32>, k_start: Scalar<i32>, shape: [usize; 2], kv_len: usize, rate: f32) -> Tile<bool> {
+fn dropout_keep(seed: &Ref<i32>, head: Scalar<i32>, q_start: Scalar<i32>, k_start: Scalar<i32>, shape: [usize; 2], kv_len: usize, threshold: i32) -> Tile<bool> {
     let key = random_key(&[seed.load_at((0..1, 0..1)), head.broadcast_to([1, 1])]);
     let rows = iota::<i32>(shape, 0) + q_start;
     let cols = iota::<i32>(shape, 1) + k_start;
     let bits = random_bits_at(key, rows * kv_len as i32 + cols);
-    bits.shift_right_logical(8) >= dropout_threshold(f64::from(rate))
+    bits.shift_right_logical(8) >= threshold
+}
+
+/// Dropout as the kernels take it: whether there is any, the keep threshold (computed once, in
+/// f64, so that the kernels and [`dropout_keeps`] agree bit for bit) and the scale of what is
+/// kept, `1 / (1 - rate)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Dropout {
+    on: bool,
+    threshold: i32,
+    scale: f32,
+}
+
+impl Dropout {
+    fn of(rate: f64) -> Dropout {
+        Dropout { on: rate > 0.0, threshold: dropout_threshold(rate), scale: (1.0 / (1.0 - rate)) as f32 }
+    }
 }
 
 /// Whether dropout keeps the score of query `head`'s row `row` at key `col`: what
@@ -156,7 +172,7 @@ fn flash_forward<T: Float>(
     acc_scratch: &mut Scratch<f32>,
     sm_scale: f32,
     masking: Masking,
-    dropout: f32,
+    dropout: Dropout,
 ) {
     let bq = q.shape()[0];
     let bk = k.shape()[0];
@@ -184,11 +200,11 @@ fn flash_forward<T: Float>(
         let alpha = online_rescale(m_prev, m_next);
         let mut p = select(sc.visible, (s - m_next).exp(), 0.0);
         let l_next = alpha * l_prev + p.sum_keepdims(1);
-        if dropout > 0.0 {
+        if dropout.on {
             // The sum normalizes the undropped probabilities; only what reaches v is dropped.
             let head = program_id(0) * num_programs(1) + program_id(1);
-            let keep = dropout_keep(seed, head, q_start, k_start, [bq, bk], masking.kv_len, dropout);
-            p = select(keep, p * (1.0 / (1.0 - dropout)), 0.0);
+            let keep = dropout_keep(seed, head, q_start, k_start, [bq, bk], masking.kv_len, dropout.threshold);
+            p = select(keep, p * dropout.scale, 0.0);
         }
         acc_scratch.store(acc_scratch.load() * alpha + dot(p.cast::<T>(), vb));
         m_scratch.store(m_next.broadcast_to([bq, LANES]));
@@ -716,12 +732,12 @@ fn bias_spec<const N: usize>(
     })
 }
 
-/// The kernels' comptime values for `p` at `c`: blocks, scale, masks, dropout rate.
-fn kernel_params(p: &FlashProblem, c: &FlashConfig) -> Result<(usize, usize, f32, Masking, f32), Error> {
+/// The kernels' comptime values for `p` at `c`: blocks, scale, masks, dropout.
+fn kernel_params(p: &FlashProblem, c: &FlashConfig) -> Result<(usize, usize, f32, Masking, Dropout), Error> {
     p.shape.check_for_kernel()?;
     let (bq, bk) = check_block((c.bq, c.bk))?;
     let scale = p.sm_scale.map_or(1.0 / (p.shape.head_dim as f32).sqrt(), |s| s as f32);
-    Ok((bq, bk, scale, Masking::of(p), p.dropout_p as f32))
+    Ok((bq, bk, scale, Masking::of(p), Dropout::of(p.dropout_p)))
 }
 
 /// The forward call for `p` at `c`: operands q, k, v, q segment ids `[b, sq, 128]`, kv segment
@@ -1009,14 +1025,14 @@ fn backward_blocks<T: Float>(
 struct Probabilities {
     p: Tile<f32>,
     keep: Option<Tile<bool>>,
-    rate: f32,
+    scale: f32,
 }
 
 impl Probabilities {
     /// `x` with dropout applied: dropped entries 0, kept ones scaled by `1 / (1 - rate)`.
     fn dropped(&self, x: Tile<f32>) -> Tile<f32> {
         match self.keep {
-            Some(keep) => select(keep, x * (1.0 / (1.0 - self.rate)), 0.0),
+            Some(keep) => select(keep, x * self.scale, 0.0),
             None => x,
         }
     }
@@ -1032,11 +1048,11 @@ fn probabilities<T: Float>(
     q_start: Scalar<i32>,
     k_start: Scalar<i32>,
     kv_len: usize,
-    rate: f32,
+    dropout: Dropout,
 ) -> Probabilities {
     let p = select(b.scores.visible, (b.scores.s - lse.load()).exp(), 0.0);
-    let keep = (rate > 0.0).then(|| dropout_keep(seed, head, q_start, k_start, [b.q.shape()[0], b.k.shape()[0]], kv_len, rate));
-    Probabilities { p, keep, rate }
+    let keep = dropout.on.then(|| dropout_keep(seed, head, q_start, k_start, [b.q.shape()[0], b.k.shape()[0]], kv_len, dropout.threshold));
+    Probabilities { p, keep, scale: dropout.scale }
 }
 
 /// dS (the gradient of the scores, and of the bias) from P and dP (dropout applied):
@@ -1065,7 +1081,7 @@ fn flash_backward_dkv<T: Float>(
     dv_acc: &mut Scratch<f32>,
     sm_scale: f32,
     masking: Masking,
-    dropout: f32,
+    dropout: Dropout,
 ) {
     let bq = q.shape()[0];
     let bk = k.shape()[0];
@@ -1115,7 +1131,7 @@ fn dq_step<T: Float>(
     k_start: Scalar<i32>,
     sm_scale: f32,
     masking: Masking,
-    dropout: f32,
+    dropout: Dropout,
 ) -> DqStep<T> {
     let b = backward_blocks(q, k, v, o, d_o, q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking);
     let head = program_id(0) * num_programs(1) + program_id(1);
@@ -1140,7 +1156,7 @@ fn flash_backward_dq<T: Float>(
     dq_acc: &mut Scratch<f32>,
     sm_scale: f32,
     masking: Masking,
-    dropout: f32,
+    dropout: Dropout,
 ) {
     let (i, j) = (program_id(2), program_id(3));
     if j == 0 {
@@ -1177,7 +1193,7 @@ fn flash_backward_dq_bias<T: Float>(
     dq_acc: &mut Scratch<f32>,
     sm_scale: f32,
     masking: Masking,
-    dropout: f32,
+    dropout: Dropout,
 ) {
     let (i, j) = (program_id(2), program_id(3));
     if j == 0 {

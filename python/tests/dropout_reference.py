@@ -2,6 +2,8 @@
 numpy from the documented generator (``torchtpu_dsl::random``): MurmurHash3's 32-bit
 finalizer over a key from (seed, head) and a counter ``row * kv_len + col``."""
 
+import math
+
 import numpy as np
 import torch
 
@@ -25,7 +27,9 @@ def keep_mask(seed: int, heads: int, q_len: int, kv_len: int, rate: float) -> to
     cols = np.arange(kv_len, dtype=np.uint64)[None, :]
     counter = (rows * np.uint64(kv_len) + cols) & 0xFFFFFFFF
     bits = _mix(key[:, None, None] ^ _mix(counter)[None])
-    threshold = round(min(max(rate, 0.0), 1.0) * (1 << 24))
+    # Halves round up, as Rust's f64::round does for positive numbers (Python's round() would
+    # round them to even).
+    threshold = math.floor(min(max(rate, 0.0), 1.0) * (1 << 24) + 0.5)
     return torch.from_numpy((bits >> 8).astype(np.int64) >= threshold)
 
 

@@ -186,6 +186,9 @@ def test_a_fused_projections_heads_are_read_in_place(rng, dtype):
     leaf = qkv.detach().double().requires_grad_()
     want = F.scaled_dot_product_attention(*heads(leaf), is_causal=True, enable_gqa=True)
     check(out, want, (qkv,), (leaf,), randn(rng, b, h, s, d), dtype, "in place")
+    # Zero strides (a broadcast view) are copied, not read in place.
+    flat = randn(rng, 32).as_strided((2, 2, 1, 16), (0, 16, 0, 1))
+    torch.testing.assert_close(torchtpu.flash_attention(flat, flat, flat), F.scaled_dot_product_attention(flat, flat, flat), atol=1e-5, rtol=1e-4)
     # A head_dim the kernels cannot read in place (64 lanes of wider rows) is copied once.
     narrow = randn(rng, b, s, 3 * 64 * 2).view(b, s, 6, 64).transpose(1, 2)
     traced = make_fx(lambda t: torchtpu.flash_attention(t, t, t))(narrow)

@@ -61,6 +61,11 @@ def test_what_our_kernels_cannot_serve_falls_through():
     with torchtpu.drop_in() as routed:
         f64_attention = F.scaled_dot_product_attention(q.double(), q.double(), q.double())
         f64 = torch.randn(3, 4, dtype=torch.float64) @ torch.randn(4, 2, dtype=torch.float64)
+        both = None
+        try:
+            F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
+        except RuntimeError as e:  # SDPA refuses a mask with is_causal: its own error
+            both = str(e)
         with_bad_shapes = None
         try:
             torch.matmul(torch.randn(3, 4), torch.randn(5, 2))
@@ -70,6 +75,7 @@ def test_what_our_kernels_cannot_serve_falls_through():
     assert with_bad_shapes and "shapes cannot be multiplied" in with_bad_shapes
     assert routed.hits == {} or sum(routed.hits.values()) == 0
     assert routed.fallbacks["scaled_dot_product_attention: dtype"] == 1 and routed.fallbacks["matmul: dtype"] == 1
+    assert both and "is_causal" in both and routed.fallbacks["scaled_dot_product_attention: attn_mask and is_causal"] == 1
 
 
 def test_routing_under_torch_compile():

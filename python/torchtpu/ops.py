@@ -86,7 +86,7 @@ def _head_layout(t: Tensor):
         return None
     b, h, s, d = t.shape
     sb, sh, ss, sd = t.stride()
-    if sd != 1 or sh != d or ss % d or (b > 1 and sb != s * ss):
+    if sd != 1 or sh != d or ss < h * d or ss % d or (b > 1 and sb != s * ss):
         return None
     width = ss // d
     start = t.storage_offset()

@@ -62,6 +62,8 @@ def _attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     why = _why_not(query, key, value)
     if why:
         return why
+    if attn_mask is not None and is_causal:
+        return "attn_mask and is_causal"  # SDPA refuses both: its error, not a result
     if attn_mask is not None:
         # SDPA takes a boolean mask, or a float one in the query's dtype.
         if not isinstance(attn_mask, Tensor) or attn_mask.dtype not in (torch.bool, query.dtype):

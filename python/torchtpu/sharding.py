@@ -13,6 +13,8 @@ Registered on import (when ``torch.distributed`` is available)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 try:
@@ -28,7 +30,9 @@ def _mesh_sizes(spec) -> tuple:
 
 
 def _divides(n: int, spec) -> bool:
-    return all(n % size == 0 for size in _mesh_sizes(spec))
+    """Whether ``n`` splits evenly over the whole mesh: a strategy is applied along every mesh
+    dim, so a dim sharded on all of them is split into their product."""
+    return n % math.prod(_mesh_sizes(spec)) == 0
 
 
 def _attention_strategies(q, k, segments: bool, bias, dropout_p: float, inputs, outputs, tail):
