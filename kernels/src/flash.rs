@@ -778,7 +778,7 @@ fn problem_forward_call(p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall,
 /// [`forward_operand_types`]); outputs o and lse `[b, h, sq, 1]`.
 pub fn forward_call(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
     let (problem, config) = problem_and_config(shape, dtype, opts, use_segments);
-    problem_forward_call(&problem, &config.unwrap_or(FlashConfig { bq: block_for(shape.q_len, 512), bk: block_for(shape.kv_len, 512) }))
+    problem_forward_call(&problem, &config_or_default(shape, config))
 }
 
 fn shape_of(q: &HostArray, k: &HostArray, v: &HostArray) -> Result<AttentionShape, Error> {
@@ -839,9 +839,17 @@ pub fn segment_layout(shape: AttentionShape, segments: Option<(ArrayView2<i32>, 
     Ok((Array3::from_shape_fn((b, sq, LANES), |(i, j, _)| qs[[i, j]]), Array3::from_shape_fn((b, SUBLANES, sk), |(i, _, j)| ks[[i, j]])))
 }
 
-fn segment_operands(shape: AttentionShape, segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>) -> Result<[HostArray; 2], Error> {
+/// The operands after q, k, v (and the backward's o, dO, lse) of attention without a bias or
+/// dropout: the laid-out segment ids, then the bias's and the seed's placeholders.
+fn mask_operands(shape: AttentionShape, segments: Option<(&ndarray::Array2<i32>, &ndarray::Array2<i32>)>) -> Result<[HostArray; 4], Error> {
     let (qs, ks) = segment_layout(shape, segments.map(|(q, k)| (q.view(), k.view())))?;
-    Ok([HostArray::from(qs), HostArray::from(ks)])
+    let bias = HostArray::from_f64(DType::F32, &ArrayD::zeros(UNUSED_BIAS.to_vec()));
+    Ok([HostArray::from(qs), HostArray::from(ks), bias, HostArray::from(ndarray::Array2::<i32>::zeros(SEED))])
+}
+
+/// `config`, or the blocks a call takes when none is given.
+fn config_or_default(shape: AttentionShape, config: Option<FlashConfig>) -> FlashConfig {
+    config.unwrap_or(FlashConfig { bq: block_for(shape.q_len, 512), bk: block_for(shape.kv_len, 512) })
 }
 
 /// The masks, bias and dropout of an attention problem as the f64 references (and the empty
@@ -920,9 +928,7 @@ pub fn forward(
     let shape = shape_of(q, k, v)?;
     check_dtype(q.dtype())?;
     let (problem, explicit) = problem_and_config(shape, q.dtype(), opts, segments.is_some());
-    let [qs, ks] = segment_operands(shape, segments)?;
-    let bias = HostArray::from_f64(DType::F32, &ArrayD::zeros(UNUSED_BIAS.to_vec()));
-    let seed = HostArray::from(ndarray::Array2::<i32>::zeros(SEED));
+    let [qs, ks, bias, seed] = mask_operands(shape, segments)?;
     let mut out = op::run(&FlashOp(FlashPass::Forward), &problem, explicit.as_ref(), &[q.clone(), k.clone(), v.clone(), qs, ks, bias, seed], backend)?;
     let lse = out.pop().and_then(|l| l.into_array::<f32>().ok()).ok_or_else(|| Error::Shape("the kernel returned no f32 lse".into()))?;
     let lse = lse.index_axis_move(Axis(3), 0).into_dimensionality().map_err(|e| Error::Shape(e.to_string()))?;
@@ -1306,7 +1312,7 @@ pub fn backward_calls(shape: AttentionShape, dtype: DType, opts: AttentionOption
 /// [`FlashPass::BackwardDq`]); operands as for [`backward_calls`].
 pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool) -> Result<PallasCall, Error> {
     let (problem, config) = problem_and_config(shape, dtype, opts, use_segments);
-    problem_backward_call(pass, &problem, &config.unwrap_or(FlashConfig { bq: block_for(shape.q_len, 512), bk: block_for(shape.kv_len, 512) }))
+    problem_backward_call(pass, &problem, &config_or_default(shape, config))
 }
 
 /// The forward for `shape`, lowered for `chip` with its tuned block: a StableHLO module
@@ -1398,10 +1404,8 @@ pub fn backward(
     }
     check_dtype(q.dtype())?;
     let (problem, explicit) = problem_and_config(shape, q.dtype(), opts, segments.is_some());
-    let [qs, ks] = segment_operands(shape, segments)?;
+    let [qs, ks, bias, seed] = mask_operands(shape, segments)?;
     let lse4 = HostArray::from(lse.clone().insert_axis(Axis(3)));
-    let bias = HostArray::from_f64(DType::F32, &ArrayD::zeros(UNUSED_BIAS.to_vec()));
-    let seed = HostArray::from(ndarray::Array2::<i32>::zeros(SEED));
     let operands = [q.clone(), k.clone(), v.clone(), o.clone(), d_o.clone(), lse4, qs, ks, bias, seed];
     let mut dkv = op::run(&FlashOp(FlashPass::BackwardDkv), &problem, explicit.as_ref(), &operands, backend)?;
     let dq = op::run(&FlashOp(FlashPass::BackwardDq), &problem, explicit.as_ref(), &operands, backend)?;

@@ -376,8 +376,6 @@ def _dropout_seed(device) -> Tensor:
 def _flash_attention(q, k, v, *, causal=False, sm_scale=None, segment_ids=None, kv_segment_ids=None, attn_mask=None, dropout_p=0.0, bottom_right=False, enable_gqa=True):
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout_p must be a probability in [0, 1]; got {dropout_p}")
     q, k, v, restore, (lead, rank) = _attention_layout(q, k, v, enable_gqa)
     bias = None if attn_mask is None else _bias_layout(attn_mask, lead, rank, q.shape[1], q.shape[2], k.shape[2])
     if sm_scale is None:
