@@ -5,6 +5,7 @@ pub mod blocks;
 pub mod flash;
 pub mod glu;
 pub mod glu_linear;
+pub mod gmm;
 pub mod layer_norm;
 pub mod linear_cross_entropy;
 pub mod masking;

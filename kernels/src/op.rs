@@ -65,6 +65,12 @@ pub trait Op: Clone + Send + Sync + 'static {
     fn empty_outputs(&self, p: &Self::Problem, _inputs: &[HostArray]) -> Vec<HostArray> {
         self.output_types(p).iter().map(|t| HostArray::from_f64(t.dtype, &ArrayD::zeros(t.shape.clone()))).collect()
     }
+    /// Whether the scalar-prefetch tables a caller passes (the leading i32 operands, as
+    /// [`table_count`] counts them) are ones the kernel can run on: index maps read them, so a
+    /// table pointing outside an array is refused here, with what would be right.
+    fn check_tables(&self, _p: &Self::Problem, _tables: &[HostArray]) -> Result<(), Error> {
+        Ok(())
+    }
     /// Operands to time and check with: uniform in [-1, 1) for floats, zeros for integers.
     fn random_inputs(&self, p: &Self::Problem, rng: &mut StdRng) -> Vec<HostArray> {
         self.operand_types(p).iter().map(|t| random_operand(rng, t)).collect()
@@ -78,6 +84,12 @@ pub trait Op: Clone + Send + Sync + 'static {
     fn tables(&self) -> &'static tables::Tables {
         tables::shipped()
     }
+}
+
+/// How many of `types` are scalar-prefetch tables: the leading i32 operands (Pallas passes
+/// the tables first).
+pub fn table_count(types: &[ValueType]) -> usize {
+    types.iter().take_while(|t| t.dtype == DType::I32).count()
 }
 
 /// Uniform [-1, 1) for a float operand, zeros for an integer one.
@@ -162,6 +174,7 @@ pub fn run<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, inputs: 
         let want: Vec<String> = types.iter().map(ToString::to_string).collect();
         return Err(Error::Shape(format!("{} takes operands [{}]; got [{}]", op.name(), want.join(", "), got.join(", "))));
     }
+    op.check_tables(p, &inputs[..table_count(&types)])?;
     if op.is_empty(p) {
         return Ok(op.empty_outputs(p, inputs));
     }

@@ -13,6 +13,7 @@ use torchtpu_runtime::Chip;
 use crate::flash::{FlashOp, FlashPass};
 use crate::glu::GluOp;
 use crate::glu_linear::GluLinearOp;
+use crate::gmm::GroupedOp;
 use crate::layer_norm::LayerNormOp;
 use crate::linear_cross_entropy::LinearCrossEntropyOp;
 use crate::matmul::MatmulOp;
@@ -48,6 +49,9 @@ pub trait AnyOp: Send + Sync {
     fn is_empty(&self, problem: &Value) -> Result<bool, Error>;
     /// The outputs of an empty `problem`, computed on the host from its inputs.
     fn empty_outputs(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<HostArray>, Error>;
+    /// Whether `tables` (the leading i32 operands) are ones `problem`'s kernel can run on, as
+    /// [`Op::check_tables`].
+    fn check_tables(&self, problem: &Value, tables: &[HostArray]) -> Result<(), Error>;
 }
 
 fn problem_of<O: Op>(op: &O, v: &Value) -> Result<O::Problem, Error> {
@@ -104,6 +108,9 @@ impl<O: Op> AnyOp for Registered<O> {
     fn empty_outputs(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<HostArray>, Error> {
         Ok(self.0.empty_outputs(&problem_of(&self.0, problem)?, inputs))
     }
+    fn check_tables(&self, problem: &Value, tables: &[HostArray]) -> Result<(), Error> {
+        self.0.check_tables(&problem_of(&self.0, problem)?, tables)
+    }
 }
 
 /// Every shipped op, in the order `torchtpu list` shows them.
@@ -125,6 +132,8 @@ pub fn ops() -> &'static [&'static dyn AnyOp] {
         &Registered(LinearCrossEntropyOp::Forward),
         &Registered(LinearCrossEntropyOp::BackwardDh),
         &Registered(LinearCrossEntropyOp::BackwardDw),
+        &Registered(GroupedOp::Gmm),
+        &Registered(GroupedOp::Tgmm),
     ];
     OPS
 }

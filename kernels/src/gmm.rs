@@ -1,0 +1,417 @@
+//! Grouped matmul for mixture-of-experts (megablox's `gmm` and `tgmm`): the rows of `lhs`
+//! come in contiguous groups, one per expert, and group `j`'s rows are multiplied by expert
+//! `j`'s matrix; `tgmm` is its weight gradient, one `lhsᵀ · grad` per group.
+//!
+//! The groups reach the kernels as a scalar-prefetch table of group ends (the cumulative
+//! group sizes, `torch._grouped_mm`'s `offs`). A grid step is (group, i-th row block the group
+//! touches): its row block is found in the index maps from the ends alone, so one compiled
+//! kernel serves every split of the rows and every block size, with no host-side tile tables.
+//! A group touches at most every row block, so the grid holds `groups × row blocks` steps; the
+//! steps past a group's last block read the block they already hold and compute nothing. Rows
+//! after the last group belong to no expert: `gmm` gives them zeros.
+
+use ndarray::{s, Array2, Array3, ArrayD, Axis, Ix2};
+use rand::rngs::StdRng;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use torchtpu_autotune::problem::block_candidates;
+use torchtpu_autotune::SearchSpace;
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::prelude::*;
+use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
+
+use crate::masking::zero_outside;
+use crate::op::{self, Op};
+use crate::tables::{self, TableTarget};
+use crate::Error;
+
+/// The two grouped matmuls: `gmm` (`[m, k] · [g, k, n] → [m, n]`) and `tgmm` (its weight
+/// gradient, `[m, k]ᵀ · [m, n] → [g, k, n]` group by group).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupedOp {
+    Gmm,
+    Tgmm,
+}
+
+/// One grouped matmul: `lhs [m, k]`, `groups` experts, outputs `n` wide, in `dtype`.
+/// `transpose_rhs` (gmm only) takes the experts' matrices as `[g, n, k]` (the layout of
+/// `nn.Linear` weights stacked, and of gmm's own gradient for `lhs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupedProblem {
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub groups: usize,
+    pub dtype: DType,
+    #[serde(default)]
+    pub transpose_rhs: bool,
+}
+
+/// The row, contraction and output-column blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupedConfig {
+    pub bm: usize,
+    pub bk: usize,
+    pub bn: usize,
+}
+
+/// What the kernels and their index maps know of a problem at trace time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Grouping {
+    rows: usize,
+    groups: usize,
+    bm: usize,
+    row_blocks: usize,
+}
+
+/// Where step (`group`, `i`) works: the row block, the group's rows `[start, end)` and whether
+/// the group has an `i`-th block at all.
+struct Visit {
+    block: Scalar<i32>,
+    start: Scalar<i32>,
+    end: Scalar<i32>,
+    valid: Scalar<bool>,
+}
+
+/// Rows `[start, end)` of `group`, read from the group ends and clamped into `[0, rows]` (a
+/// table the host check would refuse still indexes inside the arrays). Group `groups` is the
+/// rows after the last group.
+#[tpu_fn]
+fn group_rows(ends: &Prefetch<i32>, g: Grouping, group: Scalar<i32>) -> (Scalar<i32>, Scalar<i32>) {
+    let (last, rows) = (g.groups as i32 - 1, g.rows as i32);
+    let start = select(group > 0, ends.get([maximum(group - 1, 0)]), 0);
+    let end = select(group <= last, ends.get([minimum(group, last)]), rows);
+    let start = minimum(maximum(start, 0), rows);
+    (start, minimum(maximum(end, start), rows))
+}
+
+/// Step (`group`, `i`): the group's `i`-th row block, or (past its last one, or for an empty
+/// group) the block it read last, so that the step copies nothing.
+#[tpu_fn]
+fn visit(ends: &Prefetch<i32>, g: Grouping, group: Scalar<i32>, i: Scalar<i32>) -> Visit {
+    let (start, end) = group_rows(ends, g, group);
+    let bm = g.bm as i32;
+    let first = start / bm;
+    let last = maximum(end - 1, start) / bm;
+    let wanted = first + i;
+    let valid = start < end && wanted <= last;
+    Visit { block: minimum(minimum(wanted, last), g.row_blocks as i32 - 1), start, end, valid }
+}
+
+/// `out[rows of group j] = lhs[rows of j] · rhs[j]`; grid (column block, group, i, k block).
+#[tpu_kernel]
+fn gmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, rhs: &Ref<T>, out: &mut Ref<T>, acc: &mut Scratch<f32>, g: Grouping, k_len: usize, transpose_rhs: bool) {
+    let (group, i, kk) = (program_id(1), program_id(2), program_id(3));
+    let v = visit(ends, g, group, i);
+    if kk == 0 {
+        acc.store(zeros());
+    }
+    // The rows after the last group (group `groups`) get zeros: no product to compute.
+    if v.valid && group < g.groups as i32 {
+        let mut a = lhs.load();
+        let mut b = rhs.load();
+        let bk = a.shape()[1];
+        if k_len % bk != 0 {
+            let k0 = kk * bk as i32;
+            a = zero_outside(a, 1, k0, k_len);
+            b = zero_outside(b, if transpose_rhs { 1 } else { 0 }, k0, k_len);
+        }
+        let product = if transpose_rhs { dot_nt(a, b) } else { dot(a, b) };
+        acc.store(acc.load() + product);
+    }
+    if v.valid && kk == num_programs(3) - 1 {
+        let y = acc.load();
+        let block_start = v.block * g.bm as i32;
+        let rows = iota::<i32>(y.shape(), 0) + block_start;
+        let mine = (rows >= v.start) & (rows < v.end);
+        // The block's first visit is its first row's group; later groups in the same block
+        // (consecutive steps, the block still resident) keep the rows written before them.
+        if block_start >= v.start {
+            out.store(select(mine, y, 0.0).cast());
+        } else {
+            out.store(select(mine, y.cast::<T>(), out.load()));
+        }
+    }
+}
+
+/// `out[j] = lhs[rows of j]ᵀ · grad[rows of j]`; grid (k block, column block, group, i).
+#[tpu_kernel]
+fn tgmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, grad: &Ref<T>, out: &mut Ref<T>, acc: &mut Scratch<f32>, g: Grouping) {
+    let (group, i) = (program_id(2), program_id(3));
+    let v = visit(ends, g, group, i);
+    if i == 0 {
+        acc.store(zeros());
+    }
+    if v.valid {
+        let (a, d) = (lhs.load(), grad.load());
+        let block_start = v.block * g.bm as i32;
+        // Both sides masked (a select, not a product): another group's inf must not meet a 0.
+        let mine = |t: Tile<T>| {
+            let rows = iota::<i32>(t.shape(), 0) + block_start;
+            select((rows >= v.start) & (rows < v.end), t, 0.0)
+        };
+        acc.store(acc.load() + dot_tn(mine(a), mine(d)));
+    }
+    if i == num_programs(3) - 1 {
+        out.store(acc.load().cast());
+    }
+}
+
+impl GroupedProblem {
+    fn grouping(&self, bm: usize) -> Grouping {
+        Grouping { rows: self.m, groups: self.groups, bm, row_blocks: self.m.div_ceil(bm) }
+    }
+
+    fn rhs_shape(&self) -> Vec<usize> {
+        if self.transpose_rhs {
+            vec![self.groups, self.n, self.k]
+        } else {
+            vec![self.groups, self.k, self.n]
+        }
+    }
+}
+
+/// The group ends of `sizes` (their running sums, as the kernels take them), checked against
+/// `rows`: each size at least 0 and all of them at most `rows` together.
+pub fn group_ends(sizes: &[i64], rows: usize) -> Result<Vec<i32>, Error> {
+    let mut total: i64 = 0;
+    let mut ends = Vec::with_capacity(sizes.len());
+    for (j, &s) in sizes.iter().enumerate() {
+        if s < 0 {
+            return Err(Error::Shape(format!("group sizes must be at least 0; group {j} has {s}")));
+        }
+        total = total.saturating_add(s);
+        if total > rows as i64 {
+            return Err(Error::Shape(format!("group sizes sum to more than lhs's {rows} rows (groups 0..={j} already hold {total})")));
+        }
+        ends.push(total as i32);
+    }
+    Ok(ends)
+}
+
+/// Whether `ends` are group ends of a problem with `rows` rows and `groups` groups: never
+/// decreasing, from at least 0 to at most `rows`.
+pub fn check_group_ends(ends: &[i64], groups: usize, rows: usize) -> Result<(), Error> {
+    if ends.len() != groups {
+        return Err(Error::Shape(format!("{groups} groups need {groups} group ends; got {}", ends.len())));
+    }
+    let mut previous = 0;
+    for (j, &e) in ends.iter().enumerate() {
+        if e < previous || e > rows as i64 {
+            let why = if e > rows as i64 { format!("past lhs's {rows} rows") } else { "a negative group size".to_string() };
+            return Err(Error::Shape(format!("group end {j} is {e} after {previous}: {why}; group sizes must be at least 0 and sum to at most {rows}")));
+        }
+        previous = e;
+    }
+    Ok(())
+}
+
+/// Random group sizes summing to at most `rows`: some groups empty, sometimes one holding
+/// every row, sometimes rows left over.
+pub fn random_group_sizes(rng: &mut StdRng, groups: usize, rows: usize) -> Vec<i64> {
+    let mut sizes = vec![0i64; groups];
+    if groups == 0 {
+        return sizes;
+    }
+    match rng.random_range(0..4) {
+        0 => sizes[rng.random_range(0..groups)] = rows as i64,
+        _ => {
+            let used = if rng.random_bool(0.5) { rows } else { rng.random_range(0..=rows) };
+            for _ in 0..used {
+                // Skewed toward low groups, so that some stay empty.
+                let j = rng.random_range(0..groups).min(rng.random_range(0..groups));
+                sizes[j] += 1;
+            }
+        }
+    }
+    sizes
+}
+
+/// The f64 reference: `gmm` or `tgmm` group by group, from the group ends.
+pub fn reference(op: GroupedOp, p: &GroupedProblem, ends: &[i64], lhs: &ArrayD<f64>, other: &ArrayD<f64>) -> ArrayD<f64> {
+    let lhs = lhs.view().into_dimensionality::<Ix2>().expect("lhs is [m, k]");
+    let bounds = |j: usize| (if j == 0 { 0 } else { ends[j - 1] as usize }, ends[j] as usize);
+    match op {
+        GroupedOp::Gmm => {
+            let mut out = Array2::<f64>::zeros((p.m, p.n));
+            for j in 0..p.groups {
+                let (a, b) = bounds(j);
+                let w = other.index_axis(Axis(0), j).into_dimensionality::<Ix2>().expect("rhs is [g, k, n]");
+                let w = if p.transpose_rhs { w.reversed_axes() } else { w };
+                out.slice_mut(s![a..b, ..]).assign(&lhs.slice(s![a..b, ..]).dot(&w));
+            }
+            out.into_dyn()
+        }
+        GroupedOp::Tgmm => {
+            let grad = other.view().into_dimensionality::<Ix2>().expect("grad is [m, n]");
+            let mut out = Array3::<f64>::zeros((p.groups, p.k, p.n));
+            for j in 0..p.groups {
+                let (a, b) = bounds(j);
+                out.index_axis_mut(Axis(0), j).assign(&lhs.slice(s![a..b, ..]).t().dot(&grad.slice(s![a..b, ..])));
+            }
+            out.into_dyn()
+        }
+    }
+}
+
+fn block_for(len: usize, preferred: usize, tile: usize) -> usize {
+    preferred.min(len.div_ceil(tile).saturating_mul(tile)).max(tile)
+}
+
+impl Op for GroupedOp {
+    type Problem = GroupedProblem;
+    type Config = GroupedConfig;
+
+    fn name(&self) -> &'static str {
+        match self {
+            GroupedOp::Gmm => "gmm",
+            GroupedOp::Tgmm => "tgmm",
+        }
+    }
+    fn example(&self) -> GroupedProblem {
+        GroupedProblem { m: 2048, k: 1024, n: 1024, groups: 8, dtype: DType::F32, transpose_rhs: false }
+    }
+    fn check(&self, p: &GroupedProblem) -> Result<(), Error> {
+        op::check_float_dtype(self.name(), p.dtype)?;
+        if p.groups == 0 {
+            return Err(Error::Shape(format!("{} needs at least one group", self.name())));
+        }
+        if *self == GroupedOp::Tgmm && p.transpose_rhs {
+            return Err(Error::Argument("tgmm has no transpose_rhs (it makes [g, k, n]; transpose its output instead)".into()));
+        }
+        // Group ends and row indices are i32 in the kernels.
+        if p.m > i32::MAX as usize / 2 {
+            return Err(Error::Shape(format!("{} takes at most {} rows; got {}", self.name(), i32::MAX / 2, p.m)));
+        }
+        Ok(())
+    }
+    fn bucket(&self, p: &GroupedProblem) -> String {
+        let b = |n| tables::bucket(n, 128, 8192);
+        format!("m{}k{}n{}g{}/{}{}", b(p.m), b(p.k), b(p.n), tables::bucket(p.groups, 1, 256), p.dtype, if p.transpose_rhs { "/t" } else { "" })
+    }
+    fn space(&self, p: &GroupedProblem) -> SearchSpace {
+        SearchSpace::new().param("bm", block_candidates(p.m, 1024)).param("bk", block_candidates(p.k, 1024)).param("bn", block_candidates(p.n, 1024))
+    }
+    fn default_config(&self, p: &GroupedProblem) -> GroupedConfig {
+        self.fit(p, GroupedConfig { bm: 256, bk: 512, bn: 512 })
+    }
+    fn fit(&self, p: &GroupedProblem, c: GroupedConfig) -> GroupedConfig {
+        if c.bm == 0 || c.bk == 0 || c.bn == 0 {
+            return self.default_config(p);
+        }
+        // tgmm's row block is the contraction of its dot: lane-aligned, as gmm's k block.
+        let row_tile = if *self == GroupedOp::Tgmm { LANES } else { sublanes(p.dtype) };
+        let k_tile = if *self == GroupedOp::Tgmm { sublanes(p.dtype) } else { LANES };
+        GroupedConfig { bm: block_for(p.m, c.bm, row_tile), bk: block_for(p.k, c.bk, k_tile), bn: block_for(p.n, c.bn, LANES) }
+    }
+    fn call(&self, p: &GroupedProblem, c: &GroupedConfig) -> Result<PallasCall, Error> {
+        let GroupedConfig { bm, bk, bn } = *c;
+        if bm == 0 || bk == 0 || bn == 0 {
+            return Err(Error::Shape(format!("{} blocks (bm, bk, bn) must be positive; got {:?}", self.name(), (bm, bk, bn))));
+        }
+        if self.is_empty(p) {
+            return Err(Error::Shape(format!("a kernel call needs non-empty dims (the host API handles empty ones): {p:?}")));
+        }
+        let g = p.grouping(bm);
+        let (rb, kb, nb) = (g.row_blocks, p.k.div_ceil(bk), p.n.div_ceil(bn));
+        let last_k = kb as i32 - 1;
+        let groups = p.groups as i32;
+        match self {
+            GroupedOp::Gmm => {
+                let t = p.transpose_rhs;
+                let kernel = match p.dtype {
+                    DType::F32 => gmm_kernel::kernel::<f32>(g, p.k, t),
+                    DType::BF16 => gmm_kernel::kernel::<bf16>(g, p.k, t),
+                    other => return Err(Error::Dtype(format!("gmm takes f32 or bf16, not {other}"))),
+                };
+                // A step with nothing to do reads the k block its predecessor ended on.
+                let k_of = move |v: &Visit, kk: Scalar<i32>| select(v.valid, kk, last_k);
+                let rhs_block = if t { [None, Some(bn), Some(bk)] } else { [None, Some(bk), Some(bn)] };
+                Ok(PallasCall::new(kernel)
+                    .grid([nb, p.groups + 1, rb, kb])
+                    .in_specs([
+                        BlockSpec::with_prefetch([bm, bk], move |[_, j, i, kk], pf| {
+                            let v = visit(&pf[0], g, j, i);
+                            (v.block, k_of(&v, kk))
+                        }),
+                        BlockSpec::with_prefetch(rhs_block, move |[n, j, i, kk], pf| {
+                            let v = visit(&pf[0], g, j, i);
+                            let (e, kk) = (minimum(j, groups - 1), k_of(&v, kk));
+                            if t {
+                                (e, n, kk)
+                            } else {
+                                (e, kk, n)
+                            }
+                        }),
+                    ])
+                    .out_specs([BlockSpec::with_prefetch([bm, bn], move |[n, j, i, _], pf| (visit(&pf[0], g, j, i).block, n))])
+                    .out_shapes([vec![p.m, p.n]])
+                    .scratch([Vmem::new([bm, bn])])
+                    .dimension_semantics([Parallel, Arbitrary, Arbitrary, Arbitrary])
+                    .name("gmm"))
+            }
+            GroupedOp::Tgmm => {
+                let kernel = match p.dtype {
+                    DType::F32 => tgmm_kernel::kernel::<f32>(g),
+                    DType::BF16 => tgmm_kernel::kernel::<bf16>(g),
+                    other => return Err(Error::Dtype(format!("tgmm takes f32 or bf16, not {other}"))),
+                };
+                Ok(PallasCall::new(kernel)
+                    .grid([kb, nb, p.groups, rb])
+                    .in_specs([
+                        BlockSpec::with_prefetch([bm, bk], move |[kk, _, j, i], pf| (visit(&pf[0], g, j, i).block, kk)),
+                        BlockSpec::with_prefetch([bm, bn], move |[_, n, j, i], pf| (visit(&pf[0], g, j, i).block, n)),
+                    ])
+                    .out_specs([BlockSpec::new([None, Some(bk), Some(bn)], |[kk, n, j, _]| (j, kk, n))])
+                    .out_shapes([vec![p.groups, p.k, p.n]])
+                    .scratch([Vmem::new([bk, bn])])
+                    .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary])
+                    .name("tgmm"))
+            }
+        }
+    }
+    fn operand_types(&self, p: &GroupedProblem) -> Vec<ValueType> {
+        let ends = ValueType::new(DType::I32, [p.groups]);
+        let lhs = ValueType::new(p.dtype, [p.m, p.k]);
+        match self {
+            GroupedOp::Gmm => vec![ends, lhs, ValueType::new(p.dtype, p.rhs_shape())],
+            GroupedOp::Tgmm => vec![ends, lhs, ValueType::new(p.dtype, [p.m, p.n])],
+        }
+    }
+    fn output_types(&self, p: &GroupedProblem) -> Vec<ValueType> {
+        match self {
+            GroupedOp::Gmm => vec![ValueType::new(p.dtype, [p.m, p.n])],
+            GroupedOp::Tgmm => vec![ValueType::new(p.dtype, [p.groups, p.k, p.n])],
+        }
+    }
+    /// A dim of 0: the output is empty, or all zeros (k = 0 for gmm, m = 0 for tgmm).
+    fn is_empty(&self, p: &GroupedProblem) -> bool {
+        p.m == 0 || p.k == 0 || p.n == 0
+    }
+    fn check_tables(&self, p: &GroupedProblem, tables: &[HostArray]) -> Result<(), Error> {
+        let ends: Vec<i64> = tables.first().map(|t| t.to_f64().iter().map(|&e| e as i64).collect()).unwrap_or_default();
+        check_group_ends(&ends, p.groups, p.m)
+    }
+    fn random_inputs(&self, p: &GroupedProblem, rng: &mut StdRng) -> Vec<HostArray> {
+        let mut inputs: Vec<HostArray> = self.operand_types(p).iter().map(|t| op::random_operand(rng, t)).collect();
+        let sizes = random_group_sizes(rng, p.groups, p.m);
+        if let (Ok(ends), Some(slot)) = (group_ends(&sizes, p.m), inputs.first_mut()) {
+            *slot = HostArray::from(ndarray::Array1::from(ends).into_dyn());
+        }
+        inputs
+    }
+    fn reference(&self, p: &GroupedProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
+        match inputs {
+            [ends, lhs, other] => {
+                let ends: Vec<i64> = ends.to_f64().iter().map(|&e| e as i64).collect();
+                vec![reference(*self, p, &ends, &lhs.to_f64(), &other.to_f64())]
+            }
+            _ => Vec::new(),
+        }
+    }
+    fn table_problems(&self, target: TableTarget) -> Vec<GroupedProblem> {
+        let dtypes: &[DType] = if target == TableTarget::Cpu { &[DType::F32] } else { &[DType::BF16, DType::F32] };
+        let (m, k, n) = if target == TableTarget::Cpu { (2048, 1024, 1024) } else { (8192, 4096, 4096) };
+        dtypes.iter().map(|&dtype| GroupedProblem { m, k, n, groups: 8, dtype, transpose_rhs: false }).collect()
+    }
+}
