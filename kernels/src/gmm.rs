@@ -62,6 +62,9 @@ struct Grouping {
     groups: usize,
     bm: usize,
     row_blocks: usize,
+    /// The contraction's length (gmm's k): its last block may overhang.
+    k_len: usize,
+    transpose_rhs: bool,
 }
 
 /// Where step (`group`, `i`) works: the row block, the group's rows `[start, end)` and whether
@@ -100,7 +103,7 @@ fn visit(ends: &Prefetch<i32>, g: Grouping, group: Scalar<i32>, i: Scalar<i32>) 
 
 /// `out[rows of group j] = lhs[rows of j] · rhs[j]`; grid (column block, group, i, k block).
 #[tpu_kernel]
-fn gmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, rhs: &Ref<T>, out: &mut Ref<T>, acc: &mut Scratch<f32>, g: Grouping, k_len: usize, transpose_rhs: bool) {
+fn gmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, rhs: &Ref<T>, out: &mut Ref<T>, acc: &mut Scratch<f32>, g: Grouping) {
     let (group, i, kk) = (program_id(1), program_id(2), program_id(3));
     let v = visit(ends, g, group, i);
     if kk == 0 {
@@ -111,12 +114,12 @@ fn gmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, rhs: &Ref<T>, out: &
         let mut a = lhs.load();
         let mut b = rhs.load();
         let bk = a.shape()[1];
-        if k_len % bk != 0 {
+        if g.k_len % bk != 0 {
             let k0 = kk * bk as i32;
-            a = zero_outside(a, 1, k0, k_len);
-            b = zero_outside(b, if transpose_rhs { 1 } else { 0 }, k0, k_len);
+            a = zero_outside(a, 1, k0, g.k_len);
+            b = zero_outside(b, if g.transpose_rhs { 1 } else { 0 }, k0, g.k_len);
         }
-        let product = if transpose_rhs { dot_nt(a, b) } else { dot(a, b) };
+        let product = if g.transpose_rhs { dot_nt(a, b) } else { dot(a, b) };
         acc.store(acc.load() + product);
     }
     if v.valid && kk == num_programs(3) - 1 {
@@ -159,7 +162,7 @@ fn tgmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, grad: &Ref<T>, out:
 
 impl GroupedProblem {
     fn grouping(&self, bm: usize) -> Grouping {
-        Grouping { rows: self.m, groups: self.groups, bm, row_blocks: self.m.div_ceil(bm) }
+        Grouping { rows: self.m, groups: self.groups, bm, row_blocks: self.m.div_ceil(bm), k_len: self.k, transpose_rhs: self.transpose_rhs }
     }
 
     fn rhs_shape(&self) -> Vec<usize> {
@@ -320,8 +323,8 @@ impl Op for GroupedOp {
             GroupedOp::Gmm => {
                 let t = p.transpose_rhs;
                 let kernel = match p.dtype {
-                    DType::F32 => gmm_kernel::kernel::<f32>(g, p.k, t),
-                    DType::BF16 => gmm_kernel::kernel::<bf16>(g, p.k, t),
+                    DType::F32 => gmm_kernel::kernel::<f32>(g),
+                    DType::BF16 => gmm_kernel::kernel::<bf16>(g),
                     other => return Err(Error::Dtype(format!("gmm takes f32 or bf16, not {other}"))),
                 };
                 // A step with nothing to do reads the k block its predecessor ended on.
