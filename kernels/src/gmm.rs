@@ -3,12 +3,13 @@
 //! `j`'s matrix; `tgmm` is its weight gradient, one `lhsᵀ · grad` per group.
 //!
 //! The groups reach the kernels as a scalar-prefetch table of group ends (the cumulative
-//! group sizes, `torch._grouped_mm`'s `offs`). A grid step is (group, i-th row block the group
-//! touches): its row block is found in the index maps from the ends alone, so one compiled
-//! kernel serves every split of the rows and every block size, with no host-side tile tables.
-//! A group touches at most every row block, so the grid holds `groups × row blocks` steps; the
-//! steps past a group's last block read the block they already hold and compute nothing. Rows
-//! after the last group belong to no expert: `gmm` gives them zeros.
+//! group sizes, `torch._grouped_mm`'s `offs`). As in megablox, the grid walks the (group, row
+//! block) pairs in row order, a row block shared by two groups visited once for each; the
+//! walk has at most `row blocks + groups` steps, and the steps past its end repeat its last
+//! block and do nothing. Unlike megablox, each step finds its pair in the index maps from the
+//! ends alone, so one compiled kernel serves every split of the rows at every block size and
+//! nothing is computed on the host. Rows after the last group belong to no expert: `gmm`
+//! gives them zeros.
 
 use ndarray::{s, Array2, Array3, ArrayD, Axis, Ix2};
 use rand::rngs::StdRng;
@@ -65,52 +66,75 @@ struct Grouping {
     /// The contraction's length (gmm's k): its last block may overhang.
     k_len: usize,
     transpose_rhs: bool,
+    /// tgmm's walk: every group is visited, an empty one once (its gradient is zeros), and
+    /// the rows after the last group not at all. gmm's visits the rows after the last group
+    /// (they get zeros) and skips empty groups.
+    per_group: bool,
 }
 
-/// Where step (`group`, `i`) works: the row block, the group's rows `[start, end)` and whether
-/// the group has an `i`-th block at all.
+impl Grouping {
+    /// The grid's steps: at least the visits of any split of the rows. Each group's rows
+    /// start at most one row block before the previous group's end, so the groups (the rows
+    /// after the last counted as one more in gmm, empty ones visited once in tgmm) visit at
+    /// most `row_blocks + groups` blocks.
+    fn steps(&self) -> usize {
+        self.row_blocks + self.groups
+    }
+}
+
+/// What step `step` of the walk over (group, row block) pairs does: group `group`'s rows
+/// `[start, end)` in row block `block`; whether it is the group's `first` and `last` visit;
+/// `valid` false for the steps after the walk, which repeat its last block (so they copy
+/// nothing) and do nothing.
 struct Visit {
+    group: Scalar<i32>,
     block: Scalar<i32>,
     start: Scalar<i32>,
     end: Scalar<i32>,
+    first: Scalar<bool>,
+    last: Scalar<bool>,
     valid: Scalar<bool>,
 }
 
-/// Rows `[start, end)` of `group`, read from the group ends and clamped into `[0, rows]` (a
-/// table the host check would refuse still indexes inside the arrays). Group `groups` is the
-/// rows after the last group.
+/// Step `step` of the walk, found from the group ends by counting every group's visits up to
+/// it (unrolled over the groups: `O(groups)` scalar work per step, no tables made on the
+/// host, one kernel for every split of the rows). Ends outside `[0, rows]` or decreasing are
+/// clamped, so that even a table the host check refuses indexes inside the arrays.
 #[tpu_fn]
-fn group_rows(ends: &Prefetch<i32>, g: Grouping, group: Scalar<i32>) -> (Scalar<i32>, Scalar<i32>) {
-    let (last, rows) = (g.groups as i32 - 1, g.rows as i32);
-    let start = select(group > 0, ends.get([maximum(group - 1, 0)]), 0);
-    let end = select(group <= last, ends.get([minimum(group, last)]), rows);
-    let start = minimum(maximum(start, 0), rows);
-    (start, minimum(maximum(end, start), rows))
+fn visit(ends: &Prefetch<i32>, g: Grouping, step: Scalar<i32>) -> Visit {
+    let (bm, rows) = (g.bm as i32, g.rows as i32);
+    let zero = Scalar::<i32>::constant(0);
+    let (mut group, mut block, mut start, mut end, mut first, mut last) = (zero, zero, zero, zero, zero, zero);
+    let (mut seen, mut previous_end) = (zero, zero);
+    let walked = if g.per_group { g.groups } else { g.groups + 1 };
+    for j in 0..walked {
+        let lo = previous_end;
+        let hi = if j < g.groups { minimum(maximum(ends.get([j as i32]), lo), rows) } else { Scalar::constant(rows) };
+        let (first_block, last_block) = (lo / bm, maximum(hi - 1, lo) / bm);
+        let visits = if g.per_group { last_block - first_block + 1 } else { select(lo < hi, last_block - first_block + 1, 0) };
+        let here = visits > 0 && seen <= step;
+        group = select(here, j as i32, group);
+        block = select(here, minimum(first_block + step - seen, last_block), block);
+        start = select(here, lo, start);
+        end = select(here, hi, end);
+        first = select(here, seen, first);
+        last = select(here, seen + visits - 1, last);
+        seen = seen + visits;
+        previous_end = hi;
+    }
+    Visit { group, block: minimum(block, g.row_blocks as i32 - 1), start, end, first: step == first, last: step == last, valid: step < seen }
 }
 
-/// Step (`group`, `i`): the group's `i`-th row block, or (past its last one, or for an empty
-/// group) the block it read last, so that the step copies nothing.
-#[tpu_fn]
-fn visit(ends: &Prefetch<i32>, g: Grouping, group: Scalar<i32>, i: Scalar<i32>) -> Visit {
-    let (start, end) = group_rows(ends, g, group);
-    let bm = g.bm as i32;
-    let first = start / bm;
-    let last = maximum(end - 1, start) / bm;
-    let wanted = first + i;
-    let valid = start < end && wanted <= last;
-    Visit { block: minimum(minimum(wanted, last), g.row_blocks as i32 - 1), start, end, valid }
-}
-
-/// `out[rows of group j] = lhs[rows of j] · rhs[j]`; grid (column block, group, i, k block).
+/// `out[rows of group j] = lhs[rows of j] · rhs[j]`; grid (column block, step, k block).
 #[tpu_kernel]
 fn gmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, rhs: &Ref<T>, out: &mut Ref<T>, acc: &mut Scratch<f32>, g: Grouping) {
-    let (group, i, kk) = (program_id(1), program_id(2), program_id(3));
-    let v = visit(ends, g, group, i);
+    let kk = program_id(2);
+    let v = visit(ends, g, program_id(1));
     if kk == 0 {
         acc.store(zeros());
     }
     // The rows after the last group (group `groups`) get zeros: no product to compute.
-    if v.valid && group < g.groups as i32 {
+    if v.valid && v.group < g.groups as i32 {
         let mut a = lhs.load();
         let mut b = rhs.load();
         let bk = a.shape()[1];
@@ -122,7 +146,7 @@ fn gmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, rhs: &Ref<T>, out: &
         let product = if g.transpose_rhs { dot_nt(a, b) } else { dot(a, b) };
         acc.store(acc.load() + product);
     }
-    if v.valid && kk == num_programs(3) - 1 {
+    if v.valid && kk == num_programs(2) - 1 {
         let y = acc.load();
         let block_start = v.block * g.bm as i32;
         let rows = iota::<i32>(y.shape(), 0) + block_start;
@@ -137,12 +161,11 @@ fn gmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, rhs: &Ref<T>, out: &
     }
 }
 
-/// `out[j] = lhs[rows of j]ᵀ · grad[rows of j]`; grid (k block, column block, group, i).
+/// `out[j] = lhs[rows of j]ᵀ · grad[rows of j]`; grid (k block, column block, step).
 #[tpu_kernel]
 fn tgmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, grad: &Ref<T>, out: &mut Ref<T>, acc: &mut Scratch<f32>, g: Grouping) {
-    let (group, i) = (program_id(2), program_id(3));
-    let v = visit(ends, g, group, i);
-    if i == 0 {
+    let v = visit(ends, g, program_id(2));
+    if v.valid && v.first {
         acc.store(zeros());
     }
     if v.valid {
@@ -155,14 +178,14 @@ fn tgmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, grad: &Ref<T>, out:
         };
         acc.store(acc.load() + dot_tn(mine(a), mine(d)));
     }
-    if i == num_programs(3) - 1 {
+    if v.valid && v.last {
         out.store(acc.load().cast());
     }
 }
 
 impl GroupedProblem {
-    fn grouping(&self, bm: usize) -> Grouping {
-        Grouping { rows: self.m, groups: self.groups, bm, row_blocks: self.m.div_ceil(bm), k_len: self.k, transpose_rhs: self.transpose_rhs }
+    fn grouping(&self, op: GroupedOp, bm: usize) -> Grouping {
+        Grouping { rows: self.m, groups: self.groups, bm, row_blocks: self.m.div_ceil(bm), k_len: self.k, transpose_rhs: self.transpose_rhs, per_group: op == GroupedOp::Tgmm }
     }
 
     fn rhs_shape(&self) -> Vec<usize> {
@@ -315,8 +338,8 @@ impl Op for GroupedOp {
         if self.is_empty(p) {
             return Err(Error::Shape(format!("a kernel call needs non-empty dims (the host API handles empty ones): {p:?}")));
         }
-        let g = p.grouping(bm);
-        let (rb, kb, nb) = (g.row_blocks, p.k.div_ceil(bk), p.n.div_ceil(bn));
+        let g = p.grouping(*self, bm);
+        let (kb, nb) = (p.k.div_ceil(bk), p.n.div_ceil(bn));
         let last_k = kb as i32 - 1;
         let groups = p.groups as i32;
         match self {
@@ -331,15 +354,16 @@ impl Op for GroupedOp {
                 let k_of = move |v: &Visit, kk: Scalar<i32>| select(v.valid, kk, last_k);
                 let rhs_block = if t { [None, Some(bn), Some(bk)] } else { [None, Some(bk), Some(bn)] };
                 Ok(PallasCall::new(kernel)
-                    .grid([nb, p.groups + 1, rb, kb])
+                    .grid([nb, g.steps(), kb])
                     .in_specs([
-                        BlockSpec::with_prefetch([bm, bk], move |[_, j, i, kk], pf| {
-                            let v = visit(&pf[0], g, j, i);
+                        BlockSpec::with_prefetch([bm, bk], move |[_, s, kk], pf| {
+                            let v = visit(&pf[0], g, s);
                             (v.block, k_of(&v, kk))
                         }),
-                        BlockSpec::with_prefetch(rhs_block, move |[n, j, i, kk], pf| {
-                            let v = visit(&pf[0], g, j, i);
-                            let (e, kk) = (minimum(j, groups - 1), k_of(&v, kk));
+                        BlockSpec::with_prefetch(rhs_block, move |[n, s, kk], pf| {
+                            let v = visit(&pf[0], g, s);
+                            // The rows after the last group compute nothing: any expert will do.
+                            let (e, kk) = (minimum(v.group, groups - 1), k_of(&v, kk));
                             if t {
                                 (e, n, kk)
                             } else {
@@ -347,10 +371,10 @@ impl Op for GroupedOp {
                             }
                         }),
                     ])
-                    .out_specs([BlockSpec::with_prefetch([bm, bn], move |[n, j, i, _], pf| (visit(&pf[0], g, j, i).block, n))])
+                    .out_specs([BlockSpec::with_prefetch([bm, bn], move |[n, s, _], pf| (visit(&pf[0], g, s).block, n))])
                     .out_shapes([vec![p.m, p.n]])
                     .scratch([Vmem::new([bm, bn])])
-                    .dimension_semantics([Parallel, Arbitrary, Arbitrary, Arbitrary])
+                    .dimension_semantics([Parallel, Arbitrary, Arbitrary])
                     .name("gmm"))
             }
             GroupedOp::Tgmm => {
@@ -360,15 +384,15 @@ impl Op for GroupedOp {
                     other => return Err(Error::Dtype(format!("tgmm takes f32 or bf16, not {other}"))),
                 };
                 Ok(PallasCall::new(kernel)
-                    .grid([kb, nb, p.groups, rb])
+                    .grid([kb, nb, g.steps()])
                     .in_specs([
-                        BlockSpec::with_prefetch([bm, bk], move |[kk, _, j, i], pf| (visit(&pf[0], g, j, i).block, kk)),
-                        BlockSpec::with_prefetch([bm, bn], move |[_, n, j, i], pf| (visit(&pf[0], g, j, i).block, n)),
+                        BlockSpec::with_prefetch([bm, bk], move |[kk, _, s], pf| (visit(&pf[0], g, s).block, kk)),
+                        BlockSpec::with_prefetch([bm, bn], move |[_, n, s], pf| (visit(&pf[0], g, s).block, n)),
                     ])
-                    .out_specs([BlockSpec::new([None, Some(bk), Some(bn)], |[kk, n, j, _]| (j, kk, n))])
+                    .out_specs([BlockSpec::with_prefetch([None, Some(bk), Some(bn)], move |[kk, n, s], pf| (visit(&pf[0], g, s).group, kk, n))])
                     .out_shapes([vec![p.groups, p.k, p.n]])
                     .scratch([Vmem::new([bk, bn])])
-                    .dimension_semantics([Parallel, Parallel, Parallel, Arbitrary])
+                    .dimension_semantics([Parallel, Parallel, Arbitrary])
                     .name("tgmm"))
             }
         }
