@@ -10,7 +10,9 @@ mask; causal with dropout 0.1) against scaled_dot_product_attention, matmul (102
 GeGLU (4096x11008) against F.silu(g) * u / F.gelu(g) * u, the fused gated projection
 (1024x2048 -> 5632) against F.silu(F.linear(x, Wg)) * F.linear(x, Wu), RoPE (1x32x4096x128) against HF's
 q * cos + rotate_half(q) * sin, and the fused linear cross-entropy (2048 tokens x 1024 hidden x
-32768 vocab) against F.cross_entropy(h @ W.T, t). All f32. Each pair alternates run by run so
+32768 vocab) against F.cross_entropy(h @ W.T, t), and grouped matmul (2048 token-slots x 1024 ->
+1408 over 8 experts, uneven, one idle) against a torch.matmul per group and against one bmm over
+the groups padded to the largest. All f32. Each pair alternates run by run so
 both see the same machine state; reports medians and the ratio ours / PyTorch's.
 """
 
@@ -42,6 +44,19 @@ def _rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _matmul_per_group(lhs, rhs, sizes):
+    return torch.cat([a @ w for a, w in zip(lhs.split(sizes.tolist()), rhs)])
+
+
+def _padded_bmm(lhs, rhs, sizes):
+    """The groups padded to the largest into one [g, rows, k] batch, one bmm, the rows taken back."""
+    longest = int(sizes.max())
+    padded = lhs.new_zeros(len(sizes), longest, lhs.shape[1])
+    rows = torch.arange(longest)[None, :] < sizes[:, None]
+    padded[rows] = lhs
+    return torch.bmm(padded, rhs)[rows]
+
+
 def cases():
     """(name, ours, theirs, inputs): ``ours`` and ``theirs`` map the inputs to one tensor."""
     q, k, v = (torch.randn(1, 8, 2048, 128) for _ in range(3))
@@ -58,6 +73,9 @@ def cases():
     cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
     h, lm_head = torch.randn(2048, 1024), torch.randn(32768, 1024) / 32
     target = torch.randint(0, 32768, (2048,))
+    tokens, experts = torch.randn(2048, 1024), torch.randn(8, 1024, 1408) / 32
+    # A router's uneven split of 2048 token-slots over 8 experts, one of them idle.
+    group_sizes = torch.tensor([412, 97, 0, 388, 260, 301, 178, 412])
     return [
         ("attention 1x8x2048x128 causal", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
         ("attention from a projection's strided view", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (qs, ks, vs)),
@@ -73,6 +91,8 @@ def cases():
         ("glu_linear 1024x2048->5632 silu", torchtpu.glu_linear, lambda x, g, u: F.silu(F.linear(x, g)) * F.linear(x, u), (xm, w_gate, w_up)),
         ("rope 1x32x4096x128", lambda x: torch.ops.torchtpu.rope_forward(x, cos, sin), lambda x: x * cos + _rotate_half(x) * sin, (xq,)),
         ("linear_cross_entropy 2048x1024x32768", lambda h, w: torchtpu.linear_cross_entropy(h, w, target), lambda h, w: F.cross_entropy(h @ w.T, target), (h, lm_head)),
+        ("gmm 2048x1024x1408 g8 vs matmul per group", lambda a, w: torchtpu.gmm(a, w, group_sizes), lambda a, w: _matmul_per_group(a, w, group_sizes), (tokens, experts)),
+        ("gmm 2048x1024x1408 g8 vs padded bmm", lambda a, w: torchtpu.gmm(a, w, group_sizes), lambda a, w: _padded_bmm(a, w, group_sizes), (tokens, experts)),
     ]
 
 

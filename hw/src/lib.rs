@@ -86,6 +86,12 @@ impl Chip {
         }
     }
 
+    /// Whether the MXU multiplies int8 (int32 sums): from v5e on. v4's compiler rejects an int8
+    /// matmul (measured with libtpu 0.0.52: `CompileTimeMosaicUnsupportedRhsType`).
+    pub fn int8_matmul(self) -> bool {
+        !matches!(self, Chip::V4)
+    }
+
     /// Peak dense bf16 matrix rate, FLOP/s (public figures).
     pub fn peak_bf16_flops(self) -> f64 {
         match self {

@@ -51,6 +51,12 @@ pub trait Op: Clone + Send + Sync + 'static {
     fn fit(&self, _p: &Self::Problem, c: Self::Config) -> Self::Config {
         c
     }
+    /// `c` as `target` can run it (`None`: the heuristic's target): an op with a kernel
+    /// variant some chips lack (int8 dots before v5e) switches it off there, so that a config
+    /// from the heuristic, or a table of another target, still compiles.
+    fn for_target(&self, _p: &Self::Problem, c: Self::Config, _target: Option<TableTarget>) -> Self::Config {
+        c
+    }
     /// The kernel call for `p` at `c`.
     fn call(&self, p: &Self::Problem, c: &Self::Config) -> Result<PallasCall, Error>;
     /// The operands' types (scalar-prefetch arrays, then inputs), in the call's order.
@@ -133,10 +139,11 @@ pub fn config_for<O: Op>(op: &O, p: &O::Problem, target: Option<TableTarget>) ->
         let cached = torchtpu_autotune::cached_best(&tuning, tables::tuning_device(target)).and_then(|c| from_tuner_config(op, &c).ok());
         cached.or_else(|| op.tables().entry(target, op.name(), &op.bucket(p)).and_then(|v| serde_json::from_value(v.clone()).ok()))
     });
-    match tuned {
+    let c = match tuned {
         Some(c) => op.fit(p, c),
         None => op.default_config(p),
-    }
+    };
+    op.for_target(p, c, target)
 }
 
 /// The call of `op` on `p` with the config it uses on `backend` (or `explicit`), checked.

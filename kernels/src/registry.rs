@@ -18,6 +18,7 @@ use crate::layer_norm::LayerNormOp;
 use crate::linear_cross_entropy::LinearCrossEntropyOp;
 use crate::matmul::MatmulOp;
 use crate::op::{self, Op, Tuning};
+use crate::quantized_matmul::QuantizedMatmulOp;
 use crate::rms_norm::RmsNormOp;
 use crate::rope::RopeOp;
 use crate::tables::TableTarget;
@@ -134,6 +135,7 @@ pub fn ops() -> &'static [&'static dyn AnyOp] {
         &Registered(LinearCrossEntropyOp::BackwardDw),
         &Registered(GroupedOp::Gmm),
         &Registered(GroupedOp::Tgmm),
+        &Registered(QuantizedMatmulOp),
     ];
     OPS
 }

@@ -26,6 +26,15 @@ impl TableTarget {
     pub const ALL: [TableTarget; 6] =
         [TableTarget::Cpu, TableTarget::Chip(Chip::V4), TableTarget::Chip(Chip::V5e), TableTarget::Chip(Chip::V5p), TableTarget::Chip(Chip::V6e), TableTarget::Chip(Chip::Tpu7x)];
 
+    /// Whether int8 dots (int32 sums) run on the target ([`Chip::int8_matmul`]; XLA's CPU
+    /// has them).
+    pub fn int8_matmul(self) -> bool {
+        match self {
+            TableTarget::Cpu => true,
+            TableTarget::Chip(c) => c.int8_matmul(),
+        }
+    }
+
     /// The target called `name` (`cpu`, `v5e`, ...).
     pub fn parse(name: &str) -> Result<TableTarget, Error> {
         TableTarget::ALL.into_iter().find(|t| t.name() == name).ok_or_else(|| Error::Table(format!("unknown table target `{name}`; expected cpu, v4, v5e, v5p, v6e or tpu7x")))
