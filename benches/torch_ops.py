@@ -12,7 +12,9 @@ GeGLU (4096x11008) against F.silu(g) * u / F.gelu(g) * u, the fused gated projec
 q * cos + rotate_half(q) * sin, and the fused linear cross-entropy (2048 tokens x 1024 hidden x
 32768 vocab) against F.cross_entropy(h @ W.T, t), and grouped matmul (2048 token-slots x 1024 ->
 1408 over 8 experts, uneven, one idle) against a torch.matmul per group and against one bmm over
-the groups padded to the largest. All f32. Each pair alternates run by run so
+the groups padded to the largest; int8 linear layers (256 x 4096 -> 4096, scales per channel),
+weight-only and w8a8, against dequantizing in PyTorch then F.linear (forward only: serving ops).
+All f32. Each pair alternates run by run so
 both see the same machine state; reports medians and the ratio ours / PyTorch's.
 """
 
@@ -57,6 +59,13 @@ def _padded_bmm(lhs, rhs, sizes):
     return torch.bmm(padded, rhs)[rows]
 
 
+def _dequantize_then_linear(x, weight, weight_scale, x_scale=None):
+    w = weight.to(torch.float32) * weight_scale[:, None]
+    if x_scale is not None:
+        x = x.to(torch.float32) * x_scale[:, None]
+    return F.linear(x, w)
+
+
 def cases():
     """(name, ours, theirs, inputs): ``ours`` and ``theirs`` map the inputs to one tensor."""
     q, k, v = (torch.randn(1, 8, 2048, 128) for _ in range(3))
@@ -76,6 +85,10 @@ def cases():
     tokens, experts = torch.randn(2048, 1024), torch.randn(8, 1024, 1408) / 32
     # A router's uneven split of 2048 token-slots over 8 experts, one of them idle.
     group_sizes = torch.tensor([412, 97, 0, 388, 260, 301, 178, 412])
+    w_int8 = torch.randint(-128, 128, (4096, 4096), dtype=torch.int8)
+    w_scale = torch.rand(4096) / 127
+    x_int8, x_scale = torch.randint(-128, 128, (256, 4096), dtype=torch.int8), torch.rand(256) / 127
+    decode = torch.randn(256, 4096)
     return [
         ("attention 1x8x2048x128 causal", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
         ("attention from a projection's strided view", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (qs, ks, vs)),
@@ -93,6 +106,8 @@ def cases():
         ("linear_cross_entropy 2048x1024x32768", lambda h, w: torchtpu.linear_cross_entropy(h, w, target), lambda h, w: F.cross_entropy(h @ w.T, target), (h, lm_head)),
         ("gmm 2048x1024x1408 g8 vs matmul per group", lambda a, w: torchtpu.gmm(a, w, group_sizes), lambda a, w: _matmul_per_group(a, w, group_sizes), (tokens, experts)),
         ("gmm 2048x1024x1408 g8 vs padded bmm", lambda a, w: torchtpu.gmm(a, w, group_sizes), lambda a, w: _padded_bmm(a, w, group_sizes), (tokens, experts)),
+        ("int8 weight-only linear 256x4096->4096", lambda x: torchtpu.quantized_linear(x, w_int8, w_scale), lambda x: _dequantize_then_linear(x, w_int8, w_scale), (decode,)),
+        ("w8a8 linear 256x4096->4096", lambda: torchtpu.quantized_linear(x_int8, w_int8, w_scale, x_scale=x_scale), lambda: _dequantize_then_linear(x_int8, w_int8, w_scale, x_scale), ()),
     ]
 
 
@@ -120,7 +135,8 @@ def main():
         def train(fn):
             return lambda: torch.autograd.grad(fn(*leaves), leaves, grad)
 
-        for how, wrap in (("forward", forward), ("fwd+bwd", train)):
+        trainable = any(t.dtype.is_floating_point for t in inputs) and "int8" not in name and "w8a8" not in name
+        for how, wrap in (("forward", forward), ("fwd+bwd", train))[: 2 if trainable else 1]:
             mine, pytorch = median_ms([wrap(ours), wrap(theirs)], args.reps)
             print(f"{name + ' ' + how:<48} {mine:>12.1f} {pytorch:>12.1f} {mine / pytorch:>6.2f}x", flush=True)
 

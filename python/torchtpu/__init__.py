@@ -5,7 +5,8 @@
 (``torchtpu.swiglu``, ``torchtpu.geglu``, fused with their projections in
 ``torchtpu.glu_linear``), rotary embeddings (``torchtpu.rope``,
 ``torchtpu.apply_rotary_pos_emb``) the fused LM-head loss (``torchtpu.linear_cross_entropy``) and grouped matmul for
-mixture-of-experts (``torchtpu.gmm``, ``torchtpu.tgmm``) (torch also imports this package by itself through its
+mixture-of-experts (``torchtpu.gmm``, ``torchtpu.tgmm``) and int8 linear layers
+(``torchtpu.quantized_linear``: weight-only and w8a8) (torch also imports this package by itself through its
 ``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
 On DTensors they run sharded (``torchtpu.sharding``).
@@ -25,6 +26,7 @@ from torchtpu import cross_entropy as _cross_entropy  # noqa: E402
 from torchtpu import glu as _glu  # noqa: E402
 from torchtpu import gmm as _gmm  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
+from torchtpu import quantized as _quantized  # noqa: E402
 from torchtpu import rope as _rope  # noqa: E402
 from torchtpu import sharding  # noqa: E402
 from torchtpu import tpu  # noqa: E402
@@ -45,5 +47,6 @@ apply_rotary_pos_emb = _rope.apply_rotary_pos_emb
 linear_cross_entropy = _cross_entropy.linear_cross_entropy
 gmm = _gmm.gmm
 tgmm = _gmm.tgmm
+quantized_linear = _quantized.quantized_linear
 
-__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "gmm", "tgmm", "drop_in", "library", "sharding", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "gmm", "tgmm", "quantized_linear", "drop_in", "library", "sharding", "tpu"]
