@@ -11,6 +11,7 @@ pub mod linear_cross_entropy;
 pub mod masking;
 pub mod matmul;
 pub mod op;
+pub mod paged_attention;
 pub mod quantized_matmul;
 pub mod registry;
 pub mod rms_norm;

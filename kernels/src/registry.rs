@@ -18,6 +18,7 @@ use crate::layer_norm::LayerNormOp;
 use crate::linear_cross_entropy::LinearCrossEntropyOp;
 use crate::matmul::MatmulOp;
 use crate::op::{self, Op, Tuning};
+use crate::paged_attention::PagedAttentionOp;
 use crate::quantized_matmul::QuantizedMatmulOp;
 use crate::rms_norm::RmsNormOp;
 use crate::rope::RopeOp;
@@ -136,6 +137,7 @@ pub fn ops() -> &'static [&'static dyn AnyOp] {
         &Registered(GroupedOp::Gmm),
         &Registered(GroupedOp::Tgmm),
         &Registered(QuantizedMatmulOp),
+        &Registered(PagedAttentionOp),
     ];
     OPS
 }

@@ -1,0 +1,476 @@
+//! Ragged paged attention for serving (vLLM's TPU kernel, v2 layout): a batch of sequences,
+//! each with some new query tokens (decode 1, prefill or a chunk of it many) concatenated in
+//! `q`, attending causally (bottom-right: a sequence's last query sees its last key) to keys
+//! and values in a paged cache `kv_pages [pages, page_size, 2 · kv_heads, head_dim]` (k and v
+//! of kv head `h` at `2h` and `2h + 1`; the kernel takes the same memory as `[pages,
+//! page_size, 2 · kv_heads · head_dim]`), found through each sequence's row of `page_indices`.
+//! Grouped-query heads, an optional sliding window and logit soft-cap.
+//!
+//! A program owns one kv head and a block of `block_q` query tokens, which may hold the tail
+//! of one sequence and the heads of others: it walks the sequences that overlap its block and,
+//! for each, the sequence's kv blocks (`pages_per_block` pages each), whose pages it copies
+//! from HBM itself, double-buffered (the next block's copies in flight while it computes on
+//! this one). Online-softmax state is kept per query row, so each row only ever sees its own
+//! sequence's keys. The scalar tables (kv lengths, page indices, query offsets, the sequence
+//! count) are scalar-prefetch operands; every index read from them is clamped into its array,
+//! so a bad table cannot make a copy leave the cache (the host check refuses it with a message).
+
+use ndarray::{s, Array2, Array3, ArrayD, Ix2, Ix3};
+use rand::rngs::StdRng;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use torchtpu_autotune::SearchSpace;
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::prelude::*;
+use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
+
+use crate::flash::online_rescale;
+use crate::op::{self, Op};
+use crate::tables::{self, TableTarget};
+use crate::Error;
+
+/// One batch: `tokens` query rows (every sequence's new tokens, in order, then padding) of
+/// `q_heads` heads, a cache of `num_pages` pages of `page_size` tokens, up to `max_seqs`
+/// sequences of up to `pages_per_seq` pages each.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PagedProblem {
+    pub tokens: usize,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub num_pages: usize,
+    pub page_size: usize,
+    pub max_seqs: usize,
+    pub pages_per_seq: usize,
+    pub dtype: DType,
+    #[serde(with = "op::float")]
+    pub sm_scale: f64,
+    /// A query at position `p` sees keys `> p - window` (and `<= p`).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    /// Scores become `cap · tanh(score / cap)` (Gemma's logit soft-capping).
+    #[serde(default, with = "op::float::option")]
+    pub soft_cap: Option<f64>,
+}
+
+/// Query tokens per program and cache pages per kv block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagedConfig {
+    pub block_q: usize,
+    pub pages_per_block: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagedAttentionOp;
+
+/// What the kernel knows at trace time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Paging {
+    group: usize,
+    block_q: usize,
+    pages_per_block: usize,
+    page_size: usize,
+    num_pages: usize,
+    pages_per_seq: usize,
+    max_seqs: usize,
+    head_dim: usize,
+    sm_scale: f32,
+    window: Option<i32>,
+    soft_cap: Option<f32>,
+}
+
+/// The copies of kv block `block` of sequence `seq` (k and v of kv head `head` together, page
+/// by page) into buffer `slot`; pages past the sequence's table read its last entry, and
+/// every page number is clamped into the cache. The cache is seen as `[pages, page_size,
+/// 2 · kv_heads · head_dim]` (the same memory), so that a head's k and v are one lane-aligned
+/// window of each token's row: a copy a TPU's DMA takes for any dtype.
+#[allow(clippy::too_many_arguments)]
+fn kv_copies<T: Float>(
+    page_indices: &Prefetch<i32>,
+    kv_pages: &Ref<T>,
+    kv_buf: &Scratch<T>,
+    sems: &Scratch<DmaSemaphore>,
+    a: Paging,
+    head: Scalar<i32>,
+    seq: Scalar<i32>,
+    block: Scalar<i32>,
+    slot: Scalar<i32>,
+) -> Vec<torchtpu_dsl::trace::refs::AsyncCopy> {
+    let per = a.pages_per_block as i32;
+    let width = 2 * a.head_dim;
+    (0..a.pages_per_block)
+        .map(|p| {
+            let entry = minimum(block * per + p as i32, a.pages_per_seq as i32 - 1);
+            let page = minimum(maximum(page_indices.get([seq, entry]), 0), a.num_pages as i32 - 1);
+            let lanes = ds((head * width as i32).multiple_of(LANES as u32), width);
+            async_copy(kv_pages.at((page, .., lanes)), kv_buf.at((slot, p, .., ..)), sems.at([slot * per + p as i32]))
+        })
+        .collect()
+}
+
+#[tpu_kernel]
+#[allow(clippy::too_many_arguments)]
+fn ragged_paged_attention<T: Float>(
+    kv_lens: &Prefetch<i32>,
+    page_indices: &Prefetch<i32>,
+    cu_q_lens: &Prefetch<i32>,
+    num_seqs: &Prefetch<i32>,
+    q: &Ref<T>,
+    kv_pages: &Ref<T>,
+    out: &mut Ref<T>,
+    kv_buf: &mut Scratch<T>,
+    sems: &mut Scratch<DmaSemaphore>,
+    m_scratch: &mut Scratch<f32>,
+    l_scratch: &mut Scratch<f32>,
+    acc: &mut Scratch<f32>,
+    a: Paging,
+) {
+    let (head, qi) = (program_id(0), program_id(1));
+    let (bq, d) = (a.block_q, q.shape()[2]);
+    let kv_block = (a.pages_per_block * a.page_size) as i32;
+    let block_start = qi * bq as i32;
+    m_scratch.store(full(f64::NEG_INFINITY));
+    l_scratch.store(zeros());
+    acc.store(zeros());
+    let sequences = minimum(maximum(num_seqs.get([0]), 0), a.max_seqs as i32);
+    for seq in 0..sequences {
+        let q_start = cu_q_lens.get([seq]);
+        let q_end = cu_q_lens.get([seq + 1]);
+        if q_start < block_start + bq as i32 && q_end > block_start {
+            let kv_len = minimum(maximum(kv_lens.get([seq]), 0), (a.pages_per_seq * a.page_size) as i32);
+            let blocks = (kv_len + (kv_block - 1)) / kv_block;
+            for block in 0..blocks {
+                let slot = block % 2;
+                if block == 0 {
+                    for c in kv_copies(page_indices, kv_pages, kv_buf, sems, a, head, seq, block, slot) {
+                        c.start();
+                    }
+                }
+                if block + 1 < blocks {
+                    for c in kv_copies(page_indices, kv_pages, kv_buf, sems, a, head, seq, block + 1, 1 - slot) {
+                        c.start();
+                    }
+                }
+                for c in kv_copies(page_indices, kv_pages, kv_buf, sems, a, head, seq, block, slot) {
+                    c.wait();
+                }
+                let keys = a.pages_per_block * a.page_size;
+                let k_start = block * kv_block;
+                let k = kv_buf.load_at((slot, .., .., 0..d)).reshape([keys, d]);
+                // Keys past kv_len are whatever the cache holds there: kept out of the dot.
+                let key_rows = iota::<i32>([keys, d], 0) + k_start;
+                let v = select(key_rows < kv_len, kv_buf.load_at((slot, .., .., d..2 * d)).reshape([keys, d]), 0.0);
+                let rows = iota::<i32>([bq, keys], 0) + block_start;
+                let cols = iota::<i32>([bq, keys], 1) + k_start;
+                // A query's position in its sequence: the last query sits at kv_len - 1.
+                let position = rows - q_start + (kv_len - (q_end - q_start));
+                let mut visible = (rows >= q_start) & (rows < q_end) & (cols < kv_len) & (cols <= position);
+                if let Some(window) = a.window {
+                    visible = visible & (cols > position - window);
+                }
+                for g in 0..a.group {
+                    let mut s = dot_nt(q.load_at((g, .., ..)), k) * a.sm_scale;
+                    if let Some(cap) = a.soft_cap {
+                        s = (s / cap).tanh() * cap;
+                    }
+                    let s = select(visible, s, f32::NEG_INFINITY);
+                    let m_prev = m_scratch.load_at((g, .., 0..1));
+                    let l_prev = l_scratch.load_at((g, .., 0..1));
+                    let m_next = maximum(m_prev, s.max_keepdims(1));
+                    let alpha = online_rescale(m_prev, m_next);
+                    let p = select(visible, (s - m_next).exp(), 0.0);
+                    l_scratch.store_at((g, .., ..), (alpha * l_prev + p.sum_keepdims(1)).broadcast_to([bq, LANES]));
+                    m_scratch.store_at((g, .., ..), m_next.broadcast_to([bq, LANES]));
+                    acc.store_at((g, .., ..), acc.load_at((g, .., ..)) * alpha + dot(p.cast::<T>(), v));
+                }
+            }
+        }
+    }
+    for g in 0..a.group {
+        // A row that saw no key (padding, or a sequence with no cache) gives zeros.
+        let l = l_scratch.load_at((g, .., 0..1));
+        let o = acc.load_at((g, .., ..));
+        out.store_at((g, .., ..), select(l == 0.0, o * 0.0, o / l).cast());
+    }
+}
+
+impl PagedProblem {
+    fn group(&self) -> usize {
+        self.q_heads / self.kv_heads.max(1)
+    }
+}
+
+/// The host check of the tables: what vLLM requires of them, so that every page a sequence
+/// reads is its own.
+pub fn check_tables(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, cu_q_lens: &[i64], num_seqs: i64) -> Result<(), Error> {
+    let bad = |m: String| Err(Error::Shape(m));
+    if num_seqs < 0 || num_seqs > p.max_seqs as i64 {
+        return bad(format!("num_seqs is {num_seqs}; it must be in 0..={} (the rows of page_indices)", p.max_seqs));
+    }
+    if cu_q_lens.first().copied().unwrap_or(0) != 0 {
+        return bad(format!("cu_q_lens must start at 0; got {}", cu_q_lens.first().copied().unwrap_or(0)));
+    }
+    for s in 0..num_seqs as usize {
+        let (start, end, kv_len) = (cu_q_lens.get(s).copied().unwrap_or(0), cu_q_lens.get(s + 1).copied().unwrap_or(0), kv_lens.get(s).copied().unwrap_or(0));
+        if end < start || end > p.tokens as i64 {
+            return bad(format!("cu_q_lens[{}] is {end} after {start}: query offsets must not decrease and stay within q's {} tokens", s + 1, p.tokens));
+        }
+        if kv_len < end - start {
+            return bad(format!("sequence {s} has {} new queries but kv_len {kv_len}: its new tokens must be in the cache (kv_len >= q_len)", end - start));
+        }
+        let pages = (kv_len as usize).div_ceil(p.page_size.max(1));
+        if pages > p.pages_per_seq {
+            return bad(format!("sequence {s}'s kv_len {kv_len} needs {pages} pages of {}; page_indices has {} per sequence", p.page_size, p.pages_per_seq));
+        }
+        if let Some(j) = (0..pages).find(|&j| !(0..p.num_pages as i64).contains(&page_indices[[s, j]])) {
+            return bad(format!("page_indices[{s}, {j}] is {}; the cache has pages 0..{}", page_indices[[s, j]], p.num_pages));
+        }
+    }
+    Ok(())
+}
+
+/// Random tables for `p`: a mix of decode (one query) and prefill (many) sequences over
+/// distinct random pages, queries filling as much of `tokens` as they can.
+pub fn random_tables(p: &PagedProblem, rng: &mut StdRng) -> (Vec<i32>, Array2<i32>, Vec<i32>, i32) {
+    let seqs = if p.max_seqs == 0 { 0 } else { rng.random_range(1..=p.max_seqs) };
+    let capacity = p.pages_per_seq * p.page_size;
+    let mut kv_lens = vec![0i32; p.max_seqs];
+    let mut cu = vec![0i32; p.max_seqs + 1];
+    let mut used = 0usize;
+    for s in 0..seqs {
+        let kv_len = rng.random_range(1..=capacity.max(1)).min(capacity);
+        let room = p.tokens - used;
+        let q_len = if rng.random_bool(0.5) { 1.min(room) } else { rng.random_range(0..=kv_len.min(room)) }.min(kv_len);
+        kv_lens[s] = kv_len as i32;
+        used += q_len;
+        cu[s + 1] = used as i32;
+    }
+    for s in seqs..p.max_seqs {
+        cu[s + 1] = used as i32;
+    }
+    let mut pages: Vec<i32> = (0..p.num_pages as i32).collect();
+    let page_indices = Array2::from_shape_fn((p.max_seqs, p.pages_per_seq), |_| {
+        let j = rng.random_range(0..pages.len().max(1));
+        if pages.is_empty() {
+            0
+        } else {
+            pages.swap_remove(j.min(pages.len() - 1))
+        }
+    });
+    (kv_lens, page_indices, cu, seqs as i32)
+}
+
+/// The f64 reference: each sequence's pages gathered, masked attention per head.
+#[allow(clippy::too_many_arguments)]
+pub fn reference(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, cu_q_lens: &[i64], num_seqs: usize, q: &Array3<f64>, kv_pages: &Array3<f64>) -> Array3<f64> {
+    let mut out = Array3::<f64>::zeros((p.q_heads, p.tokens, p.head_dim));
+    for s in 0..num_seqs {
+        let (start, end, kv_len) = (cu_q_lens[s] as usize, cu_q_lens[s + 1] as usize, kv_lens[s] as usize);
+        let q_len = end - start;
+        for h in 0..p.q_heads {
+            let kvh = h / p.group();
+            // Combined heads: k of kv head h at 2h, v at 2h + 1, each head_dim wide.
+            let d = p.head_dim;
+            let key = |t: usize| kv_pages.slice(s![page_indices[[s, t / p.page_size]] as usize, t % p.page_size, 2 * kvh * d..(2 * kvh + 1) * d]);
+            let value = |t: usize| kv_pages.slice(s![page_indices[[s, t / p.page_size]] as usize, t % p.page_size, (2 * kvh + 1) * d..(2 * kvh + 2) * d]);
+            for i in 0..q_len {
+                let position = kv_len - q_len + i;
+                let row = q.slice(s![h, start + i, ..]);
+                let seen: Vec<usize> = (0..=position).filter(|&t| p.sliding_window.is_none_or(|w| t + w > position)).collect();
+                let scores: Vec<f64> = seen
+                    .iter()
+                    .map(|&t| {
+                        let x = row.dot(&key(t)) * p.sm_scale;
+                        p.soft_cap.map_or(x, |c| c * (x / c).tanh())
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                let mut o = out.slice_mut(s![h, start + i, ..]);
+                for (w, &t) in weights.iter().zip(&seen) {
+                    o.scaled_add(w / total, &value(t));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn ints(a: &HostArray) -> Vec<i64> {
+    a.to_f64().iter().map(|&x| x as i64).collect()
+}
+
+fn int_table(a: &HostArray) -> Array2<i64> {
+    a.to_f64().mapv(|x| x as i64).into_dimensionality::<Ix2>().unwrap_or_else(|_| Array2::zeros((0, 0)))
+}
+
+impl Op for PagedAttentionOp {
+    type Problem = PagedProblem;
+    type Config = PagedConfig;
+
+    fn name(&self) -> &'static str {
+        "ragged_paged_attention"
+    }
+    fn example(&self) -> PagedProblem {
+        PagedProblem {
+            tokens: 256,
+            q_heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            num_pages: 2048,
+            page_size: 16,
+            max_seqs: 64,
+            pages_per_seq: 64,
+            dtype: DType::BF16,
+            sm_scale: 1.0 / (128f64).sqrt(),
+            sliding_window: None,
+            soft_cap: None,
+        }
+    }
+    fn check(&self, p: &PagedProblem) -> Result<(), Error> {
+        op::check_float_dtype("ragged_paged_attention", p.dtype)?;
+        if p.kv_heads == 0 || p.q_heads % p.kv_heads != 0 {
+            return Err(Error::Shape(format!("q_heads ({}) must be a positive multiple of kv_heads ({})", p.q_heads, p.kv_heads)));
+        }
+        if p.head_dim == 0 || p.head_dim % (LANES / 2) != 0 {
+            return Err(Error::Shape(format!(
+                "head_dim must be a positive multiple of {} (a head's k and v are copied as one lane-aligned window); got {}",
+                LANES / 2,
+                p.head_dim
+            )));
+        }
+        if p.page_size == 0 || p.page_size % sublanes(p.dtype) != 0 {
+            return Err(Error::Shape(format!("page_size must be a positive multiple of {} for {} (a page is whole tiles); got {}", sublanes(p.dtype), p.dtype, p.page_size)));
+        }
+        if p.num_pages == 0 || p.pages_per_seq == 0 {
+            return Err(Error::Shape("the cache needs at least one page, and page_indices one per sequence".into()));
+        }
+        if p.sliding_window == Some(0) {
+            return Err(Error::Shape("sliding_window must be at least 1 (a query sees itself)".into()));
+        }
+        if p.soft_cap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
+            return Err(Error::Shape(format!("soft_cap must be positive and finite; got {:?}", p.soft_cap)));
+        }
+        if p.pages_per_seq * p.page_size > i32::MAX as usize / 2 || p.tokens > i32::MAX as usize / 2 {
+            return Err(Error::Shape("sequences and batches are limited to 2^30 tokens".into()));
+        }
+        Ok(())
+    }
+    fn tuning_problem(&self, p: &PagedProblem) -> PagedProblem {
+        PagedProblem { sm_scale: 1.0, ..*p }
+    }
+    fn bucket(&self, p: &PagedProblem) -> String {
+        format!("t{}d{}g{}p{}/{}", tables::bucket(p.tokens, 8, 8192), p.head_dim, p.group(), p.page_size, p.dtype)
+    }
+    fn space(&self, p: &PagedProblem) -> SearchSpace {
+        let block_q: Vec<usize> =
+            [8, 16, 32, 64, 128, 256].into_iter().filter(|&b| b % sublanes(p.dtype) == 0 && b <= p.tokens.next_power_of_two().max(sublanes(p.dtype))).collect();
+        let pages: Vec<usize> = [1, 2, 4, 8, 16, 32].into_iter().filter(|&n| n <= p.pages_per_seq && n * p.page_size <= 1024).collect();
+        SearchSpace::new().param("block_q", block_q).param("pages_per_block", if pages.is_empty() { vec![1] } else { pages })
+    }
+    fn default_config(&self, p: &PagedProblem) -> PagedConfig {
+        self.fit(p, PagedConfig { block_q: 32, pages_per_block: (512 / p.page_size.max(1)).max(1) })
+    }
+    fn fit(&self, p: &PagedProblem, c: PagedConfig) -> PagedConfig {
+        if c.block_q == 0 || c.pages_per_block == 0 {
+            return self.default_config(p);
+        }
+        let tile = sublanes(p.dtype);
+        PagedConfig { block_q: c.block_q.min(p.tokens.div_ceil(tile) * tile).max(tile), pages_per_block: c.pages_per_block.min(p.pages_per_seq).max(1) }
+    }
+    fn call(&self, p: &PagedProblem, c: &PagedConfig) -> Result<PallasCall, Error> {
+        let PagedConfig { block_q, pages_per_block } = *c;
+        if block_q == 0 || block_q % sublanes(p.dtype) != 0 || pages_per_block == 0 {
+            return Err(Error::Shape(format!("block_q must be a positive multiple of {} and pages_per_block positive; got {c:?}", sublanes(p.dtype))));
+        }
+        if self.is_empty(p) {
+            return Err(Error::Shape(format!("a kernel call needs query tokens (the host API handles none): {p:?}")));
+        }
+        let a = Paging {
+            group: p.group(),
+            block_q,
+            pages_per_block,
+            page_size: p.page_size,
+            num_pages: p.num_pages,
+            pages_per_seq: p.pages_per_seq,
+            max_seqs: p.max_seqs,
+            head_dim: p.head_dim,
+            sm_scale: p.sm_scale as f32,
+            window: p.sliding_window.map(|w| w.min(i32::MAX as usize) as i32),
+            soft_cap: p.soft_cap.map(|c| c as f32),
+        };
+        let kernel = match p.dtype {
+            DType::F32 => ragged_paged_attention::kernel::<f32>(a),
+            DType::BF16 => ragged_paged_attention::kernel::<bf16>(a),
+            other => return Err(Error::Dtype(format!("ragged_paged_attention takes f32 or bf16, not {other}"))),
+        };
+        let (g, d) = (p.group(), p.head_dim);
+        let q_block = BlockSpec::new([g, block_q, d], |[h, i]| (h, i, 0));
+        Ok(PallasCall::new(kernel)
+            .grid([p.kv_heads, p.tokens.div_ceil(block_q)])
+            .in_specs([q_block.clone(), BlockSpec::any()])
+            .out_specs([q_block])
+            .out_shapes([vec![p.q_heads, p.tokens, d]])
+            .scratch([
+                Vmem::new([2, pages_per_block, p.page_size, 2 * d]),
+                DmaSemaphores::new(2 * pages_per_block),
+                Vmem::new([g, block_q, LANES]),
+                Vmem::new([g, block_q, LANES]),
+                Vmem::new([g, block_q, d]),
+            ])
+            .dimension_semantics([Parallel, Parallel])
+            .name("ragged_paged_attention"))
+    }
+    fn operand_types(&self, p: &PagedProblem) -> Vec<ValueType> {
+        vec![
+            ValueType::new(DType::I32, [p.max_seqs]),
+            ValueType::new(DType::I32, [p.max_seqs, p.pages_per_seq]),
+            ValueType::new(DType::I32, [p.max_seqs + 1]),
+            ValueType::new(DType::I32, [1]),
+            ValueType::new(p.dtype, [p.q_heads, p.tokens, p.head_dim]),
+            ValueType::new(p.dtype, [p.num_pages, p.page_size, 2 * p.kv_heads * p.head_dim]),
+        ]
+    }
+    fn output_types(&self, p: &PagedProblem) -> Vec<ValueType> {
+        vec![ValueType::new(p.dtype, [p.q_heads, p.tokens, p.head_dim])]
+    }
+    fn is_empty(&self, p: &PagedProblem) -> bool {
+        p.tokens == 0 || p.q_heads == 0 || p.max_seqs == 0
+    }
+    fn check_tables(&self, p: &PagedProblem, tables: &[HostArray]) -> Result<(), Error> {
+        match tables {
+            [kv_lens, page_indices, cu_q_lens, num_seqs] => {
+                check_tables(p, &ints(kv_lens), &int_table(page_indices), &ints(cu_q_lens), ints(num_seqs).first().copied().unwrap_or(0))
+            }
+            _ => Err(Error::Shape(format!("ragged_paged_attention takes 4 tables (kv_lens, page_indices, cu_q_lens, num_seqs); got {}", tables.len()))),
+        }
+    }
+    fn random_inputs(&self, p: &PagedProblem, rng: &mut StdRng) -> Vec<HostArray> {
+        let (kv_lens, page_indices, cu, seqs) = random_tables(p, rng);
+        let types = self.operand_types(p);
+        let mut inputs = vec![
+            HostArray::from(ndarray::Array1::from(kv_lens)),
+            HostArray::from(page_indices),
+            HostArray::from(ndarray::Array1::from(cu)),
+            HostArray::from(ndarray::Array1::from(vec![seqs])),
+        ];
+        inputs.extend(types.iter().skip(4).map(|t| op::random_operand(rng, t)));
+        inputs
+    }
+    fn reference(&self, p: &PagedProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
+        let [kv_lens, page_indices, cu, seqs, q, kv] = inputs else {
+            return Vec::new();
+        };
+        let (Ok(q), Ok(kv)) = (q.to_f64().into_dimensionality::<Ix3>(), kv.to_f64().into_dimensionality::<Ix3>()) else {
+            return Vec::new();
+        };
+        let seqs = ints(seqs).first().copied().unwrap_or(0).max(0) as usize;
+        vec![reference(p, &ints(kv_lens), &int_table(page_indices), &ints(cu), seqs, &q, &kv).into_dyn()]
+    }
+    fn table_problems(&self, target: TableTarget) -> Vec<PagedProblem> {
+        let base = self.example();
+        let dtypes: &[DType] = if target == TableTarget::Cpu { &[DType::F32] } else { &[DType::BF16, DType::F32] };
+        dtypes.iter().map(|&dtype| PagedProblem { dtype, ..base }).collect()
+    }
+}
