@@ -6,7 +6,8 @@
 ``torchtpu.glu_linear``), rotary embeddings (``torchtpu.rope``,
 ``torchtpu.apply_rotary_pos_emb``) the fused LM-head loss (``torchtpu.linear_cross_entropy``) and grouped matmul for
 mixture-of-experts (``torchtpu.gmm``, ``torchtpu.tgmm``) and int8 linear layers
-(``torchtpu.quantized_linear``: weight-only and w8a8) (torch also imports this package by itself through its
+(``torchtpu.quantized_linear``: weight-only and w8a8), and serving attention over a paged KV
+cache (``torchtpu.ragged_paged_attention``, vLLM's TPU kernel's arguments) (torch also imports this package by itself through its
 ``torch.backends`` entry point). On CPU tensors they run our kernels through the PJRT CPU
 plugin; on TorchTPU ``tpu`` tensors they run the same kernels, lowered to Mosaic, on the TPU.
 On DTensors they run sharded (``torchtpu.sharding``).
@@ -26,6 +27,7 @@ from torchtpu import cross_entropy as _cross_entropy  # noqa: E402
 from torchtpu import glu as _glu  # noqa: E402
 from torchtpu import gmm as _gmm  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
+from torchtpu import paged_attention as _paged_attention  # noqa: E402
 from torchtpu import quantized as _quantized  # noqa: E402
 from torchtpu import rope as _rope  # noqa: E402
 from torchtpu import sharding  # noqa: E402
@@ -48,5 +50,6 @@ linear_cross_entropy = _cross_entropy.linear_cross_entropy
 gmm = _gmm.gmm
 tgmm = _gmm.tgmm
 quantized_linear = _quantized.quantized_linear
+ragged_paged_attention = _paged_attention.ragged_paged_attention
 
-__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "gmm", "tgmm", "quantized_linear", "drop_in", "library", "sharding", "tpu"]
+__all__ = ["flash_attention", "matmul", "rms_norm", "layer_norm", "swiglu", "geglu", "glu_linear", "rope", "apply_rotary_pos_emb", "linear_cross_entropy", "gmm", "tgmm", "quantized_linear", "ragged_paged_attention", "drop_in", "library", "sharding", "tpu"]
