@@ -13,7 +13,9 @@ q * cos + rotate_half(q) * sin, and the fused linear cross-entropy (2048 tokens 
 32768 vocab) against F.cross_entropy(h @ W.T, t), and grouped matmul (2048 token-slots x 1024 ->
 1408 over 8 experts, uneven, one idle) against a torch.matmul per group and against one bmm over
 the groups padded to the largest; int8 linear layers (256 x 4096 -> 4096, scales per channel),
-weight-only and w8a8, against dequantizing in PyTorch then F.linear (forward only: serving ops).
+weight-only and w8a8, against dequantizing in PyTorch then F.linear; ragged paged attention
+(32 heads, 8 kv heads, pages of 16: 32 decodes over 1-2k caches, and a mix of prefills and
+decodes) against gathering each sequence's pages then SDPA (forward only: serving ops).
 All f32. Each pair alternates run by run so
 both see the same machine state; reports medians and the ratio ours / PyTorch's.
 """
@@ -66,6 +68,36 @@ def _dequantize_then_linear(x, weight, weight_scale, x_scale=None):
     return F.linear(x, w)
 
 
+def _gather_then_sdpa(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale):
+    """Each sequence's pages gathered into k and v, then SDPA (bottom-right causal) per sequence."""
+    out = torch.zeros_like(q)
+    page_size, kv_heads = kv_pages.shape[1], kv_pages.shape[2] // 2
+    for s in range(int(num_seqs[0])):
+        start, end, kv_len = int(cu_q_lens[s]), int(cu_q_lens[s + 1]), int(kv_lens[s])
+        cache = kv_pages[page_indices[s, : -(-kv_len // page_size)].long()].reshape(-1, 2 * kv_heads, q.shape[2])[:kv_len]
+        k, v = cache[:, 0::2].transpose(0, 1), cache[:, 1::2].transpose(0, 1)
+        mask = torch.ones(end - start, kv_len, dtype=torch.bool).tril(kv_len - (end - start))
+        out[start:end] = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k, v, attn_mask=mask, scale=sm_scale, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+def _paged_batch(seqs, page_size=16, q_heads=32, kv_heads=8, head_dim=128):
+    """A serving batch of sequences (new queries, cache length) over shuffled pages."""
+    pages_per_seq = max(-(-kv // page_size) for _, kv in seqs)
+    num_pages = len(seqs) * pages_per_seq
+    ends = [0]
+    for q_len, _ in seqs:
+        ends.append(ends[-1] + q_len)
+    return (
+        torch.randn(ends[-1], q_heads, head_dim),
+        torch.randn(num_pages, page_size, 2 * kv_heads, head_dim),
+        torch.tensor([kv for _, kv in seqs], dtype=torch.int32),
+        torch.randperm(num_pages).reshape(len(seqs), pages_per_seq).int(),
+        torch.tensor(ends, dtype=torch.int32),
+        torch.tensor([len(seqs)], dtype=torch.int32),
+    )
+
+
 def cases():
     """(name, ours, theirs, inputs): ``ours`` and ``theirs`` map the inputs to one tensor."""
     q, k, v = (torch.randn(1, 8, 2048, 128) for _ in range(3))
@@ -89,6 +121,8 @@ def cases():
     w_scale = torch.rand(4096) / 127
     x_int8, x_scale = torch.randint(-128, 128, (256, 4096), dtype=torch.int8), torch.rand(256) / 127
     decode = torch.randn(256, 4096)
+    decode_batch = _paged_batch([(1, 1024 + 37 * i) for i in range(32)])
+    mixed_batch = _paged_batch([(1, 900), (256, 256), (64, 1500), (1, 2000), (1, 40), (128, 700)])
     return [
         ("attention 1x8x2048x128 causal", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v)),
         ("attention from a projection's strided view", lambda q, k, v: torchtpu.flash_attention(q, k, v, causal=True), lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), (qs, ks, vs)),
@@ -107,6 +141,8 @@ def cases():
         ("gmm 2048x1024x1408 g8 vs matmul per group", lambda a, w: torchtpu.gmm(a, w, group_sizes), lambda a, w: _matmul_per_group(a, w, group_sizes), (tokens, experts)),
         ("gmm 2048x1024x1408 g8 vs padded bmm", lambda a, w: torchtpu.gmm(a, w, group_sizes), lambda a, w: _padded_bmm(a, w, group_sizes), (tokens, experts)),
         ("int8 weight-only linear 256x4096->4096", lambda x: torchtpu.quantized_linear(x, w_int8, w_scale), lambda x: _dequantize_then_linear(x, w_int8, w_scale), (decode,)),
+        ("paged attention: 32 decodes, 1-2k cache", lambda: torchtpu.ragged_paged_attention(*decode_batch, sm_scale=0.088), lambda: _gather_then_sdpa(*decode_batch, 0.088), ()),
+        ("paged attention: prefill+decode mix", lambda: torchtpu.ragged_paged_attention(*mixed_batch, sm_scale=0.088), lambda: _gather_then_sdpa(*mixed_batch, 0.088), ()),
         ("w8a8 linear 256x4096->4096", lambda: torchtpu.quantized_linear(x_int8, w_int8, w_scale, x_scale=x_scale), lambda: _dequantize_then_linear(x_int8, w_int8, w_scale, x_scale), ()),
     ]
 
@@ -135,7 +171,7 @@ def main():
         def train(fn):
             return lambda: torch.autograd.grad(fn(*leaves), leaves, grad)
 
-        trainable = any(t.dtype.is_floating_point for t in inputs) and "int8" not in name and "w8a8" not in name
+        trainable = bool(inputs) and "int8" not in name
         for how, wrap in (("forward", forward), ("fwd+bwd", train))[: 2 if trainable else 1]:
             mine, pytorch = median_ms([wrap(ours), wrap(theirs)], args.reps)
             print(f"{name + ' ' + how:<48} {mine:>12.1f} {pytorch:>12.1f} {mine / pytorch:>6.2f}x", flush=True)
