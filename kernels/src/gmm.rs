@@ -21,6 +21,7 @@ use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 
+use crate::blocks::whole_tiles;
 use crate::masking::zero_outside;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
@@ -85,7 +86,8 @@ impl Grouping {
 /// What step `step` of the walk over (group, row block) pairs does: group `group`'s rows
 /// `[start, end)` in row block `block`; whether it is the group's `first` and `last` visit;
 /// `valid` false for the steps after the walk, which repeat its last block (so they copy
-/// nothing) and do nothing.
+/// nothing) and do nothing; `multiplies` whether the step has a product to compute (a valid
+/// step of an expert's group, not of the rows after the last group).
 struct Visit {
     group: Scalar<i32>,
     block: Scalar<i32>,
@@ -94,6 +96,7 @@ struct Visit {
     first: Scalar<bool>,
     last: Scalar<bool>,
     valid: Scalar<bool>,
+    multiplies: Scalar<bool>,
 }
 
 /// Step `step` of the walk, found from the group ends by counting every group's visits up to
@@ -122,7 +125,9 @@ fn visit(ends: &Prefetch<i32>, g: Grouping, step: Scalar<i32>) -> Visit {
         seen = seen + visits;
         previous_end = hi;
     }
-    Visit { group, block: minimum(block, g.row_blocks as i32 - 1), start, end, first: step == first, last: step == last, valid: step < seen }
+    let valid = step < seen;
+    let multiplies = valid && group < g.groups as i32;
+    Visit { group, block: minimum(block, g.row_blocks as i32 - 1), start, end, first: step == first, last: step == last, valid, multiplies }
 }
 
 /// `out[rows of group j] = lhs[rows of j] · rhs[j]`; grid (column block, step, k block).
@@ -134,7 +139,7 @@ fn gmm_kernel<T: Float>(ends: &Prefetch<i32>, lhs: &Ref<T>, rhs: &Ref<T>, out: &
         acc.store(zeros());
     }
     // The rows after the last group (group `groups`) get zeros: no product to compute.
-    if v.valid && v.group < g.groups as i32 {
+    if v.multiplies {
         let mut a = lhs.load();
         let mut b = rhs.load();
         let bk = a.shape()[1];
@@ -200,6 +205,9 @@ impl GroupedProblem {
 /// The group ends of `sizes` (their running sums, as the kernels take them), checked against
 /// `rows`: each size at least 0 and all of them at most `rows` together.
 pub fn group_ends(sizes: &[i64], rows: usize) -> Result<Vec<i32>, Error> {
+    if rows > i32::MAX as usize {
+        return Err(Error::Shape(format!("group ends are i32: at most {} rows; got {rows}", i32::MAX)));
+    }
     let mut total: i64 = 0;
     let mut ends = Vec::with_capacity(sizes.len());
     for (j, &s) in sizes.iter().enumerate() {
@@ -256,7 +264,12 @@ pub fn random_group_sizes(rng: &mut StdRng, groups: usize, rows: usize) -> Vec<i
 /// The f64 reference: `gmm` or `tgmm` group by group, from the group ends.
 pub fn reference(op: GroupedOp, p: &GroupedProblem, ends: &[i64], lhs: &ArrayD<f64>, other: &ArrayD<f64>) -> ArrayD<f64> {
     let lhs = lhs.view().into_dimensionality::<Ix2>().expect("lhs is [m, k]");
-    let bounds = |j: usize| (if j == 0 { 0 } else { ends[j - 1] as usize }, ends[j] as usize);
+    // Clamped as the kernels clamp them: a bad table gives the kernels' answer, not a panic.
+    let end = |j: usize| ends.get(j).map_or(p.m, |&e| e.clamp(0, p.m as i64) as usize);
+    let bounds = |j: usize| {
+        let start = if j == 0 { 0 } else { end(j - 1) };
+        (start, end(j).max(start))
+    };
     match op {
         GroupedOp::Gmm => {
             let mut out = Array2::<f64>::zeros((p.m, p.n));
@@ -280,8 +293,17 @@ pub fn reference(op: GroupedOp, p: &GroupedProblem, ends: &[i64], lhs: &ArrayD<f
     }
 }
 
-fn block_for(len: usize, preferred: usize, tile: usize) -> usize {
-    preferred.min(len.div_ceil(tile).saturating_mul(tile)).max(tile)
+/// The most groups a problem may have: each grid step counts its way through every group's
+/// end (in its index maps and its body), so the work per step grows with them.
+pub const MAX_GROUPS: usize = 256;
+
+impl GroupedOp {
+    /// The tile each block must be a multiple of: k and n are lanes of some operand's block;
+    /// rows are sublanes, except in tgmm, where they are its dot's contraction.
+    fn tiles(&self, p: &GroupedProblem) -> GroupedConfig {
+        let bm = if *self == GroupedOp::Tgmm { LANES } else { sublanes(p.dtype) };
+        GroupedConfig { bm, bk: LANES, bn: LANES }
+    }
 }
 
 impl Op for GroupedOp {
@@ -299,8 +321,8 @@ impl Op for GroupedOp {
     }
     fn check(&self, p: &GroupedProblem) -> Result<(), Error> {
         op::check_float_dtype(self.name(), p.dtype)?;
-        if p.groups == 0 {
-            return Err(Error::Shape(format!("{} needs at least one group", self.name())));
+        if p.groups == 0 || p.groups > MAX_GROUPS {
+            return Err(Error::Shape(format!("{} takes 1 to {MAX_GROUPS} groups; got {}", self.name(), p.groups)));
         }
         if *self == GroupedOp::Tgmm && p.transpose_rhs {
             return Err(Error::Argument("tgmm has no transpose_rhs (it makes [g, k, n]; transpose its output instead)".into()));
@@ -316,7 +338,9 @@ impl Op for GroupedOp {
         format!("m{}k{}n{}g{}/{}{}", b(p.m), b(p.k), b(p.n), tables::bucket(p.groups, 1, 256), p.dtype, if p.transpose_rhs { "/t" } else { "" })
     }
     fn space(&self, p: &GroupedProblem) -> SearchSpace {
-        SearchSpace::new().param("bm", block_candidates(p.m, 1024)).param("bk", block_candidates(p.k, 1024)).param("bn", block_candidates(p.n, 1024))
+        let tiles = self.tiles(p);
+        let aligned = |len, tile: usize| block_candidates(len, 1024).into_iter().filter(|b| b % tile == 0).collect::<Vec<_>>();
+        SearchSpace::new().param("bm", aligned(p.m, tiles.bm)).param("bk", aligned(p.k, tiles.bk)).param("bn", aligned(p.n, tiles.bn))
     }
     fn default_config(&self, p: &GroupedProblem) -> GroupedConfig {
         self.fit(p, GroupedConfig { bm: 256, bk: 512, bn: 512 })
@@ -325,10 +349,8 @@ impl Op for GroupedOp {
         if c.bm == 0 || c.bk == 0 || c.bn == 0 {
             return self.default_config(p);
         }
-        // tgmm's row block is the contraction of its dot: lane-aligned, as gmm's k block.
-        let row_tile = if *self == GroupedOp::Tgmm { LANES } else { sublanes(p.dtype) };
-        let k_tile = if *self == GroupedOp::Tgmm { sublanes(p.dtype) } else { LANES };
-        GroupedConfig { bm: block_for(p.m, c.bm, row_tile), bk: block_for(p.k, c.bk, k_tile), bn: block_for(p.n, c.bn, LANES) }
+        let tiles = self.tiles(p);
+        GroupedConfig { bm: whole_tiles(c.bm, p.m, tiles.bm), bk: whole_tiles(c.bk, p.k, tiles.bk), bn: whole_tiles(c.bn, p.n, tiles.bn) }
     }
     fn call(&self, p: &GroupedProblem, c: &GroupedConfig) -> Result<PallasCall, Error> {
         let GroupedConfig { bm, bk, bn } = *c;
@@ -350,8 +372,9 @@ impl Op for GroupedOp {
                     DType::BF16 => gmm_kernel::kernel::<bf16>(g),
                     other => return Err(Error::Dtype(format!("gmm takes f32 or bf16, not {other}"))),
                 };
-                // A step with nothing to do reads the k block its predecessor ended on.
-                let k_of = move |v: &Visit, kk: Scalar<i32>| select(v.valid, kk, last_k);
+                // A step with nothing to multiply (past the walk, or the rows after the last
+                // group) reads the k block its predecessor ended on: no copy.
+                let k_of = move |v: &Visit, kk: Scalar<i32>| select(v.multiplies, kk, last_k);
                 let rhs_block = if t { [None, Some(bn), Some(bk)] } else { [None, Some(bk), Some(bn)] };
                 Ok(PallasCall::new(kernel)
                     .grid([nb, g.steps(), kb])

@@ -13,7 +13,7 @@ use serde::Serialize;
 use torchtpu_autotune::{Config, SearchSpace, Tunable};
 use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::ir::ValueType;
-use torchtpu_dsl::{DType, HostArray, PallasCall};
+use torchtpu_dsl::{DType, HostArray, PallasCall, ParamKind};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_runtime::Chip;
 
@@ -71,9 +71,9 @@ pub trait Op: Clone + Send + Sync + 'static {
     fn empty_outputs(&self, p: &Self::Problem, _inputs: &[HostArray]) -> Vec<HostArray> {
         self.output_types(p).iter().map(|t| HostArray::from_f64(t.dtype, &ArrayD::zeros(t.shape.clone()))).collect()
     }
-    /// Whether the scalar-prefetch tables a caller passes (the leading i32 operands, as
-    /// [`table_count`] counts them) are ones the kernel can run on: index maps read them, so a
-    /// table pointing outside an array is refused here, with what would be right.
+    /// Whether the scalar-prefetch tables a caller passes (the leading operands, as many as
+    /// [`table_count`] says) are ones the kernel can run on: index maps read them, so a table
+    /// pointing outside an array is refused here, with what would be right.
     fn check_tables(&self, _p: &Self::Problem, _tables: &[HostArray]) -> Result<(), Error> {
         Ok(())
     }
@@ -92,10 +92,11 @@ pub trait Op: Clone + Send + Sync + 'static {
     }
 }
 
-/// How many of `types` are scalar-prefetch tables: the leading i32 operands (Pallas passes
-/// the tables first).
-pub fn table_count(types: &[ValueType]) -> usize {
-    types.iter().take_while(|t| t.dtype == DType::I32).count()
+/// How many of `p`'s operands are scalar-prefetch tables (they come first, as in Pallas): the
+/// kernel's own count of its prefetch parameters. A problem with no kernel (an empty one) has
+/// none to check.
+pub fn table_count<O: Op>(op: &O, p: &O::Problem) -> usize {
+    op.call(p, &op.default_config(p)).map_or(0, |c| c.kernel().params_of(ParamKind::Prefetch).count())
 }
 
 /// Uniform [-1, 1) for a float operand, zeros for an integer one.
@@ -181,7 +182,11 @@ pub fn run<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, inputs: 
         let want: Vec<String> = types.iter().map(ToString::to_string).collect();
         return Err(Error::Shape(format!("{} takes operands [{}]; got [{}]", op.name(), want.join(", "), got.join(", "))));
     }
-    op.check_tables(p, &inputs[..table_count(&types)])?;
+    // An empty problem runs no kernel, so no table steers anything.
+    match table_count(op, p) {
+        0 => {}
+        n => op.check_tables(p, inputs.get(..n).unwrap_or_default())?,
+    }
     if op.is_empty(p) {
         return Ok(op.empty_outputs(p, inputs));
     }

@@ -190,7 +190,7 @@ fn ragged_paged_attention<T: Float>(
         // A row that saw no key (padding, or a sequence with no cache) gives zeros.
         let l = l_scratch.load_at((g, .., 0..1));
         let o = acc.load_at((g, .., ..));
-        out.store_at((g, .., ..), select(l == 0.0, o * 0.0, o / l).cast());
+        out.store_at((g, .., ..), select(l == 0.0, 0.0, o / l).cast());
     }
 }
 
@@ -200,8 +200,10 @@ impl PagedProblem {
     }
 }
 
-/// The host check of the tables: what vLLM requires of them, so that every page a sequence
-/// reads is its own.
+/// The host check of the tables, what vLLM requires of them: offsets that stay within `q`,
+/// each sequence's new tokens within its cache, and every page a sequence reads in the cache
+/// and listed in its row. (Which sequence owns a page is the caller's bookkeeping: two
+/// sequences may share one, as prefix caching does.)
 pub fn check_tables(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, cu_q_lens: &[i64], num_seqs: i64) -> Result<(), Error> {
     let bad = |m: String| Err(Error::Shape(m));
     if num_seqs < 0 || num_seqs > p.max_seqs as i64 {
@@ -265,14 +267,19 @@ pub fn random_tables(p: &PagedProblem, rng: &mut StdRng) -> (Vec<i32>, Array2<i3
 pub fn reference(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, cu_q_lens: &[i64], num_seqs: usize, q: &Array3<f64>, kv_pages: &Array3<f64>) -> Array3<f64> {
     let mut out = Array3::<f64>::zeros((p.q_heads, p.tokens, p.head_dim));
     for s in 0..num_seqs {
-        let (start, end, kv_len) = (cu_q_lens[s] as usize, cu_q_lens[s + 1] as usize, kv_lens[s] as usize);
-        let q_len = end - start;
+        // Clamped as the kernel clamps them: a bad table gives the kernel's answer, not a panic.
+        let at = |t: &[i64], i: usize, hi: usize| t.get(i).map_or(0, |&x| x.clamp(0, hi as i64) as usize);
+        let start = at(cu_q_lens, s, p.tokens);
+        let end = at(cu_q_lens, s + 1, p.tokens).max(start);
+        let kv_len = at(kv_lens, s, p.pages_per_seq * p.page_size);
+        let q_len = (end - start).min(kv_len);
         for h in 0..p.q_heads {
             let kvh = h / p.group();
             // Combined heads: k of kv head h at 2h, v at 2h + 1, each head_dim wide.
             let d = p.head_dim;
-            let key = |t: usize| kv_pages.slice(s![page_indices[[s, t / p.page_size]] as usize, t % p.page_size, 2 * kvh * d..(2 * kvh + 1) * d]);
-            let value = |t: usize| kv_pages.slice(s![page_indices[[s, t / p.page_size]] as usize, t % p.page_size, (2 * kvh + 1) * d..(2 * kvh + 2) * d]);
+            let page = |t: usize| page_indices.get([s, t / p.page_size]).map_or(0, |&x| x.clamp(0, p.num_pages as i64 - 1) as usize);
+            let key = |t: usize| kv_pages.slice(s![page(t), t % p.page_size, 2 * kvh * d..(2 * kvh + 1) * d]);
+            let value = |t: usize| kv_pages.slice(s![page(t), t % p.page_size, (2 * kvh + 1) * d..(2 * kvh + 2) * d]);
             for i in 0..q_len {
                 let position = kv_len - q_len + i;
                 let row = q.slice(s![h, start + i, ..]);

@@ -20,6 +20,7 @@ use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{sublanes, HostArray, PallasCall, LANES};
 
+use crate::blocks::whole_tiles;
 use crate::masking::zero_outside;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
@@ -72,9 +73,10 @@ const EXACT_WIDENED_K: usize = 1024;
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuantizedMatmulOp;
 
-/// What the kernels know at trace time: k, and the scale block (`None`: per channel).
+/// What the kernels know at trace time: k, the scale block (`None`: per channel), and whether
+/// w8a8's dots run on int8.
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Scales {
+struct QuantizedKernel {
     k_len: usize,
     block: Option<usize>,
     int8_dots: bool,
@@ -82,7 +84,7 @@ struct Scales {
 
 /// Weight-only: `acc += x · widen(w)ᵀ`, each scale block's product scaled by its scale row.
 #[tpu_kernel]
-fn weight_only_kernel<T: Float>(x: &Ref<T>, w: &Ref<i8>, w_scale: &Ref<f32>, out: &mut Ref<T>, acc: &mut Scratch<f32>, s: Scales) {
+fn weight_only_kernel<T: Float>(x: &Ref<T>, w: &Ref<i8>, w_scale: &Ref<f32>, out: &mut Ref<T>, acc: &mut Scratch<f32>, s: QuantizedKernel) {
     let kk = program_id(2);
     if kk == 0 {
         acc.store(zeros());
@@ -121,7 +123,7 @@ fn weight_only_kernel<T: Float>(x: &Ref<T>, w: &Ref<i8>, w_scale: &Ref<f32>, out
 /// block's int32 partial scaled and summed in f32; the row scales last.
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
-fn w8a8_kernel<T: Float>(x: &Ref<i8>, x_scale: &Ref<f32>, w: &Ref<i8>, w_scale: &Ref<f32>, out: &mut Ref<T>, acc: &mut Scratch<f32>, sums: &mut Scratch<i32>, s: Scales) {
+fn w8a8_kernel<T: Float>(x: &Ref<i8>, x_scale: &Ref<f32>, w: &Ref<i8>, w_scale: &Ref<f32>, out: &mut Ref<T>, acc: &mut Scratch<f32>, sums: &mut Scratch<i32>, s: QuantizedKernel) {
     let kk = program_id(2);
     if kk == 0 {
         acc.store(zeros());
@@ -173,10 +175,6 @@ impl QuantizedProblem {
             Quantization::W8a8 => DType::I8,
         }
     }
-}
-
-fn block_for(len: usize, preferred: usize, tile: usize) -> usize {
-    preferred.min(len.div_ceil(tile).saturating_mul(tile)).max(tile)
 }
 
 impl Op for QuantizedMatmulOp {
@@ -232,14 +230,14 @@ impl Op for QuantizedMatmulOp {
             return self.default_config(p);
         }
         // int8 tiles are 32 rows high: x's rows and w's rows (the output columns) alike.
-        let bm = block_for(p.m, c.bm, sublanes(p.activation_dtype()));
-        let bn = block_for(p.n, c.bn, LANES.max(sublanes(DType::I8)));
+        let bm = whole_tiles(c.bm, p.m, sublanes(p.activation_dtype()));
+        let bn = whole_tiles(c.bn, p.n, LANES.max(sublanes(DType::I8)));
         let int8_dots = c.int8_dots.min(1);
         let longest = if int8_dots == 0 && p.quantization == Quantization::W8a8 { EXACT_WIDENED_K } else { usize::MAX };
         let bk = match p.block {
-            None => block_for(p.k, c.bk.min(longest), LANES),
+            None => whole_tiles(c.bk.min(longest), p.k, LANES),
             // A whole number of scale blocks, at least one.
-            Some(b) => block_for(p.k, c.bk.min(longest), b) / b * b,
+            Some(b) => whole_tiles(c.bk.min(longest), p.k, b),
         };
         QuantizedConfig { bm, bn, bk, int8_dots }
     }
@@ -248,7 +246,7 @@ impl Op for QuantizedMatmulOp {
         if bm == 0 || bn == 0 || bk == 0 {
             return Err(Error::Shape(format!("quantized_matmul blocks (bm, bn, bk) must be positive; got {:?}", (bm, bn, bk))));
         }
-        if let Some(b) = p.block.filter(|b| bk % b != 0) {
+        if let Some(b) = p.block.filter(|&b| b == 0 || bk % b != 0) {
             return Err(Error::Shape(format!("quantized_matmul's k block ({bk}) must be a multiple of the scale block ({b})")));
         }
         if self.is_empty(p) {
@@ -257,7 +255,7 @@ impl Op for QuantizedMatmulOp {
         if int8_dots == 0 && p.quantization == Quantization::W8a8 && p.block.unwrap_or(bk) > EXACT_WIDENED_K {
             return Err(Error::Shape(format!("w8a8 without int8 dots sums blocks of at most {EXACT_WIDENED_K} exactly; got {}", p.block.unwrap_or(bk))));
         }
-        let s = Scales { k_len: p.k, block: p.block, int8_dots: int8_dots != 0 };
+        let s = QuantizedKernel { k_len: p.k, block: p.block, int8_dots: int8_dots != 0 };
         let grid = [p.m.div_ceil(bm), p.n.div_ceil(bn), p.k.div_ceil(bk)];
         // Per channel, one scale row for every k step; per block, the k step's own rows.
         let scale_rows = p.block.map_or(1, |b| bk / b);
@@ -305,14 +303,19 @@ impl Op for QuantizedMatmulOp {
     }
     fn random_inputs(&self, p: &QuantizedProblem, rng: &mut rand::rngs::StdRng) -> Vec<HostArray> {
         use rand::Rng;
-        self.operand_types(p)
+        let types = self.operand_types(p);
+        // Scales about 1/127 of a unit range, as a symmetric quantizer makes them: the weight
+        // scales last, w8a8's row scales second.
+        let scales = match p.quantization {
+            Quantization::WeightOnly => vec![2],
+            Quantization::W8a8 => vec![1, 3],
+        };
+        types
             .iter()
-            .map(|t| match t.dtype {
+            .enumerate()
+            .map(|(i, t)| match t.dtype {
                 DType::I8 => HostArray::from_f64(DType::I8, &ArrayD::from_shape_simple_fn(t.shape.clone(), || f64::from(rng.random_range(-128i32..=127)))),
-                // Scales about 1/127 of a unit range, as a symmetric quantizer makes them.
-                _ if t.shape.len() == 3 || t.shape.get(1) == Some(&1) => {
-                    HostArray::from_f64(DType::F32, &ArrayD::from_shape_simple_fn(t.shape.clone(), || rng.random_range(0.5..1.5) / 127.0))
-                }
+                _ if scales.contains(&i) => HostArray::from_f64(DType::F32, &ArrayD::from_shape_simple_fn(t.shape.clone(), || rng.random_range(0.5..1.5) / 127.0)),
                 _ => op::random_operand(rng, t),
             })
             .collect()

@@ -51,7 +51,9 @@ pub trait AnyOp: Send + Sync {
     fn is_empty(&self, problem: &Value) -> Result<bool, Error>;
     /// The outputs of an empty `problem`, computed on the host from its inputs.
     fn empty_outputs(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<HostArray>, Error>;
-    /// Whether `tables` (the leading i32 operands) are ones `problem`'s kernel can run on, as
+    /// How many leading operands of `problem` are scalar-prefetch tables ([`op::table_count`]).
+    fn table_count(&self, problem: &Value) -> Result<usize, Error>;
+    /// Whether `tables` (those leading operands) are ones `problem`'s kernel can run on, as
     /// [`Op::check_tables`].
     fn check_tables(&self, problem: &Value, tables: &[HostArray]) -> Result<(), Error>;
 }
@@ -109,6 +111,9 @@ impl<O: Op> AnyOp for Registered<O> {
     }
     fn empty_outputs(&self, problem: &Value, inputs: &[HostArray]) -> Result<Vec<HostArray>, Error> {
         Ok(self.0.empty_outputs(&problem_of(&self.0, problem)?, inputs))
+    }
+    fn table_count(&self, problem: &Value) -> Result<usize, Error> {
+        Ok(op::table_count(&self.0, &problem_of(&self.0, problem)?))
     }
     fn check_tables(&self, problem: &Value, tables: &[HostArray]) -> Result<(), Error> {
         self.0.check_tables(&problem_of(&self.0, problem)?, tables)

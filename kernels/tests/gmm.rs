@@ -105,7 +105,7 @@ fn empty_problems_give_zeros() {
 #[test]
 fn compiles_for_every_chip() {
     let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
-    for (m, k, n, groups, dtype) in [(8192, 4096, 4096, 8, DType::BF16), (300, 256, 384, 5, DType::F32), (1000, 2048, 1408, 64, DType::BF16)] {
+    for (m, k, n, groups, dtype) in [(8192, 4096, 4096, 8, DType::BF16), (300, 300, 384, 5, DType::F32), (1000, 2048, 1408, 64, DType::BF16), (64, 128, 256, 256, DType::BF16)] {
         for (o, transpose_rhs) in [(GroupedOp::Gmm, false), (GroupedOp::Gmm, true), (GroupedOp::Tgmm, false)] {
             let p = GroupedProblem { m, k, n, groups, dtype, transpose_rhs };
             for chip in Chip::ALL {

@@ -29,10 +29,9 @@ impl Tensor {
         let dtype = match dtype_name.as_str() {
             "torch.float32" => DType::F32,
             "torch.bfloat16" => DType::BF16,
-            "torch.float16" => DType::F16,
             "torch.int32" => DType::I32,
             "torch.int8" => DType::I8,
-            other => return Err(PyTypeError::new_err(format!("{name} is {other}; expected torch.float32, torch.bfloat16, torch.float16, torch.int32 or torch.int8"))),
+            other => return Err(PyTypeError::new_err(format!("{name} is {other}; expected torch.float32, torch.bfloat16, torch.int32 or torch.int8"))),
         };
         let shape: Vec<usize> = t.getattr("shape")?.extract()?;
         let ptr: usize = t.call_method0("data_ptr")?.extract()?;

@@ -21,7 +21,7 @@ def signature(module):
 
 
 def tensor_type(shape, dtype):
-    return ("x".join(map(str, shape)), {torch.bfloat16: "bf16", torch.float32: "f32", torch.int32: "i32"}[dtype])
+    return ("x".join(map(str, shape)), {torch.bfloat16: "bf16", torch.float32: "f32", torch.int32: "i32", torch.int8: "i8"}[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -71,3 +71,24 @@ def test_tpu_implementations_wait_for_torchtpu():
     # Without TorchTPU there is no `tpu` device to register for.
     assert torch._C._get_privateuse1_backend_name() != "tpu"
     assert tpu.register() is False
+
+
+@pytest.mark.parametrize("chip", ["v4", "v6e"])
+def test_serving_ops_register_kernels_libtpu_compiles(chip):
+    """The kernels gmm, tgmm, quantized_linear and ragged_paged_attention register on `tpu`
+    tensors, for the problems their Python makes from torch arguments."""
+    from torchtpu import grouped_matmul as gmm, paged_attention, quantized
+
+    lhs, rhs, sizes = meta(300, 256), meta(8, 256, 384), torch.empty(8, dtype=torch.int64, device="meta")
+    problems = [
+        (gmm._GMM, gmm._gmm_problem(lhs, rhs, sizes, False)),
+        (gmm._TGMM, gmm._tgmm_problem(lhs, meta(300, 384), sizes)),
+        (quantized._QUANTIZED_MATMUL, quantized._problem(meta(16, 512), meta(384, 512, dtype=torch.int8), meta(384, 4, dtype=torch.float32), None, None, None)),
+        (quantized._QUANTIZED_MATMUL, quantized._problem(meta(16, 512, dtype=torch.int8), meta(384, 512, dtype=torch.int8), meta(384, dtype=torch.float32), meta(16, dtype=torch.float32), None, torch.bfloat16)),
+    ]
+    tables = [torch.empty(s, dtype=torch.int32, device="meta") for s in ((4,), (4, 8), (5,), (1,))]
+    problems.append((paged_attention._PAGED, paged_attention._problem(meta(64, 8, 128), meta(40, 16, 4, 128), tables[0], tables[1], tables[2], tables[3], 0.1, None, None)))
+    for op, problem in problems:
+        kernel = tpu.op_kernel(op, problem, chip=chip)
+        assert signature(kernel.module) == [tensor_type(s, d) for s, d in kernel.inputs + kernel.outputs], op.name
+        assert tpu.compile(kernel, chip) > 0, op.name

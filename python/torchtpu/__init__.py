@@ -25,7 +25,7 @@ from torchtpu import ops as _ops  # noqa: E402
 from torchtpu import library  # noqa: E402
 from torchtpu import cross_entropy as _cross_entropy  # noqa: E402
 from torchtpu import glu as _glu  # noqa: E402
-from torchtpu import gmm as _gmm  # noqa: E402
+from torchtpu import grouped_matmul as _grouped_matmul  # noqa: E402
 from torchtpu import norm as _norm  # noqa: E402
 from torchtpu import paged_attention as _paged_attention  # noqa: E402
 from torchtpu import quantized as _quantized  # noqa: E402
@@ -47,8 +47,8 @@ glu_linear = _glu.glu_linear
 rope = _rope.rope
 apply_rotary_pos_emb = _rope.apply_rotary_pos_emb
 linear_cross_entropy = _cross_entropy.linear_cross_entropy
-gmm = _gmm.gmm
-tgmm = _gmm.tgmm
+gmm = _grouped_matmul.gmm
+tgmm = _grouped_matmul.tgmm
 quantized_linear = _quantized.quantized_linear
 ragged_paged_attention = _paged_attention.ragged_paged_attention
 

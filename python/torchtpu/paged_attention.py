@@ -39,7 +39,7 @@ def _table(name: str, t: Tensor, shape: tuple) -> Tensor:
     return t.to(torch.int64).clamp(*_INT32).to(torch.int32).contiguous()
 
 
-def _problem(q: Tensor, kv_pages: Tensor, page_indices: Tensor, sm_scale: float, sliding_window: Optional[int], soft_cap: Optional[float]) -> dict:
+def _problem(q: Tensor, kv_pages: Tensor, kv_lens: Tensor, page_indices: Tensor, cu_q_lens: Tensor, num_seqs: Tensor, sm_scale: float, sliding_window: Optional[int], soft_cap: Optional[float]) -> dict:
     check_tensor("q", q)
     check_tensor("kv_pages", kv_pages)
     if q.dim() != 3 or kv_pages.dim() != 4 or kv_pages.shape[2] % 2 != 0 or q.shape[2] != kv_pages.shape[3]:
@@ -48,11 +48,16 @@ def _problem(q: Tensor, kv_pages: Tensor, page_indices: Tensor, sm_scale: float,
         )
     if q.dtype != kv_pages.dtype:
         raise TypeError(f"q and kv_pages must have one dtype; got {q.dtype} and {kv_pages.dtype}")
+    for name, table in (("kv_lens", kv_lens), ("cu_q_lens", cu_q_lens), ("num_seqs", num_seqs)):
+        if not isinstance(table, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, not {type(table).__name__}")
     if not isinstance(page_indices, Tensor) or page_indices.dim() != 2:
         raise ValueError(f"page_indices must be a 2-D tensor [max_seqs, pages_per_seq]; got {getattr(page_indices, 'shape', page_indices)}")
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)):
         raise TypeError(f"sliding_window must be an int or None; got {type(sliding_window).__name__}")
-    same_device(q=q, kv_pages=kv_pages, page_indices=page_indices)
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be at least 1 (a query sees itself); got {sliding_window}")
+    same_device(q=q, kv_pages=kv_pages, kv_lens=kv_lens, page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=num_seqs)
     return {
         "tokens": int(q.shape[0]),
         "q_heads": int(q.shape[1]),
@@ -69,6 +74,24 @@ def _problem(q: Tensor, kv_pages: Tensor, page_indices: Tensor, sm_scale: float,
     }
 
 
+def _ragged_paged_attention(
+    q: Tensor, kv_pages: Tensor, kv_lens: Tensor, page_indices: Tensor, cu_q_lens: Tensor, num_seqs: Tensor, sm_scale: float, sliding_window: Optional[int], soft_cap: Optional[float]
+) -> Tensor:
+    problem = _problem(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, sliding_window, soft_cap)
+    max_seqs = problem["max_seqs"]
+    tables = [
+        _table("kv_lens", kv_lens, (max_seqs,)),
+        _table("page_indices", page_indices, (max_seqs, problem["pages_per_seq"])),
+        _table("cu_q_lens", cu_q_lens, (max_seqs + 1,)),
+        _table("num_seqs", num_seqs, (1,)),
+    ]
+    # The kernel reads q head-major, and the cache as [pages, page_size, 2 * kv_heads * head_dim]
+    # (the same memory: a view, not a copy).
+    cache = kv_pages.contiguous().view(problem["num_pages"], problem["page_size"], -1)
+    (out,) = _PAGED(problem, [*tables, q.transpose(0, 1), cache])
+    return out.transpose(0, 1).contiguous()
+
+
 @torch.library.custom_op("torchtpu::ragged_paged_attention", mutates_args=(), device_types="cpu")
 def ragged_paged_attention_op(
     q: Tensor,
@@ -82,25 +105,12 @@ def ragged_paged_attention_op(
     soft_cap: Optional[float],
 ) -> Tensor:
     """Ragged paged attention (see the module): ``[tokens, q_heads, head_dim]``."""
-    problem = _problem(q, kv_pages, page_indices, sm_scale, sliding_window, soft_cap)
-    max_seqs = problem["max_seqs"]
-    tables = [
-        _table("kv_lens", kv_lens, (max_seqs,)),
-        _table("page_indices", page_indices, (max_seqs, problem["pages_per_seq"])),
-        _table("cu_q_lens", cu_q_lens, (max_seqs + 1,)),
-        _table("num_seqs", num_seqs, (1,)),
-    ]
-    # The kernel reads q head-major, and the cache as [pages, page_size, 2 * kv_heads * head_dim]
-    # (the same memory: a view, not a copy).
-    heads_first = q.transpose(0, 1).contiguous()
-    cache = kv_pages.contiguous().view(problem["num_pages"], problem["page_size"], -1)
-    (out,) = _PAGED(problem, [*tables, heads_first, cache])
-    return out.transpose(0, 1).contiguous()
+    return _ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, sliding_window, soft_cap)
 
 
 @ragged_paged_attention_op.register_fake
 def _(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, sliding_window, soft_cap):
-    _problem(q, kv_pages, page_indices, sm_scale, sliding_window, soft_cap)
+    _problem(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale, sliding_window, soft_cap)
     return q.new_empty(q.shape)
 
 

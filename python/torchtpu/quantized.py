@@ -69,26 +69,29 @@ def _problem(x: Tensor, weight: Tensor, weight_scale: Tensor, x_scale: Optional[
 def _kernel_scales(weight_scale: Tensor, problem: dict) -> Tensor:
     """The scales as the kernel takes them: ``[k blocks, 1, n]`` f32."""
     n = problem["n"]
-    return weight_scale.reshape(n, -1).T.reshape(-1, 1, n).to(torch.float32).contiguous()
+    return weight_scale.reshape(n, -1).T.reshape(-1, 1, n).to(torch.float32)
+
+
+def _quantized_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, x_scale: Optional[Tensor], block_size: Optional[int], out_dtype: Optional[torch.dtype]) -> Tensor:
+    problem = _problem(x, weight, weight_scale, x_scale, block_size, out_dtype)
+    operands = [x.reshape(problem["m"], problem["k"]), weight, _kernel_scales(weight_scale, problem)]
+    if x_scale is not None:
+        operands.insert(1, x_scale.reshape(problem["m"], 1).to(torch.float32))
+    (out,) = _QUANTIZED_MATMUL(problem, operands)
+    return out.view(*x.shape[:-1], problem["n"])
 
 
 @torch.library.custom_op("torchtpu::quantized_linear", mutates_args=(), device_types="cpu")
 def quantized_linear_op(x: Tensor, weight: Tensor, weight_scale: Tensor, x_scale: Optional[Tensor], block_size: Optional[int], out_dtype: Optional[torch.dtype]) -> Tensor:
     """``x @ (weight * scale).T`` with int8 ``weight`` (and int8 ``x`` with ``x_scale``: w8a8)."""
-    problem = _problem(x, weight, weight_scale, x_scale, block_size, out_dtype)
-    rows = x.reshape(problem["m"], problem["k"]).contiguous()
-    operands = [rows, weight.contiguous(), _kernel_scales(weight_scale, problem)]
-    if x_scale is not None:
-        operands.insert(1, x_scale.reshape(problem["m"], 1).to(torch.float32).contiguous())
-    (out,) = _QUANTIZED_MATMUL(problem, operands)
-    return out.view(*x.shape[:-1], problem["n"])
+    return _quantized_linear(x, weight, weight_scale, x_scale, block_size, out_dtype)
 
 
 @quantized_linear_op.register_fake
 def _(x, weight, weight_scale, x_scale, block_size, out_dtype):
     problem = _problem(x, weight, weight_scale, x_scale, block_size, out_dtype)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[problem["dtype"]]
-    return x.new_empty((*x.shape[:-1], problem["n"]), dtype=dtype)
+    (out,) = _QUANTIZED_MATMUL.fake_outputs(problem, x)
+    return out.view(*x.shape[:-1], problem["n"])
 
 
 def quantized_linear(

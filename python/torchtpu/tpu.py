@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu import _torchtpu, cross_entropy, glu, norm, ops, rope
+from torchtpu import _torchtpu, cross_entropy, glu, grouped_matmul, norm, ops, paged_attention, quantized, rope
 from torchtpu.library import check_tensor
 from torchtpu.ops import _check_attention
 
@@ -130,6 +130,10 @@ def register() -> bool:
     torch.library.register_kernel(cross_entropy.linear_cross_entropy_forward, "tpu", cross_entropy._forward)
     torch.library.register_kernel(cross_entropy.linear_cross_entropy_backward_h, "tpu", cross_entropy._backward_h)
     torch.library.register_kernel(cross_entropy.linear_cross_entropy_backward_weight, "tpu", cross_entropy._backward_weight)
+    torch.library.register_kernel(grouped_matmul.gmm_op, "tpu", grouped_matmul._gmm)
+    torch.library.register_kernel(grouped_matmul.tgmm_op, "tpu", grouped_matmul._tgmm)
+    torch.library.register_kernel(quantized.quantized_linear_op, "tpu", quantized._quantized_linear)
+    torch.library.register_kernel(paged_attention.ragged_paged_attention_op, "tpu", paged_attention._ragged_paged_attention)
     _registered = True
     return True
 

@@ -65,12 +65,22 @@ def _tgmm_problem(lhs: Tensor, grad: Tensor, group_sizes: Tensor) -> dict:
     return {"m": int(lhs.shape[0]), "k": int(lhs.shape[1]), "n": int(grad.shape[1]), "groups": groups, "dtype": dtype_name(lhs.dtype), "transpose_rhs": False}
 
 
+def _gmm(lhs: Tensor, rhs: Tensor, group_sizes: Tensor, transpose_rhs: bool) -> Tensor:
+    problem = _gmm_problem(lhs, rhs, group_sizes, transpose_rhs)
+    (out,) = _GMM(problem, [_ends(group_sizes, problem["m"]), lhs, rhs])
+    return out
+
+
+def _tgmm(lhs: Tensor, grad: Tensor, group_sizes: Tensor) -> Tensor:
+    problem = _tgmm_problem(lhs, grad, group_sizes)
+    (out,) = _TGMM(problem, [_ends(group_sizes, problem["m"]), lhs, grad])
+    return out
+
+
 @torch.library.custom_op("torchtpu::gmm", mutates_args=(), device_types="cpu")
 def gmm_op(lhs: Tensor, rhs: Tensor, group_sizes: Tensor, transpose_rhs: bool) -> Tensor:
     """Grouped matmul: ``lhs[rows of j] @ rhs[j]`` (``@ rhs[j].T`` when ``transpose_rhs``)."""
-    problem = _gmm_problem(lhs, rhs, group_sizes, transpose_rhs)
-    (out,) = _GMM(problem, [_ends(group_sizes, problem["m"]), lhs.contiguous(), rhs.contiguous()])
-    return out
+    return _gmm(lhs, rhs, group_sizes, transpose_rhs)
 
 
 @gmm_op.register_fake
@@ -82,9 +92,7 @@ def _(lhs, rhs, group_sizes, transpose_rhs):
 @torch.library.custom_op("torchtpu::tgmm", mutates_args=(), device_types="cpu")
 def tgmm_op(lhs: Tensor, grad: Tensor, group_sizes: Tensor) -> Tensor:
     """``lhs[rows of j].T @ grad[rows of j]`` for every group ``j``: ``[g, k, n]``."""
-    problem = _tgmm_problem(lhs, grad, group_sizes)
-    (out,) = _TGMM(problem, [_ends(group_sizes, problem["m"]), lhs.contiguous(), grad.contiguous()])
-    return out
+    return _tgmm(lhs, grad, group_sizes)
 
 
 @tgmm_op.register_fake
