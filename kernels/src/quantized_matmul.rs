@@ -233,7 +233,8 @@ impl Op for QuantizedMatmulOp {
         let bm = whole_tiles(c.bm, p.m, sublanes(p.activation_dtype()));
         let bn = whole_tiles(c.bn, p.n, LANES.max(sublanes(DType::I8)));
         let int8_dots = c.int8_dots.min(1);
-        let longest = if int8_dots == 0 && p.quantization == Quantization::W8a8 { EXACT_WIDENED_K } else { usize::MAX };
+        // Widened per-channel sums run over a whole k block; per block, over one scale block.
+        let longest = if int8_dots == 0 && p.quantization == Quantization::W8a8 && p.block.is_none() { EXACT_WIDENED_K } else { usize::MAX };
         let bk = match p.block {
             None => whole_tiles(c.bk.min(longest), p.k, LANES),
             // A whole number of scale blocks, at least one.
