@@ -439,8 +439,7 @@ impl Op for GroupedOp {
         p.m == 0 || p.k == 0 || p.n == 0
     }
     fn check_tables(&self, p: &GroupedProblem, tables: &[HostArray]) -> Result<(), Error> {
-        let ends: Vec<i64> = tables.first().map(|t| t.to_f64().iter().map(|&e| e as i64).collect()).unwrap_or_default();
-        check_group_ends(&ends, p.groups, p.m)
+        check_group_ends(&tables.first().map(op::table_values).unwrap_or_default(), p.groups, p.m)
     }
     fn random_inputs(&self, p: &GroupedProblem, rng: &mut StdRng) -> Vec<HostArray> {
         let mut inputs: Vec<HostArray> = self.operand_types(p).iter().map(|t| op::random_operand(rng, t)).collect();
@@ -452,10 +451,7 @@ impl Op for GroupedOp {
     }
     fn reference(&self, p: &GroupedProblem, inputs: &[HostArray]) -> Vec<ArrayD<f64>> {
         match inputs {
-            [ends, lhs, other] => {
-                let ends: Vec<i64> = ends.to_f64().iter().map(|&e| e as i64).collect();
-                vec![reference(*self, p, &ends, &lhs.to_f64(), &other.to_f64())]
-            }
+            [ends, lhs, other] => vec![reference(*self, p, &op::table_values(ends), &lhs.to_f64(), &other.to_f64())],
             _ => Vec::new(),
         }
     }

@@ -96,7 +96,17 @@ pub trait Op: Clone + Send + Sync + 'static {
 /// kernel's own count of its prefetch parameters. A problem with no kernel (an empty one) has
 /// none to check.
 pub fn table_count<O: Op>(op: &O, p: &O::Problem) -> usize {
-    op.call(p, &op.default_config(p)).map_or(0, |c| c.kernel().params_of(ParamKind::Prefetch).count())
+    op.call(p, &op.default_config(p)).map_or(0, |c| prefetch_count(&c))
+}
+
+/// How many scalar-prefetch tables `call`'s kernel takes.
+fn prefetch_count(call: &PallasCall) -> usize {
+    call.kernel().params_of(ParamKind::Prefetch).count()
+}
+
+/// A table's values as integers (tables are i32 arrays): what [`Op::check_tables`] reads.
+pub fn table_values(table: &HostArray) -> Vec<i64> {
+    table.to_f64().iter().map(|&x| x as i64).collect()
 }
 
 /// Uniform [-1, 1) for a float operand, zeros for an integer one.
@@ -182,15 +192,16 @@ pub fn run<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, inputs: 
         let want: Vec<String> = types.iter().map(ToString::to_string).collect();
         return Err(Error::Shape(format!("{} takes operands [{}]; got [{}]", op.name(), want.join(", "), got.join(", "))));
     }
-    // An empty problem runs no kernel, so no table steers anything.
-    match table_count(op, p) {
-        0 => {}
-        n => op.check_tables(p, inputs.get(..n).unwrap_or_default())?,
-    }
     if op.is_empty(p) {
         return Ok(op.empty_outputs(p, inputs));
     }
-    Ok(torchtpu_exec::run(&tuned_call(op, p, explicit, backend)?, backend, inputs)?)
+    let call = tuned_call(op, p, explicit, backend)?;
+    // The tables steer the kernel's copies: checked before it runs.
+    match prefetch_count(&call) {
+        0 => {}
+        n => op.check_tables(p, inputs.get(..n).unwrap_or_default())?,
+    }
+    Ok(torchtpu_exec::run(&call, backend, inputs)?)
 }
 
 /// An op at one problem, its config open: what the tuner tunes.

@@ -224,8 +224,10 @@ pub fn check_tables(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64
         if pages > p.pages_per_seq {
             return bad(format!("sequence {s}'s kv_len {kv_len} needs {pages} pages of {}; page_indices has {} per sequence", p.page_size, p.pages_per_seq));
         }
-        if let Some(j) = (0..pages).find(|&j| !(0..p.num_pages as i64).contains(&page_indices[[s, j]])) {
-            return bad(format!("page_indices[{s}, {j}] is {}; the cache has pages 0..{}", page_indices[[s, j]], p.num_pages));
+        // A row shorter than the pages it needs (a table of the wrong shape) reads as page -1.
+        let page = |j: usize| page_indices.get([s, j]).copied().unwrap_or(-1);
+        if let Some(j) = (0..pages).find(|&j| !(0..p.num_pages as i64).contains(&page(j))) {
+            return bad(format!("page_indices[{s}, {j}] is {}; the cache has pages 0..{}", page(j), p.num_pages));
         }
     }
     Ok(())
@@ -302,10 +304,6 @@ pub fn reference(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, 
         }
     }
     out
-}
-
-fn ints(a: &HostArray) -> Vec<i64> {
-    a.to_f64().iter().map(|&x| x as i64).collect()
 }
 
 fn int_table(a: &HostArray) -> Array2<i64> {
@@ -448,7 +446,7 @@ impl Op for PagedAttentionOp {
     fn check_tables(&self, p: &PagedProblem, tables: &[HostArray]) -> Result<(), Error> {
         match tables {
             [kv_lens, page_indices, cu_q_lens, num_seqs] => {
-                check_tables(p, &ints(kv_lens), &int_table(page_indices), &ints(cu_q_lens), ints(num_seqs).first().copied().unwrap_or(0))
+                check_tables(p, &op::table_values(kv_lens), &int_table(page_indices), &op::table_values(cu_q_lens), op::table_values(num_seqs).first().copied().unwrap_or(0))
             }
             _ => Err(Error::Shape(format!("ragged_paged_attention takes 4 tables (kv_lens, page_indices, cu_q_lens, num_seqs); got {}", tables.len()))),
         }
@@ -472,8 +470,8 @@ impl Op for PagedAttentionOp {
         let (Ok(q), Ok(kv)) = (q.to_f64().into_dimensionality::<Ix3>(), kv.to_f64().into_dimensionality::<Ix3>()) else {
             return Vec::new();
         };
-        let seqs = ints(seqs).first().copied().unwrap_or(0).max(0) as usize;
-        vec![reference(p, &ints(kv_lens), &int_table(page_indices), &ints(cu), seqs, &q, &kv).into_dyn()]
+        let seqs = op::table_values(seqs).first().copied().unwrap_or(0).max(0) as usize;
+        vec![reference(p, &op::table_values(kv_lens), &int_table(page_indices), &op::table_values(cu), seqs, &q, &kv).into_dyn()]
     }
     fn table_problems(&self, target: TableTarget) -> Vec<PagedProblem> {
         let base = self.example();

@@ -70,7 +70,7 @@ fn int8_dots_default() -> usize {
 /// The longest k block whose bf16 partial sums of int8 products are exact in f32: 2^24 / 2^14.
 const EXACT_WIDENED_K: usize = 1024;
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuantizedMatmulOp;
 
 /// What the kernels know at trace time: k, the scale block (`None`: per channel), and whether
@@ -195,9 +195,6 @@ impl Op for QuantizedMatmulOp {
             }
         }
         Ok(())
-    }
-    fn tuning_problem(&self, p: &QuantizedProblem) -> QuantizedProblem {
-        *p
     }
     fn bucket(&self, p: &QuantizedProblem) -> String {
         let b = |n| tables::bucket(n, 128, 8192);

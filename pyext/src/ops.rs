@@ -81,9 +81,9 @@ pub fn op_run(py: Python<'_>, name: &str, problem_json: &str, operands: Vec<Boun
         }
         // The scalar-prefetch tables steer the kernel's copies: checked before any run.
         let n_tables = op.table_count(&value).map_err(kernel_error)?;
-        // SAFETY: as for the kernel run below.
-        let tables = unsafe { tensors.iter().zip(&types).take(n_tables).map(|(t, ty)| torchtpu_exec::from_bytes(t.bytes(), ty)).collect::<Result<Vec<_>, _>>() };
         if n_tables > 0 {
+            // SAFETY: as for the kernel run below.
+            let tables = unsafe { tensors.iter().zip(&types).take(n_tables).map(|(t, ty)| torchtpu_exec::from_bytes(t.bytes(), ty)).collect::<Result<Vec<_>, _>>() };
             op.check_tables(&value, &tables.map_err(crate::exec_error)?).map_err(kernel_error)?;
         }
         // An empty problem runs no kernel: its outputs come from the host, from its inputs.

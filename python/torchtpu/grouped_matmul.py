@@ -13,23 +13,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchtpu.library import RustOp, check_tensor, dtype_name, same_device
+from torchtpu.library import RustOp, check_int_tensor, check_tensor, dtype_name, int32_clamped, same_device
 
 _GMM, _TGMM = RustOp("gmm"), RustOp("tgmm")
 
 
 def _ends(group_sizes: Tensor, rows: int) -> Tensor:
-    """The group ends the kernels take (int32 running sums of the sizes). The sums run in
-    int64 and are clamped into [-1, rows + 1] before the cast: a sum past int32 still reads as
-    past ``rows``, so the Rust check of the ends refuses exactly the sizes it should."""
-    return torch.cumsum(group_sizes.to(torch.int64), 0).clamp(-1, rows + 1).to(torch.int32)
+    """The group ends the kernels take (int32 running sums of the sizes, summed in int64)."""
+    return int32_clamped(torch.cumsum(group_sizes.to(torch.int64), 0), -1, rows + 1)
 
 
 def _check_sizes(group_sizes: Tensor) -> int:
-    if not isinstance(group_sizes, Tensor):
-        raise TypeError(f"group_sizes must be a torch.Tensor, not {type(group_sizes).__name__}")
-    if group_sizes.dtype.is_floating_point or group_sizes.dtype.is_complex or group_sizes.dtype == torch.bool:
-        raise TypeError(f"group_sizes must be an integer tensor; got {group_sizes.dtype}")
+    check_int_tensor("group_sizes", group_sizes)
     if group_sizes.dim() != 1 or group_sizes.numel() == 0:
         raise ValueError(f"group_sizes must be 1-D with one size per group (at least one); got shape {list(group_sizes.shape)}")
     return int(group_sizes.shape[0])

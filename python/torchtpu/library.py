@@ -127,6 +127,21 @@ def check_tensor(name: str, t, dtypes=(torch.float32, torch.bfloat16)) -> None:
         raise TypeError(f"{name} is {t.dtype}; torchtpu's kernels take {' or '.join(str(d) for d in dtypes)}")
 
 
+def check_int_tensor(name: str, t) -> None:
+    """``t`` is a tensor of an integer dtype (a table a kernel reads): else the error a user sees."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor; got {t.dtype}")
+
+
+def int32_clamped(t: Tensor, low: int, high: int) -> Tensor:
+    """``t`` as the int32 a kernel's table takes, clamped in int64 into ``[low, high]`` first
+    (bounds just outside the valid range): a value past int32 stays out of range, where the
+    Rust check of the table refuses it, rather than wrapping round into it."""
+    return t.to(torch.int64).clamp(low, high).to(torch.int32)
+
+
 def same_device(**tensors: Optional[Tensor]) -> None:
     """The tensors given (``None`` skipped) are on one device: else the error a user sees."""
     present = {n: t for n, t in tensors.items() if t is not None}

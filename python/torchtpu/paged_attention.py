@@ -22,21 +22,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from torchtpu.library import RustOp, check_tensor, dtype_name, same_device
+from torchtpu.library import RustOp, check_int_tensor, check_tensor, dtype_name, int32_clamped, same_device
 
 _PAGED = RustOp("ragged_paged_attention")
 _INT32 = (-(2**31), 2**31 - 1)
 
 
 def _table(name: str, t: Tensor, shape: tuple) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor; got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {list(shape)}; got {list(t.shape)}")
-    # Clamped into int32 first: a value past it stays out of range, and the tables' check says so.
-    return t.to(torch.int64).clamp(*_INT32).to(torch.int32).contiguous()
+    return int32_clamped(t, *_INT32)
 
 
 def _problem(q: Tensor, kv_pages: Tensor, kv_lens: Tensor, page_indices: Tensor, cu_q_lens: Tensor, num_seqs: Tensor, sm_scale: float, sliding_window: Optional[int], soft_cap: Optional[float]) -> dict:
@@ -48,11 +43,10 @@ def _problem(q: Tensor, kv_pages: Tensor, kv_lens: Tensor, page_indices: Tensor,
         )
     if q.dtype != kv_pages.dtype:
         raise TypeError(f"q and kv_pages must have one dtype; got {q.dtype} and {kv_pages.dtype}")
-    for name, table in (("kv_lens", kv_lens), ("cu_q_lens", cu_q_lens), ("num_seqs", num_seqs)):
-        if not isinstance(table, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, not {type(table).__name__}")
-    if not isinstance(page_indices, Tensor) or page_indices.dim() != 2:
-        raise ValueError(f"page_indices must be a 2-D tensor [max_seqs, pages_per_seq]; got {getattr(page_indices, 'shape', page_indices)}")
+    for name, table in (("kv_lens", kv_lens), ("page_indices", page_indices), ("cu_q_lens", cu_q_lens), ("num_seqs", num_seqs)):
+        check_int_tensor(name, table)
+    if page_indices.dim() != 2:
+        raise ValueError(f"page_indices must be a 2-D tensor [max_seqs, pages_per_seq]; got shape {list(page_indices.shape)}")
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)):
         raise TypeError(f"sliding_window must be an int or None; got {type(sliding_window).__name__}")
     if sliding_window is not None and sliding_window < 1:
