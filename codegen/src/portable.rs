@@ -721,31 +721,70 @@ impl<'a> Emitter<'a> {
         }
     }
 
+    /// A traced `if`. One that carries refs is two `stablehlo.while` loops of at most one trip
+    /// (the then region while the condition holds, the else region while it does not): XLA
+    /// updates a loop's carried buffers in place, where a `stablehlo.if` would copy each ref
+    /// it carries, taken or not (a kv buffer a DMA fills, every kv block). An `if` that
+    /// carries none is a `stablehlo.if`.
     fn emit_if(&mut self, func: &Func, op: &Op, cond: ValueId, then_region: &Region, else_region: &Region, scope: &mut Scope) -> Result<()> {
-        let result_types: Vec<String> = op.results.iter().map(|&r| tensor_type(&Self::vt(func, r))).collect();
+        let result_types: Vec<ValueType> = op.results.iter().map(|&r| Self::vt(func, r)).collect();
         let (before, ref_types) = Self::mutable_state(scope);
-        let mut types = result_types.clone();
+        let mut types: Vec<String> = result_types.iter().map(tensor_type).collect();
         types.extend(ref_types.iter().cloned());
-        let r = self.fresh();
         let c = scope.names[&cond].clone();
-        self.line(&format!("{r}:{} = \"stablehlo.if\"({c}) ({{", types.len().max(1)));
-        for (i, region) in [then_region, else_region].into_iter().enumerate() {
-            if i == 1 {
-                self.line("}, {");
+        if ref_types.is_empty() {
+            let r = self.fresh();
+            self.line(&format!("{r}:{} = \"stablehlo.if\"({c}) ({{", types.len().max(1)));
+            for (i, region) in [then_region, else_region].into_iter().enumerate() {
+                if i == 1 {
+                    self.line("}, {");
+                }
+                self.depth += 1;
+                let values = self.region(func, region, scope)?;
+                self.ret(&values, &types);
+                self.depth -= 1;
             }
-            Self::set_mutable(scope, &before);
+            self.line(&format!("}}) : ({}) -> ({})", tensor_type(&ValueType::scalar(DType::Bool)), types.join(", ")));
+            for (i, &res) in op.results.iter().enumerate() {
+                scope.names.insert(res, format!("{r}#{i}"));
+            }
+            return Ok(());
+        }
+        let pred = tensor_type(&ValueType::scalar(DType::Bool));
+        let not_c = self.op("stablehlo.not", &[(&c, &pred)], &[], &pred);
+        // The results start as zeros; the one loop that runs sets them.
+        let mut state: Vec<String> = result_types.iter().map(|t| self.splat(zero(t.dtype), t)).collect();
+        state.extend(before);
+        let mut loop_types = vec![pred.clone()];
+        loop_types.extend(types.iter().cloned());
+        let no = self.constant("false", &pred);
+        for (region, runs) in [(then_region, c), (else_region, not_c)] {
+            let w = self.fresh();
+            let mut inits = vec![runs];
+            inits.extend(state.iter().cloned());
+            self.line(&format!("{w}:{} = \"stablehlo.while\"({}) ({{", loop_types.len(), inits.join(", ")));
+            let args: Vec<String> = loop_types.iter().map(|_| self.fresh()).collect();
+            self.line(&format!("^bb0({}):", typed(&args, &loop_types)));
             self.depth += 1;
-            let mut values = self.region(func, region, scope)?;
-            values.extend(Self::mutable_state(scope).0);
-            self.ret(&values, &types);
+            self.ret(std::slice::from_ref(&args[0]), std::slice::from_ref(&pred));
             self.depth -= 1;
+            self.line("}, {");
+            let args: Vec<String> = loop_types.iter().map(|_| self.fresh()).collect();
+            self.line(&format!("^bb0({}):", typed(&args, &loop_types)));
+            self.depth += 1;
+            Self::set_mutable(scope, &args[1 + op.results.len()..]);
+            let mut values = vec![no.clone()];
+            values.extend(self.region(func, region, scope)?);
+            values.extend(Self::mutable_state(scope).0);
+            self.ret(&values, &loop_types);
+            self.depth -= 1;
+            self.line(&format!("}}) : ({}) -> ({})", loop_types.join(", "), loop_types.join(", ")));
+            state = (1..loop_types.len()).map(|i| format!("{w}#{i}")).collect();
         }
-        self.line(&format!("}}) : ({}) -> ({})", tensor_type(&ValueType::scalar(DType::Bool)), types.join(", ")));
         for (i, &res) in op.results.iter().enumerate() {
-            scope.names.insert(res, format!("{r}#{i}"));
+            scope.names.insert(res, state[i].clone());
         }
-        let after: Vec<String> = (0..ref_types.len()).map(|i| format!("{r}#{}", op.results.len() + i)).collect();
-        Self::set_mutable(scope, &after);
+        Self::set_mutable(scope, &state[op.results.len()..]);
         Ok(())
     }
 

@@ -7,13 +7,19 @@
 //! Grouped-query heads, an optional sliding window and logit soft-cap.
 //!
 //! A program owns one kv head and a block of `block_q` query tokens, which may hold the tail
-//! of one sequence and the heads of others: it walks the sequences that overlap its block and,
-//! for each, the sequence's kv blocks (`pages_per_block` pages each), whose pages it copies
-//! from HBM itself, double-buffered (the next block's copies in flight while it computes on
-//! this one). Online-softmax state is kept per query row, so each row only ever sees its own
-//! sequence's keys. The scalar tables (kv lengths, page indices, query offsets, the sequence
-//! count) are scalar-prefetch operands; every index read from them is clamped into its array,
-//! so a bad table cannot make a copy leave the cache (the host check refuses it with a message).
+//! of one sequence and the heads of others. As in vLLM's v3 kernel, the query heads that share
+//! the kv head are folded into rows (`q` is taken as `[kv_heads, tokens · group, head_dim]`,
+//! row `t · group + j` holding head `j` of token `t`), so that one dot serves the whole group.
+//! The program walks the sequences that overlap its block and, for each, the sequence's kv
+//! blocks (`pages_per_block` pages each), whose pages it copies from HBM itself,
+//! double-buffered (the next block's copies in flight while it computes on this one). Each kv
+//! block meets only the sequence's own rows, in aligned windows (up to 128 rows, the rest
+//! sublane tiles), so that a decode step costs one tile of rows, not the whole block.
+//! Online-softmax state is kept per row, so each row only ever sees its own sequence's keys.
+//! The scalar tables (kv lengths, page indices, query offsets, the sequence count) are
+//! scalar-prefetch operands; every index read from them is clamped into its array, so a bad
+//! table cannot make a copy or a window leave its array (the host check refuses it with a
+//! message).
 
 use ndarray::{s, Array2, Array3, ArrayD, Ix2, Ix3};
 use rand::rngs::StdRng;
@@ -28,6 +34,9 @@ use crate::flash::online_rescale;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
 use crate::Error;
+
+/// The most query rows one window covers (the bulk of a long sequence's rows in a block).
+const BIG_ROWS: usize = 128;
 
 /// One batch: `tokens` query rows (every sequence's new tokens, in order, then padding) of
 /// `q_heads` heads, a cache of `num_pages` pages of `page_size` tokens, up to `max_seqs`
@@ -67,7 +76,12 @@ pub struct PagedAttentionOp;
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Paging {
     group: usize,
+    tokens: usize,
     block_q: usize,
+    /// Query rows per window: the sublane tile, and the wide windows that cover the bulk of a
+    /// long sequence's rows.
+    small_rows: usize,
+    big_rows: usize,
     pages_per_block: usize,
     page_size: usize,
     num_pages: usize,
@@ -108,6 +122,59 @@ fn kv_copies<T: Float>(
         .collect()
 }
 
+/// Which keys of a kv block a window's rows see: the sequence's rows `lo..hi` of the block,
+/// keys before `kv_len`, and causally: key `k_start + j` is visible from row `r` (token
+/// `r / group` of the block) when `(diagonal + j) * group <= r`, its position at most the
+/// token's (multiplied out, so that no vector divides).
+#[derive(Clone, Copy)]
+struct Seen {
+    lo: Scalar<i32>,
+    hi: Scalar<i32>,
+    k_start: Scalar<i32>,
+    kv_len: Scalar<i32>,
+    diagonal: Scalar<i32>,
+}
+
+/// One online-softmax step for the `rows` query rows of the block from `start` (a multiple of
+/// the sublane tile) against kv block `k`, `v`.
+#[tpu_fn]
+#[allow(clippy::too_many_arguments)]
+fn attend<T: Float>(
+    q: &Ref<T>,
+    k: Tile<T>,
+    v: Tile<T>,
+    m_scratch: &mut Scratch<f32>,
+    l_scratch: &mut Scratch<f32>,
+    acc: &mut Scratch<f32>,
+    start: Scalar<i32>,
+    rows: usize,
+    seen: Seen,
+    a: Paging,
+) {
+    let keys = k.shape()[0];
+    let start = start.multiple_of(a.small_rows as u32);
+    let mut s = dot_nt(q.load_at((0, ds(start, rows), ..)), k) * a.sm_scale;
+    if let Some(cap) = a.soft_cap {
+        s = (s / cap).tanh() * cap;
+    }
+    let g = a.group as i32;
+    let r = iota::<i32>([rows, keys], 0) + start;
+    let j = iota::<i32>([rows, keys], 1);
+    let mut visible = (r >= seen.lo) & (r < seen.hi) & (j + seen.k_start < seen.kv_len) & ((j + seen.diagonal) * g <= r);
+    if let Some(window) = a.window {
+        visible = visible & ((j + seen.diagonal + window) * g > r);
+    }
+    let s = select(visible, s, f32::NEG_INFINITY);
+    let m_prev = m_scratch.load_at((ds(start, rows), 0..1));
+    let l_prev = l_scratch.load_at((ds(start, rows), 0..1));
+    let m_next = maximum(m_prev, s.max_keepdims(1));
+    let alpha = online_rescale(m_prev, m_next);
+    let p = select(visible, (s - m_next).exp(), 0.0);
+    l_scratch.store_at((ds(start, rows), ..), (alpha * l_prev + p.sum_keepdims(1)).broadcast_to([rows, LANES]));
+    m_scratch.store_at((ds(start, rows), ..), m_next.broadcast_to([rows, LANES]));
+    acc.store_at((ds(start, rows), ..), acc.load_at((ds(start, rows), ..)) * alpha + dot(p.cast::<T>(), v));
+}
+
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
 fn ragged_paged_attention<T: Float>(
@@ -126,19 +193,31 @@ fn ragged_paged_attention<T: Float>(
     a: Paging,
 ) {
     let (head, qi) = (program_id(0), program_id(1));
-    let (bq, d) = (a.block_q, q.shape()[2]);
+    let (bq, g, d) = (a.block_q as i32, a.group as i32, a.head_dim);
     let kv_block = (a.pages_per_block * a.page_size) as i32;
-    let block_start = qi * bq as i32;
+    let block_start = qi * bq;
     m_scratch.store(full(f64::NEG_INFINITY));
     l_scratch.store(zeros());
     acc.store(zeros());
     let sequences = minimum(maximum(num_seqs.get([0]), 0), a.max_seqs as i32);
     for seq in 0..sequences {
-        let q_start = cu_q_lens.get([seq]);
-        let q_end = cu_q_lens.get([seq + 1]);
-        if q_start < block_start + bq as i32 && q_end > block_start {
+        // Clamped into q, so that the row windows below stay inside the block.
+        let q_start = minimum(maximum(cu_q_lens.get([seq]), 0), a.tokens as i32);
+        let q_end = minimum(maximum(cu_q_lens.get([seq + 1]), q_start), a.tokens as i32);
+        if q_start < block_start + bq && q_end > block_start {
             let kv_len = minimum(maximum(kv_lens.get([seq]), 0), (a.pages_per_seq * a.page_size) as i32);
             let blocks = (kv_len + (kv_block - 1)) / kv_block;
+            // The sequence's rows of this block, and the windows that cover them: whole
+            // windows of `big_rows` from an aligned start, then sublane-tile windows.
+            let lo = (maximum(q_start, block_start) - block_start) * g;
+            let hi = (minimum(q_end, block_start + bq) - block_start) * g;
+            let first = lo / a.small_rows as i32 * a.small_rows as i32;
+            let big = (hi - first) / a.big_rows as i32;
+            let rest = first + big * a.big_rows as i32;
+            let small = (hi - rest + (a.small_rows as i32 - 1)) / a.small_rows as i32;
+            // A row's token is `block_start + row / g`, its position in the sequence that plus
+            // `shift` (the last query sits at kv_len - 1).
+            let shift = kv_len - (q_end - q_start) - q_start;
             for block in 0..blocks {
                 let slot = block % 2;
                 if block == 0 {
@@ -160,43 +239,31 @@ fn ragged_paged_attention<T: Float>(
                 // Keys past kv_len are whatever the cache holds there: kept out of the dot.
                 let key_rows = iota::<i32>([keys, d], 0) + k_start;
                 let v = select(key_rows < kv_len, kv_buf.load_at((slot, .., .., d..2 * d)).reshape([keys, d]), 0.0);
-                let rows = iota::<i32>([bq, keys], 0) + block_start;
-                let cols = iota::<i32>([bq, keys], 1) + k_start;
-                // A query's position in its sequence: the last query sits at kv_len - 1.
-                let position = rows - q_start + (kv_len - (q_end - q_start));
-                let mut visible = (rows >= q_start) & (rows < q_end) & (cols < kv_len) & (cols <= position);
-                if let Some(window) = a.window {
-                    visible = visible & (cols > position - window);
+                let seen = Seen { lo, hi, k_start, kv_len, diagonal: k_start - block_start - shift };
+                for w in 0..big {
+                    attend(q, k, v, m_scratch, l_scratch, acc, first + w * a.big_rows as i32, a.big_rows, seen, a);
                 }
-                for g in 0..a.group {
-                    let mut s = dot_nt(q.load_at((g, .., ..)), k) * a.sm_scale;
-                    if let Some(cap) = a.soft_cap {
-                        s = (s / cap).tanh() * cap;
-                    }
-                    let s = select(visible, s, f32::NEG_INFINITY);
-                    let m_prev = m_scratch.load_at((g, .., 0..1));
-                    let l_prev = l_scratch.load_at((g, .., 0..1));
-                    let m_next = maximum(m_prev, s.max_keepdims(1));
-                    let alpha = online_rescale(m_prev, m_next);
-                    let p = select(visible, (s - m_next).exp(), 0.0);
-                    l_scratch.store_at((g, .., ..), (alpha * l_prev + p.sum_keepdims(1)).broadcast_to([bq, LANES]));
-                    m_scratch.store_at((g, .., ..), m_next.broadcast_to([bq, LANES]));
-                    acc.store_at((g, .., ..), acc.load_at((g, .., ..)) * alpha + dot(p.cast::<T>(), v));
+                for w in 0..small {
+                    attend(q, k, v, m_scratch, l_scratch, acc, rest + w * a.small_rows as i32, a.small_rows, seen, a);
                 }
             }
         }
     }
-    for g in 0..a.group {
-        // A row that saw no key (padding, or a sequence with no cache) gives zeros.
-        let l = l_scratch.load_at((g, .., 0..1));
-        let o = acc.load_at((g, .., ..));
-        out.store_at((g, .., ..), select(l == 0.0, 0.0, o / l).cast());
-    }
+    // A row that saw no key (padding, or a sequence with no cache) gives zeros.
+    let l = l_scratch.load_at((.., 0..1));
+    out.store_at((0, .., ..), select(l == 0.0, 0.0, acc.load() / l).cast());
 }
 
 impl PagedProblem {
     fn group(&self) -> usize {
         self.q_heads / self.kv_heads.max(1)
+    }
+
+    /// The fewest query tokens a block may hold: their rows (`group` per token) fill whole
+    /// sublane tiles.
+    fn token_tile(&self) -> usize {
+        let tile = sublanes(self.dtype);
+        (1..tile).find(|t| t * self.group() % tile == 0).unwrap_or(tile)
     }
 }
 
@@ -264,10 +331,13 @@ pub fn random_tables(p: &PagedProblem, rng: &mut StdRng) -> (Vec<i32>, Array2<i3
     (kv_lens, page_indices, cu, seqs as i32)
 }
 
-/// The f64 reference: each sequence's pages gathered, masked attention per head.
+/// The f64 reference: each sequence's pages gathered, masked attention per head. `q` and the
+/// result are in the kernel's layout, `[kv_heads, tokens * group, head_dim]` (query head
+/// `kvh * group + j` of token `t` at row `t * group + j` of `kvh`).
 #[allow(clippy::too_many_arguments)]
 pub fn reference(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, cu_q_lens: &[i64], num_seqs: usize, q: &Array3<f64>, kv_pages: &Array3<f64>) -> Array3<f64> {
-    let mut out = Array3::<f64>::zeros((p.q_heads, p.tokens, p.head_dim));
+    let g = p.group();
+    let mut out = Array3::<f64>::zeros((p.kv_heads, p.tokens * g, p.head_dim));
     for s in 0..num_seqs {
         // Clamped as the kernel clamps them: a bad table gives the kernel's answer, not a panic.
         let at = |t: &[i64], i: usize, hi: usize| t.get(i).map_or(0, |&x| x.clamp(0, hi as i64) as usize);
@@ -276,7 +346,7 @@ pub fn reference(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, 
         let kv_len = at(kv_lens, s, p.pages_per_seq * p.page_size);
         let q_len = (end - start).min(kv_len);
         for h in 0..p.q_heads {
-            let kvh = h / p.group();
+            let (kvh, j) = (h / g, h % g);
             // Combined heads: k of kv head h at 2h, v at 2h + 1, each head_dim wide.
             let d = p.head_dim;
             let page = |t: usize| page_indices.get([s, t / p.page_size]).map_or(0, |&x| x.clamp(0, p.num_pages as i64 - 1) as usize);
@@ -284,7 +354,7 @@ pub fn reference(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, 
             let value = |t: usize| kv_pages.slice(s![page(t), t % p.page_size, (2 * kvh + 1) * d..(2 * kvh + 2) * d]);
             for i in 0..q_len {
                 let position = kv_len - q_len + i;
-                let row = q.slice(s![h, start + i, ..]);
+                let row = q.slice(s![kvh, (start + i) * g + j, ..]);
                 let seen: Vec<usize> = (0..=position).filter(|&t| p.sliding_window.is_none_or(|w| t + w > position)).collect();
                 let scores: Vec<f64> = seen
                     .iter()
@@ -296,7 +366,7 @@ pub fn reference(p: &PagedProblem, kv_lens: &[i64], page_indices: &Array2<i64>, 
                 let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
-                let mut o = out.slice_mut(s![h, start + i, ..]);
+                let mut o = out.slice_mut(s![kvh, (start + i) * g + j, ..]);
                 for (w, &t) in weights.iter().zip(&seen) {
                     o.scaled_add(w / total, &value(t));
                 }
@@ -357,8 +427,14 @@ impl Op for PagedAttentionOp {
         if p.soft_cap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
             return Err(Error::Shape(format!("soft_cap must be positive and finite; got {:?}", p.soft_cap)));
         }
-        if p.pages_per_seq * p.page_size > i32::MAX as usize / 2 || p.tokens > i32::MAX as usize / 2 {
-            return Err(Error::Shape("sequences and batches are limited to 2^30 tokens".into()));
+        // The kernel compares positions times the group size in i32.
+        if (p.pages_per_seq * p.page_size).saturating_add(2 * p.tokens).saturating_mul(2 * p.group()) > i32::MAX as usize {
+            return Err(Error::Shape(format!(
+                "(cache tokens per sequence + 2 · tokens) · 2 · (q_heads / kv_heads) must be below 2^31; got ({} + 2 · {}) · 2 · {}",
+                p.pages_per_seq * p.page_size,
+                p.tokens,
+                p.group()
+            )));
         }
         Ok(())
     }
@@ -370,7 +446,7 @@ impl Op for PagedAttentionOp {
     }
     fn space(&self, p: &PagedProblem) -> SearchSpace {
         let block_q: Vec<usize> =
-            [8, 16, 32, 64, 128, 256].into_iter().filter(|&b| b % sublanes(p.dtype) == 0 && b <= p.tokens.next_power_of_two().max(sublanes(p.dtype))).collect();
+            [1, 2, 4, 8, 16, 32, 64, 128, 256].into_iter().filter(|&b| b % p.token_tile() == 0 && b <= p.tokens.next_power_of_two().max(p.token_tile())).collect();
         let pages: Vec<usize> = [1, 2, 4, 8, 16, 32].into_iter().filter(|&n| n <= p.pages_per_seq && n * p.page_size <= 1024).collect();
         SearchSpace::new().param("block_q", block_q).param("pages_per_block", if pages.is_empty() { vec![1] } else { pages })
     }
@@ -381,20 +457,29 @@ impl Op for PagedAttentionOp {
         if c.block_q == 0 || c.pages_per_block == 0 {
             return self.default_config(p);
         }
-        let tile = sublanes(p.dtype);
+        let tile = p.token_tile();
         PagedConfig { block_q: c.block_q.min(p.tokens.div_ceil(tile) * tile).max(tile), pages_per_block: c.pages_per_block.min(p.pages_per_seq).max(1) }
     }
     fn call(&self, p: &PagedProblem, c: &PagedConfig) -> Result<PallasCall, Error> {
         let PagedConfig { block_q, pages_per_block } = *c;
-        if block_q == 0 || block_q % sublanes(p.dtype) != 0 || pages_per_block == 0 {
-            return Err(Error::Shape(format!("block_q must be a positive multiple of {} and pages_per_block positive; got {c:?}", sublanes(p.dtype))));
+        if block_q == 0 || block_q % p.token_tile() != 0 || pages_per_block == 0 {
+            return Err(Error::Shape(format!(
+                "block_q must be a positive multiple of {} (its {} rows per token fill {}-row tiles) and pages_per_block positive; got {c:?}",
+                p.token_tile(),
+                p.group(),
+                sublanes(p.dtype)
+            )));
         }
         if self.is_empty(p) {
             return Err(Error::Shape(format!("a kernel call needs query tokens (the host API handles none): {p:?}")));
         }
+        let rows = block_q * p.group();
         let a = Paging {
             group: p.group(),
+            tokens: p.tokens,
             block_q,
+            small_rows: sublanes(p.dtype),
+            big_rows: rows.min(BIG_ROWS),
             pages_per_block,
             page_size: p.page_size,
             num_pages: p.num_pages,
@@ -410,19 +495,19 @@ impl Op for PagedAttentionOp {
             DType::BF16 => ragged_paged_attention::kernel::<bf16>(a),
             other => return Err(Error::Dtype(format!("ragged_paged_attention takes f32 or bf16, not {other}"))),
         };
-        let (g, d) = (p.group(), p.head_dim);
-        let q_block = BlockSpec::new([g, block_q, d], |[h, i]| (h, i, 0));
+        let d = p.head_dim;
+        let q_block = BlockSpec::new([1, rows, d], |[h, i]| (h, i, 0));
         Ok(PallasCall::new(kernel)
             .grid([p.kv_heads, p.tokens.div_ceil(block_q)])
             .in_specs([q_block.clone(), BlockSpec::any()])
             .out_specs([q_block])
-            .out_shapes([vec![p.q_heads, p.tokens, d]])
+            .out_shapes([vec![p.kv_heads, p.tokens * p.group(), d]])
             .scratch([
                 Vmem::new([2, pages_per_block, p.page_size, 2 * d]),
                 DmaSemaphores::new(2 * pages_per_block),
-                Vmem::new([g, block_q, LANES]),
-                Vmem::new([g, block_q, LANES]),
-                Vmem::new([g, block_q, d]),
+                Vmem::new([rows, LANES]),
+                Vmem::new([rows, LANES]),
+                Vmem::new([rows, d]),
             ])
             .dimension_semantics([Parallel, Parallel])
             .name("ragged_paged_attention"))
@@ -433,12 +518,12 @@ impl Op for PagedAttentionOp {
             ValueType::new(DType::I32, [p.max_seqs, p.pages_per_seq]),
             ValueType::new(DType::I32, [p.max_seqs + 1]),
             ValueType::new(DType::I32, [1]),
-            ValueType::new(p.dtype, [p.q_heads, p.tokens, p.head_dim]),
+            ValueType::new(p.dtype, [p.kv_heads, p.tokens * p.group(), p.head_dim]),
             ValueType::new(p.dtype, [p.num_pages, p.page_size, 2 * p.kv_heads * p.head_dim]),
         ]
     }
     fn output_types(&self, p: &PagedProblem) -> Vec<ValueType> {
-        vec![ValueType::new(p.dtype, [p.q_heads, p.tokens, p.head_dim])]
+        vec![ValueType::new(p.dtype, [p.kv_heads, p.tokens * p.group(), p.head_dim])]
     }
     fn is_empty(&self, p: &PagedProblem) -> bool {
         p.tokens == 0 || p.q_heads == 0 || p.max_seqs == 0
@@ -475,7 +560,9 @@ impl Op for PagedAttentionOp {
     }
     fn table_problems(&self, target: TableTarget) -> Vec<PagedProblem> {
         let base = self.example();
-        let dtypes: &[DType] = if target == TableTarget::Cpu { &[DType::F32] } else { &[DType::BF16, DType::F32] };
-        dtypes.iter().map(|&dtype| PagedProblem { dtype, ..base }).collect()
+        // A batch of decodes (a query token per sequence), the example's mix, and on the CPU
+        // a larger mix of prefills and decodes.
+        let (dtypes, tokens): (&[DType], &[usize]) = if target == TableTarget::Cpu { (&[DType::F32], &[32, 256, 512]) } else { (&[DType::BF16, DType::F32], &[32, 256]) };
+        dtypes.iter().flat_map(|&dtype| tokens.iter().map(move |&tokens| PagedProblem { dtype, tokens, max_seqs: base.max_seqs.min(tokens), ..base })).collect()
     }
 }

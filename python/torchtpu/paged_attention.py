@@ -52,7 +52,7 @@ def _problem(q: Tensor, kv_pages: Tensor, kv_lens: Tensor, page_indices: Tensor,
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be at least 1 (a query sees itself); got {sliding_window}")
     same_device(q=q, kv_pages=kv_pages, kv_lens=kv_lens, page_indices=page_indices, cu_q_lens=cu_q_lens, num_seqs=num_seqs)
-    return {
+    problem = {
         "tokens": int(q.shape[0]),
         "q_heads": int(q.shape[1]),
         "kv_heads": int(kv_pages.shape[2]) // 2,
@@ -66,6 +66,8 @@ def _problem(q: Tensor, kv_pages: Tensor, kv_lens: Tensor, page_indices: Tensor,
         "sliding_window": sliding_window,
         "soft_cap": None if soft_cap is None else float(soft_cap),
     }
+    _PAGED.signature(problem)  # the Rust op's checks of the problem (head counts, page size...)
+    return problem
 
 
 def _ragged_paged_attention(
@@ -79,11 +81,16 @@ def _ragged_paged_attention(
         _table("cu_q_lens", cu_q_lens, (max_seqs + 1,)),
         _table("num_seqs", num_seqs, (1,)),
     ]
-    # The kernel reads q head-major, and the cache as [pages, page_size, 2 * kv_heads * head_dim]
-    # (the same memory: a view, not a copy).
+    # The kernel reads q as [kv_heads, tokens * group, head_dim] (the query heads of a kv head
+    # folded into rows, token-major), and the cache as [pages, page_size, 2 * kv_heads *
+    # head_dim] (the same memory: a view, not a copy).
+    tokens, q_heads, head_dim = q.shape
+    kv_heads = problem["kv_heads"]
+    by_kv_head = (tokens, kv_heads, q_heads // kv_heads, head_dim)
+    folded = q.reshape(by_kv_head).transpose(0, 1).reshape(kv_heads, tokens * (q_heads // kv_heads), head_dim)
     cache = kv_pages.contiguous().view(problem["num_pages"], problem["page_size"], -1)
-    (out,) = _PAGED(problem, [*tables, q.transpose(0, 1), cache])
-    return out.transpose(0, 1).contiguous()
+    (out,) = _PAGED(problem, [*tables, folded, cache])
+    return out.view(by_kv_head[1], by_kv_head[0], *by_kv_head[2:]).transpose(0, 1).reshape(q.shape)
 
 
 @torch.library.custom_op("torchtpu::ragged_paged_attention", mutates_args=(), device_types="cpu")
