@@ -204,7 +204,7 @@ fn ragged_paged_attention<T: Float>(
         // Clamped into q, so that the row windows below stay inside the block.
         let q_start = minimum(maximum(cu_q_lens.get([seq]), 0), a.tokens as i32);
         let q_end = minimum(maximum(cu_q_lens.get([seq + 1]), q_start), a.tokens as i32);
-        if q_start < block_start + bq && q_end > block_start {
+        if q_start < block_start + bq && q_end > block_start && q_end > q_start {
             let kv_len = minimum(maximum(kv_lens.get([seq]), 0), (a.pages_per_seq * a.page_size) as i32);
             let blocks = (kv_len + (kv_block - 1)) / kv_block;
             // The sequence's rows of this block, and the windows that cover them: whole
@@ -487,7 +487,9 @@ impl Op for PagedAttentionOp {
             max_seqs: p.max_seqs,
             head_dim: p.head_dim,
             sm_scale: p.sm_scale as f32,
-            window: p.sliding_window.map(|w| w.min(i32::MAX as usize) as i32),
+            // A window as long as a sequence's cache hides nothing (and would overflow the
+            // kernel's i32 comparisons).
+            window: p.sliding_window.filter(|&w| w < p.pages_per_seq * p.page_size).map(|w| w as i32),
             soft_cap: p.soft_cap.map(|c| c as f32),
         };
         let kernel = match p.dtype {

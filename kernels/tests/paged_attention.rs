@@ -104,6 +104,25 @@ fn sliding_window_soft_cap_and_head_groups_match_f64() {
 }
 
 #[test]
+fn row_windows_cover_unaligned_sequences_and_odd_groups() {
+    // Heads folded into rows: 8 query heads per kv head with 32-token blocks (256 rows: two
+    // whole 128-row windows, then tiles), and 3 per kv head (a token's rows straddle tiles);
+    // sequences starting and ending mid-tile; a window longer than any cache.
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let seqs = [(3, 10), (37, 50), (1, 5), (0, 9), (20, 100)];
+    for (q_heads, kv_heads, block_q) in [(8, 1, 32), (6, 2, 16)] {
+        for dtype in [DType::F32, DType::BF16] {
+            for window in [None, Some(1 << 40)] {
+                let p = PagedProblem { q_heads, kv_heads, sliding_window: window, ..problem(64, 16, 6, 7, dtype) };
+                let inputs = inputs(&p, &seqs, &mut rng);
+                common::assert_matches_f64(&OP, &p, PagedConfig { block_q, pages_per_block: 2 }, &inputs, dtype, 2.0, seed);
+            }
+        }
+    }
+}
+
+#[test]
 fn random_batches_match_f64() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);

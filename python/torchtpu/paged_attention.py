@@ -90,7 +90,7 @@ def _ragged_paged_attention(
     folded = q.reshape(by_kv_head).transpose(0, 1).reshape(kv_heads, tokens * (q_heads // kv_heads), head_dim)
     cache = kv_pages.contiguous().view(problem["num_pages"], problem["page_size"], -1)
     (out,) = _PAGED(problem, [*tables, folded, cache])
-    return out.view(by_kv_head[1], by_kv_head[0], *by_kv_head[2:]).transpose(0, 1).reshape(q.shape)
+    return out.reshape(by_kv_head[1], by_kv_head[0], *by_kv_head[2:]).transpose(0, 1).reshape(q.shape)
 
 
 @torch.library.custom_op("torchtpu::ragged_paged_attention", mutates_args=(), device_types="cpu")
