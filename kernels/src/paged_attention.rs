@@ -427,11 +427,12 @@ impl Op for PagedAttentionOp {
         if p.soft_cap.is_some_and(|c| !(c > 0.0 && c.is_finite())) {
             return Err(Error::Shape(format!("soft_cap must be positive and finite; got {:?}", p.soft_cap)));
         }
-        // The kernel compares positions times the group size in i32.
-        if (p.pages_per_seq * p.page_size).saturating_add(2 * p.tokens).saturating_mul(2 * p.group()) > i32::MAX as usize {
+        // The kernel compares positions times the group size in i32 (sizes from a user may be
+        // anything: saturating, so that none wraps round into range).
+        let capacity = p.pages_per_seq.saturating_mul(p.page_size);
+        if capacity.saturating_add(p.tokens.saturating_mul(2)).saturating_mul(p.group().saturating_mul(2)) > i32::MAX as usize {
             return Err(Error::Shape(format!(
-                "(cache tokens per sequence + 2 · tokens) · 2 · (q_heads / kv_heads) must be below 2^31; got ({} + 2 · {}) · 2 · {}",
-                p.pages_per_seq * p.page_size,
+                "(cache tokens per sequence + 2 · tokens) · 2 · (q_heads / kv_heads) must be below 2^31; got ({capacity} + 2 · {}) · 2 · {}",
                 p.tokens,
                 p.group()
             )));
@@ -562,8 +563,8 @@ impl Op for PagedAttentionOp {
     }
     fn table_problems(&self, target: TableTarget) -> Vec<PagedProblem> {
         let base = self.example();
-        // A batch of decodes (a query token per sequence), the example's mix, and on the CPU
-        // a larger mix of prefills and decodes.
+        // Batches of 32 query tokens (decode-sized), the example's 256, and on the CPU 512
+        // (each tuned on the op's random mixes of decode and prefill sequences).
         let (dtypes, tokens): (&[DType], &[usize]) = if target == TableTarget::Cpu { (&[DType::F32], &[32, 256, 512]) } else { (&[DType::BF16, DType::F32], &[32, 256]) };
         dtypes.iter().flat_map(|&dtype| tokens.iter().map(move |&tokens| PagedProblem { dtype, tokens, max_seqs: base.max_seqs.min(tokens), ..base })).collect()
     }

@@ -165,6 +165,9 @@ fn bad_tables_are_errors() {
     assert!(OP.check(&PagedProblem { page_size: 12, ..p }).is_err());
     assert!(OP.check(&PagedProblem { soft_cap: Some(f64::NAN), ..p }).is_err());
     assert!(OP.check(&PagedProblem { sliding_window: Some(0), ..p }).is_err());
+    // Sizes whose product wraps round to 0 in usize are still too large.
+    assert!(OP.check(&PagedProblem { page_size: 1 << 32, pages_per_seq: 1 << 32, ..p }).is_err());
+    assert!(OP.check(&PagedProblem { tokens: usize::MAX, ..p }).is_err());
 }
 
 #[test]

@@ -86,11 +86,11 @@ def _ragged_paged_attention(
     # head_dim] (the same memory: a view, not a copy).
     tokens, q_heads, head_dim = q.shape
     kv_heads = problem["kv_heads"]
-    by_kv_head = (tokens, kv_heads, q_heads // kv_heads, head_dim)
-    folded = q.reshape(by_kv_head).transpose(0, 1).reshape(kv_heads, tokens * (q_heads // kv_heads), head_dim)
+    group = q_heads // kv_heads
+    folded = q.reshape(tokens, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads, tokens * group, head_dim)
     cache = kv_pages.contiguous().view(problem["num_pages"], problem["page_size"], -1)
     (out,) = _PAGED(problem, [*tables, folded, cache])
-    return out.reshape(by_kv_head[1], by_kv_head[0], *by_kv_head[2:]).transpose(0, 1).reshape(q.shape)
+    return out.reshape(kv_heads, tokens, group, head_dim).transpose(0, 1).reshape(q.shape)
 
 
 @torch.library.custom_op("torchtpu::ragged_paged_attention", mutates_args=(), device_types="cpu")
