@@ -9,14 +9,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use torchtpu_autotune::{tune, Device, Progress, Strategy, Tunable, TuneOptions};
-use torchtpu_codegen::{lower, Target};
+use torchtpu_codegen::{lower, lower_sharded, Mesh, PartitionSpec, Target};
 use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, InterpretOptions, PallasCall, TracedCall};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_kernels::registry::{self, AnyOp, Selection};
 use torchtpu_kernels::tables::{target_of, tuning_device, Table, TableTarget};
-use torchtpu_runtime::{Chip, TpuCompiler};
+use torchtpu_runtime::{Chip, Slice, TpuCompiler};
 
 #[derive(Parser)]
 #[command(name = "torchtpu", version, about = "Pallas for Rust: trace, interpret and inspect TPU kernels")]
@@ -63,6 +63,42 @@ impl From<LowerTarget> for Target {
     }
 }
 
+/// An SPMD layout: the op, at `--set`'s problem for one device's shards, run on every device
+/// of a mesh, its operands and outputs laid out over the mesh's axes.
+#[derive(clap::Args)]
+struct ShardingArgs {
+    /// A device mesh, e.g. `x=2,y=4`: the op becomes a sharded program over its devices, and
+    /// `--set` gives the problem of one device's shards.
+    #[arg(long)]
+    mesh: Option<String>,
+    /// A partition spec per operand, then per output, in order (repeat the flag): `x,_` splits
+    /// dim 0 over axis x and keeps dim 1 whole; `x+y,_` splits dim 0 over both; a last entry
+    /// `sum=y` makes an output a partial sum over y, added up across y.
+    #[arg(long = "shard", requires = "mesh")]
+    shard: Vec<String>,
+}
+
+impl ShardingArgs {
+    fn layout(&self) -> Result<Option<(Mesh, Vec<PartitionSpec>)>, String> {
+        let Some(mesh) = &self.mesh else { return Ok(None) };
+        let mesh: Mesh = mesh.parse().map_err(|e: torchtpu_codegen::Error| e.to_string())?;
+        let specs = self.shard.iter().map(|s| s.parse::<PartitionSpec>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+        Ok(Some((mesh, specs)))
+    }
+}
+
+/// The TPU module of `call`: alone, or the sharded program of `layout`.
+fn tpu_module(call: &TracedCall, layout: Option<&(Mesh, Vec<PartitionSpec>)>) -> Result<String, String> {
+    match layout {
+        None => lower(call, Target::TpuStableHlo),
+        Some((mesh, specs)) => {
+            let operands = call.operand_types().count().min(specs.len());
+            lower_sharded(call, mesh, &specs[..operands], &specs[operands..])
+        }
+    }
+    .map_err(|e| e.to_string())
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// List the registered ops, each with its example problem (what `--set` overrides).
@@ -88,9 +124,12 @@ enum Command {
         /// Problem and config fields over the op's example.
         #[arg(long, value_delimiter = ',')]
         set: Vec<String>,
+        /// With --target tpu-stablehlo: the sharded program over a mesh.
+        #[command(flatten)]
+        sharding: ShardingArgs,
     },
     /// Compile ops with the real TPU compiler (libtpu, no TPU needed), each with the chip's
-    /// tuned config, one line per op and chip.
+    /// tuned config, one line per op and chip (or slice, for a sharded program).
     Check {
         /// A registered op; omit with --all.
         kernel: Option<String>,
@@ -105,6 +144,12 @@ enum Command {
         /// Comma-separated chips: v4, v5e, v5p, v6e, tpu7x.
         #[arg(long, value_delimiter = ',', default_value = "v4,v5e,v5p,v6e,tpu7x")]
         chips: Vec<String>,
+        #[command(flatten)]
+        sharding: ShardingArgs,
+        /// With --mesh: the multi-chip slices to compile the sharded program for (default
+        /// v5e:2x2, v5e:2x4, v6e:2x2, v5p:2x2x1, tpu7x:2x2x1).
+        #[arg(long, value_delimiter = ',', requires = "mesh")]
+        slices: Vec<String>,
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
@@ -318,28 +363,47 @@ fn tunable(ops: &Ops, kernel: &str, dtype: Dtype, set: &[String]) -> Result<Box<
     sel.op.tunable(&sel.problem).map_err(|e| e.to_string())
 }
 
-/// Compiles each selection for each chip (with that chip's tuned config, unless one was set)
+/// Where `check` compiles: each chip alone, or each slice with the sharded program of a mesh.
+enum CheckTargets {
+    Chips(Vec<Chip>),
+    Sharded { slices: Vec<Slice>, mesh: Mesh, specs: Vec<PartitionSpec> },
+}
+
+/// Compiles each selection for each target (with its chip's tuned config, unless one was set)
 /// and prints a line (or JSON object) per pair; true if all compiled.
-fn check(selections: Vec<Selected>, chips: &[String], json: bool) -> Result<bool, String> {
-    let chips: Vec<Chip> = chips.iter().map(|c| c.parse::<Chip>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+fn check(selections: Vec<Selected>, targets: CheckTargets, json: bool) -> Result<bool, String> {
     let compiler = TpuCompiler::shared().map_err(|e| e.to_string())?;
+    let (slices, layout) = match targets {
+        CheckTargets::Chips(chips) => (chips.into_iter().map(Slice::smallest).collect::<Vec<_>>(), None),
+        CheckTargets::Sharded { slices, mesh, specs } => (slices, Some((mesh, specs))),
+    };
     let mut all_ok = true;
     for sel in selections {
         let name = sel.name();
-        for &chip in &chips {
-            let module = sel.trace(Some(TableTarget::Chip(chip))).and_then(|t| lower(&t, Target::TpuStableHlo).map_err(|e| e.to_string()));
-            let result = module.and_then(|m| compiler.compile(chip, &m).map_err(|e| e.to_string()));
+        for slice in &slices {
+            let chip = slice.chip;
+            let (target, width) = if layout.is_some() { (slice.to_string(), 11) } else { (chip.to_string(), 6) };
+            let module = sel.trace(Some(TableTarget::Chip(chip))).and_then(|t| tpu_module(&t, layout.as_ref()));
+            let partitions = layout.as_ref().map_or(1, |(mesh, _)| mesh.devices());
+            let result = module.and_then(|m| compiler.compile_spmd(slice, partitions, &m).map_err(|e| e.to_string()));
             all_ok &= result.is_ok();
             if json {
                 let line = match &result {
-                    Ok(c) => serde_json::json!({"kernel": name, "chip": chip.name(), "ok": true, "error": null, "code_size_bytes": c.code_size_bytes}),
-                    Err(e) => serde_json::json!({"kernel": name, "chip": chip.name(), "ok": false, "error": e}),
+                    Ok(c) => {
+                        serde_json::json!({"kernel": name, "chip": chip.name(), "slice": slice.to_string(), "devices": partitions, "ok": true, "error": null, "code_size_bytes": c.code_size_bytes, "flops_per_device": c.cost("flops")})
+                    }
+                    Err(e) => serde_json::json!({"kernel": name, "chip": chip.name(), "slice": slice.to_string(), "devices": partitions, "ok": false, "error": e}),
                 };
                 println!("{line}");
             } else {
                 match &result {
-                    Ok(c) => println!("ok    {chip:<6} {name}  ({} bytes of code)", c.code_size_bytes),
-                    Err(e) => println!("FAIL  {chip:<6} {name}: {e}"),
+                    Ok(c) if layout.is_some() => println!(
+                        "ok    {target:<width$} {name}  ({partitions} devices, {} bytes of code, {:.3e} flops per device)",
+                        c.code_size_bytes,
+                        c.cost("flops").unwrap_or(f64::NAN)
+                    ),
+                    Ok(c) => println!("ok    {target:<width$} {name}  ({} bytes of code)", c.code_size_bytes),
+                    Err(e) => println!("FAIL  {target:<width$} {name}: {e}"),
                 }
             }
         }
@@ -365,12 +429,17 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
             print!("{}", traced.body);
             Ok(true)
         }
-        Command::Lower { kernel, target, dtype, set } => {
+        Command::Lower { kernel, target, dtype, set, sharding } => {
             let sel = Selected::new(ops, &kernel, dtype, &set)?;
-            print!("{}", lower(&sel.trace(None)?, target.into()).map_err(|e| e.to_string())?);
+            let traced = sel.trace(None)?;
+            match sharding.layout()? {
+                None => print!("{}", lower(&traced, target.into()).map_err(|e| e.to_string())?),
+                Some(_) if !matches!(target, LowerTarget::TpuStablehlo) => return Err("--mesh lowers the sharded TPU program: pass --target tpu-stablehlo".into()),
+                Some(layout) => print!("{}", tpu_module(&traced, Some(&layout))?),
+            }
             Ok(true)
         }
-        Command::Check { kernel, all, dtype, set, chips, json } => {
+        Command::Check { kernel, all, dtype, set, chips, sharding, slices, json } => {
             let selections = match (kernel, all) {
                 (_, true) => {
                     let mut v = Vec::new();
@@ -384,7 +453,18 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
                 (Some(k), false) => vec![Selected::new(ops, &k, dtype, &set)?],
                 (None, false) => return Err("name an op, or pass --all".into()),
             };
-            check(selections, &chips, json)
+            let targets = match sharding.layout()? {
+                None => CheckTargets::Chips(chips.iter().map(|c| c.parse::<Chip>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?),
+                Some((mesh, specs)) => {
+                    let slices = if slices.is_empty() {
+                        Slice::multi_chip_examples()
+                    } else {
+                        slices.iter().map(|s| s.parse::<Slice>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?
+                    };
+                    CheckTargets::Sharded { slices, mesh, specs }
+                }
+            };
+            check(selections, targets, json)
         }
         Command::Run { kernel, backend, dtype, set, seed, json } => {
             let backend: Backend = backend.parse().map_err(|e: torchtpu_exec::Error| e.to_string())?;

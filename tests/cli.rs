@@ -69,6 +69,22 @@ fn check_compiles_with_libtpu_and_reports_per_chip() {
 }
 
 #[test]
+fn check_compiles_a_sharded_program_for_multi_chip_slices() {
+    let shard = ["--mesh", "x=2,y=2", "--shard", "x,_", "--shard", "_,y", "--shard", "x,y"];
+    let (code, out, err) = torchtpu(&[&["lower", "matmul", "--target", "tpu-stablehlo", "--set", "m=256,n=256,k=512"][..], &shard].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("mhlo.num_partitions = 4") && out.contains("tensor<512x512xf32> {mhlo.sharding = \"{devices=[2,2]0,1,2,3}\"}") && out.contains("@SPMDFullToShardShape"),
+        "{out}"
+    );
+    let (code, out, err) = torchtpu(&[&["check", "matmul", "--set", "m=256,n=256,k=512", "--slices", "v5e:2x4,tpu7x:2x2x1", "--json"][..], &shard].concat());
+    assert_eq!(code, 0, "{out}{err}");
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON per line")).collect();
+    assert_eq!(lines.iter().map(|l| l["slice"].as_str().unwrap_or("")).collect::<Vec<_>>(), ["v5e:2x4", "tpu7x:2x2x1"]);
+    assert!(lines.iter().all(|l| l["ok"] == true && l["devices"] == 4 && l["flops_per_device"].as_f64().is_some_and(|f| f >= 2.0 * 256.0 * 256.0 * 512.0)), "{out}");
+}
+
+#[test]
 fn check_rejects_an_unknown_chip() {
     let (code, _, err) = torchtpu(&["check", "rms_norm", "--chips", "v9"]);
     assert_eq!(code, 2);

@@ -13,6 +13,10 @@ pub enum Error {
     #[error("kernel `{kernel}` does not fit a TPU: {}", violations.join("; "))]
     Tiling { kernel: String, violations: Vec<String> },
 
+    /// A mesh or partition spec that does not fit the program it lays out.
+    #[error("sharding: {0}")]
+    Sharding(String),
+
     /// The call itself is invalid (for example an index map that steps past an array).
     #[error(transparent)]
     Dsl(#[from] torchtpu_dsl::Error),

@@ -1,5 +1,5 @@
 //! Lowering torchtpu kernels: IR → Mosaic (readable and version-stable forms), wrapped in a
-//! StableHLO `tpu_custom_call` for the TPU compiler; IR → portable StableHLO for any PJRT
+//! StableHLO `tpu_custom_call` for the TPU compiler (alone, or sharded over a mesh of devices); IR → portable StableHLO for any PJRT
 //! backend; and a cost estimate from the IR.
 
 mod compose;
@@ -8,11 +8,13 @@ pub mod error;
 mod mlir;
 pub mod mosaic;
 pub mod portable;
+pub mod spmd;
 pub mod stablehlo;
 
 pub use cost::CostEstimate;
 pub use error::{Error, Result};
 pub use mosaic::Form;
+pub use spmd::{Mesh, PartitionSpec, SpmdProgram};
 
 /// What `lower` produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,15 +36,30 @@ pub enum Target {
 /// line rather than in libtpu.
 pub fn lower(call: &torchtpu_dsl::TracedCall, target: Target) -> Result<String> {
     if target != Target::PortableStableHlo {
-        let violations = call.tiling_violations();
-        if !violations.is_empty() {
-            return Err(Error::Tiling { kernel: call.kernel.name().to_string(), violations });
-        }
+        check_tiling(call)?;
     }
     match target {
         Target::Mosaic => mosaic::module(call, Form::Pretty),
         Target::MosaicStable => mosaic::module(call, Form::Stable),
         Target::TpuStableHlo => stablehlo::tpu_custom_call(call, Form::Stable),
         Target::PortableStableHlo => portable::module(call),
+    }
+}
+
+/// The SPMD program running `call` (traced on one device's shards) on every device of `mesh`,
+/// operand `i` laid out by `inputs[i]` and output `j` by `outputs[j]` (see
+/// [`spmd::sharded_module`]); the blocks are checked against the TPU's tiling first, as in
+/// [`lower`].
+pub fn lower_sharded(call: &torchtpu_dsl::TracedCall, mesh: &Mesh, inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<String> {
+    check_tiling(call)?;
+    spmd::sharded_module(call, mesh, inputs, outputs)
+}
+
+fn check_tiling(call: &torchtpu_dsl::TracedCall) -> Result<()> {
+    let violations = call.tiling_violations();
+    if violations.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Tiling { kernel: call.kernel.name().to_string(), violations })
     }
 }

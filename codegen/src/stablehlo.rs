@@ -51,17 +51,14 @@ fn mlir_string(s: &str) -> String {
     s.replace('\\', "\\5C").replace('"', "\\22")
 }
 
-/// A complete StableHLO module whose `@main` runs the kernel through `tpu_custom_call`.
-pub fn tpu_custom_call(call: &TracedCall, form: Form) -> Result<String> {
+/// The `stablehlo.custom_call @tpu_custom_call` that runs the kernel on `operands` (SSA names
+/// of its operand types), as one line binding `result` (`%r`, or `%r:2` for two outputs).
+pub(crate) fn custom_call_op(call: &TracedCall, form: Form, result: &str, operands: &[String]) -> Result<String> {
     let config = backend_config(call, form)?;
-    let operands: Vec<&ValueType> = call.operand_types().collect();
+    let operand_types: Vec<&ValueType> = call.operand_types().collect();
     let results: Vec<&ValueType> = call.outputs.iter().map(|o| &o.array).collect();
-    let arg_types: Vec<String> = operands.iter().map(|t| tensor_type(t)).collect();
-    let result_types: Vec<String> = results.iter().map(|t| tensor_type(t)).collect();
-    let args: Vec<String> = (0..operands.len()).map(|i| format!("%arg{i}")).collect();
-    let params: Vec<String> = args.iter().zip(&arg_types).map(|(a, t)| format!("{a}: {t}")).collect();
-    let results_sig = if result_types.len() == 1 { result_types[0].clone() } else { format!("({})", result_types.join(", ")) };
-    let operand_layouts: Vec<String> = operands.iter().map(|t| row_major_layout(t.shape.len())).collect();
+    let arg_types: Vec<String> = operand_types.iter().map(|t| tensor_type(t)).collect();
+    let operand_layouts: Vec<String> = operand_types.iter().map(|t| row_major_layout(t.shape.len())).collect();
     let result_layouts: Vec<String> = results.iter().map(|t| row_major_layout(t.shape.len())).collect();
     let mut attrs = vec![
         format!("backend_config = \"{}\"", mlir_string(&config.to_string())),
@@ -81,15 +78,50 @@ pub fn tpu_custom_call(call: &TracedCall, form: Form) -> Result<String> {
             .collect();
         attrs.push(format!("output_operand_aliases = [{}]", aliases.join(", ")));
     }
-    let (lhs, rets) = match results.len() {
-        1 => ("%0".to_string(), "%0".to_string()),
-        n => (format!("%0:{n}"), (0..n).map(|i| format!("%0#{i}")).collect::<Vec<_>>().join(", ")),
-    };
+    Ok(format!("{result} = stablehlo.custom_call @tpu_custom_call({}) {{{}}} : ({}) -> {}", operands.join(", "), attrs.join(", "), arg_types.join(", "), results_signature(call)))
+}
+
+/// The kernel's result types as a function signature writes them: `T` or `(T, U)`.
+pub(crate) fn results_signature(call: &TracedCall) -> String {
+    let types: Vec<String> = call.outputs.iter().map(|o| tensor_type(&o.array)).collect();
+    if types.len() == 1 {
+        types[0].clone()
+    } else {
+        format!("({})", types.join(", "))
+    }
+}
+
+/// The SSA names of a call's results bound by [`custom_call_op`] as `name`: `name` for one,
+/// `name#i` for several.
+pub(crate) fn result_names(name: &str, count: usize) -> Vec<String> {
+    match count {
+        1 => vec![name.to_string()],
+        n => (0..n).map(|i| format!("{name}#{i}")).collect(),
+    }
+}
+
+/// The left-hand side binding `count` results to `name`.
+pub(crate) fn result_binding(name: &str, count: usize) -> String {
+    if count == 1 {
+        name.to_string()
+    } else {
+        format!("{name}:{count}")
+    }
+}
+
+/// A complete StableHLO module whose `@main` runs the kernel through `tpu_custom_call`.
+pub fn tpu_custom_call(call: &TracedCall, form: Form) -> Result<String> {
+    let operand_types: Vec<String> = call.operand_types().map(tensor_type).collect();
+    let args: Vec<String> = (0..operand_types.len()).map(|i| format!("%arg{i}")).collect();
+    let params: Vec<String> = args.iter().zip(&operand_types).map(|(a, t)| format!("{a}: {t}")).collect();
+    let n = call.outputs.len();
+    let op = custom_call_op(call, form, &result_binding("%0", n), &args)?;
+    let result_types: Vec<String> = call.outputs.iter().map(|o| tensor_type(&o.array)).collect();
     let mut s = String::new();
     let _ = writeln!(s, "module @{} attributes {{mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32}} {{", symbol(&call.name));
-    let _ = writeln!(s, "  func.func public @main({}) -> {results_sig} {{", params.join(", "));
-    let _ = writeln!(s, "    {lhs} = stablehlo.custom_call @tpu_custom_call({}) {{{}}} : ({}) -> {results_sig}", args.join(", "), attrs.join(", "), arg_types.join(", "));
-    let _ = writeln!(s, "    return {rets} : {}", result_types.join(", "));
+    let _ = writeln!(s, "  func.func public @main({}) -> {} {{", params.join(", "), results_signature(call));
+    let _ = writeln!(s, "    {op}");
+    let _ = writeln!(s, "    return {} : {}", result_names("%0", n).join(", "), result_types.join(", "));
     s.push_str("  }\n}\n");
     Ok(s)
 }

@@ -50,14 +50,20 @@ impl Chip {
         }
     }
 
-    /// The smallest topology libtpu accepts for the chip.
-    pub fn topology(self) -> &'static str {
+    /// How libtpu's topology names call the chip (`v5` for v5p).
+    fn topology_prefix(self) -> &'static str {
         match self {
-            Chip::V4 => "v4:2x2x1",
-            Chip::V5e => "v5e:2x2",
-            Chip::V5p => "v5:2x2x1",
-            Chip::V6e => "v6e:2x2",
-            Chip::Tpu7x => "tpu7x:2x2x1",
+            Chip::V5p => "v5",
+            other => other.name(),
+        }
+    }
+
+    /// The shape of the smallest slice libtpu accepts for the chip: a 2-D torus for the
+    /// inference chips (v5e, v6e), 3-D for the others.
+    fn smallest_slice(self) -> &'static [u32] {
+        match self {
+            Chip::V5e | Chip::V6e => &[2, 2],
+            Chip::V4 | Chip::V5p | Chip::Tpu7x => &[2, 2, 1],
         }
     }
 
@@ -121,6 +127,75 @@ impl fmt::Display for Chip {
     }
 }
 
+/// A TPU slice: a chip and the shape of its grid of chips (`v5e:2x4`, `v5p:2x2x1`), what libtpu
+/// compiles a sharded program for without hardware. How many devices it has is libtpu's to say
+/// (v4 and tpu7x show two per chip): `TpuCompiler::devices` asks it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Slice {
+    pub chip: Chip,
+    pub shape: Vec<u32>,
+}
+
+/// A slice name that does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad TPU slice `{name}`: {reason}; expected a chip and its grid, e.g. v5e:2x4 or v5p:2x2x1")]
+pub struct BadSlice {
+    pub name: String,
+    pub reason: String,
+}
+
+impl Slice {
+    /// The smallest slice libtpu accepts for `chip` (what single-chip kernels compile for).
+    pub fn smallest(chip: Chip) -> Slice {
+        Slice { chip, shape: chip.smallest_slice().to_vec() }
+    }
+
+    /// Multi-chip slices of each generation, as sharded programs are checked on by default:
+    /// v5e 2×2 and 2×4, v6e 2×2, v5p 2×2×1, tpu7x 2×2×1.
+    pub fn multi_chip_examples() -> Vec<Slice> {
+        [(Chip::V5e, [2, 2].as_slice()), (Chip::V5e, &[2, 4]), (Chip::V6e, &[2, 2]), (Chip::V5p, &[2, 2, 1]), (Chip::Tpu7x, &[2, 2, 1])]
+            .into_iter()
+            .map(|(chip, shape)| Slice { chip, shape: shape.to_vec() })
+            .collect()
+    }
+
+    /// libtpu's name for the slice (`v5:2x2x1` for a v5p one).
+    pub fn topology(&self) -> String {
+        format!("{}:{}", self.chip.topology_prefix(), self.grid())
+    }
+
+    /// Chips in the slice.
+    pub fn chips(&self) -> u64 {
+        self.shape.iter().map(|&d| u64::from(d)).product()
+    }
+
+    fn grid(&self) -> String {
+        self.shape.iter().map(u32::to_string).collect::<Vec<_>>().join("x")
+    }
+}
+
+impl fmt::Display for Slice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.chip, self.grid())
+    }
+}
+
+impl FromStr for Slice {
+    type Err = BadSlice;
+    fn from_str(s: &str) -> Result<Slice, BadSlice> {
+        let bad = |reason: String| BadSlice { name: s.to_string(), reason };
+        let (chip, grid) = s.trim().split_once(':').ok_or_else(|| bad("no `:` between the chip and its grid".into()))?;
+        let chip = if chip == "v5" { Chip::V5p } else { chip.parse::<Chip>().map_err(|e| bad(e.to_string()))? };
+        let shape =
+            grid.split('x').map(|d| d.parse::<u32>().ok().filter(|&d| d > 0).ok_or_else(|| bad(format!("`{d}` is not a positive grid size")))).collect::<Result<Vec<_>, _>>()?;
+        let rank = chip.smallest_slice().len();
+        if shape.len() != rank {
+            return Err(bad(format!("a {chip} grid has {rank} dims, not {}", shape.len())));
+        }
+        Ok(Slice { chip, shape })
+    }
+}
+
 impl FromStr for Chip {
     type Err = UnknownChip;
     fn from_str(s: &str) -> Result<Chip, UnknownChip> {
@@ -131,6 +206,23 @@ impl FromStr for Chip {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slices_round_trip_and_bad_ones_say_why() {
+        for chip in Chip::ALL {
+            let smallest = Slice::smallest(chip);
+            assert_eq!(smallest.to_string().parse::<Slice>(), Ok(smallest.clone()));
+            assert_eq!(smallest.topology().parse::<Slice>(), Ok(smallest.clone()));
+            assert_eq!(smallest.chips(), 4);
+        }
+        assert_eq!("v5p:2x2x1".parse::<Slice>().map(|s| s.topology()), Ok("v5:2x2x1".to_string()));
+        assert_eq!("v5e:2x4".parse::<Slice>().map(|s| s.chips()), Ok(8));
+        for (bad, why) in [("v5e", "no `:`"), ("v5e:2x0", "`0`"), ("v5e:2x2x1", "has 2 dims"), ("v9:2x2", "unknown TPU chip"), ("v4:2xx1", "``"), ("v6e:99999999999x1", "positive")]
+        {
+            let e = bad.parse::<Slice>().unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("e.g. v5e:2x4"), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn names_round_trip_and_unknown_ones_are_errors() {

@@ -57,6 +57,7 @@ pub enum Slot {
     TopologyDescriptionDestroy = 83,
     TopologyDescriptionPlatformName = 84,
     TopologyDescriptionPlatformVersion = 85,
+    TopologyDescriptionGetDeviceDescriptions = 86,
     Compile = 89,
 }
 
@@ -104,6 +105,7 @@ args!(TopologyCreateArgs {
 });
 args!(TopologyDestroyArgs { topology: *mut c_void });
 args!(TopologyStringArgs { topology: *mut c_void, value: *const c_char, value_size: usize });
+args!(TopologyDevicesArgs { topology: *mut c_void, descriptions: *const *mut c_void, num_descriptions: usize });
 args!(
     /// `PJRT_Program`: the code to compile and its format (`"mlir"` for StableHLO text).
     Program { code: *const c_char, code_size: usize, format: *const c_char, format_size: usize }
@@ -228,6 +230,31 @@ pub struct NamedValue {
 /// Empty options abort some plugins.
 pub const COMPILE_OPTIONS: &[u8] = &[0x1a, 0x04, 0x20, 0x01, 0x28, 0x01];
 
+/// The `CompileOptionsProto` of an SPMD program over `partitions` devices:
+/// `executable_build_options { num_replicas: 1, num_partitions: N, use_spmd_partitioning: true }`
+/// ([`COMPILE_OPTIONS`] for one).
+pub fn spmd_compile_options(partitions: u64) -> Vec<u8> {
+    if partitions <= 1 {
+        return COMPILE_OPTIONS.to_vec();
+    }
+    let mut build = vec![0x20, 0x01, 0x28];
+    push_varint(&mut build, partitions);
+    build.extend([0x30, 0x01]);
+    let mut options = vec![0x1a];
+    push_varint(&mut options, build.len() as u64);
+    options.extend(build);
+    options
+}
+
+/// Protobuf's base-128 varint.
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,9 +262,17 @@ mod tests {
     use std::mem::offset_of;
 
     #[test]
+    fn spmd_options_encode_the_partition_count() {
+        assert_eq!(spmd_compile_options(1), COMPILE_OPTIONS);
+        assert_eq!(spmd_compile_options(4), [0x1a, 0x06, 0x20, 0x01, 0x28, 0x04, 0x30, 0x01]);
+        assert_eq!(spmd_compile_options(300), [0x1a, 0x07, 0x20, 0x01, 0x28, 0xac, 0x02, 0x30, 0x01]);
+    }
+
+    #[test]
     fn field_offsets_match_the_header() {
         assert_eq!(offset_of!(ErrorMessageArgs, message_size), 32);
         assert_eq!(offset_of!(TopologyCreateArgs, topology), 48);
+        assert_eq!(offset_of!(TopologyDevicesArgs, num_descriptions), 32);
         assert_eq!(offset_of!(Program, format_size), 40);
         assert_eq!(offset_of!(CompileArgs, executable), 56);
         assert_eq!(offset_of!(BufferUnsafePointerArgs, buffer_pointer), 24);

@@ -12,4 +12,4 @@ pub use client::{BorrowedBuffer, Buffer, Client, ElementType, Executable};
 pub use error::{Error, Result};
 pub use plugin::Plugin;
 pub use torchtpu_hw::UnknownChip;
-pub use tpu::{Chip, CompileError, CompiledModule, SourceLocation, TpuCompiler};
+pub use tpu::{Chip, CompileError, CompiledModule, Slice, SourceLocation, TpuCompiler};

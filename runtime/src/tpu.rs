@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::ffi::{self, Slot};
 use crate::plugin::Plugin;
 
-pub use torchtpu_hw::Chip;
+pub use torchtpu_hw::{Chip, Slice};
 
 /// Where in the kernel's Rust source a compiler message points (from the module's `loc`s).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,9 +27,11 @@ impl fmt::Display for SourceLocation {
 
 /// The TPU compiler rejected a module.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{}TPU compile for {chip} failed: {message}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default())]
+#[error("{}TPU compile for {} failed: {message}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default(), if *slice == Slice::smallest(*chip) { chip.to_string() } else { slice.to_string() })]
 pub struct CompileError {
     pub chip: Chip,
+    /// The slice it was compiled for (the chip's smallest for a single-device module).
+    pub slice: Slice,
     /// The first Rust source location the compiler's message mentions, if any.
     pub location: Option<SourceLocation>,
     pub message: String,
@@ -61,6 +63,8 @@ pub fn rust_location(message: &str) -> Option<SourceLocation> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct CompiledModule {
     pub chip: Chip,
+    /// Devices the program runs on (its SPMD partitions).
+    pub partitions: u64,
     pub code_size_bytes: i64,
     /// The compiler's cost analysis (e.g. `flops`, `bytes accessed`, `transcendentals`).
     pub cost_analysis: Vec<(String, f64)>,
@@ -73,6 +77,7 @@ impl CompiledModule {
     }
 }
 
+/// A libtpu topology description, by its name in [`TpuCompiler`]'s cache.
 struct Topology(*mut c_void);
 // SAFETY: a topology description is immutable after creation and used only through PJRT calls.
 unsafe impl Send for Topology {}
@@ -80,7 +85,7 @@ unsafe impl Send for Topology {}
 /// libtpu used as a compiler for TPU topologies, with no TPU attached.
 pub struct TpuCompiler {
     plugin: Plugin,
-    topologies: Mutex<HashMap<Chip, Topology>>,
+    topologies: Mutex<HashMap<String, Topology>>,
 }
 
 impl fmt::Debug for TpuCompiler {
@@ -127,45 +132,64 @@ impl TpuCompiler {
         &self.plugin
     }
 
-    fn topology(&self, chip: Chip) -> Result<*mut c_void> {
+    fn topology(&self, slice: &Slice) -> Result<*mut c_void> {
+        let name = slice.topology();
         let mut topologies = self.topologies.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(t) = topologies.get(&chip) {
+        if let Some(t) = topologies.get(&name) {
             return Ok(t.0);
         }
-        let name = chip.topology();
         let mut args = ffi::TopologyCreateArgs::new();
         args.topology_name = name.as_ptr() as *const _;
         args.topology_name_size = name.len();
         self.plugin.call(Slot::TopologyDescriptionCreate, "TopologyDescription_Create", &mut args)?;
-        topologies.insert(chip, Topology(args.topology));
+        topologies.insert(name, Topology(args.topology));
         Ok(args.topology)
     }
 
     /// libtpu's platform version string for `chip` (names the libtpu build).
     pub fn platform_version(&self, chip: Chip) -> Result<String> {
         let mut args = ffi::TopologyStringArgs::new();
-        args.topology = self.topology(chip)?;
+        args.topology = self.topology(&Slice::smallest(chip))?;
         self.plugin.call(Slot::TopologyDescriptionPlatformVersion, "TopologyDescription_PlatformVersion", &mut args)?;
         Ok(Plugin::string(args.value, args.value_size))
     }
 
-    /// Compiles a StableHLO module (text) for `chip`.
+    /// The devices libtpu gives `slice`: a program for it may span up to this many partitions.
+    pub fn devices(&self, slice: &Slice) -> Result<u64> {
+        let mut args = ffi::TopologyDevicesArgs::new();
+        args.topology = self.topology(slice)?;
+        self.plugin.call(Slot::TopologyDescriptionGetDeviceDescriptions, "TopologyDescription_GetDeviceDescriptions", &mut args)?;
+        Ok(args.num_descriptions as u64)
+    }
+
+    /// Compiles a StableHLO module (text) for one device of `chip`.
     pub fn compile(&self, chip: Chip, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
-        let fail = |message: String| CompileError { chip, location: rust_location(&message), message };
-        let topology = self.topology(chip).map_err(|e| fail(e.to_string()))?;
+        self.compile_spmd(&Slice::smallest(chip), 1, stablehlo)
+    }
+
+    /// Compiles an SPMD program (its module's `mhlo.num_partitions` must be `partitions`) for
+    /// `partitions` devices of `slice`, as XLA's partitioner sees it on that slice.
+    pub fn compile_spmd(&self, slice: &Slice, partitions: u64, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
+        let fail = |message: String| CompileError { chip: slice.chip, slice: slice.clone(), location: rust_location(&message), message };
+        let devices = self.devices(slice).map_err(|e| fail(e.to_string()))?;
+        if partitions == 0 || partitions > devices {
+            return Err(fail(format!("a program over {partitions} devices does not fit {slice}, which has {devices}; pick a slice with at least {partitions}")));
+        }
+        let topology = self.topology(slice).map_err(|e| fail(e.to_string()))?;
         let program = ffi::Program::mlir(stablehlo);
+        let options = ffi::spmd_compile_options(partitions);
         let mut args = ffi::CompileArgs::new();
         args.topology = topology;
         args.program = &program;
-        args.compile_options = ffi::COMPILE_OPTIONS.as_ptr() as *const _;
-        args.compile_options_size = ffi::COMPILE_OPTIONS.len();
+        args.compile_options = options.as_ptr() as *const _;
+        args.compile_options_size = options.len();
         match self.plugin.call(Slot::Compile, "Compile", &mut args) {
             Err(Error::Call { message, .. }) => return Err(fail(message)),
             Err(e) => return Err(fail(e.to_string())),
             Ok(()) => {}
         }
         let executable = args.executable;
-        let result = self.describe(chip, executable);
+        let result = self.describe(slice.chip, partitions, executable);
         let mut destroy = ffi::ExecutableDestroyArgs::new();
         destroy.executable = executable;
         // A failed destroy leaks one executable; nothing else depends on it.
@@ -173,7 +197,7 @@ impl TpuCompiler {
         result.map_err(|e| fail(e.to_string()))
     }
 
-    fn describe(&self, chip: Chip, executable: *mut c_void) -> Result<CompiledModule> {
+    fn describe(&self, chip: Chip, partitions: u64, executable: *mut c_void) -> Result<CompiledModule> {
         let mut size = ffi::ExecutableCodeSizeArgs::new();
         size.executable = executable;
         self.plugin.call(Slot::ExecutableSizeOfGeneratedCodeInBytes, "Executable_SizeOfGeneratedCodeInBytes", &mut size)?;
@@ -194,7 +218,7 @@ impl TpuCompiler {
                 cost_analysis.push((name, value));
             }
         }
-        Ok(CompiledModule { chip, code_size_bytes: size.size_in_bytes, cost_analysis })
+        Ok(CompiledModule { chip, partitions, code_size_bytes: size.size_in_bytes, cost_analysis })
     }
 }
 
