@@ -13,6 +13,7 @@ pub mod stablehlo;
 
 pub use cost::CostEstimate;
 pub use error::{Error, Result};
+pub use mlir::tensor_type;
 pub use mosaic::Form;
 pub use spmd::{Mesh, PartitionSpec, SpmdProgram};
 
@@ -52,7 +53,7 @@ pub fn lower(call: &torchtpu_dsl::TracedCall, target: Target) -> Result<String> 
 /// [`lower`].
 pub fn lower_sharded(call: &torchtpu_dsl::TracedCall, mesh: &Mesh, inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<String> {
     check_tiling(call)?;
-    spmd::sharded_module(call, mesh, inputs, outputs)
+    spmd::sharded_module(SpmdProgram::new(mesh), call, inputs, outputs)
 }
 
 fn check_tiling(call: &torchtpu_dsl::TracedCall) -> Result<()> {

@@ -13,7 +13,8 @@ use torchtpu_dsl::TracedCall;
 use crate::error::{Error, Result};
 use crate::mlir::{symbol, tensor_type};
 use crate::mosaic::Form;
-use crate::stablehlo::{custom_call_op, result_binding, result_names};
+use crate::portable;
+use crate::stablehlo::{custom_call_op, result_binding, result_names, results_signature};
 
 /// The most devices a mesh may have: four times the largest TPU pod (9,216 chips) rounded up,
 /// so that a typo (`x=20000000`) is an error, not a module of millions of device ids.
@@ -199,6 +200,27 @@ impl PartitionSpec {
             .collect()
     }
 
+    /// Where device `device`'s shard (of shape `shard`) starts in the whole array: per dim,
+    /// the shard's index along its axes (the first outermost) times its length.
+    pub fn shard_offsets(&self, mesh: &Mesh, device: u64, shard: &[usize]) -> Result<Vec<usize>> {
+        self.check(mesh, shard.len(), "the array", true)?;
+        if device >= mesh.devices() {
+            return Err(sharding_error(format!("no device {device} in a mesh of {}", mesh.devices())));
+        }
+        self.dims
+            .iter()
+            .zip(shard)
+            .map(|(axes, &len)| {
+                let mut index = 0u64;
+                for axis in axes {
+                    let p = mesh.position(axis)?;
+                    index = index * mesh.axes[p].1 + (device / mesh.stride(p)) % mesh.axes[p].1;
+                }
+                Ok(index as usize * len)
+            })
+            .collect()
+    }
+
     fn parts(&self, mesh: &Mesh, axes: &[String]) -> Result<u64> {
         axes.iter().map(|a| mesh.size(a)).product()
     }
@@ -291,11 +313,21 @@ pub struct SpmdProgram<'m> {
     body: Vec<String>,
     next_value: usize,
     next_channel: usize,
+    /// `Some`: kernels run in their portable form (for PJRT CPU), each a function of the
+    /// module, kept here once per distinct kernel as (its body, its function text).
+    portable: Option<Vec<(String, String)>>,
 }
 
 impl<'m> SpmdProgram<'m> {
+    /// A program whose kernels run on TPUs (`tpu_custom_call`).
     pub fn new(mesh: &'m Mesh) -> SpmdProgram<'m> {
-        SpmdProgram { mesh, params: Vec::new(), body: Vec::new(), next_value: 0, next_channel: 1 }
+        SpmdProgram { mesh, params: Vec::new(), body: Vec::new(), next_value: 0, next_channel: 1, portable: None }
+    }
+
+    /// A program whose kernels run in their portable form (a PJRT CPU client with a device
+    /// per partition runs it).
+    pub fn portable(mesh: &'m Mesh) -> SpmdProgram<'m> {
+        SpmdProgram { portable: Some(Vec::new()), ..SpmdProgram::new(mesh) }
     }
 
     pub fn mesh(&self) -> &Mesh {
@@ -334,7 +366,22 @@ impl<'m> SpmdProgram<'m> {
         }
         let name = self.fresh();
         let n = call.outputs.len();
-        self.body.push(custom_call_op(call, Form::Stable, &result_binding(&name, n), operands)?);
+        let op = match &mut self.portable {
+            None => custom_call_op(call, Form::Stable, &result_binding(&name, n), operands)?,
+            Some(functions) => {
+                let module = portable::module(call)?;
+                let index = match functions.iter().position(|(m, _)| *m == module) {
+                    Some(i) => i,
+                    None => {
+                        functions.push((module.clone(), kernel_function(&module, functions.len())?));
+                        functions.len() - 1
+                    }
+                };
+                let types: Vec<String> = call.operand_types().map(tensor_type).collect();
+                format!("{} = func.call @kernel_{index}({}) : ({}) -> {}", result_binding(&name, n), operands.join(", "), types.join(", "), results_signature(call))
+            }
+        };
+        self.body.push(op);
         Ok(result_names(&name, n))
     }
 
@@ -415,15 +462,30 @@ impl<'m> SpmdProgram<'m> {
         let names: Vec<&str> = returned.iter().map(|(n, _, _)| n.as_str()).collect();
         let types: Vec<&str> = returned.iter().map(|(_, g, _)| g.as_str()).collect();
         let _ = writeln!(m, "    return {} : {}", names.join(", "), types.join(", "));
-        m.push_str("  }\n}\n");
+        m.push_str("  }\n");
+        for (_, function) in self.portable.iter().flatten() {
+            m.push_str(function);
+        }
+        m.push_str("}\n");
         Ok(m)
     }
 }
 
-/// The SPMD program running `call` (traced on one device's shards) on every device of `mesh`:
-/// operand `i` laid out by `inputs[i]`, output `j` by `outputs[j]`. `main` takes and returns
-/// the whole arrays; the kernel sees only its shards.
-pub fn sharded_module(call: &TracedCall, mesh: &Mesh, inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<String> {
+/// A portable module's `main` as the private function `kernel_{index}` of another module.
+fn kernel_function(module: &str, index: usize) -> Result<String> {
+    let body = module.split_once('\n').map(|(_, rest)| rest).and_then(|rest| rest.trim_end().strip_suffix('}'));
+    match body {
+        Some(body) if body.contains("func.func public @main(") => Ok(body.replacen("func.func public @main(", &format!("func.func private @kernel_{index}("), 1)),
+        _ => Err(sharding_error("the portable kernel module is not one `module { func.func public @main }`")),
+    }
+}
+
+/// The SPMD program running `call` (traced on one device's shards) on every device of
+/// `program`'s mesh, in its form (TPU or portable): operand `i` laid out by `inputs[i]`,
+/// output `j` by `outputs[j]`. `main` takes and returns the whole arrays; the kernel sees only
+/// its shards.
+pub fn sharded_module(mut program: SpmdProgram, call: &TracedCall, inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<String> {
+    let mesh = program.mesh;
     let operand_types: Vec<&ValueType> = call.operand_types().collect();
     if inputs.len() != operand_types.len() || outputs.len() != call.outputs.len() {
         return Err(sharding_error(format!(
@@ -435,7 +497,6 @@ pub fn sharded_module(call: &TracedCall, mesh: &Mesh, inputs: &[PartitionSpec], 
             inputs.len() + outputs.len()
         )));
     }
-    let mut program = SpmdProgram::new(mesh);
     let mut shards = Vec::new();
     for (i, (t, spec)) in operand_types.iter().zip(inputs).enumerate() {
         let what = format!("operand {i} ({})", tensor_type(t));

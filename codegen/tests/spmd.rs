@@ -3,7 +3,7 @@
 //! gives the unsharded program's flops divided by the devices that split them.
 
 use torchtpu_codegen::spmd::sharded_module;
-use torchtpu_codegen::{lower, Mesh, PartitionSpec, Target};
+use torchtpu_codegen::{lower, Mesh, PartitionSpec, SpmdProgram, Target};
 use torchtpu_dsl::DType;
 use torchtpu_runtime::{CompiledModule, Slice, TpuCompiler};
 use torchtpu_testkernels::{matmul::Matmul, Example};
@@ -64,7 +64,7 @@ fn sharded_matmuls_compile_for_every_slice_with_each_devices_share_of_the_flops(
             let (rows, cols, inner) = (layout.splits)(&mesh);
             let shard = traced(&matmul(m / rows, n / cols, k / inner));
             let specs = specs(&layout.specs);
-            let module = sharded_module(&shard, &mesh, &specs[..2], &specs[2..]).expect("lowers");
+            let module = sharded_module(SpmdProgram::new(&mesh), &shard, &specs[..2], &specs[2..]).expect("lowers");
             let compiled = compiler.compile_spmd(&slice, mesh.devices(), &module).unwrap_or_else(|e| panic!("{slice} {}: {e}", layout.name));
             let share = flops(&whole) / (rows * cols * inner) as f64;
             // Partial sums cost one add per output element and device in the all-reduce.
@@ -80,11 +80,11 @@ fn programs_that_do_not_fit_their_slice_or_kernel_are_errors() {
     let compiler = compiler();
     let shard = traced(&matmul(256, 256, 256));
     let mesh: Mesh = "x=8".parse().expect("mesh");
-    let module = sharded_module(&shard, &mesh, &specs(&["x,_", "_,_"]), &specs(&["x,_"])).expect("lowers");
+    let module = sharded_module(SpmdProgram::new(&mesh), &shard, &specs(&["x,_", "_,_"]), &specs(&["x,_"])).expect("lowers");
     let err = compiler.compile_spmd(&"v5e:2x2".parse().expect("slice"), mesh.devices(), &module).expect_err("8 devices on 4").to_string();
     assert!(err.contains("over 8 devices does not fit v5e:2x2, which has 4"), "{err}");
-    let err = sharded_module(&shard, &mesh, &specs(&["x,_"]), &specs(&["x,_"])).expect_err("one spec short").to_string();
+    let err = sharded_module(SpmdProgram::new(&mesh), &shard, &specs(&["x,_"]), &specs(&["x,_"])).expect_err("one spec short").to_string();
     assert!(err.contains("needs 3 partition specs (operands, then outputs); 2 given"), "{err}");
-    let err = sharded_module(&shard, &mesh, &specs(&["x,_", "_"]), &specs(&["x,_"])).expect_err("rank").to_string();
+    let err = sharded_module(SpmdProgram::new(&mesh), &shard, &specs(&["x,_", "_"]), &specs(&["x,_"])).expect_err("rank").to_string();
     assert!(err.contains("operand 1 (tensor<256x256xf32>) has 2 dims but its partition spec `_` gives 1"), "{err}");
 }

@@ -1,6 +1,7 @@
 //! Running kernels: on the CPU interpreter, or through PJRT after lowering (portable
 //! StableHLO for CPU and CUDA, `tpu_custom_call` for TPU). Also device timing.
 
+pub mod spmd;
 mod transfer;
 
 use std::fmt;

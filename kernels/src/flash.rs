@@ -331,7 +331,7 @@ fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: Attenti
 
 /// The problem of `shape` in `dtype` with `opts`' mask and scale, and the config `opts` names,
 /// if any.
-fn problem_and_config(shape: AttentionShape, dtype: DType, opts: AttentionOptions, segments: bool) -> (FlashProblem, Option<FlashConfig>) {
+pub(crate) fn problem_and_config(shape: AttentionShape, dtype: DType, opts: AttentionOptions, segments: bool) -> (FlashProblem, Option<FlashConfig>) {
     let problem =
         FlashProblem { shape, dtype, causal: opts.causal, bottom_right: opts.bottom_right, segments, sm_scale: opts.sm_scale.map(f64::from), ..FlashProblem::plain(shape, dtype) };
     (problem, opts.block.map(|(bq, bk)| FlashConfig { bq, bk }))

@@ -14,6 +14,7 @@ pub mod op;
 pub mod paged_attention;
 pub mod quantized_matmul;
 pub mod registry;
+pub mod ring_attention;
 pub mod rms_norm;
 pub mod rope;
 pub mod rows;

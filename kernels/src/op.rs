@@ -13,7 +13,7 @@ use serde::Serialize;
 use torchtpu_autotune::{Config, SearchSpace, Tunable};
 use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::ir::ValueType;
-use torchtpu_dsl::{DType, HostArray, PallasCall, ParamKind};
+use torchtpu_dsl::{DType, HostArray, PallasCall, ParamKind, TracedCall};
 use torchtpu_exec::{Backend, Compiled};
 use torchtpu_runtime::Chip;
 
@@ -176,10 +176,14 @@ pub fn compiled<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, bac
 /// `op` on `p` lowered for `chip` with that chip's tuned config: the StableHLO module running
 /// the Mosaic kernel in a `tpu_custom_call` (what a TPU runtime registers).
 pub fn tpu_module<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, chip: Chip) -> Result<String, Error> {
+    Ok(lower(&traced_for(op, p, explicit, TableTarget::Chip(chip))?, Target::TpuStableHlo)?)
+}
+
+/// `op` on `p` traced with the config it uses on `target` (or `explicit`), checked.
+pub fn traced_for<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, target: TableTarget) -> Result<TracedCall, Error> {
     op.check(p)?;
-    let config = explicit.cloned().unwrap_or_else(|| config_for(op, p, Some(TableTarget::Chip(chip))));
-    let traced = op.call(p, &config)?.trace(&op.operand_types(p))?;
-    Ok(lower(&traced, Target::TpuStableHlo)?)
+    let config = explicit.cloned().unwrap_or_else(|| config_for(op, p, Some(target)));
+    Ok(op.call(p, &config)?.trace(&op.operand_types(p))?)
 }
 
 /// `op` on `p` run on `backend` over host arrays, with the config it uses there; an empty

@@ -1,4 +1,5 @@
-//! A PJRT client on one device, with buffers and compiled executables: safe, `Send + Sync`.
+//! A PJRT client on one device (or, for SPMD programs, several), with buffers and compiled
+//! executables: safe, `Send + Sync`.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -44,6 +45,8 @@ struct ClientInner {
     plugin: Plugin,
     raw: *mut c_void,
     device: *mut c_void,
+    /// Every addressable device, `device` first: an SPMD program's partition `i` runs on `devices[i]`.
+    devices: Vec<*mut c_void>,
     platform: String,
     platform_version: String,
     executables: Mutex<HashMap<u64, Arc<ExecutableInner>>>,
@@ -82,7 +85,40 @@ fn module_hash(text: &str) -> u64 {
 
 impl Client {
     pub fn new(plugin: &Plugin) -> Result<Client> {
+        Client::create(plugin, &[])
+    }
+
+    /// A client of the PJRT CPU plugin with `devices` CPU devices (its `cpu_device_count`
+    /// option): what runs an SPMD program's partitions on one machine.
+    pub fn with_cpu_devices(plugin: &Plugin, devices: usize) -> Result<Client> {
+        const NAME: &str = "cpu_device_count";
+        if devices == 0 {
+            return Err(Error::Invalid("a client needs at least one device".into()));
+        }
+        let option = ffi::NamedValue {
+            struct_size: std::mem::size_of::<ffi::NamedValue>(),
+            extension_start: std::ptr::null_mut(),
+            name: NAME.as_ptr() as *const _,
+            name_size: NAME.len(),
+            value_type: ffi::NAMED_VALUE_INT64,
+            value: devices as u64,
+            value_size: 1,
+        };
+        let client = Client::create(plugin, std::slice::from_ref(&option))?;
+        if client.device_count() != devices {
+            return Err(Error::Invalid(format!(
+                "asked {} for {devices} devices and got {}: only the PJRT CPU plugin takes a device count",
+                plugin.path().display(),
+                client.device_count()
+            )));
+        }
+        Ok(client)
+    }
+
+    fn create(plugin: &Plugin, options: &[ffi::NamedValue]) -> Result<Client> {
         let mut create = ffi::ClientCreateArgs::new();
+        create.create_options = options.as_ptr();
+        create.num_options = options.len();
         plugin.call(Slot::ClientCreate, "Client_Create", &mut create)?;
         let raw = create.client;
         let mut name = ffi::ClientStringArgs::new();
@@ -97,13 +133,20 @@ impl Client {
         devices.client = raw;
         plugin.call(Slot::ClientAddressableDevices, "Client_AddressableDevices", &mut devices)?;
         // Owned from here on: an early return destroys the client.
-        let mut inner = ClientInner { plugin: plugin.clone(), raw, device: std::ptr::null_mut(), platform, platform_version, executables: Mutex::new(HashMap::new()) };
+        let mut inner =
+            ClientInner { plugin: plugin.clone(), raw, device: std::ptr::null_mut(), devices: Vec::new(), platform, platform_version, executables: Mutex::new(HashMap::new()) };
         if devices.num_devices == 0 || devices.devices.is_null() {
             return Err(Error::PluginBroken { path: plugin.path().into(), message: "the client has no addressable device".into() });
         }
         // SAFETY: the plugin returned `num_devices` device pointers owned by the client.
-        inner.device = unsafe { *devices.devices };
+        inner.devices = unsafe { std::slice::from_raw_parts(devices.devices, devices.num_devices) }.to_vec();
+        inner.device = inner.devices[0];
         Ok(Client { inner: Arc::new(inner) })
+    }
+
+    /// Addressable devices: the most partitions an SPMD program may have here.
+    pub fn device_count(&self) -> usize {
+        self.inner.devices.len()
     }
 
     /// The platform name the plugin reports (`cpu`, `cuda`, `tpu`...).
@@ -127,7 +170,16 @@ impl Client {
 
     /// Compiles StableHLO text; compiled once per distinct module (cached by its hash).
     pub fn compile(&self, stablehlo: &str) -> Result<Executable> {
-        let key = module_hash(stablehlo);
+        self.compile_spmd(stablehlo, 1)
+    }
+
+    /// Compiles an SPMD program over `partitions` of this client's devices (its module's
+    /// `mhlo.num_partitions` must say the same); run it with [`Executable::execute_partitioned`].
+    pub fn compile_spmd(&self, stablehlo: &str, partitions: usize) -> Result<Executable> {
+        if partitions == 0 || partitions > self.device_count() {
+            return Err(Error::Invalid(format!("a program over {partitions} devices does not fit this {} client's {}", self.inner.platform, self.device_count())));
+        }
+        let key = module_hash(stablehlo) ^ (partitions as u64).rotate_left(32);
         if let Some(e) = self.inner.executables.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(Executable { client: self.clone(), inner: e.clone() });
         }
@@ -135,12 +187,13 @@ impl Client {
         let mut args = ffi::ClientCompileArgs::new();
         args.client = self.inner.raw;
         args.program = &program;
-        args.compile_options = ffi::COMPILE_OPTIONS.as_ptr() as *const _;
-        args.compile_options_size = ffi::COMPILE_OPTIONS.len();
+        let options = ffi::spmd_compile_options(partitions as u64);
+        args.compile_options = options.as_ptr() as *const _;
+        args.compile_options_size = options.len();
         self.inner.plugin.call(Slot::ClientCompile, "Client_Compile", &mut args)?;
         let loaded = args.executable;
         // Owned from here on: an early return destroys the executable.
-        let mut inner = ExecutableInner { plugin: self.inner.plugin.clone(), raw: loaded, num_outputs: 0 };
+        let mut inner = ExecutableInner { plugin: self.inner.plugin.clone(), raw: loaded, num_outputs: 0, partitions };
         let mut get = ffi::LoadedExecutableGetExecutableArgs::new();
         get.loaded_executable = loaded;
         self.inner.plugin.call(Slot::LoadedExecutableGetExecutable, "LoadedExecutable_GetExecutable", &mut get)?;
@@ -159,7 +212,13 @@ impl Client {
 
     /// Copies `data` (dense, row-major, `dims`) to the device.
     pub fn buffer(&self, data: &[u8], element_type: ElementType, dims: &[usize]) -> Result<Buffer> {
-        let (buffer, done) = self.buffer_from_host(data, element_type, dims, ffi::HOST_BUFFER_IMMUTABLE_ONLY_DURING_CALL)?;
+        self.buffer_on(0, data, element_type, dims)
+    }
+
+    /// Copies `data` (dense, row-major, `dims`) to device `device` (an SPMD program's partition).
+    pub fn buffer_on(&self, device: usize, data: &[u8], element_type: ElementType, dims: &[usize]) -> Result<Buffer> {
+        let device = *self.inner.devices.get(device).ok_or_else(|| Error::Invalid(format!("no device {device}: this client has {}", self.device_count())))?;
+        let (buffer, done) = self.buffer_from_host_on(device, data, element_type, dims, ffi::HOST_BUFFER_IMMUTABLE_ONLY_DURING_CALL)?;
         if !done.is_null() {
             self.await_event(done)?;
         }
@@ -175,6 +234,10 @@ impl Client {
     }
 
     fn buffer_from_host(&self, data: &[u8], element_type: ElementType, dims: &[usize], semantics: i32) -> Result<(Buffer, *mut c_void)> {
+        self.buffer_from_host_on(self.inner.device, data, element_type, dims, semantics)
+    }
+
+    fn buffer_from_host_on(&self, device: *mut c_void, data: &[u8], element_type: ElementType, dims: &[usize], semantics: i32) -> Result<(Buffer, *mut c_void)> {
         let n: usize = dims.iter().product();
         if data.len() != n * element_type.size_bytes() {
             return Err(Error::Invalid(format!("{} bytes do not make a {element_type:?} array of shape {dims:?} ({} bytes)", data.len(), n * element_type.size_bytes())));
@@ -187,7 +250,7 @@ impl Client {
         args.dims = dims64.as_ptr();
         args.num_dims = dims64.len();
         args.host_buffer_semantics = semantics;
-        args.device = self.inner.device;
+        args.device = device;
         self.inner.plugin.call(Slot::ClientBufferFromHostBuffer, "Client_BufferFromHostBuffer", &mut args)?;
         Ok((Buffer { client: self.clone(), raw: args.buffer, element_type, dims: dims.to_vec() }, args.done_with_host_buffer))
     }
@@ -208,6 +271,8 @@ struct ExecutableInner {
     plugin: Plugin,
     raw: *mut c_void,
     num_outputs: usize,
+    /// Devices it runs on: its SPMD partitions.
+    partitions: usize,
 }
 
 // SAFETY: loaded executables may be executed concurrently from several threads.
@@ -248,27 +313,43 @@ impl Executable {
 
     /// Runs on `args` and waits for completion; returns the outputs.
     pub fn execute(&self, args: &[&Buffer]) -> Result<Vec<Buffer>> {
-        if let Some(b) = args.iter().find(|b| !Arc::ptr_eq(&b.client.inner, &self.client.inner)) {
+        let mut outputs = self.execute_partitioned(&[args.to_vec()])?;
+        Ok(outputs.pop().unwrap_or_default())
+    }
+
+    /// Runs an SPMD program (see [`Client::compile_spmd`]) on `args[i]`, partition `i`'s
+    /// arguments (each on that partition's device, see [`Client::buffer_on`]), and waits for
+    /// every partition; returns each partition's outputs.
+    pub fn execute_partitioned(&self, args: &[Vec<&Buffer>]) -> Result<Vec<Vec<Buffer>>> {
+        if args.len() != self.inner.partitions {
+            return Err(Error::Invalid(format!("the program runs on {} devices; arguments for {} were given", self.inner.partitions, args.len())));
+        }
+        let num_args = args.first().map_or(0, Vec::len);
+        if let Some(list) = args.iter().find(|l| l.len() != num_args) {
+            return Err(Error::Invalid(format!("every device takes the same arguments: {num_args} for the first, {} for another", list.len())));
+        }
+        if let Some(b) = args.iter().flatten().find(|b| !Arc::ptr_eq(&b.client.inner, &self.client.inner)) {
             return Err(Error::Invalid(format!("an argument buffer ({:?} {:?}) belongs to another client", b.element_type, b.dims)));
         }
-        let raw_args: Vec<*mut c_void> = args.iter().map(|b| b.raw).collect();
-        let arg_lists = [raw_args.as_ptr()];
-        let mut outputs: Vec<*mut c_void> = vec![std::ptr::null_mut(); self.inner.num_outputs];
-        let output_lists = [outputs.as_mut_ptr()];
-        let mut done: [*mut c_void; 1] = [std::ptr::null_mut()];
+        let raw_args: Vec<Vec<*mut c_void>> = args.iter().map(|l| l.iter().map(|b| b.raw).collect()).collect();
+        let arg_lists: Vec<*const *mut c_void> = raw_args.iter().map(|l| l.as_ptr()).collect();
+        let mut outputs: Vec<Vec<*mut c_void>> = vec![vec![std::ptr::null_mut(); self.inner.num_outputs]; args.len()];
+        let output_lists: Vec<*mut *mut c_void> = outputs.iter_mut().map(|l| l.as_mut_ptr()).collect();
+        let mut done: Vec<*mut c_void> = vec![std::ptr::null_mut(); args.len()];
         let options = ffi::ExecuteOptions::new();
         let mut exec = ffi::ExecuteArgs::new();
         exec.executable = self.inner.raw;
         exec.options = &options;
         exec.argument_lists = arg_lists.as_ptr();
-        exec.num_devices = 1;
-        exec.num_args = raw_args.len();
+        exec.num_devices = args.len();
+        exec.num_args = num_args;
         exec.output_lists = output_lists.as_ptr();
         exec.device_complete_events = done.as_mut_ptr();
         self.inner.plugin.call(Slot::LoadedExecutableExecute, "LoadedExecutable_Execute", &mut exec)?;
-        let results: Vec<Buffer> = outputs.into_iter().map(|raw| Buffer { client: self.client.clone(), raw, element_type: ElementType::F32, dims: Vec::new() }).collect();
-        if !done[0].is_null() {
-            self.client.await_event(done[0])?;
+        let results: Vec<Vec<Buffer>> =
+            outputs.into_iter().map(|l| l.into_iter().map(|raw| Buffer { client: self.client.clone(), raw, element_type: ElementType::F32, dims: Vec::new() }).collect()).collect();
+        for event in done.into_iter().filter(|e| !e.is_null()) {
+            self.client.await_event(event)?;
         }
         Ok(results)
     }

@@ -1,0 +1,262 @@
+//! Ring attention (sequence parallelism) as SPMD programs: q, k and v split along the sequence
+//! over one mesh axis; the kv shards travel round the ring (`collective_permute`, one step per
+//! device) while each device runs the flash kernels on its own q shard against each kv shard
+//! in turn. The forward merges the partial softmaxes by their log-sum-exps; the backward runs
+//! the flash backward kernels against the full log-sum-exp, so each step's gradients are exact
+//! parts of the whole, and sends the kv gradients round with their shards, home after the last
+//! step.
+//!
+//! Causal attention (top-left, q and kv of one length): step 0 meets the device's own kv
+//! shard, the diagonal, with the causal kernel; a later step's shard lies wholly before or
+//! wholly after the device's queries, so it is attended in full or not at all (its
+//! contribution dropped by a select on the device's ring position).
+
+use torchtpu_codegen::{tensor_type as tensor, Mesh, PartitionSpec, SpmdProgram};
+use torchtpu_dsl::ir::ValueType;
+use torchtpu_dsl::{DType, TracedCall};
+
+use crate::flash::{problem_and_config, AttentionOptions, AttentionShape, FlashOp, FlashPass};
+use crate::op::traced_for;
+use crate::tables::TableTarget;
+use crate::Error;
+
+/// A ring-attention problem: the whole arrays' shapes, the mesh and the axis the sequence is
+/// split over.
+pub struct Ring<'m> {
+    pub mesh: &'m Mesh,
+    pub axis: &'m str,
+    pub shape: AttentionShape,
+    pub dtype: DType,
+    pub opts: AttentionOptions,
+}
+
+fn f32_type(shape: &[usize]) -> ValueType {
+    ValueType::new(DType::F32, shape.to_vec())
+}
+
+impl Ring<'_> {
+    /// Devices round the ring.
+    fn devices(&self) -> Result<usize, Error> {
+        Ok(usize::try_from(self.mesh.size(self.axis)?).unwrap_or(usize::MAX))
+    }
+
+    /// One device's shapes, after checking what the ring needs.
+    fn shard(&self) -> Result<AttentionShape, Error> {
+        let s = self.shape;
+        s.check()?;
+        let n = self.devices()?;
+        if s.is_empty() {
+            return Err(Error::Shape(format!("ring attention needs non-empty shapes; got {s:?}")));
+        }
+        if self.opts.causal && s.q_len != s.kv_len {
+            return Err(Error::Shape(format!("causal ring attention needs q and kv of one length (self-attention); got {} and {}", s.q_len, s.kv_len)));
+        }
+        if s.q_len % n != 0 || s.kv_len % n != 0 {
+            return Err(Error::Shape(format!("ring attention over {n} devices needs q_len and kv_len divisible by {n}; got {} and {}", s.q_len, s.kv_len)));
+        }
+        Ok(AttentionShape { q_len: s.q_len / n, kv_len: s.kv_len / n, ..s })
+    }
+
+    /// `pass` on one device's shards, causal (the diagonal step) or not, traced with its
+    /// config on `target`.
+    fn kernel(&self, pass: FlashPass, causal: bool, target: TableTarget) -> Result<TracedCall, Error> {
+        let opts = AttentionOptions { causal, bottom_right: false, ..self.opts };
+        let (problem, explicit) = problem_and_config(self.shard()?, self.dtype, opts, false);
+        traced_for(&FlashOp(pass), &problem, explicit.as_ref(), target)
+    }
+
+    /// A program in `target`'s form: TPU kernels for a chip, portable ones for the CPU.
+    fn program(&self, target: TableTarget) -> SpmdProgram<'_> {
+        match target {
+            TableTarget::Cpu => SpmdProgram::portable(self.mesh),
+            TableTarget::Chip(_) => SpmdProgram::new(self.mesh),
+        }
+    }
+
+    /// The partition spec of a `[b, h, seq, x]` array: the sequence over the ring's axis.
+    fn spec(&self) -> PartitionSpec {
+        PartitionSpec::new([None, None, Some(self.axis), None])
+    }
+
+    fn global(&self, heads: usize, seq: usize, last: usize, dtype: DType) -> ValueType {
+        ValueType::new(dtype, [self.shape.batch, heads, seq, last])
+    }
+
+    /// The forward program: q, k, v (whole, sequence-sharded) in; o and the log-sum-exp
+    /// `[b, h, sq, 1]` (f32) out.
+    pub fn forward(&self, target: TableTarget) -> Result<String, Error> {
+        let s = self.shape;
+        let n = self.devices()?;
+        let full = self.kernel(FlashPass::Forward, false, target)?;
+        let diagonal = if self.opts.causal { self.kernel(FlashPass::Forward, true, target)? } else { full.clone() };
+        let spec = self.spec();
+        let mut p = self.program(target);
+        let q = p.input("q", &self.global(s.heads, s.q_len, s.head_dim, self.dtype), &spec)?;
+        let mut k = p.input("k", &self.global(s.kv_heads, s.kv_len, s.head_dim, self.dtype), &spec)?;
+        let mut v = p.input("v", &self.global(s.kv_heads, s.kv_len, s.head_dim, self.dtype), &spec)?;
+        let [o_type, lse_type] = [&full.outputs[0].array, &full.outputs[1].array].map(Clone::clone);
+        let placeholders = zeros(&mut p, full.operand_types().skip(3));
+        let position = if self.opts.causal { Some(p.axis_index(self.axis)?) } else { None };
+        let mut state: Option<(String, String)> = None;
+        for step in 0..n {
+            if step > 0 {
+                k = p.rotate(&k, &ValueType::new(self.dtype, shard_shape(&full, 1)), self.axis, 1)?;
+                v = p.rotate(&v, &ValueType::new(self.dtype, shard_shape(&full, 2)), self.axis, 1)?;
+            }
+            let call = if step == 0 { &diagonal } else { &full };
+            let operands: Vec<String> = [q.clone(), k.clone(), v.clone()].into_iter().chain(placeholders.iter().cloned()).collect();
+            let out = p.kernel(call, &operands)?;
+            let o = convert(&mut p, &out[0], &o_type, DType::F32);
+            let mut lse = out[1].clone();
+            if let Some(position) = &position {
+                if step > 0 {
+                    // The shard met at this step, (position - step) mod n, precedes this
+                    // device's queries exactly when position >= step.
+                    let seen = ahead_of(&mut p, position, step);
+                    let none = constant(&mut p, &lse_type, "0xFF800000");
+                    lse = p.op(|r| format!("{r} = stablehlo.select {seen}, {lse}, {none} : (tensor<i1>, {t}, {t}) -> {t}", t = tensor(&lse_type)));
+                }
+            }
+            state = Some(match state {
+                None => (o, lse),
+                Some((acc, acc_lse)) => merge(&mut p, (&acc, &acc_lse), (&o, &lse), &o_type.shape, &lse_type.shape),
+            });
+        }
+        let (o, lse) = state.ok_or_else(|| Error::Shape("ring attention over no devices".into()))?;
+        let o = convert(&mut p, &o, &f32_type(&o_type.shape), self.dtype);
+        Ok(p.finish("ring_attention_forward", &[(o, o_type, spec.clone()), (lse, lse_type, spec)])?)
+    }
+
+    /// The backward program: q, k, v, o, dO and the log-sum-exp (whole, sequence-sharded) in;
+    /// dq, dk, dv out.
+    pub fn backward(&self, target: TableTarget) -> Result<String, Error> {
+        let s = self.shape;
+        let n = self.devices()?;
+        let [dkv_full, dq_full] = [FlashPass::BackwardDkv, FlashPass::BackwardDq].map(|pass| self.kernel(pass, false, target));
+        let (dkv_full, dq_full) = (dkv_full?, dq_full?);
+        let (dkv_diagonal, dq_diagonal) = if self.opts.causal {
+            (self.kernel(FlashPass::BackwardDkv, true, target)?, self.kernel(FlashPass::BackwardDq, true, target)?)
+        } else {
+            (dkv_full.clone(), dq_full.clone())
+        };
+        let spec = self.spec();
+        let mut p = self.program(target);
+        let q_global = self.global(s.heads, s.q_len, s.head_dim, self.dtype);
+        let kv_global = self.global(s.kv_heads, s.kv_len, s.head_dim, self.dtype);
+        let q = p.input("q", &q_global, &spec)?;
+        let mut k = p.input("k", &kv_global, &spec)?;
+        let mut v = p.input("v", &kv_global, &spec)?;
+        let o = p.input("o", &q_global, &spec)?;
+        let d_o = p.input("dO", &q_global, &spec)?;
+        let lse = p.input("lse", &self.global(s.heads, s.q_len, 1, DType::F32), &spec)?;
+        let placeholders = zeros(&mut p, dkv_full.operand_types().skip(6));
+        let (q_shard, kv_shard) = (shard_shape(&dq_full, 0), shard_shape(&dkv_full, 1));
+        let (q_type, kv_type) = (ValueType::new(self.dtype, q_shard.clone()), ValueType::new(self.dtype, kv_shard.clone()));
+        let position = if self.opts.causal { Some(p.axis_index(self.axis)?) } else { None };
+        let (mut dq, mut dk, mut dv): (Option<String>, Option<String>, Option<String>) = (None, None, None);
+        for step in 0..n {
+            if step > 0 {
+                k = p.rotate(&k, &kv_type, self.axis, 1)?;
+                v = p.rotate(&v, &kv_type, self.axis, 1)?;
+            }
+            let (dkv_call, dq_call) = if step == 0 { (&dkv_diagonal, &dq_diagonal) } else { (&dkv_full, &dq_full) };
+            let operands: Vec<String> = [&q, &k, &v, &o, &d_o, &lse].into_iter().cloned().chain(placeholders.iter().cloned()).collect();
+            let dkv = p.kernel(dkv_call, &operands)?;
+            let dq_step = p.kernel(dq_call, &operands)?;
+            let seen = match &position {
+                Some(position) if step > 0 => Some(ahead_of(&mut p, position, step)),
+                _ => None,
+            };
+            let add = |p: &mut SpmdProgram, acc: Option<String>, part: &str, shape: &[usize]| {
+                let part = convert(p, part, &ValueType::new(self.dtype, shape.to_vec()), DType::F32);
+                let t = tensor(&f32_type(shape));
+                let part = match &seen {
+                    Some(seen) => {
+                        let zero = constant(p, &f32_type(shape), "0.0");
+                        p.op(|r| format!("{r} = stablehlo.select {seen}, {part}, {zero} : (tensor<i1>, {t}, {t}) -> {t}"))
+                    }
+                    None => part,
+                };
+                match acc {
+                    None => part,
+                    Some(acc) => p.op(|r| format!("{r} = stablehlo.add {acc}, {part} : {t}")),
+                }
+            };
+            dq = Some(add(&mut p, dq.take(), &dq_step[0], &q_shard));
+            dk = Some(add(&mut p, dk.take(), &dkv[0], &kv_shard));
+            dv = Some(add(&mut p, dv.take(), &dkv[1], &kv_shard));
+            // The kv gradients travel with their shards; after the last step, home.
+            let kv_f32 = f32_type(&kv_shard);
+            dk = dk.map(|g| p.rotate(&g, &kv_f32, self.axis, 1)).transpose()?;
+            dv = dv.map(|g| p.rotate(&g, &kv_f32, self.axis, 1)).transpose()?;
+        }
+        let missing = || Error::Shape("ring attention over no devices".into());
+        let dq = convert(&mut p, &dq.ok_or_else(missing)?, &f32_type(&q_shard), self.dtype);
+        let dk = convert(&mut p, &dk.ok_or_else(missing)?, &f32_type(&kv_shard), self.dtype);
+        let dv = convert(&mut p, &dv.ok_or_else(missing)?, &f32_type(&kv_shard), self.dtype);
+        Ok(p.finish("ring_attention_backward", &[(dq, q_type, spec.clone()), (dk, kv_type.clone(), spec.clone()), (dv, kv_type, spec)])?)
+    }
+}
+
+/// The shape of a traced call's operand `i`.
+fn shard_shape(call: &TracedCall, i: usize) -> Vec<usize> {
+    call.operand_types().nth(i).map(|t| t.shape.clone()).unwrap_or_default()
+}
+
+/// A zero of each of `types`: the operands the kernels take but attention without segments,
+/// bias or dropout never reads.
+fn zeros<'a>(p: &mut SpmdProgram, types: impl Iterator<Item = &'a ValueType>) -> Vec<String> {
+    types.map(|t| constant(p, t, if t.dtype.is_float() { "0.0" } else { "0" })).collect()
+}
+
+/// A splat constant of `t` (`value` as MLIR spells an element).
+fn constant(p: &mut SpmdProgram, t: &ValueType, value: &str) -> String {
+    p.op(|r| format!("{r} = stablehlo.constant dense<{value}> : {}", tensor(t)))
+}
+
+/// `x` of type `t` converted to `to` (itself when `t` is already `to`).
+fn convert(p: &mut SpmdProgram, x: &str, t: &ValueType, to: DType) -> String {
+    if t.dtype == to {
+        return x.to_string();
+    }
+    let target = ValueType::new(to, t.shape.clone());
+    p.op(|r| format!("{r} = stablehlo.convert {x} : ({}) -> {}", tensor(t), tensor(&target)))
+}
+
+/// Whether the ring position (`tensor<i32>`) is at least `step`.
+fn ahead_of(p: &mut SpmdProgram, position: &str, step: usize) -> String {
+    let step = p.op(|r| format!("{r} = stablehlo.constant dense<{step}> : tensor<i32>"));
+    p.op(|r| format!("{r} = stablehlo.compare GE, {position}, {step} : (tensor<i32>, tensor<i32>) -> tensor<i1>"))
+}
+
+/// The softmax-weighted union of two partial attentions (f32 outputs `[b, h, s, d]` and their
+/// log-sum-exps `[b, h, s, 1]`): each output weighted by its share of the total mass. Rows no
+/// key reached (both -inf) stay 0 with a log-sum-exp of -inf.
+fn merge(p: &mut SpmdProgram, (o_a, lse_a): (&str, &str), (o_b, lse_b): (&str, &str), o_shape: &[usize], lse_shape: &[usize]) -> (String, String) {
+    let (lt, ot) = (tensor(&f32_type(lse_shape)), tensor(&f32_type(o_shape)));
+    let bool_t = tensor(&ValueType::new(DType::Bool, lse_shape.to_vec()));
+    let m = p.op(|r| format!("{r} = stablehlo.maximum {lse_a}, {lse_b} : {lt}"));
+    let ninf = constant(p, &f32_type(lse_shape), "0xFF800000");
+    let zero = constant(p, &f32_type(lse_shape), "0.0");
+    let one = constant(p, &f32_type(lse_shape), "1.0");
+    let empty = p.op(|r| format!("{r} = stablehlo.compare EQ, {m}, {ninf} : ({lt}, {lt}) -> {bool_t}"));
+    let shift = p.op(|r| format!("{r} = stablehlo.select {empty}, {zero}, {m} : ({bool_t}, {lt}, {lt}) -> {lt}"));
+    let mut mass = |lse: &str| {
+        let d = p.op(|r| format!("{r} = stablehlo.subtract {lse}, {shift} : {lt}"));
+        p.op(|r| format!("{r} = stablehlo.exponential {d} : {lt}"))
+    };
+    let (a, b) = (mass(lse_a), mass(lse_b));
+    let total = p.op(|r| format!("{r} = stablehlo.add {a}, {b} : {lt}"));
+    let log = p.op(|r| format!("{r} = stablehlo.log {total} : {lt}"));
+    let lse = p.op(|r| format!("{r} = stablehlo.add {log}, {shift} : {lt}"));
+    let nothing = p.op(|r| format!("{r} = stablehlo.compare EQ, {total}, {zero} : ({lt}, {lt}) -> {bool_t}"));
+    let total = p.op(|r| format!("{r} = stablehlo.select {nothing}, {one}, {total} : ({bool_t}, {lt}, {lt}) -> {lt}"));
+    let mut weighted = |o: &str, mass: &str| {
+        let w = p.op(|r| format!("{r} = stablehlo.divide {mass}, {total} : {lt}"));
+        let w = p.op(|r| format!("{r} = stablehlo.broadcast_in_dim {w}, dims = [0, 1, 2, 3] : ({lt}) -> {ot}"));
+        p.op(|r| format!("{r} = stablehlo.multiply {o}, {w} : {ot}"))
+    };
+    let (wa, wb) = (weighted(o_a, &a), weighted(o_b, &b));
+    let o = p.op(|r| format!("{r} = stablehlo.add {wa}, {wb} : {ot}"));
+    (o, lse)
+}
