@@ -87,13 +87,14 @@ impl ShardingArgs {
     }
 }
 
-/// The TPU module of `call`: alone, or the sharded program of `layout`.
-fn tpu_module(call: &TracedCall, layout: Option<&(Mesh, Vec<PartitionSpec>)>) -> Result<String, String> {
+/// The TPU module of `call`, alone or as the sharded program of `layout`, and the partitions
+/// it runs on.
+fn tpu_module(call: &TracedCall, layout: Option<&(Mesh, Vec<PartitionSpec>)>) -> Result<(String, u64), String> {
     match layout {
-        None => lower(call, Target::TpuStableHlo),
+        None => lower(call, Target::TpuStableHlo).map(|m| (m, 1)),
         Some((mesh, specs)) => {
             let operands = call.operand_types().count().min(specs.len());
-            lower_sharded(call, mesh, &specs[..operands], &specs[operands..])
+            lower_sharded(call, mesh, &specs[..operands], &specs[operands..]).map(|m| (m.text.clone(), m.partitions()))
         }
     }
     .map_err(|e| e.to_string())
@@ -141,8 +142,8 @@ enum Command {
         /// Problem and config fields over the op's example.
         #[arg(long, value_delimiter = ',')]
         set: Vec<String>,
-        /// Comma-separated chips: v4, v5e, v5p, v6e, tpu7x.
-        #[arg(long, value_delimiter = ',', default_value = "v4,v5e,v5p,v6e,tpu7x")]
+        /// Comma-separated chips: v4, v5e, v5p, v6e, tpu7x (a sharded program takes --slices).
+        #[arg(long, value_delimiter = ',', default_value = "v4,v5e,v5p,v6e,tpu7x", conflicts_with = "mesh")]
         chips: Vec<String>,
         #[command(flatten)]
         sharding: ShardingArgs,
@@ -385,7 +386,7 @@ fn check(selections: Vec<Selected>, targets: CheckTargets, json: bool) -> Result
             let (target, width) = if layout.is_some() { (slice.to_string(), 11) } else { (chip.to_string(), 6) };
             let module = sel.trace(Some(TableTarget::Chip(chip))).and_then(|t| tpu_module(&t, layout.as_ref()));
             let partitions = layout.as_ref().map_or(1, |(mesh, _)| mesh.devices());
-            let result = module.and_then(|m| compiler.compile_spmd(slice, partitions, &m).map_err(|e| e.to_string()));
+            let result = module.and_then(|(m, n)| if layout.is_some() { compiler.compile_spmd(slice, n, &m) } else { compiler.compile(chip, &m) }.map_err(|e| e.to_string()));
             all_ok &= result.is_ok();
             if json {
                 let line = match &result {
@@ -435,7 +436,7 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
             match sharding.layout()? {
                 None => print!("{}", lower(&traced, target.into()).map_err(|e| e.to_string())?),
                 Some(_) if !matches!(target, LowerTarget::TpuStablehlo) => return Err("--mesh lowers the sharded TPU program: pass --target tpu-stablehlo".into()),
-                Some(layout) => print!("{}", tpu_module(&traced, Some(&layout))?),
+                Some(layout) => print!("{}", tpu_module(&traced, Some(&layout))?.0),
             }
             Ok(true)
         }

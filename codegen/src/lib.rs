@@ -15,7 +15,7 @@ pub use cost::CostEstimate;
 pub use error::{Error, Result};
 pub use mlir::tensor_type;
 pub use mosaic::Form;
-pub use spmd::{Mesh, PartitionSpec, SpmdProgram};
+pub use spmd::{Mesh, PartitionSpec, SpmdModule, SpmdProgram};
 
 /// What `lower` produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -51,7 +51,7 @@ pub fn lower(call: &torchtpu_dsl::TracedCall, target: Target) -> Result<String> 
 /// operand `i` laid out by `inputs[i]` and output `j` by `outputs[j]` (see
 /// [`spmd::sharded_module`]); the blocks are checked against the TPU's tiling first, as in
 /// [`lower`].
-pub fn lower_sharded(call: &torchtpu_dsl::TracedCall, mesh: &Mesh, inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<String> {
+pub fn lower_sharded(call: &torchtpu_dsl::TracedCall, mesh: &Mesh, inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<SpmdModule> {
     check_tiling(call)?;
     spmd::sharded_module(SpmdProgram::new(mesh), call, inputs, outputs)
 }

@@ -81,6 +81,24 @@ impl Mesh {
         self.axes[i + 1..].iter().map(|(_, s)| s).product()
     }
 
+    /// Device `device`'s coordinate along axis `i`.
+    fn coordinate(&self, device: u64, i: usize) -> u64 {
+        (device / self.stride(i)) % self.axes[i].1
+    }
+
+    /// The positions of `axes`, each named once.
+    fn positions(&self, axes: &[String]) -> Result<Vec<usize>> {
+        let mut positions = Vec::new();
+        for axis in axes {
+            let p = self.position(axis)?;
+            if positions.contains(&p) {
+                return Err(sharding_error(format!("axis `{axis}` is named twice in {}", axes.join("+"))));
+            }
+            positions.push(p);
+        }
+        Ok(positions)
+    }
+
     /// The partition ids of the mesh's devices enumerated over `order` (axis positions, each
     /// once, all of them), the first varying slowest.
     fn devices_in(&self, order: &[usize]) -> Vec<u64> {
@@ -214,7 +232,7 @@ impl PartitionSpec {
                 let mut index = 0u64;
                 for axis in axes {
                     let p = mesh.position(axis)?;
-                    index = index * mesh.axes[p].1 + (device / mesh.stride(p)) % mesh.axes[p].1;
+                    index = index * mesh.axes[p].1 + mesh.coordinate(device, p);
                 }
                 Ok(index as usize * len)
             })
@@ -271,11 +289,14 @@ impl PartitionSpec {
 }
 
 /// `x,_` (dim 0 split over x, dim 1 whole); `x+y,_` (split over x then y); a last entry
-/// `sum=y` (or `sum=x+y`) marks an output's partial sums.
+/// `sum=y` (or `sum=x+y`) marks an output's partial sums; `` (nothing) is a scalar's.
 impl FromStr for PartitionSpec {
     type Err = Error;
     fn from_str(s: &str) -> Result<PartitionSpec> {
         let mut spec = PartitionSpec::default();
+        if s.trim().is_empty() {
+            return Ok(spec);
+        }
         for entry in s.split(',').map(str::trim) {
             if let Some(axes) = entry.strip_prefix("sum=") {
                 spec.summed.extend(axes.split('+').map(|a| a.trim().to_string()));
@@ -361,33 +382,59 @@ impl<'m> SpmdProgram<'m> {
 
     /// Runs the kernel `call` (traced on shard shapes) on `operands`; its results' SSA names.
     pub fn kernel(&mut self, call: &TracedCall, operands: &[String]) -> Result<Vec<String>> {
-        if operands.len() != call.operand_types().count() {
-            return Err(sharding_error(format!("kernel `{}` takes {} operands, not {}", call.name, call.operand_types().count(), operands.len())));
-        }
         let name = self.fresh();
         let n = call.outputs.len();
-        let op = match &mut self.portable {
-            None => custom_call_op(call, Form::Stable, &result_binding(&name, n), operands)?,
-            Some(functions) => {
-                let module = portable::module(call)?;
-                let index = match functions.iter().position(|(m, _)| *m == module) {
-                    Some(i) => i,
-                    None => {
-                        functions.push((module.clone(), kernel_function(&module, functions.len())?));
-                        functions.len() - 1
-                    }
-                };
-                let types: Vec<String> = call.operand_types().map(tensor_type).collect();
-                format!("{} = func.call @kernel_{index}({}) : ({}) -> {}", result_binding(&name, n), operands.join(", "), types.join(", "), results_signature(call))
-            }
-        };
+        let op = self.kernel_op(call, &result_binding(&name, n), operands)?;
         self.body.push(op);
         Ok(result_names(&name, n))
     }
 
+    /// Runs the kernel `call` on `operands` only where `pred` (a `tensor<i1>`) holds; elsewhere
+    /// the results are `otherwise` (values of the kernel's output types), and the kernel's
+    /// work is skipped.
+    pub fn kernel_if(&mut self, pred: &str, call: &TracedCall, operands: &[String], otherwise: &[String]) -> Result<Vec<String>> {
+        let n = call.outputs.len();
+        if otherwise.len() != n {
+            return Err(sharding_error(format!("kernel `{}` gives {n} outputs; {} values stand in for them", call.name, otherwise.len())));
+        }
+        let inner = self.fresh();
+        let op = self.kernel_op(call, &result_binding(&inner, n), operands)?;
+        let types: Vec<String> = call.outputs.iter().map(|o| tensor_type(&o.array)).collect();
+        let types = types.join(", ");
+        let name = self.fresh();
+        let results = result_names(&inner, n).join(", ");
+        self.body.push(format!(
+            "{} = \"stablehlo.if\"({pred}) ({{\n      {op}\n      stablehlo.return {results} : {types}\n    }}, {{\n      stablehlo.return {} : {types}\n    }}) : (tensor<i1>) -> ({types})",
+            result_binding(&name, n),
+            otherwise.join(", ")
+        ));
+        Ok(result_names(&name, n))
+    }
+
+    /// The op running `call` on `operands`, binding `binding`: a `tpu_custom_call`, or a call
+    /// of the kernel's portable function.
+    fn kernel_op(&mut self, call: &TracedCall, binding: &str, operands: &[String]) -> Result<String> {
+        if operands.len() != call.operand_types().count() {
+            return Err(sharding_error(format!("kernel `{}` takes {} operands, not {}", call.name, call.operand_types().count(), operands.len())));
+        }
+        let Some(functions) = &mut self.portable else {
+            return custom_call_op(call, Form::Stable, binding, operands);
+        };
+        let module = portable::module(call)?;
+        let index = match functions.iter().position(|(m, _)| *m == module) {
+            Some(i) => i,
+            None => {
+                functions.push((module.clone(), kernel_function(&module, functions.len())?));
+                functions.len() - 1
+            }
+        };
+        let types: Vec<String> = call.operand_types().map(tensor_type).collect();
+        Ok(format!("{binding} = func.call @kernel_{index}({}) : ({}) -> {}", operands.join(", "), types.join(", "), results_signature(call)))
+    }
+
     /// The sum of `x` (a shard of type `t`) over the devices along `axes`.
     pub fn all_reduce_sum(&mut self, x: &str, t: &ValueType, axes: &[String]) -> Result<String> {
-        let positions = axes.iter().map(|a| self.mesh.position(a)).collect::<Result<Vec<_>>>()?;
+        let positions = self.mesh.positions(axes)?;
         let groups = self.mesh.groups_over(&positions);
         let channel = self.channel();
         let (tt, scalar) = (tensor_type(t), tensor_type(&ValueType::new(t.dtype, Vec::<usize>::new())));
@@ -408,8 +455,8 @@ impl<'m> SpmdProgram<'m> {
             .devices_in(&(0..self.mesh.axes.len()).collect::<Vec<_>>())
             .iter()
             .map(|&id| {
-                let c = (id / stride) % size;
-                let to = (c as i64 + shift).rem_euclid(size as i64) as u64;
+                let c = self.mesh.coordinate(id, p);
+                let to = (c + shift.rem_euclid(size as i64) as u64) % size;
                 format!("[{id}, {}]", id - c * stride + to * stride)
             })
             .collect();
@@ -440,7 +487,7 @@ impl<'m> SpmdProgram<'m> {
 
     /// The module: `main` returns each `(shard, type, spec)` of `results` as a whole array (a
     /// spec's partial sums added up first); `what` names the results in errors.
-    pub fn finish(mut self, name: &str, results: &[(String, ValueType, PartitionSpec)]) -> Result<String> {
+    pub fn finish(mut self, name: &str, results: &[(String, ValueType, PartitionSpec)]) -> Result<SpmdModule> {
         let mut returned = Vec::new();
         for (i, (shard, t, spec)) in results.iter().enumerate() {
             spec.check(self.mesh, t.shape.len(), &format!("output {i}"), true)?;
@@ -467,8 +514,40 @@ impl<'m> SpmdProgram<'m> {
             m.push_str(function);
         }
         m.push_str("}\n");
-        Ok(m)
+        Ok(SpmdModule { text: m, mesh: self.mesh.clone() })
     }
+}
+
+/// An SPMD program's module (StableHLO text) and the mesh its partitions are the devices of:
+/// compile it for `mesh.devices()` partitions.
+#[derive(Clone, Debug)]
+pub struct SpmdModule {
+    pub text: String,
+    pub mesh: Mesh,
+}
+
+impl SpmdModule {
+    /// The partitions (devices) it runs on.
+    pub fn partitions(&self) -> u64 {
+        self.mesh.devices()
+    }
+}
+
+/// Refuses an output that an axis splitting some input leaves out: the devices along that
+/// axis computed from different parts, so the output is neither whole on each (what leaving
+/// the axis out says) nor split by it — unless it is their partial sums (`sum=`).
+fn check_outputs_cover_inputs(inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<()> {
+    for (i, input) in inputs.iter().enumerate() {
+        for axis in input.dims.iter().flatten() {
+            if let Some(j) = outputs.iter().position(|o| !o.dims.iter().flatten().chain(&o.summed).any(|a| a == axis)) {
+                return Err(sharding_error(format!(
+                    "output {j} (`{}`) leaves out axis `{axis}`, which splits operand {i} (`{input}`): the devices along `{axis}` computed it from different parts; split the output over `{axis}`, or mark it `sum={axis}` if they hold partial sums",
+                    outputs[j]
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A portable module's `main` as the private function `kernel_{index}` of another module.
@@ -484,7 +563,7 @@ fn kernel_function(module: &str, index: usize) -> Result<String> {
 /// `program`'s mesh, in its form (TPU or portable): operand `i` laid out by `inputs[i]`,
 /// output `j` by `outputs[j]`. `main` takes and returns the whole arrays; the kernel sees only
 /// its shards.
-pub fn sharded_module(mut program: SpmdProgram, call: &TracedCall, inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<String> {
+pub fn sharded_module(mut program: SpmdProgram, call: &TracedCall, inputs: &[PartitionSpec], outputs: &[PartitionSpec]) -> Result<SpmdModule> {
     let mesh = program.mesh;
     let operand_types: Vec<&ValueType> = call.operand_types().collect();
     if inputs.len() != operand_types.len() || outputs.len() != call.outputs.len() {
@@ -504,6 +583,7 @@ pub fn sharded_module(mut program: SpmdProgram, call: &TracedCall, inputs: &[Par
         let global = ValueType::new(t.dtype, spec.global_shape(mesh, &t.shape)?);
         shards.push(program.input(&what, &global, spec)?);
     }
+    check_outputs_cover_inputs(inputs, outputs)?;
     let results = program.kernel(call, &shards)?;
     let results: Vec<(String, ValueType, PartitionSpec)> = results.into_iter().zip(&call.outputs).zip(outputs).map(|((r, o), spec)| (r, o.array.clone(), spec.clone())).collect();
     program.finish(&format!("{}_spmd", call.name), &results)
@@ -542,6 +622,10 @@ mod tests {
         assert!(p.body[0].contains("[[0, 1], [1, 2], [2, 0], [3, 4], [4, 5], [5, 3]]"), "{}", p.body[0]);
         p.rotate("%x", &t, "x", -1).unwrap();
         assert!(p.body[1].contains("[[0, 3], [1, 4], [2, 5], [3, 0], [4, 1], [5, 2]]") && p.body[1].contains("handle = 2"), "{}", p.body[1]);
+        // i64::MIN + 1 is -1 modulo 3: each device sends to its predecessor, without overflow.
+        p.rotate("%x", &t, "y", i64::MIN + 1).unwrap();
+        assert!(p.body[2].contains("[[0, 2], [1, 0], [2, 1], [3, 5], [4, 3], [5, 4]]"), "{}", p.body[2]);
+        assert!(p.all_reduce_sum("%x", &t, &["y".into(), "y".into()]).unwrap_err().to_string().contains("named twice"));
     }
 
     #[test]
@@ -576,6 +660,8 @@ mod tests {
             assert!(e.contains(why), "{bad}: {e}");
         }
         assert!("x,_,sum=y".parse::<PartitionSpec>().unwrap().check(&m, 2, "operand 0", false).unwrap_err().to_string().contains("only an output"));
+        assert_eq!("".parse::<PartitionSpec>().unwrap(), PartitionSpec::replicated(0));
+        assert_eq!(PartitionSpec::replicated(0).to_string().parse::<PartitionSpec>().unwrap(), PartitionSpec::replicated(0));
         for (bad, why) in [("sum=y,x", "comes after"), ("x-1,_", "not an axis name")] {
             let e = bad.parse::<PartitionSpec>().unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");

@@ -42,7 +42,7 @@ fn compile(call: &PallasCall, operands: &[ValueType], chip: Chip) -> Result<(), 
 fn a_block_off_the_8_by_128_tiling_is_rejected_with_the_compilers_reason() {
     let call = elementwise(copy::kernel(), [64, 256], [4, 100]);
     let err = compile(&call, &[ValueType::new(DType::F32, [64, 256])], Chip::V5e).expect_err("misaligned");
-    assert_eq!(err.chip, Chip::V5e);
+    assert_eq!(err.slice.chip, Chip::V5e);
     assert!(err.message.contains("E2002") && err.message.contains("MisalignedBlockAndTiling"), "{err}");
     // lower() refuses it before libtpu, at the BlockSpec's Rust line, by the same rule.
     let traced = call.trace(&[ValueType::new(DType::F32, [64, 256])]).expect("traces");

@@ -12,8 +12,6 @@ fn compiler() -> &'static TpuCompiler {
     TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required for these tests (run scripts/setup.sh): {e}"))
 }
 
-const SLICES: [&str; 5] = ["v5e:2x2", "v5e:2x4", "v6e:2x2", "v5p:2x2x1", "tpu7x:2x2x1"];
-
 fn matmul(m: usize, n: usize, k: usize) -> Matmul {
     Matmul { m, n, k, block: (128, 128, 128), dtype: DType::F32 }
 }
@@ -55,8 +53,7 @@ fn layouts() -> Vec<Layout> {
 fn sharded_matmuls_compile_for_every_slice_with_each_devices_share_of_the_flops() {
     let compiler = compiler();
     let (m, n, k) = (1024, 1024, 2048);
-    for slice in SLICES {
-        let slice: Slice = slice.parse().expect("slice");
+    for slice in Slice::multi_chip_examples() {
         let devices = compiler.devices(&slice).expect("devices");
         let mesh = Mesh::new([("x", 2), ("y", devices / 2)]).expect("mesh");
         let whole = compiler.compile(slice.chip, &lower(&traced(&matmul(m, n, k)), Target::TpuStableHlo).expect("lowers")).expect("compiles");
@@ -65,7 +62,7 @@ fn sharded_matmuls_compile_for_every_slice_with_each_devices_share_of_the_flops(
             let shard = traced(&matmul(m / rows, n / cols, k / inner));
             let specs = specs(&layout.specs);
             let module = sharded_module(SpmdProgram::new(&mesh), &shard, &specs[..2], &specs[2..]).expect("lowers");
-            let compiled = compiler.compile_spmd(&slice, mesh.devices(), &module).unwrap_or_else(|e| panic!("{slice} {}: {e}", layout.name));
+            let compiled = compiler.compile_spmd(&slice, module.partitions(), &module.text).unwrap_or_else(|e| panic!("{slice} {}: {e}", layout.name));
             let share = flops(&whole) / (rows * cols * inner) as f64;
             // Partial sums cost one add per output element and device in the all-reduce.
             let reduction = if inner > 1 { (m / rows * n) as f64 } else { 0.0 };
@@ -81,10 +78,23 @@ fn programs_that_do_not_fit_their_slice_or_kernel_are_errors() {
     let shard = traced(&matmul(256, 256, 256));
     let mesh: Mesh = "x=8".parse().expect("mesh");
     let module = sharded_module(SpmdProgram::new(&mesh), &shard, &specs(&["x,_", "_,_"]), &specs(&["x,_"])).expect("lowers");
-    let err = compiler.compile_spmd(&"v5e:2x2".parse().expect("slice"), mesh.devices(), &module).expect_err("8 devices on 4").to_string();
+    let err = compiler.compile_spmd(&"v5e:2x2".parse().expect("slice"), module.partitions(), &module.text).expect_err("8 devices on 4").to_string();
     assert!(err.contains("over 8 devices does not fit v5e:2x2, which has 4"), "{err}");
     let err = sharded_module(SpmdProgram::new(&mesh), &shard, &specs(&["x,_"]), &specs(&["x,_"])).expect_err("one spec short").to_string();
     assert!(err.contains("needs 3 partition specs (operands, then outputs); 2 given"), "{err}");
     let err = sharded_module(SpmdProgram::new(&mesh), &shard, &specs(&["x,_", "_"]), &specs(&["x,_"])).expect_err("rank").to_string();
     assert!(err.contains("operand 1 (tensor<256x256xf32>) has 2 dims but its partition spec `_` gives 1"), "{err}");
+}
+
+#[test]
+fn a_one_device_mesh_compiles_and_an_output_missing_a_split_axis_is_refused() {
+    let compiler = compiler();
+    let shard = traced(&matmul(256, 256, 256));
+    let mesh: Mesh = "x=1".parse().expect("mesh");
+    let module = sharded_module(SpmdProgram::new(&mesh), &shard, &specs(&["x,_", "_,_"]), &specs(&["x,_"])).expect("lowers");
+    compiler.compile_spmd(&"v5e:2x2".parse().expect("slice"), module.partitions(), &module.text).expect("one device compiles");
+    // Columns split over y but an output that says it is whole on every y device: refused.
+    let mesh: Mesh = "x=2,y=2".parse().expect("mesh");
+    let err = sharded_module(SpmdProgram::new(&mesh), &shard, &specs(&["x,_", "_,y"]), &specs(&["x,_"])).expect_err("y left out").to_string();
+    assert!(err.contains("output 0 (`x,_`) leaves out axis `y`, which splits operand 1 (`_,y`)") && err.contains("sum=y"), "{err}");
 }

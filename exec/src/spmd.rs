@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
 
 use ndarray::{ArrayD, Slice as Range};
-use torchtpu_codegen::{Mesh, PartitionSpec};
+use torchtpu_codegen::{Mesh, PartitionSpec, SpmdModule};
 use torchtpu_dsl::ir::ValueType;
-use torchtpu_dsl::HostArray;
+use torchtpu_dsl::{DType, HostArray};
 use torchtpu_runtime::{locate, Client, Plugin};
 
 use crate::transfer::{download, element_type, to_bytes};
@@ -28,30 +28,32 @@ fn cpu_client(devices: usize) -> Result<Client> {
     Ok(client)
 }
 
-/// The part of `whole` that `device` holds under `spec`.
-fn shard_of(whole: &HostArray, mesh: &Mesh, spec: &PartitionSpec, device: u64) -> Result<HostArray> {
+/// The part of `whole` (its values in f64) that `device` holds under `spec`.
+fn shard_of(whole: &ArrayD<f64>, dtype: DType, mesh: &Mesh, spec: &PartitionSpec, device: u64) -> Result<HostArray> {
     let shape = spec.shard_shape(mesh, whole.shape())?;
     let offsets = spec.shard_offsets(mesh, device, &shape)?;
-    let values = whole.to_f64();
-    let part = values.slice_each_axis(|ax| Range::from(offsets[ax.axis.index()]..offsets[ax.axis.index()] + shape[ax.axis.index()]));
-    Ok(HostArray::from_f64(whole.dtype(), &part.to_owned()))
+    let part = whole.slice_each_axis(|ax| Range::from(offsets[ax.axis.index()]..offsets[ax.axis.index()] + shape[ax.axis.index()]));
+    Ok(HostArray::from_f64(dtype, &part.to_owned()))
 }
 
-/// Runs the SPMD `module` (over `mesh`'s devices, in its portable form) on the whole arrays
-/// `inputs`, each laid out by its spec; returns the whole outputs of `outputs` (their types
-/// and specs). A share that several devices hold (an axis the spec does not name) is equal on
-/// each; the last device's copy is kept.
-pub fn run_sharded(module: &str, mesh: &Mesh, inputs: &[(&HostArray, &PartitionSpec)], outputs: &[(ValueType, PartitionSpec)]) -> Result<Vec<HostArray>> {
-    let devices = mesh.devices();
-    let client = cpu_client(usize::try_from(devices).unwrap_or(usize::MAX))?;
-    let executable = client.compile_spmd(module, devices as usize)?;
+/// Runs `module` (an SPMD program in its portable form) on the whole arrays `inputs`, each
+/// laid out by its spec; returns the whole outputs of `outputs` (their types and specs). A
+/// share that several devices hold (along an axis the spec leaves out) must be equal on each:
+/// an error says which output and devices differ.
+pub fn run_sharded(module: &SpmdModule, inputs: &[(&HostArray, &PartitionSpec)], outputs: &[(ValueType, PartitionSpec)]) -> Result<Vec<HostArray>> {
+    let mesh = &module.mesh;
+    let devices = usize::try_from(mesh.devices()).unwrap_or(usize::MAX);
+    let client = cpu_client(devices)?;
+    let executable = client.compile_spmd(&module.text, devices)?;
+    let wholes: Vec<ArrayD<f64>> = inputs.iter().map(|(a, _)| a.to_f64()).collect();
     let mut arguments = Vec::new();
     for device in 0..devices {
         let buffers = inputs
             .iter()
-            .map(|(whole, spec)| {
-                let shard = shard_of(whole, mesh, spec, device)?;
-                Ok(client.buffer_on(device as usize, &to_bytes(&shard), element_type(shard.dtype()), shard.shape())?)
+            .zip(&wholes)
+            .map(|((a, spec), whole)| {
+                let shard = shard_of(whole, a.dtype(), mesh, spec, device as u64)?;
+                Ok(client.buffer_on(device, &to_bytes(&shard), element_type(shard.dtype()), shard.shape())?)
             })
             .collect::<Result<Vec<_>>>()?;
         arguments.push(buffers);
@@ -65,11 +67,22 @@ pub fn run_sharded(module: &str, mesh: &Mesh, inputs: &[(&HostArray, &PartitionS
             let shape = spec.shard_shape(mesh, &t.shape)?;
             let shard_type = ValueType::new(t.dtype, shape.clone());
             let mut whole = ArrayD::<f64>::zeros(t.shape.clone());
+            let mut holder: HashMap<Vec<usize>, usize> = HashMap::new();
             for (device, outs) in results.iter().enumerate() {
                 let buffer = outs.get(i).ok_or_else(|| Error::Input(format!("device {device} returned no output {i}")))?;
                 let part = download(buffer, &shard_type)?.to_f64();
                 let offsets = spec.shard_offsets(mesh, device as u64, &shape)?;
-                whole.slice_each_axis_mut(|ax| Range::from(offsets[ax.axis.index()]..offsets[ax.axis.index()] + shape[ax.axis.index()])).assign(&part);
+                let mut target = whole.slice_each_axis_mut(|ax| Range::from(offsets[ax.axis.index()]..offsets[ax.axis.index()] + shape[ax.axis.index()]));
+                match holder.get(&offsets) {
+                    Some(&first) if target.iter().zip(&part).any(|(a, b)| a.to_bits() != b.to_bits()) => {
+                        return Err(Error::Input(format!("output {i} (`{spec}`) differs between devices {first} and {device}, which the spec says hold the same share")));
+                    }
+                    Some(_) => {}
+                    None => {
+                        target.assign(&part);
+                        holder.insert(offsets, device);
+                    }
+                }
             }
             Ok(HostArray::from_f64(t.dtype, &whole))
         })

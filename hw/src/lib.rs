@@ -136,6 +136,9 @@ pub struct Slice {
     pub shape: Vec<u32>,
 }
 
+/// The longest side of a slice's grid we take: past any TPU pod's (a v5p pod is 16×20×28).
+pub const MAX_SLICE_SIDE: u32 = 64;
+
 /// A slice name that does not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("bad TPU slice `{name}`: {reason}; expected a chip and its grid, e.g. v5e:2x4 or v5p:2x2x1")]
@@ -185,9 +188,15 @@ impl FromStr for Slice {
     fn from_str(s: &str) -> Result<Slice, BadSlice> {
         let bad = |reason: String| BadSlice { name: s.to_string(), reason };
         let (chip, grid) = s.trim().split_once(':').ok_or_else(|| bad("no `:` between the chip and its grid".into()))?;
-        let chip = if chip == "v5" { Chip::V5p } else { chip.parse::<Chip>().map_err(|e| bad(e.to_string()))? };
-        let shape =
-            grid.split('x').map(|d| d.parse::<u32>().ok().filter(|&d| d > 0).ok_or_else(|| bad(format!("`{d}` is not a positive grid size")))).collect::<Result<Vec<_>, _>>()?;
+        // Our chip name, or libtpu's (`v5` for v5p).
+        let chip = match Chip::ALL.into_iter().find(|c| c.topology_prefix() == chip) {
+            Some(c) => c,
+            None => chip.parse::<Chip>().map_err(|e| bad(e.to_string()))?,
+        };
+        let shape = grid
+            .split('x')
+            .map(|d| d.parse::<u32>().ok().filter(|d| (1..=MAX_SLICE_SIDE).contains(d)).ok_or_else(|| bad(format!("`{d}` is not a grid size from 1 to {MAX_SLICE_SIDE}"))))
+            .collect::<Result<Vec<_>, _>>()?;
         let rank = chip.smallest_slice().len();
         if shape.len() != rank {
             return Err(bad(format!("a {chip} grid has {rank} dims, not {}", shape.len())));
@@ -217,8 +226,15 @@ mod tests {
         }
         assert_eq!("v5p:2x2x1".parse::<Slice>().map(|s| s.topology()), Ok("v5:2x2x1".to_string()));
         assert_eq!("v5e:2x4".parse::<Slice>().map(|s| s.chips()), Ok(8));
-        for (bad, why) in [("v5e", "no `:`"), ("v5e:2x0", "`0`"), ("v5e:2x2x1", "has 2 dims"), ("v9:2x2", "unknown TPU chip"), ("v4:2xx1", "``"), ("v6e:99999999999x1", "positive")]
-        {
+        for (bad, why) in [
+            ("v5e", "no `:`"),
+            ("v5e:2x0", "`0` is not a grid size"),
+            ("v5e:2x2x1", "has 2 dims"),
+            ("v9:2x2", "unknown TPU chip"),
+            ("v4:2xx1", "``"),
+            ("v6e:99999999999x1", "from 1 to 64"),
+            ("v6e:65x1", "from 1 to 64"),
+        ] {
             let e = bad.parse::<Slice>().unwrap_err().to_string();
             assert!(e.contains(why) && e.contains("e.g. v5e:2x4"), "{bad}: {e}");
         }

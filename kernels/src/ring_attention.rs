@@ -8,10 +8,11 @@
 //!
 //! Causal attention (top-left, q and kv of one length): step 0 meets the device's own kv
 //! shard, the diagonal, with the causal kernel; a later step's shard lies wholly before or
-//! wholly after the device's queries, so it is attended in full or not at all (its
-//! contribution dropped by a select on the device's ring position).
+//! wholly after the device's queries, so it is attended in full or not at all (the kernel
+//! skipped, under a `stablehlo.if` on the device's ring position). The devices' loads are not
+//! balanced: the last device works every step, the first only on its diagonal.
 
-use torchtpu_codegen::{tensor_type as tensor, Mesh, PartitionSpec, SpmdProgram};
+use torchtpu_codegen::{tensor_type as tensor, Mesh, PartitionSpec, SpmdModule, SpmdProgram};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, TracedCall};
 
@@ -19,6 +20,13 @@ use crate::flash::{problem_and_config, AttentionOptions, AttentionShape, FlashOp
 use crate::op::traced_for;
 use crate::tables::TableTarget;
 use crate::Error;
+
+/// The most devices a ring may have: its program holds a step per device, each rotation
+/// naming every device.
+pub const MAX_RING: usize = 256;
+
+/// An f32 -inf as MLIR spells it: the log-sum-exp of no keys.
+const NEG_INFINITY: &str = "0xFF800000";
 
 /// A ring-attention problem: the whole arrays' shapes, the mesh and the axis the sequence is
 /// split over.
@@ -50,6 +58,9 @@ impl Ring<'_> {
         }
         if self.opts.causal && s.q_len != s.kv_len {
             return Err(Error::Shape(format!("causal ring attention needs q and kv of one length (self-attention); got {} and {}", s.q_len, s.kv_len)));
+        }
+        if n > MAX_RING {
+            return Err(Error::Shape(format!("ring attention unrolls a step per device; {n} devices on axis `{}` is more than the {MAX_RING} it takes", self.axis)));
         }
         if s.q_len % n != 0 || s.kv_len % n != 0 {
             return Err(Error::Shape(format!("ring attention over {n} devices needs q_len and kv_len divisible by {n}; got {} and {}", s.q_len, s.kv_len)));
@@ -84,7 +95,7 @@ impl Ring<'_> {
 
     /// The forward program: q, k, v (whole, sequence-sharded) in; o and the log-sum-exp
     /// `[b, h, sq, 1]` (f32) out.
-    pub fn forward(&self, target: TableTarget) -> Result<String, Error> {
+    pub fn forward(&self, target: TableTarget) -> Result<SpmdModule, Error> {
         let s = self.shape;
         let n = self.devices()?;
         let full = self.kernel(FlashPass::Forward, false, target)?;
@@ -105,18 +116,17 @@ impl Ring<'_> {
             }
             let call = if step == 0 { &diagonal } else { &full };
             let operands: Vec<String> = [q.clone(), k.clone(), v.clone()].into_iter().chain(placeholders.iter().cloned()).collect();
-            let out = p.kernel(call, &operands)?;
-            let o = convert(&mut p, &out[0], &o_type, DType::F32);
-            let mut lse = out[1].clone();
-            if let Some(position) = &position {
-                if step > 0 {
-                    // The shard met at this step, (position - step) mod n, precedes this
-                    // device's queries exactly when position >= step.
+            let out = match &position {
+                Some(position) if step > 0 => {
+                    // Nothing of a shard after this device's queries is seen: no output, no mass.
                     let seen = ahead_of(&mut p, position, step);
-                    let none = constant(&mut p, &lse_type, "0xFF800000");
-                    lse = p.op(|r| format!("{r} = stablehlo.select {seen}, {lse}, {none} : (tensor<i1>, {t}, {t}) -> {t}", t = tensor(&lse_type)));
+                    let (nothing, none) = (constant(&mut p, &o_type, "0.0"), constant(&mut p, &lse_type, NEG_INFINITY));
+                    p.kernel_if(&seen, call, &operands, &[nothing, none])?
                 }
-            }
+                _ => p.kernel(call, &operands)?,
+            };
+            let o = convert(&mut p, &out[0], &o_type, DType::F32);
+            let lse = out[1].clone();
             state = Some(match state {
                 None => (o, lse),
                 Some((acc, acc_lse)) => merge(&mut p, (&acc, &acc_lse), (&o, &lse), &o_type.shape, &lse_type.shape),
@@ -129,7 +139,7 @@ impl Ring<'_> {
 
     /// The backward program: q, k, v, o, dO and the log-sum-exp (whole, sequence-sharded) in;
     /// dq, dk, dv out.
-    pub fn backward(&self, target: TableTarget) -> Result<String, Error> {
+    pub fn backward(&self, target: TableTarget) -> Result<SpmdModule, Error> {
         let s = self.shape;
         let n = self.devices()?;
         let [dkv_full, dq_full] = [FlashPass::BackwardDkv, FlashPass::BackwardDq].map(|pass| self.kernel(pass, false, target));
@@ -161,22 +171,18 @@ impl Ring<'_> {
             }
             let (dkv_call, dq_call) = if step == 0 { (&dkv_diagonal, &dq_diagonal) } else { (&dkv_full, &dq_full) };
             let operands: Vec<String> = [&q, &k, &v, &o, &d_o, &lse].into_iter().cloned().chain(placeholders.iter().cloned()).collect();
-            let dkv = p.kernel(dkv_call, &operands)?;
-            let dq_step = p.kernel(dq_call, &operands)?;
-            let seen = match &position {
-                Some(position) if step > 0 => Some(ahead_of(&mut p, position, step)),
-                _ => None,
+            let (dkv, dq_step) = match &position {
+                Some(position) if step > 0 => {
+                    // A shard after this device's queries gets no gradient from them.
+                    let seen = ahead_of(&mut p, position, step);
+                    let (no_dkv, no_dq) = (zeros(&mut p, dkv_call.outputs.iter().map(|o| &o.array)), zeros(&mut p, dq_call.outputs.iter().map(|o| &o.array)));
+                    (p.kernel_if(&seen, dkv_call, &operands, &no_dkv)?, p.kernel_if(&seen, dq_call, &operands, &no_dq)?)
+                }
+                _ => (p.kernel(dkv_call, &operands)?, p.kernel(dq_call, &operands)?),
             };
             let add = |p: &mut SpmdProgram, acc: Option<String>, part: &str, shape: &[usize]| {
                 let part = convert(p, part, &ValueType::new(self.dtype, shape.to_vec()), DType::F32);
                 let t = tensor(&f32_type(shape));
-                let part = match &seen {
-                    Some(seen) => {
-                        let zero = constant(p, &f32_type(shape), "0.0");
-                        p.op(|r| format!("{r} = stablehlo.select {seen}, {part}, {zero} : (tensor<i1>, {t}, {t}) -> {t}"))
-                    }
-                    None => part,
-                };
                 match acc {
                     None => part,
                     Some(acc) => p.op(|r| format!("{r} = stablehlo.add {acc}, {part} : {t}")),
@@ -203,8 +209,8 @@ fn shard_shape(call: &TracedCall, i: usize) -> Vec<usize> {
     call.operand_types().nth(i).map(|t| t.shape.clone()).unwrap_or_default()
 }
 
-/// A zero of each of `types`: the operands the kernels take but attention without segments,
-/// bias or dropout never reads.
+/// A zero of each of `types` (the operands the kernels take but attention without segments,
+/// bias or dropout never reads; the gradients of a skipped step).
 fn zeros<'a>(p: &mut SpmdProgram, types: impl Iterator<Item = &'a ValueType>) -> Vec<String> {
     types.map(|t| constant(p, t, if t.dtype.is_float() { "0.0" } else { "0" })).collect()
 }
@@ -236,7 +242,7 @@ fn merge(p: &mut SpmdProgram, (o_a, lse_a): (&str, &str), (o_b, lse_b): (&str, &
     let (lt, ot) = (tensor(&f32_type(lse_shape)), tensor(&f32_type(o_shape)));
     let bool_t = tensor(&ValueType::new(DType::Bool, lse_shape.to_vec()));
     let m = p.op(|r| format!("{r} = stablehlo.maximum {lse_a}, {lse_b} : {lt}"));
-    let ninf = constant(p, &f32_type(lse_shape), "0xFF800000");
+    let ninf = constant(p, &f32_type(lse_shape), NEG_INFINITY);
     let zero = constant(p, &f32_type(lse_shape), "0.0");
     let one = constant(p, &f32_type(lse_shape), "1.0");
     let empty = p.op(|r| format!("{r} = stablehlo.compare EQ, {m}, {ninf} : ({lt}, {lt}) -> {bool_t}"));

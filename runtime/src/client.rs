@@ -170,16 +170,20 @@ impl Client {
 
     /// Compiles StableHLO text; compiled once per distinct module (cached by its hash).
     pub fn compile(&self, stablehlo: &str) -> Result<Executable> {
-        self.compile_spmd(stablehlo, 1)
+        self.compile_with(stablehlo, 1, false)
     }
 
     /// Compiles an SPMD program over `partitions` of this client's devices (its module's
     /// `mhlo.num_partitions` must say the same); run it with [`Executable::execute_partitioned`].
     pub fn compile_spmd(&self, stablehlo: &str, partitions: usize) -> Result<Executable> {
+        self.compile_with(stablehlo, partitions, true)
+    }
+
+    fn compile_with(&self, stablehlo: &str, partitions: usize, spmd: bool) -> Result<Executable> {
         if partitions == 0 || partitions > self.device_count() {
             return Err(Error::Invalid(format!("a program over {partitions} devices does not fit this {} client's {}", self.inner.platform, self.device_count())));
         }
-        let key = module_hash(stablehlo) ^ (partitions as u64).rotate_left(32);
+        let key = module_hash(stablehlo) ^ (partitions as u64).rotate_left(32) ^ u64::from(spmd);
         if let Some(e) = self.inner.executables.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(Executable { client: self.clone(), inner: e.clone() });
         }
@@ -187,7 +191,7 @@ impl Client {
         let mut args = ffi::ClientCompileArgs::new();
         args.client = self.inner.raw;
         args.program = &program;
-        let options = ffi::spmd_compile_options(partitions as u64);
+        let options = ffi::compile_options(partitions as u64, spmd);
         args.compile_options = options.as_ptr() as *const _;
         args.compile_options_size = options.len();
         self.inner.plugin.call(Slot::ClientCompile, "Client_Compile", &mut args)?;
@@ -205,6 +209,16 @@ impl Client {
         let _ = self.inner.plugin.call(Slot::ExecutableDestroy, "Executable_Destroy", &mut destroy);
         counted?;
         inner.num_outputs = n.num_outputs;
+        // Partition i's arguments are placed on the client's device i: the executable must
+        // run its partitions there.
+        let mut devices = ffi::LoadedExecutableDevicesArgs::new();
+        devices.executable = loaded;
+        self.inner.plugin.call(Slot::LoadedExecutableAddressableDevices, "LoadedExecutable_AddressableDevices", &mut devices)?;
+        // SAFETY: the plugin returned `num_devices` device pointers owned by the executable.
+        let assigned = if devices.devices.is_null() { &[][..] } else { unsafe { std::slice::from_raw_parts(devices.devices, devices.num_devices) } };
+        if assigned != &self.inner.devices[..partitions] {
+            return Err(Error::Invalid(format!("the plugin assigned the program's {partitions} partitions to other devices than the client's first {partitions}, in order")));
+        }
         let inner = Arc::new(inner);
         self.inner.executables.lock().unwrap_or_else(|p| p.into_inner()).insert(key, inner.clone());
         Ok(Executable { client: self.clone(), inner })
@@ -348,9 +362,9 @@ impl Executable {
         self.inner.plugin.call(Slot::LoadedExecutableExecute, "LoadedExecutable_Execute", &mut exec)?;
         let results: Vec<Vec<Buffer>> =
             outputs.into_iter().map(|l| l.into_iter().map(|raw| Buffer { client: self.client.clone(), raw, element_type: ElementType::F32, dims: Vec::new() }).collect()).collect();
-        for event in done.into_iter().filter(|e| !e.is_null()) {
-            self.client.await_event(event)?;
-        }
+        // Every partition finishes (and its event is freed) before any error is returned.
+        let waited: Vec<Result<()>> = done.into_iter().filter(|e| !e.is_null()).map(|e| self.client.await_event(e)).collect();
+        waited.into_iter().collect::<Result<()>>()?;
         Ok(results)
     }
 }

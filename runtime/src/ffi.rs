@@ -42,6 +42,7 @@ pub enum Slot {
     ClientBufferFromHostBuffer = 22,
     LoadedExecutableDestroy = 50,
     LoadedExecutableGetExecutable = 51,
+    LoadedExecutableAddressableDevices = 52,
     LoadedExecutableExecute = 55,
     BufferDestroy = 58,
     BufferToHostBuffer = 70,
@@ -204,6 +205,7 @@ pub const HOST_BUFFER_IMMUTABLE_ONLY_DURING_CALL: i32 = 0;
 /// `PJRT_HostBufferSemantics_kImmutableZeroCopy`: the buffer may alias the host memory, which
 /// must stay valid until the plugin's done-with-host-buffer event fires.
 pub const HOST_BUFFER_IMMUTABLE_ZERO_COPY: i32 = 2;
+args!(LoadedExecutableDevicesArgs { executable: *mut c_void, devices: *const *mut c_void, num_devices: usize });
 args!(ExecutableCodeSizeArgs { executable: *mut c_void, size_in_bytes: i64 });
 args!(ExecutableCostAnalysisArgs { executable: *mut c_void, num_properties: usize, properties: *const NamedValue });
 
@@ -226,20 +228,15 @@ pub struct NamedValue {
     pub value_size: usize,
 }
 
-/// A real `CompileOptionsProto`: `executable_build_options { num_replicas: 1, num_partitions: 1 }`.
-/// Empty options abort some plugins.
-pub const COMPILE_OPTIONS: &[u8] = &[0x1a, 0x04, 0x20, 0x01, 0x28, 0x01];
-
-/// The `CompileOptionsProto` of an SPMD program over `partitions` devices:
-/// `executable_build_options { num_replicas: 1, num_partitions: N, use_spmd_partitioning: true }`
-/// ([`COMPILE_OPTIONS`] for one).
-pub fn spmd_compile_options(partitions: u64) -> Vec<u8> {
-    if partitions <= 1 {
-        return COMPILE_OPTIONS.to_vec();
-    }
+/// A real `CompileOptionsProto` (empty options abort some plugins): `executable_build_options
+/// { num_replicas: 1, num_partitions: N }`, with `use_spmd_partitioning: true` for an SPMD
+/// program (whose sharding custom calls only the partitioner removes, even over one device).
+pub fn compile_options(partitions: u64, spmd: bool) -> Vec<u8> {
     let mut build = vec![0x20, 0x01, 0x28];
     push_varint(&mut build, partitions);
-    build.extend([0x30, 0x01]);
+    if spmd {
+        build.extend([0x30, 0x01]);
+    }
     let mut options = vec![0x1a];
     push_varint(&mut options, build.len() as u64);
     options.extend(build);
@@ -263,9 +260,9 @@ mod tests {
 
     #[test]
     fn spmd_options_encode_the_partition_count() {
-        assert_eq!(spmd_compile_options(1), COMPILE_OPTIONS);
-        assert_eq!(spmd_compile_options(4), [0x1a, 0x06, 0x20, 0x01, 0x28, 0x04, 0x30, 0x01]);
-        assert_eq!(spmd_compile_options(300), [0x1a, 0x07, 0x20, 0x01, 0x28, 0xac, 0x02, 0x30, 0x01]);
+        assert_eq!(compile_options(1, false), [0x1a, 0x04, 0x20, 0x01, 0x28, 0x01]);
+        assert_eq!(compile_options(4, true), [0x1a, 0x06, 0x20, 0x01, 0x28, 0x04, 0x30, 0x01]);
+        assert_eq!(compile_options(300, true), [0x1a, 0x07, 0x20, 0x01, 0x28, 0xac, 0x02, 0x30, 0x01]);
     }
 
     #[test]

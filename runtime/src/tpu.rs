@@ -27,9 +27,8 @@ impl fmt::Display for SourceLocation {
 
 /// The TPU compiler rejected a module.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{}TPU compile for {} failed: {message}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default(), if *slice == Slice::smallest(*chip) { chip.to_string() } else { slice.to_string() })]
+#[error("{}TPU compile for {} failed: {message}", location.as_ref().map(|l| format!("{l}: ")).unwrap_or_default(), if *slice == Slice::smallest(slice.chip) { slice.chip.to_string() } else { slice.to_string() })]
 pub struct CompileError {
-    pub chip: Chip,
     /// The slice it was compiled for (the chip's smallest for a single-device module).
     pub slice: Slice,
     /// The first Rust source location the compiler's message mentions, if any.
@@ -164,20 +163,24 @@ impl TpuCompiler {
 
     /// Compiles a StableHLO module (text) for one device of `chip`.
     pub fn compile(&self, chip: Chip, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
-        self.compile_spmd(&Slice::smallest(chip), 1, stablehlo)
+        self.compile_for(&Slice::smallest(chip), 1, false, stablehlo)
     }
 
     /// Compiles an SPMD program (its module's `mhlo.num_partitions` must be `partitions`) for
     /// `partitions` devices of `slice`, as XLA's partitioner sees it on that slice.
     pub fn compile_spmd(&self, slice: &Slice, partitions: u64, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
-        let fail = |message: String| CompileError { chip: slice.chip, slice: slice.clone(), location: rust_location(&message), message };
+        self.compile_for(slice, partitions, true, stablehlo)
+    }
+
+    fn compile_for(&self, slice: &Slice, partitions: u64, spmd: bool, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
+        let fail = |message: String| CompileError { slice: slice.clone(), location: rust_location(&message), message };
         let devices = self.devices(slice).map_err(|e| fail(e.to_string()))?;
         if partitions == 0 || partitions > devices {
             return Err(fail(format!("a program over {partitions} devices does not fit {slice}, which has {devices}; pick a slice with at least {partitions}")));
         }
         let topology = self.topology(slice).map_err(|e| fail(e.to_string()))?;
         let program = ffi::Program::mlir(stablehlo);
-        let options = ffi::spmd_compile_options(partitions);
+        let options = ffi::compile_options(partitions, spmd);
         let mut args = ffi::CompileArgs::new();
         args.topology = topology;
         args.program = &program;

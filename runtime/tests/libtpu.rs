@@ -31,7 +31,7 @@ fn plain_stablehlo_compiles_for_every_chip() {
 fn a_rejected_module_is_a_typed_error_naming_the_chip() {
     let broken = ADD.replace("stablehlo.add", "stablehlo.no_such_op");
     let err = compiler().compile(Chip::V6e, &broken).expect_err("rejected");
-    assert_eq!(err.chip, Chip::V6e);
+    assert_eq!(err.slice.chip, Chip::V6e);
     assert!(err.message.contains("no_such_op"), "{}", err.message);
     assert!(err.to_string().contains("TPU compile for v6e failed"), "{err}");
 }
