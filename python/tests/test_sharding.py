@@ -1,9 +1,10 @@
-"""Our ops on DTensors (torchtpu.sharding's rules): two CPU ranks (gloo) run attention sharded
-over the batch and over the heads (grouped-query, with a bias), and matmul sharded by rows,
-columns and the contraction; outputs and gradients equal the unsharded op's."""
+"""Our ops on DTensors (torchtpu.sharding's rules): two and four CPU ranks (gloo) run attention
+sharded over the batch and over the heads (grouped-query, with a bias), and matmul sharded by
+rows, columns and the contraction; outputs and gradients equal the unsharded op's."""
 
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,9 +19,10 @@ def _ranks(rank: int, world: int, store: str) -> None:
 
         mesh = init_device_mesh("cpu", (world,))
         gen = torch.Generator().manual_seed(0)
-        q, k, v = torch.randn(2, 4, 24, 16, generator=gen), torch.randn(2, 2, 24, 16, generator=gen), torch.randn(2, 2, 24, 16, generator=gen)
-        bias = torch.randn(1, 4, 24, 24, generator=gen)
-        grad = torch.randn(2, 4, 24, 16, generator=gen)
+        # Batch and kv heads divide by 4 ranks; each rank's q heads are its kv heads' groups.
+        q, k, v = torch.randn(4, 8, 24, 16, generator=gen), torch.randn(4, 4, 24, 16, generator=gen), torch.randn(4, 4, 24, 16, generator=gen)
+        bias = torch.randn(1, 8, 24, 24, generator=gen)
+        grad = torch.randn(4, 8, 24, 16, generator=gen)
 
         def attention(q, k, v, bias):
             return torch.ops.torchtpu.flash_attention(q, k, v, causal=True, attn_mask=bias)
@@ -46,11 +48,23 @@ def _ranks(rank: int, world: int, store: str) -> None:
             c.full_tensor().sum().backward()
             torch.testing.assert_close(ad.grad.full_tensor(), torch.ones(16, 8) @ b.T, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(bd.grad.full_tensor(), a.T @ torch.ones(16, 8), atol=1e-5, rtol=1e-5)
+        # Uneven shards (with 4 ranks, one holds no batch at all); a GQA group that cannot
+        # split over the ranks makes the heads replicated.
+        q, k, v = torch.randn(3, 2, 24, 16, generator=gen), torch.randn(3, 1, 24, 16, generator=gen), torch.randn(3, 1, 24, 16, generator=gen)
+        want = attention(q, k, v, None)
+        for place in (Shard(0), Shard(1)):
+            out = attention(*[distribute_tensor(t, mesh, [place]) for t in (q, k, v)], None)
+            torch.testing.assert_close(out.full_tensor(), want, atol=1e-5, rtol=1e-5, msg=lambda m: f"uneven {place}: {m}")
+        a, b = torch.randn(5, 7, generator=gen), torch.randn(7, 3, generator=gen)
+        for pa, pb in ((Shard(0), Replicate()), (Replicate(), Shard(1)), (Shard(1), Shard(0))):
+            c = torch.ops.torchtpu.matmul(distribute_tensor(a, mesh, [pa]), distribute_tensor(b, mesh, [pb]))
+            torch.testing.assert_close(c.full_tensor(), a @ b, atol=1e-5, rtol=1e-5, msg=lambda m: f"uneven {pa} @ {pb}: {m}")
         assert torchtpu.sharding is not None
     finally:
         dist.destroy_process_group()
 
 
-def test_attention_and_matmul_run_sharded_on_dtensors():
+@pytest.mark.parametrize("world", [2, 4])
+def test_attention_and_matmul_run_sharded_on_dtensors(world):
     with tempfile.NamedTemporaryFile() as store:
-        mp.spawn(_ranks, args=(2, store.name), nprocs=2)
+        mp.spawn(_ranks, args=(world, store.name), nprocs=world)
