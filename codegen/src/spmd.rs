@@ -389,25 +389,36 @@ impl<'m> SpmdProgram<'m> {
         Ok(result_names(&name, n))
     }
 
-    /// Runs the kernel `call` on `operands` only where `pred` (a `tensor<i1>`) holds; elsewhere
-    /// the results are `otherwise` (values of the kernel's output types), and the kernel's
-    /// work is skipped.
-    pub fn kernel_if(&mut self, pred: &str, call: &TracedCall, operands: &[String], otherwise: &[String]) -> Result<Vec<String>> {
-        let n = call.outputs.len();
-        if otherwise.len() != n {
-            return Err(sharding_error(format!("kernel `{}` gives {n} outputs; {} values stand in for them", call.name, otherwise.len())));
+    /// `then`'s results where `pred` (a `tensor<i1>`) holds and `otherwise`'s elsewhere, as a
+    /// `stablehlo.if`: only the branch taken runs. Each branch adds its ops to the program and
+    /// returns values of `types`.
+    pub fn branch<E: From<Error>>(
+        &mut self,
+        pred: &str,
+        types: &[ValueType],
+        then: impl FnOnce(&mut Self) -> Result<Vec<String>, E>,
+        otherwise: impl FnOnce(&mut Self) -> Result<Vec<String>, E>,
+    ) -> Result<Vec<String>, E> {
+        let outer = std::mem::take(&mut self.body);
+        let then_results = then(self);
+        let then_body = std::mem::take(&mut self.body);
+        let otherwise_results = otherwise(self);
+        let otherwise_body = std::mem::replace(&mut self.body, outer);
+        let (then_results, otherwise_results) = (then_results?, otherwise_results?);
+        if then_results.len() != types.len() || otherwise_results.len() != types.len() {
+            return Err(sharding_error(format!("a branch's {} and {} results do not match its {} types", then_results.len(), otherwise_results.len(), types.len())).into());
         }
-        let inner = self.fresh();
-        let op = self.kernel_op(call, &result_binding(&inner, n), operands)?;
-        let types: Vec<String> = call.outputs.iter().map(|o| tensor_type(&o.array)).collect();
+        let types: Vec<String> = types.iter().map(tensor_type).collect();
         let types = types.join(", ");
+        let region = |body: Vec<String>, results: Vec<String>| {
+            let mut r: String = body.iter().map(|line| format!("      {line}\n")).collect();
+            let _ = write!(r, "      stablehlo.return {} : {types}\n    ", results.join(", "));
+            r
+        };
         let name = self.fresh();
-        let results = result_names(&inner, n).join(", ");
-        self.body.push(format!(
-            "{} = \"stablehlo.if\"({pred}) ({{\n      {op}\n      stablehlo.return {results} : {types}\n    }}, {{\n      stablehlo.return {} : {types}\n    }}) : (tensor<i1>) -> ({types})",
-            result_binding(&name, n),
-            otherwise.join(", ")
-        ));
+        let n = then_results.len();
+        let (a, b) = (region(then_body, then_results), region(otherwise_body, otherwise_results));
+        self.body.push(format!("{} = \"stablehlo.if\"({pred}) ({{\n{a}}}, {{\n{b}}}) : (tensor<i1>) -> ({types})", result_binding(&name, n)));
         Ok(result_names(&name, n))
     }
 

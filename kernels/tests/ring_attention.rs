@@ -12,7 +12,7 @@ use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray};
 use torchtpu_exec::spmd::run_sharded;
 use torchtpu_kernels::flash::{backward_tpu_modules, forward_tpu_module, reference, reference_backward, AttentionOptions, AttentionShape};
-use torchtpu_kernels::ring_attention::Ring;
+use torchtpu_kernels::ring_attention::{zigzag_order, Ring, RingLayout};
 use torchtpu_kernels::tables::TableTarget;
 use torchtpu_runtime::{Slice, TpuCompiler};
 
@@ -27,8 +27,8 @@ fn ring_attention_compiles_for_every_slice_forward_and_backward() {
     for slice in Slice::multi_chip_examples() {
         let devices = compiler.devices(&slice).expect("devices");
         let mesh = Mesh::new([("seq", devices)]).expect("mesh");
-        for causal in [false, true] {
-            let ring = Ring { mesh: &mesh, axis: "seq", shape, dtype: DType::BF16, opts: AttentionOptions { causal, ..Default::default() } };
+        for (causal, layout) in [(false, RingLayout::Contiguous), (true, RingLayout::Contiguous), (true, RingLayout::Zigzag)] {
+            let ring = Ring { mesh: &mesh, axis: "seq", shape, dtype: DType::BF16, opts: AttentionOptions { causal, ..Default::default() }, layout };
             let target = TableTarget::Chip(slice.chip);
             let opts = AttentionOptions { causal, ..Default::default() };
             let flops = |module: String| compiler.compile(slice.chip, &module).ok().and_then(|c| c.cost("flops")).expect("the unsharded kernel compiles, with flops");
@@ -37,7 +37,7 @@ fn ring_attention_compiles_for_every_slice_forward_and_backward() {
             let whole_backward = flops(dkv) + flops(dq);
             for (pass, module, whole) in [("forward", ring.forward(target), whole_forward), ("backward", ring.backward(target), whole_backward)] {
                 let module = module.unwrap_or_else(|e| panic!("{slice} {pass}: {e}"));
-                let compiled = compiler.compile_spmd(&slice, module.partitions(), &module.text).unwrap_or_else(|e| panic!("{slice} causal={causal} {pass}: {e}"));
+                let compiled = compiler.compile_spmd(&slice, module.partitions(), &module.text).unwrap_or_else(|e| panic!("{slice} causal={causal} {layout:?} {pass}: {e}"));
                 if !causal {
                     // Each device attends its queries to every key once: a 1/n share, and the
                     // merges' elementwise work (a few flops per output element).
@@ -74,9 +74,15 @@ fn max_error(got: &HostArray, want: &ArrayD<f64>) -> f64 {
         / scale
 }
 
+/// `x` (`[b, h, seq, d]`) with its sequence in `order`: row `i` is `x`'s row `order[i]`.
+fn reorder(x: &ArrayD<f64>, order: &[usize]) -> ArrayD<f64> {
+    x.select(ndarray::Axis(2), order)
+}
+
 /// The sharded programs' portable form on a PJRT CPU client with a device per ring position
-/// equals unsharded attention computed in f64: over 2 and 4 devices, causal and not, with
-/// grouped kv heads, forward (output and log-sum-exp) and backward (dq, dk, dv).
+/// equals unsharded attention computed in f64: over 2 and 4 devices, causal (contiguous and
+/// zigzag layouts) and not, with grouped kv heads, forward (output and log-sum-exp) and
+/// backward (dq, dk, dv).
 #[test]
 fn ring_attention_on_2_and_4_cpu_devices_matches_unsharded_attention() {
     let seed: u64 = rand::random();
@@ -87,30 +93,45 @@ fn ring_attention_on_2_and_4_cpu_devices_matches_unsharded_attention() {
     let host = |a: &ArrayD<f64>| HostArray::from_f64(DType::F32, a);
     let scale = 1.0 / (shape.head_dim as f64).sqrt();
     let spec = PartitionSpec::new([None, None, Some("seq"), None]);
-    for devices in [2u64, 4] {
+    let cases = [
+        (2u64, false, RingLayout::Contiguous),
+        (2, true, RingLayout::Zigzag),
+        (4, false, RingLayout::Contiguous),
+        (4, true, RingLayout::Contiguous),
+        (4, true, RingLayout::Zigzag),
+    ];
+    for (devices, causal, layout) in cases {
         let mesh = Mesh::new([("seq", devices)]).expect("mesh");
-        for causal in [false, true] {
-            let what = format!("{devices} devices, causal={causal}, seed {seed}");
-            let ring = Ring { mesh: &mesh, axis: "seq", shape, dtype: DType::F32, opts: AttentionOptions { causal, ..Default::default() } };
-            let (o_want, lse_want) = reference(&q, &k, &v, None, causal, scale);
-            let forward = ring.forward(TableTarget::Cpu).expect("lowers");
-            let inputs = [host(&q), host(&k), host(&v)];
-            let specs = [(ValueType::new(DType::F32, q_shape), spec.clone()), (ValueType::new(DType::F32, [1, 2, 256, 1]), spec.clone())];
-            let out = run_sharded(&forward, &inputs.iter().map(|a| (a, &spec)).collect::<Vec<_>>(), &specs).unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert!(max_error(&out[0], &o_want.into_dyn()) < 1e-4, "{what}: o");
-            let lse_want = lse_want.insert_axis(ndarray::Axis(3)).into_dyn();
-            assert!(max_error(&out[1], &lse_want) < 1e-4, "{what}: lse");
+        let what = format!("{devices} devices, causal={causal}, {layout:?}, seed {seed}");
+        let order: Vec<usize> = if layout == RingLayout::Zigzag { zigzag_order(256, devices as usize).expect("divides") } else { (0..256).collect() };
+        let laid = |x: &ArrayD<f64>| reorder(x, &order);
+        let ring = Ring { mesh: &mesh, axis: "seq", shape, dtype: DType::F32, opts: AttentionOptions { causal, ..Default::default() }, layout };
+        let (o_want, lse_want) = reference(&q, &k, &v, None, causal, scale);
+        let forward = ring.forward(TableTarget::Cpu).expect("lowers");
+        let inputs = [host(&laid(&q)), host(&laid(&k)), host(&laid(&v))];
+        let specs = [(ValueType::new(DType::F32, q_shape), spec.clone()), (ValueType::new(DType::F32, [1, 2, 256, 1]), spec.clone())];
+        let out = run_sharded(&forward, &inputs.iter().map(|a| (a, &spec)).collect::<Vec<_>>(), &specs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(max_error(&out[0], &laid(&o_want.into_dyn())) < 1e-4, "{what}: o");
+        let lse_want = lse_want.insert_axis(ndarray::Axis(3)).into_dyn();
+        assert!(max_error(&out[1], &laid(&lse_want)) < 1e-4, "{what}: lse");
 
-            let (dq, dk, dv) = reference_backward(&q, &k, &v, &d_o, None, causal, scale);
-            let backward = ring.backward(TableTarget::Cpu).expect("lowers");
-            let inputs = [host(&q), host(&k), host(&v), out[0].clone(), host(&d_o), out[1].clone()];
-            let grads =
-                [(ValueType::new(DType::F32, q_shape), spec.clone()), (ValueType::new(DType::F32, kv_shape), spec.clone()), (ValueType::new(DType::F32, kv_shape), spec.clone())];
-            let got = run_sharded(&backward, &inputs.iter().map(|a| (a, &spec)).collect::<Vec<_>>(), &grads).unwrap_or_else(|e| panic!("{what}: {e}"));
-            for (name, g, want) in [("dq", &got[0], dq), ("dk", &got[1], dk), ("dv", &got[2], dv)] {
-                let err = max_error(g, &want.into_dyn());
-                assert!(err < 1e-4, "{what}: {name} off by {err:.2e}");
-            }
+        let (dq, dk, dv) = reference_backward(&q, &k, &v, &d_o, None, causal, scale);
+        let backward = ring.backward(TableTarget::Cpu).expect("lowers");
+        let inputs = [inputs[0].clone(), inputs[1].clone(), inputs[2].clone(), out[0].clone(), host(&laid(&d_o)), out[1].clone()];
+        let grads =
+            [(ValueType::new(DType::F32, q_shape), spec.clone()), (ValueType::new(DType::F32, kv_shape), spec.clone()), (ValueType::new(DType::F32, kv_shape), spec.clone())];
+        let got = run_sharded(&backward, &inputs.iter().map(|a| (a, &spec)).collect::<Vec<_>>(), &grads).unwrap_or_else(|e| panic!("{what}: {e}"));
+        for (name, g, want) in [("dq", &got[0], dq), ("dk", &got[1], dk), ("dv", &got[2], dv)] {
+            let err = max_error(g, &laid(&want.into_dyn()));
+            assert!(err < 1e-4, "{what}: {name} off by {err:.2e}");
         }
     }
+}
+
+#[test]
+fn zigzag_order_gives_each_device_a_chunk_from_each_end() {
+    assert_eq!(zigzag_order(8, 2).expect("divides"), [0, 1, 6, 7, 2, 3, 4, 5]);
+    assert_eq!(zigzag_order(4, 2).expect("divides"), [0, 3, 1, 2]);
+    assert!(zigzag_order(6, 2).unwrap_err().to_string().contains("divisible by 4; got 6"));
+    assert!(zigzag_order(8, 0).is_err());
 }
