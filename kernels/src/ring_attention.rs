@@ -57,7 +57,9 @@ pub fn zigzag_order(len: usize, devices: usize) -> Result<Vec<usize>, Error> {
 }
 
 /// A ring-attention problem: the whole arrays' shapes, the mesh and the axis the sequence is
-/// split over, and how it is laid out.
+/// split over (the ring), and how it is laid out. Other mesh axes may split the batch and the
+/// heads (q and kv heads together, so each device keeps whole GQA groups); axes named by none
+/// of them hold copies.
 pub struct Ring<'m> {
     pub mesh: &'m Mesh,
     pub axis: &'m str,
@@ -65,6 +67,10 @@ pub struct Ring<'m> {
     pub dtype: DType,
     pub opts: AttentionOptions,
     pub layout: RingLayout,
+    /// The mesh axis the batch is split over, if any.
+    pub batch_axis: Option<&'m str>,
+    /// The mesh axis the heads are split over, if any.
+    pub heads_axis: Option<&'m str>,
 }
 
 fn f32_type(shape: &[usize]) -> ValueType {
@@ -105,7 +111,20 @@ impl Ring<'_> {
         if s.q_len % parts != 0 || s.kv_len % parts != 0 {
             return Err(Error::Shape(format!("{:?} ring attention over {n} devices needs q_len and kv_len divisible by {parts}; got {} and {}", self.layout, s.q_len, s.kv_len)));
         }
-        Ok(AttentionShape { q_len: s.q_len / n, kv_len: s.kv_len / n, ..s })
+        let split = |axis: Option<&str>| -> Result<usize, Error> { Ok(axis.map(|a| self.mesh.size(a)).transpose()?.map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX))) };
+        let (nb, nh) = (split(self.batch_axis)?, split(self.heads_axis)?);
+        if s.batch % nb != 0 {
+            return Err(Error::Shape(format!("a batch of {} does not split evenly over the {nb} devices of axis `{}`", s.batch, self.batch_axis.unwrap_or_default())));
+        }
+        if s.heads % nh != 0 || s.kv_heads % nh != 0 {
+            return Err(Error::Shape(format!(
+                "{} q heads and {} kv heads do not split evenly over the {nh} devices of axis `{}` (each device needs whole GQA groups)",
+                s.heads,
+                s.kv_heads,
+                self.heads_axis.unwrap_or_default()
+            )));
+        }
+        Ok(AttentionShape { batch: s.batch / nb, heads: s.heads / nh, kv_heads: s.kv_heads / nh, q_len: s.q_len / n, kv_len: s.kv_len / n, ..s })
     }
 
     fn zigzag(&self) -> bool {
@@ -141,9 +160,10 @@ impl Ring<'_> {
         }
     }
 
-    /// The partition spec of a `[b, h, seq, x]` array: the sequence over the ring's axis.
+    /// The partition spec of a `[b, h, seq, x]` array: the sequence over the ring's axis, the
+    /// batch and heads over theirs.
     fn spec(&self) -> PartitionSpec {
-        PartitionSpec::new([None, None, Some(self.axis), None])
+        PartitionSpec::new([self.batch_axis, self.heads_axis, Some(self.axis), None])
     }
 
     fn global(&self, heads: usize, seq: usize, last: usize, dtype: DType) -> ValueType {
