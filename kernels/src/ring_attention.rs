@@ -111,6 +111,10 @@ impl Ring<'_> {
         if s.q_len % parts != 0 || s.kv_len % parts != 0 {
             return Err(Error::Shape(format!("{:?} ring attention over {n} devices needs q_len and kv_len divisible by {parts}; got {} and {}", self.layout, s.q_len, s.kv_len)));
         }
+        let named = [Some(self.axis), self.batch_axis, self.heads_axis];
+        if let Some(twice) = named.iter().enumerate().find_map(|(i, a)| a.filter(|a| named[..i].contains(&Some(*a)))) {
+            return Err(Error::Shape(format!("mesh axis `{twice}` is named twice among the ring's, the batch's and the heads' axes; each needs its own")));
+        }
         let split = |axis: Option<&str>| -> Result<usize, Error> { Ok(axis.map(|a| self.mesh.size(a)).transpose()?.map_or(1, |n| usize::try_from(n).unwrap_or(usize::MAX))) };
         let (nb, nh) = (split(self.batch_axis)?, split(self.heads_axis)?);
         if s.batch % nb != 0 {

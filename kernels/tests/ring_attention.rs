@@ -168,3 +168,32 @@ fn zigzag_order_gives_each_device_a_chunk_from_each_end() {
     assert!(zigzag_order(6, 2).unwrap_err().to_string().contains("divisible by 4; got 6"));
     assert!(zigzag_order(8, 0).is_err());
 }
+
+#[test]
+fn rings_that_do_not_fit_their_mesh_are_errors() {
+    let mesh: Mesh = "model=2,seq=4".parse().expect("mesh");
+    let shape = AttentionShape { batch: 1, heads: 4, kv_heads: 2, q_len: 64, kv_len: 64, head_dim: 128 };
+    let ring = |shape, causal, layout, heads_axis, axis| Ring {
+        mesh: &mesh,
+        axis,
+        shape,
+        dtype: DType::F32,
+        opts: AttentionOptions { causal, ..Default::default() },
+        layout,
+        batch_axis: None,
+        heads_axis,
+    };
+    let cases = [
+        (ring(AttentionShape { q_len: 62, kv_len: 62, ..shape }, false, RingLayout::Contiguous, None, "seq"), "divisible by 4; got 62 and 62"),
+        (ring(AttentionShape { q_len: 36, kv_len: 36, ..shape }, true, RingLayout::Zigzag, None, "seq"), "divisible by 8; got 36 and 36"),
+        (ring(AttentionShape { kv_len: 32, ..shape }, true, RingLayout::Contiguous, None, "seq"), "one length"),
+        (ring(AttentionShape { kv_heads: 1, heads: 2, ..shape }, false, RingLayout::Contiguous, Some("model"), "seq"), "whole GQA groups"),
+        (ring(shape, false, RingLayout::Contiguous, None, "ring"), "no mesh axis `ring`"),
+        (ring(AttentionShape { q_len: 0, ..shape }, false, RingLayout::Contiguous, None, "seq"), "non-empty"),
+        (ring(shape, false, RingLayout::Contiguous, Some("seq"), "seq"), "twice"),
+    ];
+    for (ring, why) in cases {
+        let err = ring.forward(TableTarget::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(why), "{why}: {err}");
+    }
+}
