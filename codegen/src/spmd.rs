@@ -405,7 +405,7 @@ impl<'m> SpmdProgram<'m> {
         let otherwise_results = otherwise(self);
         let otherwise_body = std::mem::replace(&mut self.body, outer);
         let (then_results, otherwise_results) = (then_results?, otherwise_results?);
-        if then_results.len() != types.len() || otherwise_results.len() != types.len() {
+        if types.is_empty() || then_results.len() != types.len() || otherwise_results.len() != types.len() {
             return Err(sharding_error(format!("a branch's {} and {} results do not match its {} types", then_results.len(), otherwise_results.len(), types.len())).into());
         }
         let types: Vec<String> = types.iter().map(tensor_type).collect();
