@@ -87,14 +87,13 @@ impl ShardingArgs {
     }
 }
 
-/// The TPU module of `call`, alone or as the sharded program of `layout`, and the partitions
-/// it runs on.
-fn tpu_module(call: &TracedCall, layout: Option<&(Mesh, Vec<PartitionSpec>)>) -> Result<(String, u64), String> {
+/// The TPU module of `call`: alone, or the sharded program of `layout`.
+fn tpu_module(call: &TracedCall, layout: Option<&(Mesh, Vec<PartitionSpec>)>) -> Result<String, String> {
     match layout {
-        None => lower(call, Target::TpuStableHlo).map(|m| (m, 1)),
+        None => lower(call, Target::TpuStableHlo),
         Some((mesh, specs)) => {
             let operands = call.operand_types().count().min(specs.len());
-            lower_sharded(call, mesh, &specs[..operands], &specs[operands..]).map(|m| (m.text.clone(), m.partitions()))
+            lower_sharded(call, mesh, &specs[..operands], &specs[operands..]).map(|m| m.text)
         }
     }
     .map_err(|e| e.to_string())
@@ -364,29 +363,20 @@ fn tunable(ops: &Ops, kernel: &str, dtype: Dtype, set: &[String]) -> Result<Box<
     sel.op.tunable(&sel.problem).map_err(|e| e.to_string())
 }
 
-/// Where `check` compiles: each chip alone, or each slice with the sharded program of a mesh.
-enum CheckTargets {
-    Chips(Vec<Chip>),
-    Sharded { slices: Vec<Slice>, mesh: Mesh, specs: Vec<PartitionSpec> },
-}
-
-/// Compiles each selection for each target (with its chip's tuned config, unless one was set)
-/// and prints a line (or JSON object) per pair; true if all compiled.
-fn check(selections: Vec<Selected>, targets: CheckTargets, json: bool) -> Result<bool, String> {
+/// Compiles each selection for each slice (with its chip's tuned config, unless one was set):
+/// alone on a chip's smallest slice, or as the sharded program of `layout`. Prints a line (or
+/// JSON object) per pair; true if all compiled.
+fn check(selections: Vec<Selected>, slices: &[Slice], layout: Option<(Mesh, Vec<PartitionSpec>)>, json: bool) -> Result<bool, String> {
     let compiler = TpuCompiler::shared().map_err(|e| e.to_string())?;
-    let (slices, layout) = match targets {
-        CheckTargets::Chips(chips) => (chips.into_iter().map(Slice::smallest).collect::<Vec<_>>(), None),
-        CheckTargets::Sharded { slices, mesh, specs } => (slices, Some((mesh, specs))),
-    };
     let mut all_ok = true;
     for sel in selections {
         let name = sel.name();
-        for slice in &slices {
+        for slice in slices {
             let chip = slice.chip;
             let (target, width) = if layout.is_some() { (slice.to_string(), 11) } else { (chip.to_string(), 6) };
             let module = sel.trace(Some(TableTarget::Chip(chip))).and_then(|t| tpu_module(&t, layout.as_ref()));
             let partitions = layout.as_ref().map_or(1, |(mesh, _)| mesh.devices());
-            let result = module.and_then(|(m, n)| if layout.is_some() { compiler.compile_spmd(slice, n, &m) } else { compiler.compile(chip, &m) }.map_err(|e| e.to_string()));
+            let result = module.and_then(|m| if layout.is_some() { compiler.compile_spmd(slice, partitions, &m) } else { compiler.compile(chip, &m) }.map_err(|e| e.to_string()));
             all_ok &= result.is_ok();
             if json {
                 let line = match &result {
@@ -436,7 +426,7 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
             match sharding.layout()? {
                 None => print!("{}", lower(&traced, target.into()).map_err(|e| e.to_string())?),
                 Some(_) if !matches!(target, LowerTarget::TpuStablehlo) => return Err("--mesh lowers the sharded TPU program: pass --target tpu-stablehlo".into()),
-                Some(layout) => print!("{}", tpu_module(&traced, Some(&layout))?.0),
+                Some(layout) => print!("{}", tpu_module(&traced, Some(&layout))?),
             }
             Ok(true)
         }
@@ -454,18 +444,13 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
                 (Some(k), false) => vec![Selected::new(ops, &k, dtype, &set)?],
                 (None, false) => return Err("name an op, or pass --all".into()),
             };
-            let targets = match sharding.layout()? {
-                None => CheckTargets::Chips(chips.iter().map(|c| c.parse::<Chip>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?),
-                Some((mesh, specs)) => {
-                    let slices = if slices.is_empty() {
-                        Slice::multi_chip_examples()
-                    } else {
-                        slices.iter().map(|s| s.parse::<Slice>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?
-                    };
-                    CheckTargets::Sharded { slices, mesh, specs }
-                }
+            let layout = sharding.layout()?;
+            let slices = match &layout {
+                None => chips.iter().map(|c| c.parse::<Chip>().map(Slice::smallest).map_err(|e| e.to_string())).collect::<Result<Vec<_>, _>>()?,
+                Some(_) if slices.is_empty() => Slice::multi_chip_examples(),
+                Some(_) => slices.iter().map(|s| s.parse::<Slice>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?,
             };
-            check(selections, targets, json)
+            check(selections, &slices, layout, json)
         }
         Command::Run { kernel, backend, dtype, set, seed, json } => {
             let backend: Backend = backend.parse().map_err(|e: torchtpu_exec::Error| e.to_string())?;

@@ -62,11 +62,6 @@ impl Mesh {
         self.axes.iter().map(|(_, s)| s).product()
     }
 
-    /// The axes, outermost first.
-    pub fn axes(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.axes.iter().map(|(n, s)| (n.as_str(), *s))
-    }
-
     /// The size of `axis`, or an error naming the mesh's axes.
     pub fn size(&self, axis: &str) -> Result<u64> {
         self.position(axis).map(|i| self.axes[i].1)
@@ -175,12 +170,6 @@ impl PartitionSpec {
     /// The same array held whole by every device.
     pub fn replicated(rank: usize) -> PartitionSpec {
         PartitionSpec { dims: vec![Vec::new(); rank], summed: Vec::new() }
-    }
-
-    /// This spec, with each device's value a partial sum over `axes`.
-    pub fn summed_over<'a>(mut self, axes: impl IntoIterator<Item = &'a str>) -> PartitionSpec {
-        self.summed.extend(axes.into_iter().map(str::to_string));
-        self
     }
 
     /// The array's shape on one device, given its whole `shape`; an error unless each split
@@ -351,10 +340,6 @@ impl<'m> SpmdProgram<'m> {
         SpmdProgram { portable: Some(Vec::new()), ..SpmdProgram::new(mesh) }
     }
 
-    pub fn mesh(&self) -> &Mesh {
-        self.mesh
-    }
-
     fn fresh(&mut self) -> String {
         self.next_value += 1;
         format!("%v{}", self.next_value)
@@ -461,11 +446,8 @@ impl<'m> SpmdProgram<'m> {
     pub fn rotate(&mut self, x: &str, t: &ValueType, axis: &str, shift: i64) -> Result<String> {
         let p = self.mesh.position(axis)?;
         let (size, stride) = (self.mesh.axes[p].1, self.mesh.stride(p));
-        let pairs: Vec<String> = self
-            .mesh
-            .devices_in(&(0..self.mesh.axes.len()).collect::<Vec<_>>())
-            .iter()
-            .map(|&id| {
+        let pairs: Vec<String> = (0..self.mesh.devices())
+            .map(|id| {
                 let c = self.mesh.coordinate(id, p);
                 let to = (c + shift.rem_euclid(size as i64) as u64) % size;
                 format!("[{id}, {}]", id - c * stride + to * stride)

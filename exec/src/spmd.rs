@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use ndarray::{ArrayD, Slice as Range};
 use torchtpu_codegen::{Mesh, PartitionSpec, SpmdModule};
 use torchtpu_dsl::ir::ValueType;
-use torchtpu_dsl::{DType, HostArray};
+use torchtpu_dsl::HostArray;
 use torchtpu_runtime::{locate, Client, Plugin};
 
 use crate::transfer::{download, element_type, to_bytes};
@@ -28,12 +28,10 @@ fn cpu_client(devices: usize) -> Result<Client> {
     Ok(client)
 }
 
-/// The part of `whole` (its values in f64) that `device` holds under `spec`.
-fn shard_of(whole: &ArrayD<f64>, dtype: DType, mesh: &Mesh, spec: &PartitionSpec, device: u64) -> Result<HostArray> {
-    let shape = spec.shard_shape(mesh, whole.shape())?;
-    let offsets = spec.shard_offsets(mesh, device, &shape)?;
-    let part = whole.slice_each_axis(|ax| Range::from(offsets[ax.axis.index()]..offsets[ax.axis.index()] + shape[ax.axis.index()]));
-    Ok(HostArray::from_f64(dtype, &part.to_owned()))
+/// Where device `device`'s share of shape `shape` lies in the whole array under `spec`: a
+/// range per dim.
+fn share(mesh: &Mesh, spec: &PartitionSpec, device: u64, shape: &[usize]) -> Result<Vec<std::ops::Range<usize>>> {
+    Ok(spec.shard_offsets(mesh, device, shape)?.into_iter().zip(shape).map(|(start, &len)| start..start + len).collect())
 }
 
 /// Runs `module` (an SPMD program in its portable form) on the whole arrays `inputs`, each
@@ -45,15 +43,16 @@ pub fn run_sharded(module: &SpmdModule, inputs: &[(&HostArray, &PartitionSpec)],
     let devices = usize::try_from(mesh.devices()).unwrap_or(usize::MAX);
     let client = cpu_client(devices)?;
     let executable = client.compile_spmd(&module.text, devices)?;
-    let wholes: Vec<ArrayD<f64>> = inputs.iter().map(|(a, _)| a.to_f64()).collect();
+    let wholes = inputs.iter().map(|(a, spec)| Ok((a.to_f64(), a.dtype(), spec.shard_shape(mesh, a.shape())?))).collect::<Result<Vec<_>>>()?;
     let mut arguments = Vec::new();
     for device in 0..devices {
         let buffers = inputs
             .iter()
             .zip(&wholes)
-            .map(|((a, spec), whole)| {
-                let shard = shard_of(whole, a.dtype(), mesh, spec, device as u64)?;
-                Ok(client.buffer_on(device, &to_bytes(&shard), element_type(shard.dtype()), shard.shape())?)
+            .map(|((_, spec), (whole, dtype, shape))| {
+                let at = share(mesh, spec, device as u64, shape)?;
+                let shard = HostArray::from_f64(*dtype, &whole.slice_each_axis(|ax| Range::from(at[ax.axis.index()].clone())).to_owned());
+                Ok(client.buffer_on(device, &to_bytes(&shard), element_type(*dtype), shape)?)
             })
             .collect::<Result<Vec<_>>>()?;
         arguments.push(buffers);
@@ -67,20 +66,20 @@ pub fn run_sharded(module: &SpmdModule, inputs: &[(&HostArray, &PartitionSpec)],
             let shape = spec.shard_shape(mesh, &t.shape)?;
             let shard_type = ValueType::new(t.dtype, shape.clone());
             let mut whole = ArrayD::<f64>::zeros(t.shape.clone());
-            let mut holder: HashMap<Vec<usize>, usize> = HashMap::new();
+            let mut holder: HashMap<Vec<std::ops::Range<usize>>, usize> = HashMap::new();
             for (device, outs) in results.iter().enumerate() {
                 let buffer = outs.get(i).ok_or_else(|| Error::Input(format!("device {device} returned no output {i}")))?;
                 let part = download(buffer, &shard_type)?.to_f64();
-                let offsets = spec.shard_offsets(mesh, device as u64, &shape)?;
-                let mut target = whole.slice_each_axis_mut(|ax| Range::from(offsets[ax.axis.index()]..offsets[ax.axis.index()] + shape[ax.axis.index()]));
-                match holder.get(&offsets) {
+                let at = share(mesh, spec, device as u64, &shape)?;
+                let mut target = whole.slice_each_axis_mut(|ax| Range::from(at[ax.axis.index()].clone()));
+                match holder.get(&at) {
                     Some(&first) if target.iter().zip(&part).any(|(a, b)| a.to_bits() != b.to_bits()) => {
                         return Err(Error::Input(format!("output {i} (`{spec}`) differs between devices {first} and {device}, which the spec says hold the same share")));
                     }
                     Some(_) => {}
                     None => {
                         target.assign(&part);
-                        holder.insert(offsets, device);
+                        holder.insert(at, device);
                     }
                 }
             }

@@ -143,11 +143,10 @@ impl Ring<'_> {
     }
 
     /// What causal steps after the first run of `pass` (see [`Hidden`]).
-    fn hidden(&self, pass: FlashPass, target: TableTarget) -> Result<Hidden, Error> {
+    fn hidden(&self, pass: FlashPass, shard: AttentionShape, target: TableTarget) -> Result<Hidden, Error> {
         if !self.zigzag() {
             return Ok(Hidden::Whole);
         }
-        let shard = self.shard()?;
         let chunk = shard.q_len / 2;
         Ok(Hidden::Halves {
             lower: Box::new(self.kernel(pass, false, AttentionShape { kv_len: chunk, ..shard }, target)?),
@@ -182,7 +181,7 @@ impl Ring<'_> {
         let shard = self.shard()?;
         let full = self.kernel(FlashPass::Forward, false, shard, target)?;
         let diagonal = if self.opts.causal { self.kernel(FlashPass::Forward, true, shard, target)? } else { full.clone() };
-        let hidden = self.hidden(FlashPass::Forward, target)?;
+        let hidden = self.hidden(FlashPass::Forward, shard, target)?;
         let spec = self.spec();
         let mut p = self.program(target);
         let q = p.input("q", &self.global(s.heads, s.q_len, s.head_dim, self.dtype), &spec)?;
@@ -251,7 +250,7 @@ impl Ring<'_> {
         } else {
             (dkv_full.clone(), dq_full.clone())
         };
-        let (dkv_hidden, dq_hidden) = (self.hidden(FlashPass::BackwardDkv, target)?, self.hidden(FlashPass::BackwardDq, target)?);
+        let (dkv_hidden, dq_hidden) = (self.hidden(FlashPass::BackwardDkv, shard, target)?, self.hidden(FlashPass::BackwardDq, shard, target)?);
         let spec = self.spec();
         let mut p = self.program(target);
         let q_global = self.global(s.heads, s.q_len, s.head_dim, self.dtype);

@@ -44,8 +44,8 @@ impl ElementType {
 struct ClientInner {
     plugin: Plugin,
     raw: *mut c_void,
-    device: *mut c_void,
-    /// Every addressable device, `device` first: an SPMD program's partition `i` runs on `devices[i]`.
+    /// Every addressable device (at least one): single-device work runs on the first, an SPMD
+    /// program's partition `i` on `devices[i]`.
     devices: Vec<*mut c_void>,
     platform: String,
     platform_version: String,
@@ -133,14 +133,12 @@ impl Client {
         devices.client = raw;
         plugin.call(Slot::ClientAddressableDevices, "Client_AddressableDevices", &mut devices)?;
         // Owned from here on: an early return destroys the client.
-        let mut inner =
-            ClientInner { plugin: plugin.clone(), raw, device: std::ptr::null_mut(), devices: Vec::new(), platform, platform_version, executables: Mutex::new(HashMap::new()) };
+        let mut inner = ClientInner { plugin: plugin.clone(), raw, devices: Vec::new(), platform, platform_version, executables: Mutex::new(HashMap::new()) };
         if devices.num_devices == 0 || devices.devices.is_null() {
             return Err(Error::PluginBroken { path: plugin.path().into(), message: "the client has no addressable device".into() });
         }
         // SAFETY: the plugin returned `num_devices` device pointers owned by the client.
         inner.devices = unsafe { std::slice::from_raw_parts(devices.devices, devices.num_devices) }.to_vec();
-        inner.device = inner.devices[0];
         Ok(Client { inner: Arc::new(inner) })
     }
 
@@ -248,7 +246,8 @@ impl Client {
     }
 
     fn buffer_from_host(&self, data: &[u8], element_type: ElementType, dims: &[usize], semantics: i32) -> Result<(Buffer, *mut c_void)> {
-        self.buffer_from_host_on(self.inner.device, data, element_type, dims, semantics)
+        // The client was made with at least one device.
+        self.buffer_from_host_on(self.inner.devices[0], data, element_type, dims, semantics)
     }
 
     fn buffer_from_host_on(&self, device: *mut c_void, data: &[u8], element_type: ElementType, dims: &[usize], semantics: i32) -> Result<(Buffer, *mut c_void)> {

@@ -155,8 +155,12 @@ impl TpuCompiler {
 
     /// The devices libtpu gives `slice`: a program for it may span up to this many partitions.
     pub fn devices(&self, slice: &Slice) -> Result<u64> {
+        self.topology_devices(self.topology(slice)?)
+    }
+
+    fn topology_devices(&self, topology: *mut c_void) -> Result<u64> {
         let mut args = ffi::TopologyDevicesArgs::new();
-        args.topology = self.topology(slice)?;
+        args.topology = topology;
         self.plugin.call(Slot::TopologyDescriptionGetDeviceDescriptions, "TopologyDescription_GetDeviceDescriptions", &mut args)?;
         Ok(args.num_descriptions as u64)
     }
@@ -174,11 +178,14 @@ impl TpuCompiler {
 
     fn compile_for(&self, slice: &Slice, partitions: u64, spmd: bool, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
         let fail = |message: String| CompileError { slice: slice.clone(), location: rust_location(&message), message };
-        let devices = self.devices(slice).map_err(|e| fail(e.to_string()))?;
-        if partitions == 0 || partitions > devices {
-            return Err(fail(format!("a program over {partitions} devices does not fit {slice}, which has {devices}; pick a slice with at least {partitions}")));
-        }
         let topology = self.topology(slice).map_err(|e| fail(e.to_string()))?;
+        // Every slice has a device: only a program over several asks how many.
+        if partitions != 1 {
+            let devices = self.topology_devices(topology).map_err(|e| fail(e.to_string()))?;
+            if partitions == 0 || partitions > devices {
+                return Err(fail(format!("a program over {partitions} devices does not fit {slice}, which has {devices}; pick a slice with at least {partitions}")));
+            }
+        }
         let program = ffi::Program::mlir(stablehlo);
         let options = ffi::compile_options(partitions, spmd);
         let mut args = ffi::CompileArgs::new();
