@@ -497,24 +497,38 @@ impl<'a> Emitter<'a> {
                 let r = if rt.dtype == DType::I32 { r } else { self.convert("arith.sitofp", &r, &it, &rt, l) };
                 self.set(op.results[0], r);
             }
-            OpKind::Roll { x, shift, axis } => {
+            OpKind::Roll { x, shift, axis, stride } => {
                 let t = self.vt(*x);
+                if stride.is_some_and(|s| s.axis + 1 == t.shape.len()) {
+                    // Measured with libtpu 0.0.52: "stride dimension is the minor most".
+                    return Err(self.unsupported(l, "a strided roll whose stride runs along the last axis (lanes); Mosaic strides only over sublanes or leading axes"));
+                }
                 let n = t.shape.get(*axis).copied().unwrap_or(1).max(1) as i64;
                 let amount = match self.func.constant_value(*shift) {
                     Some(Literal::Int(s)) => self.constant(&s.rem_euclid(n).to_string(), "i32", l),
+                    // Measured with libtpu 0.0.52, every chip: "strided dynamic rotation along the
+                    // two last dimensions is unsupported".
+                    _ if stride.is_some() => {
+                        return Err(self.unsupported(l, "a strided roll by a traced shift; Mosaic rotates with a stride only by a shift known when tracing (an i32, not a Scalar)"))
+                    }
                     _ => {
                         let s = self.name(*shift);
                         self.euclidean_rem(&s, n, l)
                     }
                 };
                 let (src, ty) = (self.name(*x), value_type(&t));
+                let mut attrs = vec![format!("dimension = {axis} : si32")];
+                // Only the stride modulo the extent matters; Mosaic takes a 32-bit one.
+                let strided = stride.map(|s| [format!("stride = {} : si32", i64::from(s.stride) % n), format!("stride_dimension = {} : si32", s.axis)]);
+                attrs.extend(strided.iter().flatten().cloned());
+                let pretty_attrs = strided.map(|s| format!(" {{{}}}", s.join(", "))).unwrap_or_default();
                 let r = self.fresh();
                 self.op(
                     Some(&r),
-                    format!("tpu.dynamic_rotate {src} by {amount} dim {axis} : {ty}, i32 -> {ty}"),
+                    format!("tpu.dynamic_rotate {src} by {amount} dim {axis}{pretty_attrs} : {ty}, i32 -> {ty}"),
                     "tpu.dynamic_rotate",
                     &[(src, ty.clone()), (amount, "i32".into())],
-                    &[format!("dimension = {axis} : si32")],
+                    &attrs,
                     Some(&ty),
                     l,
                 );

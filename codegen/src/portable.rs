@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use torchtpu_dsl::elementwise::Lowering;
-use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, UnaryOp, ValueId, ValueType};
+use torchtpu_dsl::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, RollStride, Type, UnaryOp, ValueId, ValueType};
 use torchtpu_dsl::{random, DType, TracedCall};
 
 use crate::compose::{composite, Primitives};
@@ -560,9 +560,13 @@ impl<'a> Emitter<'a> {
                 self.op("stablehlo.dot_general", &[(&a, &lt), (&b, &rht)], &[dims], &rtt)
             }
             OpKind::Iota { dim } => self.op("stablehlo.iota", &[], &[format!("iota_dimension = {dim} : i64")], &rtt),
-            OpKind::Roll { x, shift, axis } => {
+            OpKind::Roll { x, shift, axis, stride: None } => {
                 let t = Self::vt(func, *x);
                 self.roll(&name(scope, x), &t, &name(scope, shift), *axis)
+            }
+            OpKind::Roll { x, shift, axis, stride: Some(s) } => {
+                let t = Self::vt(func, *x);
+                self.roll_strided(&name(scope, x), &t, &name(scope, shift), *axis, *s)
             }
             OpKind::Slice { x, start } => {
                 let (t, out) = (Self::vt(func, *x), rt.clone().expect("slices have a result"));
@@ -684,6 +688,57 @@ impl<'a> Emitter<'a> {
         let zero = self.constant("0", &i32t);
         let offsets: Vec<String> = (0..t.shape.len()).map(|d| if d == axis { start.clone() } else { zero.clone() }).collect();
         self.dynamic_slice(&xx, &doubled, &offsets, &t.shape)
+    }
+
+    /// A strided roll as a gather: element `i` along `axis` of slice `j` along the stride's
+    /// axis reads element `(i - shift - j * stride) mod n`.
+    fn roll_strided(&mut self, x: &str, t: &ValueType, shift: &str, axis: usize, s: RollStride) -> String {
+        let n = t.shape.get(axis).copied().unwrap_or(1).max(1);
+        let i32t = tensor_type(&ValueType::scalar(DType::I32));
+        let it = ValueType::new(DType::I32, t.shape.clone());
+        let itt = tensor_type(&it);
+        let nc = self.constant(&n.to_string(), &i32t);
+        let r = self.i32_binary("stablehlo.remainder", shift, &nc);
+        let r = self.i32_binary("stablehlo.add", &r, &nc);
+        let shift = self.i32_binary("stablehlo.remainder", &r, &nc);
+        let shift = self.op("stablehlo.broadcast_in_dim", &[(&shift, &i32t)], &["broadcast_dimensions = array<i64>".into()], &itt);
+        // Reduced modulo n first, the products stay far inside i32 for any tile.
+        let step = self.constant(&(u64::from(s.stride) % n as u64).to_string(), &itt);
+        let j = self.op("stablehlo.iota", &[], &[format!("iota_dimension = {} : i64", s.axis)], &itt);
+        let grown = self.op("stablehlo.multiply", &[(&j, &itt), (&step, &itt)], &[], &itt);
+        let by = self.op("stablehlo.add", &[(&shift, &itt), (&grown, &itt)], &[], &itt);
+        let i = self.op("stablehlo.iota", &[], &[format!("iota_dimension = {axis} : i64")], &itt);
+        let back = self.op("stablehlo.subtract", &[(&i, &itt), (&by, &itt)], &[], &itt);
+        let nt = self.constant(&n.to_string(), &itt);
+        let r = self.op("stablehlo.remainder", &[(&back, &itt), (&nt, &itt)], &[], &itt);
+        let r = self.op("stablehlo.add", &[(&r, &itt), (&nt, &itt)], &[], &itt);
+        let from = self.op("stablehlo.remainder", &[(&r, &itt), (&nt, &itt)], &[], &itt);
+        // Each element's full source index, the last dimension holding one coordinate per axis.
+        let rank = t.shape.len();
+        let mut one = t.shape.clone();
+        one.push(1);
+        let ot = ValueType::new(DType::I32, one);
+        let ott = tensor_type(&ot);
+        let coords: Vec<String> = (0..rank)
+            .map(|d| {
+                let c = if d == axis { from.clone() } else { self.op("stablehlo.iota", &[], &[format!("iota_dimension = {d} : i64")], &itt) };
+                self.reshape(&c, &it, &ot)
+            })
+            .collect();
+        let mut all = t.shape.clone();
+        all.push(rank);
+        let at = tensor_type(&ValueType::new(DType::I32, all));
+        let parts: Vec<(&str, &str)> = coords.iter().map(|c| (c.as_str(), ott.as_str())).collect();
+        let index = self.op("stablehlo.concatenate", &parts, &[format!("dimension = {rank} : i64")], &at);
+        let dims: Vec<usize> = (0..rank).collect();
+        let list = |v: &[usize]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ");
+        let attrs = [
+            format!("dimension_numbers = #stablehlo.gather<collapsed_slice_dims = [{0}], start_index_map = [{0}], index_vector_dim = {rank}>", list(&dims)),
+            "indices_are_sorted = false".to_string(),
+            format!("slice_sizes = {}", i64_array(&vec![1; rank])),
+        ];
+        let tt = tensor_type(t);
+        self.op("stablehlo.gather", &[(x, &tt), (&index, &at)], &attrs, &tt)
     }
 
     fn unary_of(&mut self, u: UnaryOp, x: &str, t: &ValueType, l: Loc) -> Result<String> {

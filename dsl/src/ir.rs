@@ -393,11 +393,13 @@ pub enum OpKind {
         dim: usize,
     },
     /// `x` rotated along `axis` as `jnp.roll`: element `i` moves to `(i + shift) mod n`, for
-    /// an i32 scalar `shift` of any sign.
+    /// an i32 scalar `shift` of any sign. With a stride, slice `j` along the stride's axis
+    /// moves by `shift + j * stride` (Pallas' `pltpu.roll(..., stride, stride_axis)`).
     Roll {
         x: ValueId,
         shift: ValueId,
         axis: usize,
+        stride: Option<RollStride>,
     },
     /// The window of `x` starting at `start`, of the result's shape.
     Slice {
@@ -458,6 +460,13 @@ pub enum OpKind {
     Yield {
         values: Vec<ValueId>,
     },
+}
+
+/// A roll whose shift grows by `stride` with each index along `axis`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RollStride {
+    pub stride: u32,
+    pub axis: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -215,12 +215,12 @@ impl Verifier<'_> {
                     return Err(self.err(loc, format!("iota along {dim} of {r}")));
                 }
             }
-            OpKind::Roll { x, shift, axis } => {
+            OpKind::Roll { x, shift, axis, stride } => {
                 let (a, r) = (self.vt(*x, loc)?, self.result_vt(op)?);
                 same(a, r, "roll operand vs result")?;
                 same(self.vt(*shift, loc)?, &ValueType::scalar(DType::I32), "roll shift")?;
-                if *axis >= a.shape.len() {
-                    return Err(self.err(loc, format!("roll along axis {axis} of {a}")));
+                if *axis >= a.shape.len() || stride.is_some_and(|s| s.axis >= a.shape.len() || s.axis == *axis) {
+                    return Err(self.err(loc, format!("roll along axis {axis} (stride {stride:?}) of {a}")));
                 }
             }
             OpKind::Slice { x, start } => {

@@ -22,6 +22,18 @@ fn roll_traced<T: Element>(x: &Ref<T>, y: &mut Ref<T>, step: i32, offset: i32, a
     y.store(x.load().roll(program_id(0) * step + offset, axis));
 }
 
+/// A roll by `shift` growing by `stride` with each index along `stride_axis`.
+#[tpu_kernel]
+fn roll_strided<T: Element>(x: &Ref<T>, y: &mut Ref<T>, shift: i32, axis: usize, stride: u32, stride_axis: usize) {
+    y.store(x.load().roll_strided(shift, axis, stride, stride_axis));
+}
+
+/// Program `i` rolls by `i * step + offset`, a traced shift, growing by `stride` along `stride_axis`.
+#[tpu_kernel]
+fn roll_strided_traced(x: &Ref<f32>, y: &mut Ref<f32>, step: i32, offset: i32, axis: usize, stride: u32, stride_axis: usize) {
+    y.store(x.load().roll_strided(program_id(0) * step + offset, axis, stride, stride_axis));
+}
+
 #[tpu_kernel]
 fn window<T: Element>(x: &Ref<T>, y: &mut Ref<T>, start: [usize; 2], shape: [usize; 2]) {
     let w = x.load().slice(start, shape);
@@ -78,10 +90,15 @@ fn random(rng: &mut StdRng, dtype: DType, shape: &[usize]) -> HostArray {
 
 /// `jnp.roll`: output `i` along `axis` is input `(i - shift) mod n`.
 fn np_roll(x: &ArrayD<f64>, shift: i64, axis: usize) -> ArrayD<f64> {
+    np_roll_strided(x, shift, axis, 0, 1 - axis.min(1))
+}
+
+/// Pallas' strided roll: slice `j` along `stride_axis` is `jnp.roll`ed by `shift + j * stride`.
+fn np_roll_strided(x: &ArrayD<f64>, shift: i64, axis: usize, stride: i64, stride_axis: usize) -> ArrayD<f64> {
     let n = x.shape()[axis] as i64;
     ArrayD::from_shape_fn(x.raw_dim(), |ix| {
         let mut src = ix.clone();
-        src[axis] = (ix[axis] as i64 - shift).rem_euclid(n) as usize;
+        src[axis] = (ix[axis] as i64 - shift - stride * ix[stride_axis] as i64).rem_euclid(n) as usize;
         x[src]
     })
 }
@@ -223,6 +240,69 @@ fn constructs_match_their_references_on_both_cpu_backends_and_compile_for_every_
         }
     }
     assert!(failures.is_empty(), "seed {seed}:\n{}", failures.join("\n"));
+}
+
+/// A strided roll against its reference on both CPU backends, with what Mosaic makes of it.
+fn strided_case(
+    kernel: torchtpu_dsl::KernelDef,
+    dtype: DType,
+    programs: usize,
+    want: impl Fn(&ArrayD<f64>, i64) -> ArrayD<f64>,
+    rng: &mut StdRng,
+) -> (torchtpu_dsl::TracedCall, String) {
+    let shape = [16, 256];
+    let call = PallasCall::new(kernel).grid([programs]).in_specs([spec(shape)]).out_specs([BlockSpec::new(shape, |[i]| (i, 0))]).out_shapes([[shape[0] * programs, shape[1]]]);
+    let x = random(rng, dtype, &shape);
+    let xf = x.to_f64();
+    let parts: Vec<ArrayD<f64>> = (0..programs as i64).map(|i| want(&xf, i)).collect();
+    let views: Vec<_> = parts.iter().map(|p| p.view()).collect();
+    let want = ndarray::concatenate(Axis(0), &views).expect("same shapes");
+    let traced = call.trace(&[x.value_type()]).expect("traces");
+    let inputs = [x];
+    let outs = [call.interpret_checked(&inputs).expect("interprets"), Compiled::new(&traced, Backend::Cpu).and_then(|c| c.run(&inputs)).expect("runs on PJRT CPU")];
+    let name = format!("{} {dtype}", traced.kernel.name());
+    for out in outs {
+        assert_eq!(out[0].to_f64(), want, "{name}");
+    }
+    (traced, name)
+}
+
+#[test]
+fn strided_rolls_match_pallas_on_both_cpu_backends_and_mosaic_takes_what_libtpu_compiles() {
+    let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required for these tests (run scripts/setup.sh): {e}"));
+    let mut rng = StdRng::seed_from_u64(7);
+    // Along the lanes, striding over the sublanes: libtpu compiles it for every chip but v4
+    // (which has no lane-strided rotate), while shift + stride * (rows - 1) stays below a vreg's
+    // 128 lanes (beyond, libtpu: "the max shift in a vreg is larger than the vreg's width").
+    for (shift, stride) in [(0, 1u32), (5, 3), (90, 2)] {
+        for dtype in [DType::F32, DType::BF16, DType::I32] {
+            let kernel = match dtype {
+                DType::BF16 => roll_strided::kernel::<bf16>(shift, 1, stride, 0),
+                DType::I32 => roll_strided::kernel::<i32>(shift, 1, stride, 0),
+                _ => roll_strided::kernel::<f32>(shift, 1, stride, 0),
+            };
+            let (traced, name) = strided_case(kernel, dtype, 1, |x, _| np_roll_strided(x, i64::from(shift), 1, i64::from(stride), 0), &mut rng);
+            let module = lower(&traced, Target::TpuStableHlo).unwrap_or_else(|e| panic!("{name}: {e}"));
+            for chip in Chip::ALL {
+                let compiled = compiler.compile(chip, &module);
+                assert_eq!(compiled.is_ok(), chip != Chip::V4, "{name} by {shift} stride {stride} on {chip}: {:?}", compiled.err().map(|e| e.message));
+            }
+        }
+    }
+    // Striding over the lanes, or by a traced shift: Mosaic has neither, and lower() says so.
+    let (step, offset) = (37, -60);
+    for axis in [0, 1] {
+        let (traced, name) = strided_case(
+            roll_strided_traced::kernel(step, offset, axis, 3, 1 - axis),
+            DType::F32,
+            3,
+            |x, i| np_roll_strided(x, i * i64::from(step) + i64::from(offset), axis, 3, 1 - axis),
+            &mut rng,
+        );
+        let err = lower(&traced, Target::TpuStableHlo).expect_err("Mosaic refuses it").to_string();
+        let why = if axis == 0 { "along the last axis" } else { "by a traced shift" };
+        assert!(err.contains(why) && err.contains("constructs.rs"), "{name}: {err}");
+    }
 }
 
 fn lanes_at_call(promise: bool) -> PallasCall {

@@ -3,13 +3,14 @@
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
-use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Ix2, Slice, Zip};
+use ndarray::{ArrayD, ArrayViewD, ArrayViewMutD, Axis, Ix2, Slice};
 
 use crate::dtype::DType;
 use crate::elementwise::{nan_max, nan_min};
 use crate::error::{Error, Result};
-use crate::interpret::tensor::{round_f32, wrap_i32, Data, Tensor};
-use crate::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Specialized, Type, UnaryOp, ValueId};
+use crate::interpret::fused::{self, Arg, Buf, Group, In, Node, Out, Plan, Role, Work, CHUNK};
+use crate::interpret::tensor::{Data, Tensor};
+use crate::ir::{Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, ValueId};
 use crate::random;
 
 /// Iterations after which a traced `while` counts as an infinite loop: far past any kernel's.
@@ -53,9 +54,22 @@ pub(crate) struct Eval<'f> {
     prng: Option<(u32, u32)>,
     /// Copies started and not yet waited for; they may span grid steps.
     in_flight: Vec<InFlight>,
+    analysis: &'f Analysis<'f>,
+}
+
+/// What the interpreter works out about a function once, before running any program of it.
+pub(crate) struct Analysis<'f> {
     /// Scalars broadcast only into elementwise ops: kept as scalars, which those ops broadcast
     /// as they read (filling a tile with one value first would cost a pass over memory).
     lazy_splats: HashSet<ValueId>,
+    /// Which elementwise ops run together, chunk by chunk.
+    plan: Plan<'f>,
+}
+
+impl<'f> Analysis<'f> {
+    pub fn of(func: &'f Func) -> Self {
+        Analysis { lazy_splats: lazy_splats(func), plan: fused::plan(func) }
+    }
 }
 
 /// A started copy: the data it read, where it lands at its wait, and what it signals.
@@ -110,9 +124,9 @@ fn dot_i32(a: ndarray::ArrayView2<i32>, b: ndarray::ArrayView2<i32>) -> ndarray:
 }
 
 impl<'f> Eval<'f> {
-    pub fn new(func: &'f Func) -> Self {
+    pub fn new(func: &'f Func, analysis: &'f Analysis<'f>) -> Self {
         let ref_slot = func.args.iter().filter(|a| matches!(func.ty(**a), Type::Ref(_))).enumerate().map(|(i, &a)| (a, i)).collect();
-        Eval { func, vals: vec![None; func.values.len()], ref_slot, prng: None, in_flight: Vec::new(), lazy_splats: lazy_splats(func) }
+        Eval { func, vals: vec![None; func.values.len()], ref_slot, prng: None, in_flight: Vec::new(), analysis }
     }
 
     fn get(&self, v: ValueId) -> &Rc<Tensor> {
@@ -232,6 +246,97 @@ impl<'f> Eval<'f> {
         }
     }
 
+    /// Runs a group of elementwise ops a chunk at a time; returns its last op's result.
+    fn run_group(&mut self, ctx: &Ctx, op: &'f Op, group: &Group<'f>) -> Result<Tensor> {
+        let Some(root) = group.nodes.last() else { return Err(ctx.runtime(op.loc, "internal: an empty elementwise group")) };
+        let shape = self.result_dims(root.op);
+        // Operands in memory are read as row-major slices: a rare other layout is copied once.
+        for node in &group.nodes {
+            for arg in &node.args {
+                let Arg::Value(v) = *arg else { continue };
+                let t = self.get(v);
+                if t.shape().is_empty() {
+                    continue;
+                }
+                if t.shape() != shape {
+                    return Err(ctx.runtime(node.op.loc, format!("an operand of shape {:?} where {shape:?} is expected", t.shape())));
+                }
+                if !standard_layout(t) {
+                    let copy = each_data(t, |d| {
+                        Ok(match d {
+                            Data::F(a) => Data::F(a.as_standard_layout().into_owned()),
+                            Data::I(a) => Data::I(a.as_standard_layout().into_owned()),
+                            Data::B(a) => Data::B(a.as_standard_layout().into_owned()),
+                        })
+                    })?;
+                    self.set(v, copy);
+                }
+            }
+        }
+        let len: usize = shape.iter().product();
+        let last = group.nodes.len() - 1;
+        let dtype = self.result_dtype(root.op);
+        let mut result = Buf::new(dtype, len);
+        // The last node writes straight into the result; the others into chunk buffers, kept
+        // per thread across groups (every element is written before it is read).
+        fused::with_chunk_buffers(|pool| {
+            let mut bufs: Vec<Buf> = group.nodes[..last].iter().map(|n| pool.take(self.result_dtype(n.op))).collect();
+            let mut start = 0;
+            let mut ran = Ok(());
+            while start < len && ran.is_ok() {
+                let n = CHUNK.min(len - start);
+                for (i, node) in group.nodes.iter().enumerate() {
+                    let (done, rest) = bufs.split_at_mut(i.min(last));
+                    let out = if i == last { result.out(start, n) } else { rest.first_mut().and_then(|b| b.out(0, n)) };
+                    ran = out.ok_or_else(|| ctx.runtime(node.op.loc, "internal: an elementwise chunk is out of range")).and_then(|out| self.chunk(ctx, node, done, out, start, n));
+                    if ran.is_err() {
+                        break;
+                    }
+                }
+                start += n;
+            }
+            pool.give_back(bufs);
+            ran
+        })?;
+        let data = result.into_data(shape).ok_or_else(|| ctx.runtime(root.op.loc, format!("internal: an elementwise result does not fill {shape:?}")))?;
+        Ok(Tensor { dtype, data })
+    }
+
+    /// Elements `start..start + n` of one node's result, into `out`; `done` holds the chunks
+    /// of the nodes before it.
+    fn chunk(&self, ctx: &Ctx, node: &Node<'f>, done: &[Buf], mut out: Out, start: usize, n: usize) -> Result<()> {
+        let (op, loc) = (node.op, node.op.loc);
+        let input = |k: usize| -> Result<In<'_>> {
+            let missing = || ctx.runtime(loc, format!("internal: operand {k} of an elementwise op is missing"));
+            match node.args.get(k) {
+                Some(Arg::Node(j)) => done.get(*j).and_then(|b| b.input(n)).ok_or_else(missing),
+                Some(Arg::Value(v)) => In::of(&self.get(*v).data, start, n).ok_or_else(missing),
+                None => Err(missing()),
+            }
+        };
+        let dtype_of = |v: &ValueId| self.func.value_type(*v).map_or(DType::F32, |t| t.dtype);
+        let work = match &op.kind {
+            OpKind::Unary { op: u, x } => Work::Unary(*u, input(0)?, dtype_of(x)),
+            OpKind::Binary { op: b, lhs, .. } => Work::Binary(*b, input(0)?, input(1)?, dtype_of(lhs)),
+            OpKind::Compare { op: c, lhs, .. } => Work::Compare(*c, input(0)?, input(1)?, dtype_of(lhs)),
+            OpKind::Select { .. } => Work::Select(input(0)?, input(1)?, input(2)?),
+            OpKind::Cast { .. } => Work::Cast(input(0)?, self.result_dtype(op)),
+            OpKind::Iota { dim } => {
+                fused::iota(out.reborrow(), start, self.result_dims(op), *dim);
+                out.settle(self.result_dtype(op));
+                return Ok(());
+            }
+            OpKind::Roll { x, shift, axis, stride } => {
+                let shift = self.get(*shift).scalar_i64().ok_or_else(|| ctx.runtime(loc, "roll shift is not an i32 scalar"))?;
+                return fused::roll(out, start, &self.get(*x).data, self.result_dims(op), *axis, shift, *stride).map_err(|m| ctx.runtime(loc, m));
+            }
+            _ => return Err(ctx.runtime(loc, "internal: a non-elementwise op in an elementwise group")),
+        };
+        fused::compute(out.reborrow(), work).map_err(|m| ctx.runtime(loc, m))?;
+        out.settle(self.result_dtype(op));
+        Ok(())
+    }
+
     fn op(&mut self, ctx: &Ctx, op: &'f Op, refs: &mut [RefBuf], checked: bool) -> Result<()> {
         let loc = op.loc;
         let t = match &op.kind {
@@ -293,32 +398,18 @@ impl<'f> Eval<'f> {
                 write_region(ctx, &mut refs[slot], &sel, &v, loc)?;
                 return Ok(());
             }
-            OpKind::Unary { op: u, x } => u.specialize(UnaryRun { ctx, x: self.get(*x), loc })?,
-            OpKind::Binary { op: b, lhs, rhs } => b.specialize(PairRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: self.result_dims(op), loc })?,
-            OpKind::Compare { op: c, lhs, rhs } => c.specialize(PairRun { ctx, a: self.get(*lhs), b: self.get(*rhs), shape: self.result_dims(op), loc })?,
-            OpKind::Select { cond, on_true, on_false } => {
-                let (c, a, b) = (self.get(*cond), self.get(*on_true), self.get(*on_false));
-                let shape = self.result_dims(op);
-                let Data::B(c) = &c.data else { return Err(ctx.runtime(loc, "select condition is not bool")) };
-                let c = view_as(ctx, c, shape, loc)?;
-                fn pick<E: Copy>(ctx: &Ctx, c: ArrayViewD<bool>, x: &ArrayD<E>, y: &ArrayD<E>, shape: &[usize], loc: Loc) -> Result<ArrayD<E>> {
-                    let scalar = |a: &ArrayD<E>| if a.ndim() == 0 && !shape.is_empty() { a.first().copied() } else { None };
-                    Ok(match (scalar(x), scalar(y)) {
-                        (None, Some(q)) => Zip::from(c).and(view_as(ctx, x, shape, loc)?).map_collect(|&c, &p| if c { p } else { q }),
-                        (Some(p), None) => Zip::from(c).and(view_as(ctx, y, shape, loc)?).map_collect(|&c, &q| if c { p } else { q }),
-                        _ => Zip::from(c).and(view_as(ctx, x, shape, loc)?).and(view_as(ctx, y, shape, loc)?).map_collect(|&c, &x, &y| if c { x } else { y }),
-                    })
+            OpKind::Unary { .. } | OpKind::Binary { .. } | OpKind::Compare { .. } | OpKind::Select { .. } | OpKind::Cast { .. } | OpKind::Iota { .. } | OpKind::Roll { .. } => {
+                let plan = &self.analysis.plan;
+                match op.results.first().and_then(|r| plan.roles.get(r.index())) {
+                    Some(Role::Absorbed) => return Ok(()),
+                    Some(&Role::Root(g)) => match plan.groups.get(g) {
+                        Some(group) => self.run_group(ctx, op, group)?,
+                        None => return Err(ctx.runtime(loc, "internal: an elementwise group is missing")),
+                    },
+                    _ => return Err(ctx.runtime(loc, "internal: an elementwise op outside every group")),
                 }
-                let data = match (&a.data, &b.data) {
-                    (Data::F(x), Data::F(y)) => Data::F(pick(ctx, c, x, y, shape, loc)?),
-                    (Data::I(x), Data::I(y)) => Data::I(pick(ctx, c, x, y, shape, loc)?),
-                    (Data::B(x), Data::B(y)) => Data::B(pick(ctx, c, x, y, shape, loc)?),
-                    _ => return Err(ctx.runtime(loc, "select branches differ in storage class")),
-                };
-                Tensor { dtype: a.dtype, data }
             }
-            OpKind::Cast { x } => cast(self.get(*x), self.result_dtype(op)),
-            OpKind::Broadcast { x } if self.lazy_splats.contains(&op.results[0]) => Tensor::clone(self.get(*x)),
+            OpKind::Broadcast { x } if self.analysis.lazy_splats.contains(&op.results[0]) => Tensor::clone(self.get(*x)),
             OpKind::Broadcast { x } => {
                 let shape = self.result_shape(op);
                 let x = self.get(*x);
@@ -362,27 +453,6 @@ impl<'f> Eval<'f> {
                     }
                     _ => return Err(ctx.runtime(loc, "dot of bool tiles")),
                 }
-            }
-            OpKind::Iota { dim } => {
-                let (dtype, shape, dim) = (self.result_dtype(op), self.result_shape(op), *dim);
-                if dtype.is_float() {
-                    Tensor::float(dtype, iota(&shape, dim, |i| i as f32))
-                } else {
-                    Tensor::int(dtype, iota(&shape, dim, |i| i as i32))
-                }
-            }
-            OpKind::Roll { x, shift, axis } => {
-                let x = self.get(*x);
-                let shift = self.get(*shift).scalar_i64().ok_or_else(|| ctx.runtime(loc, "roll shift is not an i32 scalar"))?;
-                let n = x.shape().get(*axis).copied().unwrap_or(0);
-                let s = usize::try_from(shift.rem_euclid(n.max(1) as i64)).unwrap_or(0);
-                each_data(x, |d| {
-                    Ok(match d {
-                        Data::F(a) => Data::F(roll(a, Axis(*axis), s)),
-                        Data::I(a) => Data::I(roll(a, Axis(*axis), s)),
-                        Data::B(a) => Data::B(roll(a, Axis(*axis), s)),
-                    })
-                })?
             }
             OpKind::Slice { x, start } => {
                 let sel: Vec<Sel> = start.iter().zip(self.result_dims(op)).map(|(&start, &len)| Sel { start, len, point: false }).collect();
@@ -499,147 +569,6 @@ impl<'f> Eval<'f> {
     }
 }
 
-struct UnaryRun<'a> {
-    ctx: &'a Ctx<'a>,
-    x: &'a Tensor,
-    loc: Loc,
-}
-
-/// The scalar function of one class of an op, named as a constant inside its loop so that
-/// every op's loop is its own monomorphic, inlined and vectorizable copy (a function pointer
-/// passed in stays an indirect call per element). Classes the op lacks are refused before the
-/// loop; their stand-in is never called.
-macro_rules! scalar_fn {
-    ($op:ident, $i:ident, $class:ident, $stand_in:expr) => {
-        const {
-            match $op::ALL[$i].def().evals().$class {
-                Some(f) => f,
-                None => $stand_in,
-            }
-        }
-    };
-}
-
-/// An error for a class the op does not define, before its loop runs.
-macro_rules! defined_or {
-    ($op:ident, $i:ident, $class:ident, $undefined:expr) => {
-        if const { $op::ALL[$i].def().evals().$class.is_none() } {
-            return Err($undefined);
-        }
-    };
-}
-
-impl Specialized<UnaryOp> for UnaryRun<'_> {
-    type Out = Result<Tensor>;
-    #[inline(always)]
-    fn run<const I: usize>(self) -> Result<Tensor> {
-        let (ctx, x, loc) = (self.ctx, self.x, self.loc);
-        let undefined = || ctx.runtime(loc, format!("`{}` of {}", const { UnaryOp::ALL[I].name() }, x.dtype));
-        Ok(match &x.data {
-            Data::F(a) => {
-                defined_or!(UnaryOp, I, float, undefined());
-                Tensor::float(x.dtype, a.mapv(|v| scalar_fn!(UnaryOp, I, float, |v| v)(v)))
-            }
-            Data::I(a) => {
-                defined_or!(UnaryOp, I, int, undefined());
-                Tensor::int(x.dtype, a.mapv(|v| scalar_fn!(UnaryOp, I, int, |v| v)(v)))
-            }
-            Data::B(a) => {
-                defined_or!(UnaryOp, I, boolean, undefined());
-                Tensor::boolean(a.mapv(|v| scalar_fn!(UnaryOp, I, boolean, |v| v)(v)))
-            }
-        })
-    }
-}
-
-/// The operands of a binary op or a comparison.
-struct PairRun<'a> {
-    ctx: &'a Ctx<'a>,
-    a: &'a Tensor,
-    b: &'a Tensor,
-    /// The result's shape: an operand may be a lazily broadcast scalar.
-    shape: &'a [usize],
-    loc: Loc,
-}
-
-impl Specialized<BinaryOp> for PairRun<'_> {
-    type Out = Result<Tensor>;
-    #[inline(always)]
-    fn run<const I: usize>(self) -> Result<Tensor> {
-        let (ctx, a, b, shape, loc) = (self.ctx, self.a, self.b, self.shape, self.loc);
-        let name = const { BinaryOp::ALL[I].name() };
-        let undefined = || ctx.runtime(loc, format!("`{name}` of {}", a.dtype));
-        Ok(match (&a.data, &b.data) {
-            (Data::F(x), Data::F(y)) => {
-                defined_or!(BinaryOp, I, float, undefined());
-                Tensor::float(a.dtype, zip2(ctx, x, y, shape, loc, |p, q| scalar_fn!(BinaryOp, I, float, |p, _| p)(p, q))?)
-            }
-            (Data::I(x), Data::I(y)) => {
-                defined_or!(BinaryOp, I, int, undefined());
-                let mut outside = None;
-                let r = zip2(ctx, x, y, shape, loc, |p, q| {
-                    scalar_fn!(BinaryOp, I, int, |p, _| Ok(p))(p, q).unwrap_or_else(|why| {
-                        outside.get_or_insert(why);
-                        0
-                    })
-                })?;
-                if let Some(why) = outside {
-                    return Err(ctx.runtime(loc, format!("`{name}`: {why}")));
-                }
-                Tensor::int(a.dtype, r)
-            }
-            (Data::B(x), Data::B(y)) => {
-                defined_or!(BinaryOp, I, boolean, undefined());
-                Tensor::boolean(zip2(ctx, x, y, shape, loc, |p, q| scalar_fn!(BinaryOp, I, boolean, |p, _| p)(p, q))?)
-            }
-            _ => return Err(ctx.runtime(loc, format!("`{name}` of mismatched storage"))),
-        })
-    }
-}
-
-impl Specialized<CmpOp> for PairRun<'_> {
-    type Out = Result<Tensor>;
-    #[inline(always)]
-    fn run<const I: usize>(self) -> Result<Tensor> {
-        fn cmp<E: PartialOrd + Copy, const I: usize>(ctx: &Ctx, x: &ArrayD<E>, y: &ArrayD<E>, shape: &[usize], loc: Loc) -> Result<ArrayD<bool>> {
-            zip2(ctx, x, y, shape, loc, |p, q| const { CmpOp::ALL[I].def().eval }(p.partial_cmp(&q)))
-        }
-        let (ctx, shape, loc) = (self.ctx, self.shape, self.loc);
-        let out = match (&self.a.data, &self.b.data) {
-            (Data::F(x), Data::F(y)) => cmp::<_, I>(ctx, x, y, shape, loc)?,
-            (Data::I(x), Data::I(y)) => cmp::<_, I>(ctx, x, y, shape, loc)?,
-            (Data::B(x), Data::B(y)) => cmp::<_, I>(ctx, x, y, shape, loc)?,
-            _ => return Err(ctx.runtime(loc, "comparison of mismatched storage")),
-        };
-        Ok(Tensor::boolean(out))
-    }
-}
-
-/// `f` over `x` and `y` at `shape`, where either may be a lazily broadcast scalar: a map over
-/// the other then (a zero-stride view would cost the loop its vectorization).
-#[inline(always)]
-fn zip2<A: Copy, B: Copy, R>(ctx: &Ctx, x: &ArrayD<A>, y: &ArrayD<B>, shape: &[usize], loc: Loc, mut f: impl FnMut(A, B) -> R) -> Result<ArrayD<R>> {
-    match (x.ndim() == 0 && !shape.is_empty(), y.ndim() == 0 && !shape.is_empty()) {
-        (false, true) => {
-            let q = y.first().copied().ok_or_else(|| ctx.runtime(loc, "an empty scalar"))?;
-            Ok(view_as(ctx, x, shape, loc)?.map(|&p| f(p, q)))
-        }
-        (true, false) => {
-            let p = x.first().copied().ok_or_else(|| ctx.runtime(loc, "an empty scalar"))?;
-            Ok(view_as(ctx, y, shape, loc)?.map(|&q| f(p, q)))
-        }
-        _ => Ok(Zip::from(view_as(ctx, x, shape, loc)?).and(view_as(ctx, y, shape, loc)?).map_collect(|&p, &q| f(p, q))),
-    }
-}
-
-/// `a` viewed at `shape`: itself, or a lazily broadcast scalar.
-fn view_as<'a, E>(ctx: &Ctx, a: &'a ArrayD<E>, shape: &[usize], loc: Loc) -> Result<ArrayViewD<'a, E>> {
-    if a.shape() == shape {
-        return Ok(a.view());
-    }
-    a.broadcast(shape).ok_or_else(|| ctx.runtime(loc, format!("an operand of shape {:?} where {shape:?} is expected", a.shape())))
-}
-
 /// The results of scalar-to-tile broadcasts that only elementwise ops (which broadcast as they
 /// read) consume.
 fn lazy_splats(func: &Func) -> HashSet<ValueId> {
@@ -713,20 +642,12 @@ fn write_region(ctx: &Ctx, buf: &mut RefBuf, sel: &[Sel], v: &Tensor, loc: Loc) 
     Ok(())
 }
 
-/// `a` rotated by `s` (less than its extent) along `axis`: element `i` moves to `i + s`, wrapping.
-fn roll<E: Copy>(a: &ArrayD<E>, axis: Axis, s: usize) -> ArrayD<E> {
-    let a = a.as_standard_layout();
-    let (n, inner): (usize, usize) = (a.len_of(axis), a.shape()[axis.0 + 1..].iter().product());
-    let (Some(src), false) = (a.as_slice(), a.is_empty()) else { return a.into_owned() };
-    // In row-major order each run of `n * inner` elements is one line along `axis`: its last
-    // `s` positions move to the front.
-    let mut out = Vec::with_capacity(src.len());
-    for line in src.chunks(n * inner) {
-        let (head, tail) = line.split_at((n - s) * inner);
-        out.extend_from_slice(tail);
-        out.extend_from_slice(head);
+fn standard_layout(t: &Tensor) -> bool {
+    match &t.data {
+        Data::F(a) => a.is_standard_layout(),
+        Data::I(a) => a.is_standard_layout(),
+        Data::B(a) => a.is_standard_layout(),
     }
-    ArrayD::from_shape_vec(a.raw_dim(), out).unwrap_or_else(|_| a.into_owned())
 }
 
 /// `x` with its data replaced by `f`'s, dtype kept.
@@ -776,36 +697,6 @@ fn broadcast<E: Copy + Default>(a: &ArrayD<E>, shape: &[usize]) -> Option<ArrayD
     let mut out = ArrayD::from_elem(shape, E::default());
     out.assign(&view);
     Some(out)
-}
-
-/// Counts up along `dim`: each run of `inner` elements holds one index.
-fn iota<E: Copy>(shape: &[usize], dim: usize, cast: impl Fn(usize) -> E) -> ArrayD<E> {
-    let inner: usize = shape[dim + 1..].iter().product();
-    let outer: usize = shape[..dim].iter().product();
-    let mut data = Vec::with_capacity(outer * shape[dim] * inner);
-    // One line along `dim` and below, copied for each index above it.
-    let mut line = Vec::with_capacity(shape[dim] * inner);
-    for i in 0..shape[dim] {
-        line.extend(std::iter::repeat_n(cast(i), inner));
-    }
-    for _ in 0..outer {
-        data.extend_from_slice(&line);
-    }
-    ArrayD::from_shape_vec(shape, data).expect("iota fills exactly the shape's elements")
-}
-
-fn cast(x: &Tensor, to: DType) -> Tensor {
-    match (&x.data, to) {
-        (Data::F(a), d) if d.is_float() => Tensor::float(d, a.mapv(|v| round_f32(d, v))),
-        (Data::F(a), d) if d.is_int() => Tensor::int(d, a.mapv(|v| if d == DType::I8 { v as i8 as i32 } else { v as i32 })),
-        (Data::F(a), _) => Tensor::boolean(a.mapv(|v| v != 0.0)),
-        (Data::I(a), d) if d.is_float() => Tensor::float(d, a.mapv(|v| v as f32)),
-        (Data::I(a), d) if d.is_int() => Tensor::int(d, a.mapv(|v| wrap_i32(d, v))),
-        (Data::I(a), _) => Tensor::boolean(a.mapv(|v| v != 0)),
-        (Data::B(a), d) if d.is_float() => Tensor::float(d, a.mapv(|v| v as i32 as f32)),
-        (Data::B(a), d) if d.is_int() => Tensor::int(d, a.mapv(|v| v as i32)),
-        (Data::B(a), _) => Tensor::boolean(a.clone()),
-    }
 }
 
 fn reduce(op: ReduceOp, x: &Tensor, axis: usize) -> Tensor {

@@ -1,5 +1,8 @@
 //! The CPU interpreter: Pallas' `interpret=True`, done carefully.
 //!
+//! Elementwise ops run fused, a cache-sized chunk at a time (see `fused`): a chain of them
+//! never stores the tiles between its ops.
+//!
 //! Programs that differ only along `parallel` grid axes run concurrently on rayon; the
 //! `arbitrary` axes of each run in order on one task, which owns its scratch, so scratch
 //! persists across sequential steps exactly as on a TPU core. Input blocks are read with
@@ -14,6 +17,7 @@
 //! parallel programs writing one output block are errors.
 
 mod eval;
+mod fused;
 mod tensor;
 
 use std::collections::HashMap;
@@ -25,7 +29,7 @@ use rayon::prelude::*;
 use crate::call::{BlockOperand, PallasCall, Semantics, TracedCall};
 use crate::error::{Error, Result};
 use crate::host::HostArray;
-use crate::interpret::eval::{Ctx, Eval, RefBuf};
+use crate::interpret::eval::{Analysis, Ctx, Eval, RefBuf};
 use crate::interpret::tensor::{Data, Tensor};
 use crate::ir::ValueType;
 
@@ -132,8 +136,9 @@ impl TracedCall {
         let steps = grid_points(&sequential.iter().map(|&a| self.grid[a]).collect::<Vec<_>>());
         let writers: Writers = Mutex::new(HashMap::new());
 
+        let analysis = Analysis::of(&self.body);
         let run_task = |(task_id, task): (usize, &Vec<usize>)| -> Result<()> {
-            let mut program = Program::new(self, &inputs, &prefetch, options, trace_poison);
+            let mut program = Program::new(self, &analysis, &inputs, &prefetch, options, trace_poison);
             for step in &steps {
                 let mut gi = vec![0; self.grid.len()];
                 for (&a, &v) in parallel.iter().zip(task) {
@@ -208,7 +213,8 @@ impl TracedCall {
         let names: Vec<String> = self.prefetch.iter().map(|p| p.name.clone()).collect();
         let mut indices = Vec::with_capacity(operands.len());
         for op in operands {
-            let mut eval = Eval::new(&op.index_map);
+            let analysis = Analysis::of(&op.index_map);
+            let mut eval = Eval::new(&op.index_map, &analysis);
             let mut refs: Vec<RefBuf> = prefetch.iter().map(|t| RefBuf { data: t.clone(), init: None, last_store: None }).collect();
             let mut per_point = Vec::with_capacity(points.len());
             for p in points {
@@ -255,7 +261,7 @@ struct Program<'a> {
 }
 
 impl<'a> Program<'a> {
-    fn new(call: &'a TracedCall, inputs: &'a [Tensor], prefetch: &[Tensor], options: InterpretOptions, trace_poison: bool) -> Self {
+    fn new(call: &'a TracedCall, analysis: &'a Analysis<'a>, inputs: &'a [Tensor], prefetch: &[Tensor], options: InterpretOptions, trace_poison: bool) -> Self {
         let pv = poison_value(options.checked);
         let mut refs: Vec<RefBuf> = prefetch.iter().map(|t| RefBuf { data: t.clone(), init: None, last_store: None }).collect();
         let mut names: Vec<String> = call.prefetch.iter().map(|p| p.name.clone()).collect();
@@ -273,7 +279,7 @@ impl<'a> Program<'a> {
             call,
             inputs,
             options,
-            eval: Eval::new(&call.body),
+            eval: Eval::new(&call.body, analysis),
             refs,
             names,
             current: vec![None; n],

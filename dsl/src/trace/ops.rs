@@ -1,7 +1,7 @@
 //! Shape-checked op construction on the builder: broadcasting, arithmetic, reductions, dot.
 
 use crate::dtype::DType;
-use crate::ir::{BinaryOp, CmpOp, Literal, Loc, OpKind, ReduceOp, UnaryOp, ValueId, ValueType};
+use crate::ir::{BinaryOp, CmpOp, Literal, Loc, OpKind, ReduceOp, RollStride, UnaryOp, ValueId, ValueType};
 use crate::trace::builder::Builder;
 
 /// Numpy broadcasting of two shapes, or `None` when they are incompatible.
@@ -177,8 +177,19 @@ impl Builder {
         self.push(OpKind::Iota { dim }, ValueType::new(dtype, shape), loc)
     }
 
-    pub(crate) fn roll(&mut self, x: ValueId, shift: ValueId, axis: usize, loc: Loc) -> ValueId {
+    pub(crate) fn roll(&mut self, x: ValueId, shift: ValueId, axis: usize, stride: Option<RollStride>, loc: Loc) -> ValueId {
         let t = self.vty(x);
+        if let Some(s) = stride {
+            if s.axis >= t.shape.len() || s.axis == axis {
+                let msg = format!(
+                    "roll along axis {axis} with a stride along axis {} of a value of shape {}: the stride's axis must be another axis of the tile (0..{})",
+                    s.axis,
+                    shape_str(&t.shape),
+                    t.shape.len()
+                );
+                return self.fail(loc, msg, t);
+            }
+        }
         if axis >= t.shape.len() {
             return self.fail(
                 loc,
@@ -190,7 +201,7 @@ impl Builder {
         if st != ValueType::scalar(DType::I32) {
             return self.fail(loc, format!("roll: the shift must be an i32 scalar, not {st}"), t);
         }
-        self.push(OpKind::Roll { x, shift, axis }, t, loc)
+        self.push(OpKind::Roll { x, shift, axis, stride }, t, loc)
     }
 
     pub(crate) fn slice(&mut self, x: ValueId, start: &[usize], shape: &[usize], loc: Loc) -> ValueId {

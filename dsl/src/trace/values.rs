@@ -5,7 +5,7 @@ use std::marker::PhantomData;
 use std::ops::{Add, BitAnd, BitOr, BitXor, Div, Mul, Neg, Not, Rem, Sub};
 
 use crate::dtype::{DType, DotOperand, Element, Float, Int, Numeric};
-use crate::ir::{BinaryOp, CmpOp, Literal, Loc, ReduceOp, UnaryOp, ValueId};
+use crate::ir::{BinaryOp, CmpOp, Literal, Loc, ReduceOp, RollStride, UnaryOp, ValueId};
 use crate::trace::builder;
 
 /// A traced value of rank 0: a program id, a loop index, a scalar loaded from SMEM.
@@ -338,7 +338,17 @@ impl<T: Element> Tile<T> {
     pub fn roll(self, shift: impl Shift, axis: usize) -> Tile<T> {
         let loc = Loc::caller();
         let s = shift.shift_id(loc);
-        Tile::from_id(builder::with(|b| b.roll(self.id, s, axis, loc)))
+        Tile::from_id(builder::with(|b| b.roll(self.id, s, axis, None, loc)))
+    }
+
+    /// A roll whose shift grows along another axis, as Pallas' `pltpu.roll(x, shift, axis,
+    /// stride, stride_axis)`: slice `j` along `stride_axis` rolls by `shift + j * stride`
+    /// (one `tpu.dynamic_rotate` on a TPU).
+    #[track_caller]
+    pub fn roll_strided(self, shift: impl Shift, axis: usize, stride: u32, stride_axis: usize) -> Tile<T> {
+        let loc = Loc::caller();
+        let s = shift.shift_id(loc);
+        Tile::from_id(builder::with(|b| b.roll(self.id, s, axis, Some(RollStride { stride, axis: stride_axis }), loc)))
     }
 
     /// The static window of `shape` at `start` (numpy's `x[s0:s0+n0, s1:s1+n1]`).

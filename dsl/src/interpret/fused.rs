@@ -1,0 +1,686 @@
+//! Elementwise ops, run a chunk at a time. An elementwise op (or roll, or iota) whose tile
+//! feeds exactly one elementwise op of the same shape joins that op's group; a group computes
+//! its result in cache-sized chunks, so the tiles between its ops never exist in memory. Every
+//! elementwise op runs here, alone or in a group: there is one evaluation of each.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::dtype::DType;
+use crate::interpret::tensor::{round_f32, wrap_i32, Data};
+use crate::ir::{BinaryOp, CmpOp, Func, Op, OpKind, Region, RollStride, Specialized, UnaryOp, ValueId};
+
+/// Elements per chunk: the buffers of a group of a few ops stay in a core's L1/L2 while each
+/// op's loop is long enough to amortize its dispatch.
+pub(crate) const CHUNK: usize = 2048;
+
+/// Where a node reads an operand: another node of its group, or a value held in memory.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Arg {
+    Node(usize),
+    Value(ValueId),
+}
+
+#[derive(Debug)]
+pub(crate) struct Node<'f> {
+    pub op: &'f Op,
+    /// The op's operands in order (for a roll: the rolled value and the shift, both values).
+    pub args: Vec<Arg>,
+}
+
+/// Ops evaluated together, children before parents; the last computes the group's result.
+#[derive(Debug)]
+pub(crate) struct Group<'f> {
+    pub nodes: Vec<Node<'f>>,
+}
+
+/// What the interpreter does with an op's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Not elementwise: the op runs by itself.
+    Alone,
+    /// Computed inside its consumer's group and never stored.
+    Absorbed,
+    /// The last op of this group: the group runs here.
+    Root(usize),
+}
+
+/// Which ops of a function run in which group.
+#[derive(Debug)]
+pub(crate) struct Plan<'f> {
+    pub groups: Vec<Group<'f>>,
+    /// By value index: the role of the op that defines it.
+    pub roles: Vec<Role>,
+}
+
+/// Whether `op` runs in a group, and which of its operands a producer may be fused into
+/// (a roll reads its operand at other positions, so that operand must be in memory).
+fn fusable_operands(op: &Op) -> Option<Vec<ValueId>> {
+    match &op.kind {
+        OpKind::Unary { x, .. } | OpKind::Cast { x } => Some(vec![*x]),
+        OpKind::Binary { lhs, rhs, .. } | OpKind::Compare { lhs, rhs, .. } => Some(vec![*lhs, *rhs]),
+        OpKind::Select { cond, on_true, on_false } => Some(vec![*cond, *on_true, *on_false]),
+        OpKind::Iota { .. } | OpKind::Roll { .. } => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+pub(crate) fn plan(func: &Func) -> Plan<'_> {
+    let mut uses = vec![0usize; func.values.len()];
+    let mut count = |v: ValueId| {
+        if let Some(u) = uses.get_mut(v.index()) {
+            *u += 1;
+        }
+    };
+    func.walk(&mut |op| op.operands().into_iter().for_each(&mut count));
+    func.results.iter().copied().for_each(count);
+    let mut plan = Plan { groups: Vec::new(), roles: vec![Role::Alone; func.values.len()] };
+    plan_region(func, &func.body, &uses, &mut plan);
+    plan
+}
+
+fn plan_region<'f>(func: &'f Func, region: &'f Region, uses: &[usize], plan: &mut Plan<'f>) {
+    let shape = |v: ValueId| func.value_type(v).map(|t| &t.shape);
+    let mut defs: HashMap<ValueId, &'f Op> = HashMap::new();
+    let mut absorbed = HashSet::new();
+    for op in &region.ops {
+        for sub in op.regions() {
+            plan_region(func, sub, uses, plan);
+        }
+        let (Some(fused), Some(&r)) = (fusable_operands(op), op.results.first()) else { continue };
+        for v in fused {
+            if defs.contains_key(&v) && uses.get(v.index()) == Some(&1) && shape(v) == shape(r) {
+                absorbed.insert(v);
+            }
+        }
+        defs.insert(r, op);
+    }
+    for op in &region.ops {
+        let Some(&r) = op.results.first() else { continue };
+        if !defs.contains_key(&r) {
+            continue;
+        }
+        let role = if absorbed.contains(&r) {
+            Role::Absorbed
+        } else {
+            let mut nodes = Vec::new();
+            add_node(op, &defs, &absorbed, &mut nodes);
+            plan.groups.push(Group { nodes });
+            Role::Root(plan.groups.len() - 1)
+        };
+        if let Some(slot) = plan.roles.get_mut(r.index()) {
+            *slot = role;
+        }
+    }
+}
+
+/// Adds `op` after the producers fused into it; returns its index.
+fn add_node<'f>(op: &'f Op, defs: &HashMap<ValueId, &'f Op>, absorbed: &HashSet<ValueId>, nodes: &mut Vec<Node<'f>>) -> usize {
+    let args = op
+        .operands()
+        .into_iter()
+        .map(|v| match defs.get(&v) {
+            Some(producer) if absorbed.contains(&v) && !matches!(op.kind, OpKind::Roll { .. }) => Arg::Node(add_node(producer, defs, absorbed, nodes)),
+            _ => Arg::Value(v),
+        })
+        .collect();
+    nodes.push(Node { op, args });
+    nodes.len() - 1
+}
+
+/// A node's chunk of results, or a group's whole result, in its storage class.
+#[derive(Debug)]
+pub(crate) enum Buf {
+    F(Vec<f32>),
+    I(Vec<i32>),
+    B(Vec<bool>),
+}
+
+impl Buf {
+    pub fn new(dtype: DType, len: usize) -> Buf {
+        match dtype {
+            d if d.is_float() => Buf::F(vec![0.0; len]),
+            d if d.is_int() => Buf::I(vec![0; len]),
+            _ => Buf::B(vec![false; len]),
+        }
+    }
+
+    /// Elements `start..start + n`, to be written.
+    pub fn out(&mut self, start: usize, n: usize) -> Option<Out<'_>> {
+        Some(match self {
+            Buf::F(v) => Out::F(v.get_mut(start..start + n)?),
+            Buf::I(v) => Out::I(v.get_mut(start..start + n)?),
+            Buf::B(v) => Out::B(v.get_mut(start..start + n)?),
+        })
+    }
+
+    /// The first `n` elements as an operand.
+    pub fn input(&self, n: usize) -> Option<In<'_>> {
+        Some(match self {
+            Buf::F(v) => In::F(Ch::Slice(v.get(..n)?)),
+            Buf::I(v) => In::I(Ch::Slice(v.get(..n)?)),
+            Buf::B(v) => In::B(Ch::Slice(v.get(..n)?)),
+        })
+    }
+
+    /// The elements as a tile of `shape`, or `None` if they do not fill it.
+    pub fn into_data(self, shape: &[usize]) -> Option<Data> {
+        Some(match self {
+            Buf::F(v) => Data::F(ndarray::ArrayD::from_shape_vec(shape, v).ok()?),
+            Buf::I(v) => Data::I(ndarray::ArrayD::from_shape_vec(shape, v).ok()?),
+            Buf::B(v) => Data::B(ndarray::ArrayD::from_shape_vec(shape, v).ok()?),
+        })
+    }
+}
+
+/// Chunk buffers for reuse, one list per storage class.
+#[derive(Default)]
+pub(crate) struct Pool {
+    free: Vec<Buf>,
+}
+
+impl Pool {
+    /// A buffer of `CHUNK` elements of `dtype`'s class, holding whatever it last held.
+    pub fn take(&mut self, dtype: DType) -> Buf {
+        let want = Buf::new(dtype, 0);
+        match self.free.iter().position(|b| std::mem::discriminant(b) == std::mem::discriminant(&want)) {
+            Some(i) => self.free.swap_remove(i),
+            None => Buf::new(dtype, CHUNK),
+        }
+    }
+
+    pub fn give_back(&mut self, bufs: Vec<Buf>) {
+        self.free.extend(bufs);
+    }
+}
+
+thread_local! {
+    static POOL: std::cell::RefCell<Pool> = std::cell::RefCell::new(Pool::default());
+}
+
+/// Runs `f` with this thread's chunk buffers (a fresh pool if a caller up the stack holds them).
+pub(crate) fn with_chunk_buffers<R>(f: impl FnOnce(&mut Pool) -> R) -> R {
+    POOL.with(|p| match p.try_borrow_mut() {
+        Ok(mut pool) => f(&mut pool),
+        Err(_) => f(&mut Pool::default()),
+    })
+}
+
+/// Where a node writes its chunk.
+pub(crate) enum Out<'a> {
+    F(&'a mut [f32]),
+    I(&'a mut [i32]),
+    B(&'a mut [bool]),
+}
+
+impl Out<'_> {
+    pub fn reborrow(&mut self) -> Out<'_> {
+        match self {
+            Out::F(v) => Out::F(v),
+            Out::I(v) => Out::I(v),
+            Out::B(v) => Out::B(v),
+        }
+    }
+
+    /// Rounds floats to `dtype` and wraps integers to it, as every op's result is.
+    pub fn settle(self, dtype: DType) {
+        match self {
+            Out::F(v) if matches!(dtype, DType::BF16 | DType::F16) => v.iter_mut().for_each(|x| *x = round_f32(dtype, *x)),
+            Out::I(v) if dtype == DType::I8 => v.iter_mut().for_each(|x| *x = wrap_i32(dtype, *x)),
+            _ => {}
+        }
+    }
+}
+
+/// An elementwise op with its operands' chunks (`dtype` is the operands', for messages).
+pub(crate) enum Work<'a> {
+    Unary(UnaryOp, In<'a>, DType),
+    Binary(BinaryOp, In<'a>, In<'a>, DType),
+    Compare(CmpOp, In<'a>, In<'a>, DType),
+    Select(In<'a>, In<'a>, In<'a>),
+    Cast(In<'a>, DType),
+}
+
+/// Computes one chunk of `work` into `out`: with AVX2 where the CPU has it (the portable
+/// build targets SSE2, which does half as many lanes per instruction).
+pub(crate) fn compute(out: Out, work: Work) -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU was just checked to have AVX2, the only feature `compute_avx2` enables.
+        return unsafe { compute_avx2(out, work) };
+    }
+    compute_here(out, work)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn compute_avx2(out: Out, work: Work) -> Result<(), String> {
+    compute_here(out, work)
+}
+
+/// The loops, compiled into each caller with that caller's target features.
+#[inline(always)]
+fn compute_here(out: Out, work: Work) -> Result<(), String> {
+    match work {
+        Work::Unary(u, x, dtype) => u.specialize(UnaryChunk { out, x, dtype }),
+        Work::Binary(b, x, y, dtype) => b.specialize(PairChunk { out, a: x, b: y, dtype }),
+        Work::Compare(c, x, y, dtype) => c.specialize(PairChunk { out, a: x, b: y, dtype }),
+        Work::Select(c, x, y) => select(out, c, x, y),
+        Work::Cast(x, to) => {
+            cast(out, x, to);
+            Ok(())
+        }
+    }
+}
+
+/// One operand's chunk: its elements, or one value standing for all of them (a scalar
+/// broadcast only into elementwise ops).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Ch<'a, E> {
+    Slice(&'a [E]),
+    Splat(E),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum In<'a> {
+    F(Ch<'a, f32>),
+    I(Ch<'a, i32>),
+    B(Ch<'a, bool>),
+}
+
+impl<'a> In<'a> {
+    /// Elements `start..start + n` of a value in memory, or its one element if it is a scalar.
+    pub fn of(data: &'a Data, start: usize, n: usize) -> Option<In<'a>> {
+        fn ch<E: Copy>(a: &ndarray::ArrayD<E>, start: usize, n: usize) -> Option<Ch<'_, E>> {
+            if a.ndim() == 0 {
+                return a.first().map(|&v| Ch::Splat(v));
+            }
+            a.as_slice().and_then(|s| s.get(start..start + n)).map(Ch::Slice)
+        }
+        Some(match data {
+            Data::F(a) => In::F(ch(a, start, n)?),
+            Data::I(a) => In::I(ch(a, start, n)?),
+            Data::B(a) => In::B(ch(a, start, n)?),
+        })
+    }
+}
+
+// The loops index slices cut to the output's length, which LLVM vectorizes (zipped iterators
+// over three slices it often does not).
+
+#[inline(always)]
+fn map1<A: Copy, R: Copy>(out: &mut [R], a: Ch<A>, f: impl Fn(A) -> R) {
+    let n = out.len();
+    match a {
+        Ch::Slice(x) => {
+            let x = &x[..n];
+            for i in 0..n {
+                out[i] = f(x[i]);
+            }
+        }
+        Ch::Splat(x) => out.fill(f(x)),
+    }
+}
+
+#[inline(always)]
+fn map2<A: Copy, B: Copy, R: Copy>(out: &mut [R], a: Ch<A>, b: Ch<B>, mut f: impl FnMut(A, B) -> R) {
+    let n = out.len();
+    match (a, b) {
+        (Ch::Slice(x), Ch::Slice(y)) => {
+            let (x, y) = (&x[..n], &y[..n]);
+            for i in 0..n {
+                out[i] = f(x[i], y[i]);
+            }
+        }
+        (Ch::Slice(x), Ch::Splat(q)) => {
+            let x = &x[..n];
+            for i in 0..n {
+                out[i] = f(x[i], q);
+            }
+        }
+        (Ch::Splat(p), Ch::Slice(y)) => {
+            let y = &y[..n];
+            for i in 0..n {
+                out[i] = f(p, y[i]);
+            }
+        }
+        (Ch::Splat(p), Ch::Splat(q)) => out.fill(f(p, q)),
+    }
+}
+
+/// A choice between two values without a branch, so a select's loop vectorizes (a branch
+/// per element does not, and mispredicts on irregular masks).
+trait Blend: Copy {
+    fn blend(c: bool, a: Self, b: Self) -> Self;
+}
+
+impl Blend for i32 {
+    #[inline(always)]
+    fn blend(c: bool, a: i32, b: i32) -> i32 {
+        let m = -i32::from(c);
+        (a & m) | (b & !m)
+    }
+}
+
+impl Blend for f32 {
+    #[inline(always)]
+    fn blend(c: bool, a: f32, b: f32) -> f32 {
+        f32::from_bits(i32::blend(c, a.to_bits() as i32, b.to_bits() as i32) as u32)
+    }
+}
+
+impl Blend for bool {
+    #[inline(always)]
+    fn blend(c: bool, a: bool, b: bool) -> bool {
+        (c & a) | (!c & b)
+    }
+}
+
+#[inline(always)]
+fn pick<E: Blend>(out: &mut [E], c: Ch<bool>, a: Ch<E>, b: Ch<E>) {
+    match c {
+        Ch::Splat(c) => map1(out, if c { a } else { b }, |v| v),
+        Ch::Slice(c) => {
+            let n = out.len();
+            let c = &c[..n];
+            match (a, b) {
+                (Ch::Slice(x), Ch::Slice(y)) => {
+                    let (x, y) = (&x[..n], &y[..n]);
+                    for i in 0..n {
+                        out[i] = E::blend(c[i], x[i], y[i]);
+                    }
+                }
+                (Ch::Slice(x), Ch::Splat(q)) => {
+                    let x = &x[..n];
+                    for i in 0..n {
+                        out[i] = E::blend(c[i], x[i], q);
+                    }
+                }
+                (Ch::Splat(p), Ch::Slice(y)) => {
+                    let y = &y[..n];
+                    for i in 0..n {
+                        out[i] = E::blend(c[i], p, y[i]);
+                    }
+                }
+                (Ch::Splat(p), Ch::Splat(q)) => {
+                    for i in 0..n {
+                        out[i] = E::blend(c[i], p, q);
+                    }
+                }
+            }
+        }
+    }
+}
+
+const MIXED: &str = "operands of mixed storage classes";
+
+/// `cond ? a : b` for one chunk.
+#[inline(always)]
+fn select(out: Out, cond: In, a: In, b: In) -> Result<(), String> {
+    let In::B(c) = cond else { return Err("select condition is not bool".into()) };
+    match (out, a, b) {
+        (Out::F(o), In::F(a), In::F(b)) => pick(o, c, a, b),
+        (Out::I(o), In::I(a), In::I(b)) => pick(o, c, a, b),
+        (Out::B(o), In::B(a), In::B(b)) => pick(o, c, a, b),
+        _ => return Err(MIXED.into()),
+    }
+    Ok(())
+}
+
+/// A conversion to `to` (whose storage `out` is): floats to integers truncate toward zero,
+/// nonzero is true, true is one.
+#[inline(always)]
+fn cast(out: Out, x: In, to: DType) {
+    match (out, x) {
+        (Out::F(o), In::F(x)) => map1(o, x, |v| v),
+        (Out::F(o), In::I(x)) => map1(o, x, |v| v as f32),
+        (Out::F(o), In::B(x)) => map1(o, x, |v| f32::from(u8::from(v))),
+        (Out::I(o), In::F(x)) if to == DType::I8 => map1(o, x, |v| i32::from(v as i8)),
+        (Out::I(o), In::F(x)) => map1(o, x, |v| v as i32),
+        (Out::I(o), In::I(x)) => map1(o, x, |v| v),
+        (Out::I(o), In::B(x)) => map1(o, x, i32::from),
+        (Out::B(o), In::F(x)) => map1(o, x, |v| v != 0.0),
+        (Out::B(o), In::I(x)) => map1(o, x, |v| v != 0),
+        (Out::B(o), In::B(x)) => map1(o, x, |v| v),
+    }
+}
+
+/// Elements `start..start + out.len()` of the iota of `shape` along `dim`.
+pub(crate) fn iota(out: Out, start: usize, shape: &[usize], dim: usize) {
+    fn fill<E: Copy>(out: &mut [E], start: usize, shape: &[usize], dim: usize, cast: impl Fn(usize) -> E) {
+        let inner: usize = shape.get(dim + 1..).map_or(1, |s| s.iter().product());
+        let extent = shape.get(dim).copied().unwrap_or(1);
+        if inner == 0 || extent == 0 {
+            return;
+        }
+        // Runs of `inner` equal values count up to `extent` and wrap.
+        let (mut within, mut value) = (start % inner, (start / inner) % extent);
+        if inner == 1 {
+            for o in out.iter_mut() {
+                *o = cast(value);
+                value = if value + 1 == extent { 0 } else { value + 1 };
+            }
+            return;
+        }
+        let mut at = 0;
+        while at < out.len() {
+            let run = (inner - within).min(out.len() - at);
+            out[at..at + run].fill(cast(value));
+            at += run;
+            within = 0;
+            value = if value + 1 == extent { 0 } else { value + 1 };
+        }
+    }
+    match out {
+        Out::F(o) => fill(o, start, shape, dim, |i| i as f32),
+        Out::I(o) => fill(o, start, shape, dim, |i| i as i32),
+        Out::B(o) => fill(o, start, shape, dim, |i| i != 0),
+    }
+}
+
+/// Elements `start..` (as many as `out` holds) of `x` (of `shape`) rolled by `shift` along
+/// `axis` as `jnp.roll`: element `i` moves to `(i + shift) mod extent`; with a stride, by
+/// `shift + j * stride` in slice `j` along the stride's axis.
+pub(crate) fn roll(out: Out, start: usize, x: &Data, shape: &[usize], axis: usize, shift: i64, stride: Option<RollStride>) -> Result<(), String> {
+    let extent = shape.get(axis).copied().unwrap_or(1);
+    let inner: usize = shape.get(axis + 1..).map_or(1, |s| s.iter().product());
+    let block = extent * inner;
+    if block == 0 {
+        return Ok(());
+    }
+    let n = extent as i64;
+    // Slice `j` along the stride's axis is the run of `(p / stride_inner) % stride_extent`.
+    let (step, stride_inner, stride_extent) = match stride {
+        Some(s) => (i64::from(s.stride), shape.get(s.axis + 1..).map_or(1, |d| d.iter().product::<usize>()).max(1), shape.get(s.axis).copied().unwrap_or(1).max(1)),
+        None => (0, 1, 1),
+    };
+    let moved_at = |p: usize| -> usize {
+        let j = ((p / stride_inner) % stride_extent) as i64;
+        usize::try_from(shift.wrapping_add(j.wrapping_mul(step)).rem_euclid(n)).unwrap_or(0) * inner
+    };
+    // Below the stride's axis the shift differs within a block: element by element then.
+    let per_block = stride.is_none_or(|s| s.axis < axis);
+    fn copy<E: Copy>(out: &mut [E], start: usize, src: &[E], block: usize, per_block: bool, moved_at: impl Fn(usize) -> usize) {
+        let mut at = 0;
+        while at < out.len() {
+            let p = start + at;
+            let (base, q) = (p - p % block, p % block);
+            let moved = moved_at(p);
+            // Within a block (one line along `axis` and all below it) the element at `q` comes
+            // from `q - moved`, wrapping.
+            let from = (q + block - moved) % block;
+            let run = if per_block { (block - q).min(block - from).min(out.len() - at) } else { 1 };
+            out[at..at + run].copy_from_slice(&src[base + from..base + from + run]);
+            at += run;
+        }
+    }
+    let short = || "the rolled tile is not laid out in row-major order".to_string();
+    match (out, x) {
+        (Out::F(o), Data::F(a)) => copy(o, start, a.as_slice().ok_or_else(short)?, block, per_block, moved_at),
+        (Out::I(o), Data::I(a)) => copy(o, start, a.as_slice().ok_or_else(short)?, block, per_block, moved_at),
+        (Out::B(o), Data::B(a)) => copy(o, start, a.as_slice().ok_or_else(short)?, block, per_block, moved_at),
+        _ => return Err(MIXED.into()),
+    }
+    Ok(())
+}
+
+/// The scalar function of one class of an op, named as a constant inside its loop so that
+/// every op's loop is its own monomorphic, inlined and vectorizable copy (a function pointer
+/// passed in stays an indirect call per element). Classes the op lacks are refused before the
+/// loop; their stand-in is never called.
+macro_rules! scalar_fn {
+    ($op:ident, $i:ident, $class:ident, $stand_in:expr) => {
+        const {
+            match $op::ALL[$i].def().evals().$class {
+                Some(f) => f,
+                None => $stand_in,
+            }
+        }
+    };
+}
+
+/// An error for a class the op does not define, before its loop runs.
+macro_rules! defined_or {
+    ($op:ident, $i:ident, $class:ident, $undefined:expr) => {
+        if const { $op::ALL[$i].def().evals().$class.is_none() } {
+            return Err($undefined);
+        }
+    };
+}
+
+/// One chunk of a unary op; `dtype` is the operand's, for messages.
+struct UnaryChunk<'a, 'b> {
+    out: Out<'b>,
+    x: In<'a>,
+    dtype: DType,
+}
+
+impl Specialized<UnaryOp> for UnaryChunk<'_, '_> {
+    type Out = Result<(), String>;
+    #[inline(always)]
+    fn run<const I: usize>(self) -> Result<(), String> {
+        let undefined = || format!("`{}` of {}", const { UnaryOp::ALL[I].name() }, self.dtype);
+        match (self.out, self.x) {
+            (Out::F(o), In::F(x)) => {
+                defined_or!(UnaryOp, I, float, undefined());
+                map1(o, x, scalar_fn!(UnaryOp, I, float, |v| v));
+            }
+            (Out::I(o), In::I(x)) => {
+                defined_or!(UnaryOp, I, int, undefined());
+                map1(o, x, scalar_fn!(UnaryOp, I, int, |v| v));
+            }
+            (Out::B(o), In::B(x)) => {
+                defined_or!(UnaryOp, I, boolean, undefined());
+                map1(o, x, scalar_fn!(UnaryOp, I, boolean, |v| v));
+            }
+            _ => return Err(MIXED.into()),
+        }
+        Ok(())
+    }
+}
+
+/// One chunk of a binary op or a comparison; `dtype` is the operands', for messages.
+struct PairChunk<'a, 'b> {
+    out: Out<'b>,
+    a: In<'a>,
+    b: In<'a>,
+    dtype: DType,
+}
+
+impl Specialized<BinaryOp> for PairChunk<'_, '_> {
+    type Out = Result<(), String>;
+    #[inline(always)]
+    fn run<const I: usize>(self) -> Result<(), String> {
+        let name = const { BinaryOp::ALL[I].name() };
+        let undefined = || format!("`{name}` of {}", self.dtype);
+        match (self.out, self.a, self.b) {
+            (Out::F(o), In::F(x), In::F(y)) => {
+                defined_or!(BinaryOp, I, float, undefined());
+                map2(o, x, y, |p, q| scalar_fn!(BinaryOp, I, float, |p, _| p)(p, q));
+            }
+            (Out::I(o), In::I(x), In::I(y)) => {
+                defined_or!(BinaryOp, I, int, undefined());
+                let mut outside = None;
+                map2(o, x, y, |p, q| {
+                    scalar_fn!(BinaryOp, I, int, |p, _| Ok(p))(p, q).unwrap_or_else(|why| {
+                        outside.get_or_insert(why);
+                        0
+                    })
+                });
+                if let Some(why) = outside {
+                    return Err(format!("`{name}`: {why}"));
+                }
+            }
+            (Out::B(o), In::B(x), In::B(y)) => {
+                defined_or!(BinaryOp, I, boolean, undefined());
+                map2(o, x, y, |p, q| scalar_fn!(BinaryOp, I, boolean, |p, _| p)(p, q));
+            }
+            _ => return Err(format!("`{name}` of {MIXED}")),
+        }
+        Ok(())
+    }
+}
+
+impl Specialized<CmpOp> for PairChunk<'_, '_> {
+    type Out = Result<(), String>;
+    #[inline(always)]
+    fn run<const I: usize>(self) -> Result<(), String> {
+        let Out::B(o) = self.out else { return Err("a comparison's result is not bool".into()) };
+        let cmp = const { CmpOp::ALL[I].def().eval };
+        match (self.a, self.b) {
+            (In::F(x), In::F(y)) => map2(o, x, y, |p, q| cmp(p.partial_cmp(&q))),
+            (In::I(x), In::I(y)) => map2(o, x, y, |p, q| cmp(p.partial_cmp(&q))),
+            (In::B(x), In::B(y)) => map2(o, x, y, |p, q| cmp(p.partial_cmp(&q))),
+            _ => return Err(format!("comparison of {MIXED}")),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iota_chunks_count_along_their_axis_from_any_start() {
+        let shape = [3, 4, 5];
+        for dim in 0..3 {
+            let all: Vec<i32> = (0..60i32).map(|p| [p / 20, (p / 5) % 4, p % 5][dim]).collect();
+            for start in [0, 1, 7, 33, 59] {
+                let n = 60 - start;
+                let mut out = Buf::new(DType::I32, n);
+                iota(out.out(0, n).expect("in range"), start, &shape, dim);
+                let Buf::I(got) = out else { unreachable!("an i32 buffer") };
+                assert_eq!(got, all[start..], "dim {dim} from {start}");
+            }
+        }
+    }
+
+    #[test]
+    fn roll_chunks_match_a_rotation_by_index_arithmetic() {
+        let shape = [3, 4, 5];
+        let x: Vec<f32> = (0..60).map(|v| v as f32).collect();
+        let data = Data::F(ndarray::ArrayD::from_shape_vec(shape.to_vec(), x.clone()).expect("shape"));
+        let strides = [None, Some(RollStride { stride: 1, axis: 0 }), Some(RollStride { stride: 3, axis: 1 }), Some(RollStride { stride: 7, axis: 2 })];
+        for axis in 0..3 {
+            for stride in strides.into_iter().filter(|s| s.is_none_or(|s| s.axis != axis)) {
+                for shift in [-7i64, -1, 0, 1, 2, 9] {
+                    let want: Vec<f32> = (0..60usize)
+                        .map(|p| {
+                            let mut ix = [p / 20, (p / 5) % 4, p % 5];
+                            let by = shift + stride.map_or(0, |s| ix[s.axis] as i64 * i64::from(s.stride));
+                            ix[axis] = (ix[axis] as i64 - by).rem_euclid(shape[axis] as i64) as usize;
+                            x[ix[0] * 20 + ix[1] * 5 + ix[2]]
+                        })
+                        .collect();
+                    for start in [0, 3, 21, 58] {
+                        let n = 60 - start;
+                        let mut out = Buf::new(DType::F32, n);
+                        roll(out.out(0, n).expect("in range"), start, &data, &shape, axis, shift, stride).expect("rolls");
+                        let Buf::F(got) = out else { unreachable!("an f32 buffer") };
+                        assert_eq!(got, want[start..], "axis {axis} stride {stride:?} shift {shift} from {start}");
+                    }
+                }
+            }
+        }
+    }
+}
