@@ -328,3 +328,31 @@ fn grids_past_i32_are_an_error() {
     let err = call.trace(&[torchtpu_dsl::ir::ValueType::new(DType::F32, [8, 128])]).expect_err("too many programs");
     assert!(err.to_string().contains("grid indices are i32"), "{err}");
 }
+
+/// A chain of 5000 elementwise ops (each feeding only the next), traced from a Rust loop.
+#[tpu_kernel]
+fn long_chain(x: &Ref<f32>, y: &mut Ref<f32>) {
+    let mut v = x.load();
+    for k in 0..2500usize {
+        v = v * 0.5 + (k % 3) as f32;
+    }
+    y.store(v);
+}
+
+#[test]
+fn a_long_chain_of_elementwise_ops_runs_in_bounded_groups() {
+    let call = PallasCall::new(long_chain::kernel())
+        .grid([1])
+        .in_specs([BlockSpec::new([8, 128], |[_]| (0, 0))])
+        .out_specs([BlockSpec::new([8, 128], |[_]| (0, 0))])
+        .out_shapes([[8, 128]]);
+    let x = Array2::from_shape_fn((8, 128), |(i, j)| (i * 128 + j) as f32 / 100.0);
+    let out = call.interpret(&[HostArray::from(x.clone())]).expect("runs");
+    let want = x.mapv(|mut v| {
+        for k in 0..2500usize {
+            v = v * 0.5 + (k % 3) as f32;
+        }
+        v
+    });
+    assert_eq!(out[0].to_f64(), want.mapv(f64::from).into_dyn());
+}

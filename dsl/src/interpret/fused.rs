@@ -13,6 +13,9 @@ use crate::ir::{BinaryOp, CmpOp, Func, Op, OpKind, Region, RollStride, Specializ
 /// op's loop is long enough to amortize its dispatch.
 pub(crate) const CHUNK: usize = 2048;
 
+/// The most ops in one group.
+const MAX_GROUP: usize = 16;
+
 /// Where a node reads an operand: another node of its group, or a value held in memory.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Arg {
@@ -81,17 +84,24 @@ pub(crate) fn plan(func: &Func) -> Plan<'_> {
 fn plan_region<'f>(func: &'f Func, region: &'f Region, uses: &[usize], plan: &mut Plan<'f>) {
     let shape = |v: ValueId| func.value_type(v).map(|t| &t.shape);
     let mut defs: HashMap<ValueId, &'f Op> = HashMap::new();
+    // Ops in the group each value would head, so a long chain becomes several groups (its
+    // chunk buffers stay in cache and the planner's recursion stays shallow).
+    let mut sizes: HashMap<ValueId, usize> = HashMap::new();
     let mut absorbed = HashSet::new();
     for op in &region.ops {
         for sub in op.regions() {
             plan_region(func, sub, uses, plan);
         }
         let (Some(fused), Some(&r)) = (fusable_operands(op), op.results.first()) else { continue };
+        let mut size = 1;
         for v in fused {
-            if defs.contains_key(&v) && uses.get(v.index()) == Some(&1) && shape(v) == shape(r) {
+            let below = sizes.get(&v).copied().unwrap_or(0);
+            if defs.contains_key(&v) && uses.get(v.index()) == Some(&1) && shape(v) == shape(r) && size + below <= MAX_GROUP {
                 absorbed.insert(v);
+                size += below;
             }
         }
+        sizes.insert(r, size);
         defs.insert(r, op);
     }
     for op in &region.ops {
@@ -251,9 +261,11 @@ pub(crate) fn compute(out: Out, work: Work) -> Result<(), String> {
     compute_here(out, work)
 }
 
+/// # Safety
+/// The CPU must have AVX2 (an `unsafe fn`, as `rust-version` 1.85 requires of a target feature).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn compute_avx2(out: Out, work: Work) -> Result<(), String> {
+unsafe fn compute_avx2(out: Out, work: Work) -> Result<(), String> {
     compute_here(out, work)
 }
 
