@@ -571,7 +571,14 @@ impl<'a> Emitter<'a> {
             }
             OpKind::Bitcast { x } => {
                 let (from, to) = (self.vt(*x), self.vt(op.results[0]));
-                let r = self.convert("arith.bitcast", &self.name(*x), &from, &to, l);
+                let r = if from.dtype.size_bytes() == to.dtype.size_bytes() {
+                    self.convert("arith.bitcast", &self.name(*x), &from, &to, l)
+                } else {
+                    let (src, ft, tt) = (self.name(*x), value_type(&from), value_type(&to));
+                    let r = self.fresh();
+                    self.op(Some(&r), format!("tpu.bitcast {src} : {ft} -> {tt}"), "tpu.bitcast", &[(src, ft.clone())], &[], Some(&tt), l);
+                    r
+                };
                 self.set(op.results[0], r);
             }
             OpKind::AssumeMultiple { x, multiple } => {

@@ -584,8 +584,8 @@ impl<'a> Emitter<'a> {
                 self.op("stablehlo.transpose", &[(&name(scope, x), &xt)], &[format!("permutation = {}", i64_array(perm))], &rtt)
             }
             OpKind::Bitcast { x } => {
-                let xt = tensor_type(&Self::vt(func, *x));
-                self.op("stablehlo.bitcast_convert", &[(&name(scope, x), &xt)], &[], &rtt)
+                let (from, to) = (Self::vt(func, *x), rt.clone().expect("bitcasts have a result"));
+                self.bitcast(&name(scope, x), &from, &to)
             }
             OpKind::AssumeMultiple { x, .. } => name(scope, x),
             // A copy lands at once: the interpreter's checked mode holds kernels to waiting
@@ -688,6 +688,35 @@ impl<'a> Emitter<'a> {
         let zero = self.constant("0", &i32t);
         let offsets: Vec<String> = (0..t.shape.len()).map(|d| if d == axis { start.clone() } else { zero.clone() }).collect();
         self.dynamic_slice(&xx, &doubled, &offsets, &t.shape)
+    }
+
+    /// Pallas' `pltpu.bitcast` as its CPU lowering writes it: between widths, the packed rows
+    /// become (or come from) a minor axis that `bitcast_convert` folds (or unfolds), the
+    /// first row in the lowest bits.
+    fn bitcast(&mut self, x: &str, from: &ValueType, to: &ValueType) -> String {
+        let (from_bytes, to_bytes) = (from.dtype.size_bytes(), to.dtype.size_bytes());
+        let rank = from.shape.len();
+        if from_bytes == to_bytes || rank < 2 {
+            return self.op("stablehlo.bitcast_convert", &[(x, &tensor_type(from))], &[], &tensor_type(to));
+        }
+        let swap: Vec<usize> = (0..rank - 1).chain([rank, rank - 1]).collect();
+        let lead = &from.shape[..rank - 2];
+        let (m, n) = (from.shape[rank - 2], from.shape[rank - 1]);
+        if from_bytes < to_bytes {
+            let p = to_bytes / from_bytes;
+            let split = ValueType::new(from.dtype, [lead, &[m / p, p, n]].concat());
+            let r = self.reshape(x, from, &split);
+            let packed = ValueType::new(from.dtype, [lead, &[m / p, n, p]].concat());
+            let t = self.op("stablehlo.transpose", &[(&r, &tensor_type(&split))], &[format!("permutation = {}", i64_array(&swap))], &tensor_type(&packed));
+            self.op("stablehlo.bitcast_convert", &[(&t, &tensor_type(&packed))], &[], &tensor_type(to))
+        } else {
+            let p = from_bytes / to_bytes;
+            let unpacked = ValueType::new(to.dtype, [lead, &[m, n, p]].concat());
+            let b = self.op("stablehlo.bitcast_convert", &[(x, &tensor_type(from))], &[], &tensor_type(&unpacked));
+            let rows = ValueType::new(to.dtype, [lead, &[m, p, n]].concat());
+            let t = self.op("stablehlo.transpose", &[(&b, &tensor_type(&unpacked))], &[format!("permutation = {}", i64_array(&swap))], &tensor_type(&rows));
+            self.reshape(&t, &rows, to)
+        }
     }
 
     /// A strided roll as a gather: element `i` along `axis` of slice `j` along the stride's

@@ -42,6 +42,30 @@ impl ValueType {
         ValueType { dtype, shape: shape.into() }
     }
 
+    /// This value's bits read as `to`, as Pallas' `pltpu.bitcast`: the same shape between
+    /// dtypes of one width; between widths the second-minor dimension scales by the ratio
+    /// of the widths (a TPU packs narrow rows into one 32-bit sublane), so row `p * r + k`
+    /// of the narrow side is bits `k * narrow..(k + 1) * narrow` of wide row `r`.
+    pub fn bitcast_to(&self, to: DType) -> Result<ValueType, String> {
+        let (from, wide) = (self.dtype.size_bytes() * 8, to.size_bytes() * 8);
+        if self.dtype == DType::Bool || to == DType::Bool {
+            return Err(format!("bitcast from {} to {to}: bool has no bit pattern to share", self.dtype));
+        }
+        if from == wide {
+            return Ok(ValueType::new(to, self.shape.clone()));
+        }
+        let rank = self.shape.len();
+        let Some(&rows) = self.shape.get(rank.wrapping_sub(2)) else {
+            return Err(format!("bitcast of {self} to {to}, a dtype of another width: that needs a tile of rank 2 or more, whose second-minor rows it packs or unpacks"));
+        };
+        if (rows * from) % wide != 0 {
+            return Err(format!("bitcast of {self} to {to}: {rows} rows of {from} bits do not fill whole rows of {wide} bits; use a multiple of {} rows", (wide / from).max(1)));
+        }
+        let mut shape = self.shape.clone();
+        shape[rank - 2] = rows * from / wide;
+        Ok(ValueType::new(to, shape))
+    }
+
     pub fn scalar(dtype: DType) -> Self {
         ValueType { dtype, shape: Vec::new() }
     }

@@ -257,7 +257,7 @@ impl Verifier<'_> {
             }
             OpKind::Bitcast { x } => {
                 let (a, r) = (self.vt(*x, loc)?, self.result_vt(op)?);
-                if a.shape != r.shape || a.dtype.size_bytes() != r.dtype.size_bytes() || a.dtype == DType::Bool || r.dtype == DType::Bool {
+                if a.bitcast_to(r.dtype).as_ref() != Ok(r) {
                     return Err(self.err(loc, format!("bitcast of {a} to {r}")));
                 }
             }

@@ -61,6 +61,11 @@ fn from_bits(x: &Ref<i32>, y: &mut Ref<f32>) {
 }
 
 #[tpu_kernel]
+fn bitcast_rows<T: Element, U: Element>(x: &Ref<T>, y: &mut Ref<U>) {
+    y.store(x.load().bitcast::<U>());
+}
+
+#[tpu_kernel]
 fn row_mean<T: Float>(x: &Ref<T>, y: &mut Ref<T>) {
     let m = x.load().mean_keepdims(1);
     y.store(m.broadcast_to(y.shape()));
@@ -303,6 +308,105 @@ fn strided_rolls_match_pallas_on_both_cpu_backends_and_mosaic_takes_what_libtpu_
         let why = if axis == 0 { "along the last axis" } else { "by a traced shift" };
         assert!(err.contains(why) && err.contains("constructs.rs"), "{name}: {err}");
     }
+}
+
+/// Each element's little-endian bytes, row-major.
+fn le_bytes(a: &HostArray) -> Vec<Vec<u8>> {
+    match a {
+        HostArray::F32(x) => x.iter().map(|v| v.to_le_bytes().to_vec()).collect(),
+        HostArray::BF16(x) => x.iter().map(|v| v.to_le_bytes().to_vec()).collect(),
+        HostArray::F16(x) => x.iter().map(|v| v.to_le_bytes().to_vec()).collect(),
+        HostArray::I32(x) => x.iter().map(|v| v.to_le_bytes().to_vec()).collect(),
+        HostArray::I8(x) => x.iter().map(|v| v.to_le_bytes().to_vec()).collect(),
+        HostArray::Bool(x) => x.iter().map(|&v| vec![u8::from(v)]).collect(),
+    }
+}
+
+/// What `pltpu.bitcast` gives, in bytes: the memory of `p` consecutive narrow rows is one wide
+/// row (the first in the lowest bytes), and one wide row's memory is `p` narrow rows.
+fn bitcast_bytes(x: &[Vec<u8>], shape: [usize; 2], from: usize, to: usize) -> Vec<Vec<u8>> {
+    let [m, n] = shape;
+    if from < to {
+        let p = to / from;
+        (0..m / p * n).map(|e| (0..p).flat_map(|k| x[((e / n) * p + k) * n + e % n].clone()).collect()).collect()
+    } else {
+        let p = from / to;
+        (0..m * p * n).map(|e| x[(e / n / p) * n + e % n][(e / n % p) * to..(e / n % p + 1) * to].to_vec()).collect()
+    }
+}
+
+/// Finite values of every magnitude a dtype holds, zeros of both signs among them.
+fn finite(rng: &mut StdRng, dtype: DType, shape: [usize; 2]) -> HostArray {
+    let a = ArrayD::from_shape_simple_fn(IxDyn(&shape), || match rng.random_range(0..8) {
+        0 => 0.0,
+        1 => -0.0,
+        _ if dtype == DType::I8 => f64::from(rng.random_range(-128..128)),
+        _ if dtype == DType::I32 => f64::from(rng.random::<i32>()),
+        _ => rng.random_range(-1.5..1.5) * 2f64.powi(rng.random_range(-20..20)),
+    });
+    HostArray::from_f64(dtype, &a)
+}
+
+#[test]
+fn bitcasts_between_widths_pack_rows_as_pallas_on_both_cpu_backends() {
+    let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required for these tests (run scripts/setup.sh): {e}"));
+    let mut rng = StdRng::seed_from_u64(11);
+    let (mut failures, mut refused) = (Vec::new(), Vec::new());
+    let pairs = [
+        (DType::BF16, DType::I32),
+        (DType::I32, DType::BF16),
+        (DType::BF16, DType::F32),
+        (DType::F32, DType::BF16),
+        (DType::I8, DType::I32),
+        (DType::I32, DType::I8),
+        (DType::BF16, DType::I8),
+        (DType::I8, DType::BF16),
+    ];
+    for (from, to) in pairs {
+        let shape = [32, 128];
+        let out_shape = [32 * from.size_bytes() / to.size_bytes(), 128];
+        let kernel = match (from, to) {
+            (DType::BF16, DType::I32) => bitcast_rows::kernel::<bf16, i32>(),
+            (DType::I32, DType::BF16) => bitcast_rows::kernel::<i32, bf16>(),
+            (DType::BF16, DType::F32) => bitcast_rows::kernel::<bf16, f32>(),
+            (DType::F32, DType::BF16) => bitcast_rows::kernel::<f32, bf16>(),
+            (DType::I8, DType::I32) => bitcast_rows::kernel::<i8, i32>(),
+            (DType::I32, DType::I8) => bitcast_rows::kernel::<i32, i8>(),
+            (DType::BF16, DType::I8) => bitcast_rows::kernel::<bf16, i8>(),
+            _ => bitcast_rows::kernel::<i8, bf16>(),
+        };
+        let call = PallasCall::new(kernel).grid([1]).in_specs([spec(shape)]).out_specs([spec(out_shape)]).out_shapes([out_shape]);
+        let x = finite(&mut rng, from, shape);
+        let want = bitcast_bytes(&le_bytes(&x), shape, from.size_bytes(), to.size_bytes());
+        let traced = call.trace(&[x.value_type()]).expect("traces");
+        let inputs = [x];
+        let outs = [
+            ("interpreter", call.interpret_checked(&inputs).map_err(|e| e.to_string())),
+            ("PJRT CPU", Compiled::new(&traced, Backend::Cpu).and_then(|c| c.run(&inputs)).map_err(|e| e.to_string())),
+        ];
+        for (backend, out) in outs {
+            match out {
+                Ok(o) if le_bytes(&o[0]) == want => {}
+                Ok(_) => failures.push(format!("{from} to {to} on the {backend}: bits differ")),
+                Err(e) => failures.push(format!("{from} to {to} on the {backend}: {e}")),
+            }
+        }
+        let module = lower(&traced, Target::TpuStableHlo).unwrap_or_else(|e| panic!("{from} to {to}: {e}"));
+        for chip in Chip::ALL {
+            if let Err(e) = compiler.compile(chip, &module) {
+                refused.push(format!("{from} to {to} on {chip}: {}", e.message.lines().next().unwrap_or_default()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(refused.is_empty(), "libtpu refuses:\n{}", refused.join("\n"));
+}
+
+#[test]
+fn a_bitcast_whose_rows_do_not_pack_is_a_trace_error() {
+    let call = PallasCall::new(bitcast_rows::kernel::<bf16, i32>()).grid([1]).in_specs([spec([15, 128])]).out_specs([spec([8, 128])]).out_shapes([[8, 128]]);
+    let err = call.trace(&[ValueType::new(DType::BF16, [15, 128])]).expect_err("15 bf16 rows are 7.5 i32 rows").to_string();
+    assert!(err.contains("15 rows of 16 bits") && err.contains("multiple of 2 rows") && err.contains("constructs.rs"), "{err}");
 }
 
 fn lanes_at_call(promise: bool) -> PallasCall {

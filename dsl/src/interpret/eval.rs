@@ -9,7 +9,7 @@ use crate::dtype::DType;
 use crate::elementwise::{nan_max, nan_min};
 use crate::error::{Error, Result};
 use crate::interpret::fused::{self, Arg, Buf, Group, In, Node, Out, Plan, Role, Work, CHUNK};
-use crate::interpret::tensor::{Data, Tensor};
+use crate::interpret::tensor::{bf16_bits, bf16_from_bits, Data, Tensor};
 use crate::ir::{Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, ValueId};
 use crate::random;
 
@@ -487,7 +487,11 @@ impl<'f> Eval<'f> {
                     Data::B(a) => Data::B(a.view().permuted_axes(perm.clone()).as_standard_layout().into_owned()),
                 })
             })?,
-            OpKind::Bitcast { x } => bitcast(self.get(*x), self.result_dtype(op)).ok_or_else(|| ctx.runtime(loc, "bitcast between dtypes of different widths"))?,
+            OpKind::Bitcast { x } => {
+                let x = self.get(*x);
+                bitcast(x, self.result_dtype(op), self.result_dims(op))
+                    .ok_or_else(|| ctx.runtime(loc, format!("bitcast of a {} tile of shape {:?} to {:?}", x.dtype, x.shape(), self.result_dims(op))))?
+            }
             OpKind::AssumeMultiple { x, multiple } => {
                 let t = self.get(*x);
                 if let Data::I(a) = &t.data {
@@ -658,7 +662,7 @@ fn each_data(x: &Tensor, f: impl FnOnce(&Data) -> Result<Data>) -> Result<Tensor
 /// A value's bits as an unsigned integer of its width.
 fn to_bits(dtype: DType, v: f32) -> u32 {
     match dtype {
-        DType::BF16 => u32::from(half::bf16::from_f32(v).to_bits()),
+        DType::BF16 => u32::from(bf16_bits(v)),
         DType::F16 => u32::from(half::f16::from_f32(v).to_bits()),
         _ => v.to_bits(),
     }
@@ -666,24 +670,58 @@ fn to_bits(dtype: DType, v: f32) -> u32 {
 
 fn from_bits(dtype: DType, bits: u32) -> f32 {
     match dtype {
-        DType::BF16 => half::bf16::from_bits(bits as u16).to_f32(),
+        DType::BF16 => bf16_from_bits(bits as u16),
         DType::F16 => half::f16::from_bits(bits as u16).to_f32(),
         _ => f32::from_bits(bits),
     }
 }
 
-/// `x`'s bits read as `to` (of the same width), or `None` for widths that differ.
-fn bitcast(x: &Tensor, to: DType) -> Option<Tensor> {
-    if x.dtype.size_bytes() != to.size_bytes() {
-        return None;
-    }
+/// `x`'s bits read as `to`, with `shape` (see `ValueType::bitcast_to`); `None` for a bool or
+/// a shape that does not hold them.
+fn bitcast(x: &Tensor, to: DType, shape: &[usize]) -> Option<Tensor> {
     let from = x.dtype;
-    Some(match (&x.data, to.is_float()) {
-        (Data::F(a), true) => Tensor::float(to, a.mapv(|v| from_bits(to, to_bits(from, v)))),
-        (Data::F(a), false) => Tensor::int(to, a.mapv(|v| to_bits(from, v) as i32)),
-        (Data::I(a), true) => Tensor::float(to, a.mapv(|v| from_bits(to, v as u32))),
-        (Data::I(a), false) => Tensor::int(to, a.clone()),
-        (Data::B(_), _) => return None,
+    let bits: Vec<u32> = match &x.data {
+        Data::F(a) => a.iter().map(|&v| to_bits(from, v)).collect(),
+        Data::I(a) if from == DType::I8 => a.iter().map(|&v| u32::from(v as u8)).collect(),
+        Data::I(a) => a.iter().map(|&v| v as u32).collect(),
+        Data::B(_) => return None,
+    };
+    let (narrow, wide) = (from.size_bytes() * 8, to.size_bytes() * 8);
+    let (rows, lanes) = match x.shape() {
+        [.., m, n] => (*m, *n),
+        _ => (1, bits.len()),
+    };
+    let line = rows * lanes;
+    let out: Vec<u32> = if narrow == wide || bits.is_empty() {
+        bits
+    } else if narrow < wide {
+        // Rows `p * r .. p * r + p` become row `r`, the first in the lowest bits.
+        let p = wide / narrow;
+        let mut out = Vec::with_capacity(bits.len() / p);
+        for block in bits.chunks(line) {
+            for r in 0..rows / p {
+                for c in 0..lanes {
+                    out.push((0..p).try_fold(0u32, |acc, k| block.get((p * r + k) * lanes + c).map(|&b| acc | (b << (narrow * k))))?);
+                }
+            }
+        }
+        out
+    } else {
+        let p = narrow / wide;
+        let mask = (1u32 << wide) - 1;
+        let mut out = Vec::with_capacity(bits.len() * p);
+        for block in bits.chunks(line) {
+            for row in 0..rows * p {
+                let (r, k) = (row / p, row % p);
+                out.extend(block.get(r * lanes..(r + 1) * lanes)?.iter().map(|&b| (b >> (wide * k)) & mask));
+            }
+        }
+        out
+    };
+    Some(if to.is_float() {
+        Tensor::float(to, ArrayD::from_shape_vec(shape, out.into_iter().map(|b| from_bits(to, b)).collect()).ok()?)
+    } else {
+        Tensor::int(to, ArrayD::from_shape_vec(shape, out.into_iter().map(|b| if to == DType::I8 { i32::from(b as u8 as i8) } else { b as i32 }).collect()).ok()?)
     })
 }
 

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::host::HostArray;
 use crate::interpret::eval::{Analysis, Ctx, Eval, RefBuf};
 use crate::interpret::tensor::{Data, Tensor};
-use crate::ir::ValueType;
+use crate::ir::{OpKind, ValueType};
 
 /// How the interpreter runs a call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -114,7 +114,15 @@ impl TracedCall {
         let inputs: Vec<Tensor> = operands[n_prefetch..].iter().map(Tensor::from_host).collect();
         let points = grid_points(&self.grid);
         let table = self.block_table(&points, &prefetch)?;
-        let trace_poison = options.checked && inputs.iter().all(|t| !matches!(&t.data, Data::F(a) if a.iter().any(|v| v.is_nan())));
+        // A NaN reaching an output came from poison when no input holds one and the kernel
+        // cannot make one from bits (a bitcast to a float).
+        let mut makes_nan_bits = false;
+        self.body.walk(&mut |op| {
+            if let (OpKind::Bitcast { .. }, Some(r)) = (&op.kind, op.results.first()) {
+                makes_nan_bits |= self.body.value_type(*r).is_some_and(|t| t.dtype.is_float());
+            }
+        });
+        let trace_poison = options.checked && !makes_nan_bits && inputs.iter().all(|t| !matches!(&t.data, Data::F(a) if a.iter().any(|v| v.is_nan())));
 
         let outputs: Vec<Mutex<Tensor>> = self
             .outputs

@@ -21,9 +21,24 @@ pub(crate) struct Tensor {
     pub data: Data,
 }
 
+/// A bf16's bits held as f32, exactly: NaN payloads included (`half` quiets signalling NaNs,
+/// which would change the bits a bitcast reads).
+pub(crate) fn bf16_from_bits(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// The bf16 bits of a held value: exact for what `bf16_from_bits` holds, rounded otherwise.
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() && b & 0xffff == 0 {
+        return (b >> 16) as u16;
+    }
+    bf16::from_f32(x).to_bits()
+}
+
 pub(crate) fn round_f32(dtype: DType, x: f32) -> f32 {
     match dtype {
-        DType::BF16 => bf16::from_f32(x).to_f32(),
+        DType::BF16 => bf16_from_bits(bf16_bits(x)),
         DType::F16 => f16::from_f32(x).to_f32(),
         _ => x,
     }
@@ -77,7 +92,7 @@ impl Tensor {
     pub fn from_host(a: &HostArray) -> Tensor {
         match a {
             HostArray::F32(x) => Tensor { dtype: DType::F32, data: Data::F(x.clone()) },
-            HostArray::BF16(x) => Tensor { dtype: DType::BF16, data: Data::F(x.mapv(|v| v.to_f32())) },
+            HostArray::BF16(x) => Tensor { dtype: DType::BF16, data: Data::F(x.mapv(|v| bf16_from_bits(v.to_bits()))) },
             HostArray::F16(x) => Tensor { dtype: DType::F16, data: Data::F(x.mapv(|v| v.to_f32())) },
             HostArray::I32(x) => Tensor { dtype: DType::I32, data: Data::I(x.clone()) },
             HostArray::I8(x) => Tensor { dtype: DType::I8, data: Data::I(x.mapv(i32::from)) },
@@ -87,7 +102,7 @@ impl Tensor {
 
     pub fn into_host(self) -> HostArray {
         match (self.dtype, self.data) {
-            (DType::BF16, Data::F(x)) => HostArray::BF16(x.mapv(bf16::from_f32)),
+            (DType::BF16, Data::F(x)) => HostArray::BF16(x.mapv(|v| bf16::from_bits(bf16_bits(v)))),
             (DType::F16, Data::F(x)) => HostArray::F16(x.mapv(f16::from_f32)),
             (_, Data::F(x)) => HostArray::F32(x),
             (DType::I8, Data::I(x)) => HostArray::I8(x.mapv(|v| v as i8)),

@@ -262,10 +262,10 @@ impl Builder {
 
     pub(crate) fn bitcast(&mut self, x: ValueId, dtype: DType, loc: Loc) -> ValueId {
         let t = self.vty(x);
-        let out = ValueType::new(dtype, t.shape.clone());
-        if t.dtype.size_bytes() != dtype.size_bytes() || t.dtype == DType::Bool || dtype == DType::Bool {
-            return self.fail(loc, format!("bitcast from {} to {dtype}: only dtypes of one width (f32 and i32; bf16 and f16) share bits", t.dtype), out);
-        }
+        let out = match t.bitcast_to(dtype) {
+            Ok(out) => out,
+            Err(why) => return self.fail(loc, why, ValueType::new(dtype, t.shape.clone())),
+        };
         if t.dtype == dtype {
             return x;
         }

@@ -365,7 +365,10 @@ impl<T: Element> Tile<T> {
         Tile::from_id(builder::with(|b| b.transpose(self.id, perm.as_ref(), loc)))
     }
 
-    /// The same bits read as `U`, of the same width (f32 and i32).
+    /// The same bits read as `U`, as Pallas' `pltpu.bitcast`: between dtypes of one width
+    /// (f32 and i32) the shape stays; between widths the second-minor rows pack or unpack
+    /// (bf16 `[16, 128]` is i32 `[8, 128]`, rows `2r` and `2r + 1` in the low and high
+    /// halves of row `r`).
     #[track_caller]
     pub fn bitcast<U: Element>(self) -> Tile<U> {
         let loc = Loc::caller();
