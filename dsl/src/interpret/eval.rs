@@ -283,7 +283,9 @@ impl<'f> Eval<'f> {
             let mut bufs: Vec<Buf> = group.nodes[..last].iter().map(|n| pool.take(self.result_dtype(n.op))).collect();
             let mut start = 0;
             let mut ran = Ok(());
-            while start < len && ran.is_ok() {
+            // At least one chunk, empty for an empty tile, so an op a dtype lacks is refused
+            // whatever the tile's size.
+            loop {
                 let n = CHUNK.min(len - start);
                 for (i, node) in group.nodes.iter().enumerate() {
                     let (done, rest) = bufs.split_at_mut(i.min(last));
@@ -294,6 +296,9 @@ impl<'f> Eval<'f> {
                     }
                 }
                 start += n;
+                if start >= len || ran.is_err() {
+                    break;
+                }
             }
             pool.give_back(bufs);
             ran
