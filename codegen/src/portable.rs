@@ -674,9 +674,7 @@ impl<'a> Emitter<'a> {
         let n = t.shape.get(axis).copied().unwrap_or(1).max(1);
         let i32t = tensor_type(&ValueType::scalar(DType::I32));
         let nc = self.constant(&n.to_string(), &i32t);
-        let r = self.i32_binary("stablehlo.remainder", shift, &nc);
-        let r = self.i32_binary("stablehlo.add", &r, &nc);
-        let s = self.i32_binary("stablehlo.remainder", &r, &nc);
+        let s = self.euclidean_rem(shift, &nc, &i32t);
         let back = self.i32_binary("stablehlo.subtract", &nc, &s);
         let start = self.i32_binary("stablehlo.remainder", &back, &nc);
         let mut doubled = t.clone();
@@ -688,6 +686,14 @@ impl<'a> Emitter<'a> {
         let zero = self.constant("0", &i32t);
         let offsets: Vec<String> = (0..t.shape.len()).map(|d| if d == axis { start.clone() } else { zero.clone() }).collect();
         self.dynamic_slice(&xx, &doubled, &offsets, &t.shape)
+    }
+
+    /// `x mod n` in `0..n` for integers `x` and `n` of type `ty` (`remainder` keeps the
+    /// dividend's sign).
+    fn euclidean_rem(&mut self, x: &str, n: &str, ty: &str) -> String {
+        let r = self.op("stablehlo.remainder", &[(x, ty), (n, ty)], &[], ty);
+        let r = self.op("stablehlo.add", &[(&r, ty), (n, ty)], &[], ty);
+        self.op("stablehlo.remainder", &[(&r, ty), (n, ty)], &[], ty)
     }
 
     /// Pallas' `pltpu.bitcast` as its CPU lowering writes it: between widths, the packed rows
@@ -727,9 +733,7 @@ impl<'a> Emitter<'a> {
         let it = ValueType::new(DType::I32, t.shape.clone());
         let itt = tensor_type(&it);
         let nc = self.constant(&n.to_string(), &i32t);
-        let r = self.i32_binary("stablehlo.remainder", shift, &nc);
-        let r = self.i32_binary("stablehlo.add", &r, &nc);
-        let shift = self.i32_binary("stablehlo.remainder", &r, &nc);
+        let shift = self.euclidean_rem(shift, &nc, &i32t);
         let shift = self.op("stablehlo.broadcast_in_dim", &[(&shift, &i32t)], &["broadcast_dimensions = array<i64>".into()], &itt);
         // Reduced modulo n first, the products stay far inside i32 for any tile.
         let step = self.constant(&(u64::from(s.stride) % n as u64).to_string(), &itt);
@@ -739,9 +743,7 @@ impl<'a> Emitter<'a> {
         let i = self.op("stablehlo.iota", &[], &[format!("iota_dimension = {axis} : i64")], &itt);
         let back = self.op("stablehlo.subtract", &[(&i, &itt), (&by, &itt)], &[], &itt);
         let nt = self.constant(&n.to_string(), &itt);
-        let r = self.op("stablehlo.remainder", &[(&back, &itt), (&nt, &itt)], &[], &itt);
-        let r = self.op("stablehlo.add", &[(&r, &itt), (&nt, &itt)], &[], &itt);
-        let from = self.op("stablehlo.remainder", &[(&r, &itt), (&nt, &itt)], &[], &itt);
+        let from = self.euclidean_rem(&back, &nt, &itt);
         // Each element's full source index, the last dimension holding one coordinate per axis.
         let rank = t.shape.len();
         let mut one = t.shape.clone();

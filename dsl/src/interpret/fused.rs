@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::dtype::DType;
+use crate::elementwise::Class;
 use crate::interpret::tensor::{round_f32, wrap_i32, Data};
 use crate::ir::{BinaryOp, CmpOp, Func, Op, OpKind, Region, RollStride, Specialized, UnaryOp, ValueId};
 
@@ -129,7 +130,7 @@ fn add_node<'f>(op: &'f Op, defs: &HashMap<ValueId, &'f Op>, absorbed: &HashSet<
         .operands()
         .into_iter()
         .map(|v| match defs.get(&v) {
-            Some(producer) if absorbed.contains(&v) && !matches!(op.kind, OpKind::Roll { .. }) => Arg::Node(add_node(producer, defs, absorbed, nodes)),
+            Some(producer) if absorbed.contains(&v) => Arg::Node(add_node(producer, defs, absorbed, nodes)),
             _ => Arg::Value(v),
         })
         .collect();
@@ -147,10 +148,18 @@ pub(crate) enum Buf {
 
 impl Buf {
     pub fn new(dtype: DType, len: usize) -> Buf {
-        match dtype {
-            d if d.is_float() => Buf::F(vec![0.0; len]),
-            d if d.is_int() => Buf::I(vec![0; len]),
-            _ => Buf::B(vec![false; len]),
+        match Class::of(dtype) {
+            Class::Float => Buf::F(vec![0.0; len]),
+            Class::Int => Buf::I(vec![0; len]),
+            Class::Bool => Buf::B(vec![false; len]),
+        }
+    }
+
+    fn class(&self) -> Class {
+        match self {
+            Buf::F(_) => Class::Float,
+            Buf::I(_) => Class::Int,
+            Buf::B(_) => Class::Bool,
         }
     }
 
@@ -182,7 +191,7 @@ impl Buf {
     }
 }
 
-/// Chunk buffers for reuse, one list per storage class.
+/// Chunk buffers for reuse, of every storage class.
 #[derive(Default)]
 pub(crate) struct Pool {
     free: Vec<Buf>,
@@ -191,8 +200,7 @@ pub(crate) struct Pool {
 impl Pool {
     /// A buffer of `CHUNK` elements of `dtype`'s class, holding whatever it last held.
     pub fn take(&mut self, dtype: DType) -> Buf {
-        let want = Buf::new(dtype, 0);
-        match self.free.iter().position(|b| std::mem::discriminant(b) == std::mem::discriminant(&want)) {
+        match self.free.iter().position(|b| b.class() == Class::of(dtype)) {
             Some(i) => self.free.swap_remove(i),
             None => Buf::new(dtype, CHUNK),
         }
