@@ -9,8 +9,9 @@ use crate::dtype::DType;
 use crate::elementwise::{nan_max, nan_min};
 use crate::error::{Error, Result};
 use crate::interpret::fused::{self, Arg, Buf, Group, In, Node, Out, Plan, Role, Work, CHUNK};
+use crate::interpret::liveness::Liveness;
 use crate::interpret::tensor::{bf16_bits, bf16_from_bits, Data, Tensor};
-use crate::ir::{Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, Type, ValueId};
+use crate::ir::{BinaryOp, CmpOp, Func, Index, Literal, Loc, Offset, Op, OpKind, ReduceOp, Region, RollStride, Type, UnaryOp, ValueId};
 use crate::random;
 
 /// Iterations after which a traced `while` counts as an infinite loop: far past any kernel's.
@@ -64,11 +65,84 @@ pub(crate) struct Analysis<'f> {
     lazy_splats: HashSet<ValueId>,
     /// Which elementwise ops run together, chunk by chunk.
     plan: Plan<'f>,
+    /// Where each value can be dropped.
+    liveness: Liveness,
 }
 
 impl<'f> Analysis<'f> {
     pub fn of(func: &'f Func) -> Self {
-        Analysis { lazy_splats: lazy_splats(func), plan: fused::plan(func) }
+        let plan = fused::plan(func);
+        let liveness = Liveness::of(func, &plan);
+        Analysis { lazy_splats: lazy_splats(func), plan, liveness }
+    }
+}
+
+/// Where a node of a group reads an operand: the chunk of an earlier node, or a whole tile in
+/// memory (or a scalar standing for one).
+enum Source<'a> {
+    Node(usize),
+    Tile(In<'a>),
+}
+
+/// What a node of a group computes.
+enum Job<'a> {
+    /// Each with its operands' dtype, for messages.
+    Unary(UnaryOp, DType),
+    Binary(BinaryOp, DType),
+    Compare(CmpOp, DType),
+    Select,
+    /// To this dtype.
+    Cast(DType),
+    Iota {
+        dims: &'a [usize],
+        dim: usize,
+    },
+    Roll {
+        x: &'a Data,
+        dims: &'a [usize],
+        axis: usize,
+        shift: i64,
+        stride: Option<RollStride>,
+    },
+}
+
+/// A node of a group, ready to run chunk after chunk.
+struct Ready<'a> {
+    job: Job<'a>,
+    args: Vec<Source<'a>>,
+    /// The result's dtype.
+    dtype: DType,
+    loc: Loc,
+}
+
+impl Ready<'_> {
+    /// Elements `start..start + n` of the node's result, into `out`; `done` holds the chunks
+    /// of the nodes before it.
+    fn chunk(&self, done: &[Buf], mut out: Out, start: usize, n: usize) -> std::result::Result<(), String> {
+        let input = |k: usize| -> std::result::Result<In<'_>, String> {
+            match self.args.get(k) {
+                Some(Source::Node(j)) => done.get(*j).and_then(|b| b.input(n)),
+                Some(Source::Tile(t)) => t.range(start, n),
+                None => None,
+            }
+            .ok_or_else(|| format!("internal: operand {k} of an elementwise op is missing"))
+        };
+        let work = match self.job {
+            Job::Unary(u, dtype) => Work::Unary(u, input(0)?, dtype),
+            Job::Binary(b, dtype) => Work::Binary(b, input(0)?, input(1)?, dtype),
+            Job::Compare(c, dtype) => Work::Compare(c, input(0)?, input(1)?, dtype),
+            Job::Select => Work::Select(input(0)?, input(1)?, input(2)?),
+            Job::Cast(to) => Work::Cast(input(0)?, to),
+            Job::Iota { dims, dim } => {
+                fused::iota(out.reborrow(), start, dims, dim);
+                out.settle(self.dtype);
+                return Ok(());
+            }
+            Job::Roll { x, dims, axis, shift, stride } => return fused::roll(out, start, x, dims, axis, shift, stride),
+        };
+        fused::compute(out.reborrow(), work)?;
+        out.settle(self.dtype);
+        Ok(())
     }
 }
 
@@ -164,11 +238,17 @@ impl<'f> Eval<'f> {
     }
 
     fn region(&mut self, ctx: &Ctx, region: &'f Region, refs: &mut [RefBuf], checked: bool) -> Result<Vec<Rc<Tensor>>> {
-        for op in &region.ops {
+        let deaths = self.analysis.liveness.deaths(region);
+        for (i, op) in region.ops.iter().enumerate() {
             if let OpKind::Yield { values } = &op.kind {
                 return Ok(values.iter().map(|&v| self.get(v).clone()).collect());
             }
             self.op(ctx, op, refs, checked)?;
+            for &v in deaths.and_then(|d| d.get(i)).into_iter().flatten() {
+                if let Some(t) = self.vals[v.index()].take().and_then(|t| Rc::try_unwrap(t).ok()) {
+                    fused::recycle(t.data);
+                }
+            }
         }
         Ok(Vec::new())
     }
@@ -276,21 +356,25 @@ impl<'f> Eval<'f> {
         let len: usize = shape.iter().product();
         let last = group.nodes.len() - 1;
         let dtype = self.result_dtype(root.op);
-        let mut result = Buf::new(dtype, len);
+        let ready: Vec<Ready> = group.nodes.iter().map(|node| self.ready(ctx, node)).collect::<Result<_>>()?;
+        let mut result = fused::result_buffer(dtype, len);
         // The last node writes straight into the result; the others into chunk buffers, kept
         // per thread across groups (every element is written before it is read).
         fused::with_chunk_buffers(|pool| {
-            let mut bufs: Vec<Buf> = group.nodes[..last].iter().map(|n| pool.take(self.result_dtype(n.op))).collect();
+            let mut bufs: Vec<Buf> = group.nodes[..last].iter().map(|n| pool.take(if n.mask { DType::I32 } else { self.result_dtype(n.op) })).collect();
             let mut start = 0;
             let mut ran = Ok(());
             // At least one chunk, empty for an empty tile, so an op a dtype lacks is refused
             // whatever the tile's size.
             loop {
                 let n = CHUNK.min(len - start);
-                for (i, node) in group.nodes.iter().enumerate() {
+                for (i, node) in ready.iter().enumerate() {
                     let (done, rest) = bufs.split_at_mut(i.min(last));
                     let out = if i == last { result.out(start, n) } else { rest.first_mut().and_then(|b| b.out(0, n)) };
-                    ran = out.ok_or_else(|| ctx.runtime(node.op.loc, "internal: an elementwise chunk is out of range")).and_then(|out| self.chunk(ctx, node, done, out, start, n));
+                    ran = match out {
+                        Some(out) => node.chunk(done, out, start, n).map_err(|m| ctx.runtime(node.loc, m)),
+                        None => Err(ctx.runtime(node.loc, "internal: an elementwise chunk is out of range")),
+                    };
                     if ran.is_err() {
                         break;
                     }
@@ -307,39 +391,35 @@ impl<'f> Eval<'f> {
         Ok(Tensor { dtype, data })
     }
 
-    /// Elements `start..start + n` of one node's result, into `out`; `done` holds the chunks
-    /// of the nodes before it.
-    fn chunk(&self, ctx: &Ctx, node: &Node<'f>, done: &[Buf], mut out: Out, start: usize, n: usize) -> Result<()> {
+    /// A group's node with its operands found: what every chunk of it needs, looked up once.
+    fn ready<'a>(&'a self, ctx: &Ctx, node: &Node<'f>) -> Result<Ready<'a>> {
         let (op, loc) = (node.op, node.op.loc);
-        let input = |k: usize| -> Result<In<'_>> {
-            let missing = || ctx.runtime(loc, format!("internal: operand {k} of an elementwise op is missing"));
-            match node.args.get(k) {
-                Some(Arg::Node(j)) => done.get(*j).and_then(|b| b.input(n)).ok_or_else(missing),
-                Some(Arg::Value(v)) => In::of(&self.get(*v).data, start, n).ok_or_else(missing),
-                None => Err(missing()),
-            }
-        };
+        let args = node
+            .args
+            .iter()
+            .map(|arg| match *arg {
+                Arg::Node(j) => Ok(Source::Node(j)),
+                Arg::Value(v) => In::whole(&self.get(v).data).map(Source::Tile).ok_or_else(|| ctx.runtime(loc, "internal: an elementwise operand is not in row-major order")),
+            })
+            .collect::<Result<_>>()?;
         let dtype_of = |v: &ValueId| self.func.value_type(*v).map_or(DType::F32, |t| t.dtype);
-        let work = match &op.kind {
-            OpKind::Unary { op: u, x } => Work::Unary(*u, input(0)?, dtype_of(x)),
-            OpKind::Binary { op: b, lhs, .. } => Work::Binary(*b, input(0)?, input(1)?, dtype_of(lhs)),
-            OpKind::Compare { op: c, lhs, .. } => Work::Compare(*c, input(0)?, input(1)?, dtype_of(lhs)),
-            OpKind::Select { .. } => Work::Select(input(0)?, input(1)?, input(2)?),
-            OpKind::Cast { .. } => Work::Cast(input(0)?, self.result_dtype(op)),
-            OpKind::Iota { dim } => {
-                fused::iota(out.reborrow(), start, self.result_dims(op), *dim);
-                out.settle(self.result_dtype(op));
-                return Ok(());
-            }
-            OpKind::Roll { x, shift, axis, stride } => {
-                let shift = self.get(*shift).scalar_i64().ok_or_else(|| ctx.runtime(loc, "roll shift is not an i32 scalar"))?;
-                return fused::roll(out, start, &self.get(*x).data, self.result_dims(op), *axis, shift, *stride).map_err(|m| ctx.runtime(loc, m));
-            }
+        let job = match &op.kind {
+            OpKind::Unary { op: u, x } => Job::Unary(*u, dtype_of(x)),
+            OpKind::Binary { op: b, lhs, .. } => Job::Binary(*b, dtype_of(lhs)),
+            OpKind::Compare { op: c, lhs, .. } => Job::Compare(*c, dtype_of(lhs)),
+            OpKind::Select { .. } => Job::Select,
+            OpKind::Cast { .. } => Job::Cast(self.result_dtype(op)),
+            OpKind::Iota { dim } => Job::Iota { dims: self.result_dims(op), dim: *dim },
+            OpKind::Roll { x, shift, axis, stride } => Job::Roll {
+                x: &self.get(*x).data,
+                dims: self.result_dims(op),
+                axis: *axis,
+                shift: self.get(*shift).scalar_i64().ok_or_else(|| ctx.runtime(loc, "roll shift is not an i32 scalar"))?,
+                stride: *stride,
+            },
             _ => return Err(ctx.runtime(loc, "internal: a non-elementwise op in an elementwise group")),
         };
-        fused::compute(out.reborrow(), work).map_err(|m| ctx.runtime(loc, m))?;
-        out.settle(self.result_dtype(op));
-        Ok(())
+        Ok(Ready { job, args, dtype: self.result_dtype(op), loc })
     }
 
     fn op(&mut self, ctx: &Ctx, op: &'f Op, refs: &mut [RefBuf], checked: bool) -> Result<()> {

@@ -18,6 +18,7 @@
 
 mod eval;
 mod fused;
+mod liveness;
 mod tensor;
 
 use std::collections::HashMap;
