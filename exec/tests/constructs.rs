@@ -528,3 +528,44 @@ fn a_traced_while_runs_as_many_times_as_its_condition_holds_on_every_backend() {
         }
     }
 }
+
+#[tpu_kernel]
+fn row_sums(x: &Ref<f32>, y: &mut Ref<f32>) {
+    y.store(x.load().sum_keepdims(1).broadcast_to([8, 128]));
+}
+
+/// Portable StableHLO sums long f32 rows as a product with ones (XLA CPU's reduction loop is
+/// slower): NaN, infinities and overflow come out as a reduction's do, on both CPU backends.
+#[test]
+fn long_row_sums_keep_a_reductions_special_values_on_both_cpu_backends() {
+    let lanes = 512;
+    let special = |r: usize, c: usize| match (r, c) {
+        (1, 17) => Some(f64::NAN),
+        (2, 3) => Some(f64::INFINITY),
+        (3, 5) => Some(f64::NEG_INFINITY),
+        (4, 0) => Some(f64::INFINITY),
+        (4, 511) => Some(f64::NEG_INFINITY),
+        (5, _) => Some(3.0e38),
+        (6, _) => Some(-0.0),
+        _ => None,
+    };
+    let x = ArrayD::from_shape_fn(IxDyn(&[8, lanes]), |ix| special(ix[0], ix[1]).unwrap_or(((ix[0] * 31 + ix[1] * 7) % 97) as f64 / 8.0 - 6.0));
+    let x = HostArray::from_f64(DType::F32, &x);
+    let call = PallasCall::new(row_sums::kernel()).grid([1]).in_specs([spec([8, lanes])]).out_specs([spec([8, 128])]).out_shapes([[8, 128]]);
+    let traced = call.trace(&[x.value_type()]).expect("traces");
+    let outs = [call.interpret(std::slice::from_ref(&x)).expect("interprets"), Compiled::new(&traced, Backend::Cpu).and_then(|c| c.run(std::slice::from_ref(&x))).expect("runs")];
+    let exact = x.to_f64().sum_axis(Axis(1));
+    for (backend, out) in ["interpreter", "PJRT CPU"].iter().zip(&outs) {
+        let out = out[0].to_f64();
+        for r in 0..8 {
+            let got = out[[r, 0]];
+            match r {
+                1 | 4 => assert!(got.is_nan(), "{backend} row {r}: {got}"),
+                2 | 5 => assert_eq!(got, f64::INFINITY, "{backend} row {r}"),
+                3 => assert_eq!(got, f64::NEG_INFINITY, "{backend} row {r}"),
+                6 => assert_eq!(got, 0.0, "{backend} row {r}"),
+                _ => assert!((got - exact[r]).abs() <= 1e-5 * exact[r].abs().max(1.0), "{backend} row {r}: {got} against {}", exact[r]),
+            }
+        }
+    }
+}
