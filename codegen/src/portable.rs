@@ -524,14 +524,16 @@ impl<'a> Emitter<'a> {
             }
             OpKind::Reduce { op: ReduceOp::Sum, x, axis } if row_sum_as_dot(&Self::vt(func, *x), *axis) => {
                 // XLA CPU reduces a row element by element; a product with ones is a vectorized
-                // matrix-vector product, several times faster on long rows.
+                // matrix-vector product (DESIGN.md §5).
                 let xt = Self::vt(func, *x);
                 let k = xt.shape.get(1).copied().unwrap_or(0);
                 let ones_t = ValueType::new(DType::F32, [k]);
                 let ones = self.splat(Literal::Float(1.0), &ones_t);
                 let dims = "dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [1], rhs_contracting_dimensions = [0]>".to_string();
+                // Full f32 products: a GPU may otherwise round a default-precision dot to TF32.
+                let precision = "precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>]".to_string();
                 let x = name(scope, x);
-                self.op("stablehlo.dot_general", &[(&x, &tensor_type(&xt)), (&ones, &tensor_type(&ones_t))], &[dims], &rtt)
+                self.op("stablehlo.dot_general", &[(&x, &tensor_type(&xt)), (&ones, &tensor_type(&ones_t))], &[dims, precision], &rtt)
             }
             OpKind::Reduce { op: r, x, axis } => {
                 let xt = Self::vt(func, *x);

@@ -358,21 +358,21 @@ fn a_long_chain_of_elementwise_ops_runs_in_bounded_groups() {
 }
 
 /// The interpreter drops a tile after its last use and gives its memory to the next tile of its
-/// size. `t`'s last use in program order is `e`, but `e` is fused into `f` and runs there, after
-/// `s` (which would take `t`'s memory if `t` died at `e`); `t` is read again inside and after
-/// a traced loop.
+/// size. `t` is read only by `e`, which is fused into `f` and runs there, after `u` and `s`
+/// (tiles of `t`'s size) are made: were `t` dropped at `e`'s place in program order, `f`
+/// could not read it. `u` is read inside and after a traced loop.
 #[tpu_kernel]
 fn dead_tiles(x: &Ref<f32>, y: &mut Ref<f32>) {
     let t = x.load();
-    let u = x.load() * 3.0;
     let e = t * 2.0;
+    let u = x.load() * 3.0;
     let s = u + 1.0;
     let f = e - s;
     let mut acc = f;
     for k in 0..program_id(0) + 3 {
-        acc = acc + t * k.cast::<f32>();
+        acc = acc + u * k.cast::<f32>();
     }
-    y.store(acc + s * 0.0 + t);
+    y.store(acc + s * 0.0 + u);
 }
 
 #[test]
@@ -385,12 +385,13 @@ fn tiles_dropped_after_their_last_use_keep_every_value_they_feed() {
     let x = Array2::from_shape_fn((8, 128), |(i, j)| (i * 128 + j) as f32 / 64.0 - 7.0);
     let want = x
         .mapv(|t| {
-            let s = t * 3.0 + 1.0;
+            let u = t * 3.0;
+            let s = u + 1.0;
             let mut acc = t * 2.0 - s;
             for k in 0..3 {
-                acc += t * k as f32;
+                acc += u * k as f32;
             }
-            f64::from(acc + s * 0.0 + t)
+            f64::from(acc + s * 0.0 + u)
         })
         .into_dyn();
     for _ in 0..3 {

@@ -535,7 +535,8 @@ fn row_sums(x: &Ref<f32>, y: &mut Ref<f32>) {
 }
 
 /// Portable StableHLO sums long f32 rows as a product with ones (XLA CPU's reduction loop is
-/// slower): NaN, infinities and overflow come out as a reduction's do, on both CPU backends.
+/// slower): NaN, infinities and overflow come out as a reduction's do, on both CPU backends,
+/// and a row of -0.0 sums to zero.
 #[test]
 fn long_row_sums_keep_a_reductions_special_values_on_both_cpu_backends() {
     let lanes = 512;
@@ -563,6 +564,7 @@ fn long_row_sums_keep_a_reductions_special_values_on_both_cpu_backends() {
                 1 | 4 => assert!(got.is_nan(), "{backend} row {r}: {got}"),
                 2 | 5 => assert_eq!(got, f64::INFINITY, "{backend} row {r}"),
                 3 => assert_eq!(got, f64::NEG_INFINITY, "{backend} row {r}"),
+                // Zero; its sign is not compared (`==` takes -0.0 for 0.0).
                 6 => assert_eq!(got, 0.0, "{backend} row {r}"),
                 _ => assert!((got - exact[r]).abs() <= 1e-5 * exact[r].abs().max(1.0), "{backend} row {r}: {got} against {}", exact[r]),
             }

@@ -394,7 +394,7 @@ impl<'f> Eval<'f> {
     /// A group's node with its operands found: what every chunk of it needs, looked up once.
     fn ready<'a>(&'a self, ctx: &Ctx, node: &Node<'f>) -> Result<Ready<'a>> {
         let (op, loc) = (node.op, node.op.loc);
-        let args = node
+        let args: Vec<Source> = node
             .args
             .iter()
             .map(|arg| match *arg {
@@ -407,6 +407,8 @@ impl<'f> Eval<'f> {
             OpKind::Unary { op: u, x } => Job::Unary(*u, dtype_of(x)),
             OpKind::Binary { op: b, lhs, .. } => Job::Binary(*b, dtype_of(lhs)),
             OpKind::Compare { op: c, lhs, .. } => Job::Compare(*c, dtype_of(lhs)),
+            // An i32 condition is a mask only from a comparison in the group (`Node::mask`).
+            OpKind::Select { .. } if matches!(args.first(), Some(Source::Tile(In::I(_)))) => return Err(ctx.runtime(loc, "select condition is not bool")),
             OpKind::Select { .. } => Job::Select,
             OpKind::Cast { .. } => Job::Cast(self.result_dtype(op)),
             OpKind::Iota { dim } => Job::Iota { dims: self.result_dims(op), dim: *dim },

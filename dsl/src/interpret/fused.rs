@@ -225,10 +225,11 @@ pub(crate) struct Pool {
     tiles: Vec<Buf>,
 }
 
-/// Dropped tiles a thread keeps for reuse, at most: a few of a kernel's live tiles, so that a
-/// tile takes the memory of one that just died, without holding much between calls.
-const KEPT_TILES: usize = 8;
+/// The memory of dropped tiles a thread keeps for reuse, at most: a few of a kernel's live
+/// tiles, so that a tile takes the memory of one that just died without holding much between
+/// calls. Tiles smaller than one (8, 128) block (scalars, short rows) are not worth keeping.
 const KEPT_TILE_BYTES: usize = 32 << 20;
+const KEPT_TILE_MIN_LEN: usize = 8 * 128;
 
 impl Pool {
     /// A buffer of `CHUNK` elements of `dtype`'s class, holding whatever it last held.
@@ -245,18 +246,21 @@ impl Pool {
 
     fn tile(&mut self, dtype: DType, len: usize) -> Buf {
         match self.tiles.iter().rposition(|b| b.class() == Class::of(dtype) && b.len() == len) {
-            Some(i) => self.tiles.swap_remove(i),
+            Some(i) => self.tiles.remove(i),
             None => Buf::new(dtype, len),
         }
     }
 
+    /// Keeps `tile`, dropping the oldest kept ones to stay within [`KEPT_TILE_BYTES`].
     fn keep(&mut self, tile: Buf) {
-        if self.tiles.len() == KEPT_TILES {
-            self.tiles.remove(0);
+        if tile.len() < KEPT_TILE_MIN_LEN || tile.bytes() > KEPT_TILE_BYTES {
+            return;
         }
-        if tile.bytes() <= KEPT_TILE_BYTES {
-            self.tiles.push(tile);
+        let mut held: usize = self.tiles.iter().map(Buf::bytes).sum();
+        while held + tile.bytes() > KEPT_TILE_BYTES && !self.tiles.is_empty() {
+            held -= self.tiles.remove(0).bytes();
         }
+        self.tiles.push(tile);
     }
 }
 
@@ -274,9 +278,7 @@ pub(crate) fn recycle(data: Data) {
         Data::I(a) => Buf::I(a.into_raw_vec_and_offset().0),
         Data::B(a) => Buf::B(a.into_raw_vec_and_offset().0),
     };
-    if buf.len() > 0 {
-        with_chunk_buffers(|pool| pool.keep(buf));
-    }
+    with_chunk_buffers(|pool| pool.keep(buf));
 }
 
 thread_local! {
