@@ -227,7 +227,9 @@ pub(crate) struct Pool {
 
 /// The memory of dropped tiles a thread keeps for reuse, at most: a few of a kernel's live
 /// tiles, so that a tile takes the memory of one that just died without holding much between
-/// calls. Tiles smaller than one (8, 128) block (scalars, short rows) are not worth keeping.
+/// calls (and few enough to search). Tiles smaller than one (8, 128) block (scalars, short
+/// rows) are not worth keeping.
+const KEPT_TILES: usize = 8;
 const KEPT_TILE_BYTES: usize = 32 << 20;
 const KEPT_TILE_MIN_LEN: usize = 8 * 128;
 
@@ -251,13 +253,14 @@ impl Pool {
         }
     }
 
-    /// Keeps `tile`, dropping the oldest kept ones to stay within [`KEPT_TILE_BYTES`].
+    /// Keeps `tile`, dropping the oldest kept ones to stay within [`KEPT_TILES`] and
+    /// [`KEPT_TILE_BYTES`].
     fn keep(&mut self, tile: Buf) {
         if tile.len() < KEPT_TILE_MIN_LEN || tile.bytes() > KEPT_TILE_BYTES {
             return;
         }
         let mut held: usize = self.tiles.iter().map(Buf::bytes).sum();
-        while held + tile.bytes() > KEPT_TILE_BYTES && !self.tiles.is_empty() {
+        while (self.tiles.len() >= KEPT_TILES || held + tile.bytes() > KEPT_TILE_BYTES) && !self.tiles.is_empty() {
             held -= self.tiles.remove(0).bytes();
         }
         self.tiles.push(tile);
@@ -795,6 +798,24 @@ mod tests {
                 assert_eq!(got, all[start..], "dim {dim} from {start}");
             }
         }
+    }
+
+    #[test]
+    fn the_tile_pool_stays_small_and_skips_scalars() {
+        let mut pool = Pool::default();
+        pool.keep(Buf::new(DType::F32, 1));
+        assert!(pool.tiles.is_empty());
+        for _ in 0..100 {
+            pool.keep(Buf::new(DType::F32, KEPT_TILE_MIN_LEN));
+        }
+        assert_eq!(pool.tiles.len(), KEPT_TILES);
+        let big = KEPT_TILE_BYTES / 4 / 3;
+        for _ in 0..5 {
+            pool.keep(Buf::new(DType::F32, big));
+        }
+        assert!(pool.tiles.iter().map(Buf::bytes).sum::<usize>() <= KEPT_TILE_BYTES);
+        assert!(matches!(pool.tile(DType::F32, big), Buf::F(v) if v.len() == big));
+        assert!(matches!(pool.tile(DType::I32, big), Buf::I(v) if v.len() == big));
     }
 
     #[test]
