@@ -529,7 +529,7 @@ impl<'a> Emitter<'a> {
                 let k = xt.shape.get(1).copied().unwrap_or(0);
                 let ones_t = ValueType::new(DType::F32, [k]);
                 let ones = self.splat(Literal::Float(1.0), &ones_t);
-                let dims = "dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [1], rhs_contracting_dimensions = [0]>".to_string();
+                let dims = dot_dimension_numbers(1, 0);
                 // Full f32 products: a GPU may otherwise round a default-precision dot to TF32.
                 let precision = "precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>]".to_string();
                 let x = name(scope, x);
@@ -568,7 +568,7 @@ impl<'a> Emitter<'a> {
                 let (lt, rht) = (tensor_type(&Self::vt(func, *lhs)), tensor_type(&Self::vt(func, *rhs)));
                 let lc = if *transpose_lhs { 0 } else { 1 };
                 let rc = if *transpose_rhs { 1 } else { 0 };
-                let dims = format!("dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [{lc}], rhs_contracting_dimensions = [{rc}]>");
+                let dims = dot_dimension_numbers(lc, rc);
                 let (a, b) = (name(scope, lhs), name(scope, rhs));
                 self.op("stablehlo.dot_general", &[(&a, &lt), (&b, &rht)], &[dims], &rtt)
             }
@@ -970,3 +970,8 @@ fn row_sum_as_dot(x: &ValueType, axis: usize) -> bool {
 
 /// The shortest row summed as a product with ones.
 const ROW_SUM_DOT_MIN: usize = 256;
+
+/// A `dot_general`'s attribute contracting `lhs`'s dim `lc` with `rhs`'s dim `rc`.
+fn dot_dimension_numbers(lc: usize, rc: usize) -> String {
+    format!("dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [{lc}], rhs_contracting_dimensions = [{rc}]>")
+}

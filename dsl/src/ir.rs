@@ -560,6 +560,19 @@ pub struct Region {
     pub ops: Vec<Op>,
 }
 
+impl Region {
+    /// Visits every op of the region and of the regions within it, depth first, in program
+    /// order.
+    pub fn walk<'a>(&'a self, f: &mut impl FnMut(&'a Op)) {
+        for op in &self.ops {
+            f(op);
+            for sub in op.regions() {
+                sub.walk(f);
+            }
+        }
+    }
+}
+
 /// A traced function: a kernel body or an index map.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Func {
@@ -609,14 +622,6 @@ impl Func {
 
     /// Visits every op, depth first, in program order.
     pub fn walk<'a>(&'a self, f: &mut impl FnMut(&'a Op)) {
-        fn go<'a>(r: &'a Region, f: &mut impl FnMut(&'a Op)) {
-            for op in &r.ops {
-                f(op);
-                for sub in op.regions() {
-                    go(sub, f);
-                }
-            }
-        }
-        go(&self.body, f);
+        self.body.walk(f);
     }
 }

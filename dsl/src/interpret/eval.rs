@@ -361,7 +361,7 @@ impl<'f> Eval<'f> {
         // The last node writes straight into the result; the others into chunk buffers, kept
         // per thread across groups (every element is written before it is read).
         fused::with_chunk_buffers(|pool| {
-            let mut bufs: Vec<Buf> = group.nodes[..last].iter().map(|n| pool.take(if n.mask { DType::I32 } else { self.result_dtype(n.op) })).collect();
+            let mut bufs: Vec<Buf> = group.nodes[..last].iter().zip(&ready).map(|(n, r)| pool.take(if n.mask { DType::I32 } else { r.dtype })).collect();
             let mut start = 0;
             let mut ran = Ok(());
             // At least one chunk, empty for an empty tile, so an op a dtype lacks is refused
@@ -408,7 +408,7 @@ impl<'f> Eval<'f> {
             OpKind::Binary { op: b, lhs, .. } => Job::Binary(*b, dtype_of(lhs)),
             OpKind::Compare { op: c, lhs, .. } => Job::Compare(*c, dtype_of(lhs)),
             // An i32 condition is a mask only from a comparison in the group (`Node::mask`).
-            OpKind::Select { .. } if matches!(args.first(), Some(Source::Tile(In::I(_)))) => return Err(ctx.runtime(loc, "select condition is not bool")),
+            OpKind::Select { .. } if matches!(args.first(), Some(Source::Tile(In::I(_)))) => return Err(ctx.runtime(loc, fused::CONDITION_NOT_BOOL)),
             OpKind::Select { .. } => Job::Select,
             OpKind::Cast { .. } => Job::Cast(self.result_dtype(op)),
             OpKind::Iota { dim } => Job::Iota { dims: self.result_dims(op), dim: *dim },

@@ -288,7 +288,8 @@ thread_local! {
     static POOL: std::cell::RefCell<Pool> = std::cell::RefCell::new(Pool::default());
 }
 
-/// Runs `f` with this thread's chunk buffers (a fresh pool if a caller up the stack holds them).
+/// Runs `f` with this thread's chunk buffers and kept tiles (a fresh pool if a caller up the
+/// stack holds them).
 pub(crate) fn with_chunk_buffers<R>(f: impl FnOnce(&mut Pool) -> R) -> R {
     POOL.with(|p| match p.try_borrow_mut() {
         Ok(mut pool) => f(&mut pool),
@@ -543,6 +544,8 @@ fn pick<C: Condition, E: Blend>(out: &mut [E], c: Ch<C>, a: Ch<E>, b: Ch<E>) {
 
 const MIXED: &str = "operands of mixed storage classes";
 
+pub(crate) const CONDITION_NOT_BOOL: &str = "select condition is not bool";
+
 /// `cond ? a : b` for one chunk.
 #[inline(always)]
 fn select(out: Out, cond: In, a: In, b: In) -> Result<(), String> {
@@ -553,7 +556,7 @@ fn select(out: Out, cond: In, a: In, b: In) -> Result<(), String> {
         (Out::F(o), In::I(m), In::F(a), In::F(b)) => pick(o, m, a, b),
         (Out::I(o), In::I(m), In::I(a), In::I(b)) => pick(o, m, a, b),
         (Out::B(o), In::I(m), In::B(a), In::B(b)) => pick(o, m, a, b),
-        (_, In::F(_), _, _) => return Err("select condition is not bool".into()),
+        (_, In::F(_), _, _) => return Err(CONDITION_NOT_BOOL.into()),
         _ => return Err(MIXED.into()),
     }
     Ok(())

@@ -45,14 +45,10 @@ impl Liveness {
         let position: HashMap<ValueId, usize> = region.ops.iter().enumerate().flat_map(|(i, op)| op.results.iter().map(move |&r| (r, i))).collect();
         // Where an op runs: a fused op at its group's root.
         let runs_at = |i: usize, op: &Op| op.results.first().and_then(|r| root_of.get(r)).and_then(|root| position.get(root)).copied().unwrap_or(i);
-        let mut last: HashMap<ValueId, usize> = HashMap::new();
+        // Each value defined here, at its definition until a later use moves it.
+        let mut last = position.clone();
         for v in outer_args.iter().chain(&region.args) {
             last.insert(*v, 0);
-        }
-        for (i, op) in region.ops.iter().enumerate() {
-            for r in &op.results {
-                last.insert(*r, i);
-            }
         }
         for (i, op) in region.ops.iter().enumerate() {
             let at = runs_at(i, op);
@@ -63,7 +59,7 @@ impl Liveness {
             };
             op.operands().into_iter().for_each(&mut note);
             for sub in op.regions() {
-                each_use_within(sub, &mut note);
+                sub.walk(&mut |inner| inner.operands().into_iter().for_each(&mut note));
             }
         }
         let mut deaths = vec![Vec::new(); region.ops.len()];
@@ -80,16 +76,6 @@ impl Liveness {
             for sub in op.regions() {
                 self.region(sub, &[], plan, root_of, kept);
             }
-        }
-    }
-}
-
-/// Every value the ops of `region` and of the regions within it read.
-fn each_use_within(region: &Region, note: &mut impl FnMut(ValueId)) {
-    for op in &region.ops {
-        op.operands().into_iter().for_each(&mut *note);
-        for sub in op.regions() {
-            each_use_within(sub, note);
         }
     }
 }
