@@ -14,6 +14,7 @@ use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, InterpretOptions, PallasCall, TracedCall};
 use torchtpu_exec::{Backend, Compiled};
+use torchtpu_kernels::calibration;
 use torchtpu_kernels::registry::{self, AnyOp, Selection};
 use torchtpu_kernels::tables::{target_of, tuning_device, Table, TableTarget};
 use torchtpu_runtime::{Chip, Slice, TpuCompiler};
@@ -220,6 +221,24 @@ enum Command {
         /// Retune only these kernels (e.g. flash_attention_dkv), keeping the tables' other entries.
         #[arg(long, value_delimiter = ',')]
         kernels: Vec<String>,
+    },
+    /// Score the TPU model against published per-config TPU timings: for each published
+    /// problem, whether the model's pick among the configs the source searched is the
+    /// measured winner, its regret, and predicted ÷ measured for the winner.
+    Calibrate {
+        /// The datasets (default: the repository's `autotune/calibration`).
+        #[arg(long)]
+        data: Option<std::path::PathBuf>,
+        /// Which candidates libtpu judges (the rest count as feasible): all, measured (only
+        /// the configs a real chip ran) or none.
+        #[arg(long, default_value = "all")]
+        compile: String,
+        /// Print every problem, not only the misses.
+        #[arg(long)]
+        verbose: bool,
+        /// One JSON object (every problem and the summaries) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Run an op on the CPU interpreter with random inputs and check it against its f64 reference.
     Interpret {
@@ -541,6 +560,19 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
                 let text = serde_json::to_string_pretty(&table).map_err(|e| e.to_string())?;
                 std::fs::write(&path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
+            Ok(true)
+        }
+        Command::Calibrate { data, compile, verbose, json } => {
+            let compile = match compile.as_str() {
+                "all" => calibration::Compile::All,
+                "measured" => calibration::Compile::Measured,
+                "none" => calibration::Compile::None,
+                other => return Err(format!("--compile `{other}`: expected all, measured or none")),
+            };
+            let dir = data.unwrap_or_else(torchtpu_kernels::calibration::default_dir);
+            let datasets = calibration::load(&dir).map_err(|e| e.to_string())?;
+            let score = calibration::score(&datasets, compile).map_err(|e| e.to_string())?;
+            print!("{}", calibration::report(&score, verbose, json));
             Ok(true)
         }
         Command::Interpret { kernel, dtype, set, checked, seed } => {

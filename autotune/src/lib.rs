@@ -365,7 +365,7 @@ fn rank_for_chip(chip: Chip, prepared: &[Prepared], opts: &TuneOptions) -> Resul
 }
 
 /// The informative head of a compiler message: its first two non-empty lines.
-fn compiler_reason(message: &str) -> String {
+pub fn compiler_reason(message: &str) -> String {
     let lines: Vec<&str> = message.lines().map(str::trim).filter(|l| !l.is_empty()).take(2).collect();
     if lines.is_empty() {
         "rejected".into()

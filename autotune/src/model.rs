@@ -2,7 +2,7 @@
 //! guided search fits to measured times.
 
 use torchtpu_codegen::cost;
-use torchtpu_dsl::ir::{MemorySpace, OpKind, Region};
+use torchtpu_dsl::ir::MemorySpace;
 use torchtpu_dsl::{DType, TracedCall};
 use torchtpu_runtime::Chip;
 
@@ -20,6 +20,10 @@ pub struct Features {
     pub sliced_bytes: f64,
     /// Scoped VMEM the blocks (double-buffered) and scratch need, with TPU tile padding.
     pub vmem_bytes: f64,
+    /// Bytes of one block of every operand: what the pipeline moves before the first step
+    /// and after the last without overlapping anything.
+    #[serde(default)]
+    pub first_step_bytes: f64,
 }
 
 /// Rounds the last two dims of `shape` up to the TPU tile for `dtype`: (8, 128) for 32-bit,
@@ -44,6 +48,7 @@ pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
     let mut hbm = 0.0;
     let mut sliced = 0.0;
     let mut vmem = 0.0;
+    let mut first = 0.0;
     for (op, indices) in operands.iter().zip(&blocks) {
         // An operand left in HBM takes no VMEM; what the kernel copies in is its scratch.
         if op.space == MemorySpace::Any {
@@ -52,6 +57,7 @@ pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
         let block_bytes = (op.block_dims().iter().product::<usize>() * op.array.dtype.size_bytes()) as f64;
         vmem += 2.0 * tile_padded_bytes(&op.block_dims(), op.array.dtype) as f64;
         sliced += block_bytes * call.num_programs() as f64;
+        first += block_bytes;
         let fetches = match indices {
             Some(ix) => 1 + ix.windows(2).filter(|w| w[0] != w[1]).count(),
             None => call.num_programs(),
@@ -61,43 +67,33 @@ pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
     for s in call.scratch.iter().filter(|s| s.ty.space == MemorySpace::Vmem) {
         vmem += tile_padded_bytes(&s.ty.shape, s.ty.dtype) as f64;
     }
-    Ok(Features { steps: call.num_programs() as f64, flops: estimate.flops as f64, hbm_bytes: hbm, sliced_bytes: sliced, vmem_bytes: vmem })
+    Ok(Features { steps: call.num_programs() as f64, flops: estimate.flops as f64, hbm_bytes: hbm, sliced_bytes: sliced, vmem_bytes: vmem, first_step_bytes: first })
 }
 
-/// Dot flops of the body with M, N and K padded to the MXU tile, per program.
-fn padded_dot_flops(call: &TracedCall, chip: Chip) -> f64 {
-    fn walk(call: &TracedCall, region: &Region, mxu: usize) -> f64 {
-        let mut total = 0.0;
-        for op in &region.ops {
-            match &op.kind {
-                OpKind::Dot { lhs, transpose_lhs, .. } => {
-                    let a = call.body.value_type(*lhs).map(|t| t.shape.clone()).unwrap_or_default();
-                    let r = call.body.value_type(op.results[0]).map(|t| t.shape.clone()).unwrap_or_default();
-                    let k = if *transpose_lhs { a.first() } else { a.get(1) }.copied().unwrap_or(1);
-                    let pad = |d: usize| d.div_ceil(mxu) * mxu;
-                    total += 2.0 * (pad(r[0]) * pad(r[1]) * pad(k)) as f64;
-                }
-                OpKind::If { then_region, else_region, .. } => total += walk(call, then_region, mxu).max(walk(call, else_region, mxu)),
-                OpKind::For { body, .. } => total += walk(call, body, mxu),
-                _ => {}
-            }
-        }
-        total
-    }
-    walk(call, &call.body.body, chip.mxu_dim())
-}
+/// MXU passes of an f32 matmul per bf16 one.
+const F32_PASSES: f64 = 3.0;
 
-/// Per-step pipeline overhead of a Pallas TPU kernel (the grid loop and DMA issue).
-const STEP_SECONDS: f64 = 0.35e-6;
-
-/// Predicted seconds on `chip`: the slower of MXU work and HBM traffic, plus grid overhead.
-/// f32 matmuls run at a third of the bf16 rate (multi-pass on the MXU).
+/// Predicted seconds on `chip`. Each grid step that does work costs the slowest of its MXU
+/// work, its vector work and its HBM traffic (the pipeline overlaps them), plus the step
+/// overhead; a step a static condition skips (a causal kernel's blocks right of the diagonal)
+/// costs the overhead alone; filling the pipeline (the first blocks in, the last out) is
+/// not overlapped. A megacore device splits the steps of `parallel` grid axes between its two
+/// TensorCores.
 pub fn predict_tpu_seconds(call: &TracedCall, f: &Features, chip: Chip) -> f64 {
-    let (peak, bandwidth) = (chip.peak_bf16_flops(), chip.hbm_bytes_per_second());
-    let f32_dots = call.inputs.iter().any(|i| i.array.dtype == DType::F32);
-    let rate = if f32_dots { peak / 3.0 } else { peak };
-    let compute = padded_dot_flops(call, chip) * f.steps / rate;
-    compute.max(f.hbm_bytes / bandwidth) + f.steps * STEP_SECONDS
+    let work = cost::work(call, chip.mxu_dim());
+    let parallel_programs: usize = call.grid.iter().zip(&call.semantics).filter(|(_, s)| **s == torchtpu_dsl::Semantics::Parallel).map(|(&n, _)| n).product();
+    let cores = f64::from(chip.cores_per_device());
+    // Each core works at its share of the device's rates; without a parallel axis to split,
+    // one core of a megacore device works alone.
+    let share = 1.0 / cores;
+    let split = if parallel_programs >= 2 { cores } else { 1.0 };
+    let active = work.active_steps.max(1.0);
+    let per_step = |total: f64, rate: f64| total / (rate * share) / active;
+    let mxu_bf16_equivalent = work.mxu_flops + (F32_PASSES - 1.0) * work.f32_mxu_flops;
+    let busy =
+        per_step(mxu_bf16_equivalent, chip.peak_bf16_flops()).max(per_step(work.vector_ops, chip.vector_ops_per_second())).max(per_step(f.hbm_bytes, chip.hbm_bytes_per_second()));
+    let fill = f.first_step_bytes / (chip.hbm_bytes_per_second() * share);
+    (active * busy + f.steps * chip.step_overhead_seconds()) / split + fill
 }
 
 /// A linear model of measured time over [1, flops, steps, bytes] with non-negative weights.

@@ -1,7 +1,14 @@
 //! A cost estimate computed from the IR, for the compiler's scheduler and our autotuner.
+//!
+//! Work is counted per grid step. Conditions and loop bounds computed from the grid indices
+//! and constants alone (a causal kernel's `pl.when` over blocks right of the diagonal) are
+//! evaluated at every step, so a step whose branch does nothing costs nothing; any other
+//! condition counts its dearer branch, and a loop whose trip count is data counts one pass.
 
-use torchtpu_dsl::ir::{Func, Literal, OpKind, Region};
-use torchtpu_dsl::TracedCall;
+use std::collections::HashMap;
+
+use torchtpu_dsl::ir::{Func, Literal, Op, OpKind, Region, ValueId};
+use torchtpu_dsl::{DType, TracedCall};
 
 /// Work of the whole call (every program), in Pallas' `CostEstimate` terms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -11,84 +18,240 @@ pub struct CostEstimate {
     pub bytes_accessed: u64,
 }
 
-/// The value of a constant i32 op defining `v`, if it is one (to count loop trips).
-fn constant_of(func: &Func, region: &Region, v: torchtpu_dsl::ir::ValueId) -> Option<i64> {
-    let mut found = None;
-    let mut visit = |r: &Region| {
-        for op in &r.ops {
-            if op.results.first() == Some(&v) {
-                if let OpKind::Constant(Literal::Int(i)) = op.kind {
-                    found = Some(i);
-                }
-            }
-        }
-    };
-    visit(&func.body);
-    visit(region);
-    found
+/// What a call's programs ask of a TPU core's units, summed over the grid.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Work {
+    /// Matrix flops as traced.
+    pub dot_flops: f64,
+    /// Matrix flops with M, N and K padded to the matrix unit's tile.
+    pub mxu_flops: f64,
+    /// The part of `mxu_flops` whose operands are f32 (several MXU passes each).
+    pub f32_mxu_flops: f64,
+    /// Element operations on the vector unit: arithmetic, compares, selects, reductions.
+    pub vector_ops: f64,
+    /// Transcendental elements (exp, log, tanh, ...).
+    pub transcendentals: f64,
+    /// Grid steps that run any of it (a skipped step still pays the pipeline's overhead).
+    pub active_steps: f64,
 }
 
-/// (flops, transcendentals) of one run of `region`; a traced `if` counts its dearer branch.
-fn region_cost(func: &Func, region: &Region) -> (u64, u64) {
-    let elems = |v: torchtpu_dsl::ir::ValueId| func.value_type(v).map_or(1, |t| t.num_elements() as u64);
-    let (mut flops, mut trans) = (0u64, 0u64);
+impl Work {
+    fn add(&mut self, o: Work, times: f64) {
+        self.dot_flops += o.dot_flops * times;
+        self.mxu_flops += o.mxu_flops * times;
+        self.f32_mxu_flops += o.f32_mxu_flops * times;
+        self.vector_ops += o.vector_ops * times;
+        self.transcendentals += o.transcendentals * times;
+        self.active_steps += o.active_steps * times;
+    }
+
+    /// Each field the larger of the two: a branch nobody can predict.
+    fn dearer(self, o: Work) -> Work {
+        Work {
+            dot_flops: self.dot_flops.max(o.dot_flops),
+            mxu_flops: self.mxu_flops.max(o.mxu_flops),
+            f32_mxu_flops: self.f32_mxu_flops.max(o.f32_mxu_flops),
+            vector_ops: self.vector_ops.max(o.vector_ops),
+            transcendentals: self.transcendentals.max(o.transcendentals),
+            active_steps: self.active_steps.max(o.active_steps),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.dot_flops == 0.0 && self.vector_ops == 0.0 && self.transcendentals == 0.0
+    }
+}
+
+/// The most grid points whose conditions are evaluated one by one; past it, every condition
+/// counts its dearer branch.
+const MAX_EVALUATED_POINTS: usize = 1 << 18;
+
+/// Integer and bool scalars (bools as 0 and 1) known before a step runs.
+type Known = HashMap<ValueId, i64>;
+
+/// The value of scalar `op` from known operands, if it is an integer or bool scalar op whose
+/// operands are known; the ops' own definitions compute it.
+fn scalar_value(func: &Func, op: &Op, known: &Known, grid: &[usize], point: &[usize]) -> Option<i64> {
+    let result = *op.results.first()?;
+    let ty = func.value_type(result)?;
+    if !ty.shape.is_empty() || ty.dtype.is_float() {
+        return None;
+    }
+    let get = |v: ValueId| known.get(&v).copied();
+    let is_bool = ty.dtype == DType::Bool;
+    match &op.kind {
+        OpKind::Constant(Literal::Int(i)) => Some(*i),
+        OpKind::Constant(Literal::Bool(b)) => Some(i64::from(*b)),
+        OpKind::ProgramId { axis } => point.get(*axis).map(|&i| i as i64),
+        OpKind::NumPrograms { axis } => grid.get(*axis).map(|&n| n as i64),
+        OpKind::AssumeMultiple { x, .. } => get(*x),
+        OpKind::Binary { op, lhs, rhs } => {
+            let (a, b) = (get(*lhs)?, get(*rhs)?);
+            let evals = op.def().evals();
+            if is_bool {
+                evals.boolean.map(|f| i64::from(f(a != 0, b != 0)))
+            } else {
+                evals.int.and_then(|f| f(i32::try_from(a).ok()?, i32::try_from(b).ok()?).ok()).map(i64::from)
+            }
+        }
+        OpKind::Unary { op, x } => {
+            let a = get(*x)?;
+            let evals = op.def().evals();
+            if is_bool {
+                evals.boolean.map(|f| i64::from(f(a != 0)))
+            } else {
+                evals.int.and_then(|f| Some(i64::from(f(i32::try_from(a).ok()?))))
+            }
+        }
+        OpKind::Compare { op, lhs, rhs } => Some(i64::from((op.def().eval)(get(*lhs)?.partial_cmp(&get(*rhs)?)))),
+        OpKind::Select { cond, on_true, on_false } => get(if get(*cond)? != 0 { *on_true } else { *on_false }),
+        OpKind::Cast { x } => {
+            let a = get(*x)?;
+            match ty.dtype {
+                DType::Bool => Some(i64::from(a != 0)),
+                DType::I32 => i32::try_from(a).ok().map(i64::from),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// Where a step's work forks on a value: an `if`'s condition or a loop's bounds.
+fn decisions(region: &Region, out: &mut Vec<ValueId>) {
+    region.walk(&mut |op| match &op.kind {
+        OpKind::If { cond, .. } => out.push(*cond),
+        OpKind::For { lo, hi, .. } => out.extend([*lo, *hi]),
+        _ => {}
+    });
+}
+
+/// The grid axes each top-level scalar is computed from, as a bit set.
+fn axes_of(func: &Func) -> HashMap<ValueId, u64> {
+    let mut axes: HashMap<ValueId, u64> = HashMap::new();
+    for op in &func.body.ops {
+        let mask = match op.kind {
+            OpKind::ProgramId { axis } if axis < 64 => 1 << axis,
+            _ => op.operands().iter().map(|v| axes.get(v).copied().unwrap_or(0)).fold(0, |a, b| a | b),
+        };
+        for &r in &op.results {
+            axes.insert(r, mask);
+        }
+    }
+    axes
+}
+
+/// One run of `region` with the decisions in `known`.
+fn region_work(func: &Func, region: &Region, known: &Known, mxu: usize) -> Work {
+    let elems = |v: ValueId| func.value_type(v).map_or(1.0, |t| t.num_elements() as f64);
+    // Scalars (grid indices, loop counters) run on the scalar unit, beside the vector work.
+    let vector = |v: ValueId| func.value_type(v).is_some_and(|t| !t.shape.is_empty());
+    let mut w = Work::default();
     for op in &region.ops {
         match &op.kind {
             OpKind::Dot { lhs, transpose_lhs, .. } => {
-                let a = func.value_type(*lhs).map(|t| t.shape.clone()).unwrap_or_default();
-                let k = if *transpose_lhs { a.first() } else { a.get(1) }.copied().unwrap_or(1) as u64;
-                flops += 2 * k * elems(op.results[0]);
-            }
-            OpKind::Unary { op: u, .. } => {
-                let n = elems(op.results[0]);
-                if u.def().transcendental {
-                    trans += n;
-                } else {
-                    flops += n;
+                let lhs_type = func.value_type(*lhs);
+                let a = lhs_type.map(|t| t.shape.clone()).unwrap_or_default();
+                let r = func.value_type(op.results[0]).map(|t| t.shape.clone()).unwrap_or_default();
+                let k = if *transpose_lhs { a.first() } else { a.get(1) }.copied().unwrap_or(1);
+                let (m, n) = (r.first().copied().unwrap_or(1), r.get(1).copied().unwrap_or(1));
+                let pad = |d: usize| d.div_ceil(mxu.max(1)) * mxu.max(1);
+                let padded = 2.0 * (pad(m) * pad(n) * pad(k)) as f64;
+                w.dot_flops += 2.0 * (m * n * k) as f64;
+                w.mxu_flops += padded;
+                if lhs_type.is_some_and(|t| t.dtype == DType::F32) {
+                    w.f32_mxu_flops += padded;
                 }
             }
-            OpKind::Binary { op: b, .. } => {
-                let n = elems(op.results[0]);
-                if b.def().transcendental {
-                    trans += n;
-                } else {
-                    flops += n;
-                }
-            }
-            OpKind::Compare { .. } | OpKind::Select { .. } => flops += elems(op.results[0]),
-            OpKind::Reduce { x, .. } => flops += elems(*x),
-            OpKind::If { then_region, else_region, .. } => {
-                let (a, b) = (region_cost(func, then_region), region_cost(func, else_region));
-                flops += a.0.max(b.0);
-                trans += a.1.max(b.1);
+            OpKind::Unary { .. } | OpKind::Binary { .. } | OpKind::Compare { .. } | OpKind::Select { .. } if !vector(op.results[0]) => {}
+            OpKind::Unary { op: u, .. } if u.def().transcendental => w.transcendentals += elems(op.results[0]),
+            OpKind::Binary { op: b, .. } if b.def().transcendental => w.transcendentals += elems(op.results[0]),
+            OpKind::Unary { .. } | OpKind::Binary { .. } | OpKind::Compare { .. } | OpKind::Select { .. } => w.vector_ops += elems(op.results[0]),
+            OpKind::Reduce { x, .. } => w.vector_ops += elems(*x),
+            OpKind::If { cond, then_region, else_region } => {
+                let (a, b) = (region_work(func, then_region, known, mxu), region_work(func, else_region, known, mxu));
+                w.add(
+                    match known.get(cond) {
+                        Some(&c) if c != 0 => a,
+                        Some(_) => b,
+                        None => a.dearer(b),
+                    },
+                    1.0,
+                );
             }
             // Its trip count is data: counted as one pass.
             OpKind::While { cond, body, .. } => {
                 for r in [cond, body] {
-                    let (f, t) = region_cost(func, r);
-                    flops += f;
-                    trans += t;
+                    w.add(region_work(func, r, known, mxu), 1.0);
                 }
             }
             OpKind::For { lo, hi, body, .. } => {
-                let trips = match (constant_of(func, region, *lo), constant_of(func, region, *hi)) {
-                    (Some(l), Some(h)) => (h - l).max(0) as u64,
-                    _ => 1,
+                let trips = match (known.get(lo), known.get(hi)) {
+                    (Some(&l), Some(&h)) => (h - l).max(0) as f64,
+                    _ => 1.0,
                 };
-                let (f, t) = region_cost(func, body);
-                flops += f * trips;
-                trans += t * trips;
+                w.add(region_work(func, body, known, mxu), trips);
             }
             _ => {}
         }
     }
-    (flops, trans)
+    w.active_steps = if w.is_zero() { 0.0 } else { 1.0 };
+    w
+}
+
+/// The work of every grid step of `call`, with matrix dims padded to `mxu` (1: none).
+pub fn work(call: &TracedCall, mxu: usize) -> Work {
+    let func = &call.body;
+    let mut sites = Vec::new();
+    decisions(&func.body, &mut sites);
+    // Constants anywhere are known at every step (a loop's bounds inside a branch).
+    let mut constants = Known::new();
+    func.body.walk(&mut |op| {
+        if let (OpKind::Constant(Literal::Int(i)), Some(&r)) = (&op.kind, op.results.first()) {
+            constants.insert(r, *i);
+        }
+    });
+    let axes = axes_of(func);
+    let varying: u64 = sites.iter().map(|s| axes.get(s).copied().unwrap_or(0)).fold(0, |a, b| a | b);
+    let varying_axes: Vec<usize> = (0..call.grid.len()).filter(|&a| a < 64 && varying & (1 << a) != 0).collect();
+    let evaluated: usize = varying_axes.iter().map(|&a| call.grid[a]).product();
+    let programs = call.num_programs() as f64;
+    if evaluated == 0 || programs == 0.0 {
+        return Work::default();
+    }
+    if evaluated > MAX_EVALUATED_POINTS {
+        let mut w = Work::default();
+        w.add(region_work(func, &func.body, &constants, mxu), programs);
+        return w;
+    }
+    // Steps that take the same decisions do the same work: each distinct set is walked once.
+    let mut counts: HashMap<Vec<Option<i64>>, (Known, usize)> = HashMap::new();
+    let mut point = vec![0usize; call.grid.len()];
+    for mut flat in 0..evaluated {
+        for &a in varying_axes.iter().rev() {
+            point[a] = flat % call.grid[a];
+            flat /= call.grid[a];
+        }
+        let mut known = constants.clone();
+        for op in &func.body.ops {
+            if let Some(v) = scalar_value(func, op, &known, &call.grid, &point) {
+                known.insert(op.results[0], v);
+            }
+        }
+        let key: Vec<Option<i64>> = sites.iter().map(|s| known.get(s).copied()).collect();
+        counts.entry(key).or_insert_with(|| (known, 0)).1 += 1;
+    }
+    let per_point = programs / evaluated as f64;
+    let mut total = Work::default();
+    for (known, n) in counts.into_values() {
+        total.add(region_work(func, &func.body, &known, mxu), n as f64 * per_point);
+    }
+    total
 }
 
 /// Flops and transcendentals over all programs; bytes are every operand array read or written once.
 pub fn estimate(call: &TracedCall) -> CostEstimate {
-    let (f, t) = region_cost(&call.body, &call.body.body);
-    let programs = call.num_programs() as u64;
+    let w = work(call, 1);
     let bytes = call.operand_types().chain(call.outputs.iter().map(|o| &o.array)).map(|a| a.size_bytes() as u64).sum();
-    CostEstimate { flops: f * programs, transcendentals: t * programs, bytes_accessed: bytes }
+    CostEstimate { flops: (w.dot_flops + w.vector_ops).round() as u64, transcendentals: w.transcendentals.round() as u64, bytes_accessed: bytes }
 }

@@ -1,7 +1,10 @@
 //! TPU hardware facts, in one place: the vector register's tiling, and per chip generation its
-//! VMEM, MXU tile, peak matrix rate and HBM bandwidth. Tiling checks, block rounding, pruning,
-//! the roofline model and Python all read them here. Per-chip figures are per TensorCore, as
-//! JAX's `pltpu.get_tpu_info` gives them; the scoped-VMEM defaults are libtpu's (measured).
+//! VMEM, MXU tile, TensorCores, peak matrix and vector rates, HBM bandwidth and grid-step
+//! overhead. Tiling checks, block rounding, pruning, the TPU model and Python all read them
+//! here. Rates are per device (what JAX shows as one device: a megacore's two TensorCores, one
+//! of tpu7x's); VMEM is per TensorCore, as JAX's `pltpu.get_tpu_info` gives it; the
+//! scoped-VMEM defaults are libtpu's (measured); the vector rates and step overheads are fitted
+//! to published timings (`autotune/calibration`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -98,25 +101,68 @@ impl Chip {
         !matches!(self, Chip::V4)
     }
 
-    /// Peak dense bf16 matrix rate, FLOP/s (public figures).
+    /// TensorCores one device drives. v4 and v5p join a chip's two as one "megacore" device,
+    /// whose `parallel` grid axes the compiler splits between them; v5e and v6e have one per
+    /// chip; tpu7x shows each of its two TensorCores as a device of its own.
+    pub fn cores_per_device(self) -> u32 {
+        match self {
+            Chip::V4 | Chip::V5p => 2,
+            Chip::V5e | Chip::V6e | Chip::Tpu7x => 1,
+        }
+    }
+
+    /// Peak dense bf16 matrix rate of one device, FLOP/s (public per-chip figures; half of
+    /// tpu7x's, whose chip is two devices).
     pub fn peak_bf16_flops(self) -> f64 {
         match self {
             Chip::V4 => 275e12,
             Chip::V5e => 197e12,
             Chip::V5p => 459e12,
             Chip::V6e => 918e12,
-            Chip::Tpu7x => 2307e12,
+            Chip::Tpu7x => 2307e12 / 2.0,
         }
     }
 
-    /// HBM bandwidth, bytes/s (public figures).
+    /// HBM bandwidth of one device, bytes/s (public per-chip figures; half of tpu7x's).
     pub fn hbm_bytes_per_second(self) -> f64 {
         match self {
             Chip::V4 => 1.2e12,
             Chip::V5e => 0.819e12,
             Chip::V5p => 2.765e12,
             Chip::V6e => 1.64e12,
-            Chip::Tpu7x => 7.37e12,
+            Chip::Tpu7x => 7.37e12 / 2.0,
+        }
+    }
+
+    /// Element operations per second of one device's vector units (the softmax of attention
+    /// runs there, at a rate independent of head dim). No vendor publishes it: it is fitted to
+    /// published flash-attention timings (`autotune/calibration`, the calibration split), where
+    /// time at fixed matrix flops grows with heads × seq² once the vector work outweighs
+    /// the MXU's. v4 and v5e, without such timings, take v5p's rate per TensorCore scaled by
+    /// their bf16 peak.
+    pub fn vector_ops_per_second(self) -> f64 {
+        match self {
+            Chip::V5p => VECTOR_OPS_V5P,
+            Chip::V4 | Chip::V5e => VECTOR_OPS_V5P * self.peak_bf16_flops() / Chip::V5p.peak_bf16_flops(),
+            Chip::V6e => VECTOR_OPS_V6E,
+            Chip::Tpu7x => VECTOR_OPS_TPU7X,
+        }
+    }
+}
+
+const VECTOR_OPS_V5P: f64 = 8e12;
+const VECTOR_OPS_V6E: f64 = 7e12;
+const VECTOR_OPS_TPU7X: f64 = 7e12;
+
+impl Chip {
+    /// The fixed cost of one grid step of a Pallas TPU kernel (the pipeline's loop and DMA
+    /// issue), which overlaps nothing. Fitted: v5e to the JAX matmul tutorial's 128-blocked
+    /// runs, whose steps move too little to cost more; v5p, v6e and tpu7x to tokamax's flash
+    /// timings (the calibration split); v4, without timings, takes v5e's.
+    pub fn step_overhead_seconds(self) -> f64 {
+        match self {
+            Chip::V4 | Chip::V5e => 0.35e-6,
+            Chip::V5p | Chip::V6e | Chip::Tpu7x => 0.2e-6,
         }
     }
 }

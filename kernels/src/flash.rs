@@ -568,7 +568,7 @@ impl Op for FlashOp {
         format!("s{}d{}/{}/{}", tables::bucket(s.q_len.max(s.kv_len), 128, 16384), s.head_dim, if p.causal { "causal" } else { "full" }, p.dtype)
     }
     fn space(&self, p: &FlashProblem) -> SearchSpace {
-        SearchSpace::new().param("bq", block_candidates(p.shape.q_len, 2048)).param("bk", block_candidates(p.shape.kv_len, 2048))
+        SearchSpace::new().param("bq", block_candidates(p.shape.q_len, 4096)).param("bk", block_candidates(p.shape.kv_len, 4096))
     }
     fn default_config(&self, p: &FlashProblem) -> FlashConfig {
         self.fit(p, FlashConfig { bq: 512, bk: 512 })

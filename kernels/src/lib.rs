@@ -2,6 +2,7 @@
 //! with `#[tpu_kernel]`, each an [`op::Op`], with a Rust API that runs them on any backend.
 
 pub mod blocks;
+pub mod calibration;
 pub mod flash;
 pub mod glu;
 pub mod glu_linear;

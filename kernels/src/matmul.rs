@@ -125,7 +125,7 @@ impl Op for MatmulOp {
     }
     fn space(&self, p: &MatmulProblem) -> SearchSpace {
         let s = p.shape;
-        SearchSpace::new().param("bm", block_candidates(s.m, 1024)).param("bn", block_candidates(s.n, 1024)).param("bk", block_candidates(s.k, 1024))
+        SearchSpace::new().param("bm", block_candidates(s.m, 1024)).param("bn", block_candidates(s.n, 1024)).param("bk", block_candidates(s.k, 8192))
     }
     fn default_config(&self, p: &MatmulProblem) -> MatmulConfig {
         self.fit(p, MatmulConfig { bm: 512, bn: 512, bk: 512 })
