@@ -374,12 +374,12 @@ fn run_selected(sel: &Selected, backend: Backend, seed: u64, json: bool) -> Resu
 
 /// The op `torchtpu tune` tunes: the registered one the ops' calls run, at its example problem
 /// with `set` over it, so that its cached result is the one their calls find.
-fn tunable(ops: &Ops, kernel: &str, dtype: Dtype, set: &[String]) -> Result<Box<dyn Tunable>, String> {
+fn tunable(ops: &Ops, kernel: &str, dtype: Dtype, set: &[String], device: Device) -> Result<Box<dyn Tunable>, String> {
     let sel = Selected::new(ops, kernel, dtype, set)?;
     if sel.config.is_some() {
         return Err(format!("`tune` searches the config; set only problem fields of `{kernel}`"));
     }
-    sel.op.tunable(&sel.problem).map_err(|e| e.to_string())
+    sel.op.tunable(&sel.problem, torchtpu_kernels::tables::target_of_device(device)).map_err(|e| e.to_string())
 }
 
 /// Compiles each selection for each slice (with its chip's tuned config, unless one was set):
@@ -480,7 +480,7 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
             let measured = measured.map(|path| read_measured(&path)).transpose()?;
             let device: Device = device.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
             let strategy: Strategy = strategy.parse().map_err(|e: torchtpu_autotune::Error| e.to_string())?;
-            let problem = tunable(ops, &kernel, dtype, &set)?;
+            let problem = tunable(ops, &kernel, dtype, &set, device)?;
             // Drawn only when stderr is a terminal (indicatif hides it otherwise).
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(indicatif::ProgressStyle::with_template("[{pos}/{len}] {bar:30} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));

@@ -199,7 +199,7 @@ impl Ours {
         let target = TableTarget::Chip(chip);
         match (self, c) {
             (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => traced_for(&MatmulOp, p, Some(&MatmulConfig { bm, bn, bk }), target),
-            (Ours::Flash(p), OurConfig::Flash { bq, bk }) => traced_for(&FlashOp(FlashPass::Forward), p, Some(&FlashConfig { bq, bk }), target),
+            (Ours::Flash(p), OurConfig::Flash { bq, bk }) => traced_for(&FlashOp(FlashPass::Forward), p, Some(&FlashConfig::new(bq, bk)), target),
             _ => Err(Error::Config(format!("config {c} is not one of this op's"))),
         }
     }

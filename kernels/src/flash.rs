@@ -155,6 +155,57 @@ pub fn dropout_keeps(seed: i32, head: usize, row: usize, col: usize, kv_len: usi
     (b >> 8) as i32 >= dropout_threshold(rate)
 }
 
+/// One online-softmax step of the forward: the q block's scores against kv rows `kb`, `vb`
+/// (starting at key `k_start`) folded into the running max, sum and output in scratch.
+#[tpu_fn]
+#[allow(clippy::too_many_arguments)]
+fn forward_step<T: Float>(
+    qb: Tile<T>,
+    kb: Tile<T>,
+    vb: Tile<T>,
+    q_segments: &Ref<i32>,
+    kv_segments: &Ref<i32>,
+    bias: &Ref<f32>,
+    seed: &Ref<i32>,
+    m_scratch: &mut Scratch<f32>,
+    l_scratch: &mut Scratch<f32>,
+    acc_scratch: &mut Scratch<f32>,
+    q_start: Scalar<i32>,
+    k_start: Scalar<i32>,
+    sm_scale: f32,
+    masking: Masking,
+    dropout: Dropout,
+) {
+    let (bq, bk) = (qb.shape()[0], kb.shape()[0]);
+    let sc = scores(qb, kb, q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking, false);
+    let mut vb = vb;
+    if masking.kv_len % bk != 0 {
+        vb = zero_outside(vb, 0, k_start, masking.kv_len);
+    }
+    // Masked scores are -inf, not Pallas' finite mask value, so that only visible scores
+    // set the row maximum: a row whose visible scores are all -inf (an inf input) keeps
+    // m = -inf, and its p = exp(-inf - -inf) is NaN, as SDPA's softmax gives.
+    let s = select(sc.visible, sc.s, f32::NEG_INFINITY);
+    let m_prev = m_scratch.load_at((.., 0..1));
+    let l_prev = l_scratch.load_at((.., 0..1));
+    let m_next = maximum(m_prev, s.max_keepdims(1));
+    let alpha = online_rescale(m_prev, m_next);
+    let mut p = select(sc.visible, (s - m_next).exp(), 0.0);
+    let l_next = alpha * l_prev + p.sum_keepdims(1);
+    if dropout.on {
+        // The sum normalizes the undropped probabilities; only what reaches v is dropped.
+        let head = program_id(0) * num_programs(1) + program_id(1);
+        let keep = dropout_keep(seed, head, q_start, k_start, [bq, bk], masking.kv_len, dropout.threshold);
+        p = select(keep, p * dropout.scale, 0.0);
+    }
+    acc_scratch.store(acc_scratch.load() * alpha + dot(p.cast::<T>(), vb));
+    m_scratch.store(m_next.broadcast_to([bq, LANES]));
+    l_scratch.store(l_next.broadcast_to([bq, LANES]));
+}
+
+/// The forward kernel. A kv block wider than `bkc` is computed `bkc` keys at a time (as
+/// tokamax's `block_kv_compute`): a step's f32 scores are then `bq × bkc`, whatever the block
+/// the pipeline copies, and sub-blocks right of the causal diagonal are skipped.
 #[tpu_kernel]
 #[allow(clippy::too_many_arguments)]
 fn flash_forward<T: Float>(
@@ -173,6 +224,7 @@ fn flash_forward<T: Float>(
     sm_scale: f32,
     masking: Masking,
     dropout: Dropout,
+    bkc: usize,
 ) {
     let bq = q.shape()[0];
     let bk = k.shape()[0];
@@ -185,30 +237,17 @@ fn flash_forward<T: Float>(
     let q_start = qi * bq as i32;
     let k_start = kj * bk as i32;
     if block_visible(q_start, k_start, bq, masking) {
-        let sc = scores(q.load(), k.load(), q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking, false);
-        let mut vb = v.load();
-        if masking.kv_len % bk != 0 {
-            vb = zero_outside(vb, 0, k_start, masking.kv_len);
+        if bkc >= bk {
+            forward_step(q.load(), k.load(), v.load(), q_segments, kv_segments, bias, seed, m_scratch, l_scratch, acc_scratch, q_start, k_start, sm_scale, masking, dropout);
+        } else {
+            for c in 0..Scalar::constant((bk / bkc) as i32) {
+                let offset = c * bkc as i32;
+                if block_visible(q_start, k_start + offset, bq, masking) {
+                    let (kb, vb) = (k.load_at((ds(offset, bkc), ..)), v.load_at((ds(offset, bkc), ..)));
+                    forward_step(q.load(), kb, vb, q_segments, kv_segments, bias, seed, m_scratch, l_scratch, acc_scratch, q_start, k_start + offset, sm_scale, masking, dropout);
+                }
+            }
         }
-        // Masked scores are -inf, not Pallas' finite mask value, so that only visible scores
-        // set the row maximum: a row whose visible scores are all -inf (an inf input) keeps
-        // m = -inf, and its p = exp(-inf - -inf) is NaN, as SDPA's softmax gives.
-        let s = select(sc.visible, sc.s, f32::NEG_INFINITY);
-        let m_prev = m_scratch.load_at((.., 0..1));
-        let l_prev = l_scratch.load_at((.., 0..1));
-        let m_next = maximum(m_prev, s.max_keepdims(1));
-        let alpha = online_rescale(m_prev, m_next);
-        let mut p = select(sc.visible, (s - m_next).exp(), 0.0);
-        let l_next = alpha * l_prev + p.sum_keepdims(1);
-        if dropout.on {
-            // The sum normalizes the undropped probabilities; only what reaches v is dropped.
-            let head = program_id(0) * num_programs(1) + program_id(1);
-            let keep = dropout_keep(seed, head, q_start, k_start, [bq, bk], masking.kv_len, dropout.threshold);
-            p = select(keep, p * dropout.scale, 0.0);
-        }
-        acc_scratch.store(acc_scratch.load() * alpha + dot(p.cast::<T>(), vb));
-        m_scratch.store(m_next.broadcast_to([bq, LANES]));
-        l_scratch.store(l_next.broadcast_to([bq, LANES]));
     }
     if kj == num_programs(3) - 1 {
         let l = l_scratch.load_at((.., 0..1));
@@ -283,6 +322,18 @@ fn check_block(block: (usize, usize)) -> Result<(usize, usize), Error> {
     Ok(block)
 }
 
+/// The kv sub-block of `bk`-wide blocks for `p` that `bkc` asks for, where the forward can
+/// split blocks (no segment ids, bias or dropout, whose operands are laid out per kv block): a
+/// proper divisor of `bk` that is a whole number of lanes; else 0, the whole block.
+fn kv_compute(p: &FlashProblem, bk: usize, bkc: usize) -> usize {
+    let plain = !p.segments && p.bias.is_none() && p.dropout_p == 0.0;
+    if plain && bkc > 0 && bkc < bk && bk % bkc == 0 && bkc % LANES == 0 {
+        bkc
+    } else {
+        0
+    }
+}
+
 /// One of the three attention kernels; each has its own tuned blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashPass {
@@ -334,7 +385,7 @@ fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: Attenti
 pub(crate) fn problem_and_config(shape: AttentionShape, dtype: DType, opts: AttentionOptions, segments: bool) -> (FlashProblem, Option<FlashConfig>) {
     let problem =
         FlashProblem { shape, dtype, causal: opts.causal, bottom_right: opts.bottom_right, segments, sm_scale: opts.sm_scale.map(f64::from), ..FlashProblem::plain(shape, dtype) };
-    (problem, opts.block.map(|(bq, bk)| FlashConfig { bq, bk }))
+    (problem, opts.block.map(|(bq, bk)| FlashConfig::new(bq, bk)))
 }
 
 /// A block size for `len`: `preferred`, or the whole (8-rounded) length when shorter.
@@ -508,11 +559,25 @@ impl FlashProblem {
     }
 }
 
-/// The q and kv blocks.
+/// The q and kv blocks, and the width the forward computes a kv block in (0: the whole block).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlashConfig {
     pub bq: usize,
     pub bk: usize,
+    #[serde(default)]
+    pub bkc: usize,
+}
+
+/// The widest kv sub-block the forward computes at once on a TPU (tokamax's winning
+/// `block_kv_compute` on v6e and tpu7x): wider kv blocks are split into it, so the 2048- and
+/// 4096-wide blocks real chips run fastest fit their VMEM.
+const TPU_KV_COMPUTE: usize = 512;
+
+impl FlashConfig {
+    /// `bq` × `bk` blocks, each kv block computed whole.
+    pub fn new(bq: usize, bk: usize) -> FlashConfig {
+        FlashConfig { bq, bk, bkc: 0 }
+    }
 }
 
 /// The segment ids `[b, sq]` and `[b, sk]` read back from their laid-out operands.
@@ -571,7 +636,7 @@ impl Op for FlashOp {
         SearchSpace::new().param("bq", block_candidates(p.shape.q_len, 4096)).param("bk", block_candidates(p.shape.kv_len, 4096))
     }
     fn default_config(&self, p: &FlashProblem) -> FlashConfig {
-        self.fit(p, FlashConfig { bq: 512, bk: 512 })
+        self.fit(p, FlashConfig::new(512, 512))
     }
     fn fit(&self, p: &FlashProblem, c: FlashConfig) -> FlashConfig {
         if c.bq == 0 || c.bk == 0 {
@@ -589,7 +654,15 @@ impl Op for FlashOp {
         } else {
             block_for(kv_len, c.bk)
         };
-        FlashConfig { bq: block_for(p.shape.q_len, c.bq), bk }
+        FlashConfig { bq: block_for(p.shape.q_len, c.bq), bk, bkc: kv_compute(p, bk, c.bkc) }
+    }
+    /// On a TPU, the forward computes kv blocks wider than [`TPU_KV_COMPUTE`] in sub-blocks of
+    /// it (unless the config names its own).
+    fn for_target(&self, p: &FlashProblem, c: FlashConfig, target: Option<TableTarget>) -> FlashConfig {
+        match target {
+            Some(TableTarget::Chip(_)) if self.0 == FlashPass::Forward && c.bkc == 0 => FlashConfig { bkc: kv_compute(p, c.bk, TPU_KV_COMPUTE), ..c },
+            _ => c,
+        }
     }
     fn call(&self, p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall, Error> {
         match self.0 {
@@ -745,10 +818,14 @@ fn kernel_params(p: &FlashProblem, c: &FlashConfig) -> Result<(usize, usize, f32
 /// lse `[b, h, sq, 1]` (see [`problem_operand_types`]).
 fn problem_forward_call(p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall, Error> {
     let (bq, bk, scale, masking, dropout) = kernel_params(p, c)?;
+    let bkc = match kv_compute(p, bk, c.bkc) {
+        0 => bk,
+        w => w,
+    };
     let AttentionShape { batch, heads, kv_heads, q_len, kv_len, head_dim: d } = p.shape;
     let kernel = match p.dtype {
-        DType::F32 => flash_forward::kernel::<f32>(scale, masking, dropout),
-        DType::BF16 => flash_forward::kernel::<bf16>(scale, masking, dropout),
+        DType::F32 => flash_forward::kernel::<f32>(scale, masking, dropout, bkc),
+        DType::BF16 => flash_forward::kernel::<bf16>(scale, masking, dropout, bkc),
         other => return Err(Error::Dtype(format!("flash attention takes f32 or bf16, not {other}"))),
     };
     let group = (heads / kv_heads) as i32;
@@ -849,7 +926,7 @@ fn mask_operands(shape: AttentionShape, segments: Option<(&ndarray::Array2<i32>,
 
 /// `config`, or the blocks a call takes when none is given.
 fn config_or_default(shape: AttentionShape, config: Option<FlashConfig>) -> FlashConfig {
-    config.unwrap_or(FlashConfig { bq: block_for(shape.q_len, 512), bk: block_for(shape.kv_len, 512) })
+    config.unwrap_or(FlashConfig::new(block_for(shape.q_len, 512), block_for(shape.kv_len, 512)))
 }
 
 /// The masks, bias and dropout of an attention problem as the f64 references (and the empty

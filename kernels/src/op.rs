@@ -146,7 +146,7 @@ pub fn from_tuner_config<O: Op>(op: &O, c: &Config) -> Result<O::Config, Error> 
 /// heuristic; tuned configs fitted to `p`.
 pub fn config_for<O: Op>(op: &O, p: &O::Problem, target: Option<TableTarget>) -> O::Config {
     let tuned = target.and_then(|target| {
-        let tuning = Tuning { op: op.clone(), problem: op.tuning_problem(p) };
+        let tuning = Tuning { op: op.clone(), problem: op.tuning_problem(p), target: Some(target) };
         let cached = torchtpu_autotune::cached_best(&tuning, tables::tuning_device(target)).and_then(|c| from_tuner_config(op, &c).ok());
         cached.or_else(|| op.tables().entry(target, op.name(), &op.bucket(p)).and_then(|v| serde_json::from_value(v.clone()).ok()))
     });
@@ -160,9 +160,10 @@ pub fn config_for<O: Op>(op: &O, p: &O::Problem, target: Option<TableTarget>) ->
 /// The call of `op` on `p` with the config it uses on `backend` (or `explicit`), checked.
 pub fn tuned_call<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, backend: Backend) -> Result<PallasCall, Error> {
     op.check(p)?;
+    let target = tables::target_of(backend);
     match explicit {
-        Some(c) => op.call(p, c),
-        None => op.call(p, &config_for(op, p, tables::target_of(backend))),
+        Some(c) => op.call(p, &op.for_target(p, c.clone(), target)),
+        None => op.call(p, &config_for(op, p, target)),
     }
 }
 
@@ -182,7 +183,7 @@ pub fn tpu_module<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, c
 /// `op` on `p` traced with the config it uses on `target` (or `explicit`), checked.
 pub fn traced_for<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, target: TableTarget) -> Result<TracedCall, Error> {
     op.check(p)?;
-    let config = explicit.cloned().unwrap_or_else(|| config_for(op, p, Some(target)));
+    let config = explicit.map_or_else(|| config_for(op, p, Some(target)), |c| op.for_target(p, c.clone(), Some(target)));
     Ok(op.call(p, &config)?.trace(&op.operand_types(p))?)
 }
 
@@ -208,11 +209,13 @@ pub fn run<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, inputs: 
     Ok(torchtpu_exec::run(&call, backend, inputs)?)
 }
 
-/// An op at one problem, its config open: what the tuner tunes.
+/// An op at one problem, its config open: what the tuner tunes. Each config is built as the
+/// op runs it on `target` ([`Op::for_target`]).
 #[derive(Clone, Debug)]
 pub struct Tuning<O: Op> {
     pub op: O,
     pub problem: O::Problem,
+    pub target: Option<TableTarget>,
 }
 
 impl<O: Op> Tuning<O> {
@@ -221,7 +224,12 @@ impl<O: Op> Tuning<O> {
         op.check(&problem)?;
         op.call(&problem, &op.default_config(&problem))?;
         let problem = op.tuning_problem(&problem);
-        Ok(Tuning { op, problem })
+        Ok(Tuning { op, problem, target: None })
+    }
+
+    /// The same, its configs built as they run on `target`.
+    pub fn on(self, target: Option<TableTarget>) -> Self {
+        Tuning { target, ..self }
     }
 }
 
@@ -242,7 +250,7 @@ impl<O: Op> Tunable for Tuning<O> {
     fn build(&self, c: &Config) -> torchtpu_autotune::Result<PallasCall> {
         let invalid = |e: Error| torchtpu_autotune::Error::Invalid(e.to_string());
         let config = from_tuner_config(&self.op, c).map_err(invalid)?;
-        self.op.call(&self.problem, &config).map_err(invalid)
+        self.op.call(&self.problem, &self.op.for_target(&self.problem, config, self.target)).map_err(invalid)
     }
     fn operand_types(&self) -> Vec<ValueType> {
         self.op.operand_types(&self.problem)

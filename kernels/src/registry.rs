@@ -30,8 +30,9 @@ pub trait AnyOp: Send + Sync {
     fn name(&self) -> &'static str;
     /// The op's example problem: the fields a problem has, with the CLI's defaults.
     fn example(&self) -> Value;
-    /// The problem `problem` describes, checked: the tuner's view of it.
-    fn tunable(&self, problem: &Value) -> Result<Box<dyn Tunable>, Error>;
+    /// The problem `problem` describes, checked: the tuner's view of it, its configs built as
+    /// they run on `target`.
+    fn tunable(&self, problem: &Value, target: Option<TableTarget>) -> Result<Box<dyn Tunable>, Error>;
     /// The call for `problem` at `config` (the config it uses on `target` when `None`), with
     /// its operand types.
     fn call(&self, problem: &Value, config: Option<&Value>, target: Option<TableTarget>) -> Result<(PallasCall, Vec<ValueType>), Error>;
@@ -76,13 +77,13 @@ impl<O: Op> AnyOp for Registered<O> {
     fn example(&self) -> Value {
         serde_json::to_value(self.0.example()).unwrap_or(Value::Null)
     }
-    fn tunable(&self, problem: &Value) -> Result<Box<dyn Tunable>, Error> {
-        Ok(Box::new(Tuning::new(self.0.clone(), problem_of(&self.0, problem)?)?))
+    fn tunable(&self, problem: &Value, target: Option<TableTarget>) -> Result<Box<dyn Tunable>, Error> {
+        Ok(Box::new(Tuning::new(self.0.clone(), problem_of(&self.0, problem)?)?.on(target)))
     }
     fn call(&self, problem: &Value, config: Option<&Value>, target: Option<TableTarget>) -> Result<(PallasCall, Vec<ValueType>), Error> {
         let p = problem_of(&self.0, problem)?;
         let c = match config {
-            Some(v) => serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("not a {} config: {e} (in {v})", self.0.name())))?,
+            Some(v) => self.0.for_target(&p, serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("not a {} config: {e} (in {v})", self.0.name())))?, target),
             None => op::config_for(&self.0, &p, target),
         };
         Ok((self.0.call(&p, &c)?, self.0.operand_types(&p)))
@@ -94,7 +95,11 @@ impl<O: Op> AnyOp for Registered<O> {
         Ok(self.0.reference(&problem_of(&self.0, problem)?, inputs))
     }
     fn table_jobs(&self, target: TableTarget) -> Vec<(String, Box<dyn Tunable>)> {
-        self.0.table_problems(target).into_iter().map(|p| (self.0.bucket(&p), Box::new(Tuning { op: self.0.clone(), problem: p }) as Box<dyn Tunable>)).collect()
+        self.0
+            .table_problems(target)
+            .into_iter()
+            .map(|p| (self.0.bucket(&p), Box::new(Tuning { op: self.0.clone(), problem: p, target: Some(target) }) as Box<dyn Tunable>))
+            .collect()
     }
     fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<String, Error> {
         op::tpu_module(&self.0, &problem_of(&self.0, problem)?, None, chip)

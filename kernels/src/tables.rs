@@ -110,6 +110,14 @@ pub fn entry(target: TableTarget, op: &str, bucket: &str) -> Option<&'static ser
     shipped().entry(target, op, bucket)
 }
 
+/// The table a tuning device's results stand for: a chip ranked without hardware is its own.
+pub fn target_of_device(device: torchtpu_autotune::Device) -> Option<TableTarget> {
+    match device {
+        torchtpu_autotune::Device::Chip(chip) => Some(TableTarget::Chip(chip)),
+        torchtpu_autotune::Device::Pjrt(backend) => target_of(backend),
+    }
+}
+
 /// The table a backend uses: the CPU's for the CPU and the interpreter, a chip's for a TPU
 /// (`$TORCHTPU_TPU_CHIP`, default v5e; an unknown chip gets no table, so the heuristic); none
 /// for CUDA.

@@ -165,7 +165,7 @@ fn every_kernel_matches_the_reference_with_bias_bottom_right_causal_and_dropout(
         let (o, lse) = (arr(&forward_out[0]), HostArray::from_f64(DType::F32, &forward_out[1]));
         let backward_inputs = [&inputs[..3], &[o, d_o, lse], &inputs[3..]].concat();
         for (bq, bk) in case.blocks {
-            let c = FlashConfig { bq, bk };
+            let c = FlashConfig::new(bq, bk);
             common::assert_matches_f64(&forward_op, &problem, c, &inputs, case.dtype, 1.0, seed);
             for pass in [FlashPass::BackwardDkv, FlashPass::BackwardDq] {
                 common::assert_matches_f64(&FlashOp(pass), &problem, c, &backward_inputs, case.dtype, 2.0, seed);
@@ -214,7 +214,7 @@ fn q_k_v_read_in_place_from_a_fused_projection_match_the_reference() {
     let d_o = HostArray::from_f64(DType::F32, &normal(&mut rng, &[2, h, 40, d]));
     let (o, lse) = (HostArray::from_f64(DType::F32, &want[0]), HostArray::from_f64(DType::F32, &want[1]));
     let backward_inputs = [&inputs[..3], &[o, d_o, lse], &inputs[3..]].concat();
-    for c in [FlashConfig { bq: 16, bk: 8 }, FlashConfig { bq: 40, bk: 40 }] {
+    for c in [FlashConfig::new(16, 8), FlashConfig::new(40, 40)] {
         common::assert_matches_f64(&forward_op, &problem, c, &inputs, DType::F32, 1.0, seed);
         for pass in [FlashPass::BackwardDkv, FlashPass::BackwardDq] {
             common::assert_matches_f64(&FlashOp(pass), &problem, c, &backward_inputs, DType::F32, 2.0, seed);
@@ -236,7 +236,7 @@ fn masked_variants_compile_with_libtpu_for_every_chip() {
         let problem =
             FlashProblem { causal: true, bottom_right: true, bias, bias_grad: bias.is_some(), dropout_p: 0.1, q_layout, k_layout, v_layout, ..FlashProblem::plain(shape, dtype) };
         for pass in FlashPass::ALL {
-            let module = op::tpu_module(&FlashOp(pass), &problem, Some(&FlashConfig { bq: 256, bk: 256 }), Chip::V5e).expect("lowers");
+            let module = op::tpu_module(&FlashOp(pass), &problem, Some(&FlashConfig::new(256, 256)), Chip::V5e).expect("lowers");
             for chip in Chip::ALL {
                 if let Err(e) = compiler.compile(chip, &module) {
                     failures.push(format!("{pass:?} {dtype} bias={bias:?} on {chip}: {e}"));
