@@ -97,14 +97,26 @@ enum Ours {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum OurConfig {
     Matmul { bm: usize, bn: usize, bk: usize },
-    Flash { bq: usize, bk: usize },
+    Flash { bq: usize, bk: usize, bkc: usize },
+}
+
+impl OurConfig {
+    /// The config without how a block is computed (the kv sub-block): what the published
+    /// config is compared on, since the source's kernel splits its blocks its own way.
+    fn blocks(self) -> OurConfig {
+        match self {
+            OurConfig::Flash { bq, bk, .. } => OurConfig::Flash { bq, bk, bkc: 0 },
+            other => other,
+        }
+    }
 }
 
 impl std::fmt::Display for OurConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             OurConfig::Matmul { bm, bn, bk } => write!(f, "bm={bm},bn={bn},bk={bk}"),
-            OurConfig::Flash { bq, bk } => write!(f, "bq={bq},bk={bk}"),
+            OurConfig::Flash { bq, bk, bkc: 0 } => write!(f, "bq={bq},bk={bk}"),
+            OurConfig::Flash { bq, bk, bkc } => write!(f, "bq={bq},bk={bk},bkc={bkc}"),
         }
     }
 }
@@ -163,7 +175,7 @@ impl Ours {
                 let get = |a: &str, b: &str| field(c, a).or_else(|_| field(c, b)).map_err(|_| format!("no whole number `{a}` (or `{b}`) in {c}"));
                 Ok(OurConfig::Matmul { bm: get("bm", "tile_m")?, bn: get("bn", "tile_n")?, bk: get("bk", "tile_k")? })
             }
-            Ours::Flash(_) => Ok(OurConfig::Flash { bq: field(c, "block_q")?, bk: field(c, "block_kv")? }),
+            Ours::Flash(_) => Ok(OurConfig::Flash { bq: field(c, "block_q")?, bk: field(c, "block_kv")?, bkc: 0 }),
         }
     }
 
@@ -190,7 +202,7 @@ impl Ours {
             |space: torchtpu_autotune::SearchSpace, pairs: &[(&str, usize)]| pairs.iter().all(|(n, v)| space.params().iter().any(|(name, vals)| name == n && vals.contains(v)));
         match (self, c) {
             (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => holds(MatmulOp.space(p), &[("bm", bm), ("bn", bn), ("bk", bk)]),
-            (Ours::Flash(p), OurConfig::Flash { bq, bk }) => holds(FlashOp(FlashPass::Forward).space(p), &[("bq", bq), ("bk", bk)]),
+            (Ours::Flash(p), OurConfig::Flash { bq, bk, bkc }) => holds(FlashOp(FlashPass::Forward).space(p), &[("bq", bq), ("bk", bk), ("bkc", bkc)]),
             _ => false,
         }
     }
@@ -199,8 +211,22 @@ impl Ours {
         let target = TableTarget::Chip(chip);
         match (self, c) {
             (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => traced_for(&MatmulOp, p, Some(&MatmulConfig { bm, bn, bk }), target),
-            (Ours::Flash(p), OurConfig::Flash { bq, bk }) => traced_for(&FlashOp(FlashPass::Forward), p, Some(&FlashConfig::new(bq, bk)), target),
+            (Ours::Flash(p), OurConfig::Flash { bq, bk, bkc }) => traced_for(&FlashOp(FlashPass::Forward), p, Some(&FlashConfig { bq, bk, bkc }), target),
             _ => Err(Error::Config(format!("config {c} is not one of this op's"))),
+        }
+    }
+
+    /// `c` and, where our op offers it, the same blocks computed another way (attention's kv
+    /// blocks whole or in sub-blocks).
+    fn ways_to_compute(&self, c: OurConfig) -> Vec<OurConfig> {
+        let space = match self {
+            Ours::Flash(p) => FlashOp(FlashPass::Forward).space(p),
+            Ours::Matmul(_) => return vec![c],
+        };
+        let widths = space.params().iter().find(|(n, _)| n == "bkc").map_or(vec![0], |(_, v)| v.clone());
+        match c {
+            OurConfig::Flash { bq, bk, .. } => widths.into_iter().filter(|&w| w == 0 || w < bk).map(|bkc| OurConfig::Flash { bq, bk, bkc }).collect(),
+            other => vec![other],
         }
     }
 
@@ -225,7 +251,7 @@ impl Ours {
                 let s = p.shape;
                 Ours::Matmul(MatmulProblem { shape: MatmulShape { m: s.m.min(2 * bm), n: s.n.min(2 * bn), k: s.k.min(2 * bk), ..s }, ..*p })
             }
-            (Ours::Flash(p), OurConfig::Flash { bq, bk }) => {
+            (Ours::Flash(p), OurConfig::Flash { bq, bk, .. }) => {
                 let s = p.shape;
                 let group = (s.heads / s.kv_heads.max(1)).max(1);
                 let len = s.q_len.max(s.kv_len).min(2 * bq.max(bk));
@@ -441,6 +467,7 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
             if let Some(space) = &d.space {
                 candidates.extend(source_candidates(&ours, space));
             }
+            candidates = candidates.into_iter().flat_map(|c| ours.ways_to_compute(c)).collect();
             candidates.sort();
             candidates.dedup();
             let split = e.split.or(d.split).unwrap_or(Split::Holdout);
@@ -456,7 +483,7 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
         let mut seen = std::collections::HashSet::new();
         for j in &jobs {
             let asked: Vec<OurConfig> = match compile {
-                Compile::Measured => j.measured.iter().map(|m| m.0).collect(),
+                Compile::Measured => j.measured.iter().flat_map(|m| j.ours.ways_to_compute(m.0)).collect(),
                 _ => j.candidates.clone(),
             };
             for c in asked {
@@ -497,17 +524,21 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
             let (winner, winner_seconds) = j.winner;
             let mut ranked: Vec<(OurConfig, f64)> = j.candidates.iter().filter(|&&c| verdict(c).is_ok()).filter_map(|&c| predict(c).ok().map(|t| (c, t))).collect();
             ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
-            let winner_fate = if !j.ours.in_our_space(winner) {
+            // The winner's blocks, in the cheapest way our op computes them that runs.
+            let ways = j.ours.ways_to_compute(winner);
+            let winner_fate = if !ways.iter().any(|&c| j.ours.in_our_space(c)) {
                 WinnerFate::OutsideOurSpace
             } else {
-                match verdict(winner).and_then(|_| predict(winner).map(|_| ())) {
-                    Ok(()) => WinnerFate::Ranked,
-                    Err(r) => WinnerFate::Rejected(r),
+                let mut reasons = Vec::new();
+                match ways.iter().find_map(|&c| verdict(c).and_then(|_| predict(c)).map_err(|r| reasons.push(r)).ok()) {
+                    Some(_) => WinnerFate::Ranked,
+                    None => WinnerFate::Rejected(reasons.join("; ")),
                 }
             };
+            let winner_predicted = ranked.iter().filter(|(c, _)| c.blocks() == winner.blocks()).map(|&(_, t)| t).reduce(f64::min);
             let pick = ranked.first().map(|&(c, _)| c);
-            let measured_of = |c: OurConfig| j.measured.iter().filter(|m| m.0 == c).map(|m| m.1).reduce(f64::min);
-            let ratio = if j.dispatch_bound { None } else { predict(winner).ok().map(|p| p / winner_seconds) };
+            let measured_of = |c: OurConfig| j.measured.iter().filter(|m| m.0.blocks() == c.blocks()).map(|m| m.1).reduce(f64::min);
+            let ratio = if j.dispatch_bound { None } else { winner_predicted.or_else(|| predict(winner).ok()).map(|p| p / winner_seconds) };
             ProblemScore {
                 file: j.file.clone(),
                 chip: j.chip,
@@ -517,7 +548,7 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
                 winner_seconds,
                 winner_fate,
                 pick: pick.map(|c| c.to_string()),
-                hit: pick == Some(winner),
+                hit: pick.map(OurConfig::blocks) == Some(winner.blocks()),
                 regret: pick.and_then(measured_of).map(|t| t / winner_seconds),
                 ratio,
                 candidates: j.candidates.len(),

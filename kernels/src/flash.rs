@@ -322,12 +322,16 @@ fn check_block(block: (usize, usize)) -> Result<(usize, usize), Error> {
     Ok(block)
 }
 
-/// The kv sub-block of `bk`-wide blocks for `p` that `bkc` asks for, where the forward can
-/// split blocks (no segment ids, bias or dropout, whose operands are laid out per kv block): a
-/// proper divisor of `bk` that is a whole number of lanes; else 0, the whole block.
+/// Whether the forward can compute `p`'s kv blocks in sub-blocks: not with segment ids, a bias
+/// or dropout, whose operands are laid out per kv block.
+fn splits_kv(p: &FlashProblem) -> bool {
+    !p.segments && p.bias.is_none() && p.dropout_p == 0.0
+}
+
+/// The kv sub-block of `bk`-wide blocks for `p` that `bkc` asks for: a proper divisor of `bk`
+/// that is a whole number of lanes, where [`splits_kv`]; else 0, the whole block.
 fn kv_compute(p: &FlashProblem, bk: usize, bkc: usize) -> usize {
-    let plain = !p.segments && p.bias.is_none() && p.dropout_p == 0.0;
-    if plain && bkc > 0 && bkc < bk && bk % bkc == 0 && bkc % LANES == 0 {
+    if splits_kv(p) && bkc > 0 && bkc < bk && bk % bkc == 0 && bkc % LANES == 0 {
         bkc
     } else {
         0
@@ -568,10 +572,10 @@ pub struct FlashConfig {
     pub bkc: usize,
 }
 
-/// The widest kv sub-block the forward computes at once on a TPU (tokamax's winning
-/// `block_kv_compute` on v6e and tpu7x): wider kv blocks are split into it, so the 2048- and
-/// 4096-wide blocks real chips run fastest fit their VMEM.
-const TPU_KV_COMPUTE: usize = 512;
+/// The kv sub-block the forward's search space offers (tokamax's most common winning
+/// `block_kv_compute` on v6e and tpu7x): computing 2048- and 4096-wide kv blocks 512 keys at a
+/// time lets the block shapes real chips run fastest fit their VMEM.
+const KV_SUB_BLOCK: usize = 512;
 
 impl FlashConfig {
     /// `bq` × `bk` blocks, each kv block computed whole.
@@ -632,8 +636,17 @@ impl Op for FlashOp {
         let s = p.shape;
         format!("s{}d{}/{}/{}", tables::bucket(s.q_len.max(s.kv_len), 128, 16384), s.head_dim, if p.causal { "causal" } else { "full" }, p.dtype)
     }
+    /// The forward also chooses whether to compute a kv block whole or [`KV_SUB_BLOCK`] keys at a
+    /// time (which the backward kernels do not take).
     fn space(&self, p: &FlashProblem) -> SearchSpace {
-        SearchSpace::new().param("bq", block_candidates(p.shape.q_len, 4096)).param("bk", block_candidates(p.shape.kv_len, 4096))
+        let blocks = SearchSpace::new().param("bq", block_candidates(p.shape.q_len, 4096)).param("bk", block_candidates(p.shape.kv_len, 4096));
+        if self.0 != FlashPass::Forward || !splits_kv(p) {
+            return blocks;
+        }
+        blocks.param("bkc", [0, KV_SUB_BLOCK]).constraint(|c| {
+            let (bk, bkc) = (c.get("bk").unwrap_or(0), c.get("bkc").unwrap_or(0));
+            (bkc != 0 && bkc >= bk).then(|| format!("a kv sub-block of {bkc} does not split a kv block of {bk}"))
+        })
     }
     fn default_config(&self, p: &FlashProblem) -> FlashConfig {
         self.fit(p, FlashConfig::new(512, 512))
@@ -655,14 +668,6 @@ impl Op for FlashOp {
             block_for(kv_len, c.bk)
         };
         FlashConfig { bq: block_for(p.shape.q_len, c.bq), bk, bkc: kv_compute(p, bk, c.bkc) }
-    }
-    /// On a TPU, the forward computes kv blocks wider than [`TPU_KV_COMPUTE`] in sub-blocks of
-    /// it (unless the config names its own).
-    fn for_target(&self, p: &FlashProblem, c: FlashConfig, target: Option<TableTarget>) -> FlashConfig {
-        match target {
-            Some(TableTarget::Chip(_)) if self.0 == FlashPass::Forward && c.bkc == 0 => FlashConfig { bkc: kv_compute(p, c.bk, TPU_KV_COMPUTE), ..c },
-            _ => c,
-        }
     }
     fn call(&self, p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall, Error> {
         match self.0 {
