@@ -78,13 +78,12 @@ const UNHIDDEN: f64 = 0.1;
 /// MXU passes of an f32 matmul per bf16 one.
 const F32_PASSES: f64 = 3.0;
 
-/// Predicted seconds on `chip`. Each grid step that does work costs the slowest of its MXU
-/// work, its vector work and its HBM traffic (the pipeline overlaps them, all but
-/// [`UNHIDDEN`] of the others), plus the step
-/// overhead; a step a static condition skips (a causal kernel's blocks right of the diagonal)
-/// costs the overhead alone; filling the pipeline (the first blocks in, the last out) is
-/// not overlapped. A megacore device splits the steps of `parallel` grid axes between its two
-/// TensorCores.
+/// Predicted seconds on `chip`: the slowest of the call's MXU work, vector work and HBM
+/// traffic (the pipeline overlaps them, all but [`UNHIDDEN`] of the others), plus the
+/// overhead of every grid step; work a static condition skips (a causal kernel's blocks right
+/// of the diagonal) is not counted; filling the pipeline (the first blocks in, the last out)
+/// is not overlapped. A megacore device splits the steps of `parallel` grid axes between its
+/// two TensorCores.
 pub fn predict_tpu_seconds(call: &TracedCall, f: &Features, chip: Chip) -> f64 {
     let work = cost::work(call, chip.mxu_dim());
     let parallel_programs: usize = call.grid.iter().zip(&call.semantics).filter(|(_, s)| **s == torchtpu_dsl::Semantics::Parallel).map(|(&n, _)| n).product();
@@ -93,15 +92,13 @@ pub fn predict_tpu_seconds(call: &TracedCall, f: &Features, chip: Chip) -> f64 {
     // one core of a megacore device works alone.
     let share = 1.0 / cores;
     let split = if parallel_programs >= 2 { cores } else { 1.0 };
-    let active = work.active_steps.max(1.0);
-    let per_step = |total: f64, rate: f64| total / (rate * share) / active;
+    let seconds = |total: f64, rate: f64| total / (rate * share);
     let mxu_bf16_equivalent = work.mxu_flops + (F32_PASSES - 1.0) * work.f32_mxu_flops;
-    let units =
-        [per_step(mxu_bf16_equivalent, chip.peak_bf16_flops()), per_step(work.vector_ops, chip.vector_ops_per_second()), per_step(f.hbm_bytes, chip.hbm_bytes_per_second())];
+    let units = [seconds(mxu_bf16_equivalent, chip.peak_bf16_flops()), seconds(work.vector_ops, chip.vector_ops_per_second()), seconds(f.hbm_bytes, chip.hbm_bytes_per_second())];
     let slowest = units.iter().copied().fold(0.0, f64::max);
     let busy = slowest + UNHIDDEN * (units.iter().sum::<f64>() - slowest);
     let fill = f.first_step_bytes / (chip.hbm_bytes_per_second() * share);
-    (active * busy + f.steps * chip.step_overhead_seconds()) / split + fill
+    (busy + f.steps * chip.step_overhead_seconds()) / split + fill
 }
 
 /// A linear model of measured time over [1, flops, steps, bytes] with non-negative weights.

@@ -5,7 +5,7 @@
 //! evaluated at every step, so a step whose branch does nothing costs nothing; any other
 //! condition counts its dearer branch, and a loop whose trip count is data counts one pass.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use torchtpu_dsl::ir::{Func, Literal, Op, OpKind, Region, ValueId};
 use torchtpu_dsl::{DType, TracedCall};
@@ -214,7 +214,8 @@ pub fn work(call: &TracedCall, mxu: usize) -> Work {
     let axes = axes_of(func);
     let varying: u64 = sites.iter().map(|s| axes.get(s).copied().unwrap_or(0)).fold(0, |a, b| a | b);
     let varying_axes: Vec<usize> = (0..call.grid.len()).filter(|&a| a < 64 && varying & (1 << a) != 0).collect();
-    let evaluated: usize = varying_axes.iter().map(|&a| call.grid[a]).product();
+    // Past the cap (or past usize), every condition counts its dearer branch.
+    let evaluated = varying_axes.iter().try_fold(1usize, |n, &a| n.checked_mul(call.grid[a])).unwrap_or(usize::MAX);
     let programs = call.num_programs() as f64;
     if evaluated == 0 || programs == 0.0 {
         return Work::default();
@@ -225,7 +226,8 @@ pub fn work(call: &TracedCall, mxu: usize) -> Work {
         return w;
     }
     // Steps that take the same decisions do the same work: each distinct set is walked once.
-    let mut counts: HashMap<Vec<Option<i64>>, (Known, usize)> = HashMap::new();
+    // Ordered, so that the totals are summed in the same order on every call.
+    let mut counts: BTreeMap<Vec<Option<i64>>, (Known, usize)> = BTreeMap::new();
     let mut point = vec![0usize; call.grid.len()];
     for mut flat in 0..evaluated {
         for &a in varying_axes.iter().rev() {

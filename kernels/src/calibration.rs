@@ -196,10 +196,15 @@ impl Ours {
         }
     }
 
-    /// Whether our op's own search space holds `c`.
+    /// Whether our op's own search space holds `c` (a tunable the space lacks holds 0 only)
+    /// and its constraints accept it.
     fn in_our_space(&self, c: OurConfig) -> bool {
-        let holds =
-            |space: torchtpu_autotune::SearchSpace, pairs: &[(&str, usize)]| pairs.iter().all(|(n, v)| space.params().iter().any(|(name, vals)| name == n && vals.contains(v)));
+        let holds = |space: torchtpu_autotune::SearchSpace, pairs: &[(&str, usize)]| {
+            let values = |n: &str| space.params().iter().find(|(name, _)| name == n).map(|(_, vals)| vals.clone());
+            let value_of = |n: &str| pairs.iter().find(|(p, _)| *p == n).map_or(0, |&(_, v)| v);
+            let point = torchtpu_autotune::Config(space.params().iter().map(|(n, _)| (n.clone(), value_of(n))).collect());
+            pairs.iter().all(|&(n, v)| values(n).map_or(v == 0, |vals| vals.contains(&v))) && space.violation(&point).is_none()
+        };
         match (self, c) {
             (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => holds(MatmulOp.space(p), &[("bm", bm), ("bn", bn), ("bk", bk)]),
             (Ours::Flash(p), OurConfig::Flash { bq, bk, bkc }) => holds(FlashOp(FlashPass::Forward).space(p), &[("bq", bq), ("bk", bk), ("bkc", bkc)]),
@@ -225,18 +230,29 @@ impl Ours {
         };
         let widths = space.params().iter().find(|(n, _)| n == "bkc").map_or(vec![0], |(_, v)| v.clone());
         match c {
-            OurConfig::Flash { bq, bk, .. } => widths.into_iter().filter(|&w| w == 0 || w < bk).map(|bkc| OurConfig::Flash { bq, bk, bkc }).collect(),
+            OurConfig::Flash { bq, bk, .. } => {
+                let ways: Vec<OurConfig> = widths.into_iter().map(|bkc| OurConfig::Flash { bq, bk, bkc }).filter(|&w| self.in_our_space(w)).collect();
+                if ways.is_empty() {
+                    vec![c.blocks()]
+                } else {
+                    ways
+                }
+            }
             other => vec![other],
         }
     }
 
     /// Bytes of the inputs and outputs a caller sees (attention: q, k, v and o).
     fn io_bytes(&self) -> f64 {
+        let f = |n: usize| n as f64;
         match self {
-            Ours::Matmul(p) => ((p.shape.m * p.shape.k + p.shape.k * p.shape.n + p.shape.m * p.shape.n) * p.dtype.size_bytes()) as f64,
+            Ours::Matmul(p) => {
+                let s = p.shape;
+                (f(s.m) * f(s.k) + f(s.k) * f(s.n) + f(s.m) * f(s.n)) * f(p.dtype.size_bytes())
+            }
             Ours::Flash(p) => {
                 let s = p.shape;
-                ((2 * s.batch * s.heads * s.q_len + 2 * s.batch * s.kv_heads * s.kv_len) * s.head_dim * p.dtype.size_bytes()) as f64
+                2.0 * (f(s.batch) * f(s.heads) * f(s.q_len) + f(s.batch) * f(s.kv_heads) * f(s.kv_len)) * f(s.head_dim) * f(p.dtype.size_bytes())
             }
         }
     }
@@ -249,13 +265,16 @@ impl Ours {
         match (self, c) {
             (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => {
                 let s = p.shape;
-                Ours::Matmul(MatmulProblem { shape: MatmulShape { m: s.m.min(2 * bm), n: s.n.min(2 * bn), k: s.k.min(2 * bk), ..s }, ..*p })
+                let two = |b: usize| b.saturating_mul(2);
+                Ours::Matmul(MatmulProblem { shape: MatmulShape { m: s.m.min(two(bm)), n: s.n.min(two(bn)), k: s.k.min(two(bk)), ..s }, ..*p })
             }
             (Ours::Flash(p), OurConfig::Flash { bq, bk, .. }) => {
                 let s = p.shape;
                 let group = (s.heads / s.kv_heads.max(1)).max(1);
-                let len = s.q_len.max(s.kv_len).min(2 * bq.max(bk));
-                Ours::Flash(FlashProblem { shape: AttentionShape { batch: 1, heads: group, kv_heads: 1, q_len: len, kv_len: len, ..s }, ..*p })
+                let len = s.q_len.max(s.kv_len).min(bq.max(bk).saturating_mul(2));
+                // Two batches where there are several, so that a grid of one block per
+                // sequence still has more than one step.
+                Ours::Flash(FlashProblem { shape: AttentionShape { batch: s.batch.min(2), heads: group, kv_heads: 1, q_len: len, kv_len: len, ..s }, ..*p })
             }
             (other, _) => other.clone(),
         }
@@ -345,6 +364,9 @@ pub struct Summary {
     pub hits: usize,
     pub top1: f64,
     pub median_regret: Option<f64>,
+    /// Problems whose source timed the pick (all of a full sweep; for a source that kept only
+    /// its winner, the hits alone, each a regret of 1).
+    pub regrets: usize,
     pub median_ratio: Option<f64>,
     /// Winners whose predicted ÷ measured lies within 0.7–1.4, of those with a ratio.
     pub ratios_in_band: (usize, usize),
@@ -373,6 +395,7 @@ impl Summary {
             hits,
             top1: if s.is_empty() { 0.0 } else { hits as f64 / s.len() as f64 },
             median_regret: median(s.iter().filter_map(|p| p.regret).collect()),
+            regrets: s.iter().filter(|p| p.regret.is_some()).count(),
             median_ratio: median(ratios.clone()),
             ratios_in_band: (ratios.iter().filter(|r| (0.7..=1.4).contains(*r)).count(), ratios.len()),
             min_ratio: ratios.iter().copied().reduce(f64::min),
@@ -587,16 +610,16 @@ pub fn report(score: &Score, verbose: bool, json: bool) -> String {
     }
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<44} {:>8} {:>7} {:>8} {:>8} {:>9} {:>13} {:>8} {:>8}\n",
-        "group", "problems", "top-1", "regret", "pred/ms", "in 0.7-1.4", "ratio range", "outside", "rejected"
+        "{:<44} {:>8} {:>7} {:>12} {:>8} {:>9} {:>13} {:>8} {:>8}\n",
+        "group", "problems", "top-1", "regret (n)", "pred/ms", "in 0.7-1.4", "ratio range", "outside", "rejected"
     ));
     for (name, s) in &summaries {
         out.push_str(&format!(
-            "{:<44} {:>8} {:>6.0}% {:>8} {:>8} {:>4}/{:<4} {:>6}-{:<6} {:>8} {:>8}\n",
+            "{:<44} {:>8} {:>6.0}% {:>12} {:>8} {:>4}/{:<4} {:>6}-{:<6} {:>8} {:>8}\n",
             name,
             s.problems,
             s.top1 * 100.0,
-            opt(s.median_regret, 3),
+            format!("{} ({})", opt(s.median_regret, 3), s.regrets),
             opt(s.median_ratio, 2),
             s.ratios_in_band.0,
             s.ratios_in_band.1,
@@ -606,7 +629,7 @@ pub fn report(score: &Score, verbose: bool, json: bool) -> String {
             s.winners_rejected
         ));
     }
-    out.push_str("\n(regret: median measured time of the pick over the winner's, where the source timed the pick; pred/ms: median predicted / measured for the winners)\n\n");
+    out.push_str("\n(regret: median measured time of the pick over the winner's, over the n problems whose source timed the pick; sources that kept only their winner time it only on a hit; pred/ms: median predicted / measured for the winners)\n\n");
     for p in score.problems.iter().filter(|p| verbose || !p.hit) {
         let fate = match &p.winner_fate {
             WinnerFate::Ranked => String::new(),

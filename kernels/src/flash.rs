@@ -175,11 +175,14 @@ fn forward_step<T: Float>(
     sm_scale: f32,
     masking: Masking,
     dropout: Dropout,
+    ragged: bool,
 ) {
     let (bq, bk) = (qb.shape()[0], kb.shape()[0]);
     let sc = scores(qb, kb, q_segments, kv_segments, bias, q_start, k_start, sm_scale, masking, false);
     let mut vb = vb;
-    if masking.kv_len % bk != 0 {
+    // The kv block overhangs the keys (its padding may hold anything: zero it, as p is 0
+    // there but 0 × NaN is not).
+    if ragged {
         vb = zero_outside(vb, 0, k_start, masking.kv_len);
     }
     // Masked scores are -inf, not Pallas' finite mask value, so that only visible scores
@@ -236,15 +239,53 @@ fn flash_forward<T: Float>(
     }
     let q_start = qi * bq as i32;
     let k_start = kj * bk as i32;
+    let ragged = masking.kv_len % bk != 0;
     if block_visible(q_start, k_start, bq, masking) {
         if bkc >= bk {
-            forward_step(q.load(), k.load(), v.load(), q_segments, kv_segments, bias, seed, m_scratch, l_scratch, acc_scratch, q_start, k_start, sm_scale, masking, dropout);
+            forward_step(
+                q.load(),
+                k.load(),
+                v.load(),
+                q_segments,
+                kv_segments,
+                bias,
+                seed,
+                m_scratch,
+                l_scratch,
+                acc_scratch,
+                q_start,
+                k_start,
+                sm_scale,
+                masking,
+                dropout,
+                ragged,
+            );
         } else {
             for c in 0..Scalar::constant((bk / bkc) as i32) {
                 let offset = c * bkc as i32;
-                if block_visible(q_start, k_start + offset, bq, masking) {
-                    let (kb, vb) = (k.load_at((ds(offset, bkc), ..)), v.load_at((ds(offset, bkc), ..)));
-                    forward_step(q.load(), kb, vb, q_segments, kv_segments, bias, seed, m_scratch, l_scratch, acc_scratch, q_start, k_start + offset, sm_scale, masking, dropout);
+                // Sub-blocks wholly past the keys, or right of the diagonal, are skipped.
+                if k_start + offset < masking.kv_len as i32 {
+                    if block_visible(q_start, k_start + offset, bq, masking) {
+                        let (kb, vb) = (k.load_at((ds(offset, bkc), ..)), v.load_at((ds(offset, bkc), ..)));
+                        forward_step(
+                            q.load(),
+                            kb,
+                            vb,
+                            q_segments,
+                            kv_segments,
+                            bias,
+                            seed,
+                            m_scratch,
+                            l_scratch,
+                            acc_scratch,
+                            q_start,
+                            k_start + offset,
+                            sm_scale,
+                            masking,
+                            dropout,
+                            ragged,
+                        );
+                    }
                 }
             }
         }
@@ -274,6 +315,8 @@ pub struct AttentionOptions {
     pub sm_scale: Option<f32>,
     /// (block_q, block_k); default picks a safe size for the shapes.
     pub block: Option<(usize, usize)>,
+    /// With `block`: the forward's kv sub-block (`FlashConfig::bkc`; 0, the whole block).
+    pub kv_compute: usize,
 }
 
 /// The shapes of an attention problem: q `[b, h, sq, d]`, k and v `[b, hk, sk, d]`.
@@ -381,7 +424,7 @@ fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: Attenti
     }
     let (problem, _) = problem_and_config(shape, dtype, opts, false);
     let c = op::config_for(&FlashOp(pass), &problem, target);
-    AttentionOptions { block: Some((c.bq, c.bk)), ..opts }
+    AttentionOptions { block: Some((c.bq, c.bk)), kv_compute: c.bkc, ..opts }
 }
 
 /// The problem of `shape` in `dtype` with `opts`' mask and scale, and the config `opts` names,
@@ -389,7 +432,7 @@ fn tuned_for(pass: FlashPass, shape: AttentionShape, dtype: DType, opts: Attenti
 pub(crate) fn problem_and_config(shape: AttentionShape, dtype: DType, opts: AttentionOptions, segments: bool) -> (FlashProblem, Option<FlashConfig>) {
     let problem =
         FlashProblem { shape, dtype, causal: opts.causal, bottom_right: opts.bottom_right, segments, sm_scale: opts.sm_scale.map(f64::from), ..FlashProblem::plain(shape, dtype) };
-    (problem, opts.block.map(|(bq, bk)| FlashConfig::new(bq, bk)))
+    (problem, opts.block.map(|(bq, bk)| FlashConfig { bq, bk, bkc: opts.kv_compute }))
 }
 
 /// A block size for `len`: `preferred`, or the whole (8-rounded) length when shorter.
@@ -667,7 +710,11 @@ impl Op for FlashOp {
         } else {
             block_for(kv_len, c.bk)
         };
-        FlashConfig { bq: block_for(p.shape.q_len, c.bq), bk, bkc: kv_compute(p, bk, c.bkc) }
+        // A sub-blocked config (tuned without masks) on a problem whose kv blocks cannot be
+        // split (segment ids, a bias, dropout) runs kv blocks of the sub-block's width: the
+        // scores the config was feasible with.
+        let bk = if c.bkc > 0 && !splits_kv(p) && c.bkc < bk { block_for(kv_len, c.bkc) } else { bk };
+        FlashConfig { bq: block_for(p.shape.q_len, c.bq), bk, bkc: if self.0 == FlashPass::Forward { kv_compute(p, bk, c.bkc) } else { 0 } }
     }
     fn call(&self, p: &FlashProblem, c: &FlashConfig) -> Result<PallasCall, Error> {
         match self.0 {
