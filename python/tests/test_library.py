@@ -67,4 +67,4 @@ torchtpu.flash_attention(q, q, q, causal=True, sm_scale=0.125)
     # The cache is this test's own: this process (the default cache) still has the op's
     # table or heuristic blocks, named as the op's config.
     problem = {"batch": 1, "heads": 2, "kv_heads": 2, "q_len": 192, "kv_len": 192, "head_dim": 64, "dtype": "f32", "causal": True, "segments": False, "sm_scale": 0.125}
-    assert set(RustOp("flash_attention").config(problem)) == {"bq", "bk"}
+    assert set(RustOp("flash_attention").config(problem)) == {"bq", "bk", "bkc"}
