@@ -229,19 +229,21 @@ pub fn work(call: &TracedCall, mxu: usize) -> Work {
     // Ordered, so that the totals are summed in the same order on every call.
     let mut counts: BTreeMap<Vec<Option<i64>>, (Known, usize)> = BTreeMap::new();
     let mut point = vec![0usize; call.grid.len()];
+    // One map for every point, refilled from the constants (a clone per point would allocate).
+    let mut known = Known::new();
     for mut flat in 0..evaluated {
         for &a in varying_axes.iter().rev() {
             point[a] = flat % call.grid[a];
             flat /= call.grid[a];
         }
-        let mut known = constants.clone();
+        known.clone_from(&constants);
         for op in &func.body.ops {
             if let Some(v) = scalar_value(func, op, &known, &call.grid, &point) {
                 known.insert(op.results[0], v);
             }
         }
         let key: Vec<Option<i64>> = sites.iter().map(|s| known.get(s).copied()).collect();
-        counts.entry(key).or_insert_with(|| (known, 0)).1 += 1;
+        counts.entry(key).or_insert_with(|| (known.clone(), 0)).1 += 1;
     }
     let per_point = programs / evaluated as f64;
     let mut total = Work::default();

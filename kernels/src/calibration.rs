@@ -328,7 +328,7 @@ pub struct ProblemScore {
     pub winner: String,
     pub winner_seconds: f64,
     pub winner_fate: WinnerFate,
-    /// The model's pick among the feasible candidates, and its prediction.
+    /// The model's pick among the feasible candidates.
     pub pick: Option<String>,
     pub hit: bool,
     /// Measured time of the pick over the winner's, where the source measured the pick.
@@ -376,13 +376,8 @@ pub struct Summary {
     pub winners_rejected: usize,
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+fn median(v: Vec<f64>) -> Option<f64> {
+    torchtpu_autotune::stats::Summary::of(&v).map(|s| s.median_ms)
 }
 
 impl Summary {
@@ -545,18 +540,17 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
                 Ok(predict_tpu_seconds(&traced, &f, j.chip) + j.extra_seconds)
             };
             let (winner, winner_seconds) = j.winner;
-            let mut ranked: Vec<(OurConfig, f64)> = j.candidates.iter().filter(|&&c| verdict(c).is_ok()).filter_map(|&c| predict(c).ok().map(|t| (c, t))).collect();
+            // Every candidate judged once; the winner's ways of computing its blocks are among them.
+            let judged: Vec<(OurConfig, Result<f64, String>)> = j.candidates.iter().map(|&c| (c, verdict(c).and_then(|_| predict(c)))).collect();
+            let mut ranked: Vec<(OurConfig, f64)> = judged.iter().filter_map(|(c, r)| r.as_ref().ok().map(|&t| (*c, t))).collect();
             ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
-            // The winner's blocks, in the cheapest way our op computes them that runs.
-            let ways = j.ours.ways_to_compute(winner);
-            let winner_fate = if !ways.iter().any(|&c| j.ours.in_our_space(c)) {
+            let winner_fate = if !j.ours.ways_to_compute(winner).iter().any(|&c| j.ours.in_our_space(c)) {
                 WinnerFate::OutsideOurSpace
+            } else if ranked.iter().any(|(c, _)| c.blocks() == winner.blocks()) {
+                WinnerFate::Ranked
             } else {
-                let mut reasons = Vec::new();
-                match ways.iter().find_map(|&c| verdict(c).and_then(|_| predict(c)).map_err(|r| reasons.push(r)).ok()) {
-                    Some(_) => WinnerFate::Ranked,
-                    None => WinnerFate::Rejected(reasons.join("; ")),
-                }
+                let reasons: Vec<String> = judged.iter().filter(|(c, _)| c.blocks() == winner.blocks()).filter_map(|(_, r)| r.as_ref().err().cloned()).collect();
+                WinnerFate::Rejected(reasons.join("; "))
             };
             let winner_predicted = ranked.iter().filter(|(c, _)| c.blocks() == winner.blocks()).map(|&(_, t)| t).reduce(f64::min);
             let pick = ranked.first().map(|&(c, _)| c);
