@@ -7,6 +7,9 @@ bash scripts/deps.sh
 # Formatting is part of the code (rustfmt.toml): a change that is not rustfmt-clean fails here.
 cargo fmt --all --check
 (cd examples/user-ops && cargo fmt --all --check)
+# Both lock files record the workspace's dependencies: a stale one fails here, not 20 minutes in.
+cargo metadata --locked --format-version 1 > /dev/null
+cargo metadata --locked --format-version 1 --manifest-path examples/user-ops/Cargo.toml > /dev/null
 # And so is clippy (clippy.toml): a warning fails the run.
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
