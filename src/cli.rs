@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use torchtpu_autotune::{tune, Device, Progress, Strategy, Tunable, TuneOptions};
-use torchtpu_codegen::{lower, lower_sharded, Mesh, PartitionSpec, Target};
+use torchtpu_codegen::{lower, lower_sharded, lower_tpu, Mesh, PartitionSpec, Target};
 use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, InterpretOptions, PallasCall, TracedCall};
@@ -51,15 +51,20 @@ enum LowerTarget {
     TpuStablehlo,
     /// Portable StableHLO (the grid as a while loop): what runs on PJRT CPU and CUDA.
     PortableStablehlo,
+    /// The tpu-stablehlo module as a StableHLO portable artifact (VHLO in MLIR bytecode): what
+    /// TorchTPU's bridge is given, as JAX gives it. Binary: redirect it to a file.
+    TpuArtifact,
 }
 
-impl From<LowerTarget> for Target {
-    fn from(t: LowerTarget) -> Target {
-        match t {
-            LowerTarget::Mosaic => Target::Mosaic,
-            LowerTarget::MosaicStable => Target::MosaicStable,
-            LowerTarget::TpuStablehlo => Target::TpuStableHlo,
-            LowerTarget::PortableStablehlo => Target::PortableStableHlo,
+impl LowerTarget {
+    /// The text target `lower` prints; `None` for the artifact, which is bytes.
+    fn text(self) -> Option<Target> {
+        match self {
+            LowerTarget::Mosaic => Some(Target::Mosaic),
+            LowerTarget::MosaicStable => Some(Target::MosaicStable),
+            LowerTarget::TpuStablehlo => Some(Target::TpuStableHlo),
+            LowerTarget::PortableStablehlo => Some(Target::PortableStableHlo),
+            LowerTarget::TpuArtifact => None,
         }
     }
 }
@@ -86,6 +91,16 @@ impl ShardingArgs {
         let specs = self.shard.iter().map(|s| s.parse::<PartitionSpec>().map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
         Ok(Some((mesh, specs)))
     }
+}
+
+/// Writes `bytes` to stdout, refusing a terminal (where bytecode would garble the screen).
+fn write_binary(bytes: &[u8]) -> Result<(), String> {
+    use std::io::{IsTerminal, Write};
+    let mut out = std::io::stdout().lock();
+    if out.is_terminal() {
+        return Err("the artifact is binary: redirect stdout to a file (`> module.mlirbc`)".into());
+    }
+    out.write_all(bytes).and_then(|()| out.flush()).map_err(|e| format!("writing the artifact to stdout: {e}"))
 }
 
 /// The TPU module of `call`: alone, or the sharded program of `layout`.
@@ -442,10 +457,11 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
         Command::Lower { kernel, target, dtype, set, sharding } => {
             let sel = Selected::new(ops, &kernel, dtype, &set)?;
             let traced = sel.trace(None)?;
-            match sharding.layout()? {
-                None => print!("{}", lower(&traced, target.into()).map_err(|e| e.to_string())?),
-                Some(_) if !matches!(target, LowerTarget::TpuStablehlo) => return Err("--mesh lowers the sharded TPU program: pass --target tpu-stablehlo".into()),
-                Some(layout) => print!("{}", tpu_module(&traced, Some(&layout))?),
+            match (sharding.layout()?, target.text()) {
+                (None, Some(text)) => print!("{}", lower(&traced, text).map_err(|e| e.to_string())?),
+                (None, None) => write_binary(&lower_tpu(&traced).map_err(|e| e.to_string())?.artifact)?,
+                (Some(_), _) if !matches!(target, LowerTarget::TpuStablehlo) => return Err("--mesh lowers the sharded TPU program: pass --target tpu-stablehlo".into()),
+                (Some(layout), _) => print!("{}", tpu_module(&traced, Some(&layout))?),
             }
             Ok(true)
         }

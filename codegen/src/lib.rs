@@ -2,6 +2,8 @@
 //! StableHLO `tpu_custom_call` for the TPU compiler (alone, or sharded over a mesh of devices); IR → portable StableHLO for any PJRT
 //! backend; and a cost estimate from the IR.
 
+pub mod artifact;
+mod bytecode;
 mod compose;
 pub mod cost;
 pub mod error;
@@ -45,6 +47,25 @@ pub fn lower(call: &torchtpu_dsl::TracedCall, target: Target) -> Result<String> 
         Target::TpuStableHlo => stablehlo::tpu_custom_call(call, Form::Stable),
         Target::PortableStableHlo => portable::module(call),
     }
+}
+
+/// A kernel's TPU module in both its forms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TpuModule {
+    /// StableHLO text: what `lower` prints for [`Target::TpuStableHlo`].
+    pub text: String,
+    /// The same module as a StableHLO portable artifact (VHLO in MLIR bytecode,
+    /// [`artifact`]): what TorchTPU's bridge is given, as JAX gives it.
+    pub artifact: Vec<u8>,
+}
+
+/// Lowers `call` for a TPU in both forms of [`TpuModule`], checking its blocks as [`lower`]
+/// does.
+pub fn lower_tpu(call: &torchtpu_dsl::TracedCall) -> Result<TpuModule> {
+    check_tiling(call)?;
+    let kernel = stablehlo::KernelCall::new(call, Form::Stable)?;
+    let name = mlir::symbol(&call.name);
+    Ok(TpuModule { text: stablehlo::module_text(&name, &kernel), artifact: artifact::module(&name, &kernel) })
 }
 
 /// The SPMD program running `call` (traced on one device's shards) on every device of `mesh`,

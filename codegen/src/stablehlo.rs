@@ -47,48 +47,90 @@ pub fn backend_config(call: &TracedCall, form: Form) -> Result<serde_json::Value
 }
 
 /// Escapes a string for an MLIR string attribute the way JAX writes backend configs.
-fn mlir_string(s: &str) -> String {
+pub(crate) fn mlir_string(s: &str) -> String {
     s.replace('\\', "\\5C").replace('"', "\\22")
+}
+
+/// What the `stablehlo.custom_call @tpu_custom_call` running a kernel says, whichever way it
+/// is spelled: as StableHLO text here, as VHLO in the portable artifact
+/// ([`crate::artifact`]).
+pub(crate) struct KernelCall {
+    /// The `backend_config` JSON.
+    pub backend_config: String,
+    pub kernel_name: String,
+    pub operands: Vec<ValueType>,
+    pub results: Vec<ValueType>,
+    /// (operand, output) pairs that share a buffer.
+    pub aliases: Vec<(usize, usize)>,
+}
+
+impl KernelCall {
+    pub fn new(call: &TracedCall, form: Form) -> Result<KernelCall> {
+        Ok(KernelCall {
+            backend_config: backend_config(call, form)?.to_string(),
+            kernel_name: mosaic::kernel_symbol(call),
+            operands: call.operand_types().cloned().collect(),
+            results: call.outputs.iter().map(|o| o.array.clone()).collect(),
+            aliases: call.aliases.clone(),
+        })
+    }
+
+    /// Every operand and result is passed row-major: each one's layout, minor-to-major.
+    pub fn layouts(types: &[ValueType]) -> impl Iterator<Item = String> + '_ {
+        types.iter().map(|t| row_major_layout(t.shape.len()))
+    }
+
+    /// The output tuple index an alias names: `[o]` among several results, `[]` for one.
+    pub fn alias_output(&self, output: usize) -> String {
+        if self.results.len() > 1 {
+            format!("[{output}]")
+        } else {
+            "[]".into()
+        }
+    }
+
+    /// The op as one line of StableHLO text binding `result` (`%r`, or `%r:2` for two
+    /// outputs) on `operands` (SSA names).
+    pub fn text(&self, result: &str, operands: &[String]) -> String {
+        let mut attrs = vec![
+            format!("backend_config = \"{}\"", mlir_string(&self.backend_config)),
+            format!("kernel_name = \"{}\"", self.kernel_name),
+            format!("operand_layouts = [{}]", Self::layouts(&self.operands).collect::<Vec<_>>().join(", ")),
+            format!("result_layouts = [{}]", Self::layouts(&self.results).collect::<Vec<_>>().join(", ")),
+        ];
+        if !self.aliases.is_empty() {
+            let aliases: Vec<String> = self
+                .aliases
+                .iter()
+                .map(|&(i, o)| format!("#stablehlo.output_operand_alias<output_tuple_indices = {}, operand_index = {i}, operand_tuple_indices = []>", self.alias_output(o)))
+                .collect();
+            attrs.push(format!("output_operand_aliases = [{}]", aliases.join(", ")));
+        }
+        let arg_types: Vec<String> = self.operands.iter().map(tensor_type).collect();
+        format!("{result} = stablehlo.custom_call @tpu_custom_call({}) {{{}}} : ({}) -> {}", operands.join(", "), attrs.join(", "), arg_types.join(", "), signature(&self.results))
+    }
 }
 
 /// The `stablehlo.custom_call @tpu_custom_call` that runs the kernel on `operands` (SSA names
 /// of its operand types), as one line binding `result` (`%r`, or `%r:2` for two outputs).
 pub(crate) fn custom_call_op(call: &TracedCall, form: Form, result: &str, operands: &[String]) -> Result<String> {
-    let config = backend_config(call, form)?;
-    let operand_types: Vec<&ValueType> = call.operand_types().collect();
-    let results: Vec<&ValueType> = call.outputs.iter().map(|o| &o.array).collect();
-    let arg_types: Vec<String> = operand_types.iter().map(|t| tensor_type(t)).collect();
-    let operand_layouts: Vec<String> = operand_types.iter().map(|t| row_major_layout(t.shape.len())).collect();
-    let result_layouts: Vec<String> = results.iter().map(|t| row_major_layout(t.shape.len())).collect();
-    let mut attrs = vec![
-        format!("backend_config = \"{}\"", mlir_string(&config.to_string())),
-        format!("kernel_name = \"{}\"", mosaic::kernel_symbol(call)),
-        format!("operand_layouts = [{}]", operand_layouts.join(", ")),
-        format!("result_layouts = [{}]", result_layouts.join(", ")),
-    ];
-    if !call.aliases.is_empty() {
-        let multi = results.len() > 1;
-        let aliases: Vec<String> = call
-            .aliases
-            .iter()
-            .map(|&(i, o)| {
-                let out_idx = if multi { format!("[{o}]") } else { "[]".into() };
-                format!("#stablehlo.output_operand_alias<output_tuple_indices = {out_idx}, operand_index = {i}, operand_tuple_indices = []>")
-            })
-            .collect();
-        attrs.push(format!("output_operand_aliases = [{}]", aliases.join(", ")));
-    }
-    Ok(format!("{result} = stablehlo.custom_call @tpu_custom_call({}) {{{}}} : ({}) -> {}", operands.join(", "), attrs.join(", "), arg_types.join(", "), results_signature(call)))
+    Ok(KernelCall::new(call, form)?.text(result, operands))
 }
 
-/// The kernel's result types as a function signature writes them: `T` or `(T, U)`.
-pub(crate) fn results_signature(call: &TracedCall) -> String {
-    let types: Vec<String> = call.outputs.iter().map(|o| tensor_type(&o.array)).collect();
+/// Result types as a function signature writes them: `T` or `(T, U)`.
+fn signature(types: &[ValueType]) -> String {
+    let types: Vec<String> = types.iter().map(tensor_type).collect();
     if types.len() == 1 {
         types[0].clone()
     } else {
         format!("({})", types.join(", "))
     }
+}
+
+/// The kernel's result types as a function signature writes them: `T` or `(T, U)`.
+pub(crate) fn results_signature(call: &TracedCall) -> String {
+    let types: Vec<ValueType> = call.outputs.iter().map(|o| o.array.clone()).collect();
+    signature(&types)
 }
 
 /// The SSA names of a call's results bound by [`custom_call_op`] as `name`: `name` for one,
@@ -111,17 +153,20 @@ pub(crate) fn result_binding(name: &str, count: usize) -> String {
 
 /// A complete StableHLO module whose `@main` runs the kernel through `tpu_custom_call`.
 pub fn tpu_custom_call(call: &TracedCall, form: Form) -> Result<String> {
-    let operand_types: Vec<String> = call.operand_types().map(tensor_type).collect();
-    let args: Vec<String> = (0..operand_types.len()).map(|i| format!("%arg{i}")).collect();
-    let params: Vec<String> = args.iter().zip(&operand_types).map(|(a, t)| format!("{a}: {t}")).collect();
-    let n = call.outputs.len();
-    let op = custom_call_op(call, form, &result_binding("%0", n), &args)?;
-    let result_types: Vec<String> = call.outputs.iter().map(|o| tensor_type(&o.array)).collect();
+    Ok(module_text(&symbol(&call.name), &KernelCall::new(call, form)?))
+}
+
+/// The module `name` whose `@main` runs `kernel` on its arguments and returns its results.
+pub(crate) fn module_text(name: &str, kernel: &KernelCall) -> String {
+    let params: Vec<String> = kernel.operands.iter().enumerate().map(|(i, t)| format!("%arg{i}: {}", tensor_type(t))).collect();
+    let args: Vec<String> = (0..kernel.operands.len()).map(|i| format!("%arg{i}")).collect();
+    let n = kernel.results.len();
+    let result_types: Vec<String> = kernel.results.iter().map(tensor_type).collect();
     let mut s = String::new();
-    let _ = writeln!(s, "module @{} attributes {{mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32}} {{", symbol(&call.name));
-    let _ = writeln!(s, "  func.func public @main({}) -> {} {{", params.join(", "), results_signature(call));
-    let _ = writeln!(s, "    {op}");
+    let _ = writeln!(s, "module @{name} attributes {{mhlo.num_partitions = 1 : i32, mhlo.num_replicas = 1 : i32}} {{");
+    let _ = writeln!(s, "  func.func public @main({}) -> {} {{", params.join(", "), signature(&kernel.results));
+    let _ = writeln!(s, "    {}", kernel.text(&result_binding("%0", n), &args));
     let _ = writeln!(s, "    return {} : {}", result_names("%0", n).join(", "), result_types.join(", "));
     s.push_str("  }\n}\n");
-    Ok(s)
+    s
 }

@@ -56,7 +56,7 @@ fn sharded_matmuls_compile_for_every_slice_with_each_devices_share_of_the_flops(
     for slice in Slice::multi_chip_examples() {
         let devices = compiler.devices(&slice).expect("devices");
         let mesh = Mesh::new([("x", 2), ("y", devices / 2)]).expect("mesh");
-        let whole = compiler.compile(slice.chip, &lower(&traced(&matmul(m, n, k)), Target::TpuStableHlo).expect("lowers")).expect("compiles");
+        let whole = compiler.compile(slice.chip, lower(&traced(&matmul(m, n, k)), Target::TpuStableHlo).expect("lowers")).expect("compiles");
         for layout in layouts() {
             let (rows, cols, inner) = (layout.splits)(&mesh);
             let shard = traced(&matmul(m / rows, n / cols, k / inner));

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 use torchtpu_autotune::problem::block_candidates;
 use torchtpu_autotune::SearchSpace;
 
+use torchtpu_codegen::TpuModule;
+
 use crate::masking::zero_outside;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
@@ -1445,14 +1447,15 @@ pub fn backward_call(pass: FlashPass, shape: AttentionShape, dtype: DType, opts:
 }
 
 /// The forward for `shape`, lowered for `chip` with its tuned block: a StableHLO module
-/// running the Mosaic kernel through `tpu_custom_call` (what a TPU runtime registers).
-pub fn forward_tpu_module(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<String, Error> {
+/// running the Mosaic kernel through `tpu_custom_call` (what a TPU runtime registers), as text
+/// and as a portable artifact.
+pub fn forward_tpu_module(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<TpuModule, Error> {
     let (problem, explicit) = problem_and_config(shape, dtype, opts, use_segments);
     op::tpu_module(&FlashOp(FlashPass::Forward), &problem, explicit.as_ref(), chip)
 }
 
 /// The backward (dK/dV, then dQ) for `shape`, lowered for `chip` like [`forward_tpu_module`].
-pub fn backward_tpu_modules(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<(String, String), Error> {
+pub fn backward_tpu_modules(shape: AttentionShape, dtype: DType, opts: AttentionOptions, use_segments: bool, chip: Chip) -> Result<(TpuModule, TpuModule), Error> {
     let (problem, explicit) = problem_and_config(shape, dtype, opts, use_segments);
     let module = |pass| op::tpu_module(&FlashOp(pass), &problem, explicit.as_ref(), chip);
     Ok((module(FlashPass::BackwardDkv)?, module(FlashPass::BackwardDq)?))

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use torchtpu_autotune::problem::block_candidates;
 use torchtpu_autotune::SearchSpace;
 
+use torchtpu_codegen::TpuModule;
+
 use crate::masking::zero_outside;
 use crate::op::{self, Op};
 use crate::tables::{self, TableTarget};
@@ -225,8 +227,9 @@ fn problem_and_config(shape: MatmulShape, dtype: DType, opts: MatmulOptions) -> 
     (MatmulProblem { shape, dtype, transpose_b: opts.transpose_b }, opts.block.map(|(bm, bn, bk)| MatmulConfig { bm, bn, bk }))
 }
 
-/// The matmul for `shape`, lowered for `chip` with its tuned block (a `tpu_custom_call` module).
-pub fn tpu_module(shape: MatmulShape, dtype: DType, opts: MatmulOptions, chip: Chip) -> Result<String, Error> {
+/// The matmul for `shape`, lowered for `chip` with its tuned block (a `tpu_custom_call` module,
+/// as text and as a portable artifact).
+pub fn tpu_module(shape: MatmulShape, dtype: DType, opts: MatmulOptions, chip: Chip) -> Result<TpuModule, Error> {
     let (problem, explicit) = problem_and_config(shape, dtype, opts);
     op::tpu_module(&MatmulOp, &problem, explicit.as_ref(), chip)
 }

@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use torchtpu_autotune::{Config, SearchSpace, Tunable};
-use torchtpu_codegen::{lower, Target};
+use torchtpu_codegen::{lower_tpu, TpuModule};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, PallasCall, ParamKind, TracedCall};
 use torchtpu_exec::{Backend, Compiled};
@@ -175,9 +175,10 @@ pub fn compiled<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, bac
 }
 
 /// `op` on `p` lowered for `chip` with that chip's tuned config: the StableHLO module running
-/// the Mosaic kernel in a `tpu_custom_call` (what a TPU runtime registers).
-pub fn tpu_module<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, chip: Chip) -> Result<String, Error> {
-    Ok(lower(&traced_for(op, p, explicit, TableTarget::Chip(chip))?, Target::TpuStableHlo)?)
+/// the Mosaic kernel in a `tpu_custom_call` (what a TPU runtime registers), as text and as a
+/// portable artifact.
+pub fn tpu_module<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, chip: Chip) -> Result<TpuModule, Error> {
+    Ok(lower_tpu(&traced_for(op, p, explicit, TableTarget::Chip(chip))?)?)
 }
 
 /// `op` on `p` traced with the config it uses on `target` (or `explicit`), checked.

@@ -10,6 +10,8 @@ use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 use torchtpu_runtime::Chip;
 
+use torchtpu_codegen::TpuModule;
+
 use crate::flash::{FlashOp, FlashPass};
 use crate::glu::GluOp;
 use crate::glu_linear::GluLinearOp;
@@ -43,7 +45,7 @@ pub trait AnyOp: Send + Sync {
     /// What `torchtpu tables` tunes for `target`: (bucket, problem) pairs.
     fn table_jobs(&self, target: TableTarget) -> Vec<(String, Box<dyn Tunable>)>;
     /// The module a TPU runs for `problem` on `chip` (its tuned config), as [`op::tpu_module`].
-    fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<String, Error>;
+    fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<TpuModule, Error>;
     /// The config `problem` uses on `target` (the heuristic for `None`).
     fn config(&self, problem: &Value, target: Option<TableTarget>) -> Result<Value, Error>;
     /// The operand and output types of `problem`.
@@ -101,7 +103,7 @@ impl<O: Op> AnyOp for Registered<O> {
             .map(|p| (self.0.bucket(&p), Box::new(Tuning { op: self.0.clone(), problem: p, target: Some(target) }) as Box<dyn Tunable>))
             .collect()
     }
-    fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<String, Error> {
+    fn tpu_module(&self, problem: &Value, chip: Chip) -> Result<TpuModule, Error> {
         op::tpu_module(&self.0, &problem_of(&self.0, problem)?, None, chip)
     }
     fn config(&self, problem: &Value, target: Option<TableTarget>) -> Result<Value, Error> {

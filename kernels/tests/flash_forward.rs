@@ -155,8 +155,11 @@ fn forward_compiles_with_libtpu_for_every_chip() {
         // An explicit block: the module is the same whichever chip it is lowered for.
         let module = forward_tpu_module(shape, dtype, AttentionOptions { causal, sm_scale: None, block: Some(block), ..Default::default() }, segs, Chip::V5e).expect("lowers");
         for chip in Chip::ALL {
-            if let Err(e) = compiler.compile(chip, &module) {
-                failures.push(format!("{shape:?} {dtype} on {chip}: {e}"));
+            // Both forms: the text `lower` prints and the artifact TorchTPU is given.
+            for (form, code) in [("text", module.text.as_bytes()), ("artifact", &module.artifact)] {
+                if let Err(e) = compiler.compile(chip, code) {
+                    failures.push(format!("{shape:?} {dtype} {form} on {chip}: {e}"));
+                }
             }
         }
     }
@@ -166,7 +169,7 @@ fn forward_compiles_with_libtpu_for_every_chip() {
     let p = FlashProblem { causal: true, ..FlashProblem::plain(shape, DType::BF16) };
     for chip in Chip::ALL {
         let module = op::tpu_module(&forward, &p, Some(&FlashConfig { bq: 1024, bk: 2048, bkc: 512 }), chip).expect("lowers");
-        if let Err(e) = compiler.compile(chip, &module) {
+        if let Err(e) = compiler.compile(chip, &module.artifact) {
             failures.push(format!("sub-blocked {shape:?} on {chip}: {e}"));
         }
     }

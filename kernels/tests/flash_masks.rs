@@ -238,7 +238,7 @@ fn masked_variants_compile_with_libtpu_for_every_chip() {
         for pass in FlashPass::ALL {
             let module = op::tpu_module(&FlashOp(pass), &problem, Some(&FlashConfig::new(256, 256)), Chip::V5e).expect("lowers");
             for chip in Chip::ALL {
-                if let Err(e) = compiler.compile(chip, &module) {
+                if let Err(e) = compiler.compile(chip, &module.artifact) {
                     failures.push(format!("{pass:?} {dtype} bias={bias:?} on {chip}: {e}"));
                 }
             }

@@ -44,7 +44,7 @@ fn compiles_for_every_chip() {
         let p = GluLinearProblem { rows, n, k, dtype, activation: Activation::GeluTanh, save };
         for chip in Chip::ALL {
             let module = op::tpu_module(&GluLinearOp, &p, None, chip).unwrap_or_else(|e| panic!("{p:?}: {e}"));
-            compiler.compile(chip, &module).unwrap_or_else(|e| panic!("{p:?} on {chip}: {e}"));
+            compiler.compile(chip, &module.artifact).unwrap_or_else(|e| panic!("{p:?} on {chip}: {e}"));
         }
     }
 }

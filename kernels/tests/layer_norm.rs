@@ -94,7 +94,7 @@ fn compiles_for_every_chip() {
         for o in [LayerNormOp::Forward, LayerNormOp::Backward] {
             for chip in Chip::ALL {
                 let module = op::tpu_module(&o, &p, None, chip).unwrap_or_else(|e| panic!("{o:?} {p:?}: {e}"));
-                compiler.compile(chip, &module).unwrap_or_else(|e| panic!("{o:?} {p:?} on {chip}: {e}"));
+                compiler.compile(chip, &module.artifact).unwrap_or_else(|e| panic!("{o:?} {p:?} on {chip}: {e}"));
             }
         }
     }

@@ -198,7 +198,7 @@ fn compiles_for_every_chip() {
     ] {
         for chip in Chip::ALL {
             let module = op::tpu_module(&OP, &p, None, chip).unwrap_or_else(|e| panic!("{p:?}: {e}"));
-            compiler.compile(chip, &module).unwrap_or_else(|e| panic!("{p:?} on {chip}: {e}"));
+            compiler.compile(chip, &module.artifact).unwrap_or_else(|e| panic!("{p:?} on {chip}: {e}"));
         }
     }
 }

@@ -115,7 +115,7 @@ fn compiles_for_every_chip() {
         for op in [RmsNormOp::Forward, RmsNormOp::Backward] {
             for chip in [Chip::V4, Chip::V5e, Chip::V5p, Chip::V6e, Chip::Tpu7x] {
                 let module = op::tpu_module(&op, &p, None, chip).unwrap_or_else(|e| panic!("{op:?} {p:?}: {e}"));
-                compiler.compile(chip, &module).unwrap_or_else(|e| panic!("{op:?} {p:?} on {chip}: {e}"));
+                compiler.compile(chip, &module.artifact).unwrap_or_else(|e| panic!("{op:?} {p:?} on {chip}: {e}"));
             }
         }
     }

@@ -45,7 +45,7 @@ fn every_table_entry_compiles_for_its_target() {
                 }
                 TableTarget::Chip(chip) => {
                     let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
-                    compiler.compile(*chip, &lower(&traced, Target::TpuStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())
+                    compiler.compile(*chip, lower(&traced, Target::TpuStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())
                 }
             };
             result.err().map(|e| format!("{} {op} {bucket} {config:?}: {e}", target.name()))
@@ -93,13 +93,13 @@ fn lowered_tpu_modules_and_device_buffer_runs() {
     let opts = AttentionOptions { causal: true, sm_scale: None, block: None, ..Default::default() };
     let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
     let fwd = flash::forward_tpu_module(shape, torchtpu_dsl::DType::BF16, opts, true, Chip::V6e).expect("lowers");
-    assert!(fwd.contains("tpu_custom_call"));
-    compiler.compile(Chip::V6e, &fwd).expect("the forward module compiles");
+    assert!(fwd.text.contains("tpu_custom_call"));
+    compiler.compile(Chip::V6e, &fwd.text).expect("the forward module compiles");
     let (dkv, dq) = flash::backward_tpu_modules(shape, torchtpu_dsl::DType::BF16, opts, true, Chip::V6e).expect("lowers");
-    compiler.compile(Chip::V6e, &dkv).expect("dK/dV compiles");
-    compiler.compile(Chip::V6e, &dq).expect("dQ compiles");
+    compiler.compile(Chip::V6e, &dkv.artifact).expect("dK/dV compiles");
+    compiler.compile(Chip::V6e, &dq.artifact).expect("dQ compiles");
     let m = matmul::MatmulShape { batch: None, m: 1024, n: 1024, k: 1024 };
-    compiler.compile(Chip::V5e, &matmul::tpu_module(m, torchtpu_dsl::DType::BF16, Default::default(), Chip::V5e).expect("lowers")).expect("compiles");
+    compiler.compile(Chip::V5e, &matmul::tpu_module(m, torchtpu_dsl::DType::BF16, Default::default(), Chip::V5e).expect("lowers").text).expect("compiles");
 
     // On device buffers: upload once, run twice, download.
     let small = matmul::MatmulShape { batch: None, m: 64, n: 32, k: 48 };

@@ -3,6 +3,7 @@
 //! extension module these functions over its list of ops; `torchtpu.library.RustOp` calls
 //! them.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -16,7 +17,7 @@ use crate::{guard, kernel_error, prepared, run};
 /// The ops this extension module serves (each extension has its own copy of this crate).
 static OPS: OnceLock<&'static [&'static dyn AnyOp]> = OnceLock::new();
 
-/// Adds `op_names`, `op_signature`, `op_run`, `op_config` and `op_tpu_module` over `ops` to
+/// Adds `op_names`, `op_signature`, `op_run`, `op_config`, `op_tpu_module` and `op_example` over `ops` to
 /// module `m`.
 pub fn add_ops(m: &Bound<'_, PyModule>, ops: &'static [&'static dyn AnyOp]) -> PyResult<()> {
     if OPS.set(ops).is_err() && OPS.get().is_some_and(|known| !std::ptr::eq(*known, ops)) {
@@ -27,6 +28,7 @@ pub fn add_ops(m: &Bound<'_, PyModule>, ops: &'static [&'static dyn AnyOp]) -> P
     m.add_function(wrap_pyfunction!(op_run, m)?)?;
     m.add_function(wrap_pyfunction!(op_tpu_module, m)?)?;
     m.add_function(wrap_pyfunction!(op_config, m)?)?;
+    m.add_function(wrap_pyfunction!(op_example, m)?)?;
     Ok(())
 }
 
@@ -105,14 +107,22 @@ pub fn op_run(py: Python<'_>, name: &str, problem_json: &str, operands: Vec<Boun
 }
 
 /// The StableHLO module (Mosaic in a `tpu_custom_call`) op `name` runs on `chip_name` for
-/// `problem_json`, with that chip's tuned config.
+/// `problem_json`, with that chip's tuned config: its text, and the same module as a portable
+/// artifact (`bytes`).
 #[pyfunction]
-pub fn op_tpu_module(name: &str, problem_json: &str, chip_name: &str) -> PyResult<String> {
+pub fn op_tpu_module(name: &str, problem_json: &str, chip_name: &str) -> PyResult<(String, Cow<'static, [u8]>)> {
     guard(|| {
         let op = find(name)?;
         let chip = crate::chip(chip_name)?;
-        op.tpu_module(&problem(name, problem_json)?, chip).map_err(kernel_error)
+        let module = op.tpu_module(&problem(name, problem_json)?, chip).map_err(kernel_error)?;
+        Ok((module.text, Cow::Owned(module.artifact)))
     })
+}
+
+/// Op `name`'s example problem (as JSON): the one `torchtpu list` shows.
+#[pyfunction]
+pub fn op_example(name: &str) -> PyResult<String> {
+    guard(|| Ok(find(name)?.example().to_string()))
 }
 
 /// The config (as JSON) op `name` runs `problem_json` with on this machine's CPU: a result

@@ -64,7 +64,7 @@ def test_bad_tpu_requests_are_errors(monkeypatch):
     with pytest.raises(ValueError, match="TORCHTPU_TPU_CHIP='v3'"):
         tpu.default_chip()
     with pytest.raises(RuntimeError):
-        tpu.compile(tpu.TpuKernel("broken", "0", "module {", (), ()), "v5e")
+        tpu.compile(tpu.TpuKernel("broken", "0", "module {", b"ML\xefR\x0d", (), ()), "v5e")
 
 
 def test_tpu_implementations_wait_for_torchtpu():

@@ -88,9 +88,14 @@ class RustOp:
         cached for it, else the tuned table's entry, else the op's heuristic."""
         return json.loads(self.module.op_config(self.name, self._key(problem)))
 
-    def tpu_module(self, problem: dict, chip: str) -> str:
-        """The StableHLO module (Mosaic in a ``tpu_custom_call``) this op runs on ``chip``."""
+    def tpu_module(self, problem: dict, chip: str) -> tuple[str, bytes]:
+        """The StableHLO module (Mosaic in a ``tpu_custom_call``) this op runs on ``chip``: its
+        text, and the same module as a StableHLO portable artifact (MLIR bytecode)."""
         return self.module.op_tpu_module(self.name, self._key(problem), chip)
+
+    def example(self) -> dict:
+        """The op's example problem (the one ``torchtpu list`` shows)."""
+        return json.loads(self.module.op_example(self.name))
 
 
 def register_ops(module, namespace: str) -> list[str]:

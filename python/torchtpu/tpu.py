@@ -2,7 +2,8 @@
 
 For a call on ``tpu`` tensors (:class:`torchtpu.library.RustOp` sends them here) we lower the
 op for the chip (with that chip's tuned config) to a StableHLO module holding the Mosaic kernel
-in a ``tpu_custom_call``, register it once with TorchTPU's custom-kernel bridge (``tpu_torch_pallas.register_custom_kernel``, the door
+in a ``tpu_custom_call``, serialized as a StableHLO portable artifact (as ``jax.export`` hands
+TorchTPU its Pallas kernels), register it once with TorchTPU's custom-kernel bridge (``tpu_torch_pallas.register_custom_kernel``, the door
 TorchTPU's own Pallas kernels use) under a fingerprint of the module, and run it with
 ``call_custom_kernel``. Everything up to the bridge is testable without a TPU:
 :func:`flash_attention_kernels` and :func:`matmul_kernel` give what a call would register, and
@@ -46,15 +47,18 @@ class TpuKernel:
     fingerprint: str
     #: StableHLO text: ``func.func public @main`` calling the Mosaic kernel via ``tpu_custom_call``.
     module: str
+    #: The same module as a StableHLO portable artifact (VHLO in MLIR bytecode): what the bridge
+    #: is given.
+    artifact: bytes
     #: (shape, dtype) of each operand, in order.
     inputs: tuple
     #: (shape, dtype) of each result, in order.
     outputs: tuple
 
 
-def _kernel(name: str, module: str, inputs, outputs) -> TpuKernel:
+def _kernel(name: str, module: str, artifact: bytes, inputs, outputs) -> TpuKernel:
     fingerprint = hashlib.blake2b(module.encode(), digest_size=16).hexdigest()
-    return TpuKernel(name, fingerprint, module, tuple(inputs), tuple(outputs))
+    return TpuKernel(name, fingerprint, module, artifact, tuple(inputs), tuple(outputs))
 
 
 def flash_attention_kernels(q: Tensor, k: Tensor, v: Tensor, causal: bool, sm_scale: float, with_segments: bool, chip: Optional[str] = None):
@@ -82,13 +86,14 @@ def op_kernel(op, problem: dict, chip: Optional[str] = None) -> TpuKernel:
 def _op_kernel(op, key: str, chip: str) -> TpuKernel:
     problem = json.loads(key)
     inputs, outputs = op.signature(problem)
-    return _kernel(f"torchtpu_{op.name}_{chip}", op.tpu_module(problem, chip), inputs, outputs)
+    return _kernel(f"torchtpu_{op.name}_{chip}", *op.tpu_module(problem, chip), inputs, outputs)
 
 
 def compile(kernel: TpuKernel, chip: Optional[str] = None) -> int:
-    """Compiles ``kernel`` with libtpu for ``chip`` (no TPU needed); returns the code size in
-    bytes, or raises ``RuntimeError`` with the compiler's message."""
-    return _torchtpu.compile_for_tpu(kernel.module, chip or default_chip())
+    """Compiles ``kernel``'s artifact (what the bridge is given) with libtpu for ``chip`` (no
+    TPU needed); returns the code size in bytes, or raises ``RuntimeError`` with the
+    compiler's message."""
+    return _torchtpu.compile_for_tpu(kernel.artifact, chip or default_chip())
 
 
 def _bridge():
@@ -100,7 +105,7 @@ def _bridge():
 def _run(kernel: TpuKernel, inputs, device) -> list:
     bridge = _bridge()
     if not bridge.lookup_custom_kernel(kernel.name, kernel.fingerprint):
-        bridge.register_custom_kernel(kernel.name, kernel.fingerprint, serialized_mlir_module=kernel.module.encode())
+        bridge.register_custom_kernel(kernel.name, kernel.fingerprint, serialized_mlir_module=kernel.artifact)
     outputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in kernel.outputs]
     return bridge.call_custom_kernel(kernel.name, kernel.fingerprint, inputs=list(inputs), output_shapes=outputs, donate_argnums=[], device_assignment=[])
 

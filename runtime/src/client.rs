@@ -185,7 +185,7 @@ impl Client {
         if let Some(e) = self.inner.executables.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(Executable { client: self.clone(), inner: e.clone() });
         }
-        let program = ffi::Program::mlir(stablehlo);
+        let program = ffi::Program::mlir(stablehlo.as_bytes());
         let mut args = ffi::ClientCompileArgs::new();
         args.client = self.inner.raw;
         args.program = &program;

@@ -108,16 +108,18 @@ args!(TopologyDestroyArgs { topology: *mut c_void });
 args!(TopologyStringArgs { topology: *mut c_void, value: *const c_char, value_size: usize });
 args!(TopologyDevicesArgs { topology: *mut c_void, descriptions: *const *mut c_void, num_descriptions: usize });
 args!(
-    /// `PJRT_Program`: the code to compile and its format (`"mlir"` for StableHLO text).
+    /// `PJRT_Program`: the code to compile and its format (`"mlir"` for StableHLO, as text or
+    /// MLIR bytecode).
     Program { code: *const c_char, code_size: usize, format: *const c_char, format_size: usize }
 );
 impl Program {
-    /// StableHLO text (format `"mlir"`); `text` must outlive the call that reads it.
-    pub fn mlir(text: &str) -> Program {
+    /// StableHLO (format `"mlir"`): text, or MLIR bytecode such as a portable artifact, which
+    /// PJRT tells apart by its magic number; `code` must outlive the call that reads it.
+    pub fn mlir(code: &[u8]) -> Program {
         const FORMAT: &str = "mlir";
         let mut p = Program::new();
-        p.code = text.as_ptr() as *const c_char;
-        p.code_size = text.len();
+        p.code = code.as_ptr() as *const c_char;
+        p.code_size = code.len();
         p.format = FORMAT.as_ptr() as *const c_char;
         p.format_size = FORMAT.len();
         p

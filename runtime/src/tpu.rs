@@ -165,18 +165,18 @@ impl TpuCompiler {
         Ok(args.num_descriptions as u64)
     }
 
-    /// Compiles a StableHLO module (text) for one device of `chip`.
-    pub fn compile(&self, chip: Chip, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
+    /// Compiles a StableHLO module (text, or a portable artifact) for one device of `chip`.
+    pub fn compile(&self, chip: Chip, stablehlo: impl AsRef<[u8]>) -> std::result::Result<CompiledModule, CompileError> {
         self.compile_for(&Slice::smallest(chip), 1, false, stablehlo)
     }
 
     /// Compiles an SPMD program (its module's `mhlo.num_partitions` must be `partitions`) for
     /// `partitions` devices of `slice`, as XLA's partitioner sees it on that slice.
-    pub fn compile_spmd(&self, slice: &Slice, partitions: u64, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
+    pub fn compile_spmd(&self, slice: &Slice, partitions: u64, stablehlo: impl AsRef<[u8]>) -> std::result::Result<CompiledModule, CompileError> {
         self.compile_for(slice, partitions, true, stablehlo)
     }
 
-    fn compile_for(&self, slice: &Slice, partitions: u64, spmd: bool, stablehlo: &str) -> std::result::Result<CompiledModule, CompileError> {
+    fn compile_for(&self, slice: &Slice, partitions: u64, spmd: bool, stablehlo: impl AsRef<[u8]>) -> std::result::Result<CompiledModule, CompileError> {
         let fail = |message: String| CompileError { slice: slice.clone(), location: rust_location(&message), message };
         let topology = self.topology(slice).map_err(|e| fail(e.to_string()))?;
         // Every slice has a device: only a program over several asks how many.
@@ -186,7 +186,7 @@ impl TpuCompiler {
                 return Err(fail(format!("a program over {partitions} devices does not fit {slice}, which has {devices}; pick a slice with at least {partitions}")));
             }
         }
-        let program = ffi::Program::mlir(stablehlo);
+        let program = ffi::Program::mlir(stablehlo.as_ref());
         let options = ffi::compile_options(partitions, spmd);
         let mut args = ffi::CompileArgs::new();
         args.topology = topology;
