@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, running and testing torchtpu need, from pinned versions: the Rust
 # crates (Cargo.lock) and a venv with the pinned Python packages (requirements.txt: libtpu,
-# the PJRT CPU plugin, torch, maturin, pytest). Idempotent and quick once done: the venv
+# the PJRT CPU plugin, torch, maturin, pytest, jaxlib for tests), and TorchTPU in a folder of
+# its own for its bridge test (requirements-torch-tpu.txt). Idempotent and quick once done: the venv
 # remembers the requirements it holds, so a later call installs nothing unless they changed.
 # Downloads are cached under ~/.cache (and cargo's own ~/.cargo), never inside the repo.
 set -euo pipefail
@@ -23,4 +24,15 @@ WANT="$(sha256sum requirements.txt | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$HOME/.cache/pip" -r requirements.txt
     echo "$WANT" > "$STAMP"
+fi
+
+# TorchTPU for the bridge test, in a folder of its own (see requirements-torch-tpu.txt):
+# reinstalled whole when its pins change.
+TORCH_TPU="${TORCHTPU_TORCH_TPU:-$HOME/.cache/torchtpu/torch-tpu}"
+TORCH_TPU_STAMP="$TORCH_TPU/.torchtpu-requirements.sha256"
+WANT_TORCH_TPU="$(sha256sum requirements-torch-tpu.txt | cut -d' ' -f1)"
+if [ "$(cat "$TORCH_TPU_STAMP" 2>/dev/null || true)" != "$WANT_TORCH_TPU" ]; then
+    rm -rf "$TORCH_TPU"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$HOME/.cache/pip" --no-deps --target "$TORCH_TPU" -r requirements-torch-tpu.txt
+    echo "$WANT_TORCH_TPU" > "$TORCH_TPU_STAMP"
 fi

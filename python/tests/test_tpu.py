@@ -92,3 +92,16 @@ def test_serving_ops_register_kernels_libtpu_compiles(chip):
         kernel = tpu.op_kernel(op, problem, chip=chip)
         assert signature(kernel.module) == [tensor_type(s, d) for s, d in kernel.inputs + kernel.outputs], op.name
         assert tpu.compile(kernel, chip) > 0, op.name
+
+
+def test_tpu_implementations_take_their_ops_arguments():
+    """A `tpu` implementation is called with the arguments the caller gave, defaults unfilled:
+    each must have its op's parameters and defaults (a call leaving `transpose_b` out once
+    failed on `tpu` tensors only)."""
+    import inspect
+
+    def parameters(fn):
+        return [(p.name, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    for op, implementation in tpu.implementations():
+        assert parameters(implementation) == parameters(op._init_fn), op._qualname

@@ -158,7 +158,7 @@ def _mask_operands(op: RustOp, problem: dict, like: Tensor, segment_ids: Optiona
     return [*segments, bias, seed]
 
 
-def _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias, bottom_right, dropout_p, seed):
+def _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias=None, bottom_right=False, dropout_p=0.0, seed=None):
     _check_attention(q, k, v, segment_ids, kv_segment_ids, bias, dropout_p)
     (qr, ql), (kr, kl), (vr, vl) = _operand("q", q), _operand("k", k), _operand("v", v)
     problem = _attention_problem(q, k, causal, sm_scale, segment_ids, bias, False, bottom_right, dropout_p, (ql, kl, vl))
@@ -166,7 +166,7 @@ def _flash_forward(q, k, v, causal, sm_scale, segment_ids, kv_segment_ids, bias,
     return out, lse.view(q.shape[:3])
 
 
-def _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids, bias, bias_grad, bottom_right, dropout_p, seed):
+def _flash_backward(q, k, v, out, grad_out, lse, causal, sm_scale, segment_ids, kv_segment_ids, bias=None, bias_grad=False, bottom_right=False, dropout_p=0.0, seed=None):
     _check_attention(q, k, v, segment_ids, kv_segment_ids, bias, dropout_p)
     (qr, ql), (kr, kl), (vr, vl) = _operand("q", q), _operand("k", k), _operand("v", v)
     _check_contiguous(out=out, grad_out=grad_out, lse=lse)
@@ -455,7 +455,7 @@ def _matmul_problem(a: Tensor, b: Tensor, transpose_b: bool = False) -> dict:
     return {"batch": batch, "m": int(a.shape[-2]), "n": int(n), "k": int(a.shape[-1]), "dtype": dtype_name(a.dtype), "transpose_b": bool(transpose_b)}
 
 
-def _matmul(a, b, transpose_b):
+def _matmul(a, b, transpose_b=False):
     problem = _matmul_problem(a, b, transpose_b)
     _check_contiguous(a=a, b=b)
     (out,) = _MATMUL(problem, [a, b])

@@ -110,6 +110,32 @@ def _run(kernel: TpuKernel, inputs, device) -> list:
     return bridge.call_custom_kernel(kernel.name, kernel.fingerprint, inputs=list(inputs), output_shapes=outputs, donate_argnums=[], device_assignment=[])
 
 
+def implementations() -> list:
+    """(custom op, its ``tpu`` implementation) for every op with a TPU path."""
+    return [
+        (ops.flash_attention_forward, ops._flash_forward),
+        (ops.flash_attention_backward, ops._flash_backward),
+        (ops.matmul, ops._matmul),
+        (norm.rms_norm_forward, norm._rms_forward),
+        (norm.rms_norm_backward, norm._rms_backward),
+        (norm.layer_norm_forward, norm._layer_forward),
+        (norm.layer_norm_backward, norm._layer_backward),
+        (glu.glu_forward, glu._forward),
+        (glu.glu_backward, glu._backward),
+        (glu.glu_linear_forward, glu._glu_linear),
+        (glu.glu_linear_train, glu._glu_linear_saving),
+        (rope.rope_forward, rope._forward),
+        (rope.rope_backward, rope._backward),
+        (cross_entropy.linear_cross_entropy_forward, cross_entropy._forward),
+        (cross_entropy.linear_cross_entropy_backward_h, cross_entropy._backward_h),
+        (cross_entropy.linear_cross_entropy_backward_weight, cross_entropy._backward_weight),
+        (grouped_matmul.gmm_op, grouped_matmul._gmm),
+        (grouped_matmul.tgmm_op, grouped_matmul._tgmm),
+        (quantized.quantized_linear_op, quantized._quantized_linear),
+        (paged_attention.ragged_paged_attention_op, paged_attention._ragged_paged_attention),
+    ]
+
+
 def register() -> bool:
     """Registers the ops' ``tpu`` implementations if TorchTPU has named the ``tpu`` device
     (done at ``import torchtpu``; call again after importing ``torch_tpu`` later). Returns
@@ -119,26 +145,8 @@ def register() -> bool:
         return True
     if torch._C._get_privateuse1_backend_name() != "tpu":
         return False
-    torch.library.register_kernel(ops.flash_attention_forward, "tpu", ops._flash_forward)
-    torch.library.register_kernel(ops.flash_attention_backward, "tpu", ops._flash_backward)
-    torch.library.register_kernel(ops.matmul, "tpu", ops._matmul)
-    torch.library.register_kernel(norm.rms_norm_forward, "tpu", norm._rms_forward)
-    torch.library.register_kernel(norm.rms_norm_backward, "tpu", norm._rms_backward)
-    torch.library.register_kernel(norm.layer_norm_forward, "tpu", norm._layer_forward)
-    torch.library.register_kernel(norm.layer_norm_backward, "tpu", norm._layer_backward)
-    torch.library.register_kernel(glu.glu_forward, "tpu", glu._forward)
-    torch.library.register_kernel(glu.glu_backward, "tpu", glu._backward)
-    torch.library.register_kernel(glu.glu_linear_forward, "tpu", glu._glu_linear)
-    torch.library.register_kernel(glu.glu_linear_train, "tpu", glu._glu_linear_saving)
-    torch.library.register_kernel(rope.rope_forward, "tpu", rope._forward)
-    torch.library.register_kernel(rope.rope_backward, "tpu", rope._backward)
-    torch.library.register_kernel(cross_entropy.linear_cross_entropy_forward, "tpu", cross_entropy._forward)
-    torch.library.register_kernel(cross_entropy.linear_cross_entropy_backward_h, "tpu", cross_entropy._backward_h)
-    torch.library.register_kernel(cross_entropy.linear_cross_entropy_backward_weight, "tpu", cross_entropy._backward_weight)
-    torch.library.register_kernel(grouped_matmul.gmm_op, "tpu", grouped_matmul._gmm)
-    torch.library.register_kernel(grouped_matmul.tgmm_op, "tpu", grouped_matmul._tgmm)
-    torch.library.register_kernel(quantized.quantized_linear_op, "tpu", quantized._quantized_linear)
-    torch.library.register_kernel(paged_attention.ragged_paged_attention_op, "tpu", paged_attention._ragged_paged_attention)
+    for op, implementation in implementations():
+        torch.library.register_kernel(op, "tpu", implementation)
     _registered = True
     return True
 
