@@ -14,9 +14,9 @@ use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, InterpretOptions, PallasCall, TracedCall};
 use torchtpu_exec::{Backend, Compiled};
-use torchtpu_kernels::calibration;
 use torchtpu_kernels::registry::{self, AnyOp, Selection};
 use torchtpu_kernels::tables::{target_of, tuning_device, Table, TableTarget};
+use torchtpu_kernels::{calibration, op};
 use torchtpu_runtime::{Chip, Slice, TpuCompiler};
 
 #[derive(Parser)]
@@ -302,10 +302,15 @@ impl Selected {
         self.op.call(&self.problem, self.config.as_ref(), target).map_err(|e| e.to_string())
     }
 
-    /// The call with the config it uses on `target` (unless one was set), traced.
+    /// The call with the config it uses on `target` (unless one was set), traced; for a chip,
+    /// with the VMEM limit its blocks need there.
     fn trace(&self, target: Option<TableTarget>) -> Result<TracedCall, String> {
         let (call, types) = self.call(target)?;
-        call.trace(&types).map_err(|e| e.to_string())
+        let traced = call.trace(&types).map_err(|e| e.to_string())?;
+        match target {
+            Some(TableTarget::Chip(chip)) => op::fit_vmem(traced, chip).map_err(|e| e.to_string()),
+            _ => Ok(traced),
+        }
     }
 
     /// Random operands of `types`: an error, before anything is allocated, when the inputs,
@@ -566,7 +571,10 @@ fn run(ops: &Ops, cli: Cli) -> Result<bool, String> {
                 };
                 for op in ops.ops.iter().filter(|o| kernels.is_empty() || kernels.iter().any(|k| k == o.name())) {
                     for (bucket, problem) in op.table_jobs(target) {
-                        let opts = TuneOptions { strategy: Strategy::Exhaustive, use_cache: false, ..TuneOptions::default() };
+                        // A chip's winner is the model's fastest that compiles: ranking in the
+                        // model's order finds it without compiling every candidate.
+                        let strategy = if matches!(target, TableTarget::Chip(_)) { Strategy::Guided } else { Strategy::Exhaustive };
+                        let opts = TuneOptions { strategy, use_cache: false, ..TuneOptions::default() };
                         let report = tune(problem.as_ref(), device, &opts).map_err(|e| format!("{name} {bucket}: {e}"))?;
                         eprintln!("{name:>6} {} {bucket}: {} ({:.4} ms, default {:?})", op.name(), report.best_config, report.best_time_ms, report.default_time_ms);
                         let config: serde_json::Map<String, serde_json::Value> = report.best_config.0.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();

@@ -163,7 +163,7 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
             pruned.push(prune(format!("constraint: {reason}"), None));
             continue;
         }
-        let traced = match t.build(&config).and_then(|c| c.trace(types).map_err(|e| Error::Invalid(e.to_string()))) {
+        let mut traced = match t.build(&config).and_then(|c| c.trace(types).map_err(|e| Error::Invalid(e.to_string()))) {
             Ok(tr) => tr,
             Err(e) => {
                 pruned.push(prune(format!("does not trace: {e}"), None));
@@ -182,16 +182,12 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
                 pruned.push(prune(format!("tiling: {reason}"), Some(f)));
                 continue;
             }
-            if let Some(limit) = traced.vmem_limit_bytes.filter(|&l| l > chip.vmem_bytes()) {
-                pruned.push(prune(format!("vmem_limit_bytes {limit} is more than the {} bytes of VMEM {chip} has", chip.vmem_bytes()), Some(f)));
-                continue;
-            }
-            let budget = traced.vmem_limit_bytes.unwrap_or(chip.default_scoped_vmem_bytes()) as f64;
-            if f.vmem_bytes > budget {
-                let mib = |b: f64| b / (1u64 << 20) as f64;
-                pruned
-                    .push(prune(format!("VMEM model: {:.1} MiB of double-buffered blocks and scratch > {:.0} MiB scoped VMEM on {chip}", mib(f.vmem_bytes), mib(budget)), Some(f)));
-                continue;
+            match model::vmem_limit(&traced, &f, chip) {
+                Ok(limit) => traced.vmem_limit_bytes = limit,
+                Err(reason) => {
+                    pruned.push(prune(reason, Some(f)));
+                    continue;
+                }
             }
         }
         ok.push(Prepared { config, traced, features: f });
@@ -286,7 +282,7 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
         )));
     }
     let (evaluated, decided) = match device {
-        Device::Chip(chip) => (rank_for_chip(chip, &prepared, opts)?, None),
+        Device::Chip(chip) => (rank_for_chip(chip, &prepared, &t.default_config(), opts)?, None),
         Device::Pjrt(backend) => measure(backend, t, &prepared, &inputs, opts, &mut rng)?,
     };
     candidates.extend(evaluated);
@@ -341,27 +337,51 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
     Ok(report)
 }
 
-/// Compiles every candidate for `chip` (in parallel) and ranks the feasible by the roofline model.
-fn rank_for_chip(chip: Chip, prepared: &[Prepared], opts: &TuneOptions) -> Result<Vec<Candidate>> {
+/// Ranks the candidates for `chip` by the roofline model over those libtpu compiles. The
+/// exhaustive strategy compiles every candidate (in parallel); the others compile in the
+/// model's order (fastest first; ties in the space's order), a batch at a time, and stop at
+/// the first batch with a candidate that compiles: the same winner as compiling them all,
+/// since the prediction does not depend on the compile, with the slower candidates left
+/// [`Outcome::NotEvaluated`] but for `default`, the baseline the report compares against.
+fn rank_for_chip(chip: Chip, prepared: &[Prepared], default: &Config, opts: &TuneOptions) -> Result<Vec<Candidate>> {
     let compiler = TpuCompiler::shared()?;
     let done = std::sync::atomic::AtomicUsize::new(0);
-    Ok(prepared
-        .par_iter()
-        .map(|p| {
-            let outcome = match lower(&p.traced, Target::TpuStableHlo) {
-                Err(e) => Outcome::Pruned { reason: format!("does not lower: {e}") },
-                Ok(module) => match compiler.compile(chip, &module) {
-                    Ok(c) => Outcome::Predicted { ms: predict_tpu_seconds(&p.traced, &p.features, chip) * 1e3, code_size_bytes: c.code_size_bytes },
-                    Err(e) => Outcome::Pruned { reason: format!("libtpu: {}", compiler_reason(&e.message)) },
-                },
-            };
-            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            if let Some(cb) = opts.progress {
-                cb(Progress { done: n, total: prepared.len(), config: &p.config, ms: outcome.ms() });
+    let judge = |p: &Prepared, ms: f64| {
+        let outcome = match lower(&p.traced, Target::TpuStableHlo) {
+            Err(e) => Outcome::Pruned { reason: format!("does not lower: {e}") },
+            Ok(module) => match compiler.compile(chip, &module) {
+                Ok(c) => Outcome::Predicted { ms, code_size_bytes: c.code_size_bytes },
+                Err(e) => Outcome::Pruned { reason: format!("libtpu: {}", compiler_reason(&e.message)) },
+            },
+        };
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if let Some(cb) = opts.progress {
+            cb(Progress { done: n, total: prepared.len(), config: &p.config, ms: outcome.ms() });
+        }
+        outcome
+    };
+    let predicted: Vec<f64> = prepared.par_iter().map(|p| predict_tpu_seconds(&p.traced, &p.features, chip) * 1e3).collect();
+    let mut outcomes: Vec<Outcome> = vec![Outcome::NotEvaluated; prepared.len()];
+    if opts.strategy == Strategy::Exhaustive {
+        outcomes = prepared.par_iter().zip(&predicted).map(|(p, &ms)| judge(p, ms)).collect();
+    } else {
+        let mut order: Vec<usize> = (0..prepared.len()).collect();
+        order.sort_by(|&a, &b| predicted[a].total_cmp(&predicted[b]).then(a.cmp(&b)));
+        for batch in order.chunks(rayon::current_num_threads().max(1)) {
+            let judged: Vec<(usize, Outcome)> = batch.par_iter().map(|&i| (i, judge(&prepared[i], predicted[i]))).collect();
+            let compiled = judged.iter().any(|(_, o)| o.ms().is_some());
+            for (i, o) in judged {
+                outcomes[i] = o;
             }
-            Candidate { config: p.config.clone(), outcome, features: Some(p.features), measured_ms: None }
-        })
-        .collect())
+            if compiled {
+                break;
+            }
+        }
+        if let Some(d) = prepared.iter().position(|p| &p.config == default).filter(|&d| outcomes[d] == Outcome::NotEvaluated) {
+            outcomes[d] = judge(&prepared[d], predicted[d]);
+        }
+    }
+    Ok(prepared.iter().zip(outcomes).map(|(p, outcome)| Candidate { config: p.config.clone(), outcome, features: Some(p.features), measured_ms: None }).collect())
 }
 
 /// The informative head of a compiler message: its first two non-empty lines.

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use torchtpu_autotune::problem::block_candidates;
-use torchtpu_autotune::{cache, key_for, tune, Config, Device, Outcome, SearchSpace, Strategy, Tunable, TuneOptions};
+use torchtpu_autotune::{cache, key_for, tune, Config, Device, Outcome, SearchSpace, Strategy, Tunable, TuneOptions, TuneReport};
 use torchtpu_dsl::prelude::*;
 use torchtpu_dsl::{DType, HostArray, PallasCall};
 use torchtpu_exec::Backend;
@@ -123,6 +123,21 @@ fn ranks_for_a_tpu_chip_without_hardware() {
     assert!(matches!(&big.outcome, Outcome::Pruned { reason } if reason.contains("VMEM") || reason.contains("E1001")), "{:?}", big.outcome);
     // Bigger tiles move fewer bytes: the best beats the 128 default by the model.
     assert!(r.speedup().is_some_and(|s| s > 1.5), "{}", r.table());
+}
+
+#[test]
+fn ranking_in_the_models_order_finds_the_exhaustive_winner() {
+    let dir = temp_dir("v6e-order");
+    let p = MatmulProblem { m: 2048, n: 2048, k: 2048, dtype: DType::F32 };
+    let all = tune(&p, Device::Chip(Chip::V6e), &TuneOptions { use_cache: false, ..quick(&dir, Strategy::Exhaustive) }).expect("ranks");
+    let ordered = tune(&p, Device::Chip(Chip::V6e), &TuneOptions { use_cache: false, ..quick(&dir, Strategy::Guided) }).expect("ranks");
+    assert_eq!(ordered.best_config, all.best_config, "{}\n{}", all.table(), ordered.table());
+    assert_eq!(ordered.best_time_ms, all.best_time_ms);
+    let compiled = |r: &TuneReport| r.candidates.iter().filter(|c| matches!(c.outcome, Outcome::Predicted { .. })).count();
+    assert!(compiled(&ordered) < compiled(&all), "{} of {}", compiled(&ordered), compiled(&all));
+    // What was not compiled is said so, not dropped.
+    assert_eq!(ordered.candidates.len(), all.candidates.len());
+    assert!(ordered.candidates.iter().any(|c| matches!(c.outcome, Outcome::NotEvaluated)));
 }
 
 /// A copy kernel whose block widths include ones that break the TPU's tiling.

@@ -181,11 +181,25 @@ pub fn tpu_module<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, c
     Ok(lower_tpu(&traced_for(op, p, explicit, TableTarget::Chip(chip))?)?)
 }
 
-/// `op` on `p` traced with the config it uses on `target` (or `explicit`), checked.
+/// `op` on `p` traced with the config it uses on `target` (or `explicit`), checked; for a
+/// chip, with the VMEM limit its blocks need there ([`fit_vmem`]).
 pub fn traced_for<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, target: TableTarget) -> Result<TracedCall, Error> {
     op.check(p)?;
     let config = explicit.map_or_else(|| config_for(op, p, Some(target)), |c| op.for_target(p, c.clone(), Some(target)));
-    Ok(op.call(p, &config)?.trace(&op.operand_types(p))?)
+    let traced = op.call(p, &config)?.trace(&op.operand_types(p))?;
+    match target {
+        TableTarget::Chip(chip) => fit_vmem(traced, chip),
+        TableTarget::Cpu => Ok(traced),
+    }
+}
+
+/// `traced` with the `vmem_limit_bytes` its blocks need on `chip`
+/// ([`torchtpu_autotune::model::vmem_limit`], as the tuner ranks it): what lowering it for
+/// that chip takes.
+pub fn fit_vmem(mut traced: TracedCall, chip: Chip) -> Result<TracedCall, Error> {
+    let f = torchtpu_autotune::model::features(&traced)?;
+    traced.vmem_limit_bytes = torchtpu_autotune::model::vmem_limit(&traced, &f, chip).map_err(Error::Config)?;
+    Ok(traced)
 }
 
 /// `op` on `p` run on `backend` over host arrays, with the config it uses there; an empty
