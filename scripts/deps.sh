@@ -28,11 +28,20 @@ fi
 
 # TorchTPU for the bridge test, in a folder of its own (see requirements-torch-tpu.txt):
 # reinstalled whole when its pins change.
+# Keyed by the pins and the venv's Python (the folder holds compiled extensions); installed
+# next to the folder and moved into place, so a failed install leaves the old one whole, and
+# only a folder this script made (it has the stamp) is ever replaced.
 TORCH_TPU="${TORCHTPU_TORCH_TPU:-$HOME/.cache/torchtpu/torch-tpu}"
 TORCH_TPU_STAMP="$TORCH_TPU/.torchtpu-requirements.sha256"
-WANT_TORCH_TPU="$(sha256sum requirements-torch-tpu.txt | cut -d' ' -f1)"
+WANT_TORCH_TPU="$( (cat requirements-torch-tpu.txt; "$VENV/bin/python" -VV) | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$TORCH_TPU_STAMP" 2>/dev/null || true)" != "$WANT_TORCH_TPU" ]; then
+    if [ -e "$TORCH_TPU" ] && [ ! -f "$TORCH_TPU_STAMP" ]; then
+        echo "deps: $TORCH_TPU exists but was not made by this script; move it or set TORCHTPU_TORCH_TPU" >&2
+        exit 1
+    fi
+    rm -rf "$TORCH_TPU.new"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$HOME/.cache/pip" --no-deps --target "$TORCH_TPU.new" -r requirements-torch-tpu.txt
+    echo "$WANT_TORCH_TPU" > "$TORCH_TPU.new/.torchtpu-requirements.sha256"
     rm -rf "$TORCH_TPU"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --cache-dir "$HOME/.cache/pip" --no-deps --target "$TORCH_TPU" -r requirements-torch-tpu.txt
-    echo "$WANT_TORCH_TPU" > "$TORCH_TPU_STAMP"
+    mv "$TORCH_TPU.new" "$TORCH_TPU"
 fi

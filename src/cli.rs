@@ -14,9 +14,9 @@ use torchtpu_dsl::accuracy::{relative_error, tolerance};
 use torchtpu_dsl::ir::ValueType;
 use torchtpu_dsl::{DType, HostArray, InterpretOptions, PallasCall, TracedCall};
 use torchtpu_exec::{Backend, Compiled};
+use torchtpu_kernels::calibration;
 use torchtpu_kernels::registry::{self, AnyOp, Selection};
 use torchtpu_kernels::tables::{target_of, tuning_device, Table, TableTarget};
-use torchtpu_kernels::{calibration, op};
 use torchtpu_runtime::{Chip, Slice, TpuCompiler};
 
 #[derive(Parser)]
@@ -302,15 +302,10 @@ impl Selected {
         self.op.call(&self.problem, self.config.as_ref(), target).map_err(|e| e.to_string())
     }
 
-    /// The call with the config it uses on `target` (unless one was set), traced; for a chip,
-    /// with the VMEM limit its blocks need there.
+    /// The call with the config it uses on `target` (unless one was set), traced.
     fn trace(&self, target: Option<TableTarget>) -> Result<TracedCall, String> {
         let (call, types) = self.call(target)?;
-        let traced = call.trace(&types).map_err(|e| e.to_string())?;
-        match target {
-            Some(TableTarget::Chip(chip)) => op::fit_vmem(traced, chip).map_err(|e| e.to_string()),
-            _ => Ok(traced),
-        }
+        call.trace(&types).map_err(|e| e.to_string())
     }
 
     /// Random operands of `types`: an error, before anything is allocated, when the inputs,

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use crate::report::TuneReport;
 
-/// Bumped when the file format changes; older files are then stale.
-pub const FORMAT_VERSION: u32 = 2;
+/// Bumped when the file format or what a result means changes; older files are then stale
+/// (3: chip candidates past the default scoped VMEM get a raised limit instead of pruning).
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Everything a result depends on.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -367,7 +367,8 @@ fn rank_for_chip(chip: Chip, prepared: &[Prepared], default: &Config, opts: &Tun
     } else {
         let mut order: Vec<usize> = (0..prepared.len()).collect();
         order.sort_by(|&a, &b| predicted[a].total_cmp(&predicted[b]).then(a.cmp(&b)));
-        for batch in order.chunks(rayon::current_num_threads().max(1)) {
+        // A batch keeps the cores busy; a small one keeps the compiles past the winner few.
+        for batch in order.chunks(rayon::current_num_threads().clamp(1, 8)) {
             let judged: Vec<(usize, Outcome)> = batch.par_iter().map(|&i| (i, judge(&prepared[i], predicted[i]))).collect();
             let compiled = judged.iter().any(|(_, o)| o.ms().is_some());
             for (i, o) in judged {

@@ -78,15 +78,22 @@ const UNHIDDEN: f64 = 0.1;
 /// MXU passes of an f32 matmul per bf16 one.
 const F32_PASSES: f64 = 3.0;
 
-/// The `vmem_limit_bytes` `call` needs on `chip`: none while the blocks (double-buffered) and
-/// scratch fit the default scoped VMEM, else all the VMEM the chip has, so that blocks real
-/// chips run (f32 matmul blocks past 16 MiB on v5e, measured) compile; `Err` with the reason
-/// when they need more than that. libtpu's compile stays the verdict on what fits.
+/// The `vmem_limit_bytes` `call` needs on `chip`: its own if it sets one, else none while the
+/// blocks (double-buffered) and scratch fit the default scoped VMEM, else all the VMEM the
+/// chip has, so that blocks real chips run (f32 matmul blocks past 16 MiB on v5e, measured)
+/// compile; `Err` with the reason when the blocks alone cannot fit. The model counts only
+/// blocks and scratch, a lower bound: libtpu's compile stays the verdict on what fits.
 pub fn vmem_limit(call: &TracedCall, f: &Features, chip: Chip) -> Result<Option<u64>, String> {
-    if let Some(limit) = call.vmem_limit_bytes {
-        return if limit > chip.vmem_bytes() { Err(format!("vmem_limit_bytes {limit} is more than the {} bytes of VMEM {chip} has", chip.vmem_bytes())) } else { Ok(Some(limit)) };
-    }
     let mib = |b: f64| b / (1u64 << 20) as f64;
+    if let Some(limit) = call.vmem_limit_bytes {
+        return if limit > chip.vmem_bytes() {
+            Err(format!("vmem_limit_bytes {limit} is more than the {} bytes of VMEM {chip} has", chip.vmem_bytes()))
+        } else if f.vmem_bytes > limit as f64 {
+            Err(format!("VMEM model: {:.1} MiB of double-buffered blocks and scratch > the kernel's vmem_limit_bytes ({:.0} MiB)", mib(f.vmem_bytes), mib(limit as f64)))
+        } else {
+            Ok(Some(limit))
+        };
+    }
     if f.vmem_bytes <= chip.default_scoped_vmem_bytes() as f64 {
         Ok(None)
     } else if f.vmem_bytes <= chip.vmem_bytes() as f64 {

@@ -1,16 +1,13 @@
-//! The TPU module as a StableHLO *portable artifact*: the module of
+//! The TPU module as a StableHLO *portable artifact* ([`crate::lower_tpu`]): the module of
 //! [`crate::stablehlo::tpu_custom_call`] in StableHLO's versioned dialect (VHLO), written as
 //! MLIR bytecode whose producer names the VHLO version. It is what `jax.export` hands
 //! TorchTPU's bridge (`mlir_module_serialized`), and what `stablehlo::deserializePortableArtifact`
 //! (in libtpu, jaxlib and TorchTPU) reads back into StableHLO.
 
 use torchtpu_dsl::ir::ValueType;
-use torchtpu_dsl::{DType, TracedCall};
+use torchtpu_dsl::DType;
 
 use crate::bytecode::{self, Block, Operation};
-use crate::error::Result;
-use crate::mlir::symbol;
-use crate::mosaic::Form;
 use crate::stablehlo::{mlir_string, KernelCall};
 
 /// The VHLO version the artifact is written at: the first with StableHLO's compatibility
@@ -19,12 +16,6 @@ use crate::stablehlo::{mlir_string, KernelCall};
 /// version is read by the most consumers (JAX writes its 12-week-old version, 1.13.7 in
 /// jaxlib 0.10.2, for the same reason).
 pub const VHLO_VERSION: &str = "1.0.0";
-
-/// The artifact of the module running `call`'s kernel through `tpu_custom_call`: the same
-/// module as the StableHLO text `lower` prints for `Target::TpuStableHlo`.
-pub fn tpu_custom_call(call: &TracedCall) -> Result<Vec<u8>> {
-    Ok(module(&symbol(&call.name), &KernelCall::new(call, Form::Stable)?))
-}
 
 /// The module `name` whose `@main` runs `kernel`, as [`crate::stablehlo::module_text`] writes
 /// it in text.

@@ -52,6 +52,8 @@ pub struct Block {
 
 /// `op` as an MLIR bytecode file whose producer string is `producer`.
 pub fn write(producer: &str, op: &Operation) -> Vec<u8> {
+    // The reader's top-level scope holds no values: a top-level op cannot have results.
+    debug_assert!(op.results.is_empty(), "a top-level op with results");
     let mut tables = Tables::default();
     tables.collect(op);
     let mut ir = Vec::new();

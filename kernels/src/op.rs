@@ -159,12 +159,31 @@ pub fn config_for<O: Op>(op: &O, p: &O::Problem, target: Option<TableTarget>) ->
 
 /// The call of `op` on `p` with the config it uses on `backend` (or `explicit`), checked.
 pub fn tuned_call<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, backend: Backend) -> Result<PallasCall, Error> {
+    call_for(op, p, explicit, tables::target_of(backend))
+}
+
+/// The call of `op` on `p` with the config it uses on `target` (or `explicit`), checked; for
+/// a chip, with the VMEM limit its blocks need there ([`fit_vmem`]). Every path that runs or
+/// lowers an op for a chip goes through here.
+pub fn call_for<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, target: Option<TableTarget>) -> Result<PallasCall, Error> {
     op.check(p)?;
-    let target = tables::target_of(backend);
-    match explicit {
-        Some(c) => op.call(p, &op.for_target(p, c.clone(), target)),
-        None => op.call(p, &config_for(op, p, target)),
+    let config = explicit.map_or_else(|| config_for(op, p, target), |c| op.for_target(p, c.clone(), target));
+    let call = op.call(p, &config)?;
+    match target {
+        Some(TableTarget::Chip(chip)) => fit_vmem(call, &op.operand_types(p), chip),
+        _ => Ok(call),
     }
+}
+
+/// `call` with the `vmem_limit_bytes` its blocks need on `chip`
+/// ([`torchtpu_autotune::model::vmem_limit`], as the tuner ranks it), for operands `types`.
+pub fn fit_vmem(call: PallasCall, types: &[ValueType], chip: Chip) -> Result<PallasCall, Error> {
+    let traced = call.trace(types)?;
+    let f = torchtpu_autotune::model::features(&traced)?;
+    Ok(match torchtpu_autotune::model::vmem_limit(&traced, &f, chip).map_err(Error::Config)? {
+        Some(limit) => call.vmem_limit_bytes(limit),
+        None => call,
+    })
 }
 
 /// `op` on `p` compiled for a device backend with the config it uses there: run on device
@@ -181,25 +200,10 @@ pub fn tpu_module<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, c
     Ok(lower_tpu(&traced_for(op, p, explicit, TableTarget::Chip(chip))?)?)
 }
 
-/// `op` on `p` traced with the config it uses on `target` (or `explicit`), checked; for a
-/// chip, with the VMEM limit its blocks need there ([`fit_vmem`]).
+/// `op` on `p` traced with the config it uses on `target` (or `explicit`), checked, as
+/// [`call_for`] builds it.
 pub fn traced_for<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, target: TableTarget) -> Result<TracedCall, Error> {
-    op.check(p)?;
-    let config = explicit.map_or_else(|| config_for(op, p, Some(target)), |c| op.for_target(p, c.clone(), Some(target)));
-    let traced = op.call(p, &config)?.trace(&op.operand_types(p))?;
-    match target {
-        TableTarget::Chip(chip) => fit_vmem(traced, chip),
-        TableTarget::Cpu => Ok(traced),
-    }
-}
-
-/// `traced` with the `vmem_limit_bytes` its blocks need on `chip`
-/// ([`torchtpu_autotune::model::vmem_limit`], as the tuner ranks it): what lowering it for
-/// that chip takes.
-pub fn fit_vmem(mut traced: TracedCall, chip: Chip) -> Result<TracedCall, Error> {
-    let f = torchtpu_autotune::model::features(&traced)?;
-    traced.vmem_limit_bytes = torchtpu_autotune::model::vmem_limit(&traced, &f, chip).map_err(Error::Config)?;
-    Ok(traced)
+    Ok(call_for(op, p, explicit, Some(target))?.trace(&op.operand_types(p))?)
 }
 
 /// `op` on `p` run on `backend` over host arrays, with the config it uses there; an empty

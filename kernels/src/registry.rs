@@ -84,11 +84,11 @@ impl<O: Op> AnyOp for Registered<O> {
     }
     fn call(&self, problem: &Value, config: Option<&Value>, target: Option<TableTarget>) -> Result<(PallasCall, Vec<ValueType>), Error> {
         let p = problem_of(&self.0, problem)?;
-        let c = match config {
-            Some(v) => self.0.for_target(&p, serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("not a {} config: {e} (in {v})", self.0.name())))?, target),
-            None => op::config_for(&self.0, &p, target),
+        let explicit: Option<O::Config> = match config {
+            Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| Error::Config(format!("not a {} config: {e} (in {v})", self.0.name())))?),
+            None => None,
         };
-        Ok((self.0.call(&p, &c)?, self.0.operand_types(&p)))
+        Ok((op::call_for(&self.0, &p, explicit.as_ref(), target)?, self.0.operand_types(&p)))
     }
     fn random_inputs(&self, problem: &Value, rng: &mut StdRng) -> Result<Vec<HostArray>, Error> {
         Ok(self.0.random_inputs(&problem_of(&self.0, problem)?, rng))

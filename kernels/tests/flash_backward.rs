@@ -134,7 +134,8 @@ fn backward_compiles_with_libtpu_for_every_chip() {
         (AttentionShape { batch: 1, heads: 8, kv_heads: 2, q_len: 2048, kv_len: 2048, head_dim: 128 }, DType::BF16, (256, 256), true, true),
         (AttentionShape { batch: 2, heads: 4, kv_heads: 4, q_len: 1000, kv_len: 777, head_dim: 64 }, DType::F32, (128, 128), false, false),
     ] {
-        // An explicit block: the modules are the same whichever chip they are lowered for.
+        // An explicit block within every chip's default scoped VMEM (no limit to set): the
+        // modules are the same whichever chip they are lowered for.
         let opts = AttentionOptions { causal, sm_scale: None, block: Some(block), ..Default::default() };
         let (dkv, dq) = backward_tpu_modules(shape, dtype, opts, segs, Chip::V5e).expect("lowers");
         for (name, module) in [("dkv text", dkv.text.as_bytes()), ("dkv artifact", &dkv.artifact), ("dq text", dq.text.as_bytes()), ("dq artifact", &dq.artifact)] {

@@ -152,7 +152,8 @@ fn forward_compiles_with_libtpu_for_every_chip() {
         (AttentionShape { batch: 2, heads: 4, kv_heads: 4, q_len: 1000, kv_len: 777, head_dim: 64 }, DType::F32, (256, 128), false, false),
         (AttentionShape { batch: 1, heads: 2, kv_heads: 1, q_len: 128, kv_len: 4096, head_dim: 128 }, DType::BF16, (128, 1024), true, false),
     ] {
-        // An explicit block: the module is the same whichever chip it is lowered for.
+        // An explicit block within every chip's default scoped VMEM (no limit to set): the
+        // module is the same whichever chip it is lowered for.
         let module = forward_tpu_module(shape, dtype, AttentionOptions { causal, sm_scale: None, block: Some(block), ..Default::default() }, segs, Chip::V5e).expect("lowers");
         for chip in Chip::ALL {
             // Both forms: the text `lower` prints and the artifact TorchTPU is given.

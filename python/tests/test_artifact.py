@@ -8,16 +8,14 @@ import pytest
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import stablehlo
 
-from torchtpu import _torchtpu, tpu
+from torchtpu import _torchtpu, library, tpu
 
 
 def problems():
     """Every registered op's example problem, in each dtype it comes in."""
-    for name in _torchtpu.op_names():
-        example = json.loads(_torchtpu.op_example(name))
-        dtypes = ["f32", "bf16"] if example.get("dtype") in ("f32", "bf16") else [example.get("dtype")]
-        for dtype in dtypes:
-            yield name, {**example, "dtype": dtype} if dtype else example
+    for name in library.names():
+        for problem in library.RustOp(name).examples():
+            yield name, problem
 
 
 def canonical(module: ir.Module) -> str:
@@ -48,8 +46,9 @@ def test_the_artifact_is_at_a_version_consumers_read():
     assert parse(stablehlo.get_minimum_version()) <= version <= parse(stablehlo.get_current_version())
 
 
-def test_the_registered_kernel_is_the_artifact():
-    """What `tpu._run` registers with the bridge is the artifact of the kernel's text module."""
+def test_a_kernel_carries_the_artifact_of_its_text():
+    """A kernel (what `tpu._run` registers with the bridge) holds the artifact of its text
+    module, and libtpu compiles it."""
     import torch
 
     a = torch.empty(256, 384, dtype=torch.bfloat16, device="meta")

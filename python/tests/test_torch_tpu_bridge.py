@@ -22,7 +22,7 @@ def probe() -> dict:
     assert (TORCH_TPU / "torch_tpu").is_dir(), f"torch-tpu is not installed in {TORCH_TPU}: run scripts/deps.sh"
     env = {
         **os.environ,
-        "PYTHONPATH": str(TORCH_TPU),
+        "PYTHONPATH": os.pathsep.join([str(TORCH_TPU), *filter(None, [os.environ.get("PYTHONPATH")])]),
         # libtpu would query a cloud metadata server for minutes otherwise.
         "TPU_SKIP_MDS_QUERY": "1",
         "TPU_ACCELERATOR_TYPE": "v5litepod-4",
@@ -43,7 +43,7 @@ def test_the_real_bridge_takes_every_op_and_a_tpu_call_reaches_it():
     assert seen["registered"] is True
     assert seen["dispatch"] == {op._qualname: True for op, _ in tpu.implementations()}
     # Every op's kernels (f32 and bf16) register: the bridge returns None, then knows them.
-    assert {(k["op"], k["dtype"]) for k in seen["kernels"]} == {(name, d) for name in library.names() for d in ("f32", "bf16")}
+    assert {(k["op"], k["dtype"]) for k in seen["kernels"]} == {(name, p.get("dtype")) for name in library.names() for p in library.RustOp(name).examples()}
     for k in seen["kernels"]:
         assert (k["before"], k["returned"], k["after"]) == (False, "None", True), k
     # Registration does not parse the module (a device's first call does), and host tensors

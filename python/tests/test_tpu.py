@@ -34,7 +34,7 @@ def test_attention_kernels_registered_for_a_call(dtype):
     assert dq.outputs == (((2, 8, 1024, 128), dtype),)
     for kernel in (fwd, dkv, dq):
         assert "tpu_custom_call" in kernel.module
-        assert kernel.fingerprint == hashlib.blake2b(kernel.module.encode(), digest_size=16).hexdigest()
+        assert kernel.fingerprint == hashlib.blake2b(kernel.artifact, digest_size=16).hexdigest()
         # The entry function's arguments then results are exactly what the bridge is given.
         assert signature(kernel.module) == [tensor_type(s, d) for s, d in kernel.inputs + kernel.outputs]
     # Same call, same fingerprint (so the bridge registers once); another shape, another.

@@ -25,12 +25,12 @@ seen["dispatch"] = {op._qualname: torch._C._dispatch_has_kernel_for_dispatch_key
 seen["kernels"] = []
 for name in library.names():
     op = library.RustOp(name)
-    for dtype in ("f32", "bf16"):
-        kernel = tpu.op_kernel(op, {**op.example(), "dtype": dtype}, chip="v5e")
+    for problem in op.examples():
+        kernel = tpu.op_kernel(op, problem, chip="v5e")
         before = bridge.lookup_custom_kernel(kernel.name, kernel.fingerprint)
         returned = bridge.register_custom_kernel(kernel.name, kernel.fingerprint, serialized_mlir_module=kernel.artifact)
         after = bridge.lookup_custom_kernel(kernel.name, kernel.fingerprint)
-        seen["kernels"].append({"op": name, "dtype": dtype, "before": before, "returned": repr(returned), "after": after})
+        seen["kernels"].append({"op": name, "dtype": problem.get("dtype"), "before": before, "returned": repr(returned), "after": after})
 
 # Registration does not parse what it is given: on a device, the first call does.
 bridge.register_custom_kernel("not_a_module", "0" * 32, serialized_mlir_module=b"not MLIR")

@@ -97,6 +97,14 @@ class RustOp:
         """The op's example problem (the one ``torchtpu list`` shows)."""
         return json.loads(self.module.op_example(self.name))
 
+    def examples(self) -> list[dict]:
+        """The example problem in each float dtype the kernels take (f32, bf16) when its dtype
+        is one of them, else the example alone."""
+        example = self.example()
+        if example.get("dtype") not in ("f32", "bf16"):
+            return [example]
+        return [{**example, "dtype": dtype} for dtype in ("f32", "bf16")]
+
 
 def register_ops(module, namespace: str) -> list[str]:
     """Makes every op ``module`` serves a PyTorch op, with no Python of its own:

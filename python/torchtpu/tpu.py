@@ -43,7 +43,8 @@ class TpuKernel:
     """One kernel as TorchTPU's bridge takes it."""
 
     name: str
-    #: blake2b-128 of the module text, as TorchTPU fingerprints its Pallas modules.
+    #: blake2b-128 of the artifact (TorchTPU fingerprints its Pallas modules the same way, from
+    #: their text): the key the bridge registers the kernel under.
     fingerprint: str
     #: StableHLO text: ``func.func public @main`` calling the Mosaic kernel via ``tpu_custom_call``.
     module: str
@@ -57,7 +58,7 @@ class TpuKernel:
 
 
 def _kernel(name: str, module: str, artifact: bytes, inputs, outputs) -> TpuKernel:
-    fingerprint = hashlib.blake2b(module.encode(), digest_size=16).hexdigest()
+    fingerprint = hashlib.blake2b(artifact, digest_size=16).hexdigest()
     return TpuKernel(name, fingerprint, module, artifact, tuple(inputs), tuple(outputs))
 
 
