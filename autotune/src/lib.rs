@@ -254,10 +254,7 @@ pub fn cached_best(t: &dyn Tunable, device: Device) -> Option<Config> {
 /// Tunes `t` on `device`.
 pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneReport> {
     let start = Instant::now();
-    torchtpu_dsl::memory::check_types_fit(&t.operand_types(), 2, &format!("tuning {} {} (inputs and outputs)", t.kernel(), t.problem())).map_err(Error::Invalid)?;
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let inputs = t.random_inputs(&mut rng);
-    let types: Vec<_> = inputs.iter().map(HostArray::value_type).collect();
+    let types = t.operand_types();
     let key = cache_key(t, device, opts.strategy, &types)?;
     let cache_dir = opts.cache_dir.clone().unwrap_or_else(cache::default_dir);
     let mut warnings = Vec::new();
@@ -283,7 +280,17 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
     }
     let (evaluated, decided) = match device {
         Device::Chip(chip) => (rank_for_chip(chip, &prepared, &t.default_config(), opts)?, None),
-        Device::Pjrt(backend) => measure(backend, t, &prepared, &inputs, opts, &mut rng)?,
+        Device::Pjrt(backend) => {
+            // Only a device run needs operands (a chip's ranking reads none: no f64 work, no
+            // host memory for them).
+            torchtpu_dsl::memory::check_types_fit(&types, 2, &format!("tuning {} {} (inputs and outputs)", t.kernel(), t.problem())).map_err(Error::Invalid)?;
+            let mut rng = StdRng::seed_from_u64(opts.seed);
+            let inputs = t.random_inputs(&mut rng);
+            if inputs.iter().map(HostArray::value_type).ne(types.iter().cloned()) {
+                return Err(Error::Invalid(format!("{}: random_inputs do not have the operand types", t.kernel())));
+            }
+            measure(backend, t, &prepared, &inputs, opts, &mut rng)?
+        }
     };
     candidates.extend(evaluated);
     let default = t.default_config();
