@@ -27,17 +27,16 @@ fn every_registered_op_artifact_compiles_as_its_text_does() {
     let compiler = compiler();
     let mut failures = Vec::new();
     for op in registry::ops() {
-        // A 128-wide and a 256-wide MXU: the chips' configs differ.
-        for chip in [Chip::V5e, Chip::V6e] {
-            let module = op.tpu_module(&op.example(), chip).unwrap_or_else(|e| panic!("{} on {chip}: {e}", op.name()));
-            let producer = format!("StableHLO_v{VHLO_VERSION}\0");
-            assert!(module.artifact.starts_with(b"ML\xefR"), "{}: not MLIR bytecode", op.name());
-            assert_eq!(module.artifact.get(5..5 + producer.len()), Some(producer.as_bytes()), "{}: the producer names the VHLO version", op.name());
-            // One module in two spellings: libtpu makes the same program of both.
-            match (compiler.compile(chip, &module.artifact), compiler.compile(chip, &module.text)) {
-                (Ok(artifact), Ok(text)) if artifact.code_size_bytes == text.code_size_bytes => {}
-                (artifact, text) => failures.push(format!("{} on {chip}: artifact {artifact:?}, text {text:?}", op.name())),
-            }
+        // One chip: each op's own tests compile its artifacts for every chip.
+        let chip = Chip::V6e;
+        let module = op.tpu_module(&op.example(), chip).unwrap_or_else(|e| panic!("{} on {chip}: {e}", op.name()));
+        let producer = format!("StableHLO_v{VHLO_VERSION}\0");
+        assert!(module.artifact.starts_with(b"ML\xefR"), "{}: not MLIR bytecode", op.name());
+        assert_eq!(module.artifact.get(5..5 + producer.len()), Some(producer.as_bytes()), "{}: the producer names the VHLO version", op.name());
+        // One module in two spellings: libtpu makes code of the same size of both.
+        match (compiler.compile(chip, &module.artifact), compiler.compile(chip, &module.text)) {
+            (Ok(artifact), Ok(text)) if artifact.code_size_bytes == text.code_size_bytes => {}
+            (artifact, text) => failures.push(format!("{} on {chip}: artifact {artifact:?}, text {text:?}", op.name())),
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
