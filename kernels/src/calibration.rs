@@ -333,6 +333,15 @@ pub struct ProblemScore {
     pub hit: bool,
     /// Measured time of the pick over the winner's, where the source measured the pick.
     pub regret: Option<f64>,
+    /// Where the model ranks the winner among the feasible candidates (1 = its pick).
+    pub winner_rank: Option<usize>,
+    /// The best measured time among the model's three best over the winner's, where the
+    /// source measured one of them (for a source that kept only its winner: 1 when the
+    /// winner is among them).
+    pub top3_regret: Option<f64>,
+    /// Pairs of configs the source measured (both feasible for us, timed apart) that the
+    /// model orders as the chip did, of all such pairs.
+    pub pairs_in_order: (usize, usize),
     /// Predicted ÷ measured for the winner (none for dispatch-bound timings).
     pub ratio: Option<f64>,
     pub candidates: usize,
@@ -374,6 +383,45 @@ pub struct Summary {
     pub max_ratio: Option<f64>,
     pub winners_outside_space: usize,
     pub winners_rejected: usize,
+    /// Problems whose winner is among the model's three best.
+    pub top3: f64,
+    pub median_top3_regret: Option<f64>,
+    /// Measured pairs the model orders as the chip did, of all (within each problem).
+    pub pairs_in_order: (usize, usize),
+    /// Spearman's rank correlation of predicted and measured winner times across the
+    /// problems: whether the model orders problems by time as the chip does.
+    pub spearman: Option<f64>,
+}
+
+/// Spearman's rank correlation of `a` and `b` (ties share their mean rank); none for fewer
+/// than three pairs or a constant side.
+pub fn spearman(a: &[f64], b: &[f64]) -> Option<f64> {
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0.0; v.len()];
+        let mut start = 0;
+        while start < order.len() {
+            let mut end = start + 1;
+            while end < order.len() && v[order[end]] == v[order[start]] {
+                end += 1;
+            }
+            for &i in &order[start..end] {
+                r[i] = (start + end - 1) as f64 / 2.0 + 1.0;
+            }
+            start = end;
+        }
+        r
+    }
+    if a.len() != b.len() || a.len() < 3 {
+        return None;
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let mean = (a.len() as f64 + 1.0) / 2.0;
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - mean) * (y - mean)).sum();
+    let var = |r: &[f64]| r.iter().map(|x| (x - mean).powi(2)).sum::<f64>();
+    let denominator = (var(&ra) * var(&rb)).sqrt();
+    (denominator > 0.0).then(|| cov / denominator)
 }
 
 fn median(v: Vec<f64>) -> Option<f64> {
@@ -397,6 +445,13 @@ impl Summary {
             max_ratio: ratios.iter().copied().reduce(f64::max),
             winners_outside_space: s.iter().filter(|p| p.winner_fate == WinnerFate::OutsideOurSpace).count(),
             winners_rejected: s.iter().filter(|p| matches!(p.winner_fate, WinnerFate::Rejected(_))).count(),
+            top3: if s.is_empty() { 0.0 } else { s.iter().filter(|p| p.winner_rank.is_some_and(|r| r <= 3)).count() as f64 / s.len() as f64 },
+            median_top3_regret: median(s.iter().filter_map(|p| p.top3_regret).collect()),
+            pairs_in_order: s.iter().fold((0, 0), |(a, b), p| (a + p.pairs_in_order.0, b + p.pairs_in_order.1)),
+            spearman: {
+                let timed: Vec<(f64, f64)> = s.iter().filter_map(|p| p.ratio.map(|r| (r * p.winner_seconds, p.winner_seconds))).collect();
+                spearman(&timed.iter().map(|t| t.0).collect::<Vec<_>>(), &timed.iter().map(|t| t.1).collect::<Vec<_>>())
+            },
         }
     }
 }
@@ -556,6 +611,21 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
             let pick = ranked.first().map(|&(c, _)| c);
             let measured_of = |c: OurConfig| j.measured.iter().filter(|m| m.0.blocks() == c.blocks()).map(|m| m.1).reduce(f64::min);
             let ratio = if j.dispatch_bound { None } else { winner_predicted.or_else(|| predict(winner).ok()).map(|p| p / winner_seconds) };
+            let predicted_of = |c: OurConfig| ranked.iter().filter(|(r, _)| r.blocks() == c.blocks()).map(|&(_, t)| t).reduce(f64::min);
+            let winner_rank = ranked.iter().position(|(c, _)| c.blocks() == winner.blocks()).map(|r| r + 1);
+            let top3_regret = ranked.iter().take(3).filter_map(|&(c, _)| measured_of(c)).reduce(f64::min).map(|t| t / winner_seconds);
+            let timed: Vec<(f64, f64)> = j.measured.iter().filter_map(|m| predicted_of(m.0).map(|p| (p, m.1))).collect();
+            let mut pairs_in_order = (0, 0);
+            for (i, a) in timed.iter().enumerate() {
+                for b in &timed[i + 1..] {
+                    if a.1 != b.1 {
+                        pairs_in_order.1 += 1;
+                        if (a.0 < b.0) == (a.1 < b.1) {
+                            pairs_in_order.0 += 1;
+                        }
+                    }
+                }
+            }
             ProblemScore {
                 file: j.file.clone(),
                 chip: j.chip,
@@ -567,6 +637,9 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
                 pick: pick.map(|c| c.to_string()),
                 hit: pick.map(OurConfig::blocks) == Some(winner.blocks()),
                 regret: pick.and_then(measured_of).map(|t| t / winner_seconds),
+                winner_rank,
+                top3_regret,
+                pairs_in_order,
                 ratio,
                 candidates: j.candidates.len(),
                 feasible: ranked.len(),
@@ -604,16 +677,20 @@ pub fn report(score: &Score, verbose: bool, json: bool) -> String {
     }
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<44} {:>8} {:>7} {:>12} {:>8} {:>9} {:>13} {:>8} {:>8}\n",
-        "group", "problems", "top-1", "regret (n)", "pred/ms", "in 0.7-1.4", "ratio range", "outside", "rejected"
+        "{:<44} {:>8} {:>7} {:>12} {:>7} {:>11} {:>9} {:>6} {:>8} {:>9} {:>13} {:>8} {:>8}\n",
+        "group", "problems", "top-1", "regret (n)", "top-3", "top-3 regr.", "pairs", "rho", "pred/ms", "in 0.7-1.4", "ratio range", "outside", "rejected"
     ));
     for (name, s) in &summaries {
         out.push_str(&format!(
-            "{:<44} {:>8} {:>6.0}% {:>12} {:>8} {:>4}/{:<4} {:>6}-{:<6} {:>8} {:>8}\n",
+            "{:<44} {:>8} {:>6.0}% {:>12} {:>6.0}% {:>11} {:>9} {:>6} {:>8} {:>4}/{:<4} {:>6}-{:<6} {:>8} {:>8}\n",
             name,
             s.problems,
             s.top1 * 100.0,
             format!("{} ({})", opt(s.median_regret, 3), s.regrets),
+            s.top3 * 100.0,
+            opt(s.median_top3_regret, 3),
+            format!("{}/{}", s.pairs_in_order.0, s.pairs_in_order.1),
+            opt(s.spearman, 2),
             opt(s.median_ratio, 2),
             s.ratios_in_band.0,
             s.ratios_in_band.1,
@@ -623,7 +700,7 @@ pub fn report(score: &Score, verbose: bool, json: bool) -> String {
             s.winners_rejected
         ));
     }
-    out.push_str("\n(regret: median measured time of the pick over the winner's, over the n problems whose source timed the pick; sources that kept only their winner time it only on a hit; pred/ms: median predicted / measured for the winners)\n\n");
+    out.push_str("\n(regret: median measured time of the pick over the winner's, over the n problems whose source timed the pick; sources that kept only their winner time it only on a hit; top-3: the winner among the model's three best, and the best measured of those over the winner; pairs: measured pairs within a problem the model orders as the chip did; rho: Spearman's rank correlation of predicted and measured winner times across problems; pred/ms: median predicted / measured for the winners)\n\n");
     for p in score.problems.iter().filter(|p| verbose || !p.hit) {
         let fate = match &p.winner_fate {
             WinnerFate::Ranked => String::new(),
