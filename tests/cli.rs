@@ -55,6 +55,19 @@ fn lower_prints_each_target() {
 }
 
 #[test]
+fn lower_writes_the_portable_artifact_as_bytes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_torchtpu")).args(["lower", "matmul", "--target", "tpu-artifact", "--dtype", "bf16"]).output().expect("runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.starts_with(b"ML\xefR"), "not MLIR bytecode");
+    let producer = b"StableHLO_v1.0.0\0";
+    assert_eq!(out.stdout.get(5..5 + producer.len()), Some(&producer[..]));
+    // A sharded program stays text.
+    let (code, _, err) = torchtpu(&["lower", "matmul", "--target", "tpu-artifact", "--mesh", "x=2", "--shard", "x,_", "--shard", "_,_", "--shard", "x,_"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--target tpu-stablehlo"), "{err}");
+}
+
+#[test]
 fn check_compiles_with_libtpu_and_reports_per_chip() {
     let (code, out, err) = torchtpu(&["check", "rms_norm", "--chips", "v5e,tpu7x", "--json"]);
     assert_eq!(code, 0, "{out}{err}");
