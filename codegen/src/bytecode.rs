@@ -76,37 +76,45 @@ pub fn write(producer: &str, op: &Operation) -> Vec<u8> {
     out
 }
 
-/// The numbered tables a bytecode file refers into: strings, dialects, operation names,
-/// attributes and types (each in first-use order).
+/// The numbered tables a bytecode file refers into: strings, dialects, operation names
+/// ((dialect number, string number of the name without its dialect)), attributes and types
+/// ((dialect number, assembly form)).
 #[derive(Default)]
 struct Tables {
-    strings: Interned,
-    dialects: Interned,
-    /// (dialect number, string number of the name without its dialect), in first-use order.
-    op_names: Vec<(usize, usize)>,
-    op_numbers: HashMap<String, usize>,
-    /// Attributes then types: (dialect number, assembly form).
-    attributes: Vec<(usize, String)>,
-    attribute_numbers: HashMap<String, usize>,
-    types: Vec<(usize, String)>,
-    type_numbers: HashMap<String, usize>,
+    strings: Numbered<String>,
+    dialects: Numbered<String>,
+    op_names: Numbered<(usize, usize)>,
+    attributes: Numbered<(usize, String)>,
+    types: Numbered<(usize, String)>,
 }
 
-/// A table of distinct strings, numbered in first-use order.
-#[derive(Default)]
-struct Interned {
-    items: Vec<String>,
+/// Distinct keys numbered in first-use order, each with what the file records for it.
+struct Numbered<T> {
+    items: Vec<T>,
     numbers: HashMap<String, usize>,
 }
 
-impl Interned {
-    fn number(&mut self, s: &str) -> usize {
-        if let Some(&n) = self.numbers.get(s) {
+impl<T> Default for Numbered<T> {
+    fn default() -> Self {
+        Numbered { items: Vec::new(), numbers: HashMap::new() }
+    }
+}
+
+impl<T> Numbered<T> {
+    fn number(&mut self, key: &str, item: T) -> usize {
+        if let Some(&n) = self.numbers.get(key) {
             return n;
         }
-        self.items.push(s.to_string());
-        self.numbers.insert(s.to_string(), self.items.len() - 1);
+        self.items.push(item);
+        self.numbers.insert(key.to_string(), self.items.len() - 1);
         self.items.len() - 1
+    }
+
+    /// The number of a key [`Numbered::number`] has seen (0 otherwise: the writer numbers
+    /// everything before it writes).
+    fn of(&self, key: &str) -> u64 {
+        debug_assert!(self.numbers.contains_key(key), "`{key}` was not numbered");
+        self.numbers.get(key).copied().unwrap_or(0) as u64
     }
 }
 
@@ -149,39 +157,24 @@ impl Tables {
 
     /// A dialect's number; its name is a string of the string table too.
     fn dialect(&mut self, name: &str) -> usize {
-        self.strings.number(name);
-        self.dialects.number(name)
+        self.strings.number(name, name.to_string());
+        self.dialects.number(name, name.to_string())
     }
 
     fn op_name(&mut self, name: &str) -> usize {
-        if let Some(&n) = self.op_numbers.get(name) {
-            return n;
-        }
         let (dialect, short) = name.split_once('.').unwrap_or(("builtin", name));
-        let entry = (self.dialect(dialect), self.strings.number(short));
-        self.op_names.push(entry);
-        self.op_numbers.insert(name.to_string(), self.op_names.len() - 1);
-        self.op_names.len() - 1
+        let entry = (self.dialect(dialect), self.strings.number(short, short.to_string()));
+        self.op_names.number(name, entry)
     }
 
     fn attribute(&mut self, assembly: &str) -> usize {
-        if let Some(&n) = self.attribute_numbers.get(assembly) {
-            return n;
-        }
         let dialect = self.dialect(dialect_of(assembly));
-        self.attributes.push((dialect, assembly.to_string()));
-        self.attribute_numbers.insert(assembly.to_string(), self.attributes.len() - 1);
-        self.attributes.len() - 1
+        self.attributes.number(assembly, (dialect, assembly.to_string()))
     }
 
     fn type_number(&mut self, assembly: &str) -> usize {
-        if let Some(&n) = self.type_numbers.get(assembly) {
-            return n;
-        }
         let dialect = self.dialect(dialect_of(assembly));
-        self.types.push((dialect, assembly.to_string()));
-        self.type_numbers.insert(assembly.to_string(), self.types.len() - 1);
-        self.types.len() - 1
+        self.types.number(assembly, (dialect, assembly.to_string()))
     }
 
     /// The string section: the count, each string's size (NUL included) in reverse order,
@@ -205,10 +198,10 @@ impl Tables {
         let mut out = Vec::new();
         varint(&mut out, self.dialects.items.len() as u64);
         for d in &self.dialects.items {
-            varint(&mut out, (self.strings.numbers[d] as u64) << 1);
+            varint(&mut out, self.strings.of(d) << 1);
         }
-        varint(&mut out, self.op_names.len() as u64);
-        for (dialect, names) in group_by_dialect(&self.op_names, |&(d, _)| d) {
+        varint(&mut out, self.op_names.items.len() as u64);
+        for (dialect, names) in group_by_dialect(&self.op_names.items, |&(d, _)| d) {
             varint(&mut out, dialect as u64);
             varint(&mut out, names.len() as u64);
             for &(_, name) in names {
@@ -223,9 +216,9 @@ impl Tables {
     fn attr_type_sections(&self) -> (Vec<u8>, Vec<u8>) {
         let mut entries = Vec::new();
         let mut offsets = Vec::new();
-        varint(&mut offsets, self.attributes.len() as u64);
-        varint(&mut offsets, self.types.len() as u64);
-        for table in [&self.attributes, &self.types] {
+        varint(&mut offsets, self.attributes.items.len() as u64);
+        varint(&mut offsets, self.types.items.len() as u64);
+        for table in [&self.attributes.items, &self.types.items] {
             for (dialect, group) in group_by_dialect(table, |(d, _)| *d) {
                 varint(&mut offsets, dialect as u64);
                 varint(&mut offsets, group.len() as u64);
@@ -253,16 +246,16 @@ impl Tables {
         if !op.regions.is_empty() {
             mask |= HAS_INLINE_REGIONS;
         }
-        varint(out, self.op_numbers[&op.name] as u64);
+        varint(out, self.op_names.of(&op.name));
         out.push(mask);
-        varint(out, self.attribute_numbers[UNKNOWN_LOCATION] as u64);
+        varint(out, self.attributes.of(UNKNOWN_LOCATION));
         if let Some(attributes) = &op.attributes {
-            varint(out, self.attribute_numbers[attributes] as u64);
+            varint(out, self.attributes.of(attributes));
         }
         if !op.results.is_empty() {
             varint(out, op.results.len() as u64);
             for t in &op.results {
-                varint(out, self.type_numbers[t] as u64);
+                varint(out, self.types.of(t));
             }
         }
         if !op.operands.is_empty() {
@@ -294,7 +287,7 @@ impl Tables {
                 varint(out, block.arguments.len() as u64);
                 for t in &block.arguments {
                     // The type, flagged as having no location (unknown).
-                    varint(out, (self.type_numbers[t] as u64) << 1);
+                    varint(out, self.types.of(t) << 1);
                 }
                 // No use-list orders.
                 out.push(0);
