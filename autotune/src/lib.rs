@@ -182,7 +182,7 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
                 pruned.push(prune(format!("tiling: {reason}"), Some(f)));
                 continue;
             }
-            match model::vmem_limit(&traced, &f, chip) {
+            match model::vmem_limit(&traced, chip) {
                 Ok(limit) => traced.vmem_limit_bytes = limit,
                 Err(reason) => {
                     pruned.push(prune(reason, Some(f)));

@@ -41,21 +41,27 @@ pub fn tile_padded_bytes(shape: &[usize], dtype: DType) -> usize {
     s.iter().product::<usize>() * dtype.size_bytes()
 }
 
+/// Scoped VMEM `call`'s blocks (double-buffered, tile-padded) and VMEM scratch need; an
+/// operand left in HBM takes none (what the kernel copies in is its scratch).
+pub fn vmem_bytes(call: &TracedCall) -> f64 {
+    let blocks: f64 =
+        call.inputs.iter().chain(&call.outputs).filter(|op| op.space != MemorySpace::Any).map(|op| 2.0 * tile_padded_bytes(&op.block_dims(), op.array.dtype) as f64).sum();
+    let scratch: f64 = call.scratch.iter().filter(|s| s.ty.space == MemorySpace::Vmem).map(|s| tile_padded_bytes(&s.ty.shape, s.ty.dtype) as f64).sum();
+    blocks + scratch
+}
+
 pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
     let estimate = cost::estimate(call);
     let operands: Vec<_> = call.inputs.iter().chain(&call.outputs).collect();
     let blocks = call.static_block_indices()?;
     let mut hbm = 0.0;
     let mut sliced = 0.0;
-    let mut vmem = 0.0;
     let mut first = 0.0;
     for (op, indices) in operands.iter().zip(&blocks) {
-        // An operand left in HBM takes no VMEM; what the kernel copies in is its scratch.
         if op.space == MemorySpace::Any {
             continue;
         }
         let block_bytes = (op.block_dims().iter().product::<usize>() * op.array.dtype.size_bytes()) as f64;
-        vmem += 2.0 * tile_padded_bytes(&op.block_dims(), op.array.dtype) as f64;
         sliced += block_bytes * call.num_programs() as f64;
         first += block_bytes;
         let fetches = match indices {
@@ -64,10 +70,7 @@ pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
         };
         hbm += block_bytes * fetches as f64;
     }
-    for s in call.scratch.iter().filter(|s| s.ty.space == MemorySpace::Vmem) {
-        vmem += tile_padded_bytes(&s.ty.shape, s.ty.dtype) as f64;
-    }
-    Ok(Features { steps: call.num_programs() as f64, flops: estimate.flops as f64, hbm_bytes: hbm, sliced_bytes: sliced, vmem_bytes: vmem, first_step_bytes: first })
+    Ok(Features { steps: call.num_programs() as f64, flops: estimate.flops as f64, hbm_bytes: hbm, sliced_bytes: sliced, vmem_bytes: vmem_bytes(call), first_step_bytes: first })
 }
 
 /// The share of the faster units' work a step does not hide behind the slowest's (DMA issue,
@@ -83,23 +86,24 @@ const F32_PASSES: f64 = 3.0;
 /// chip has, so that blocks real chips run (f32 matmul blocks past 16 MiB on v5e, measured)
 /// compile; `Err` with the reason when the blocks alone cannot fit. The model counts only
 /// blocks and scratch, a lower bound: libtpu's compile stays the verdict on what fits.
-pub fn vmem_limit(call: &TracedCall, f: &Features, chip: Chip) -> Result<Option<u64>, String> {
+pub fn vmem_limit(call: &TracedCall, chip: Chip) -> Result<Option<u64>, String> {
+    let need = vmem_bytes(call);
     let mib = |b: f64| b / (1u64 << 20) as f64;
     if let Some(limit) = call.vmem_limit_bytes {
         return if limit > chip.vmem_bytes() {
             Err(format!("vmem_limit_bytes {limit} is more than the {} bytes of VMEM {chip} has", chip.vmem_bytes()))
-        } else if f.vmem_bytes > limit as f64 {
-            Err(format!("VMEM model: {:.1} MiB of double-buffered blocks and scratch > the kernel's vmem_limit_bytes ({:.0} MiB)", mib(f.vmem_bytes), mib(limit as f64)))
+        } else if need > limit as f64 {
+            Err(format!("VMEM model: {:.1} MiB of double-buffered blocks and scratch > the kernel's vmem_limit_bytes ({:.0} MiB)", mib(need), mib(limit as f64)))
         } else {
             Ok(Some(limit))
         };
     }
-    if f.vmem_bytes <= chip.default_scoped_vmem_bytes() as f64 {
+    if need <= chip.default_scoped_vmem_bytes() as f64 {
         Ok(None)
-    } else if f.vmem_bytes <= chip.vmem_bytes() as f64 {
+    } else if need <= chip.vmem_bytes() as f64 {
         Ok(Some(chip.vmem_bytes()))
     } else {
-        Err(format!("VMEM model: {:.1} MiB of double-buffered blocks and scratch > the {:.0} MiB of VMEM {chip} has", mib(f.vmem_bytes), mib(chip.vmem_bytes() as f64)))
+        Err(format!("VMEM model: {:.1} MiB of double-buffered blocks and scratch > the {:.0} MiB of VMEM {chip} has", mib(need), mib(chip.vmem_bytes() as f64)))
     }
 }
 

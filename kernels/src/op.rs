@@ -179,8 +179,7 @@ pub fn call_for<O: Op>(op: &O, p: &O::Problem, explicit: Option<&O::Config>, tar
 /// ([`torchtpu_autotune::model::vmem_limit`], as the tuner ranks it), for operands `types`.
 pub fn fit_vmem(call: PallasCall, types: &[ValueType], chip: Chip) -> Result<PallasCall, Error> {
     let traced = call.trace(types)?;
-    let f = torchtpu_autotune::model::features(&traced)?;
-    Ok(match torchtpu_autotune::model::vmem_limit(&traced, &f, chip).map_err(Error::Config)? {
+    Ok(match torchtpu_autotune::model::vmem_limit(&traced, chip).map_err(Error::Config)? {
         Some(limit) => call.vmem_limit_bytes(limit),
         None => call,
     })

@@ -46,8 +46,7 @@ fn every_table_entry_compiles_for_its_target() {
                 TableTarget::Chip(chip) => {
                     // With the VMEM limit its blocks get on the chip, as the ops lower it.
                     let mut traced = traced;
-                    let f = torchtpu_autotune::model::features(&traced).expect("features");
-                    traced.vmem_limit_bytes = torchtpu_autotune::model::vmem_limit(&traced, &f, *chip).expect("fits the chip's VMEM");
+                    traced.vmem_limit_bytes = torchtpu_autotune::model::vmem_limit(&traced, *chip).expect("fits the chip's VMEM");
                     let compiler = TpuCompiler::shared().unwrap_or_else(|e| panic!("libtpu is required (run scripts/setup.sh): {e}"));
                     compiler.compile(*chip, lower(&traced, Target::TpuStableHlo).expect("lowers")).map(|_| ()).map_err(|e| e.to_string())
                 }
