@@ -2,7 +2,7 @@
 //! guided search fits to measured times.
 
 use torchtpu_codegen::cost;
-use torchtpu_dsl::ir::MemorySpace;
+use torchtpu_dsl::ir::{Func, MemorySpace, OpKind};
 use torchtpu_dsl::{DType, TracedCall};
 use torchtpu_runtime::Chip;
 
@@ -41,6 +41,10 @@ pub fn tile_padded_bytes(shape: &[usize], dtype: DType) -> usize {
     s.iter().product::<usize>() * dtype.size_bytes()
 }
 
+/// Values up to this size may live in vector registers (a TPU core has at most 64 of 4 KiB);
+/// a larger one is kept in VMEM.
+const REGISTER_FILE_BYTES: usize = 64 * 4096;
+
 /// Scoped VMEM `call`'s blocks (double-buffered, tile-padded) and VMEM scratch need; an
 /// operand left in HBM takes none (what the kernel copies in is its scratch).
 pub fn vmem_bytes(call: &TracedCall) -> f64 {
@@ -48,6 +52,49 @@ pub fn vmem_bytes(call: &TracedCall) -> f64 {
         call.inputs.iter().chain(&call.outputs).filter(|op| op.space != MemorySpace::Any).map(|op| 2.0 * tile_padded_bytes(&op.block_dims(), op.array.dtype) as f64).sum();
     let scratch: f64 = call.scratch.iter().filter(|s| s.ty.space == MemorySpace::Vmem).map(|s| tile_padded_bytes(&s.ty.shape, s.ty.dtype) as f64).sum();
     blocks + scratch
+}
+
+/// An estimate of the scoped VMEM libtpu gives `call`: [`vmem_bytes`] and the largest value
+/// the body computes and reads twice where registers cannot hold it (attention's f32 scores
+/// and their exponentials; a value read once can stream into its reader, as a matmul's
+/// product into its accumulator, and a load is a view of its block). Against libtpu's
+/// verdicts on the forward flash kernel for v5p at the 16 MiB default (bf16, head dims
+/// 64/128/256, blocks 1024-4096, kv sub-blocks whole, 256 and 512) it agrees on 142 of 156
+/// configs (blocks and scratch alone: 96) and passes every config libtpu passes. Not a bound:
+/// a few shipped table entries that libtpu compiles exceed the chip's VMEM by it (f32 flash
+/// with whole kv blocks on v4), so it never prunes; it only says which configs a kernel at a
+/// fixed limit could not have run.
+pub fn vmem_estimate(call: &TracedCall) -> f64 {
+    vmem_bytes(call) + largest_value_read_twice(&call.body) as f64
+}
+
+fn largest_value_read_twice(body: &Func) -> usize {
+    let mut reads = vec![0usize; body.values.len()];
+    body.body.walk(&mut |op| {
+        for v in op.operands() {
+            if let Some(n) = reads.get_mut(v.index()) {
+                *n += 1;
+            }
+        }
+    });
+    let mut largest = 0;
+    body.body.walk(&mut |op| {
+        if matches!(op.kind, OpKind::Load { .. }) {
+            return;
+        }
+        for &r in &op.results {
+            if reads.get(r.index()).is_some_and(|&n| n >= 2) {
+                if let Some(t) = body.value_type(r) {
+                    largest = largest.max(tile_padded_bytes(&t.shape, t.dtype));
+                }
+            }
+        }
+    });
+    if largest > REGISTER_FILE_BYTES {
+        largest
+    } else {
+        0
+    }
 }
 
 pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {

@@ -12,14 +12,14 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use torchtpu_autotune::model::{features, predict_tpu_seconds};
+use torchtpu_autotune::model::{features, predict_tpu_seconds, vmem_estimate};
 use torchtpu_codegen::{lower, Target};
 use torchtpu_dsl::{DType, TracedCall};
 use torchtpu_runtime::{Chip, TpuCompiler};
 
 use crate::flash::{AttentionShape, FlashConfig, FlashOp, FlashPass, FlashProblem};
 use crate::matmul::{MatmulConfig, MatmulOp, MatmulProblem, MatmulShape};
-use crate::op::{traced_for, Op};
+use crate::op::{call_for, Op};
 use crate::tables::TableTarget;
 use crate::Error;
 
@@ -48,7 +48,19 @@ pub struct Dataset {
     /// added to the prediction at the chip's HBM bandwidth.
     #[serde(default)]
     pub extra_hbm_passes: f64,
+    /// The scoped VMEM the source's kernel ran with: `default` where it set no
+    /// `vmem_limit_bytes` (the chip's default scoped VMEM); absent, the limit our tuner
+    /// chooses. A config that does not fit the source's limit was never a candidate there, so
+    /// our kernel is judged at the same limit.
+    #[serde(default)]
+    pub vmem_limit: Option<SourceVmemLimit>,
     pub problems: Vec<Entry>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceVmemLimit {
+    Default,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
@@ -212,11 +224,19 @@ impl Ours {
         }
     }
 
-    fn traced(&self, c: OurConfig, chip: Chip) -> Result<TracedCall, Error> {
-        let target = TableTarget::Chip(chip);
+    /// Our kernel at `c` for `chip`, with the VMEM limit our tuner chooses, or `limit`.
+    fn traced(&self, c: OurConfig, chip: Chip, limit: Option<u64>) -> Result<TracedCall, Error> {
+        fn at<O: Op>(op: &O, p: &O::Problem, c: &O::Config, chip: Chip, limit: Option<u64>) -> Result<TracedCall, Error> {
+            let call = call_for(op, p, Some(c), Some(TableTarget::Chip(chip)))?;
+            let call = match limit {
+                Some(bytes) => call.vmem_limit_bytes(bytes),
+                None => call,
+            };
+            Ok(call.trace(&op.operand_types(p))?)
+        }
         match (self, c) {
-            (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => traced_for(&MatmulOp, p, Some(&MatmulConfig { bm, bn, bk }), target),
-            (Ours::Flash(p), OurConfig::Flash { bq, bk, bkc }) => traced_for(&FlashOp(FlashPass::Forward), p, Some(&FlashConfig { bq, bk, bkc }), target),
+            (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => at(&MatmulOp, p, &MatmulConfig { bm, bn, bk }, chip, limit),
+            (Ours::Flash(p), OurConfig::Flash { bq, bk, bkc }) => at(&FlashOp(FlashPass::Forward), p, &FlashConfig { bq, bk, bkc }, chip, limit),
             _ => Err(Error::Config(format!("config {c} is not one of this op's"))),
         }
     }
@@ -476,7 +496,8 @@ pub fn load(dir: &Path) -> Result<Vec<(String, Dataset)>, Error> {
         .collect()
 }
 
-/// Whether libtpu compiles our kernel at a config, for problems that share a verdict.
+/// Whether libtpu compiles our kernel at a config: by chip, the compiled problem
+/// ([`Ours::compile_key`]) with its VMEM limit, and config.
 type Verdicts = HashMap<(Chip, String, OurConfig), Result<(), String>>;
 
 /// Which candidates libtpu is asked about; the others count as feasible.
@@ -503,6 +524,19 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
         candidates: Vec<OurConfig>,
         dispatch_bound: bool,
         extra_seconds: f64,
+        /// The source's VMEM limit (none: ours).
+        limit: Option<u64>,
+    }
+    impl Job {
+        /// The VMEM limit `c` is judged at: the source's, except for blocks the source ran,
+        /// which fit its kernel there and get the limit our tuner would give our kernel.
+        fn limit_for(&self, c: OurConfig) -> Option<u64> {
+            if self.measured.iter().any(|m| m.0.blocks() == c.blocks()) {
+                None
+            } else {
+                self.limit
+            }
+        }
     }
     let mut out = Score::default();
     let mut jobs = Vec::new();
@@ -546,13 +580,14 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
             let split = e.split.or(d.split).unwrap_or(Split::Holdout);
             let label = e.problem.to_string();
             let extra_seconds = d.extra_hbm_passes * ours.io_bytes() / chip.hbm_bytes_per_second();
-            jobs.push(Job { file: file.clone(), chip, split, label, ours, measured, winner, candidates, dispatch_bound: e.dispatch_bound, extra_seconds });
+            let limit = d.vmem_limit.map(|SourceVmemLimit::Default| chip.default_scoped_vmem_bytes());
+            jobs.push(Job { file: file.clone(), chip, split, label, ours, measured, winner, candidates, dispatch_bound: e.dispatch_bound, extra_seconds, limit });
         }
     }
     let mut verdicts = Verdicts::new();
     if compile != Compile::None {
         let compiler = TpuCompiler::shared().map_err(|e| Error::Argument(format!("libtpu: {e}")))?;
-        let mut wanted: Vec<(Chip, String, Ours, OurConfig)> = Vec::new();
+        let mut wanted: Vec<(Chip, String, Ours, OurConfig, Option<u64>)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for j in &jobs {
             let asked: Vec<OurConfig> = match compile {
@@ -561,17 +596,18 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
             };
             for c in asked {
                 let key = j.ours.compile_key(c);
-                let name = format!("{key:?}");
+                let limit = j.limit_for(c);
+                let name = format!("{key:?} {limit:?}");
                 if j.ours.in_our_space(c) && seen.insert((j.chip, name.clone(), c)) {
-                    wanted.push((j.chip, name, key, c));
+                    wanted.push((j.chip, name, key, c, limit));
                 }
             }
         }
         let results: Vec<_> = wanted
             .par_iter()
-            .map(|(chip, name, key, c)| {
+            .map(|(chip, name, key, c, limit)| {
                 let verdict = key
-                    .traced(*c, *chip)
+                    .traced(*c, *chip, *limit)
                     .map_err(|e| e.to_string())
                     .and_then(|t| lower(&t, Target::TpuStableHlo).map_err(|e| e.to_string()))
                     .and_then(|m| compiler.compile(*chip, &m).map(|_| ()).map_err(|e| torchtpu_autotune::compiler_reason(&e.message)));
@@ -587,10 +623,25 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
                 if !j.ours.in_our_space(c) {
                     return Err("outside our space".into());
                 }
-                verdicts.get(&(j.chip, format!("{:?}", j.ours.compile_key(c)), c)).cloned().unwrap_or(Ok(()))
+                if let Some(v) = verdicts.get(&(j.chip, format!("{:?} {:?}", j.ours.compile_key(c), j.limit_for(c)), c)) {
+                    return v.clone();
+                }
+                // Unjudged by libtpu: at the source's limit, the VMEM estimate says what the
+                // source could not have run.
+                match j.limit_for(c) {
+                    Some(limit) => {
+                        let traced = j.ours.traced(c, j.chip, Some(limit)).map_err(|e| e.to_string())?;
+                        let need = vmem_estimate(&traced);
+                        if need > limit as f64 {
+                            return Err(format!("VMEM estimate {:.1} MiB > the source's {:.0} MiB", need / 1048576.0, limit as f64 / 1048576.0));
+                        }
+                        Ok(())
+                    }
+                    None => Ok(()),
+                }
             };
             let predict = |c: OurConfig| -> Result<f64, String> {
-                let traced = j.ours.traced(c, j.chip).map_err(|e| e.to_string())?;
+                let traced = j.ours.traced(c, j.chip, j.limit_for(c)).map_err(|e| e.to_string())?;
                 let f = features(&traced).map_err(|e| e.to_string())?;
                 Ok(predict_tpu_seconds(&traced, &f, j.chip) + j.extra_seconds)
             };
