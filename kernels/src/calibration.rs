@@ -626,19 +626,16 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
                 if let Some(v) = verdicts.get(&(j.chip, format!("{:?} {:?}", j.ours.compile_key(c), j.limit_for(c)), c)) {
                     return v.clone();
                 }
-                // Unjudged by libtpu: at the source's limit, the VMEM estimate says what the
-                // source could not have run.
-                match j.limit_for(c) {
-                    Some(limit) => {
-                        let traced = j.ours.traced(c, j.chip, Some(limit)).map_err(|e| e.to_string())?;
-                        let need = vmem_estimate(&traced);
-                        if need > limit as f64 {
-                            return Err(format!("VMEM estimate {:.1} MiB > the source's {:.0} MiB", need / 1048576.0, limit as f64 / 1048576.0));
-                        }
-                        Ok(())
-                    }
-                    None => Ok(()),
+                // Unjudged by libtpu: the VMEM estimate against the source's limit says what
+                // the source could not have run, against all the chip's VMEM what our kernel
+                // cannot.
+                let limit = j.limit_for(c);
+                let traced = j.ours.traced(c, j.chip, limit).map_err(|e| e.to_string())?;
+                let (need, room) = (vmem_estimate(&traced), limit.unwrap_or(j.chip.vmem_bytes()));
+                if need > room as f64 {
+                    return Err(format!("VMEM estimate {:.1} MiB > {:.0} MiB", need / 1048576.0, room as f64 / 1048576.0));
                 }
+                Ok(())
             };
             let predict = |c: OurConfig| -> Result<f64, String> {
                 let traced = j.ours.traced(c, j.chip, j.limit_for(c)).map_err(|e| e.to_string())?;
