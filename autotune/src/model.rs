@@ -62,8 +62,9 @@ pub fn vmem_bytes(call: &TracedCall) -> f64 {
 /// 64/128/256, blocks 1024-4096, kv sub-blocks whole, 256 and 512) it agrees on 142 of 156
 /// configs (blocks and scratch alone: 96) and passes every config libtpu passes. Not a bound:
 /// a few shipped table entries that libtpu compiles exceed the chip's VMEM by it (f32 flash
-/// with whole kv blocks on v4), so it never prunes; it only says which configs a kernel at a
-/// fixed limit could not have run.
+/// with whole kv blocks on v4), so it only decides whether a call asks for more than the
+/// default scoped VMEM ([`vmem_limit`]) and, in the calibration, what configs libtpu was not
+/// asked about could run at a fixed limit. Values live across a loop count as read once.
 pub fn vmem_estimate(call: &TracedCall) -> f64 {
     vmem_bytes(call) + largest_value_read_twice(&call.body) as f64
 }
@@ -128,11 +129,11 @@ const UNHIDDEN: f64 = 0.1;
 /// MXU passes of an f32 matmul per bf16 one.
 const F32_PASSES: f64 = 3.0;
 
-/// The `vmem_limit_bytes` `call` needs on `chip`: its own if it sets one, else none while the
-/// blocks (double-buffered) and scratch fit the default scoped VMEM, else all the VMEM the
-/// chip has, so that blocks real chips run (f32 matmul blocks past 16 MiB on v5e, measured)
-/// compile; `Err` with the reason when the blocks alone cannot fit. The model counts only
-/// blocks and scratch, a lower bound: libtpu's compile stays the verdict on what fits.
+/// The `vmem_limit_bytes` `call` needs on `chip`: its own if it sets one, else none while
+/// [`vmem_estimate`] fits the default scoped VMEM, else all the VMEM the chip has, so that
+/// blocks real chips run (f32 matmul blocks past 16 MiB on v5e, measured; attention's f32
+/// scores beside its blocks) compile; `Err` with the reason when the blocks and scratch alone,
+/// a lower bound, cannot fit. libtpu's compile stays the verdict on what fits.
 pub fn vmem_limit(call: &TracedCall, chip: Chip) -> Result<Option<u64>, String> {
     let need = vmem_bytes(call);
     let mib = |b: f64| b / (1u64 << 20) as f64;
@@ -145,7 +146,7 @@ pub fn vmem_limit(call: &TracedCall, chip: Chip) -> Result<Option<u64>, String> 
             Ok(Some(limit))
         };
     }
-    if need <= chip.default_scoped_vmem_bytes() as f64 {
+    if vmem_estimate(call) <= chip.default_scoped_vmem_bytes() as f64 {
         Ok(None)
     } else if need <= chip.vmem_bytes() as f64 {
         Ok(Some(chip.vmem_bytes()))

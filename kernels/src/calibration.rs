@@ -500,7 +500,7 @@ pub fn load(dir: &Path) -> Result<Vec<(String, Dataset)>, Error> {
 /// ([`Ours::compile_key`]) with its VMEM limit, and config.
 type Verdicts = HashMap<(Chip, String, OurConfig), Result<(), String>>;
 
-/// Which candidates libtpu is asked about; the others count as feasible.
+/// Which candidates libtpu is asked about; the others are judged by the VMEM estimate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compile {
     /// Every candidate in our space.
@@ -626,12 +626,11 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
                 if let Some(v) = verdicts.get(&(j.chip, format!("{:?} {:?}", j.ours.compile_key(c), j.limit_for(c)), c)) {
                     return v.clone();
                 }
-                // Unjudged by libtpu: the VMEM estimate against the source's limit says what
-                // the source could not have run, against all the chip's VMEM what our kernel
-                // cannot.
-                let limit = j.limit_for(c);
-                let traced = j.ours.traced(c, j.chip, limit).map_err(|e| e.to_string())?;
-                let (need, room) = (vmem_estimate(&traced), limit.unwrap_or(j.chip.vmem_bytes()));
+                // Unjudged by libtpu: the VMEM estimate against the limit the call carries (the
+                // source's, or the one our tuner sets) says what could not have run there.
+                let traced = j.ours.traced(c, j.chip, j.limit_for(c)).map_err(|e| e.to_string())?;
+                let room = traced.vmem_limit_bytes.unwrap_or(j.chip.default_scoped_vmem_bytes());
+                let need = vmem_estimate(&traced);
                 if need > room as f64 {
                     return Err(format!("VMEM estimate {:.1} MiB > {:.0} MiB", need / 1048576.0, room as f64 / 1048576.0));
                 }
