@@ -537,6 +537,12 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
                 self.limit
             }
         }
+
+        /// What libtpu's verdict on `c` is filed under, beside the chip and config: the
+        /// compiled problem and its VMEM limit.
+        fn verdict_name(&self, c: OurConfig) -> String {
+            format!("{:?} {:?}", self.ours.compile_key(c), self.limit_for(c))
+        }
     }
     let mut out = Score::default();
     let mut jobs = Vec::new();
@@ -595,11 +601,9 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
                 _ => j.candidates.clone(),
             };
             for c in asked {
-                let key = j.ours.compile_key(c);
-                let limit = j.limit_for(c);
-                let name = format!("{key:?} {limit:?}");
+                let name = j.verdict_name(c);
                 if j.ours.in_our_space(c) && seen.insert((j.chip, name.clone(), c)) {
-                    wanted.push((j.chip, name, key, c, limit));
+                    wanted.push((j.chip, name, j.ours.compile_key(c), c, j.limit_for(c)));
                 }
             }
         }
@@ -619,31 +623,35 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
     let scored: Vec<ProblemScore> = jobs
         .par_iter()
         .map(|j| {
-            let verdict = |c: OurConfig| -> Result<(), String> {
+            let trace = |c: OurConfig| j.ours.traced(c, j.chip, j.limit_for(c)).map_err(|e| e.to_string());
+            let seconds = |traced: &TracedCall| -> Result<f64, String> {
+                let f = features(traced).map_err(|e| e.to_string())?;
+                Ok(predict_tpu_seconds(traced, &f, j.chip) + j.extra_seconds)
+            };
+            // Feasible (libtpu's verdict, else the VMEM estimate's), then predicted: one trace.
+            let judge = |c: OurConfig| -> Result<f64, String> {
                 if !j.ours.in_our_space(c) {
                     return Err("outside our space".into());
                 }
-                if let Some(v) = verdicts.get(&(j.chip, format!("{:?} {:?}", j.ours.compile_key(c), j.limit_for(c)), c)) {
-                    return v.clone();
+                let by_libtpu = verdicts.get(&(j.chip, j.verdict_name(c), c));
+                if let Some(Err(reason)) = by_libtpu {
+                    return Err(reason.clone());
                 }
-                // Unjudged by libtpu: the VMEM estimate against the limit the call carries (the
-                // source's, or the one our tuner sets) says what could not have run there.
-                let traced = j.ours.traced(c, j.chip, j.limit_for(c)).map_err(|e| e.to_string())?;
-                let room = traced.vmem_limit_bytes.unwrap_or(j.chip.default_scoped_vmem_bytes());
-                let need = vmem_estimate(&traced);
-                if need > room as f64 {
-                    return Err(format!("VMEM estimate {:.1} MiB > {:.0} MiB", need / 1048576.0, room as f64 / 1048576.0));
+                let traced = trace(c)?;
+                if by_libtpu.is_none() {
+                    // The VMEM estimate against the limit the call carries (the source's, or
+                    // the one our tuner sets) says what could not have run there.
+                    let room = traced.vmem_limit_bytes.unwrap_or(j.chip.default_scoped_vmem_bytes());
+                    let need = vmem_estimate(&traced);
+                    if need > room as f64 {
+                        return Err(format!("VMEM estimate {:.1} MiB > {:.0} MiB", need / 1048576.0, room as f64 / 1048576.0));
+                    }
                 }
-                Ok(())
-            };
-            let predict = |c: OurConfig| -> Result<f64, String> {
-                let traced = j.ours.traced(c, j.chip, j.limit_for(c)).map_err(|e| e.to_string())?;
-                let f = features(&traced).map_err(|e| e.to_string())?;
-                Ok(predict_tpu_seconds(&traced, &f, j.chip) + j.extra_seconds)
+                seconds(&traced)
             };
             let (winner, winner_seconds) = j.winner;
             // Every candidate judged once; the winner's ways of computing its blocks are among them.
-            let judged: Vec<(OurConfig, Result<f64, String>)> = j.candidates.iter().map(|&c| (c, verdict(c).and_then(|_| predict(c)))).collect();
+            let judged: Vec<(OurConfig, Result<f64, String>)> = j.candidates.iter().map(|&c| (c, judge(c))).collect();
             let mut ranked: Vec<(OurConfig, f64)> = judged.iter().filter_map(|(c, r)| r.as_ref().ok().map(|&t| (*c, t))).collect();
             ranked.sort_by(|a, b| a.1.total_cmp(&b.1));
             let winner_fate = if !j.ours.ways_to_compute(winner).iter().any(|&c| j.ours.in_our_space(c)) {
@@ -657,7 +665,7 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
             let winner_predicted = ranked.iter().filter(|(c, _)| c.blocks() == winner.blocks()).map(|&(_, t)| t).reduce(f64::min);
             let pick = ranked.first().map(|&(c, _)| c);
             let measured_of = |c: OurConfig| j.measured.iter().filter(|m| m.0.blocks() == c.blocks()).map(|m| m.1).reduce(f64::min);
-            let ratio = if j.dispatch_bound { None } else { winner_predicted.or_else(|| predict(winner).ok()).map(|p| p / winner_seconds) };
+            let ratio = if j.dispatch_bound { None } else { winner_predicted.or_else(|| trace(winner).and_then(|t| seconds(&t)).ok()).map(|p| p / winner_seconds) };
             let predicted_of = |c: OurConfig| ranked.iter().filter(|(r, _)| r.blocks() == c.blocks()).map(|&(_, t)| t).reduce(f64::min);
             let winner_rank = ranked.iter().position(|(c, _)| c.blocks() == winner.blocks()).map(|r| r + 1);
             let top3_regret = ranked.iter().take(3).filter_map(|&(c, _)| measured_of(c)).reduce(f64::min).map(|t| t / winner_seconds);
