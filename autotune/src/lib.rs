@@ -153,7 +153,7 @@ struct Prepared {
 }
 
 /// Builds and traces every candidate; returns those that remain and the pruned with reasons.
-fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType]) -> (Vec<Prepared>, Vec<Candidate>) {
+fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType], tables: &[HostArray]) -> (Vec<Prepared>, Vec<Candidate>) {
     let space = t.space();
     let mut ok = Vec::new();
     let mut pruned = Vec::new();
@@ -170,7 +170,7 @@ fn prepare(t: &dyn Tunable, device: Device, types: &[torchtpu_dsl::ir::ValueType
                 continue;
             }
         };
-        let f = match features(&traced) {
+        let f = match features(&traced, tables) {
             Ok(f) => f,
             Err(e) => {
                 pruned.push(prune(format!("grid: {e}"), None));
@@ -269,7 +269,8 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
             Err(w) => warnings.push(w),
         }
     }
-    let (prepared, mut candidates) = prepare(t, device, &types);
+    let tables = t.sample_tables();
+    let (prepared, mut candidates) = prepare(t, device, &types, &tables);
     if prepared.is_empty() {
         return Err(Error::Invalid(format!(
             "no feasible configuration of {} {} on {device}:\n{}",
@@ -279,7 +280,7 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
         )));
     }
     let (evaluated, decided) = match device {
-        Device::Chip(chip) => (rank_for_chip(chip, &prepared, &t.default_config(), opts)?, None),
+        Device::Chip(chip) => (rank_for_chip(chip, &prepared, &t.default_config(), opts, &tables)?, None),
         Device::Pjrt(backend) => {
             // Only a device run needs operands (a chip's ranking reads none: no f64 work, no
             // host memory for them).
@@ -350,7 +351,7 @@ pub fn tune(t: &dyn Tunable, device: Device, opts: &TuneOptions) -> Result<TuneR
 /// the first batch with a candidate that compiles: the same winner as compiling them all,
 /// since the prediction does not depend on the compile, with the slower candidates left
 /// [`Outcome::NotEvaluated`] but for `default`, the baseline the report compares against.
-fn rank_for_chip(chip: Chip, prepared: &[Prepared], default: &Config, opts: &TuneOptions) -> Result<Vec<Candidate>> {
+fn rank_for_chip(chip: Chip, prepared: &[Prepared], default: &Config, opts: &TuneOptions, tables: &[HostArray]) -> Result<Vec<Candidate>> {
     let compiler = TpuCompiler::shared()?;
     let done = std::sync::atomic::AtomicUsize::new(0);
     let judge = |p: &Prepared, ms: f64| {
@@ -367,7 +368,7 @@ fn rank_for_chip(chip: Chip, prepared: &[Prepared], default: &Config, opts: &Tun
         }
         outcome
     };
-    let predicted: Vec<f64> = prepared.par_iter().map(|p| predict_tpu_seconds(&p.traced, &p.features, chip) * 1e3).collect();
+    let predicted: Vec<f64> = prepared.par_iter().map(|p| predict_tpu_seconds(&p.traced, &p.features, chip, tables) * 1e3).collect();
     let mut outcomes: Vec<Outcome> = vec![Outcome::NotEvaluated; prepared.len()];
     if opts.strategy == Strategy::Exhaustive {
         outcomes = prepared.par_iter().zip(&predicted).map(|(p, &ms)| judge(p, ms)).collect();

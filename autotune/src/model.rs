@@ -3,7 +3,7 @@
 
 use torchtpu_codegen::cost;
 use torchtpu_dsl::ir::{Func, MemorySpace, OpKind};
-use torchtpu_dsl::{DType, TracedCall};
+use torchtpu_dsl::{DType, HostArray, TracedCall};
 use torchtpu_runtime::Chip;
 
 /// What a configuration costs, independent of any device.
@@ -98,10 +98,12 @@ fn largest_value_read_twice(body: &Func) -> usize {
     }
 }
 
-pub fn features(call: &TracedCall) -> Result<Features, torchtpu_dsl::Error> {
+/// `tables` stands for the call's scalar-prefetch arrays (empty: blocks whose index maps read
+/// them are counted as fetched at every step).
+pub fn features(call: &TracedCall, tables: &[HostArray]) -> Result<Features, torchtpu_dsl::Error> {
     let estimate = cost::estimate(call);
     let operands: Vec<_> = call.inputs.iter().chain(&call.outputs).collect();
-    let blocks = call.static_block_indices()?;
+    let blocks = call.block_indices(tables)?;
     let mut hbm = 0.0;
     let mut sliced = 0.0;
     let mut first = 0.0;
@@ -160,9 +162,9 @@ pub fn vmem_limit(call: &TracedCall, chip: Chip) -> Result<Option<u64>, String> 
 /// overhead of every grid step; work a static condition skips (a causal kernel's blocks right
 /// of the diagonal) is not counted; filling the pipeline (the first blocks in, the last out)
 /// is not overlapped. A megacore device splits the steps of `parallel` grid axes between its
-/// two TensorCores.
-pub fn predict_tpu_seconds(call: &TracedCall, f: &Features, chip: Chip) -> f64 {
-    let work = cost::work(call, chip.mxu_dim());
+/// two TensorCores. `tables` stands for the scalar-prefetch arrays, as in [`features`].
+pub fn predict_tpu_seconds(call: &TracedCall, f: &Features, chip: Chip, tables: &[HostArray]) -> f64 {
+    let work = cost::work(call, chip.mxu_dim(), tables);
     let parallel_programs: usize = call.grid.iter().zip(&call.semantics).filter(|(_, s)| **s == torchtpu_dsl::Semantics::Parallel).map(|(&n, _)| n).product();
     let cores = f64::from(chip.cores_per_device());
     // Each core works at its share of the device's rates; without a parallel axis to split,

@@ -24,6 +24,12 @@ pub trait Tunable: Send + Sync {
     }
     /// Scalar-prefetch arrays, then inputs.
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray>;
+    /// Scalar-prefetch arrays typical of the problem, for the TPU model to evaluate the index
+    /// maps and conditions that read them (a grouped matmul's group ends); none by default,
+    /// and then a block they place counts as fetched at every step.
+    fn sample_tables(&self) -> Vec<HostArray> {
+        Vec::new()
+    }
 }
 
 /// Powers of two from 64 up to the first one covering `dim` (at most `cap`).

@@ -2,13 +2,16 @@
 //!
 //! Work is counted per grid step. Conditions and loop bounds computed from the grid indices
 //! and constants alone (a causal kernel's `pl.when` over blocks right of the diagonal) are
-//! evaluated at every step, so a step whose branch does nothing costs nothing; any other
-//! condition counts its dearer branch, and a loop whose trip count is data counts one pass.
+//! evaluated at every step, so a step whose branch does nothing costs nothing; so are those
+//! read from scalar-prefetch tables when the caller gives sample tables (a grouped matmul's
+//! group ends). Any other condition counts its dearer branch, and a loop whose trip count is
+//! data counts one pass.
 
 use std::collections::{BTreeMap, HashMap};
 
-use torchtpu_dsl::ir::{Func, Literal, Op, OpKind, Region, ValueId};
-use torchtpu_dsl::{DType, TracedCall};
+use torchtpu_dsl::ir::{Func, Literal, OpKind, Region, ValueId};
+use torchtpu_dsl::scalar::{self, Sources};
+use torchtpu_dsl::{DType, HostArray, TracedCall};
 
 /// Work of the whole call (every program), in Pallas' `CostEstimate` terms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -68,54 +71,6 @@ const MAX_EVALUATED_POINTS: usize = 1 << 18;
 
 /// Integer and bool scalars (bools as 0 and 1) known before a step runs.
 type Known = HashMap<ValueId, i64>;
-
-/// The value of scalar `op` from known operands, if it is an integer or bool scalar op whose
-/// operands are known; the ops' own definitions compute it.
-fn scalar_value(func: &Func, op: &Op, known: &Known, grid: &[usize], point: &[usize]) -> Option<i64> {
-    let result = *op.results.first()?;
-    let ty = func.value_type(result)?;
-    if !ty.shape.is_empty() || ty.dtype.is_float() {
-        return None;
-    }
-    let get = |v: ValueId| known.get(&v).copied();
-    let is_bool = ty.dtype == DType::Bool;
-    match &op.kind {
-        OpKind::Constant(Literal::Int(i)) => Some(*i),
-        OpKind::Constant(Literal::Bool(b)) => Some(i64::from(*b)),
-        OpKind::ProgramId { axis } => point.get(*axis).map(|&i| i as i64),
-        OpKind::NumPrograms { axis } => grid.get(*axis).map(|&n| n as i64),
-        OpKind::AssumeMultiple { x, .. } => get(*x),
-        OpKind::Binary { op, lhs, rhs } => {
-            let (a, b) = (get(*lhs)?, get(*rhs)?);
-            let evals = op.def().evals();
-            if is_bool {
-                evals.boolean.map(|f| i64::from(f(a != 0, b != 0)))
-            } else {
-                evals.int.and_then(|f| f(i32::try_from(a).ok()?, i32::try_from(b).ok()?).ok()).map(i64::from)
-            }
-        }
-        OpKind::Unary { op, x } => {
-            let a = get(*x)?;
-            let evals = op.def().evals();
-            if is_bool {
-                evals.boolean.map(|f| i64::from(f(a != 0)))
-            } else {
-                evals.int.and_then(|f| Some(i64::from(f(i32::try_from(a).ok()?))))
-            }
-        }
-        OpKind::Compare { op, lhs, rhs } => Some(i64::from((op.def().eval)(get(*lhs)?.partial_cmp(&get(*rhs)?)))),
-        OpKind::Select { cond, on_true, on_false } => get(if get(*cond)? != 0 { *on_true } else { *on_false }),
-        OpKind::Cast { x } => {
-            let a = get(*x)?;
-            match ty.dtype {
-                DType::Bool => Some(i64::from(a != 0)),
-                DType::I32 => i32::try_from(a).ok().map(i64::from),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
-}
 
 /// Where a step's work forks on a value: an `if`'s condition or a loop's bounds.
 fn decisions(region: &Region, out: &mut Vec<ValueId>) {
@@ -199,8 +154,10 @@ fn region_work(func: &Func, region: &Region, known: &Known, mxu: usize) -> Work 
     w
 }
 
-/// The work of every grid step of `call`, with matrix dims padded to `mxu` (1: none).
-pub fn work(call: &TracedCall, mxu: usize) -> Work {
+/// The work of every grid step of `call`, with matrix dims padded to `mxu` (1: none), and
+/// `tables` standing for its scalar-prefetch arrays (none: conditions they decide count their
+/// dearer branch).
+pub fn work(call: &TracedCall, mxu: usize, tables: &[HostArray]) -> Work {
     let func = &call.body;
     let mut sites = Vec::new();
     decisions(&func.body, &mut sites);
@@ -237,8 +194,9 @@ pub fn work(call: &TracedCall, mxu: usize) -> Work {
             flat /= call.grid[a];
         }
         known.clone_from(&constants);
+        let sources = Sources { grid: &call.grid, point: &point, table_refs: func.args.get(..call.prefetch.len()).unwrap_or_default(), tables };
         for op in &func.body.ops {
-            if let Some(v) = scalar_value(func, op, &known, &call.grid, &point) {
+            if let Some(v) = scalar::value(func, op, |v| known.get(&v).copied(), &sources) {
                 known.insert(op.results[0], v);
             }
         }
@@ -255,7 +213,7 @@ pub fn work(call: &TracedCall, mxu: usize) -> Work {
 
 /// Flops and transcendentals over all programs; bytes are every operand array read or written once.
 pub fn estimate(call: &TracedCall) -> CostEstimate {
-    let w = work(call, 1);
+    let w = work(call, 1, &[]);
     let bytes = call.operand_types().chain(call.outputs.iter().map(|o| &o.array)).map(|a| a.size_bytes() as u64).sum();
     CostEstimate { flops: (w.dot_flops + w.vector_ops).round() as u64, transcendentals: w.transcendentals.round() as u64, bytes_accessed: bytes }
 }

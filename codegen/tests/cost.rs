@@ -44,7 +44,7 @@ fn steps_a_grid_condition_skips_cost_nothing() {
     let (blocks, block) = (5, 64);
     let call = traced(lower_blocks::kernel(), blocks, block);
     let visible = blocks * (blocks + 1) / 2;
-    let w = work(&call, 128);
+    let w = work(&call, 128, &[]);
     let dot = 2.0 * (block * block * block) as f64;
     assert_eq!(w.dot_flops, visible as f64 * dot);
     // Matrix dims pad to the MXU's 128: a 64-wide product costs a 128-wide one.
@@ -61,7 +61,7 @@ fn steps_a_grid_condition_skips_cost_nothing() {
 #[test]
 fn a_condition_on_data_counts_its_dearer_branch_at_every_step() {
     let (blocks, block) = (3, 128);
-    let w = work(&traced(where_positive::kernel(), blocks, block), 128);
+    let w = work(&traced(where_positive::kernel(), blocks, block), 128, &[]);
     assert_eq!(w.dot_flops, (blocks * blocks) as f64 * 2.0 * (block * block * block) as f64);
     assert_eq!(w.active_steps, (blocks * blocks) as f64);
 }

@@ -18,6 +18,7 @@ pub mod kernel;
 pub mod memory;
 mod printer;
 pub mod random;
+pub mod scalar;
 pub mod trace;
 pub mod verify;
 

@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use torchtpu_autotune::model::{features, predict_tpu_seconds, vmem_estimate};
 use torchtpu_codegen::{lower, Target};
-use torchtpu_dsl::{DType, TracedCall};
+use torchtpu_dsl::{DType, HostArray, TracedCall};
 use torchtpu_runtime::{Chip, TpuCompiler};
 
 use crate::flash::{AttentionShape, FlashConfig, FlashOp, FlashPass, FlashProblem};
+use crate::gmm::{group_ends, GroupedConfig, GroupedOp, GroupedProblem};
 use crate::matmul::{MatmulConfig, MatmulOp, MatmulProblem, MatmulShape};
 use crate::op::{call_for, Op};
 use crate::tables::TableTarget;
@@ -33,7 +34,8 @@ pub fn default_dir() -> PathBuf {
 pub struct Dataset {
     pub source: String,
     pub chip: String,
-    /// `matmul`, `ragged_dot` (one non-empty group: a matmul) or `flash_attention`.
+    /// `matmul`, `ragged_dot` (a forward grouped matmul, megablox's grid: our `gmm`) or
+    /// `flash_attention`.
     pub kernel: String,
     /// Which problems the model's fitted constants were chosen on (`calibration`), and which
     /// it never saw (`holdout`): a problem's own `split`, else this.
@@ -103,6 +105,8 @@ pub struct Measurement {
 enum Ours {
     Matmul(MatmulProblem),
     Flash(FlashProblem),
+    /// With the problem's group ends, which the model reads as the kernel's index maps do.
+    Grouped(GroupedProblem, Vec<i32>),
 }
 
 /// One of our configs.
@@ -148,10 +152,25 @@ fn dtype(v: &Value) -> Result<DType, String> {
 impl Ours {
     fn of(kernel: &str, p: &Value) -> Result<Ours, String> {
         match kernel {
-            "matmul" | "ragged_dot" => {
-                if kernel == "ragged_dot" && (p.get("num_nonempty_groups").and_then(Value::as_u64) != Some(1) || p.get("mode").and_then(Value::as_str) != Some("gmm")) {
-                    return Err("a ragged dot other than a forward one with a single non-empty group (a plain matmul)".into());
+            "ragged_dot" => {
+                if p.get("mode").and_then(Value::as_str) != Some("gmm") {
+                    return Err("a ragged dot other than the forward one (gmm)".into());
                 }
+                let sizes: Vec<i64> = p
+                    .get("group_sizes")
+                    .and_then(Value::as_array)
+                    .ok_or("no `group_sizes` list")?
+                    .iter()
+                    .map(|v| v.as_i64().ok_or("a group size that is not a whole number"))
+                    .collect::<Result<_, _>>()?;
+                let problem = GroupedProblem { m: field(p, "m")?, k: field(p, "k")?, n: field(p, "n")?, groups: field(p, "num_groups")?, dtype: dtype(p)?, transpose_rhs: false };
+                if sizes.len() != problem.groups {
+                    return Err(format!("{} group sizes for {} groups", sizes.len(), problem.groups));
+                }
+                let ends = group_ends(&sizes, problem.m).map_err(|e| e.to_string())?;
+                Ok(Ours::Grouped(problem, ends))
+            }
+            "matmul" => {
                 let variant = p.get("variant").and_then(Value::as_str).unwrap_or("plain");
                 let transpose_b = match variant {
                     "plain" | "relu" => false,
@@ -183,7 +202,7 @@ impl Ours {
     /// The source's config as ours (a sub-block of the source's kernel has no counterpart).
     fn config(&self, c: &Value) -> Result<OurConfig, String> {
         match self {
-            Ours::Matmul(_) => {
+            Ours::Matmul(_) | Ours::Grouped(..) => {
                 let get = |a: &str, b: &str| field(c, a).or_else(|_| field(c, b)).map_err(|_| format!("no whole number `{a}` (or `{b}`) in {c}"));
                 Ok(OurConfig::Matmul { bm: get("bm", "tile_m")?, bn: get("bn", "tile_n")?, bk: get("bk", "tile_k")? })
             }
@@ -198,6 +217,12 @@ impl Ours {
                 "bm" | "tile_m" => Some(p.shape.m),
                 "bn" | "tile_n" => Some(p.shape.n),
                 "bk" | "tile_k" => Some(p.shape.k),
+                _ => None,
+            },
+            Ours::Grouped(p, _) => match name {
+                "tile_m" => Some(p.m),
+                "tile_n" => Some(p.n),
+                "tile_k" => Some(p.k),
                 _ => None,
             },
             Ours::Flash(p) => match name {
@@ -220,6 +245,7 @@ impl Ours {
         match (self, c) {
             (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => holds(MatmulOp.space(p), &[("bm", bm), ("bn", bn), ("bk", bk)]),
             (Ours::Flash(p), OurConfig::Flash { bq, bk, bkc }) => holds(FlashOp(FlashPass::Forward).space(p), &[("bq", bq), ("bk", bk), ("bkc", bkc)]),
+            (Ours::Grouped(p, _), OurConfig::Matmul { bm, bn, bk }) => holds(GroupedOp::Gmm.space(p), &[("bm", bm), ("bn", bn), ("bk", bk)]),
             _ => false,
         }
     }
@@ -237,6 +263,7 @@ impl Ours {
         match (self, c) {
             (Ours::Matmul(p), OurConfig::Matmul { bm, bn, bk }) => at(&MatmulOp, p, &MatmulConfig { bm, bn, bk }, chip, limit),
             (Ours::Flash(p), OurConfig::Flash { bq, bk, bkc }) => at(&FlashOp(FlashPass::Forward), p, &FlashConfig { bq, bk, bkc }, chip, limit),
+            (Ours::Grouped(p, _), OurConfig::Matmul { bm, bn, bk }) => at(&GroupedOp::Gmm, p, &GroupedConfig { bm, bk, bn }, chip, limit),
             _ => Err(Error::Config(format!("config {c} is not one of this op's"))),
         }
     }
@@ -246,7 +273,7 @@ impl Ours {
     fn ways_to_compute(&self, c: OurConfig) -> Vec<OurConfig> {
         let space = match self {
             Ours::Flash(p) => FlashOp(FlashPass::Forward).space(p),
-            Ours::Matmul(_) => return vec![c],
+            Ours::Matmul(_) | Ours::Grouped(..) => return vec![c],
         };
         let widths = space.params().iter().find(|(n, _)| n == "bkc").map_or(vec![0], |(_, v)| v.clone());
         match c {
@@ -262,6 +289,14 @@ impl Ours {
         }
     }
 
+    /// The scalar-prefetch tables of the problem, for the model (a grouped matmul's ends).
+    fn tables(&self) -> Vec<HostArray> {
+        match self {
+            Ours::Grouped(_, ends) => vec![HostArray::from(ndarray::Array1::from(ends.clone()).into_dyn())],
+            _ => Vec::new(),
+        }
+    }
+
     /// Bytes of the inputs and outputs a caller sees (attention: q, k, v and o).
     fn io_bytes(&self) -> f64 {
         let f = |n: usize| n as f64;
@@ -270,6 +305,7 @@ impl Ours {
                 let s = p.shape;
                 (f(s.m) * f(s.k) + f(s.k) * f(s.n) + f(s.m) * f(s.n)) * f(p.dtype.size_bytes())
             }
+            Ours::Grouped(p, _) => (f(p.m) * f(p.k) + f(p.groups) * f(p.k) * f(p.n) + f(p.m) * f(p.n)) * f(p.dtype.size_bytes()),
             Ours::Flash(p) => {
                 let s = p.shape;
                 2.0 * (f(s.batch) * f(s.heads) * f(s.q_len) + f(s.batch) * f(s.kv_heads) * f(s.kv_len)) * f(s.head_dim) * f(p.dtype.size_bytes())
@@ -624,9 +660,10 @@ pub fn score(datasets: &[(String, Dataset)], compile: Compile) -> Result<Score, 
         .par_iter()
         .map(|j| {
             let trace = |c: OurConfig| j.ours.traced(c, j.chip, j.limit_for(c)).map_err(|e| e.to_string());
+            let tables = j.ours.tables();
             let seconds = |traced: &TracedCall| -> Result<f64, String> {
-                let f = features(traced).map_err(|e| e.to_string())?;
-                Ok(predict_tpu_seconds(traced, &f, j.chip) + j.extra_seconds)
+                let f = features(traced, &tables).map_err(|e| e.to_string())?;
+                Ok(predict_tpu_seconds(traced, &f, j.chip, &tables) + j.extra_seconds)
             };
             // Feasible (libtpu's verdict, else the VMEM estimate's), then predicted: one trace.
             let judge = |c: OurConfig| -> Result<f64, String> {

@@ -77,6 +77,11 @@ pub trait Op: Clone + Send + Sync + 'static {
     fn check_tables(&self, _p: &Self::Problem, _tables: &[HostArray]) -> Result<(), Error> {
         Ok(())
     }
+    /// Scalar-prefetch tables typical of `p`, for the TPU model ([`Tunable::sample_tables`]);
+    /// none by default.
+    fn sample_tables(&self, _p: &Self::Problem) -> Vec<HostArray> {
+        Vec::new()
+    }
     /// Operands to time and check with: uniform in [-1, 1) for floats, zeros for integers.
     fn random_inputs(&self, p: &Self::Problem, rng: &mut StdRng) -> Vec<HostArray> {
         self.operand_types(p).iter().map(|t| random_operand(rng, t)).collect()
@@ -275,6 +280,9 @@ impl<O: Op> Tunable for Tuning<O> {
     }
     fn random_inputs(&self, rng: &mut StdRng) -> Vec<HostArray> {
         self.op.random_inputs(&self.problem, rng)
+    }
+    fn sample_tables(&self) -> Vec<HostArray> {
+        self.op.sample_tables(&self.problem)
     }
 }
 

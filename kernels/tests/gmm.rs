@@ -115,3 +115,28 @@ fn compiles_for_every_chip() {
         }
     }
 }
+
+/// The TPU model follows the index maps as integer scalars (`TracedCall::block_indices`): at
+/// every step it finds the blocks the interpreter's run of the same maps finds.
+#[test]
+fn the_models_block_indices_are_the_interpreters() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for (m, k, n, groups) in [(37, 300, 200, 3), (300, 256, 384, 5), (129, 64, 130, 8)] {
+        for (o, transpose_rhs) in [(GroupedOp::Gmm, false), (GroupedOp::Gmm, true), (GroupedOp::Tgmm, false)] {
+            let p = GroupedProblem { m, k, n, groups, dtype: DType::F32, transpose_rhs };
+            let mut splits = vec![random_group_sizes(&mut rng, groups, m), vec![0; groups]];
+            splits.push((0..groups).map(|j| if j == 0 { m as i64 } else { 0 }).collect());
+            for sizes in splits {
+                let tables = vec![HostArray::from(ndarray::Array1::from(group_ends(&sizes, m).expect("valid sizes")))];
+                for (bm, bk, bn) in [(8, 128, 128), (128, 256, 128)] {
+                    let c = o.fit(&p, GroupedConfig { bm, bk, bn });
+                    let traced = o.call(&p, &c).expect("call").trace(&o.operand_types(&p)).expect("traces");
+                    let fast = traced.block_indices(&tables).expect("scalar maps");
+                    assert!(fast.iter().all(Option::is_some), "{o:?} {p:?} at {c:?}: a map left unevaluated");
+                    assert_eq!(fast, traced.interpreted_block_indices(&tables).expect("interpreted maps"), "{o:?} {p:?} at {c:?}, sizes {sizes:?} (seed {seed})");
+                }
+            }
+        }
+    }
+}

@@ -202,3 +202,19 @@ fn compiles_for_every_chip() {
         }
     }
 }
+
+/// The TPU model's integer-scalar reading of the index maps (`TracedCall::block_indices`)
+/// finds the blocks the interpreter's run of the same maps finds, over random serving tables.
+#[test]
+fn the_models_block_indices_are_the_interpreters() {
+    let seed = seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for _ in 0..3 {
+        let p = problem(rng.random_range(1..64), 16, rng.random_range(1..8), rng.random_range(1..10), DType::F32);
+        let inputs = OP.random_inputs(&p, &mut rng);
+        let config = OP.fit(&p, PagedConfig { block_q: [4, 8, 16, 32][rng.random_range(0..4)], pages_per_block: rng.random_range(1..4) });
+        let traced = OP.call(&p, &config).expect("call").trace(&OP.operand_types(&p)).expect("traces");
+        let tables = &inputs[..traced.prefetch.len()];
+        assert_eq!(traced.block_indices(tables).expect("scalar maps"), traced.interpreted_block_indices(tables).expect("interpreted maps"), "{p:?} at {config:?} (seed {seed})");
+    }
+}

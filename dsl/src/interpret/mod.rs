@@ -203,16 +203,40 @@ impl TracedCall {
     /// For each input then output, its block index at every grid point (row-major flat
     /// order), or `None` for index maps that read scalar-prefetch tables (data-dependent).
     pub fn static_block_indices(&self) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
+        self.block_indices(&[])
+    }
+
+    /// [`Self::static_block_indices`] with `prefetch` standing for the scalar-prefetch
+    /// arrays, so that data-dependent index maps are evaluated too (`None` only for those
+    /// that read a table `prefetch` lacks). Maps of integer scalar ops are evaluated without
+    /// the interpreter ([`crate::scalar`]), fast enough for the TPU model to follow every
+    /// step of every candidate's grid.
+    pub fn block_indices(&self, prefetch: &[HostArray]) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
+        self.block_indices_by(prefetch, true)
+    }
+
+    /// [`Self::block_indices`] with every map run by the interpreter: what the fast path is
+    /// tested against.
+    pub fn interpreted_block_indices(&self, prefetch: &[HostArray]) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
+        self.block_indices_by(prefetch, false)
+    }
+
+    fn block_indices_by(&self, prefetch: &[HostArray], scalar: bool) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
         let points = grid_points(&self.grid);
+        let known = prefetch.len() >= self.prefetch.len();
+        let tensors: Vec<Tensor> = if known { prefetch.iter().map(Tensor::from_host).collect() } else { Vec::new() };
         self.inputs
             .iter()
             .chain(&self.outputs)
             .map(|op| {
-                if op.index_map_reads_prefetch() {
+                if op.index_map_reads_prefetch() && !known {
                     return Ok(None);
                 }
+                if let Some(indices) = scalar.then(|| scalar_block_indices(op, &points, prefetch)).flatten() {
+                    return Ok(Some(indices));
+                }
                 let single = TracedCall { inputs: vec![op.clone()], outputs: Vec::new(), ..self.clone() };
-                Ok(single.block_table(&points, &[])?.indices.pop())
+                Ok(single.block_table(&points, &tensors)?.indices.pop())
             })
             .collect()
     }
@@ -248,6 +272,20 @@ impl TracedCall {
         }
         Ok(BlockTable { indices })
     }
+}
+
+/// `op`'s block index at every point, evaluated as integer scalars; `None` where the map
+/// needs the interpreter or a block falls outside the array (which the interpreter reports).
+fn scalar_block_indices(op: &BlockOperand, points: &[Vec<usize>], prefetch: &[HostArray]) -> Option<Vec<Vec<usize>>> {
+    let dims = op.block_dims();
+    points
+        .iter()
+        .map(|p| {
+            let block = crate::scalar::index_map(&op.index_map, p, prefetch)?;
+            let inside = block.len() == dims.len() && block.iter().zip(&dims).zip(&op.array.shape).all(|((&b, &d), &n)| b >= 0 && (b as usize) * d < n);
+            inside.then(|| block.iter().map(|&b| b as usize).collect())
+        })
+        .collect()
 }
 
 /// The state of one task: a core running the sequential steps for one parallel index.
