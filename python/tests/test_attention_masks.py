@@ -37,12 +37,23 @@ def attention_f64(q, k, v, bias=None, keep=None, rate=0.0, scale=None):
     return w @ v
 
 
+def gradient_tol(dtype, ref):
+    """A bf16 gradient is a sum of terms rounded to bf16 at the scale of its largest ones (the
+    softmax gradient subtracts rowsum(dO * O) with O stored in bf16), so its error follows the
+    tensor's magnitude, not the element's: up to 4 units in the last place of its largest
+    element. PyTorch's own bf16 autograd of the dropout test's attention is off by up to 0.047
+    on a bias gradient whose largest element is 6.5 (40 seeds), past a flat 0.03."""
+    if dtype != torch.bfloat16:
+        return TOL[dtype]
+    return dict(rtol=TOL[dtype]["rtol"], atol=max(TOL[dtype]["atol"], 2**-6 * float(ref.abs().amax()) if ref.numel() else 0.0))
+
+
 def check(ours, want, leaves_ours, leaves_want, grad, dtype, what):
     torch.testing.assert_close(ours.double(), want, **TOL[dtype], msg=lambda m: f"{what} forward: {m}")
     got = torch.autograd.grad(ours, leaves_ours, grad.to(ours.dtype))
     ref = torch.autograd.grad(want, leaves_want, grad.double())
     for n, (g, r) in enumerate(zip(got, ref)):
-        torch.testing.assert_close(g.double(), r, **TOL[dtype], msg=lambda m: f"{what} gradient {n}: {m}")
+        torch.testing.assert_close(g.double(), r, **gradient_tol(dtype, r), msg=lambda m: f"{what} gradient {n}: {m}")
 
 
 MASK_SHAPES = [(13, 40), (2, 1, 13, 40), (1, 4, 13, 40), (2, 4, 13, 40), (2, 1, 1, 40), (4, 13, 1)]
