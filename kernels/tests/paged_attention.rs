@@ -122,14 +122,20 @@ fn row_windows_cover_unaligned_sequences_and_odd_groups() {
     }
 }
 
+/// A random f32 serving batch (the op's own random tables) and a random config.
+fn random_batch(rng: &mut StdRng) -> (PagedProblem, Vec<HostArray>, PagedConfig) {
+    let p = problem(rng.random_range(1..64), 16, rng.random_range(1..8), rng.random_range(1..10), DType::F32);
+    let inputs = OP.random_inputs(&p, rng);
+    let config = PagedConfig { block_q: [4, 8, 16, 32][rng.random_range(0..4)], pages_per_block: rng.random_range(1..4) };
+    (p, inputs, config)
+}
+
 #[test]
 fn random_batches_match_f64() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     for _ in 0..3 {
-        let p = problem(rng.random_range(1..64), 16, rng.random_range(1..8), rng.random_range(1..10), DType::F32);
-        let inputs = OP.random_inputs(&p, &mut rng);
-        let config = PagedConfig { block_q: [4, 8, 16, 32][rng.random_range(0..4)], pages_per_block: rng.random_range(1..4) };
+        let (p, inputs, config) = random_batch(&mut rng);
         common::assert_matches_f64(&OP, &p, config, &inputs, DType::F32, 2.0, seed);
     }
 }
@@ -210,9 +216,8 @@ fn the_models_block_indices_are_the_interpreters() {
     let seed = seed();
     let mut rng = StdRng::seed_from_u64(seed);
     for _ in 0..3 {
-        let p = problem(rng.random_range(1..64), 16, rng.random_range(1..8), rng.random_range(1..10), DType::F32);
-        let inputs = OP.random_inputs(&p, &mut rng);
-        let config = OP.fit(&p, PagedConfig { block_q: [4, 8, 16, 32][rng.random_range(0..4)], pages_per_block: rng.random_range(1..4) });
+        let (p, inputs, config) = random_batch(&mut rng);
+        let config = OP.fit(&p, config);
         let traced = OP.call(&p, &config).expect("call").trace(&OP.operand_types(&p)).expect("traces");
         let tables = &inputs[..traced.prefetch.len()];
         assert_eq!(traced.block_indices(tables).expect("scalar maps"), traced.interpreted_block_indices(tables).expect("interpreted maps"), "{p:?} at {config:?} (seed {seed})");
