@@ -19,18 +19,19 @@ pub struct Sources<'a> {
     pub tables: &'a [HostArray],
 }
 
-/// The value of integer or bool scalar `op` (bools as 0 and 1), if the operands it reads are
-/// known (`get`) and it is an op this evaluator follows; the ops' own definitions compute it,
-/// in i32 as the kernels do.
+/// The value of i32 or bool scalar `op` (bools as 0 and 1), if the operands it reads are known
+/// (`get`) and it is an op this evaluator follows; the ops' own definitions compute it, in i32
+/// as the kernels do. `None` for anything else, a constant past i32 included.
 pub fn value(func: &Func, op: &Op, get: impl Fn(ValueId) -> Option<i64>, from: &Sources) -> Option<i64> {
     let result = *op.results.first()?;
     let ty = func.value_type(result)?;
-    if !ty.shape.is_empty() || ty.dtype.is_float() {
+    // i32 and bool only: narrower ints wrap in the interpreter, which this does not follow.
+    if !ty.shape.is_empty() || !matches!(ty.dtype, DType::I32 | DType::Bool) {
         return None;
     }
     let is_bool = ty.dtype == DType::Bool;
     match &op.kind {
-        OpKind::Constant(Literal::Int(i)) => Some(*i),
+        OpKind::Constant(Literal::Int(i)) => i32::try_from(*i).ok().map(i64::from),
         OpKind::Constant(Literal::Bool(b)) => Some(i64::from(*b)),
         OpKind::ProgramId { axis } => from.point.get(*axis).map(|&i| i as i64),
         OpKind::NumPrograms { axis } => from.grid.get(*axis).map(|&n| n as i64),

@@ -207,8 +207,8 @@ impl TracedCall {
     }
 
     /// [`Self::static_block_indices`] with `prefetch` standing for the scalar-prefetch
-    /// arrays, so that data-dependent index maps are evaluated too (`None` only for those
-    /// that read a table `prefetch` lacks). Maps of integer scalar ops are evaluated without
+    /// arrays, so that data-dependent index maps are evaluated too (with fewer arrays than
+    /// the call has, every map that reads one is `None`). Maps of integer scalar ops are evaluated without
     /// the interpreter ([`crate::scalar`]), fast enough for the TPU model to follow every
     /// step of every candidate's grid.
     pub fn block_indices(&self, prefetch: &[HostArray]) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
