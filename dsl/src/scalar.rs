@@ -85,20 +85,33 @@ fn table_element(from: &Sources, src: ValueId, index: &[Index], get: &impl Fn(Va
     table.get(at.as_slice()).map(|&x| i64::from(x))
 }
 
-/// The results of index map `func` at grid index `point`: its value arguments are the grid
-/// indices and its ref arguments the scalar-prefetch `tables`, in order. `None` where the map
-/// computes with anything [`value`] does not follow (the interpreter then runs it).
-pub fn index_map(func: &Func, point: &[usize], tables: &[HostArray]) -> Option<Vec<i64>> {
-    let mut known: Vec<Option<i64>> = vec![None; func.values.len()];
-    let table_refs: Vec<ValueId> = func.args.iter().copied().filter(|&a| func.value_type(a).is_none()).collect();
-    let indices = func.args.iter().filter(|&&a| func.value_type(a).is_some());
-    for (a, &i) in indices.zip(point) {
-        *known.get_mut(a.index())? = Some(i64::try_from(i).ok()?);
+/// An index map read as integer scalars: its value arguments are the grid indices and its
+/// ref arguments the scalar-prefetch tables, in order (told apart once, not at every point).
+pub struct IndexMap<'f> {
+    func: &'f Func,
+    table_refs: Vec<ValueId>,
+    grid_args: Vec<ValueId>,
+}
+
+impl<'f> IndexMap<'f> {
+    pub fn new(func: &'f Func) -> Self {
+        let (grid_args, table_refs) = func.args.iter().partition(|&&a| func.value_type(a).is_some());
+        IndexMap { func, table_refs, grid_args }
     }
-    let from = Sources { grid: &[], point: &[], table_refs: &table_refs, tables };
-    for op in &func.body.ops {
-        let v = value(func, op, |x| known.get(x.index()).copied().flatten(), &from)?;
-        *known.get_mut(op.results.first()?.index())? = Some(v);
+
+    /// The map's results at grid index `point`; `None` where it computes with anything
+    /// [`value`] does not follow (the interpreter then runs it).
+    pub fn at(&self, point: &[usize], tables: &[HostArray]) -> Option<Vec<i64>> {
+        let func = self.func;
+        let mut known: Vec<Option<i64>> = vec![None; func.values.len()];
+        for (a, &i) in self.grid_args.iter().zip(point) {
+            *known.get_mut(a.index())? = Some(i64::try_from(i).ok()?);
+        }
+        let from = Sources { grid: &[], point: &[], table_refs: &self.table_refs, tables };
+        for op in &func.body.ops {
+            let v = value(func, op, |x| known.get(x.index()).copied().flatten(), &from)?;
+            *known.get_mut(op.results.first()?.index())? = Some(v);
+        }
+        func.results.iter().map(|r| known.get(r.index()).copied().flatten()).collect()
     }
-    func.results.iter().map(|r| known.get(r.index()).copied().flatten()).collect()
 }

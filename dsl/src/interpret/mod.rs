@@ -208,9 +208,9 @@ impl TracedCall {
 
     /// [`Self::static_block_indices`] with `prefetch` standing for the scalar-prefetch
     /// arrays, so that data-dependent index maps are evaluated too (with fewer arrays than
-    /// the call has, every map that reads one is `None`). Maps of integer scalar ops are evaluated without
-    /// the interpreter ([`crate::scalar`]), fast enough for the TPU model to follow every
-    /// step of every candidate's grid.
+    /// the call has, every map that reads one is `None`). Maps of integer scalar ops are
+    /// evaluated without the interpreter ([`crate::scalar`]), fast enough for the TPU model
+    /// to follow every step of every candidate's grid.
     pub fn block_indices(&self, prefetch: &[HostArray]) -> Result<Vec<Option<Vec<Vec<usize>>>>> {
         self.block_indices_by(prefetch, true)
     }
@@ -278,10 +278,11 @@ impl TracedCall {
 /// needs the interpreter or a block falls outside the array (which the interpreter reports).
 fn scalar_block_indices(op: &BlockOperand, points: &[Vec<usize>], prefetch: &[HostArray]) -> Option<Vec<Vec<usize>>> {
     let dims = op.block_dims();
+    let map = crate::scalar::IndexMap::new(&op.index_map);
     points
         .iter()
         .map(|p| {
-            let block = crate::scalar::index_map(&op.index_map, p, prefetch)?;
+            let block = map.at(p, prefetch)?;
             let inside = block.len() == dims.len() && block.iter().zip(&dims).zip(&op.array.shape).all(|((&b, &d), &n)| b >= 0 && (b as usize) * d < n);
             inside.then(|| block.iter().map(|&b| b as usize).collect())
         })
